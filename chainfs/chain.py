@@ -1,0 +1,289 @@
+"""A chain of layers: the disk QEMU would show for its active image.
+
+``[A] <- [B] <- [C] <- [D] <- [E]``: reads resolve down the chain to the first layer
+that answers for a range (data, zeros, or a layer's end, which masks everything below);
+writes go to the active layer ``E`` with copy-on-write of partial clusters read through
+the whole chain.
+
+So that a read costs the same at depth 64 as at depth 1, the chain keeps a "who holds
+it" map: for a region of 8192 granules (a granule is the smallest cluster size in the
+chain) one 16-bit number per granule naming the first layer that answers for it, built
+at once from every layer's allocation answer with big-integer arithmetic, kept in a
+bounded LRU of regions, and updated in place when a write claims granules for the active
+layer.  A layer's answer can only be wrong in the safe direction (the layer says it
+answers but some part is unallocated); such parts are resolved by walking down from it.
+
+Locking contract: one lock per chain serialises every metadata access (lookups,
+allocation, write-back); host reads of planned extents run outside it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from array import array
+from collections import OrderedDict
+from types import TracebackType
+
+from .errors import ChainError, ChainfsError, ReadOnlyError, UnsupportedFeature
+from .formats import open_layer
+from .formats.base import COMPRESSED, DATA, UNALLOCATED, ZERO, Extent, Layer
+
+MAX_DEPTH = 1000
+REGION_BITS = 13  # granules per region: 8192
+REGION_CACHE = 256  # regions kept (16 KiB each)
+
+Plan = list[tuple[Layer, Extent]]
+
+
+def resolve_backing(overlay_path: str, backing: str) -> str:
+    """Where a backing string points: relative strings are relative to the overlay's
+    own directory (never the working directory), joined textually as QEMU does."""
+    if backing.startswith("json:"):
+        raise UnsupportedFeature(f"{overlay_path!r} has a json: backing string; not supported")
+    if os.path.isabs(backing):
+        return backing
+    return os.path.join(os.path.dirname(overlay_path), backing)
+
+
+class Chain:
+    """An open chain, active layer first."""
+
+    def __init__(self, layers: list[Layer], *, writable: bool) -> None:
+        self.layers = layers
+        self.writable = writable
+        self._lock = threading.Lock()
+        self._regions: OrderedDict[int, array[int]] = OrderedDict()
+        self._reset_granule()
+
+    @classmethod
+    def open(
+        cls, active_path: str, *, writable: bool = False, active_format: str | None = None
+    ) -> Chain:
+        """Open the chain whose active image is ``active_path``."""
+        layers: list[Layer] = []
+        seen: set[str] = set()
+        path, fmt = os.path.abspath(active_path), active_format
+        try:
+            while True:
+                if len(layers) >= MAX_DEPTH:
+                    raise ChainError(
+                        f"the chain of {active_path!r} is deeper than {MAX_DEPTH} layers"
+                    )
+                if not os.path.exists(path):
+                    if not layers:
+                        raise ChainError(f"{path!r} does not exist")
+                    raise ChainError(
+                        f"backing file {path!r} of {layers[-1].path!r} does not exist"
+                    )
+                real = os.path.realpath(path)
+                if real in seen:
+                    raise ChainError(f"backing loop: {path!r} appears twice in the chain")
+                seen.add(real)
+                layer = open_layer(path, fmt, writable=writable and not layers)
+                layers.append(layer)
+                if not layer.backing_string:
+                    break
+                path = resolve_backing(layer.path, layer.backing_string)
+                fmt = layer.backing_format
+        except BaseException:
+            for layer in layers:
+                layer.close()
+            raise
+        return cls(layers, writable=writable)
+
+    def __enter__(self) -> Chain:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def active(self) -> Layer:
+        return self.layers[0]
+
+    @property
+    def size(self) -> int:
+        return self.layers[0].virtual_size
+
+    def _reset_granule(self) -> None:
+        sizes = [layer.cluster_size for layer in self.layers if layer.format_name != "raw"]
+        self.granule = max(512, min(sizes, default=65536))
+        self._regions.clear()
+
+    # -- the "who holds it" map ----------------------------------------------------------
+
+    def _holders(self, region: int) -> array[int]:
+        """For each granule of ``region``: 0 if no layer holds it, else 1 + layer index."""
+        hm = self._regions.get(region)
+        if hm is not None:
+            self._regions.move_to_end(region)
+            return hm
+        g = self.granule
+        start = (region << REGION_BITS) * g
+        count = min(1 << REGION_BITS, -(-(self.size - start) // g))
+        lanes = 2 * count
+        unresolved = int.from_bytes(b"\x01\x00" * count, "little")
+        acc = 0
+        spread = bytearray(lanes)
+        for i, layer in enumerate(self.layers):
+            m = layer.allocation_map(start, count, g)
+            if not m.count(1):
+                continue
+            spread[0::2] = m
+            take = int.from_bytes(spread, "little") & unresolved
+            if take:
+                acc += take * (i + 1)
+                unresolved ^= take
+                if not unresolved:
+                    break
+        hm = array("H")
+        hm.frombytes(acc.to_bytes(lanes, "little"))
+        if sys.byteorder == "big":
+            hm.byteswap()
+        self._regions[region] = hm
+        if len(self._regions) > REGION_CACHE:
+            self._regions.popitem(last=False)
+        return hm
+
+    def _claim(self, offset: int, length: int) -> None:
+        """The active layer now answers for the clusters this write touched."""
+        cs, g = self.active.cluster_size, self.granule
+        a = offset // cs * cs
+        b = min(-(-(offset + length) // cs) * cs, self.size)
+        ga, gb = a // g, -(-b // g)
+        while ga < gb:
+            r = ga >> REGION_BITS
+            stop = min(gb, (r + 1) << REGION_BITS)
+            hm = self._regions.get(r)
+            if hm is not None:
+                i0 = ga - (r << REGION_BITS)
+                i1 = min(stop - (r << REGION_BITS), len(hm))
+                hm[i0:i1] = array("H", [1]) * (i1 - i0)
+            ga = stop
+
+    def invalidate(self) -> None:
+        """Forget the map (after the chain's shape changed)."""
+        with self._lock:
+            self._reset_granule()
+
+    # -- planning and reading --------------------------------------------------------------
+
+    def _plan(self, start: int, end: int) -> Plan:
+        plan: Plan = []
+        g = self.granule
+        mask = (1 << REGION_BITS) - 1
+        pos = start
+        last = (end - 1) // g
+        while pos < end:
+            gi = pos // g
+            region = gi >> REGION_BITS
+            hm = self._holders(region)
+            i = gi & mask
+            h = hm[i]
+            stop = min(last, (region << REGION_BITS) + mask) - (region << REGION_BITS)
+            j = i + 1
+            while j <= stop and hm[j] == h:
+                j += 1
+            run_end = min(end, ((region << REGION_BITS) + j) * g)
+            if h:
+                self._plan_from(h - 1, pos, run_end, plan)
+            pos = run_end
+        return plan
+
+    def _plan_from(self, level: int, start: int, end: int, plan: Plan) -> None:
+        """Plan ``[start, end)`` from ``layers[level]`` down, ignoring the map."""
+        work = [(level, start, end)]
+        layers = self.layers
+        while work:
+            level, start, end = work.pop()
+            for ext in layers[level].extents(start, end - start):
+                if ext.kind == UNALLOCATED:
+                    if level + 1 < len(layers):
+                        work.append((level + 1, ext.offset, ext.offset + ext.length))
+                elif ext.kind != ZERO:
+                    plan.append((layers[level], ext))
+
+    @staticmethod
+    def _execute(plan: Plan, base: int, buf: memoryview) -> None:
+        for layer, ext in plan:
+            a = ext.offset - base
+            if ext.kind == DATA:
+                layer.file.preadinto(buf[a : a + ext.length], ext.host)
+            elif ext.kind == COMPRESSED:
+                data = layer.read_compressed(ext.host, ext.clen)
+                buf[a : a + ext.length] = data[ext.skip : ext.skip + ext.length]
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The disk's bytes at ``[offset, offset+length)``, clipped at its end."""
+        end = min(offset + length, self.size)
+        if offset < 0 or length < 0:
+            raise ChainfsError(f"invalid read of {length} bytes at {offset}")
+        if offset >= end:
+            return b""
+        buf = bytearray(end - offset)
+        with self._lock:
+            plan = self._plan(offset, end)
+        self._execute(plan, offset, memoryview(buf))
+        return buf
+
+    def _fill(self, offset: int, length: int) -> bytes:
+        """The content below the active layer (called under the lock, for COW)."""
+        buf = bytearray(length)
+        if len(self.layers) > 1:
+            plan: Plan = []
+            self._plan_from(1, offset, offset + length, plan)
+            self._execute(plan, offset, memoryview(buf))
+        return buf
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _check_write(self, offset: int, length: int) -> None:
+        if not self.writable:
+            raise ReadOnlyError(f"the chain of {self.active.path!r} is open read-only")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ChainfsError(
+                f"write of {length} bytes at {offset} is outside the disk ({self.size} bytes)"
+            )
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write into the active layer (copy-on-write through the chain)."""
+        self._check_write(offset, len(data))
+        if not len(data):
+            return
+        with self._lock:
+            self.active.write(offset, data, self._fill)
+            self._claim(offset, len(data))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make a range read as zeros, as zero clusters where the format allows."""
+        self._check_write(offset, length)
+        if not length:
+            return
+        with self._lock:
+            self.active.write_zeroes(offset, length, self._fill)
+            self._claim(offset, length)
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable."""
+        if self.writable:
+            with self._lock:
+                self.active.flush()
+
+    def close(self) -> None:
+        """Flush, mark clean and close every layer."""
+        with self._lock:
+            first_error: BaseException | None = None
+            for layer in self.layers:
+                try:
+                    layer.close()
+                except BaseException as e:  # close the rest regardless
+                    first_error = first_error or e
+            if first_error is not None:
+                raise first_error

@@ -1,0 +1,35 @@
+"""Format drivers: open one image file as a layer, by its declared or probed format."""
+
+from __future__ import annotations
+
+from ..errors import ImageError
+from ..hostfile import HostFile
+from .base import Layer
+from .qcow2 import Qcow2Layer
+from .qcow2.header import MAGIC
+from .raw import RawLayer
+
+FORMATS = ("qcow2", "raw")
+
+
+def probe(f: HostFile) -> str:
+    """Guess a format the way QEMU does for the formats chainfs knows."""
+    return "qcow2" if f.pread(4, 0) == MAGIC else "raw"
+
+
+def open_layer(path: str, fmt: str | None, *, writable: bool) -> Layer:
+    """Open ``path`` as a layer; ``fmt`` None means probe (safe only for the top)."""
+    if fmt is not None and fmt not in FORMATS:
+        raise ImageError(f"{path!r} has format {fmt!r}; chainfs handles qcow2 and raw")
+    f = HostFile(path, writable)
+    try:
+        kind = fmt or probe(f)
+        if kind == "qcow2":
+            return Qcow2Layer(f)
+        return RawLayer(f)
+    except BaseException:
+        f.close()
+        raise
+
+
+__all__ = ["FORMATS", "Layer", "open_layer", "probe"]

@@ -1,0 +1,94 @@
+"""What every format driver offers: the answer for its own layer only.
+
+A driver never looks at its backing file.  It says, for a range of the virtual disk,
+whether this layer holds the bytes (as data, as zeros, compressed, or because the range
+lies past its end, which reads as zeros and masks everything below) and where they are
+on the host; composing those answers down a chain is ``chain.py``'s job, as
+``block_status`` is the format's and ``bdrv_is_allocated_above`` the core's in QEMU.
+
+Locking contract: drivers are not thread-safe; the chain that owns them serialises every
+call that touches metadata under its own lock.  ``Extent`` plans may be executed (host
+reads) outside that lock because drivers never reuse a host cluster freed in the same
+session.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import NamedTuple
+
+from ..hostfile import HostFile
+
+# extent kinds
+UNALLOCATED = 0  # this layer defers to its backing file
+DATA = 1  # bytes at host offset ``host``
+ZERO = 2  # reads as zeros (zero cluster, or past the layer's end)
+COMPRESSED = 3  # one compressed cluster at ``host``, ``clen`` bytes; ``skip`` into it
+
+# fill(offset, length) -> the chain's content below the active layer for that range
+Fill = Callable[[int, int], bytes]
+
+
+class Extent(NamedTuple):
+    offset: int  # guest offset
+    length: int
+    kind: int
+    host: int = 0
+    clen: int = 0  # compressed: bytes of compressed data at ``host``
+    skip: int = 0  # compressed: offset of ``offset`` within the decompressed cluster
+
+
+class Layer(ABC):
+    """One image file of a chain, opened through its format driver."""
+
+    format_name: str
+    file: HostFile
+    virtual_size: int
+    cluster_size: int  # granularity of this layer's allocation answers
+    backing_string: str | None = None
+    backing_format: str | None = None
+
+    @property
+    def path(self) -> str:
+        return self.file.path
+
+    @property
+    def writable(self) -> bool:
+        return self.file.writable
+
+    @abstractmethod
+    def allocation_map(self, start: int, count: int, granule: int) -> bytes:
+        """One byte per ``granule`` from ``start``: 1 where this layer answers for it.
+
+        ``granule`` divides ``cluster_size`` and ``virtual_size``; ``start`` is
+        granule-aligned.  Granules past the layer's end answer 1 (they read as zeros).
+        """
+
+    @abstractmethod
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Where the bytes of ``[offset, offset+length)`` are, in order, covering it all."""
+
+    @abstractmethod
+    def read_compressed(self, host: int, clen: int) -> bytes:
+        """The decompressed cluster whose compressed data is at ``host``."""
+
+    @abstractmethod
+    def write(self, offset: int, data: bytes | memoryview, fill: Fill) -> None:
+        """Write into this layer; ``fill`` supplies backing content for copy-on-write."""
+
+    @abstractmethod
+    def write_zeroes(self, offset: int, length: int, fill: Fill) -> None:
+        """Make the range read as zeros, sparsely where the format allows."""
+
+    def allocated_bytes(self) -> int:
+        """Host bytes in use (an estimate is fine for raw)."""
+        return self.file.size()
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Write back all cached metadata in crash-safe order and make it durable."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush if writable, mark clean, close the file."""

@@ -1,0 +1,549 @@
+"""The qcow2 driver: one qcow2 layer, read and written as QEMU does.
+
+Lookups go through the L1 table (kept whole in memory, as QEMU does) and a bounded LRU
+cache of L2 tables.  Writes allocate at the end of the file and update the L2 cache in
+memory; metadata reaches the disk in ``write_back`` in QEMU's order:
+
+    refcount blocks -> flush -> refcount-table entries -> flush
+    -> (data already written) -> L2 tables -> flush -> L1 entries
+    -> flush -> deferred refcount decrements
+
+so on-disk refcounts always cover on-disk references, data is durable before the L2
+entry that points at it, and an L2 table is durable before the L1 entry that points at
+it.  A crash therefore leaves old or new content for every cluster and at worst leaks.
+
+Locking contract: not thread-safe; the owning chain serialises calls.  Host reads
+planned by ``extents`` may run outside that lock (see ``refcounts``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from ...errors import ImageError, UnsupportedFeature
+from ...hostfile import HostFile
+from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Extent, Fill, Layer
+from . import header as hdr
+from .refcounts import Refcounts, set_entry
+
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+COPIED = 1 << 63
+COMPRESSED_BIT = 1 << 62
+ZERO_FLAG = 1
+_U64 = struct.Struct(">Q")
+
+DEFAULT_L2_CACHE = 4 << 20
+
+
+class Qcow2Layer(Layer):
+    format_name = "qcow2"
+
+    def __init__(self, file: HostFile, *, l2_cache_bytes: int = DEFAULT_L2_CACHE) -> None:
+        self.file = f = file
+        self.h = h = hdr.read_header(f)
+        if file.writable and h.nb_snapshots:
+            raise UnsupportedFeature(
+                f"{f.path!r} has internal snapshots; chainfs does not write to such images"
+            )
+        self.cluster_bits = cb = h.cluster_bits
+        self.cluster_size = cs = 1 << cb
+        self.l2_bits = cb - 3
+        self.l2_mask = (1 << self.l2_bits) - 1
+        self.virtual_size = h.size - h.size % 512
+        self.backing_string = h.backing_file
+        self.backing_format = h.backing_format
+        self.v3 = h.version >= 3
+        # compressed descriptors
+        self.csize_shift = 62 - (cb - 8)
+        self.coff_mask = (1 << self.csize_shift) - 1
+        self.nsec_mask = (1 << (cb - 8)) - 1
+        self.l1 = bytearray(f.pread(h.l1_size * 8, h.l1_table_offset))
+        self.l1 += bytes(h.l1_size * 8 - len(self.l1))
+        self.l1_dirty: set[int] = set()
+        self.l2_cache: OrderedDict[int, bytearray] = OrderedDict()
+        self.l2_dirty: set[int] = set()
+        self.l2_cache_tables = max(4, l2_cache_bytes // cs)
+        self._zcache: tuple[int, bytes] | None = None
+        self.refs: Refcounts | None = None
+        if file.writable:
+            self._open_for_writing()
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _open_for_writing(self) -> None:
+        h, f = self.h, self.file
+        if h.autoclear:
+            # we maintain none of the autoclear features (bitmaps): clear them before
+            # the first write, which tells QEMU those structures are stale, as intended
+            h.autoclear = 0
+            f.pwrite(struct.pack(">Q", 0), 88)
+            f.flush()
+        if h.incompatible & hdr.INCOMPAT_DIRTY:
+            self._rebuild_refcounts()
+        self.refs = Refcounts(f, h)
+
+    def _rebuild_refcounts(self) -> None:
+        """Recount every reference of a dirty (lazy-refcounts) image and start afresh."""
+        f, h, cs = self.file, self.h, self.cluster_size
+        counts: dict[int, int] = {}
+        for host, n in self._references():
+            for c in range(host // cs, host // cs + n):
+                counts[c] = counts.get(c, 0) + 1
+        start = max([-(-f.size() // cs), *(c + 1 for c in counts)])
+        shift = h.cluster_bits + 3 - h.refcount_order
+        # lay out: blocks, then the table, all counted in the new blocks themselves
+        nblocks, tclusters = 0, 1
+        while True:
+            total = start + nblocks + tclusters
+            need_blocks = ((total - 1) >> shift) + 1
+            need_t = -(-need_blocks * 8 // cs)
+            if need_blocks <= nblocks and need_t <= tclusters:
+                break
+            nblocks, tclusters = max(nblocks, need_blocks), max(tclusters, need_t)
+        for c in range(start, start + nblocks + tclusters):
+            counts[c] = 1
+        h.refcount_table_clusters = tclusters
+        h.refcount_table_offset = (start + nblocks) * cs
+        bits = h.refcount_bits
+        table = bytearray(tclusters * cs)
+        for b in range(nblocks):
+            blk = bytearray(cs)
+            for i in range(1 << shift):
+                v = counts.get((b << shift) + i)
+                if v:
+                    if v >= 1 << bits:
+                        raise ImageError(f"a refcount in {f.path!r} exceeds its width")
+                    set_entry(blk, i, v, bits)
+            f.pwrite(blk, (start + b) * cs)
+            _U64.pack_into(table, b * 8, (start + b) * cs)
+        f.pwrite(table, h.refcount_table_offset)
+        f.flush()
+        f.pwrite(struct.pack(">QI", h.refcount_table_offset, tclusters), 48)
+        f.flush()
+        h.incompatible &= ~hdr.INCOMPAT_DIRTY
+        f.pwrite(struct.pack(">Q", h.incompatible), 72)
+        f.flush()
+
+    def _references(self) -> Iterator[tuple[int, int]]:
+        """Every (host offset, clusters) the image's metadata references."""
+        h, cs = self.h, self.cluster_size
+        yield 0, 1
+        yield h.l1_table_offset, -(-h.l1_size * 8 // cs)
+        for i in range(h.l1_size):
+            l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK
+            if not l2_off:
+                continue
+            yield l2_off, 1
+            table = self._l2(l2_off)
+            for j in range(cs // 8):
+                e = _U64.unpack_from(table, j * 8)[0]
+                if e & COMPRESSED_BIT:
+                    first, n = self._compressed_clusters(e)
+                    yield first, n
+                elif e & OFFSET_MASK:
+                    yield e & OFFSET_MASK, 1
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def _l2(self, off: int) -> bytearray:
+        table = self.l2_cache.get(off)
+        if table is not None:
+            self.l2_cache.move_to_end(off)
+            return table
+        if off % self.cluster_size:
+            raise ImageError(f"{self.path!r} has a misaligned L2 table at {off:#x}")
+        table = bytearray(self.file.pread(self.cluster_size, off))
+        table += bytes(self.cluster_size - len(table))
+        self.l2_cache[off] = table
+        if len(self.l2_cache) > self.l2_cache_tables:
+            self._evict_l2(keep=off)
+        return table
+
+    def _evict_l2(self, keep: int) -> None:
+        """Drop the least recently used clean table other than ``keep``."""
+        victim = next((o for o in self.l2_cache if o != keep and o not in self.l2_dirty), None)
+        if victim is None:
+            self.write_back(sync=False)
+            victim = next(o for o in self.l2_cache if o != keep)
+        del self.l2_cache[victim]
+
+    def _entry(self, cluster: int) -> int:
+        i = cluster >> self.l2_bits
+        if i * 8 >= len(self.l1):
+            return 0
+        l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK
+        if not l2_off:
+            return 0
+        e: int = _U64.unpack_from(self._l2(l2_off), (cluster & self.l2_mask) * 8)[0]
+        return e
+
+    def _compressed_clusters(self, e: int) -> tuple[int, int]:
+        """The host clusters a compressed entry's data touches (as QEMU counts them)."""
+        coff = e & self.coff_mask
+        nsec = ((e >> self.csize_shift) & self.nsec_mask) + 1
+        start = coff & ~511
+        first = start // self.cluster_size
+        last = (start + nsec * 512 - 1) // self.cluster_size
+        return first * self.cluster_size, last - first + 1
+
+    def allocation_map(self, start: int, count: int, granule: int) -> bytes:
+        cs, l2b = self.cluster_size, self.l2_bits
+        k = cs // granule
+        first = start // cs
+        nclusters = -(-count // k) + (start % cs) // granule
+        vclusters = -(-self.virtual_size // cs)
+        res = bytearray()
+        c, c_end = first, first + nclusters
+        while c < c_end:
+            if c >= vclusters:
+                res += b"\x01" * (c_end - c)
+                break
+            i = c >> l2b
+            span_end = min((i + 1) << l2b, c_end, vclusters)
+            n = span_end - c
+            l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK if i < self.h.l1_size else 0
+            if not l2_off:
+                res += bytes(n)
+            else:
+                table = self._l2(l2_off)
+                res += bytes(map(bool, struct.unpack_from(f">{n}Q", table, (c & self.l2_mask) * 8)))
+            c = span_end
+        if k > 1:
+            out = bytearray(len(res) * k)
+            for j in range(k):
+                out[j::k] = res
+            res = out
+        skip = (start % cs) // granule
+        res = res[skip : skip + count]
+        # a granule reaching past the layer's end is answered here: past the end reads
+        # zeros; any unallocated part before the end comes back from ``extents``
+        full = max(0, (self.virtual_size - start) // granule)
+        if full < count:
+            res[full:] = b"\x01" * (count - full)
+        return bytes(res)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        out: list[Extent] = []
+        cs, cb, vsize = self.cluster_size, self.cluster_bits, self.virtual_size
+        pos, end = offset, offset + length
+        kind = host = 0
+        run_start = run_host = -1
+        while pos < end:
+            if pos >= vsize:
+                if run_start >= 0:
+                    out.append(Extent(run_start, pos - run_start, kind, run_host))
+                    run_start = -1
+                out.append(Extent(pos, end - pos, ZERO))
+                break
+            in_off = pos & (cs - 1)
+            n = min(cs - in_off, end - pos, vsize - pos)
+            e = self._entry(pos >> cb)
+            if e & COMPRESSED_BIT:
+                k, host = COMPRESSED, 0
+            elif e & ZERO_FLAG and self.v3:
+                k, host = ZERO, 0
+            elif e & OFFSET_MASK:
+                host = e & OFFSET_MASK
+                if host % cs:
+                    raise ImageError(f"{self.path!r} has a misaligned data cluster at {host:#x}")
+                k, host = DATA, host + in_off
+            elif e & ZERO_FLAG:
+                raise ImageError(f"{self.path!r} (qcow2 v2) has a zero cluster")
+            else:
+                k, host = UNALLOCATED, 0
+            if run_start >= 0 and (
+                k != kind or k == COMPRESSED or (k == DATA and host != run_host + pos - run_start)
+            ):
+                out.append(Extent(run_start, pos - run_start, kind, run_host))
+                run_start = -1
+            if k == COMPRESSED:
+                coff = e & self.coff_mask
+                nsec = ((e >> self.csize_shift) & self.nsec_mask) + 1
+                out.append(Extent(pos, n, COMPRESSED, coff, nsec * 512 - (coff & 511), in_off))
+            elif run_start < 0:
+                run_start, run_host, kind = pos, host, k
+            pos += n
+        if run_start >= 0:
+            out.append(Extent(run_start, pos - run_start, kind, run_host))
+        return out
+
+    def read_compressed(self, host: int, clen: int) -> bytes:
+        z = self._zcache
+        if z is not None and z[0] == host:
+            return z[1]
+        data = self.file.pread(clen, host)
+        try:
+            d = zlib.decompressobj(-15)
+            out = d.decompress(data, self.cluster_size)
+        except zlib.error:
+            raise ImageError(f"{self.path!r} has a damaged compressed cluster at {host:#x}") from None
+        if len(out) != self.cluster_size:
+            raise ImageError(f"{self.path!r} has a short compressed cluster at {host:#x}")
+        self._zcache = (host, out)
+        return out
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _l2_for_write(self, cluster: int) -> bytearray:
+        """The L2 table for ``cluster``, allocating it if needed; returns it (cached)."""
+        assert self.refs is not None
+        i = cluster >> self.l2_bits
+        if i >= self.h.l1_size:
+            raise ImageError(f"write past the L1 table of {self.path!r}")
+        l1e = _U64.unpack_from(self.l1, i * 8)[0]
+        l2_off = l1e & OFFSET_MASK
+        if l2_off and not l1e & COPIED:
+            if self.refs.get(l2_off // self.cluster_size) != 1:
+                raise UnsupportedFeature(f"{self.path!r} has a shared L2 table; refusing to write")
+            _U64.pack_into(self.l1, i * 8, l2_off | COPIED)
+            self.l1_dirty.add(i)
+        if l2_off:
+            return self._l2(l2_off)
+        l2_off = self.refs.alloc(1)
+        table = bytearray(self.cluster_size)
+        self.l2_cache[l2_off] = table
+        self.l2_dirty.add(l2_off)
+        _U64.pack_into(self.l1, i * 8, l2_off | COPIED)
+        self.l1_dirty.add(i)
+        if len(self.l2_cache) > self.l2_cache_tables:
+            self._evict_l2(keep=l2_off)
+        return table
+
+    def _set_entry(self, cluster: int, value: int) -> None:
+        table = self._l2_for_write(cluster)
+        _U64.pack_into(table, (cluster & self.l2_mask) * 8, value)
+        i = cluster >> self.l2_bits
+        self.l2_dirty.add(_U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK)
+
+    def _release(self, e: int) -> None:
+        """Drop the reference an overwritten L2 entry held (once that is durable)."""
+        assert self.refs is not None
+        if e & COMPRESSED_BIT:
+            self.refs.defer_free(*self._compressed_clusters(e))
+        elif e & OFFSET_MASK:
+            self.refs.defer_free(e & OFFSET_MASK, 1)
+
+    def _old_content(self, cluster: int, e: int, fill: Fill) -> bytes:
+        """What the whole cluster reads as now (for copy-on-write)."""
+        cs = self.cluster_size
+        start = cluster * cs
+        if e & COMPRESSED_BIT:
+            coff = e & self.coff_mask
+            nsec = ((e >> self.csize_shift) & self.nsec_mask) + 1
+            return self.read_compressed(coff, nsec * 512 - (coff & 511))
+        if e & ZERO_FLAG and self.v3:
+            return bytes(cs)
+        if e & OFFSET_MASK:
+            data = self.file.pread(cs, e & OFFSET_MASK)
+            return data + bytes(cs - len(data))
+        n = min(cs, self.virtual_size - start)
+        data = fill(start, n)
+        return data + bytes(cs - len(data))
+
+    def write(self, offset: int, data: bytes | memoryview, fill: Fill) -> None:
+        if offset + len(data) > self.virtual_size:
+            raise ImageError(f"write past the end of {self.path!r}")
+        assert self.refs is not None
+        cs, cb = self.cluster_size, self.cluster_bits
+        view = memoryview(data)
+        pos, end = offset, offset + len(data)
+        fresh: list[tuple[int, int, bytes | memoryview]] = []  # (cluster, old entry, content)
+        while pos < end:
+            c = pos >> cb
+            in_off = pos & (cs - 1)
+            n = min(cs - in_off, end - pos)
+            piece = view[pos - offset : pos - offset + n]
+            e = self._entry(c)
+            if e & COPIED and e & OFFSET_MASK and not e & (COMPRESSED_BIT | ZERO_FLAG):
+                self.file.pwrite(piece, (e & OFFSET_MASK) + in_off)
+            elif n == cs:
+                fresh.append((c, e, piece))
+            else:
+                content = bytearray(self._old_content(c, e, fill))
+                content[in_off : in_off + n] = piece
+                fresh.append((c, e, content))
+            pos += n
+        if not fresh:
+            return
+        # make sure the L2 tables exist before the data clusters are allocated, so data
+        # clusters stay contiguous
+        for c, _, _ in fresh:
+            self._l2_for_write(c)
+        host = self.refs.alloc(len(fresh))
+        if len(fresh) == 1:
+            self.file.pwrite(fresh[0][2], host)
+        else:
+            self.file.pwrite(b"".join(content for _, _, content in fresh), host)
+        for i, (c, e, _) in enumerate(fresh):
+            self._set_entry(c, (host + i * cs) | COPIED)
+            self._release(e)
+
+    def write_zeroes(self, offset: int, length: int, fill: Fill) -> None:
+        if offset + length > self.virtual_size:
+            raise ImageError(f"write past the end of {self.path!r}")
+        cs = self.cluster_size
+        pos, end = offset, offset + length
+        while pos < end:
+            c = pos // cs
+            n = min(cs - pos % cs, end - pos)
+            whole = n == cs or (pos % cs == 0 and pos + n == self.virtual_size)
+            if whole and (self.v3 or self.backing_string is None):
+                e = self._entry(c)
+                new = ZERO_FLAG if self.v3 else 0
+                if e != new:
+                    self._set_entry(c, new)
+                    self._release(e)
+            else:
+                self.write(pos, bytes(n), fill)
+            pos += n
+
+    # -- write-back ------------------------------------------------------------------------
+
+    def write_back(self, *, sync: bool) -> None:
+        """Bring the on-disk metadata up to date, in crash-safe order."""
+        f, refs = self.file, self.refs
+        if refs is None:
+            return
+        refs.write_back()
+        if self.l2_dirty or self.l1_dirty:
+            f.flush()  # data (and the refcounts covering it) before the L2 entries
+            for off in sorted(self.l2_dirty):
+                f.pwrite(self.l2_cache[off], off)
+            self.l2_dirty.clear()
+            if self.l1_dirty:
+                f.flush()  # new L2 tables before the L1 entries that point at them
+                for i in sorted(self.l1_dirty):
+                    f.pwrite(self.l1[i * 8 : i * 8 + 8], self.h.l1_table_offset + i * 8)
+                self.l1_dirty.clear()
+        if refs.pending_free:
+            f.flush()  # the metadata no longer referencing the clusters, then decrement
+            refs.apply_frees()
+            refs.write_back()
+        if sync:
+            f.flush()
+
+    def flush(self) -> None:
+        self.write_back(sync=True)
+
+    def set_backing(self, backing: str | None, backing_format: str | None) -> None:
+        """Point this (open, writable) image at another backing file, crash-safely."""
+        hdr.rewrite_backing(self.file, self.h, backing, backing_format)
+        self.backing_string, self.backing_format = backing, self.h.backing_format
+
+    def allocated_bytes(self) -> int:
+        try:
+            return os.fstat(self.file.fd).st_blocks * 512
+        except OSError:
+            return 0
+
+    def close(self) -> None:
+        if self.file.fd < 0:
+            return
+        if self.file.writable:
+            self.write_back(sync=True)
+        self.file.close()
+
+
+def _log2(n: int) -> int:
+    b = n.bit_length() - 1
+    if n <= 0 or 1 << b != n:
+        raise ImageError(f"{n} is not a power of two")
+    return b
+
+
+def create_overlay(
+    path: str,
+    *,
+    size: int,
+    backing: str | None,
+    backing_format: str | None,
+    cluster_size: int = 65536,
+    refcount_bits: int = 16,
+) -> None:
+    """Create a new, empty qcow2 v3 image (refusing an existing path).
+
+    Everything but the header is written and flushed first; the header with its magic
+    comes last, so a crash leaves either a complete image or a file that is not qcow2.
+    """
+    cb = _log2(cluster_size)
+    if not 9 <= cb <= 21:
+        raise ImageError(f"cluster size {cluster_size} outside 512 B .. 2 MiB")
+    order = _log2(refcount_bits)
+    size -= size % 512
+    cs = cluster_size
+    l1_size = -(-size // (cs * (cs // 8)))
+    l1_clusters = -(-l1_size * 8 // cs)
+    shift = cb + 3 - order
+    nblocks, tclusters = 1, 1
+    while True:
+        total = 1 + tclusters + nblocks + l1_clusters
+        need_b = ((total - 1) >> shift) + 1
+        need_t = -(-need_b * 8 // cs)
+        if need_b <= nblocks and need_t <= tclusters:
+            break
+        nblocks, tclusters = max(nblocks, need_b), max(tclusters, need_t)
+    h = hdr.Header(
+        version=3,
+        backing_file_offset=0,
+        backing_file_size=0,
+        cluster_bits=cb,
+        size=size,
+        crypt_method=0,
+        l1_size=l1_size,
+        l1_table_offset=(1 + tclusters + nblocks) * cs,
+        refcount_table_offset=cs,
+        refcount_table_clusters=tclusters,
+        nb_snapshots=0,
+        snapshots_offset=0,
+        refcount_order=order,
+        header_length=hdr.QEMU_HEADER_LENGTH,
+        extra=bytes(hdr.QEMU_HEADER_LENGTH - hdr.V3_HEADER_LENGTH),
+    )
+    head, name = hdr.layout(h, backing, backing_format)
+    if name:
+        h.backing_file_offset, h.backing_file_size = len(head), len(name)
+        head = h.pack_fields() + h.pack_extensions()
+    if len(head) + len(name) > cs:
+        raise ImageError(f"backing file name too long for a {cs}-byte header cluster")
+    total = 1 + tclusters + nblocks + l1_clusters
+    meta = bytearray((total - 1) * cs)
+    for b in range(nblocks):
+        _U64.pack_into(meta, b * 8, (1 + tclusters + b) * cs)
+        blk = bytearray(cs)
+        for i in range(1 << shift):
+            if (b << shift) + i < total:
+                set_entry(blk, i, 1, refcount_bits)
+        start = (tclusters + b) * cs
+        meta[start : start + cs] = blk
+    f = HostFile(path, True, create=True)
+    try:
+        f.pwrite(meta, cs)
+        f.flush()
+        f.pwrite(head + name, 0)
+        f.flush()
+    finally:
+        f.close()
+    _sync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def set_backing(path: str, backing: str | None, backing_format: str | None) -> None:
+    """Rewrite the backing string and format of the image at ``path``, crash-safely."""
+    f = HostFile(path, True)
+    try:
+        h = hdr.read_header(f)
+        hdr.rewrite_backing(f, h, backing, backing_format)
+    finally:
+        f.close()
+

@@ -1,0 +1,304 @@
+"""The qcow2 header cluster: parsing, validation, and crash-safe rewriting.
+
+Cluster 0 holds the fixed header, the header extensions (starting at
+``header_length``) and the backing file name.  Parsing refuses everything chainfs cannot
+handle safely, naming the feature and the file.  Rewriting keeps every field and
+extension it does not understand byte for byte, and changes the backing string in an
+order that leaves either the old or the new header valid after a crash at any point.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ...errors import ImageError, UnsupportedFeature
+from ...hostfile import HostFile
+
+MAGIC = b"QFI\xfb"
+V2_HEADER_LENGTH = 72
+V3_HEADER_LENGTH = 104
+QEMU_HEADER_LENGTH = 112
+
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_BITMAPS = 0x23852875
+EXT_CRYPTO = 0x0537BE77
+EXT_DATA_FILE = 0x44415441
+
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTL2 = 1 << 4
+KNOWN_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE
+KNOWN_INCOMPAT |= INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+
+MAX_BACKING_NAME = 1023
+# QEMU's own ceilings for table sizes; anything larger is hostile or broken
+MAX_L1_BYTES = 32 << 20
+MAX_REFTABLE_BYTES = 8 << 20
+MAX_VIRTUAL_SIZE = 1 << 62
+
+_FIXED = struct.Struct(">4sIQIIQIIQQIIQ")  # bytes 0..71
+_V3 = struct.Struct(">QQQII")  # bytes 72..103
+
+
+@dataclass
+class Header:
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible: int = 0
+    compatible: int = 0
+    autoclear: int = 0
+    refcount_order: int = 4
+    header_length: int = V2_HEADER_LENGTH
+    compression_type: int = 0
+    # header bytes past the fields above (unknown fields), kept verbatim
+    extra: bytes = b""
+    # (type, data) in file order, unknown ones included
+    extensions: list[tuple[int, bytes]] = field(default_factory=list)
+    backing_file: str | None = None
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    @property
+    def backing_format(self) -> str | None:
+        for kind, data in self.extensions:
+            if kind == EXT_BACKING_FORMAT:
+                return data.decode("utf-8", "replace")
+        return None
+
+    def has_extension(self, kind: int) -> bool:
+        return any(k == kind for k, _ in self.extensions)
+
+    # -- serialisation ---------------------------------------------------------------
+
+    def pack_fields(self) -> bytes:
+        """The header proper: ``header_length`` bytes (72 on v2)."""
+        out = _FIXED.pack(
+            MAGIC,
+            self.version,
+            self.backing_file_offset,
+            self.backing_file_size,
+            self.cluster_bits,
+            self.size,
+            self.crypt_method,
+            self.l1_size,
+            self.l1_table_offset,
+            self.refcount_table_offset,
+            self.refcount_table_clusters,
+            self.nb_snapshots,
+            self.snapshots_offset,
+        )
+        if self.version >= 3:
+            out += _V3.pack(
+                self.incompatible,
+                self.compatible,
+                self.autoclear,
+                self.refcount_order,
+                self.header_length,
+            )
+            if self.header_length > V3_HEADER_LENGTH:
+                tail = bytearray(self.extra)
+                tail[0:1] = bytes([self.compression_type])
+                out += bytes(tail)
+        return out
+
+    def pack_extensions(self) -> bytes:
+        out = bytearray()
+        for kind, data in self.extensions:
+            out += struct.pack(">II", kind, len(data)) + data
+            out += bytes(-len(data) % 8)
+        out += struct.pack(">II", EXT_END, 0)
+        return bytes(out)
+
+
+def parse(raw: bytes, path: str, file_size: int) -> Header:
+    """Parse and validate the header cluster (``raw`` = at least the first cluster)."""
+    if len(raw) < V2_HEADER_LENGTH or raw[:4] != MAGIC:
+        raise ImageError(f"{path!r} is not a qcow2 image")
+    f = _FIXED.unpack_from(raw, 0)
+    h = Header(*f[1:])
+    if h.version not in (2, 3):
+        raise UnsupportedFeature(f"{path!r} is qcow2 version {h.version}; only 2 and 3 are known")
+    if not 9 <= h.cluster_bits <= 21:
+        raise ImageError(f"{path!r} has an invalid cluster size (2^{h.cluster_bits})")
+    cs = h.cluster_size
+    if h.version >= 3:
+        if len(raw) < V3_HEADER_LENGTH:
+            raise ImageError(f"{path!r} has a truncated header")
+        (h.incompatible, h.compatible, h.autoclear, h.refcount_order, h.header_length) = (
+            _V3.unpack_from(raw, 72)
+        )
+        if h.header_length < V3_HEADER_LENGTH or h.header_length % 8 or h.header_length > cs:
+            raise ImageError(f"{path!r} has an invalid header length {h.header_length}")
+        if len(raw) < h.header_length:
+            raise ImageError(f"{path!r} has a truncated header")
+        h.extra = bytes(raw[V3_HEADER_LENGTH : h.header_length])
+        if h.header_length > V3_HEADER_LENGTH:
+            h.compression_type = raw[V3_HEADER_LENGTH]
+    else:
+        h.refcount_order = 4
+        h.header_length = V2_HEADER_LENGTH
+    _parse_extensions(h, raw, path)
+    _check_features(h, path)
+    _check_geometry(h, path, file_size)
+    if h.backing_file_offset:
+        end = h.backing_file_offset + h.backing_file_size
+        if h.backing_file_size > MAX_BACKING_NAME or end > cs or end > len(raw):
+            raise ImageError(f"{path!r} has an invalid backing file name")
+        name = raw[h.backing_file_offset : end]
+        try:
+            h.backing_file = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ImageError(f"{path!r} has a backing file name that is not UTF-8") from None
+        if "\0" in h.backing_file:
+            raise ImageError(f"{path!r} has a backing file name with a NUL byte")
+        if not h.backing_file:
+            h.backing_file = None
+    return h
+
+
+def _parse_extensions(h: Header, raw: bytes, path: str) -> None:
+    pos = h.header_length
+    limit = h.backing_file_offset if h.backing_file_offset else h.cluster_size
+    limit = min(limit, len(raw))
+    while pos + 8 <= limit:
+        kind, length = struct.unpack_from(">II", raw, pos)
+        pos += 8
+        if kind == EXT_END:
+            return
+        if length > limit - pos:
+            raise ImageError(f"{path!r} has a header extension running past its end")
+        h.extensions.append((kind, bytes(raw[pos : pos + length])))
+        pos += length + (-length % 8)
+
+
+def _check_features(h: Header, path: str) -> None:
+    if h.crypt_method or h.has_extension(EXT_CRYPTO):
+        raise UnsupportedFeature(f"{path!r} is encrypted; chainfs does not handle encryption")
+    if h.incompatible & INCOMPAT_DATA_FILE or h.has_extension(EXT_DATA_FILE):
+        raise UnsupportedFeature(f"{path!r} uses an external data file, which chainfs refuses")
+    if h.incompatible & INCOMPAT_EXTL2:
+        raise UnsupportedFeature(f"{path!r} uses extended L2 entries, which chainfs refuses")
+    unknown = h.incompatible & ~KNOWN_INCOMPAT
+    if unknown:
+        raise UnsupportedFeature(
+            f"{path!r} has unknown incompatible feature bits {unknown:#x}; refusing it"
+        )
+    if h.incompatible & INCOMPAT_CORRUPT:
+        raise UnsupportedFeature(
+            f"{path!r} is marked corrupt; repair it with 'qemu-img check -r all' first"
+        )
+    if bool(h.incompatible & INCOMPAT_COMPRESSION) != (h.compression_type != 0):
+        raise ImageError(f"{path!r} has an inconsistent compression type")
+    if h.compression_type not in (0,):
+        raise UnsupportedFeature(
+            f"{path!r} uses compression type {h.compression_type} (zstd); only zlib is handled"
+        )
+    if h.refcount_order > 6:
+        raise ImageError(f"{path!r} has an invalid refcount order {h.refcount_order}")
+
+
+def _check_geometry(h: Header, path: str, file_size: int) -> None:
+    cs = h.cluster_size
+    if h.size > MAX_VIRTUAL_SIZE:
+        raise ImageError(f"{path!r} has an absurd virtual size {h.size}")
+    l2_entries = cs // 8
+    need = -(-h.size // (cs * l2_entries))
+    if h.l1_size < need:
+        raise ImageError(f"{path!r} has an L1 table too small for its size")
+    if h.l1_size * 8 > MAX_L1_BYTES:
+        raise ImageError(f"{path!r} has an absurd L1 table size {h.l1_size}")
+    if h.l1_size and (h.l1_table_offset % cs or h.l1_table_offset == 0):
+        raise ImageError(f"{path!r} has a misaligned L1 table")
+    if h.refcount_table_offset % cs or h.refcount_table_offset == 0:
+        raise ImageError(f"{path!r} has a misaligned refcount table")
+    if h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES or h.refcount_table_clusters == 0:
+        raise ImageError(f"{path!r} has an invalid refcount table size")
+    if h.nb_snapshots and h.snapshots_offset % cs:
+        raise ImageError(f"{path!r} has a misaligned snapshot table")
+    if h.backing_file_offset >= cs:
+        raise ImageError(f"{path!r} has its backing file name outside the header cluster")
+    del file_size  # tables past EOF read as zeros; reads are bounds-checked per cluster
+
+
+def read_header(f: HostFile) -> Header:
+    """Read and parse cluster 0 of an open image."""
+    start = f.pread(V3_HEADER_LENGTH, 0)
+    if len(start) < V2_HEADER_LENGTH or start[:4] != MAGIC:
+        raise ImageError(f"{f.path!r} is not a qcow2 image")
+    bits = struct.unpack_from(">I", start, 20)[0]
+    if not 9 <= bits <= 21:
+        raise ImageError(f"{f.path!r} has an invalid cluster size (2^{bits})")
+    raw = f.pread(1 << bits, 0)
+    return parse(raw, f.path, f.size())
+
+
+def layout(h: Header, backing: str | None, backing_format: str | None) -> tuple[bytes, bytes]:
+    """Return (header + extensions, backing name) for a header with a new backing."""
+    exts = [(k, d) for k, d in h.extensions if k != EXT_BACKING_FORMAT]
+    if backing is not None and backing_format is not None:
+        # first, so that a change of format keeps the other extensions where they were
+        exts.insert(0, (EXT_BACKING_FORMAT, backing_format.encode()))
+    h.extensions = exts
+    name = backing.encode() if backing else b""
+    if len(name) > MAX_BACKING_NAME:
+        raise ImageError(f"backing file name longer than {MAX_BACKING_NAME} bytes")
+    return h.pack_fields() + h.pack_extensions(), name
+
+
+def rewrite_backing(
+    f: HostFile, h: Header, backing: str | None, backing_format: str | None
+) -> None:
+    """Point the image at a new backing file, crash-safely.
+
+    The new name is written first, beyond everything the old header references, and
+    made durable; then the header and extensions are written in one write.  A crash
+    before the second write leaves the old header intact; the name area it points at is
+    untouched.  The backing-format extension comes first, so the extensions after it
+    keep their place and a torn second write cannot mix two layouts of them.
+    """
+    cs = h.cluster_size
+    old_used = h.header_length + len(h.pack_extensions())
+    if h.backing_file_offset:
+        old_used = max(old_used, h.backing_file_offset + h.backing_file_size)
+    head, name = layout(h, backing, backing_format)
+    if name:
+        name_off = max(len(head), old_used)
+        if name_off + len(name) > cs:
+            name_off = len(head)
+            overlaps_old = (
+                h.backing_file_offset and name_off < h.backing_file_offset + h.backing_file_size
+            )
+            if name_off + len(name) > cs or overlaps_old:
+                raise ImageError(f"no room for the backing file name in {f.path!r}'s header")
+        f.pwrite(name, name_off)
+        f.flush()
+        h.backing_file_offset, h.backing_file_size = name_off, len(name)
+        h.backing_file = backing
+    else:
+        h.backing_file_offset, h.backing_file_size = 0, 0
+        h.backing_file = None
+    head = h.pack_fields() + h.pack_extensions()
+    f.pwrite(head, 0)
+    f.flush()

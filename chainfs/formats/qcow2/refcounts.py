@@ -1,0 +1,275 @@
+"""qcow2 reference counts: lookup, allocation, growth, crash-ordered write-back, rebuild.
+
+Invariant kept on disk at every instant: a cluster's on-disk refcount is at least the
+number of on-disk references to it.  So increments reach the disk (and are flushed)
+before anything that references the new clusters is written, and decrements are applied
+only after the last reference to the cluster is durably gone (``defer_free``).  A crash
+may leak clusters, never corrupt the image.
+
+Allocation only moves forward from the end of the file and never hands out a cluster
+freed in the same session, so readers that planned a host read outside the lock never
+read a cluster that was meanwhile given to other data.
+
+Locking contract: not thread-safe; the owning driver serialises all calls.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+
+from ...errors import ImageError
+from ...hostfile import HostFile
+from .header import MAX_REFTABLE_BYTES, Header
+
+_U64 = struct.Struct(">Q")
+REFTABLE_MASK = 0xFFFFFFFFFFFFFE00
+
+
+def get_entry(blk: bytearray, i: int, bits: int) -> int:
+    """Entry ``i`` of a refcount block of ``bits``-wide entries (LSB-first below 8 bits)."""
+    if bits >= 8:
+        n = bits >> 3
+        return int.from_bytes(blk[i * n : i * n + n], "big")
+    per = 8 // bits
+    return (blk[i // per] >> ((i % per) * bits)) & ((1 << bits) - 1)
+
+
+def set_entry(blk: bytearray, i: int, value: int, bits: int) -> None:
+    if bits >= 8:
+        n = bits >> 3
+        blk[i * n : i * n + n] = value.to_bytes(n, "big")
+        return
+    per = 8 // bits
+    shift = (i % per) * bits
+    byte = blk[i // per] & ~(((1 << bits) - 1) << shift)
+    blk[i // per] = byte | (value << shift)
+
+
+class Refcounts:
+    """The refcount table and a write-back cache of refcount blocks."""
+
+    def __init__(self, f: HostFile, h: Header, *, cache_blocks: int = 64) -> None:
+        self.f = f
+        self.h = h
+        self.cs = h.cluster_size
+        self.bits = h.refcount_bits
+        self.max_refcount = (1 << self.bits) - 1
+        # entries per block, as a power of two
+        self.rb_shift = h.cluster_bits + 3 - h.refcount_order
+        self.table = bytearray(f.pread(h.refcount_table_clusters * self.cs, h.refcount_table_offset))
+        self.table += bytes(h.refcount_table_clusters * self.cs - len(self.table))
+        self.cache: OrderedDict[int, bytearray] = OrderedDict()
+        self.cache_blocks = cache_blocks
+        self.dirty: set[int] = set()  # block offsets with unwritten changes
+        self.new_entries: dict[int, int] = {}  # table index -> new block offset, unwritten
+        self.pending_free: list[tuple[int, int]] = []  # (host offset, clusters)
+        self.next_free = -(-f.size() // self.cs)
+
+    # -- lookup --------------------------------------------------------------------------
+
+    def _table_entry(self, idx: int) -> int:
+        if idx in self.new_entries:
+            return self.new_entries[idx]
+        if idx * 8 >= len(self.table):
+            return 0
+        e: int = _U64.unpack_from(self.table, idx * 8)[0]
+        return e & REFTABLE_MASK
+
+    def _block(self, off: int) -> bytearray:
+        blk = self.cache.get(off)
+        if blk is not None:
+            self.cache.move_to_end(off)
+            return blk
+        if off % self.cs:
+            raise ImageError(f"{self.f.path!r} has a misaligned refcount block")
+        blk = bytearray(self.f.pread(self.cs, off))
+        blk += bytes(self.cs - len(blk))
+        self.cache[off] = blk
+        self._evict()
+        return blk
+
+    def _evict(self) -> None:
+        while len(self.cache) > self.cache_blocks:
+            for off in self.cache:
+                if off not in self.dirty:
+                    del self.cache[off]
+                    break
+            else:
+                return  # everything dirty: grow until the next write-back
+
+    def get(self, cluster: int) -> int:
+        blk_off = self._table_entry(cluster >> self.rb_shift)
+        if not blk_off:
+            return 0
+        return self._get_in(self._block(blk_off), cluster & ((1 << self.rb_shift) - 1))
+
+    def _get_in(self, blk: bytearray, i: int) -> int:
+        return get_entry(blk, i, self.bits)
+
+    def _set_in(self, blk: bytearray, i: int, value: int) -> None:
+        set_entry(blk, i, value, self.bits)
+
+    def _set(self, cluster: int, value: int) -> None:
+        blk_off = self._table_entry(cluster >> self.rb_shift)
+        assert blk_off, "refcount block must exist before setting a refcount"
+        self._set_in(self._block(blk_off), cluster & ((1 << self.rb_shift) - 1), value)
+        self.dirty.add(blk_off)
+
+    def change(self, host: int, clusters: int, delta: int) -> None:
+        """Add ``delta`` to the refcount of ``clusters`` clusters from ``host``."""
+        first = host // self.cs
+        for c in range(first, first + clusters):
+            v = self.get(c) + delta
+            if v < 0 or v > self.max_refcount:
+                raise ImageError(f"refcount of cluster {c} in {self.f.path!r} out of range")
+            if delta > 0 and not self._table_entry(c >> self.rb_shift):
+                self._make_block_for(c)
+            self._set(c, v)
+
+    # -- allocation ------------------------------------------------------------------------
+
+    def alloc(self, clusters: int) -> int:
+        """Allocate ``clusters`` contiguous clusters (refcount 1); return the host offset."""
+        while True:
+            c = self.next_free
+            busy = next((i for i in range(clusters) if self.get(c + i)), None)
+            if busy is not None:
+                self.next_free = c + busy + 1
+                continue
+            missing = next(
+                (i for i in range(clusters) if not self._table_entry((c + i) >> self.rb_shift)),
+                None,
+            )
+            if missing is not None:
+                # the block for that range is placed at the first free cluster, then retry
+                self._make_block_for(c + missing)
+                continue
+            for i in range(clusters):
+                self._set(c + i, 1)
+            self.next_free = c + clusters
+            return c * self.cs
+
+    def _make_block_for(self, cluster: int) -> None:
+        """Create the (missing) refcount block covering ``cluster``."""
+        idx = cluster >> self.rb_shift
+        if (idx + 1) * 8 > len(self.table):
+            self._grow_table(idx + 1)
+            if self._table_entry(idx):
+                return
+        # first free cluster for the new block
+        c = self.next_free
+        while self.get(c):
+            c += 1
+        if c >> self.rb_shift == idx:
+            # the new block covers itself
+            blk = bytearray(self.cs)
+            self._set_in(blk, c & ((1 << self.rb_shift) - 1), 1)
+            off = c * self.cs
+            self.cache[off] = blk
+            self.new_entries[idx] = off
+            self.dirty.add(off)
+            self.next_free = c + 1
+            return
+        off = self.alloc(1)  # counted in an existing block
+        self.cache[off] = bytearray(self.cs)
+        self.new_entries[idx] = off
+        self.dirty.add(off)
+
+    def _grow_table(self, min_entries: int) -> None:
+        """Move the refcount table to a larger place at the end of the file.
+
+        The new blocks needed to count the new table (and themselves) are laid out first,
+        all describing themselves; everything is written and flushed before the header
+        switches to the new table with one small write.
+        """
+        self.write_back()  # start from a clean, fully written state
+        cs, shift = self.cs, self.rb_shift
+        entries = max(min_entries, len(self.table) // 8 * 2)
+        start = self.next_free
+        while True:
+            t_clusters = -(-entries * 8 // cs)
+            # blocks for the ranges of [start, end) that have none yet, laid out first
+            nblocks = 0
+            while True:
+                end = start + nblocks + t_clusters
+                need = [
+                    r
+                    for r in range(start >> shift, ((end - 1) >> shift) + 1)
+                    if not self._table_entry(r)
+                ]
+                if len(need) == nblocks:
+                    break
+                nblocks = len(need)
+            busy = next((c for c in range(start, end) if self.get(c)), None)
+            if busy is not None:
+                start = busy + 1
+                continue
+            top = max([*need, min_entries - 1])
+            if top < entries:
+                break
+            entries = (top + 1) * 2
+        if t_clusters * cs > MAX_REFTABLE_BYTES:
+            raise ImageError(f"refcount table of {self.f.path!r} would grow too large")
+        new_table = bytearray(t_clusters * cs)
+        new_table[: len(self.table)] = self.table
+        new_blocks: dict[int, bytearray] = {}
+        for i, r in enumerate(need):
+            off = (start + i) * cs
+            new_blocks[off] = bytearray(cs)
+            _U64.pack_into(new_table, r * 8, off)
+        table_off = (start + nblocks) * cs
+        for c in range(start, start + nblocks + t_clusters):
+            r = c >> shift
+            blk_off = _U64.unpack_from(new_table, r * 8)[0] & REFTABLE_MASK
+            if blk_off in new_blocks:
+                self._set_in(new_blocks[blk_off], c & ((1 << shift) - 1), 1)
+            else:
+                self._set(c, 1)
+        for off, blk in new_blocks.items():
+            self.f.pwrite(blk, off)
+            self.cache[off] = blk
+        for off in sorted(self.dirty):
+            self.f.pwrite(self.cache[off], off)
+        self.dirty.clear()
+        self.f.pwrite(new_table, table_off)
+        self.f.flush()
+        old_off, old_clusters = self.h.refcount_table_offset, self.h.refcount_table_clusters
+        self.f.pwrite(struct.pack(">QI", table_off, t_clusters), 48)
+        self.f.flush()
+        self.h.refcount_table_offset, self.h.refcount_table_clusters = table_off, t_clusters
+        self.table = new_table
+        self.next_free = start + nblocks + t_clusters
+        self.defer_free(old_off, old_clusters)
+
+    def defer_free(self, host: int, clusters: int) -> None:
+        """Drop one reference once the metadata no longer pointing there is durable."""
+        self.pending_free.append((host, clusters))
+
+    # -- write-back ------------------------------------------------------------------------
+
+    @property
+    def needs_write_back(self) -> bool:
+        return bool(self.dirty or self.new_entries)
+
+    def write_back(self) -> None:
+        """Write dirty blocks, flush, then hook new blocks into the table, flush."""
+        if not self.needs_write_back:
+            return
+        for off in sorted(self.dirty):
+            self.f.pwrite(self.cache[off], off)
+        self.dirty.clear()
+        self.f.flush()
+        if self.new_entries:
+            for idx, off in sorted(self.new_entries.items()):
+                _U64.pack_into(self.table, idx * 8, off)
+                self.f.pwrite(self.table[idx * 8 : idx * 8 + 8], self.h.refcount_table_offset + idx * 8)
+            self.new_entries.clear()
+            self.f.flush()
+        self._evict()
+
+    def apply_frees(self) -> None:
+        """Apply deferred decrements; the caller has made the unreferencing durable."""
+        frees, self.pending_free = self.pending_free, []
+        for host, clusters in frees:
+            self.change(host, clusters, -1)

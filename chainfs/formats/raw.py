@@ -1,0 +1,55 @@
+"""Raw images: every byte is data, nothing defers to a backing file."""
+
+from __future__ import annotations
+
+from ..errors import ChainfsError
+from ..hostfile import HostFile
+from .base import DATA, ZERO, Extent, Fill, Layer
+
+RAW_GRANULE = 512
+
+
+class RawLayer(Layer):
+    format_name = "raw"
+
+    def __init__(self, file: HostFile) -> None:
+        self.file = file
+        size = file.size()
+        # a raw image's virtual size is its length rounded down to whole sectors, as QEMU
+        self.virtual_size = size - size % RAW_GRANULE
+        self.cluster_size = RAW_GRANULE
+
+    def allocation_map(self, start: int, count: int, granule: int) -> bytes:
+        return b"\x01" * count
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        end = offset + length
+        out: list[Extent] = []
+        if offset < self.virtual_size:
+            n = min(end, self.virtual_size) - offset
+            out.append(Extent(offset, n, DATA, offset))
+            offset += n
+        if offset < end:
+            out.append(Extent(offset, end - offset, ZERO))
+        return out
+
+    def read_compressed(self, host: int, clen: int) -> bytes:
+        raise AssertionError("raw images have no compressed clusters")
+
+    def write(self, offset: int, data: bytes | memoryview, fill: Fill) -> None:
+        if offset + len(data) > self.virtual_size:
+            raise ChainfsError(f"write past the end of {self.path!r}")
+        self.file.pwrite(data, offset)
+
+    def write_zeroes(self, offset: int, length: int, fill: Fill) -> None:
+        step = 1 << 20
+        for pos in range(offset, offset + length, step):
+            self.write(pos, bytes(min(step, offset + length - pos)), fill)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file.writable:
+            self.file.flush()
+        self.file.close()

@@ -1,0 +1,127 @@
+"""The one door through which chainfs touches image files on the host.
+
+Every byte chainfs reads or writes of an image, every flush and every file it creates
+goes through a ``HostFile``.  That keeps the I/O in one place (errors translated once)
+and lets the crash-safety tests install an ``observer`` that records the exact sequence
+of writes and flushes an operation issues, to replay every prefix of it afterwards.
+
+Locking contract: a ``HostFile`` holds no lock of its own; ``pread``/``pwrite`` are
+positional and safe to call from several threads at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from typing import ClassVar
+
+from .errors import ChainfsError, ImageError
+
+# observer(event, path, offset, data): event is "write", "flush", "truncate" or "create";
+# for "truncate" the offset is the new size.
+Observer = Callable[[str, str, int, bytes], None]
+
+
+class HostIOError(ChainfsError):
+    """The file system under the images failed (EIO, ENOSPC, ...)."""
+
+    def __init__(self, message: str, err: int) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class HostFile:
+    """An open image file with positional I/O."""
+
+    observer: ClassVar[Observer | None] = None
+
+    def __init__(self, path: str, writable: bool, *, create: bool = False) -> None:
+        self.path = os.path.abspath(path)
+        self.writable = writable
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        flags |= os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.path, flags, 0o644)
+        except FileExistsError:
+            raise ChainfsError(f"{self.path!r} already exists") from None
+        except FileNotFoundError:
+            raise ChainfsError(f"{self.path!r} does not exist") from None
+        except IsADirectoryError:
+            raise ImageError(f"{self.path!r} is a directory, not an image") from None
+        except OSError as e:
+            raise HostIOError(f"cannot open {self.path!r}: {e.strerror}", e.errno) from None
+        self._unflushed = False  # a write was issued since the last flush
+        if create and HostFile.observer is not None:
+            HostFile.observer("create", self.path, 0, b"")
+
+    def _fail(self, what: str, e: OSError) -> HostIOError:
+        return HostIOError(
+            f"{what} {self.path!r} failed: {e.strerror}", e.errno or errno.EIO
+        )
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Read up to ``length`` bytes; the result is short only at end of file."""
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise self._fail("reading", e) from None
+
+    def preadinto(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` from ``offset``; bytes past end of file read as zeros."""
+        try:
+            n = os.preadv(self.fd, [buf], offset)
+        except OSError as e:
+            raise self._fail("reading", e) from None
+        if n < len(buf):
+            # a short read means end of file (regular files); the rest reads as zeros
+            buf[n:] = bytes(len(buf) - n)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        if not self.writable:
+            raise ChainfsError(f"{self.path!r} is open read-only")
+        if HostFile.observer is not None:
+            HostFile.observer("write", self.path, offset, bytes(data))
+        self._unflushed = True
+        try:
+            view = memoryview(data)
+            while len(view):
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as e:
+            raise self._fail("writing", e) from None
+
+    def flush(self) -> None:
+        """Make every write issued so far durable (a no-op when nothing was written)."""
+        if not self.writable or not self._unflushed:
+            return
+        self._unflushed = False
+        if HostFile.observer is not None:
+            HostFile.observer("flush", self.path, 0, b"")
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise self._fail("flushing", e) from None
+
+    def truncate(self, size: int) -> None:
+        self._unflushed = True
+        if HostFile.observer is not None:
+            HostFile.observer("truncate", self.path, size, b"")
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise self._fail("resizing", e) from None
+
+    def size(self) -> int:
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError as e:
+            raise self._fail("inspecting", e) from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
