@@ -28,7 +28,7 @@ from types import TracebackType
 
 from .errors import ChainError, ChainfsError, ReadOnlyError, UnsupportedFeature
 from .formats import open_layer
-from .formats.base import COMPRESSED, DATA, UNALLOCATED, ZERO, Extent, Layer
+from .formats.base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Layer
 
 MAX_DEPTH = 1000
 REGION_BITS = 13  # granules per region: 8192
@@ -74,9 +74,7 @@ class Chain:
                 if not os.path.exists(path):
                     if not layers:
                         raise ChainError(f"{path!r} does not exist")
-                    raise ChainError(
-                        f"backing file {path!r} of {layers[-1].path!r} does not exist"
-                    )
+                    raise ChainError(f"backing file {path!r} of {layers[-1].path!r} does not exist")
                 real = os.path.realpath(path)
                 if real in seen:
                     raise ChainError(f"backing loop: {path!r} appears twice in the chain")
@@ -128,25 +126,30 @@ class Chain:
         g = self.granule
         start = (region << REGION_BITS) * g
         count = min(1 << REGION_BITS, -(-(self.size - start) // g))
-        lanes = 2 * count
-        unresolved = int.from_bytes(b"\x01\x00" * count, "little")
+        # one lane per granule holding 1 + the index of the first layer answering for it;
+        # 8-bit lanes while the chain is short enough, 16-bit beyond
+        wide = len(self.layers) >= 255
+        unresolved = int.from_bytes(b"\x01\x00" * count if wide else b"\x01" * count, "little")
         acc = 0
-        spread = bytearray(lanes)
+        spread = bytearray(2 * count) if wide else None
         for i, layer in enumerate(self.layers):
-            m = layer.allocation_map(start, count, g)
-            if not m.count(1):
-                continue
-            spread[0::2] = m
-            take = int.from_bytes(spread, "little") & unresolved
+            m: bytes | bytearray = layer.allocation_map(start, count, g)
+            if spread is not None:
+                spread[0::2] = m
+                m = spread
+            take = int.from_bytes(m, "little") & unresolved
             if take:
                 acc += take * (i + 1)
                 unresolved ^= take
                 if not unresolved:
                     break
-        hm = array("H")
-        hm.frombytes(acc.to_bytes(lanes, "little"))
-        if sys.byteorder == "big":
-            hm.byteswap()
+        if wide:
+            hm = array("H")
+            hm.frombytes(acc.to_bytes(2 * count, "little"))
+            if sys.byteorder == "big":
+                hm.byteswap()
+        else:
+            hm = array("B", acc.to_bytes(count, "little"))
         self._regions[region] = hm
         if len(self._regions) > REGION_CACHE:
             self._regions.popitem(last=False)
@@ -165,7 +168,7 @@ class Chain:
             if hm is not None:
                 i0 = ga - (r << REGION_BITS)
                 i1 = min(stop - (r << REGION_BITS), len(hm))
-                hm[i0:i1] = array("H", [1]) * (i1 - i0)
+                hm[i0:i1] = array(hm.typecode, [1]) * (i1 - i0)
             ga = stop
 
     def invalidate(self) -> None:
@@ -220,20 +223,20 @@ class Chain:
                 data = layer.read_compressed(ext.host, ext.clen)
                 buf[a : a + ext.length] = data[ext.skip : ext.skip + ext.length]
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytearray:
         """The disk's bytes at ``[offset, offset+length)``, clipped at its end."""
         end = min(offset + length, self.size)
         if offset < 0 or length < 0:
             raise ChainfsError(f"invalid read of {length} bytes at {offset}")
         if offset >= end:
-            return b""
+            return bytearray()
         buf = bytearray(end - offset)
         with self._lock:
             plan = self._plan(offset, end)
         self._execute(plan, offset, memoryview(buf))
         return buf
 
-    def _fill(self, offset: int, length: int) -> bytes:
+    def _fill(self, offset: int, length: int) -> Buffer:
         """The content below the active layer (called under the lock, for COW)."""
         buf = bytearray(length)
         if len(self.layers) > 1:
@@ -252,7 +255,7 @@ class Chain:
                 f"write of {length} bytes at {offset} is outside the disk ({self.size} bytes)"
             )
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    def write(self, offset: int, data: Buffer) -> None:
         """Write into the active layer (copy-on-write through the chain)."""
         self._check_write(offset, len(data))
         if not len(data):

@@ -52,15 +52,15 @@ class HostFile:
         except IsADirectoryError:
             raise ImageError(f"{self.path!r} is a directory, not an image") from None
         except OSError as e:
-            raise HostIOError(f"cannot open {self.path!r}: {e.strerror}", e.errno) from None
+            raise HostIOError(
+                f"cannot open {self.path!r}: {e.strerror}", e.errno or errno.EIO
+            ) from None
         self._unflushed = False  # a write was issued since the last flush
         if create and HostFile.observer is not None:
             HostFile.observer("create", self.path, 0, b"")
 
     def _fail(self, what: str, e: OSError) -> HostIOError:
-        return HostIOError(
-            f"{what} {self.path!r} failed: {e.strerror}", e.errno or errno.EIO
-        )
+        return HostIOError(f"{what} {self.path!r} failed: {e.strerror}", e.errno or errno.EIO)
 
     def pread(self, length: int, offset: int) -> bytes:
         """Read up to ``length`` bytes; the result is short only at end of file."""

@@ -26,8 +26,10 @@ DATA = 1  # bytes at host offset ``host``
 ZERO = 2  # reads as zeros (zero cluster, or past the layer's end)
 COMPRESSED = 3  # one compressed cluster at ``host``, ``clen`` bytes; ``skip`` into it
 
+Buffer = bytes | bytearray | memoryview
+
 # fill(offset, length) -> the chain's content below the active layer for that range
-Fill = Callable[[int, int], bytes]
+Fill = Callable[[int, int], Buffer]
 
 
 class Extent(NamedTuple):
@@ -70,11 +72,11 @@ class Layer(ABC):
         """Where the bytes of ``[offset, offset+length)`` are, in order, covering it all."""
 
     @abstractmethod
-    def read_compressed(self, host: int, clen: int) -> bytes:
+    def read_compressed(self, host: int, clen: int) -> Buffer:
         """The decompressed cluster whose compressed data is at ``host``."""
 
     @abstractmethod
-    def write(self, offset: int, data: bytes | memoryview, fill: Fill) -> None:
+    def write(self, offset: int, data: Buffer, fill: Fill) -> None:
         """Write into this layer; ``fill`` supplies backing content for copy-on-write."""
 
     @abstractmethod

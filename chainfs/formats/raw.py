@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import ChainfsError
 from ..hostfile import HostFile
-from .base import DATA, ZERO, Extent, Fill, Layer
+from .base import DATA, ZERO, Buffer, Extent, Fill, Layer
 
 RAW_GRANULE = 512
 
@@ -33,10 +33,10 @@ class RawLayer(Layer):
             out.append(Extent(offset, end - offset, ZERO))
         return out
 
-    def read_compressed(self, host: int, clen: int) -> bytes:
+    def read_compressed(self, host: int, clen: int) -> Buffer:
         raise AssertionError("raw images have no compressed clusters")
 
-    def write(self, offset: int, data: bytes | memoryview, fill: Fill) -> None:
+    def write(self, offset: int, data: Buffer, fill: Fill) -> None:
         if offset + len(data) > self.virtual_size:
             raise ChainfsError(f"write past the end of {self.path!r}")
         self.file.pwrite(data, offset)

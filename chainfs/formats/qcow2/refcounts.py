@@ -57,7 +57,9 @@ class Refcounts:
         self.max_refcount = (1 << self.bits) - 1
         # entries per block, as a power of two
         self.rb_shift = h.cluster_bits + 3 - h.refcount_order
-        self.table = bytearray(f.pread(h.refcount_table_clusters * self.cs, h.refcount_table_offset))
+        self.table = bytearray(
+            f.pread(h.refcount_table_clusters * self.cs, h.refcount_table_offset)
+        )
         self.table += bytes(h.refcount_table_clusters * self.cs - len(self.table))
         self.cache: OrderedDict[int, bytearray] = OrderedDict()
         self.cache_blocks = cache_blocks
@@ -263,7 +265,9 @@ class Refcounts:
         if self.new_entries:
             for idx, off in sorted(self.new_entries.items()):
                 _U64.pack_into(self.table, idx * 8, off)
-                self.f.pwrite(self.table[idx * 8 : idx * 8 + 8], self.h.refcount_table_offset + idx * 8)
+                self.f.pwrite(
+                    self.table[idx * 8 : idx * 8 + 8], self.h.refcount_table_offset + idx * 8
+                )
             self.new_entries.clear()
             self.f.flush()
         self._evict()
