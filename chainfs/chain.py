@@ -133,11 +133,11 @@ class Chain:
         acc = 0
         spread = bytearray(2 * count) if wide else None
         for i, layer in enumerate(self.layers):
-            m: bytes | bytearray = layer.allocation_map(start, count, g)
+            m = layer.allocation_map(start, count, g)
             if spread is not None:
-                spread[0::2] = m
-                m = spread
-            take = int.from_bytes(m, "little") & unresolved
+                spread[0::2] = m.to_bytes(count, "little")
+                m = int.from_bytes(spread, "little")
+            take = m & unresolved
             if take:
                 acc += take * (i + 1)
                 unresolved ^= take
@@ -223,16 +223,23 @@ class Chain:
                 data = layer.read_compressed(ext.host, ext.clen)
                 buf[a : a + ext.length] = data[ext.skip : ext.skip + ext.length]
 
-    def read(self, offset: int, length: int) -> bytearray:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         """The disk's bytes at ``[offset, offset+length)``, clipped at its end."""
         end = min(offset + length, self.size)
         if offset < 0 or length < 0:
             raise ChainfsError(f"invalid read of {length} bytes at {offset}")
         if offset >= end:
-            return bytearray()
-        buf = bytearray(end - offset)
+            return b""
+        n = end - offset
         with self._lock:
             plan = self._plan(offset, end)
+        if not plan:
+            return bytes(n)  # calloc'ed: the kernel hands out zero pages, nothing to fill
+        if len(plan) == 1 and plan[0][1].kind == DATA and plan[0][1].length == n:
+            layer, ext = plan[0]
+            data = layer.file.pread(n, ext.host)
+            return data if len(data) == n else data + bytes(n - len(data))
+        buf = bytearray(n)
         self._execute(plan, offset, memoryview(buf))
         return buf
 

@@ -14,6 +14,7 @@ session.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import NamedTuple
@@ -41,6 +42,12 @@ class Extent(NamedTuple):
     skip: int = 0  # compressed: offset of ``offset`` within the decompressed cluster
 
 
+@functools.cache
+def lane_ones(count: int) -> int:
+    """``count`` 8-bit lanes, each holding 1."""
+    return int.from_bytes(b"\x01" * count, "little")
+
+
 class Layer(ABC):
     """One image file of a chain, opened through its format driver."""
 
@@ -60,11 +67,14 @@ class Layer(ABC):
         return self.file.writable
 
     @abstractmethod
-    def allocation_map(self, start: int, count: int, granule: int) -> bytes:
-        """One byte per ``granule`` from ``start``: 1 where this layer answers for it.
+    def allocation_map(self, start: int, count: int, granule: int) -> int:
+        """Which of ``count`` granules from ``start`` this layer answers for.
 
-        ``granule`` divides ``cluster_size`` and ``virtual_size``; ``start`` is
-        granule-aligned.  Granules past the layer's end answer 1 (they read as zeros).
+        The answer is an integer of 8-bit lanes, lane ``i`` (bits ``8i..8i+7``) being 1
+        where the layer answers for granule ``i`` and 0 where it defers to its backing
+        file: the form in which the chain composes layers with big-integer arithmetic.
+        ``granule`` divides ``cluster_size``; ``start`` is granule-aligned.  Granules
+        reaching past the layer's end answer 1 (past the end reads as zeros).
         """
 
     @abstractmethod

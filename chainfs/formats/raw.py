@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import ChainfsError
 from ..hostfile import HostFile
-from .base import DATA, ZERO, Buffer, Extent, Fill, Layer
+from .base import DATA, ZERO, Buffer, Extent, Fill, Layer, lane_ones
 
 RAW_GRANULE = 512
 
@@ -19,8 +19,8 @@ class RawLayer(Layer):
         self.virtual_size = size - size % RAW_GRANULE
         self.cluster_size = RAW_GRANULE
 
-    def allocation_map(self, start: int, count: int, granule: int) -> bytes:
-        return b"\x01" * count
+    def allocation_map(self, start: int, count: int, granule: int) -> int:
+        return lane_ones(count)
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         end = offset + length

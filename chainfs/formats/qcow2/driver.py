@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 from ...errors import ImageError, UnsupportedFeature
 from ...hostfile import HostFile
-from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, Layer
+from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, Layer, lane_ones
 from . import header as hdr
 from .refcounts import Refcounts, set_entry
 
@@ -190,41 +190,39 @@ class Qcow2Layer(Layer):
         last = (start + nsec * 512 - 1) // self.cluster_size
         return first * self.cluster_size, last - first + 1
 
-    def allocation_map(self, start: int, count: int, granule: int) -> bytes:
+    def allocation_map(self, start: int, count: int, granule: int) -> int:
         cs, l2b = self.cluster_size, self.l2_bits
         k = cs // granule
         first = start // cs
-        nclusters = -(-count // k) + (start % cs) // granule
+        skip = (start % cs) // granule
+        nclusters = -(-(count + skip) // k)
         vclusters = -(-self.virtual_size // cs)
-        res = bytearray()
+        x = 0  # 8-bit lanes, one per cluster
         c, c_end = first, first + nclusters
         while c < c_end:
             if c >= vclusters:
-                res += b"\x01" * (c_end - c)
+                x |= lane_ones(c_end - c) << (8 * (c - first))
                 break
             i = c >> l2b
             span_end = min((i + 1) << l2b, c_end, vclusters)
-            n = span_end - c
             l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK if i < self.h.l1_size else 0
-            if not l2_off:
-                res += bytes(n)
-            else:
+            if l2_off:
                 a = (c & self.l2_mask) * 8
-                res += _nonzero_entries(self._l2(l2_off)[a : a + n * 8])
+                table = self._l2(l2_off)
+                x |= _allocated_lanes(table[a : a + (span_end - c) * 8]) << (8 * (c - first))
             c = span_end
         if k > 1:
-            out = bytearray(len(res) * k)
+            per_cluster = x.to_bytes(nclusters, "little")
+            out = bytearray(nclusters * k)
             for j in range(k):
-                out[j::k] = res
-            res = out
-        skip = (start % cs) // granule
-        res = res[skip : skip + count]
+                out[j::k] = per_cluster
+            x = int.from_bytes(out[skip : skip + count], "little")
         # a granule reaching past the layer's end is answered here: past the end reads
         # zeros; any unallocated part before the end comes back from ``extents``
         full = max(0, (self.virtual_size - start) // granule)
         if full < count:
-            res[full:] = b"\x01" * (count - full)
-        return bytes(res)
+            x |= lane_ones(count - full) << (8 * full)
+        return x
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
@@ -450,21 +448,26 @@ class Qcow2Layer(Layer):
         self.file.close()
 
 
-_NONZERO = bytes([0] + [1] * 255)
-_LOW7 = bytes(i & 0x7F for i in range(256))
+def _allocated_lanes(entries: bytearray) -> int:
+    """One 8-bit lane per 8-byte L2 entry: 1 if the entry says anything, else 0.
 
-
-def _nonzero_entries(entries: bytearray) -> bytes:
-    """One byte per 8-byte L2 entry: 1 if it says anything (COPIED alone does not).
-
-    Done with C-speed bulk operations rather than a loop per entry: the eight byte
-    columns of the table are OR-ed together as big integers, then made 0/1.
+    C-speed bulk operations instead of a loop per entry: the entry's byte columns are
+    OR-ed together as big integers, then each lane is folded down to its lowest bit.
+    The first byte (COPIED, compressed, reserved bits) is left out: every entry that
+    says anything has a non-zero offset, descriptor or zero flag in the other seven.
+    Columns that are all zero (high offset bits; low ones below the cluster size) are
+    skipped after a cheap count.
     """
     n = len(entries) // 8
-    x = int.from_bytes(entries[0::8].translate(_LOW7), "little")
-    for k in range(1, 8):
-        x |= int.from_bytes(entries[k::8], "little")
-    return x.to_bytes(n, "little").translate(_NONZERO)
+    x = 0
+    for k in (7, 6, 5, 4, 3, 2, 1):
+        column = entries[k::8]
+        if column.count(0) != n:
+            x |= int.from_bytes(column, "little")
+    x |= x >> 4
+    x |= x >> 2
+    x |= x >> 1
+    return x & lane_ones(n)
 
 
 def _log2(n: int) -> int:
