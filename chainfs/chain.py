@@ -29,6 +29,7 @@ from types import TracebackType
 from .errors import ChainError, ChainfsError, ReadOnlyError, UnsupportedFeature
 from .formats import open_layer
 from .formats.base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Layer
+from .locks import lock_image
 
 MAX_DEPTH = 1000
 REGION_BITS = 13  # granules per region: 8192
@@ -47,21 +48,42 @@ def resolve_backing(overlay_path: str, backing: str) -> str:
     return os.path.join(os.path.dirname(overlay_path), backing)
 
 
+def _open(path: str, fmt: str | None, *, writable: bool, lock: bool) -> Layer:
+    layer = open_layer(path, fmt, writable=writable)
+    if lock:
+        try:
+            lock_image(layer.file.fd, layer.path, write=writable)
+        except BaseException:
+            layer.close()
+            raise
+    return layer
+
+
 class Chain:
     """An open chain, active layer first."""
 
     def __init__(self, layers: list[Layer], *, writable: bool) -> None:
         self.layers = layers
         self.writable = writable
+        self.locked = False
         self._lock = threading.Lock()
         self._regions: OrderedDict[int, array[int]] = OrderedDict()
         self._reset_granule()
 
     @classmethod
     def open(
-        cls, active_path: str, *, writable: bool = False, active_format: str | None = None
+        cls,
+        active_path: str,
+        *,
+        writable: bool = False,
+        active_format: str | None = None,
+        lock: bool = True,
     ) -> Chain:
-        """Open the chain whose active image is ``active_path``."""
+        """Open the chain whose active image is ``active_path``.
+
+        With ``lock`` every layer gets QEMU's image locks (write locks on the active layer
+        when ``writable``), so QEMU refuses to write what chainfs serves and vice versa.
+        """
         layers: list[Layer] = []
         seen: set[str] = set()
         path, fmt = os.path.abspath(active_path), active_format
@@ -79,7 +101,7 @@ class Chain:
                 if real in seen:
                     raise ChainError(f"backing loop: {path!r} appears twice in the chain")
                 seen.add(real)
-                layer = open_layer(path, fmt, writable=writable and not layers)
+                layer = _open(path, fmt, writable=writable and not layers, lock=lock)
                 layers.append(layer)
                 if not layer.backing_string:
                     break
@@ -89,7 +111,9 @@ class Chain:
             for layer in layers:
                 layer.close()
             raise
-        return cls(layers, writable=writable)
+        chain = cls(layers, writable=writable)
+        chain.locked = lock
+        return chain
 
     def __enter__(self) -> Chain:
         return self
@@ -245,12 +269,7 @@ class Chain:
 
     def _fill(self, offset: int, length: int) -> Buffer:
         """The content below the active layer (called under the lock, for COW)."""
-        buf = bytearray(length)
-        if len(self.layers) > 1:
-            plan: Plan = []
-            self._plan_from(1, offset, offset + length, plan)
-            self._execute(plan, offset, memoryview(buf))
-        return buf
+        return self.read_below(0, offset, length)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -279,6 +298,109 @@ class Chain:
         with self._lock:
             self.active.write_zeroes(offset, length, self._fill)
             self._claim(offset, length)
+
+    # -- changing the chain's shape ------------------------------------------------------
+
+    def index_of(self, layer: Layer) -> int:
+        return next(i for i, x in enumerate(self.layers) if x is layer)
+
+    def reopen(self, index: int, *, writable: bool) -> Layer:
+        """Reopen ``layers[index]`` read-write or read-only, its image locks following.
+
+        The old descriptor is closed (flushing, dropping its locks) before the new one is
+        locked: two descriptors of one file are two lockers, even in one process.
+        """
+        with self._lock:
+            old = self.layers[index]
+            if old.writable == writable:
+                return old
+            old.close()
+            new = _open(old.path, old.format_name, writable=writable, lock=self.locked)
+            self.layers[index] = new
+            self._reset_granule()
+            return new
+
+    def push_overlay(self, path: str) -> None:
+        """Make the new, empty overlay at ``path`` (backed by the active layer) active.
+
+        Atomic with respect to writes: they hold the same lock; the flat content does not
+        change, so nothing cached anywhere needs to be invalidated.
+        """
+        with self._lock:
+            new = _open(path, "qcow2", writable=True, lock=self.locked)
+            old = self.layers[0]
+            try:
+                old.close()
+                ro = _open(old.path, old.format_name, writable=False, lock=self.locked)
+            except BaseException:
+                new.close()
+                raise
+            self.layers = [new, ro, *self.layers[1:]]
+            self._reset_granule()
+
+    def splice(self, top: int, base: int | None) -> list[Layer]:
+        """Drop the layers strictly between ``top`` and ``base`` (None: all below ``top``).
+
+        The caller has already rewritten ``top``'s backing pointer on disk.  Returns the
+        dropped layers, closed.
+        """
+        with self._lock:
+            stop = len(self.layers) if base is None else base
+            removed = self.layers[top + 1 : stop]
+            self.layers = self.layers[: top + 1] + self.layers[stop:]
+            self._reset_granule()
+        for layer in removed:
+            layer.close()
+        return removed
+
+    def stream_step(self, node: int, stop: int, offset: int, length: int) -> int:
+        """Copy into ``layers[node]`` every cluster of the range that it lacks and that a
+        layer strictly between it and ``layers[stop]`` holds; return the bytes copied.
+
+        The check and the copy happen under the chain's lock, so a guest write can never
+        be overwritten by the older content from below (QEMU's copy-on-read rule).
+        Zero ranges become zero clusters where the format allows.
+        """
+        with self._lock:
+            target = self.layers[node]
+            cs = target.cluster_size
+            end = min(offset + length, target.virtual_size)
+            pos = offset - offset % cs
+            copied = 0
+
+            def fill(o: int, n: int) -> Buffer:
+                return self.read_below(node, o, n)
+
+            while pos < end:
+                n = min(cs, target.virtual_size - pos)
+                lacking = any(e.kind == UNALLOCATED for e in target.extents(pos, n))
+                if lacking and self._held_between(node + 1, stop, pos, n):
+                    data = self.read_below(node, pos, n)
+                    if data.count(0) == len(data):
+                        target.write_zeroes(pos, n, fill)
+                    else:
+                        target.write(pos, data, fill)
+                    if node == 0:
+                        self._claim(pos, n)
+                    copied += n
+                pos += n
+            return copied
+
+    def _held_between(self, first: int, stop: int, offset: int, length: int) -> bool:
+        return any(
+            e.kind != UNALLOCATED
+            for level in range(first, min(stop, len(self.layers)))
+            for e in self.layers[level].extents(offset, length)
+        )
+
+    def read_below(self, level: int, offset: int, length: int) -> bytearray:
+        """The content the layers below ``layers[level]`` show for a range."""
+        buf = bytearray(length)
+        if level + 1 < len(self.layers):
+            plan: Plan = []
+            self._plan_from(level + 1, offset, offset + length, plan)
+            self._execute(plan, offset, memoryview(buf))
+        return buf
 
     def flush(self) -> None:
         """Make every acknowledged write durable."""

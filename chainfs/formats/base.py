@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import NamedTuple
 
+from ..errors import UnsupportedFeature
 from ..hostfile import HostFile
 
 # extent kinds
@@ -92,6 +93,10 @@ class Layer(ABC):
     @abstractmethod
     def write_zeroes(self, offset: int, length: int, fill: Fill) -> None:
         """Make the range read as zeros, sparsely where the format allows."""
+
+    def set_backing(self, backing: str | None, backing_format: str | None) -> None:
+        """Point this (writable) image at another backing file, crash-safely."""
+        raise UnsupportedFeature(f"{self.path!r} ({self.format_name}) has no backing file")
 
     def allocated_bytes(self) -> int:
         """Host bytes in use (an estimate is fine for raw)."""

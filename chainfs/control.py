@@ -1,0 +1,373 @@
+"""The language of the control files: what a write to ``control/CHAIN/KIND`` means, and
+how the lines of ``chain``, ``jobs`` and ``events`` are spelled.  A write is one command
+of whitespace-separated tokens, each ``key=value`` or a bare word (the command's main
+argument); double quotes group, with ``\\"`` ``\\\\`` ``\\n`` ``\\t`` ``\\r`` ``\\xHH``
+``\\uHHHH`` ``\\UHHHHHHHH`` escapes inside them, and a quoted ``=`` is an ordinary
+character.  Lines read back are ``key=value`` pairs quoted the same way, so a value
+copied from ``chain`` can be pasted into a command.  Everything here is pure: no I/O, no
+trio, no FUSE; a bad command raises ``CommandError`` with ``EINVAL`` and a short reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple, TypeAlias
+
+from .errors import ChainfsError
+
+MAX_COMMAND = 4096  # bytes in one write, trailing newline included
+MAX_RATE = 2**63 - 1  # QEMU keeps speeds in an int64
+
+COMMANDS: tuple[str, ...] = ("snapshot", "stream", "commit", "copy", "cancel", "complete")
+SYNC_MODES: tuple[str, ...] = ("full", "top")
+
+
+class CommandError(ChainfsError):
+    """A control-file write that cannot be carried out, with the errno ``write(2)`` returns."""
+
+    errno = errno.EINVAL
+
+    def __init__(self, errno_: int, reason: str) -> None:
+        super().__init__(reason)
+        self.errno = errno_
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SnapshotCmd:
+    target: str
+
+
+@dataclass(frozen=True)
+class StreamCmd:
+    base: str | None = None
+    node: str | None = None
+    speed: int = 0
+
+
+@dataclass(frozen=True)
+class CommitCmd:
+    top: str | None = None
+    base: str | None = None
+    speed: int = 0
+    wait_ready: bool = False
+
+
+@dataclass(frozen=True)
+class CopyCmd:
+    dest: str
+    sync: str = "full"
+    speed: int = 0
+    wait_ready: bool = False
+
+
+@dataclass(frozen=True)
+class CancelCmd:
+    job: str
+
+
+@dataclass(frozen=True)
+class CompleteCmd:
+    job: str
+
+
+Command: TypeAlias = SnapshotCmd | StreamCmd | CommitCmd | CopyCmd | CancelCmd | CompleteCmd
+
+# Per command: the keys it accepts, and what its bare word is called (None: it takes none).
+_KEYS: dict[str, frozenset[str]] = {
+    "snapshot": frozenset(),
+    "stream": frozenset({"base", "node", "speed"}),
+    "commit": frozenset({"top", "base", "speed", "wait"}),
+    "copy": frozenset({"sync", "speed", "wait"}),
+    "cancel": frozenset(),
+    "complete": frozenset(),
+}
+_MAIN: dict[str, str | None] = {
+    "snapshot": "file",
+    "stream": "layer",
+    "commit": None,
+    "copy": "destination",
+    "cancel": "job",
+    "complete": "job",
+}
+_REQUIRED = frozenset({"snapshot", "copy", "cancel", "complete"})
+
+_RATE = re.compile(r"([0-9]{1,30})([kmg]?)", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+_SEPARATORS = " \t"
+# Characters that force a value into quotes, besides anything str.isprintable() rejects
+# (control and format characters, line separators, lone surrogates from undecodable
+# file names): a bare value then never confuses awk, splitlines() or a UTF-8 encoder.
+_SPECIAL = frozenset(' \t\n"\\=')
+_ESCAPE_OUT = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+_ESCAPE_IN = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
+_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+
+
+def _invalid(reason: str) -> CommandError:
+    return CommandError(errno.EINVAL, reason)
+
+
+def _show(text: str, limit: int = 60) -> str:
+    """``text`` as it appears in a reason: repr'd and cut short, since reasons go to logs."""
+    if len(text) > limit:
+        return repr(text[:limit]) + "..."
+    return repr(text)
+
+
+# -- key=value lines ---------------------------------------------------------------------
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _escape(char: str) -> str:
+    if char in _ESCAPE_OUT:
+        return _ESCAPE_OUT[char]
+    if char == " " or char.isprintable():
+        return char
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def quote(value: object) -> str:
+    """``value`` as it appears after ``key=``: bare when that is unambiguous, else quoted."""
+    text = _text(value)
+    if text and all(c not in _SPECIAL and c.isprintable() for c in text):
+        return text
+    return '"' + "".join(_escape(c) for c in text) + '"'
+
+
+def _check_key(key: str) -> None:
+    if not key or any(c in _SPECIAL or not c.isprintable() for c in key):
+        raise ValueError(f"bad key {_show(key)}")
+
+
+def format_line(pairs: Iterable[tuple[str, object]]) -> str:
+    """``k1=v1 k2=v2``, without a newline; pairs whose value is None are left out."""
+    parts = []
+    for key, value in pairs:
+        if value is None:
+            continue
+        _check_key(key)
+        parts.append(f"{key}={quote(value)}")
+    return " ".join(parts)
+
+
+class _Token(NamedTuple):
+    text: str
+    eq: int | None  # index of the first unquoted '=' in text
+
+
+def _tokenize(line: str) -> list[_Token]:
+    """Split ``line`` at unquoted blanks, undoing quotes and escapes; ValueError if malformed."""
+    tokens: list[_Token] = []
+    i, n = 0, len(line)
+    while i < n:
+        if line[i] in _SEPARATORS:
+            i += 1
+            continue
+        chars: list[str] = []
+        eq: int | None = None
+        while i < n and line[i] not in _SEPARATORS:
+            char = line[i]
+            if char == "\\":
+                raise ValueError("backslash outside quotes")
+            if char != '"':
+                if char == "=" and eq is None:
+                    eq = len(chars)
+                chars.append(char)
+                i += 1
+                continue
+            i += 1
+            while True:
+                if i >= n:
+                    raise ValueError("unbalanced quote")
+                char = line[i]
+                if char == '"':
+                    i += 1
+                    break
+                if char != "\\":
+                    chars.append(char)
+                    i += 1
+                    continue
+                if i + 1 >= n:
+                    raise ValueError("unbalanced quote")
+                kind = line[i + 1]
+                if kind in _ESCAPE_IN:
+                    chars.append(_ESCAPE_IN[kind])
+                    i += 2
+                elif kind in _HEX_ESCAPES:
+                    digits = line[i + 2 : i + 2 + _HEX_ESCAPES[kind]]
+                    if len(digits) != _HEX_ESCAPES[kind] or not all(
+                        d in "0123456789abcdefABCDEF" for d in digits
+                    ):
+                        raise ValueError(f"bad escape {_show(line[i : i + 2 + len(digits)])}")
+                    code = int(digits, 16)
+                    if code > 0x10FFFF:
+                        raise ValueError(f"bad escape {_show(line[i : i + 10])}")
+                    chars.append(chr(code))
+                    i += 2 + len(digits)
+                else:
+                    raise ValueError(f"unknown escape {_show(line[i : i + 2])} in quotes")
+        tokens.append(_Token("".join(chars), eq))
+    return tokens
+
+
+def _strip_newline(line: str) -> str:
+    if line.endswith("\r\n"):
+        return line[:-2]
+    if line.endswith("\n"):
+        return line[:-1]
+    return line
+
+
+def parse_line(line: str) -> dict[str, str]:
+    """The pairs of a ``format_line`` line; ValueError if it is not one."""
+    result: dict[str, str] = {}
+    for token in _tokenize(_strip_newline(line)):
+        if token.eq is None:
+            raise ValueError(f"expected key=value, got {_show(token.text)}")
+        key, value = token.text[: token.eq], token.text[token.eq + 1 :]
+        if not key:
+            raise ValueError(f"missing key before '=' in {_show(token.text)}")
+        if key in result:
+            raise ValueError(f"repeated key {_show(key)}")
+        result[key] = value
+    return result
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def _parse_rate(text: str, what: str) -> int:
+    match = _RATE.fullmatch(text)
+    if match is None:
+        raise _invalid(f"{what} must be a byte rate like 10M, got {_show(text)}")
+    rate = int(match[1]) * _UNITS[match[2].lower()]
+    if rate > MAX_RATE:
+        raise _invalid(f"{what} {_show(text)} is too large")
+    return rate
+
+
+def parse_rate(text: str) -> int:
+    """Bytes per second from ``0``, ``1048576``, ``512K``, ``10M`` or ``1G`` (1024-based)."""
+    return _parse_rate(text, "value")
+
+
+def _decode(data: bytes) -> str:
+    if len(data) > MAX_COMMAND:
+        raise _invalid("command too long")
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid("command is not valid utf-8") from None
+    for char in text:
+        code = ord(char)
+        if char != "\t" and (code < 0x20 or 0x7F <= code < 0xA0):
+            raise _invalid(f"control character {char!r} in command")
+    return text
+
+
+def _check_value(what: str, value: str) -> None:
+    # Escapes can smuggle in what the raw text may not hold; a NUL or an unencodable
+    # surrogate would blow up later in os calls instead of failing the write.
+    if not value:
+        raise _invalid(f"empty {what}")
+    if "\x00" in value:
+        raise _invalid(f"nul character in {what}")
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise _invalid(f"{what} {_show(value)} is not a valid file name") from None
+
+
+def parse_command(kind: str, data: bytes) -> Command:
+    """The command written to control file ``kind``; CommandError (EINVAL) if it is malformed.
+
+    Only the grammar is checked here: whether layers, files and jobs exist is the caller's.
+    """
+    if kind not in _KEYS:
+        raise _invalid(f"unknown control file {_show(kind)}")
+    text = _decode(data)
+    if not text.strip(_SEPARATORS):
+        raise _invalid("empty command")
+    try:
+        tokens = _tokenize(text)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+
+    bare: list[str] = []
+    keys: dict[str, str] = {}
+    for token in tokens:
+        if token.eq is None:
+            bare.append(token.text)
+            continue
+        key, value = token.text[: token.eq], token.text[token.eq + 1 :]
+        if not key:
+            raise _invalid(f"missing key before '=' in {_show(token.text)}")
+        if key not in _KEYS[kind]:
+            raise _invalid(f"unknown key {_show(key)} for {kind}")
+        if key in keys:
+            raise _invalid(f"repeated key {_show(key)}")
+        if not value:
+            raise _invalid(f"empty value for {_show(key)}")
+        _check_value(f"value for {key!r}", value)
+        keys[key] = value
+
+    name = _MAIN[kind]
+    main: str | None = None
+    if name is None:
+        if bare:
+            raise _invalid(f"{kind} takes no bare argument, got {_show(bare[0])}")
+    elif len(bare) > 1:
+        raise _invalid(f"{kind} takes one {name}, got {_show(bare[0])} and {_show(bare[1])}")
+    elif bare:
+        main = bare[0]
+        _check_value(name, main)
+    elif kind in _REQUIRED:
+        raise _invalid(f"{kind} needs a {name}")
+
+    speed = _parse_rate(keys["speed"], "speed") if "speed" in keys else 0
+    wait = keys.get("wait")
+    if wait is not None and wait != "ready":
+        raise _invalid(f"wait only accepts 'ready', got {_show(wait)}")
+    wait_ready = wait is not None
+
+    if kind == "snapshot":
+        assert main is not None
+        return SnapshotCmd(target=main)
+    if kind == "stream":
+        if main is not None and "base" in keys:
+            raise _invalid(f"stream base given twice: {_show(main)} and base={_show(keys['base'])}")
+        base = main if main is not None else keys.get("base")
+        return StreamCmd(base=base, node=keys.get("node"), speed=speed)
+    if kind == "commit":
+        return CommitCmd(
+            top=keys.get("top"), base=keys.get("base"), speed=speed, wait_ready=wait_ready
+        )
+    if kind == "copy":
+        assert main is not None
+        sync = keys.get("sync", "full")
+        if sync not in SYNC_MODES:
+            raise _invalid(f"sync must be 'full' or 'top', got {_show(sync)}")
+        return CopyCmd(dest=main, sync=sync, speed=speed, wait_ready=wait_ready)
+    assert main is not None
+    if kind == "cancel":
+        return CancelCmd(job=main)
+    return CompleteCmd(job=main)

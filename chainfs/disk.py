@@ -1,0 +1,236 @@
+"""A served chain: its flat disk, its control files' contents, its jobs and events.
+
+This is what the filesystem layer talks to for one chain.  It knows nothing of FUSE:
+commands arrive as bytes written to a control file and either start something or raise
+``CommandError`` with the SPEC's errno; the reason is also logged and appended to
+``events`` as ``COMMAND_REJECTED``.
+
+Locking contract: used only from the trio thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+from .chain import Chain
+from .control import (
+    CancelCmd,
+    CommandError,
+    CommitCmd,
+    CompleteCmd,
+    CopyCmd,
+    SnapshotCmd,
+    StreamCmd,
+    format_line,
+    parse_command,
+)
+from .errors import ChainfsError
+from .formats.base import Layer
+from .formats.qcow2 import create_overlay
+from .jobs.base import CONCLUDED, Job
+from .jobs.stream import StreamJob
+from .source import Source
+
+log = logging.getLogger(__name__)
+
+Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
+
+
+class Disk:
+    """One chain as the mount serves it."""
+
+    def __init__(
+        self,
+        name: str,
+        chain: Chain,
+        source: Source,
+        *,
+        allowed_dirs: list[str],
+        readonly: bool,
+        spawn: Spawn,
+        next_id: Callable[[str], str],
+    ) -> None:
+        self.name = name
+        self.chain = chain
+        self.source = source
+        self.allowed_dirs = [os.path.realpath(d) for d in allowed_dirs]
+        self.readonly = readonly
+        self.job: Job | None = None
+        self.events = bytearray()
+        self._spawn = spawn
+        self._next_id = next_id
+        now = time.time_ns()
+        self.mtime_ns = self.ctime_ns = now
+
+    # -- what the control files show ------------------------------------------------------
+
+    def chain_text(self) -> bytes:
+        lines = []
+        layers = self.chain.layers
+        for i, layer in enumerate(layers):
+            if i == 0:
+                role = "active"
+            elif i == len(layers) - 1:
+                role = "base"
+            else:
+                role = "backing"
+            lines.append(
+                format_line(
+                    [
+                        ("name", os.path.basename(layer.path)),
+                        ("path", layer.path),
+                        ("format", layer.format_name),
+                        ("virtual-size", layer.virtual_size),
+                        ("allocated", layer.allocated_bytes()),
+                        ("role", role),
+                    ]
+                )
+            )
+        return ("\n".join(lines) + "\n").encode()
+
+    def jobs_text(self) -> bytes:
+        job = self.job
+        if job is None or job.status == CONCLUDED:
+            return b""
+        return (format_line(job.line()) + "\n").encode()
+
+    def emit(self, event: str, **fields: object) -> None:
+        """Append one line to ``events`` (and the log)."""
+        stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        line = format_line(
+            [("time", stamp), ("event", event), ("chain", self.name), *fields.items()]
+        )
+        self.events += line.encode() + b"\n"
+        log.info("%s", line)
+
+    def chain_changed(self) -> None:
+        self.emit(
+            "CHAIN_CHANGED",
+            layers=" <- ".join(os.path.basename(x.path) for x in reversed(self.chain.layers)),
+        )
+
+    # -- the flat disk ----------------------------------------------------------------------
+
+    def touch(self) -> None:
+        self.mtime_ns = self.ctime_ns = time.time_ns()
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def command(self, kind: str, data: bytes) -> None:
+        """Carry out one control-file write; raise CommandError if it is refused."""
+        try:
+            if self.readonly:
+                raise CommandError(errno.EROFS, "the mount is read-only")
+            cmd = parse_command(kind, data)
+            if isinstance(cmd, SnapshotCmd):
+                self._snapshot(cmd)
+            elif isinstance(cmd, StreamCmd):
+                self._stream(cmd)
+            elif isinstance(cmd, CancelCmd):
+                self._cancel(cmd.job)
+            elif isinstance(cmd, CompleteCmd):
+                self._find_job(cmd.job)
+                raise CommandError(errno.EINVAL, f"job {cmd.job!r} is not waiting to complete")
+            elif isinstance(cmd, CommitCmd | CopyCmd):
+                raise CommandError(errno.EINVAL, f"{kind} is not implemented yet")
+        except CommandError as e:
+            self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
+            raise
+        except ChainfsError as e:
+            self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
+            raise CommandError(e.errno, str(e)) from e
+
+    def _busy(self) -> None:
+        if self.job is not None and self.job.status != CONCLUDED:
+            raise CommandError(
+                errno.EBUSY, f"chain {self.name!r} is busy: job {self.job.id!r} is running"
+            )
+
+    def _layer(self, ref: str) -> Layer:
+        """A layer named by its file name (as in ``chain``) or its absolute path."""
+        layers = self.chain.layers
+        if os.path.isabs(ref):
+            found = [x for x in layers if x.path == os.path.normpath(ref)]
+        else:
+            found = [x for x in layers if os.path.basename(x.path) == ref]
+        if not found:
+            raise CommandError(errno.EINVAL, f"{ref!r} is not a layer of chain {self.name!r}")
+        if len(found) > 1:
+            raise CommandError(errno.EINVAL, f"{ref!r} names several layers; give a full path")
+        return found[0]
+
+    def _find_job(self, job_id: str) -> Job:
+        job = self.job
+        if job is None or job.id != job_id or job.status == CONCLUDED:
+            raise CommandError(errno.ENOENT, f"no job {job_id!r} on chain {self.name!r}")
+        return job
+
+    def _cancel(self, job_id: str) -> None:
+        self._find_job(job_id).cancel()
+
+    def check_target(self, target: str) -> str:
+        """Where a new file may go: an allowed directory, not existing yet."""
+        if not os.path.isabs(target):
+            target = os.path.join(os.path.dirname(self.chain.active.path), target)
+        target = os.path.normpath(target)
+        parent = os.path.dirname(target)
+        if not os.path.isdir(parent):
+            raise CommandError(errno.ENOENT, f"directory {parent!r} does not exist")
+        real_parent = os.path.realpath(parent)
+        if not any(real_parent == d or real_parent.startswith(d + "/") for d in self.allowed_dirs):
+            raise CommandError(
+                errno.EACCES, f"{target!r} is outside the directories chainfs may write to"
+            )
+        if os.path.lexists(target):
+            raise CommandError(errno.EEXIST, f"{target!r} already exists")
+        return target
+
+    def _snapshot(self, cmd: SnapshotCmd) -> None:
+        self._busy()
+        target = self.check_target(cmd.target)
+        active = self.chain.active
+        if os.path.dirname(target) == os.path.dirname(active.path):
+            backing = os.path.basename(active.path)
+        else:
+            backing = active.path
+        self.chain.flush()
+        create_overlay(
+            target, size=self.chain.size, backing=backing, backing_format=active.format_name
+        )
+        self.chain.push_overlay(target)
+        self.source.record_active(self.name, target)
+        self.emit("SNAPSHOT_TAKEN", file=target)
+        self.chain_changed()
+
+    def _stream(self, cmd: StreamCmd) -> None:
+        self._busy()
+        node = self._layer(cmd.node) if cmd.node else self.chain.active
+        if node.format_name != "qcow2":
+            raise CommandError(errno.EINVAL, f"cannot stream into {node.path!r}: it is raw")
+        base = self._layer(cmd.base) if cmd.base else None
+        n = self.chain.index_of(node)
+        if base is not None and self.chain.index_of(base) <= n:
+            raise CommandError(
+                errno.EINVAL,
+                f"{os.path.basename(base.path)!r} is not below "
+                f"{os.path.basename(node.path)!r} in chain {self.name!r}",
+            )
+        job = StreamJob(self._next_id("stream"), self, node, base, speed=cmd.speed, emit=self.emit)
+        self.job = job
+        self._spawn(job.execute)
+
+    async def stop_jobs(self) -> None:
+        """Cancel a running job and wait for it (used at unmount)."""
+        job = self.job
+        if job is not None and job.status != CONCLUDED:
+            job.cancel()
+            await job.done.wait()
+
+    def close(self) -> None:
+        self.chain.close()

@@ -1,0 +1,344 @@
+"""The kernel-facing skin: pyfuse3 operations over the served disks.
+
+    MOUNTPOINT/NAME.img                  flat disk (read-write)
+    MOUNTPOINT/control/.status           the daemon and every chain, served or refused
+    MOUNTPOINT/control/NAME/{chain,jobs,events}               read
+    MOUNTPOINT/control/NAME/{snapshot,stream,commit,copy,cancel,complete}   write
+
+This class only translates: requests become calls on ``Disk``/``Chain``, and chainfs
+errors become ``FUSEError`` here and nowhere else.  Any other exception is logged and
+answered with EIO, because an exception escaping a handler would end the mount.
+
+Inode numbers are fixed at start: 1 root, 2 ``control``, 3 ``control/.status``, and a
+block of 16 per chain.  The flat files are opened with ``keep_cache``: live operations
+never change what the disk shows, so the kernel's page cache stays coherent.
+
+Locking contract: every handler runs on the trio thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar, cast
+
+import pyfuse3
+
+from .control import CommandError, format_line
+from .disk import Disk
+from .errors import ChainfsError
+from .source import Source
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+CONTROL = 2
+STATUS = 3
+FIRST_CHAIN = 16
+PER_CHAIN = 16
+IMG, DIR = 0, 1
+READ_FILES = ("chain", "jobs", "events")
+WRITE_FILES = ("snapshot", "stream", "commit", "copy", "cancel", "complete")
+CONTROL_FILES = READ_FILES + WRITE_FILES  # offsets 2.. within a chain's block
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translate_errors(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """ChainfsError -> FUSEError(errno); anything else is logged and becomes EIO."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except ChainfsError as e:
+            log.warning("%s failed: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass
+class Handle:
+    inode: int
+    disk: Disk | None
+    data: bytes | None = None  # content snapshot of a read-only control file
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 operations for one mount."""
+
+    supports_dot_lookup = False
+
+    def __init__(
+        self, disks: list[Disk], source: Source, *, readonly: bool, mountpoint: str
+    ) -> None:
+        super().__init__()
+        self.disks = disks
+        self.source = source
+        self.readonly = readonly
+        self.mountpoint = mountpoint
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.started_ns = time.time_ns()
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+
+    # -- inode arithmetic --------------------------------------------------------------
+
+    def _disk_of(self, inode: int) -> tuple[Disk, int] | None:
+        if inode < FIRST_CHAIN:
+            return None
+        i, part = divmod(inode - FIRST_CHAIN, PER_CHAIN)
+        if i >= len(self.disks) or part >= 2 + len(CONTROL_FILES):
+            return None
+        return self.disks[i], part
+
+    def _inode(self, disk: Disk, part: int) -> int:
+        return FIRST_CHAIN + self.disks.index(disk) * PER_CHAIN + part
+
+    # -- attributes ------------------------------------------------------------------------
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pyfuse3.InodeT(inode)
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_blksize = 4096
+        a.entry_timeout = 1.0
+        a.attr_timeout = 0.0
+        t = self.started_ns
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = t
+        if inode in (ROOT, CONTROL):
+            a.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o755)
+            a.st_nlink = 2
+            return a
+        if inode == STATUS:
+            a.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o444)
+            a.st_nlink = 1
+            a.st_size = len(self.status_text())
+            return a
+        found = self._disk_of(inode)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        disk, part = found
+        a.st_nlink = 1
+        if part == IMG:
+            a.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o400 if self.readonly else 0o600))
+            a.st_size = disk.chain.size
+            allocated = sum(layer.allocated_bytes() for layer in disk.chain.layers)
+            a.st_blocks = min(allocated, disk.chain.size) // 512
+            a.st_mtime_ns, a.st_ctime_ns = disk.mtime_ns, disk.ctime_ns
+            a.attr_timeout = 1.0
+        elif part == DIR:
+            a.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o755)
+            a.st_nlink = 2
+        else:
+            name = CONTROL_FILES[part - 2]
+            if name in READ_FILES:
+                a.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o444)
+                a.st_size = len(self._read_file(disk, name))
+            else:
+                a.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o200)
+        return a
+
+    def _read_file(self, disk: Disk, name: str) -> bytes:
+        if name == "chain":
+            return disk.chain_text()
+        if name == "jobs":
+            return disk.jobs_text()
+        return bytes(disk.events)
+
+    def status_text(self) -> bytes:
+        lines = [
+            format_line(
+                [
+                    ("pid", os.getpid()),
+                    ("source", self.source.path),
+                    ("mountpoint", self.mountpoint),
+                    ("readonly", self.readonly),
+                ]
+            )
+        ]
+        for disk in self.disks:
+            lines.append(
+                format_line(
+                    [("chain", disk.name), ("status", "served"), ("active", disk.chain.active.path)]
+                )
+            )
+        for r in self.source.refused:
+            lines.append(
+                format_line(
+                    [
+                        ("chain", r.name),
+                        ("status", "refused"),
+                        ("path", r.path),
+                        ("reason", r.reason),
+                    ]
+                )
+            )
+        return ("\n".join(lines) + "\n").encode()
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def _children(self, inode: int) -> list[tuple[bytes, int]]:
+        if inode == ROOT:
+            return [(b"control", CONTROL)] + [
+                (f"{d.name}.img".encode(), self._inode(d, IMG)) for d in self.disks
+            ]
+        if inode == CONTROL:
+            return [(b".status", STATUS)] + [
+                (d.name.encode(), self._inode(d, DIR)) for d in self.disks
+            ]
+        found = self._disk_of(inode)
+        if found is not None and found[1] == DIR:
+            disk = found[0]
+            return [(n.encode(), self._inode(disk, 2 + i)) for i, n in enumerate(CONTROL_FILES)]
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    @translate_errors
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        for child, inode in self._children(parent_inode):
+            if child == name:
+                return self._attr(inode)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    @translate_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._attr(inode)
+
+    @translate_errors
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        found = self._disk_of(inode)
+        # ``echo cmd > control/x/stream`` truncates first: harmless on a control file
+        if fields.update_size and (
+            found is None or found[1] < 2 or CONTROL_FILES[found[1] - 2] in READ_FILES
+        ):
+            raise pyfuse3.FUSEError(errno.EPERM if found else errno.EISDIR)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if found is not None and found[1] == IMG and fields.update_mtime:
+            found[0].mtime_ns = attr.st_mtime_ns
+        return self._attr(inode)
+
+    @translate_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        self._children(inode)
+        return inode
+
+    @translate_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = self._children(fh)
+        for i, (name, inode) in enumerate(entries[start_id:], start_id):
+            if not pyfuse3.readdir_reply(token, name, self._attr(inode), i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    # -- files -----------------------------------------------------------------------------
+
+    @translate_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        fh = self._next_fh
+        self._next_fh += 1
+        if inode == STATUS:
+            if writing:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            self.handles[fh] = Handle(inode, None, self.status_text())
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        found = self._disk_of(inode)
+        if found is None or found[1] == DIR:
+            raise pyfuse3.FUSEError(errno.EISDIR if found else errno.ENOENT)
+        disk, part = found
+        if part == IMG:
+            if writing and self.readonly:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            self.handles[fh] = Handle(inode, disk)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        name = CONTROL_FILES[part - 2]
+        if name in READ_FILES:
+            if writing:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            data = None if name == "events" else self._read_file(disk, name)
+            self.handles[fh] = Handle(inode, disk, data)
+        else:
+            if not writing:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            self.handles[fh] = Handle(inode, disk)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+
+    @translate_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handles[fh]
+        if h.data is not None:
+            return h.data[off : off + size]
+        found = self._disk_of(h.inode)
+        assert found is not None and h.disk is not None
+        if found[1] == IMG:
+            # pyfuse3 takes any contiguous buffer; a bytearray saves a copy
+            return cast(bytes, h.disk.chain.read(off, size))
+        # events: live, append-only, so ``tail -f`` follows it
+        return bytes(h.disk.events[off : off + size])
+
+    @translate_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self.handles[fh]
+        found = self._disk_of(h.inode)
+        if found is None or h.disk is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        disk, part = found
+        if part == IMG:
+            size = disk.chain.size
+            if off >= size:
+                raise pyfuse3.FUSEError(errno.ENOSPC)
+            n = min(len(buf), size - off)
+            disk.chain.write(off, memoryview(buf)[:n])
+            disk.touch()
+            return n
+        try:
+            disk.command(CONTROL_FILES[part - 2], bytes(buf))
+        except CommandError as e:
+            log.warning("chain=%s command refused: %s", disk.name, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        return len(buf)
+
+    @translate_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self.handles.get(fh)
+        if h is not None and h.disk is not None:
+            h.disk.chain.flush()
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def release(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    @translate_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        total = sum(d.chain.size for d in self.disks)
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = total // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s

@@ -1,0 +1,1 @@
+"""Live block operations: a generic job with QEMU's states, and one module per operation."""

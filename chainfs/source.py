@@ -1,0 +1,220 @@
+"""Where chains come from: a directory of images or a TOML file, plus the state file.
+
+In a directory, every qcow2 image that is not the backing file of another image there
+is the active layer of one chain, named after its file without ``.qcow2``.  The name
+must survive snapshots (the active layer changes) and streams and commits (layers leave
+the chain and would otherwise look like chains of their own), so chainfs keeps a small
+state file beside the images, ``.chainfs.json``::
+
+    {"version": 1,
+     "chains": {"vm1": "vm1-snap2.qcow2"},      # name -> active layer as last known
+     "retired": ["B.qcow2", "C.qcow2"]}          # layers that left a chain
+
+Paths inside the source directory are stored relative to it.  The file is replaced
+atomically (write, fsync, rename, fsync the directory).  If chainfs stops after an
+overlay was created but before the state was updated, the name is still found: a
+chain's name is that of the nearest recorded active layer at or below its top.
+
+A TOML source names chains explicitly (``[chains.NAME] active = "path"``, relative
+paths against the TOML file's directory); its state file sits beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+from .chain import resolve_backing
+from .errors import ChainfsError
+from .formats.qcow2.header import MAGIC, read_header
+from .hostfile import HostFile
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = ".chainfs.json"
+
+
+@dataclass
+class ChainSpec:
+    name: str
+    active: str  # absolute path of the active layer
+
+
+@dataclass
+class Refused:
+    name: str
+    path: str
+    reason: str
+
+
+@dataclass
+class Source:
+    """What a mount serves, and the state it keeps."""
+
+    path: str  # the directory or TOML file given to ``chainfs mount``
+    directory: str  # where the images (and the state file) live
+    chains: list[ChainSpec] = field(default_factory=list)
+    refused: list[Refused] = field(default_factory=list)
+    recorded: dict[str, str] = field(default_factory=dict)
+    retired: set[str] = field(default_factory=set)
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.directory, STATE_NAME)
+
+    def _rel(self, path: str) -> str:
+        rel = os.path.relpath(path, self.directory)
+        return path if rel.startswith("..") else rel
+
+    def _abs(self, path: str) -> str:
+        return os.path.normpath(os.path.join(self.directory, path))
+
+    def save(self) -> None:
+        """Write the state file atomically."""
+        state = {
+            "version": 1,
+            "chains": {name: self._rel(p) for name, p in sorted(self.recorded.items())},
+            "retired": sorted(self._rel(p) for p in self.retired),
+        }
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def record_active(self, name: str, path: str) -> None:
+        self.recorded[name] = os.path.abspath(path)
+        self.save()
+
+    def retire(self, paths: list[str]) -> None:
+        self.retired.update(os.path.abspath(p) for p in paths)
+        self.save()
+
+    def _load_state(self) -> None:
+        try:
+            with open(self.state_path) as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            raise ChainfsError(f"cannot read the state file {self.state_path!r}: {e}") from None
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ChainfsError(f"the state file {self.state_path!r} is not one chainfs wrote")
+        chains = state.get("chains", {})
+        retired = state.get("retired", [])
+        if not isinstance(chains, dict) or not isinstance(retired, list):
+            raise ChainfsError(f"the state file {self.state_path!r} is malformed")
+        self.recorded = {str(k): self._abs(str(v)) for k, v in chains.items()}
+        self.retired = {self._abs(str(p)) for p in retired}
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(path)
+    return base[: -len(".qcow2")] if base.endswith(".qcow2") else base
+
+
+def _backing_of(path: str) -> str | None:
+    """The absolute path an image's backing string points at (None: no backing)."""
+    f = HostFile(path, False)
+    try:
+        h = read_header(f)
+    finally:
+        f.close()
+    if not h.backing_file:
+        return None
+    return os.path.normpath(resolve_backing(os.path.abspath(path), h.backing_file))
+
+
+def load(path: str) -> Source:
+    """Find the chains of a directory or TOML source (opening no chain yet)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        src = Source(path=path, directory=path)
+        src._load_state()
+        _scan_directory(src)
+    elif os.path.isfile(path):
+        src = Source(path=path, directory=os.path.dirname(path))
+        src._load_state()
+        _read_toml(src)
+    else:
+        raise ChainfsError(f"source {path!r} is neither a directory nor a TOML file")
+    return src
+
+
+def _scan_directory(src: Source) -> None:
+    images: dict[str, str | None] = {}  # qcow2 image -> its backing file
+    for entry in sorted(os.scandir(src.directory), key=lambda e: e.name):
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        p = os.path.join(src.directory, entry.name)
+        try:
+            with open(p, "rb") as f:
+                if f.read(4) != MAGIC:
+                    continue
+        except OSError:
+            continue
+        try:
+            images[p] = _backing_of(p)
+        except ChainfsError as e:
+            src.refused.append(Refused(_stem(p), p, str(e)))
+    backing = {b for b in images.values() if b}
+    recorded_by_path = {p: name for name, p in src.recorded.items()}
+    taken: set[str] = set()
+    for top in images:
+        if top in backing or top in src.retired:
+            continue
+        name = _name_for(top, images, recorded_by_path)
+        if name in taken:
+            src.refused.append(Refused(name, top, f"a second chain claims the name {name!r}"))
+            continue
+        taken.add(name)
+        src.chains.append(ChainSpec(name, top))
+        if src.recorded.get(name) != top:
+            src.recorded[name] = top
+
+
+def _name_for(top: str, images: dict[str, str | None], recorded: dict[str, str]) -> str:
+    """The nearest recorded active layer at or below ``top`` names the chain."""
+    seen: set[str] = set()
+    p: str | None = top
+    while p is not None and p not in seen:
+        if p in recorded:
+            return recorded[p]
+        seen.add(p)
+        p = images.get(p)
+    return _stem(top)
+
+
+def _read_toml(src: Source) -> None:
+    try:
+        with open(src.path, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ChainfsError(f"cannot read {src.path!r}: {e}") from None
+    chains = doc.get("chains")
+    if not isinstance(chains, dict) or not chains:
+        raise ChainfsError(f"{src.path!r} names no chains ([chains.NAME] active = ...)")
+    for name, table in chains.items():
+        if not isinstance(table, dict) or not isinstance(table.get("active"), str):
+            src.refused.append(Refused(name, "", "no 'active' path given"))
+            continue
+        if "/" in name or name.startswith(".") or not name:
+            src.refused.append(Refused(name, "", f"{name!r} is not a usable chain name"))
+            continue
+        active = src._abs(table["active"])
+        # after a snapshot the recorded active layer is the newer one
+        recorded = src.recorded.get(name)
+        if recorded and os.path.exists(recorded):
+            active = recorded
+        src.chains.append(ChainSpec(name, active))
+        src.recorded[name] = active
