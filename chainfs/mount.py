@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,19 +143,34 @@ def serve(
         len(disks),
         len(src.refused),
     )
-    unmounted = False
     try:
         ready()
+        notify("READY=1")
         trio.run(_main, disks, nursery_box)
-        unmounted = True
     finally:
+        notify("STOPPING=1")
         for disk in disks:
             try:
                 disk.close()
             except Exception:
                 log.exception("chain=%s did not close cleanly", disk.name)
-        pyfuse3.close(unmount=not unmounted or True)
+        pyfuse3.close(unmount=True)
         log.info("unmounted mountpoint=%s", mountpoint)
+
+
+def notify(message: str) -> None:
+    """Tell systemd (``Type=notify``) about the daemon's state, when it asked to know."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(message.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd at %s: %s", address, e)
 
 
 async def _main(disks: list[Disk], nursery_box: list[trio.Nursery]) -> None:
