@@ -34,6 +34,7 @@ from .errors import ChainfsError
 from .formats.base import Layer
 from .formats.qcow2 import create_overlay
 from .jobs.base import CONCLUDED, Job
+from .jobs.journal import Journal
 from .jobs.stream import StreamJob
 from .source import Source
 
@@ -62,6 +63,7 @@ class Disk:
         self.allowed_dirs = [os.path.realpath(d) for d in allowed_dirs]
         self.readonly = readonly
         self.job: Job | None = None
+        self.journal: Journal | None = None  # set by the mount when it may write
         self.events = bytearray()
         self._spawn = spawn
         self._next_id = next_id
@@ -199,12 +201,19 @@ class Disk:
             backing = os.path.basename(active.path)
         else:
             backing = active.path
+        # journalled so that the next mount can finish or undo it; if anything below
+        # fails, the intent stays for the next mount to settle
+        journal = self.journal
+        params = {"target": target, "below": active.path}
+        key = journal.begin("snapshot", "snapshot", self.name, params).key if journal else ""
         self.chain.flush()
         create_overlay(
             target, size=self.chain.size, backing=backing, backing_format=active.format_name
         )
         self.chain.push_overlay(target)
         self.source.record_active(self.name, target)
+        if journal is not None:
+            journal.end(key, "done")
         self.emit("SNAPSHOT_TAKEN", file=target)
         self.chain_changed()
 
@@ -222,14 +231,19 @@ class Disk:
                 f"{os.path.basename(node.path)!r} in chain {self.name!r}",
             )
         job = StreamJob(self._next_id("stream"), self, node, base, speed=cmd.speed, emit=self.emit)
+        self.start_job(job)
+
+    def start_job(self, job: Job) -> None:
+        """Journal a new job's intent, then run it in the background."""
+        job.attach(self.journal, self.name)
         self.job = job
         self._spawn(job.execute)
 
     async def stop_jobs(self) -> None:
-        """Cancel a running job and wait for it (used at unmount)."""
+        """Stop a running job, for the next mount to resume, and wait for it (unmount)."""
         job = self.job
         if job is not None and job.status != CONCLUDED:
-            job.cancel()
+            job.suspend()
             await job.done.wait()
 
     def close(self) -> None:

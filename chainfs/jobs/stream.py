@@ -12,6 +12,11 @@ bytes.  Only after the copy is durable does ``prepare`` record the leaving layer
 state file and rewrite the node's backing pointer (crash-safely); the leaving layers
 stay on disk untouched.  A cancelled or failed stream changes no pointer: what it copied
 is harmless, and it can simply be started again.
+
+After a crash it resumes from its last journalled checkpoint: what lies below it was
+flushed into the node before the checkpoint was recorded, and every step re-checks
+allocation anyway.  A crash inside ``prepare`` is finished by the next mount from the
+journalled changes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..formats.base import Layer
+from . import journal
 from .base import Job
 
 if TYPE_CHECKING:
@@ -69,6 +75,13 @@ class StreamJob(Job):
         base = os.path.basename(self.base.path) if self.base else None
         return [("node", os.path.basename(self.node.path)), ("base", base)]
 
+    def intent(self) -> dict[str, object]:
+        base = self.base.path if self.base else None
+        return {"node": self.node.path, "base": base, "speed": self.speed}
+
+    def flush_progress(self) -> None:
+        self.node.flush()
+
     def _indices(self) -> tuple[int, int]:
         chain = self.disk.chain
         n = chain.index_of(self.node)
@@ -82,12 +95,13 @@ class StreamJob(Job):
             # an intermediate layer is reopened read-write for the job, as QEMU does
             self.node = chain.reopen(n, writable=True)
             self.reopened = True
-        pos = 0
+        pos = self.start
         while pos < self.len:
             n, stop = self._indices()
             copied = chain.stream_step(n, stop, pos, STEP)
             pos = min(pos + STEP, self.len)
             self.offset = pos
+            self.journal_progress(pos)
             await self.checkpoint(copied)
 
     def prepare(self) -> None:
@@ -95,13 +109,18 @@ class StreamJob(Job):
         n, stop = self._indices()
         self.node.flush()  # the copied data and its metadata, durable first
         leaving = [layer.path for layer in chain.layers[n + 1 : stop]]
-        if leaving:
-            self.disk.source.retire(leaving)
         if self.base is None:
-            self.node.set_backing(None, None)
+            backing, fmt = None, None
         else:
             backing = backing_string(chain.layers, n, stop)
-            self.node.set_backing(backing, self.base.format_name)
+            fmt = self.base.format_name
+        self.journal_phase(
+            "prepare",
+            [journal.retire(leaving), journal.set_backing(self.node.path, backing, fmt)],
+        )
+        if leaving:
+            self.disk.source.retire(leaving)
+        self.node.set_backing(backing, fmt)
         chain.splice(n, None if self.base is None else stop)
         self._restore()
         self.disk.chain_changed()
