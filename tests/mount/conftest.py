@@ -463,7 +463,9 @@ def assert_flat(path: Path, content: bytes | bytearray) -> None:
 class Writer(threading.Thread):
     """A guest: random writes through one open descriptor of a flat file, mirrored in
     ``model``, with an fsync every ``fsync_every`` writes and, every few writes, an
-    O_DIRECT read of a written range checked against the model.
+    O_DIRECT read of a written range checked against the model.  With ``aim`` (say, a
+    running job's offset) every other write lands within 1 MiB past what it returns,
+    to race a job's copy on the very clusters it is about to copy.
 
     ``wait_writes(n)`` waits until ``n`` more writes were made; ``stop()`` ends the loop,
     fsyncs, closes and re-raises any error the thread met.
@@ -477,6 +479,7 @@ class Writer(threading.Thread):
         seed: int,
         max_len: int = 96 * 1024,
         fsync_every: int = 32,
+        aim: Callable[[], int | None] | None = None,
     ) -> None:
         super().__init__(daemon=True)
         self.path = path
@@ -484,6 +487,7 @@ class Writer(threading.Thread):
         self.rng = random.Random(seed)
         self.max_len = max_len
         self.fsync_every = fsync_every
+        self.aim = aim
         self.count = 0
         self.synced = bytes(model)  # the model as of the last fsync
         self.error: BaseException | None = None
@@ -502,6 +506,9 @@ class Writer(threading.Thread):
             while not self._stop_event.is_set():
                 n = rng.randint(1, self.max_len)
                 off = rng.randrange(0, size - n)
+                target = self.aim() if self.aim is not None and self.count % 2 else None
+                if target is not None:
+                    off = min(size - n, target + rng.randrange(MiB))
                 data = bytes(n) if rng.random() < 0.1 else rng.randbytes(n)
                 assert os.pwrite(fd, data, off) == n
                 self.model[off : off + n] = data

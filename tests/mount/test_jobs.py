@@ -1,0 +1,202 @@
+"""Live operations on the seed chain while a guest keeps writing through the flat file.
+
+    [A] <- [B] <- [C] <- [D] <- [E]
+      snapshot S.qcow2       ->  [A] <- [B] <- [C] <- [D] <- [E] <- [S]
+      stream base=A          ->  [A] <- [E]
+      stream node=D base=B   ->  [A] <- [B] <- [D] <- [E]
+      stream (no base)       ->  [E]
+
+A writer thread writes random data through an open descriptor of the flat file for the
+whole operation (every other write aimed just past the stream's progress, to race its
+copy on the clusters it is about to copy) and reads ranges back past the page cache.
+Afterwards: the flat file equals the writer's model, and after unmounting ``qemu-img
+check`` passes every layer, ``qemu-img info --backing-chain`` shows the expected shape,
+``qemu-img compare`` finds the model, and every layer the operation must not write is
+byte-for-byte what it was.  Also: the ``jobs`` line and its growing offset under
+``speed``, and cancelling a running stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from interop import images as im
+
+from .conftest import (
+    Mount,
+    Mounter,
+    Seed,
+    Seeds,
+    Writer,
+    assert_clean,
+    assert_content,
+    assert_flat,
+    backing_chain,
+    digests,
+    run,
+    wait_for,
+)
+
+MiB = im.MiB
+
+
+def job_offset(m: Mount, chain: str) -> int | None:
+    jobs = m.lines(chain, "jobs")
+    return int(jobs[0]["offset"]) if jobs else None
+
+
+def header(path: Path) -> tuple[str | None, str | None, str]:
+    """(backing string, backing format, compat) as ``qemu-img info`` reads them."""
+    info = json.loads(run("qemu-img", "info", "--output=json", path).stdout)
+    compat = info["format-specific"]["data"]["compat"]
+    return info.get("backing-filename"), info.get("backing-filename-format"), compat
+
+
+def copied_bytes(seed: Seed, first: int, stop: int) -> int:
+    """What ``qemu-img map`` says layers first..stop-1 below the top hold and it lacks."""
+    extents = json.loads(run("qemu-img", "map", "--output=json", seed.active).stdout)
+    return sum(e["length"] for e in extents if first <= e["depth"] < stop)
+
+
+def test_snapshot_while_writing(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
+    seed = seeds(tmp_path / "images")
+    below = digests(seed.layers[:-1])
+    model = bytearray(seed.content)
+    m = mounter(tmp_path / "images")
+    writer = Writer(m.img("E"), model, seed=1)
+    writer.start()
+    try:
+        writer.wait_writes(30)
+        mark = len(m.events("E"))
+        m.command("E", "snapshot", "S.qcow2")
+        # from here on E takes no write: its bytes are final
+        e_after = digests([seed.active])
+        writer.wait_writes(60)
+    finally:
+        writer.stop()
+    assert [e["event"] for e in m.events("E")[mark:]] == ["SNAPSHOT_TAKEN", "CHAIN_CHANGED"]
+    assert m.layers("E") == ["S.qcow2", "E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
+    assert_flat(m.img("E"), model)
+    m.unmount()
+    snap = tmp_path / "images" / "S.qcow2"
+    layers = [*seed.layers, snap]
+    assert_clean(layers)
+    assert backing_chain(snap) == ["S.qcow2", "E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
+    assert header(snap) == ("E.qcow2", "qcow2", "1.1")
+    assert_content(snap, model, tmp_path / "cmp")
+    assert digests([seed.active]) == e_after
+    assert digests(seed.layers[:-1]) == below
+
+
+STREAMS: dict[str, tuple[str, str, str, dict[str, str | None]]] = {
+    # id: (command, layers after (active first), layers it must not write, backing after)
+    "base=A": ("base=A.qcow2", "EA", "ABCD", {"E": "A"}),
+    "bare-word-base": ("A.qcow2", "EA", "ABCD", {"E": "A"}),
+    "node=D,base=B": ("node=D.qcow2 base=B.qcow2", "EDBA", "ABC", {"D": "B", "E": "D"}),
+    "full": ("", "E", "ABCD", {"E": None}),
+}
+
+
+CASES = [(case, "qcow2") for case in STREAMS] + [("base=A", "raw"), ("full", "raw")]
+
+
+@pytest.mark.parametrize(("case", "base_format"), CASES)
+def test_stream_while_writing(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, case: str, base_format: str
+) -> None:
+    command, after, untouched, backing = STREAMS[case]
+    command = command.replace("A.qcow2", f"A.{base_format}")
+    seed = seeds(tmp_path / "images", base_format=base_format)
+    names = {p.name[0]: p.name for p in seed.layers}
+    kept = [seed.layer(x) for x in untouched]
+    before = digests(kept)
+    model = bytearray(seed.content)
+    m = mounter(tmp_path / "images")
+    writer = Writer(m.img("E"), model, seed=2, aim=lambda: job_offset(m, "E"))
+    writer.start()
+    try:
+        writer.wait_writes(20)
+        job = m.start_job("E", "stream", f"{command} speed=3M".strip())
+        writer.wait_writes(40)
+        assert job_offset(m, "E") is not None, "the stream ended before the writer wrote"
+        end = m.wait_job("E", job)
+        writer.wait_writes(20)
+    finally:
+        writer.stop()
+    assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    assert int(end["offset"]) == len(seed.content)
+    assert m.lines("E", "jobs") == []
+    changed = [e for e in m.events("E") if e["event"] == "CHAIN_CHANGED"]
+    assert changed[-1]["layers"] == " <- ".join(names[x] for x in reversed(after))
+    assert m.layers("E") == [names[x] for x in after]
+    assert_flat(m.img("E"), model)
+    m.unmount()
+    assert_clean(seed.layers)
+    assert backing_chain(seed.active) == [names[x] for x in after]
+    for x, b in backing.items():
+        fmt = None if b is None else im.image_format(str(seed.layer(b)))
+        assert header(seed.layer(x))[:2] == (b and names[b], fmt)
+    assert_content(seed.active, model, tmp_path / "cmp")
+    assert digests(kept) == before
+
+
+def test_jobs_line_and_speed(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
+    seed = seeds(tmp_path / "images")
+    copied = copied_bytes(seed, 1, 4)  # what B, C and D hold and E lacks
+    speed = 2 * MiB
+    m = mounter(tmp_path / "images")
+    started = time.monotonic()
+    job = m.start_job("E", "stream", "base=A.qcow2 speed=2M")
+    offsets: list[int] = []
+
+    def progressed() -> bool:
+        jobs = m.lines("E", "jobs")
+        if not jobs:
+            return True
+        (line,) = jobs
+        assert list(line) == ["id", "type", "status", "offset", "len", "speed", "node", "base"]
+        want = {"id": job, "type": "stream", "status": "running", "len": str(len(seed.content))}
+        want |= {"speed": str(speed), "node": "E.qcow2", "base": "A.qcow2"}
+        assert {k: v for k, v in line.items() if k != "offset"} == want
+        offsets.append(int(line["offset"]))
+        return False
+
+    wait_for(progressed, "the stream to end")
+    end = m.wait_job("E", job)
+    elapsed = time.monotonic() - started
+    assert end["event"] == "JOB_COMPLETED" and int(end["offset"]) == len(seed.content)
+    assert offsets == sorted(offsets) and len(set(offsets)) >= 3, offsets
+    # a lower bound only, which load cannot break: the copy was held to about ``speed``
+    assert elapsed >= 0.5 * copied / speed, (elapsed, copied)
+    m.unmount()
+    assert_clean(seed.layers)
+    assert backing_chain(seed.active) == ["E.qcow2", "A.qcow2"]
+    assert_content(seed.active, seed.content, tmp_path / "cmp")
+
+
+def test_cancel_running_stream(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
+    seed = seeds(tmp_path / "images")
+    below = digests(seed.layers[:-1])
+    m = mounter(tmp_path / "images")
+    job = m.start_job("E", "stream", "base=A.qcow2 speed=1M")
+    wait_for(lambda: (job_offset(m, "E") or 0) > 0, "the stream to make progress")
+    m.command("E", "cancel", job)
+    end = m.wait_job("E", job)
+    assert end["event"] == "JOB_CANCELLED", end
+    assert 0 < int(end["offset"]) < len(seed.content)
+    assert m.lines("E", "jobs") == []
+    assert not [e for e in m.events("E") if e["event"] == "CHAIN_CHANGED"]
+    assert m.layers("E") == ["E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
+    assert_flat(m.img("E"), seed.content)
+    # the chain is as valid as before: the stream can simply run again
+    m.run_job("E", "stream", "base=A.qcow2")
+    assert m.layers("E") == ["E.qcow2", "A.qcow2"]
+    m.unmount()
+    assert_clean(seed.layers)
+    assert_content(seed.active, seed.content, tmp_path / "cmp")
+    assert digests(seed.layers[:-1]) == below
+    assert os.path.exists(seed.layer("B"))
