@@ -2,35 +2,53 @@
 
 This is the one place that turns errors into exit codes: a ``ChainfsError`` (or an
 ``OSError`` from the host) becomes one line ``chainfs: <message>`` on stderr and exit
-status 1, never a traceback.
+status 1, never a traceback.  ``check`` exits as ``qemu-img check`` does (0, 1, 2, 3, 63);
+a job followed with ``--wait`` exits 1 when it fails or is cancelled and 130 when
+following is interrupted.
 
 ``mount`` serves in a daemon and returns once the filesystem is ready (``-f`` stays in
 the foreground).  As ``mount.fuse3`` calls a filesystem's program as ``chainfs SOURCE
 MOUNTPOINT -o OPTS``, a command line that starts with two paths is read as ``mount``.
-The job subcommands write the control files, exactly as ``echo`` would.
+The job subcommands write the control files, exactly as ``echo`` would, and ``--wait``
+follows the job through ``events`` and ``jobs``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
-import logging.handlers
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 from . import __version__
-from .control import parse_line, quote
+from .control import format_line, parse_line, quote
 from .errors import ChainfsError
+from .inspection import human_size
 
 # The piece size ``digest`` reads the flat disk in.
 DIGEST_PIECE = 1 << 20
 UMOUNT_TIMEOUT = 120.0
 JOB_COMMANDS = ("snapshot", "stream", "commit", "copy", "cancel", "complete")
+IMAGE_COMMANDS = ("info", "check", "digest")
+POLL_INTERVAL = 0.2  # how often --wait looks at the job
+PLAIN_INTERVAL = 1.0  # how often --wait prints a progress line when not on a terminal
+RATE_WINDOW = 5.0  # seconds of progress the rate (and so the time left) is measured over
+EXIT_INTERRUPTED = 130
+
+# keys of the control files that hold numbers (as numbers in ``status --json``)
+NUMERIC_KEYS = frozenset({"pid", "virtual-size", "allocated", "offset", "len", "speed"})
+
+log = logging.getLogger(__name__)
+
+
+# -- image files without a mount -------------------------------------------------------------
 
 
 def cmd_digest(ns: argparse.Namespace) -> int:
@@ -48,31 +66,43 @@ def cmd_digest(ns: argparse.Namespace) -> int:
     return 0
 
 
-# -- mount ---------------------------------------------------------------------------------
+def cmd_info(ns: argparse.Namespace) -> int:
+    from .inspection import info
 
-
-def _setup_logging(*, debug: bool, to_syslog: bool) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    handler: logging.Handler
-    if to_syslog:
-        if not os.path.exists("/dev/log"):
-            root.addHandler(logging.NullHandler())
-            return
-        handler = logging.handlers.SysLogHandler("/dev/log")
-        handler.setFormatter(logging.Formatter("chainfs[%(process)d]: %(levelname)s %(message)s"))
+    images = info(ns.image, backing_chain=ns.backing_chain)
+    if ns.output == "json":
+        data: Any = [i.to_json() for i in images] if ns.backing_chain else images[0].to_json()
+        print(json.dumps(data, indent=4))
     else:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
+        print("\n\n".join(i.text() for i in images))
+    return 0
+
+
+def cmd_check(ns: argparse.Namespace) -> int:
+    from .inspection import check, check_status
+
+    try:
+        result = check(ns.image, force_share=ns.force_share)
+    except ChainfsError as e:
+        print(f"chainfs: {e}", file=sys.stderr)
+        return check_status(e)
+    if ns.output == "json":
+        print(json.dumps(result.to_json(), indent=4))
+    else:
+        print(result.text())
+    return result.status
+
+
+# -- mount -----------------------------------------------------------------------------------
 
 
 def cmd_mount(ns: argparse.Namespace) -> int:
+    from . import logs
     from .mount import parse_options, serve
 
     opts = parse_options(ns.options)
     if ns.foreground:
-        _setup_logging(debug=opts.debug, to_syslog=False)
+        logs.setup(debug=opts.debug, syslog=False)
         serve(ns.source, ns.mountpoint, opts)
         return 0
     # Daemon: the child serves; the parent waits on a pipe for "ready" or the reason the
@@ -96,7 +126,7 @@ def cmd_mount(ns: argparse.Namespace) -> int:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
-        _setup_logging(debug=opts.debug, to_syslog=True)
+        logs.setup(debug=opts.debug, syslog=True)
 
         def ready() -> None:
             os.write(w, b"ready")
@@ -106,10 +136,10 @@ def cmd_mount(ns: argparse.Namespace) -> int:
             serve(ns.source, ns.mountpoint, opts, ready=ready)
             status = 0
         except ChainfsError as e:
-            logging.getLogger(__name__).error("%s", e)
+            log.error("%s", e)
             _tell(w, str(e))
         except BaseException as e:
-            logging.getLogger(__name__).exception("the daemon failed")
+            log.exception("the daemon failed")
             _tell(w, f"the daemon failed: {e}")
     finally:
         os._exit(status)
@@ -137,7 +167,7 @@ def _read_status(mountpoint: str) -> list[dict[str, str]]:
     except FileNotFoundError:
         raise ChainfsError(f"{os.path.abspath(mountpoint)!r} is not a chainfs mount") from None
     except OSError as e:
-        raise ChainfsError(f"cannot read {path!r}: {e.strerror}") from None
+        raise ChainfsError(f"cannot read {path!r}: {(e.strerror or str(e)).lower()}") from None
 
 
 def _read_lines(path: str) -> list[dict[str, str]]:
@@ -172,50 +202,98 @@ def cmd_umount(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _gather(mountpoint: str) -> dict[str, Any]:
+def _typed(entry: dict[str, str]) -> dict[str, Any]:
+    """A control-file line with its numbers as numbers and its booleans as booleans."""
+    out: dict[str, Any] = {}
+    for key, value in entry.items():
+        if key in NUMERIC_KEYS and value.isdigit():
+            out[key] = int(value)
+        elif value in ("true", "false"):
+            out[key] = value == "true"
+        else:
+            out[key] = value
+    return out
+
+
+def gather(mountpoint: str) -> dict[str, Any]:
+    """The daemon, and every chain with its layers and jobs (or why it was refused)."""
     status = _read_status(mountpoint)
     daemon, entries = status[0], status[1:]
     chains = []
     for entry in entries:
-        item: dict[str, Any] = dict(entry)
+        item = _typed(entry)
         if entry.get("status") == "served":
-            item["layers"] = _read_lines(_control(mountpoint, entry["chain"], "chain"))
-            item["jobs"] = _read_lines(_control(mountpoint, entry["chain"], "jobs"))
+            item["layers"] = [
+                _typed(x) for x in _read_lines(_control(mountpoint, entry["chain"], "chain"))
+            ]
+            item["jobs"] = [
+                _typed(x) for x in _read_lines(_control(mountpoint, entry["chain"], "jobs"))
+            ]
         chains.append(item)
-    return {"daemon": daemon, "chains": chains}
+    return {"daemon": _typed(daemon), "chains": chains}
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+def _stem(name: str) -> str:
+    return name[: -len(".qcow2")] if name.endswith(".qcow2") else name
+
+
+def draw_chain(layers: list[dict[str, Any]]) -> str:
+    """``[A] <- [B] <- [E]``: base on the left, active layer on the right, as in the SPEC."""
+    return " <- ".join(f"[{_stem(str(x['name']))}]" for x in reversed(layers))
+
+
+def _percent(done: int, total: int) -> int:
+    return done * 100 // total if total > 0 else 0
+
+
+def render_status(info: dict[str, Any]) -> str:
+    d = info["daemon"]
+    mode = "read-only" if d.get("readonly") is True else "read-write"
+    lines = [f"{d['mountpoint']}: {d['source']} (pid {d['pid']}, {mode})"]
+    served = [c for c in info["chains"] if c.get("status") == "served"]
+    refused = [c for c in info["chains"] if c.get("status") != "served"]
+    for c in served:
+        layers = c["layers"]
+        size = human_size(int(layers[0]["virtual-size"])) if layers else "?"
+        lines.append("")
+        lines.append(f"{c['chain']}  {size}  {draw_chain(layers)}")
+        width = max((len(str(x["name"])) for x in layers), default=0)
+        for x in layers:
+            lines.append(
+                f"    {x['name']!s:<{width}}  {x['role']:<7}  "
+                f"{human_size(int(x['allocated'])):>9} allocated  {x['format']}"
+            )
+        for j in c["jobs"]:
+            off, length = int(j["offset"]), int(j["len"])
+            speed = int(j.get("speed", 0))
+            limit = f", speed limit {human_size(speed)}/s" if speed else ""
+            lines.append(
+                f"    job {j['id']}: {j['type']} {j['status']} {_percent(off, length)}% "
+                f"({human_size(off)} of {human_size(length)}{limit})"
+            )
+        if not c["jobs"]:
+            lines.append("    no job running")
+    if refused:
+        lines.append("")
+        lines.append("refused:")
+        for c in refused:
+            where = f" ({c['path']})" if c.get("path") else ""
+            lines.append(f"    {c['chain']}{where}: {c.get('reason', '')}")
+    if not served and not refused:
+        lines.append("no chains")
+    return "\n".join(lines)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
-    info = _gather(ns.mountpoint)
+    info = gather(ns.mountpoint)
     if ns.json:
         print(json.dumps(info, indent=2))
-        return 0
-    d = info["daemon"]
-    print(
-        f"{d['mountpoint']}: source {d['source']}, pid {d['pid']}"
-        + (", read-only" if d.get("readonly") == "true" else "")
-    )
-    for c in info["chains"]:
-        if c.get("status") != "served":
-            print(f"  {c['chain']}: refused: {c.get('reason', '')}")
-            continue
-        layers = c["layers"]
-        drawing = " <- ".join(f"[{x['name']}]" for x in reversed(layers))
-        print(f"  {c['chain']}: {drawing}  ({_size(int(layers[0]['virtual-size']))})")
-        for x in layers:
-            print(f"      {x['name']:<24} {x['role']:<8} {_size(int(x['allocated']))} allocated")
-        for j in c["jobs"]:
-            done = int(j["offset"]) * 100 // max(1, int(j["len"]))
-            print(f"      job {j['id']} {j['type']} {j['status']} {done}%")
+    else:
+        print(render_status(info))
     return 0
+
+
+# -- job commands and --wait -----------------------------------------------------------------
 
 
 def cmd_job(ns: argparse.Namespace) -> int:
@@ -223,6 +301,7 @@ def cmd_job(ns: argparse.Namespace) -> int:
     path = _control(ns.mountpoint, ns.chain, ns.command)
     events = _control(ns.mountpoint, ns.chain, "events")
     if not os.path.isdir(os.path.dirname(path)):
+        _read_status(ns.mountpoint)  # "not a chainfs mount" beats "no chain"
         raise ChainfsError(f"no chain {ns.chain!r} under {os.path.abspath(ns.mountpoint)!r}")
     mark = os.path.getsize(events)
     text = " ".join(quote(a) if "=" not in a else a for a in ns.args) + "\n"
@@ -235,69 +314,217 @@ def cmd_job(ns: argparse.Namespace) -> int:
     except OSError as e:
         reason = _rejection(events, mark) or (e.strerror or str(e)).lower()
         raise ChainfsError(f"{ns.command} refused: {reason}") from None
-    if not ns.wait or ns.command in ("snapshot", "cancel", "complete"):
+    if not ns.wait or ns.command == "snapshot":
         return 0
-    return _follow(ns.mountpoint, ns.chain, events, mark)
-
-
-def _new_events(events: str, mark: int) -> list[dict[str, str]]:
-    with open(events, "rb") as f:
-        f.seek(mark)
-        data = f.read().decode(errors="replace")
-    out = []
-    for line in data.splitlines():
-        try:
-            out.append(parse_line(line))
-        except ValueError:
-            continue
-    return out
+    follower = Follower(ns.mountpoint, ns.chain, events, mark, sys.stderr)
+    if ns.command in ("cancel", "complete"):
+        follower.job_id = ns.args[0] if ns.args else None
+        follower.cancelling = ns.command == "cancel"
+    follower.until_ready = "wait=ready" in ns.args
+    return follower.run()
 
 
 def _rejection(events: str, mark: int) -> str | None:
-    for e in reversed(_new_events(events, mark)):
+    for e in reversed(EventReader(events, mark).read()):
         if e.get("event") == "COMMAND_REJECTED":
             return e.get("reason")
     return None
 
 
-def _follow(mountpoint: str, chain: str, events: str, mark: int) -> int:
-    """Follow the job just started until it ends; Ctrl-C stops following only."""
-    tty = sys.stderr.isatty()
-    job_id: str | None = None
-    last_print = 0.0
-    try:
-        while True:
-            for e in _new_events(events, mark):
-                if job_id is None and e.get("event") == "JOB_STARTED":
-                    job_id = e.get("job")
-                if job_id is not None and e.get("job") == job_id:
-                    if e.get("event") == "JOB_CANCELLED":
-                        print(f"\nchainfs: job {job_id} was cancelled", file=sys.stderr)
-                        return 1
-                    if e.get("event") == "JOB_COMPLETED":
-                        if e.get("error"):
-                            print(f"\nchainfs: job {job_id} failed: {e['error']}", file=sys.stderr)
-                            return 1
-                        print(("\n" if tty else "") + f"job {job_id} completed", file=sys.stderr)
-                        return 0
-            jobs = _read_lines(_control(mountpoint, chain, "jobs"))
-            now = time.monotonic()
-            for j in jobs:
-                if j.get("id") == job_id and (tty or now - last_print >= 1.0):
-                    last_print = now
-                    off, length = int(j["offset"]), max(1, int(j["len"]))
-                    pct = off * 100 // length
-                    line = f"{job_id} {j['status']} {pct:3d}% {_size(off)} of {_size(length)}"
-                    print(
-                        ("\r" + line) if tty else line,
-                        end="" if tty else "\n",
-                        file=sys.stderr,
-                        flush=True,
+class EventReader:
+    """The lines appended to an ``events`` file since a mark, each parsed once."""
+
+    def __init__(self, path: str, mark: int) -> None:
+        self.path = path
+        self.pos = mark
+        self._partial = b""
+
+    def read(self) -> list[dict[str, str]]:
+        with open(self.path, "rb") as f:
+            f.seek(self.pos)
+            data = f.read()
+        self.pos += len(data)
+        data = self._partial + data
+        complete, _, self._partial = data.rpartition(b"\n")
+        out = []
+        for line in complete.decode(errors="replace").splitlines():
+            try:
+                out.append(parse_line(line))
+            except ValueError:
+                continue
+        return out
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds + 0.5)
+    if s >= 3600:
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    """A job's progress: a bar redrawn in place on a terminal, plain lines otherwise.
+
+    The rate is measured over the last ``RATE_WINDOW`` seconds of progress, and the time
+    left is the bytes still to do at that rate.  Plain lines are ``key=value`` pairs like
+    the control files, one every ``PLAIN_INTERVAL`` seconds (and whenever the job's state
+    changes), so a log of them can be grepped.
+    """
+
+    def __init__(
+        self, out: TextIO, *, tty: bool, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.out = out
+        self.tty = tty
+        self.clock = clock
+        self.samples: collections.deque[tuple[float, int]] = collections.deque()
+        self.last_plain = -PLAIN_INTERVAL
+        self.last_status: str | None = None
+        self.drawn = False
+
+    def rate(self) -> float | None:
+        if len(self.samples) < 2:
+            return None
+        (t0, o0), (t1, o1) = self.samples[0], self.samples[-1]
+        return (o1 - o0) / (t1 - t0) if t1 > t0 else None
+
+    def update(self, job: dict[str, str]) -> None:
+        now = self.clock()
+        done, total = int(job.get("offset", 0)), int(job.get("len", 0))
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW:
+            self.samples.popleft()
+        rate = self.rate()
+        left = (total - done) / rate if rate and total > done else None
+        status = job.get("status", "?")
+        if self.tty:
+            self._draw(job.get("id", "?"), status, done, total, rate, left)
+        elif now - self.last_plain >= PLAIN_INTERVAL or status != self.last_status:
+            self.last_plain = now
+            line = format_line(
+                [
+                    ("job", job.get("id", "?")),
+                    ("status", status),
+                    ("done", done),
+                    ("len", total),
+                    ("percent", _percent(done, total)),
+                    ("rate", None if rate is None else int(rate)),
+                    ("eta", None if left is None else int(left + 0.5)),
+                ]
+            )
+            print(line, file=self.out, flush=True)
+        self.last_status = status
+
+    def _draw(
+        self,
+        job_id: str,
+        status: str,
+        done: int,
+        total: int,
+        rate: float | None,
+        left: float | None,
+    ) -> None:
+        width = shutil.get_terminal_size((80, 24)).columns
+        pct = _percent(done, total)
+        head = f"{job_id} {status} "
+        tail = f" {pct:3d}%  {human_size(done)} / {human_size(total)}"
+        tail += f"  {human_size(int(rate))}/s" if rate is not None else "  -- /s"
+        tail += f"  {_duration(left)} left" if left is not None else ""
+        bar_width = max(10, min(40, width - len(head) - len(tail) - 3))
+        filled = bar_width * pct // 100
+        bar = "[" + "#" * filled + "-" * (bar_width - filled) + "]"
+        line = (head + bar + tail)[: max(1, width - 1)]
+        self.out.write("\r" + line + "\x1b[K")
+        self.out.flush()
+        self.drawn = True
+
+    def finish(self) -> None:
+        """End the bar's line, so that what follows starts on a line of its own."""
+        if self.drawn:
+            self.out.write("\n")
+            self.out.flush()
+            self.drawn = False
+
+
+class Follower:
+    """Follow one job on one chain until it ends; Ctrl-C stops following, not the job."""
+
+    def __init__(self, mountpoint: str, chain: str, events: str, mark: int, out: TextIO) -> None:
+        self.mountpoint = mountpoint
+        self.chain = chain
+        self.events = EventReader(events, mark)
+        self.out = out
+        self.job_id: str | None = None
+        self.cancelling = False
+        self.until_ready = False
+        self.progress = Progress(out, tty=out.isatty())
+
+    def say(self, message: str) -> None:
+        self.progress.finish()
+        print(message, file=self.out, flush=True)
+
+    def _ended(self, e: dict[str, str]) -> int | None:
+        """The exit status if event ``e`` ends the wait, else None."""
+        kind = e.get("event")
+        if kind == "JOB_CANCELLED":
+            if self.cancelling:
+                self.say(f"job {self.job_id} cancelled")
+                return 0
+            self.say(f"chainfs: job {self.job_id} was cancelled")
+            return 1
+        if kind == "JOB_COMPLETED":
+            if e.get("error"):
+                self.say(f"chainfs: job {self.job_id} failed: {e['error']}")
+                return 1
+            if self.cancelling:
+                self.say(f"job {self.job_id} completed before it could be cancelled")
+            else:
+                self.say(f"job {self.job_id} completed")
+            return 0
+        if kind == "JOB_READY" and self.until_ready:
+            self.say(
+                f"job {self.job_id} is ready; pivot with "
+                f"'chainfs complete {self.mountpoint} {self.chain} {self.job_id}'"
+            )
+            return 0
+        return None
+
+    def step(self) -> int | None:
+        """Look once at events and jobs; the exit status once the job has ended."""
+        for e in self.events.read():
+            if self.job_id is None and e.get("event") == "JOB_STARTED":
+                self.job_id = e.get("job")
+            if self.job_id is not None and e.get("job") == self.job_id:
+                ended = self._ended(e)
+                if ended is not None:
+                    return ended
+        for j in _read_lines(_control(self.mountpoint, self.chain, "jobs")):
+            if j.get("id") == self.job_id:
+                self.progress.update(j)
+        return None
+
+    def run(self) -> int:
+        try:
+            while True:
+                try:
+                    ended = self.step()
+                except OSError as e:
+                    self.say(
+                        f"chainfs: lost the mount while following job {self.job_id or '?'}: "
+                        f"{(e.strerror or str(e)).lower()}"
                     )
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        print(f"\nchainfs: stopped following; job {job_id or '?'} keeps running", file=sys.stderr)
-        return 130
+                    return 1
+                if ended is not None:
+                    return ended
+                time.sleep(POLL_INTERVAL)
+        except KeyboardInterrupt:
+            job = self.job_id or "?"
+            self.say(
+                f"chainfs: stopped following; job {job} keeps running "
+                f"(see 'chainfs status {self.mountpoint}', "
+                f"stop it with 'chainfs cancel {self.mountpoint} {self.chain} {job}')"
+            )
+            return EXIT_INTERRUPTED
 
 
 # -- the parser ------------------------------------------------------------------------------
@@ -306,7 +533,9 @@ def _follow(mountpoint: str, chain: str, events: str, mark: int) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chainfs",
-        description="Show chains of QEMU disk images as flat raw disks.",
+        description="Show chains of QEMU disk images as flat raw disks, and run live block "
+        "operations on them.",
+        epilog="See chainfs(1) for the mounted tree, the control files and the errors.",
     )
     parser.add_argument("--version", action="version", version=f"chainfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -319,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument("source", metavar="SOURCE")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    mount.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground (for systemd)"
+    )
     mount.add_argument(
         "-o",
         dest="options",
@@ -344,8 +575,39 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("mountpoint", metavar="MOUNTPOINT")
         job.add_argument("chain", metavar="CHAIN")
         job.add_argument("args", nargs="*", metavar="ARGS", help="as in the control file")
-        job.add_argument("--wait", action="store_true", help="follow the job until it ends")
+        job.add_argument(
+            "--wait", action="store_true", help="follow the job until it ends, with progress"
+        )
         job.set_defaults(func=cmd_job)
+
+    info = sub.add_parser(
+        "info",
+        help="show what an image file is (as qemu-img info)",
+        description="Show an image's format, sizes and backing file, read by chainfs's "
+        "own drivers, without a mount and without taking image locks.",
+    )
+    info.add_argument("image", metavar="IMAGE")
+    info.add_argument("--backing-chain", action="store_true", help="also every backing file")
+    info.add_argument("--output", choices=("human", "json"), default="human")
+    info.set_defaults(func=cmd_info)
+
+    check = sub.add_parser(
+        "check",
+        help="check a qcow2 image for corruptions and leaks (as qemu-img check)",
+        description="Walk a qcow2 image's L1/L2 tables, snapshots, bitmaps and refcounts "
+        "and report corruptions and leaked clusters. Never repairs. Exit status: 0 clean, "
+        "1 check not completed, 2 corruptions, 3 leaked clusters only, 63 nothing to "
+        "check (raw).",
+    )
+    check.add_argument("image", metavar="IMAGE")
+    check.add_argument("--output", choices=("human", "json"), default="human")
+    check.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="check even an image another program (QEMU, a mount) is writing",
+    )
+    check.set_defaults(func=cmd_check)
 
     digest = sub.add_parser(
         "digest",
@@ -367,7 +629,7 @@ def _describe_os_error(e: OSError) -> str:
 
 def _as_mount_helper(args: list[str]) -> list[str]:
     """``chainfs SOURCE MOUNTPOINT [-o OPTS]`` (how mount.fuse3 calls us) means mount."""
-    commands = {"mount", "umount", "status", "digest", *JOB_COMMANDS}
+    commands = {"mount", "umount", "status", *IMAGE_COMMANDS, *JOB_COMMANDS}
     if len(args) >= 2 and args[0] not in commands and not args[0].startswith("-"):
         return ["mount", *args]
     return args
@@ -384,5 +646,5 @@ def main(args: list[str] | None = None) -> int:
     except OSError as e:
         print(f"chainfs: {_describe_os_error(e)}", file=sys.stderr)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     return 1

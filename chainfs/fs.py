@@ -33,9 +33,11 @@ import pyfuse3
 from .control import CommandError, format_line
 from .disk import Disk
 from .errors import ChainfsError
+from .logs import Throttle, describe_call
 from .source import Source
 
 log = logging.getLogger(__name__)
+_throttle = Throttle(log)
 
 ROOT = pyfuse3.ROOT_INODE
 CONTROL = 2
@@ -58,15 +60,24 @@ def translate_errors(
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if log.isEnabledFor(logging.DEBUG):  # -o debug: one line per request
+            log.debug("request %s", describe_call(fn.__name__, args[1:]))
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except ChainfsError as e:
-            log.warning("%s failed: %s", fn.__name__, e)
+            # a damaged cluster fails every read of it: keep the log readable
+            _throttle.warning((fn.__name__, type(e)), "%s failed: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(e.errno) from None
-        except Exception:
-            log.exception("%s failed unexpectedly", fn.__name__)
+        except Exception as e:
+            _throttle.log(
+                logging.ERROR,
+                (fn.__name__, type(e)),
+                "%s failed unexpectedly",
+                fn.__name__,
+                exc_info=True,
+            )
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
