@@ -1,0 +1,214 @@
+"""Every way a control-file command is refused, with the SPEC's errno.
+
+Each refused write must fail with its errno, leave exactly one ``COMMAND_REJECTED`` line
+(with the command and a reason) in ``events``, and change nothing: no file created or
+modified in any directory involved, the chain as it was.  One mount serves the seed
+chain with a raw base, next to a symlink that escapes the source directory, a dangling
+symlink, an allowed directory and two look-alike siblings that are not allowed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from interop import images as im
+
+from .conftest import CHAINFS, Mount, Mounter, Seed, Seeds, wait_for
+
+
+@dataclass
+class Setup:
+    root: Path
+    seed: Seed
+    mount: Mount
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (symlinks as their targets) with a digest of its bytes."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                out[str(p)] = "-> " + os.readlink(p)
+            elif p.is_file():
+                out[str(p)] = im.file_digests([str(p)])[str(p)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(
+    tmp_path_factory: pytest.TempPathFactory, module_mounter: Mounter, seeds: Seeds
+) -> Iterator[Setup]:
+    root = tmp_path_factory.mktemp("control")
+    seed = seeds(root / "images", base_format="raw")
+    for d in ("outside", "allowed", "allowed2", "images2"):
+        (root / d).mkdir()
+    (root / "allowed" / "taken.qcow2").write_bytes(b"not an image")
+    (root / "images" / "escape").symlink_to(root / "outside")
+    (root / "images" / "dangling.qcow2").symlink_to(root / "outside" / "nothing.qcow2")
+    m = module_mounter(root / "images", f"allow_dir={root / 'allowed'}")
+    yield Setup(root, seed, m)
+
+
+def refuse(s: Setup, kind: str, text: str, err: int) -> str:
+    """The command is refused with ``err`` and a COMMAND_REJECTED event; nothing changed."""
+    before = tree(s.root)
+    layers = s.mount.layers("E")
+    event = s.mount.refuse("E", kind, text, err)
+    assert tree(s.root) == before
+    assert s.mount.layers("E") == layers
+    assert s.mount.lines("E", "jobs") == []
+    return event["reason"]
+
+
+EINVAL_CASES = [
+    ("stream", "foo=bar"),
+    ("stream", "base=A.raw foo=bar"),
+    ("stream", 'base="A.raw'),
+    ("stream", "base=A.raw base=A.raw"),
+    ("stream", "A.raw base=A.raw"),
+    ("stream", "A.raw B.qcow2"),
+    ("stream", "base="),
+    ("stream", "speed=fast"),
+    ("stream", "speed=-1"),
+    ("stream", ""),
+    ("stream", "base=nope.qcow2"),
+    ("stream", "node=nope.qcow2"),
+    ("stream", "base=/etc/passwd"),
+    ("stream", "node=B.qcow2 base=D.qcow2"),
+    ("stream", "node=C.qcow2 base=C.qcow2"),
+    ("stream", "base=E.qcow2"),
+    ("stream", "node=A.raw"),
+    ("snapshot", ""),
+    ("snapshot", "one.qcow2 two.qcow2"),
+    ("snapshot", "new.qcow2 speed=1M"),
+    ("cancel", ""),
+    ("complete", ""),
+    ("commit", "foo=bar"),
+    ("commit", "wait=now"),
+    ("copy", ""),
+    ("copy", "dest.qcow2 sync=none"),
+]
+
+
+@pytest.mark.parametrize(("kind", "text"), EINVAL_CASES)
+def test_einval(setup: Setup, kind: str, text: str) -> None:
+    refuse(setup, kind, text, errno.EINVAL)
+
+
+def test_reasons_name_the_broken_constraint(setup: Setup) -> None:
+    assert refuse(setup, "stream", "base=nope.qcow2", errno.EINVAL) == (
+        "'nope.qcow2' is not a layer of chain 'E'"
+    )
+    assert refuse(setup, "stream", "node=B.qcow2 base=D.qcow2", errno.EINVAL) == (
+        "'D.qcow2' is not below 'B.qcow2' in chain 'E'"
+    )
+    assert "raw" in refuse(setup, "stream", "node=A.raw", errno.EINVAL)
+    assert "foo" in refuse(setup, "stream", "foo=bar", errno.EINVAL)
+
+
+def test_layers_by_absolute_path(setup: Setup) -> None:
+    b, d = setup.seed.layer("B"), setup.seed.layer("D")
+    refuse(setup, "stream", f"node={b} base={d}", errno.EINVAL)
+
+
+@pytest.mark.parametrize(
+    ("text", "err"),
+    [
+        ("D.qcow2", errno.EEXIST),
+        ("E.qcow2", errno.EEXIST),
+        ("dangling.qcow2", errno.EEXIST),
+        ("{root}/allowed/taken.qcow2", errno.EEXIST),
+        ("missing/new.qcow2", errno.ENOENT),
+        ("{root}/nowhere/new.qcow2", errno.ENOENT),
+        ("../outside/new.qcow2", errno.EACCES),
+        ("{root}/outside/new.qcow2", errno.EACCES),
+        ("escape/new.qcow2", errno.EACCES),
+        ("{root}/images/escape/new.qcow2", errno.EACCES),
+        ("{root}/allowed/../outside/new.qcow2", errno.EACCES),
+        ("{root}/allowed2/new.qcow2", errno.EACCES),
+        ("{root}/images2/new.qcow2", errno.EACCES),
+        ("../new.qcow2", errno.EACCES),
+    ],
+)
+def test_snapshot_targets(setup: Setup, text: str, err: int) -> None:
+    refuse(setup, "snapshot", text.format(root=setup.root), err)
+
+
+def test_no_such_job(setup: Setup) -> None:
+    refuse(setup, "cancel", "stream-99", errno.ENOENT)
+    refuse(setup, "complete", "stream-99", errno.ENOENT)
+
+
+def test_control_files_keep_their_direction(setup: Setup) -> None:
+    m = setup.mount
+    for name in ("stream", "snapshot", "cancel"):
+        with pytest.raises(OSError) as exc:
+            os.open(m.control("E", name), os.O_RDONLY)
+        assert exc.value.errno == errno.EACCES
+    for name in ("chain", "jobs", "events"):
+        with pytest.raises(OSError) as exc:
+            os.open(m.control("E", name), os.O_WRONLY)
+        assert exc.value.errno == errno.EACCES
+    with pytest.raises(OSError) as exc:
+        m.command("nochain", "stream", "")
+    assert exc.value.errno == errno.ENOENT
+
+
+def test_command_line_says_why(setup: Setup) -> None:
+    proc = subprocess.run(
+        [*CHAINFS, "stream", str(setup.mount.mountpoint), "E", "base=nope.qcow2"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == "chainfs: stream refused: 'nope.qcow2' is not a layer of chain 'E'\n"
+
+
+def test_ebusy_while_a_job_runs(setup: Setup) -> None:
+    m = setup.mount
+    listing = sorted(os.listdir(setup.images))
+    job = m.start_job("E", "stream", "base=A.raw speed=64K")
+    jobs = m.lines("E", "jobs")
+    assert [j["id"] for j in jobs] == [job]
+    for kind, text in [
+        ("stream", "base=A.raw"),
+        ("stream", "node=D.qcow2 base=B.qcow2"),
+        ("snapshot", "new.qcow2"),
+    ]:
+        reason = m.refuse("E", kind, text, errno.EBUSY)["reason"]
+        assert job in reason
+        assert [j["id"] for j in m.lines("E", "jobs")] == [job]
+    # a bad command is still refused for what it is, not as busy
+    m.refuse("E", "stream", "foo=bar", errno.EINVAL)
+    m.command("E", "cancel", job)
+    assert m.wait_job("E", job)["event"] == "JOB_CANCELLED"
+    wait_for(lambda: m.lines("E", "jobs") == [], "the jobs file to empty")
+    assert sorted(os.listdir(setup.images)) == listing
+    assert m.layers("E") == ["E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.raw"]
+
+
+def test_erofs_on_a_read_only_mount(tmp_path: Path, module_mounter: Mounter, seeds: Seeds) -> None:
+    """The kernel refuses to open a control file for writing on a read-only mount, so
+    the command never reaches chainfs (and ``events`` stays empty)."""
+    seeds(tmp_path / "images")
+    m = module_mounter(tmp_path / "images", "ro")
+    before = tree(tmp_path)
+    for kind, text in [("snapshot", "new.qcow2"), ("stream", "base=A.qcow2"), ("cancel", "x")]:
+        with pytest.raises(OSError) as exc:
+            m.command("E", kind, text)
+        assert exc.value.errno == errno.EROFS
+    assert m.events("E") == []
+    assert tree(tmp_path) == before
