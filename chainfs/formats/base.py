@@ -94,6 +94,15 @@ class Layer(ABC):
     def write_zeroes(self, offset: int, length: int, fill: Fill) -> None:
         """Make the range read as zeros, sparsely where the format allows."""
 
+    def grow(self, size: int, fill: Fill, *, backing_size: int) -> None:
+        """Make this (writable) image ``size`` bytes long, crash-safely; never shrinks.
+
+        The new area reads as zeros, not as the backing file's content (which is
+        ``backing_size`` bytes long and supplied by ``fill``), as QEMU's truncate with
+        zero-write does, so the chain above keeps showing what it showed.
+        """
+        raise UnsupportedFeature(f"{self.path!r} ({self.format_name}) cannot be resized")
+
     def set_backing(self, backing: str | None, backing_format: str | None) -> None:
         """Point this (writable) image at another backing file, crash-safely."""
         raise UnsupportedFeature(f"{self.path!r} ({self.format_name}) has no backing file")

@@ -46,6 +46,14 @@ class RawLayer(Layer):
         for pos in range(offset, offset + length, step):
             self.write(pos, bytes(min(step, offset + length - pos)), fill)
 
+    def grow(self, size: int, fill: Fill, *, backing_size: int) -> None:
+        size -= size % RAW_GRANULE
+        if size <= self.virtual_size:
+            return
+        self.file.truncate(size)  # a raw image has no backing: the new area reads zeros
+        self.file.flush()
+        self.virtual_size = size
+
     def flush(self) -> None:
         self.file.flush()
 

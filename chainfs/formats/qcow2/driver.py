@@ -434,6 +434,73 @@ class Qcow2Layer(Layer):
         hdr.rewrite_backing(self.file, self.h, backing, backing_format)
         self.backing_string, self.backing_format = backing, self.h.backing_format
 
+    def grow(self, size: int, fill: Fill, *, backing_size: int) -> None:
+        """Grow the virtual size, as QEMU's ``qcow2_co_truncate`` with zero-write does.
+
+        Order: a larger L1 table is written elsewhere and switched to with one header
+        write; then the new area that would otherwise show the backing file (and the
+        tail of a partial last cluster that holds data) is zeroed, still beyond the old
+        size, and made durable; only then does one 8-byte header write change the size.
+        A crash leaves the old size with at most unreferenced or invisible clusters.
+        """
+        size -= size % 512
+        old = self.virtual_size
+        if size <= old:
+            return
+        if size > hdr.MAX_VIRTUAL_SIZE:
+            raise ImageError(f"cannot grow {self.path!r} to {size} bytes")
+        cs = self.cluster_size
+        self._grow_l1(-(-size // (cs * (cs // 8))))
+        zero_end = old
+        if self.backing_string is not None and backing_size > old:
+            zero_end = min(size, backing_size)
+        if old % cs:
+            e = self._entry(old // cs)
+            holds = e & COMPRESSED_BIT or (e & OFFSET_MASK and not (self.v3 and e & ZERO_FLAG))
+            if holds or zero_end > old:
+                zero_end = max(zero_end, min(size, -(-old // cs) * cs))
+
+        def below(offset: int, length: int) -> Buffer:
+            part = bytes(fill(offset, min(length, old - offset))) if offset < old else b""
+            return part + bytes(length - len(part))
+
+        self.virtual_size = size  # in memory only, so the zeroing may reach the new area
+        try:
+            if zero_end > old:
+                self.write_zeroes(old, zero_end - old, below)
+            self.write_back(sync=True)
+            self.file.pwrite(_U64.pack(size), 24)
+            self.file.flush()
+        except BaseException:
+            self.virtual_size = old
+            raise
+        self.h.size = size
+
+    def _grow_l1(self, entries: int) -> None:
+        """Move the L1 table to a larger place (QCOW2.md §1.7)."""
+        h, f = self.h, self.file
+        if entries <= h.l1_size:
+            return
+        if entries * 8 > hdr.MAX_L1_BYTES:
+            raise ImageError(f"the L1 table of {self.path!r} would grow too large")
+        assert self.refs is not None
+        self.write_back(sync=True)  # the old table on disk is complete
+        cs = self.cluster_size
+        clusters = -(-entries * 8 // cs)
+        table = bytearray(self.l1) + bytes(entries * 8 - len(self.l1))
+        off = self.refs.alloc(clusters)
+        f.pwrite(table, off)
+        self.refs.write_back()
+        f.flush()
+        old_off, old_clusters = h.l1_table_offset, -(-h.l1_size * 8 // cs)
+        f.pwrite(struct.pack(">IQ", entries, off), 36)
+        f.flush()
+        h.l1_size, h.l1_table_offset = entries, off
+        self.l1 = table
+        if old_off and old_clusters:
+            self.refs.defer_free(old_off, old_clusters)
+            self.write_back(sync=True)
+
     def allocated_bytes(self) -> int:
         try:
             return os.fstat(self.file.fd).st_blocks * 512
