@@ -24,11 +24,12 @@ import sys
 import threading
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from types import TracebackType
 
 from .errors import ChainError, ChainfsError, ReadOnlyError, UnsupportedFeature
 from .formats import open_layer
-from .formats.base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Layer
+from .formats.base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, Layer
 from .locks import lock_image
 
 MAX_DEPTH = 1000
@@ -68,6 +69,9 @@ class Chain:
         self.locked = False
         self._lock = threading.Lock()
         self._regions: OrderedDict[int, array[int]] = OrderedDict()
+        # called as hook(offset, length) under the lock before every guest write: the
+        # dirty tracking of jobs that mirror the disk elsewhere (commit, copy)
+        self.write_hooks: list[Callable[[int, int], None]] = []
         self._reset_granule()
 
     @classmethod
@@ -287,6 +291,8 @@ class Chain:
         if not len(data):
             return
         with self._lock:
+            for hook in self.write_hooks:
+                hook(offset, len(data))
             self.active.write(offset, data, self._fill)
             self._claim(offset, len(data))
 
@@ -296,6 +302,8 @@ class Chain:
         if not length:
             return
         with self._lock:
+            for hook in self.write_hooks:
+                hook(offset, length)
             self.active.write_zeroes(offset, length, self._fill)
             self._claim(offset, length)
 
@@ -402,6 +410,100 @@ class Chain:
             self._execute(plan, offset, memoryview(buf))
         return buf
 
+    # -- commit and copy (mirror) --------------------------------------------------------
+
+    def copy_step(
+        self, target: Layer, top: int, stop: int, below: int, offset: int, length: int
+    ) -> int:
+        """Copy into ``target`` what the chain shows from ``layers[top]`` down, for every
+        cluster of ``target`` in the range that a layer of ``layers[top:stop]`` holds;
+        return the bytes copied.
+
+        The engine of commit and copy: ``target`` is the commit base (``layers[stop]``) or
+        a new image, and its own backing shows what ``read_below(below)`` does.  Whole
+        target clusters are written (outside the held ranges they get what they showed
+        already), so no copy-on-write read is needed.  Clusters reading as zeros become
+        zero writes (zero clusters where the format allows), or are left alone where the
+        target already reads zeros, so a sparse target stays sparse.  Under the lock, so
+        a guest write lands either before the copy (and is copied) or after it (and is
+        marked dirty by a write hook).
+        """
+        with self._lock:
+            tcs = target.cluster_size
+            end = min(offset + length, target.virtual_size)
+            if offset >= end:
+                return 0
+            first = offset - offset % tcs
+            last = min(-(-end // tcs) * tcs, target.virtual_size)
+            held: list[tuple[int, int]] = []
+            for level in range(top, min(stop, len(self.layers))):
+                for e in self.layers[level].extents(first, last - first):
+                    if e.kind != UNALLOCATED:
+                        a = e.offset - e.offset % tcs
+                        held.append((a, min(-(-(e.offset + e.length) // tcs) * tcs, last)))
+            held.sort()
+            runs: list[list[int]] = []
+            for a, b in held:
+                if runs and a <= runs[-1][1]:
+                    runs[-1][1] = max(runs[-1][1], b)
+                else:
+                    runs.append([a, b])
+
+            def fill(o: int, n: int) -> Buffer:
+                return self.read_below(below, o, n)
+
+            copied = 0
+            for a, b in runs:
+                data = self.read_below(top - 1, a, b - a)
+                _put(target, a, data, fill)
+                copied += b - a
+            return copied
+
+    def grow_layer(self, index: int, size: int) -> None:
+        """Grow the backing layer ``layers[index]`` (open read-write) to ``size`` bytes.
+
+        The new area reads as zeros, as the range past its old end did, so the content
+        the chain shows does not change.
+        """
+        with self._lock:
+            below = self.layers[index + 1].virtual_size if index + 1 < len(self.layers) else 0
+
+            def fill(o: int, n: int) -> Buffer:
+                return self.read_below(index, o, n)
+
+            self.layers[index].grow(size, fill, backing_size=below)
+            self._reset_granule()
+
+    def open_layer(self, path: str, fmt: str | None, *, writable: bool) -> Layer:
+        """Open an image that is to join the chain, with the image locks its layers get."""
+        return _open(path, fmt, writable=writable, lock=self.locked)
+
+    def replace_top(self, count: int, new: Layer | None) -> list[Layer]:
+        """The pivot: drop ``layers[:count]`` and make ``new`` (None: ``layers[count]``)
+        the active layer, which must be open read-write.
+
+        The caller has made the new active layer show what the chain showed and recorded
+        the change on disk.  Atomic with respect to guest requests (they take the same
+        lock).  Returns the dropped layers, closed; a failure to close one is raised after
+        all were closed.
+        """
+        with self._lock:
+            removed = self.layers[:count]
+            layers = ([new] if new is not None else []) + self.layers[count:]
+            if not layers[0].writable:
+                raise ChainfsError(f"{layers[0].path!r} is not open for writing")
+            self.layers = layers
+            self._reset_granule()
+        first_error: BaseException | None = None
+        for layer in removed:
+            try:
+                layer.close()
+            except BaseException as e:  # close the rest regardless
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+        return removed
+
     def flush(self) -> None:
         """Make every acknowledged write durable."""
         if self.writable:
@@ -419,3 +521,38 @@ class Chain:
                     first_error = first_error or e
             if first_error is not None:
                 raise first_error
+
+
+def _put(target: Layer, offset: int, data: bytearray, fill: Fill) -> None:
+    """Write ``data`` into ``target`` at ``offset`` (cluster-aligned), runs of all-zero
+    clusters as zero writes unless the target already reads zeros there."""
+    cs, n = target.cluster_size, len(data)
+    view = memoryview(data)
+    pos = 0
+    while pos < n:
+        zero = data.count(0, pos, min(pos + cs, n)) == min(cs, n - pos)
+        j = pos + cs
+        while j < n and (data.count(0, j, min(j + cs, n)) == min(cs, n - j)) == zero:
+            j += cs
+        j = min(j, n)
+        if not zero:
+            target.write(offset + pos, view[pos:j], fill)
+        elif not _reads_zero(target, offset + pos, j - pos, fill):
+            target.write_zeroes(offset + pos, j - pos, fill)
+        pos = j
+
+
+def _reads_zero(layer: Layer, offset: int, length: int, fill: Fill) -> bool:
+    """Whether ``layer`` (with ``fill`` as its backing) reads as zeros over the range."""
+    for e in layer.extents(offset, length):
+        if e.kind == ZERO:
+            continue
+        if e.kind == UNALLOCATED:
+            data: Buffer = fill(e.offset, e.length)
+        elif e.kind == DATA:
+            data = layer.file.pread(e.length, e.host)
+        else:
+            data = layer.read_compressed(e.host, e.clen)[e.skip : e.skip + e.length]
+        if bytes(data).count(0) != len(data):
+            return False
+    return True

@@ -100,6 +100,14 @@ class Source:
         self.retired.update(os.path.abspath(p) for p in paths)
         self.save()
 
+    def move_active(self, name: str, path: str, leaving: list[str]) -> None:
+        """A pivot, in one atomic save: ``path`` is now the active layer of chain
+        ``name``, and ``leaving`` left it."""
+        self.retired.update(os.path.abspath(p) for p in leaving)
+        self.retired.discard(os.path.abspath(path))
+        self.recorded[name] = os.path.abspath(path)
+        self.save()
+
     def _load_state(self) -> None:
         try:
             with open(self.state_path) as f:
@@ -167,9 +175,28 @@ def _scan_directory(src: Source) -> None:
             images[p] = _backing_of(p)
         except ChainfsError as e:
             src.refused.append(Refused(_stem(p), p, str(e)))
-    backing = {b for b in images.values() if b}
+    # a retired layer's backing pointer no longer makes a chain: after an active commit
+    # the base is the active layer although the retired layers above still point at it
+    backing = {b for p, b in images.items() if b and p not in src.retired}
     recorded_by_path = {p: name for name, p in src.recorded.items()}
     taken: set[str] = set()
+    # active layers outside the directory (snapshot or copy into an allowed directory):
+    # served under their recorded name; the layers of their chains here are not tops
+    for name, p in sorted(src.recorded.items()):
+        if p in images or p in src.retired or not os.path.isfile(p):
+            continue
+        taken.add(name)
+        src.chains.append(ChainSpec(name, p))
+        seen: set[str] = set()
+        q: str | None = p
+        while q is not None and q not in seen:
+            seen.add(q)
+            try:
+                q = _backing_of(q)
+            except ChainfsError:
+                break  # raw, or unreadable: Chain.open reports it
+            if q is not None:
+                backing.add(q)
     for top in images:
         if top in backing or top in src.retired:
             continue
