@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .chain import Chain, resolve_backing
-from .errors import ChainfsError, ImageError, UnsupportedFeature
+from .errors import ChainfsError, ImageError, LockError, UnsupportedFeature
 from .formats import open_layer
 from .formats.base import Layer
 from .formats.qcow2 import Qcow2Layer
@@ -645,7 +645,10 @@ def check(path: str, *, force_share: bool = False) -> CheckResult:
     f = HostFile(path, False)
     try:
         if not force_share:
-            lock_image(f.fd, f.path, write=False)
+            try:
+                lock_image(f.fd, f.path, write=False)
+            except LockError as e:
+                raise LockError(f"{e} (-U checks it anyway, as it changes)") from None
         h = _read_header(f, result)
         _Checker(f, h, result).run()
     finally:
