@@ -146,12 +146,12 @@ CLEAN: dict[str, Callable[[str], str]] = {
 def l2_entry_pos(path: str, guest: int) -> int:
     """Where the L2 entry of guest offset ``guest`` is in the file."""
     h = im.read_header(path, 104)
-    bits = struct.unpack_from(">I", h, 20)[0]
-    l1 = struct.unpack_from(">Q", h, 40)[0]
+    bits: int = struct.unpack_from(">I", h, 20)[0]
+    l1: int = struct.unpack_from(">Q", h, 40)[0]
     cluster, l2_bits = guest >> bits, bits - 3
     with open(path, "rb") as f:
         f.seek(l1 + 8 * (cluster >> l2_bits))
-        table = struct.unpack(">Q", f.read(8))[0] & L2_OFFSET
+        table: int = struct.unpack(">Q", f.read(8))[0] & L2_OFFSET
     return table + 8 * (cluster & ((1 << l2_bits) - 1))
 
 
