@@ -89,12 +89,17 @@ def open_disks(
             log.warning("chain=%s refused: %s", spec.name, e)
             src.refused.append(Refused(spec.name, spec.active, str(e)))
             continue
+        # by default files are created beside the chain's images: the source directory,
+        # and the active layer's own (a TOML source's chains live anywhere)
+        own = [os.path.dirname(spec.active)]
+        if os.path.isdir(src.path):
+            own.append(src.directory)
         disks.append(
             Disk(
                 spec.name,
                 chain,
                 src,
-                allowed_dirs=[src.directory, *opts.allow_dirs],
+                allowed_dirs=[*own, *opts.allow_dirs],
                 readonly=opts.readonly,
                 spawn=spawn,
                 next_id=next_id,

@@ -1,0 +1,191 @@
+"""Chain names and sources: a chain keeps its name across snapshots, streams and remounts
+(the state file ``.chainfs.json`` beside the images remembers what changed), a TOML file
+names chains explicitly, and a broken chain is left out with its reason in ``chainfs
+status`` while the others are served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from interop import images as im
+
+from .conftest import (
+    CHAINFS,
+    Mounter,
+    Seeds,
+    assert_clean,
+    assert_content,
+    assert_flat,
+    backing_chain,
+    digests,
+    run,
+)
+
+MiB = im.MiB
+
+
+def state(directory: Path) -> Any:
+    return json.loads((directory / ".chainfs.json").read_text())
+
+
+def served(m: Any) -> dict[str, str]:
+    return {e["chain"]: e["status"] for e in m.status()[1:]}
+
+
+def write_some(path: Path, model: bytearray, offset: int, data: bytes) -> None:
+    with open(path, "r+b", buffering=0) as f:
+        f.seek(offset)
+        f.write(data)
+        os.fsync(f.fileno())
+    model[offset : offset + len(data)] = data
+
+
+def test_name_survives_snapshot_stream_and_remount(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds
+) -> None:
+    images = tmp_path / "images"
+    seed = seeds(images)
+    model = bytearray(seed.content)
+    m = mounter(images)
+    m.command("E", "snapshot", "F.qcow2")
+    write_some(m.img("E"), model, 3 * MiB, b"\x77" * 70000)
+    assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control"]
+    m.run_job("E", "stream", "base=A.qcow2")
+    assert m.layers("E") == ["F.qcow2", "A.qcow2"]
+    m.unmount()
+    assert state(images) == {
+        "version": 1,
+        "chains": {"E": "F.qcow2"},
+        "retired": ["B.qcow2", "C.qcow2", "D.qcow2", "E.qcow2"],
+    }
+    m = mounter(images)
+    assert served(m) == {"E": "served"}
+    assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control"]
+    assert m.layers("E") == ["F.qcow2", "A.qcow2"]
+    assert_flat(m.img("E"), model)
+    m.command("E", "snapshot", "G.qcow2")
+    m.unmount()
+    m = mounter(images)
+    assert served(m) == {"E": "served"}
+    assert m.layers("E") == ["G.qcow2", "F.qcow2", "A.qcow2"]
+    m.unmount()
+    assert_clean([*seed.layers, images / "F.qcow2", images / "G.qcow2"])
+    assert_content(images / "G.qcow2", model, tmp_path / "cmp")
+
+
+def test_snapshot_into_another_directory_then_stream_then_remount(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds
+) -> None:
+    """The seed's recipe for moving a live disk: snapshot elsewhere, then a full stream.
+    After every step, and after remounting, the chain is still ``E`` and its active
+    layer the new file: the old layers must never be served as a chain again."""
+    images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    seed = seeds(images)
+    before = digests(seed.layers)
+    model = bytearray(seed.content)
+    disk = elsewhere / "disk.qcow2"
+    m = mounter(images, f"allow_dir={elsewhere}")
+    m.command("E", "snapshot", str(disk))
+    assert run("qemu-img", "info", "-U", "--output=json", disk).stdout.count(str(seed.active))
+    write_some(m.img("E"), model, MiB, b"\x42" * 5000)
+    m.unmount()
+    assert backing_chain(disk)[:2] == ["disk.qcow2", "E.qcow2"]
+
+    m = mounter(images, f"allow_dir={elsewhere}")
+    assert served(m) == {"E": "served"}
+    assert m.lines("E", "chain")[0]["path"] == str(disk)
+    assert_flat(m.img("E"), model)
+    m.run_job("E", "stream", "node=disk.qcow2")
+    assert m.layers("E") == ["disk.qcow2"]
+    m.unmount()
+    assert digests(seed.layers) == before
+
+    m = mounter(images)
+    assert served(m) == {"E": "served"}
+    assert m.lines("E", "chain") and m.layers("E") == ["disk.qcow2"]
+    assert_flat(m.img("E"), model)
+    m.unmount()
+    assert_clean([disk])
+    assert backing_chain(disk) == ["disk.qcow2"]
+    assert_content(disk, model, tmp_path / "cmp")
+    assert digests(seed.layers) == before
+
+
+def test_toml_source(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
+    """``[chains.NAME] active = PATH`` (relative to the TOML file); a relative snapshot
+    goes beside the active layer, which is where chainfs may create files by default."""
+    images, conf = tmp_path / "images", tmp_path / "conf"
+    seed = seeds(images)
+    other = seeds(tmp_path / "other", "o-")
+    conf.mkdir()
+    toml = conf / "chains.toml"
+    toml.write_text(
+        f'[chains.vm1]\nactive = "../images/E.qcow2"\n\n[chains.vm2]\nactive = "{other.active}"\n'
+    )
+    m = mounter(toml)
+    assert served(m) == {"vm1": "served", "vm2": "served"}
+    assert sorted(os.listdir(m.mountpoint)) == ["control", "vm1.img", "vm2.img"]
+    assert_flat(m.img("vm1"), seed.content)
+    assert_flat(m.img("vm2"), other.content)
+    m.command("vm1", "snapshot", "snap.qcow2")
+    assert m.lines("vm1", "chain")[0]["path"] == str(images / "snap.qcow2")
+    m.run_job("vm2", "stream", "base=o-A.qcow2")
+    m.unmount()
+    assert (conf / ".chainfs.json").exists()
+    m = mounter(toml)
+    assert m.layers("vm1") == ["snap.qcow2", *(p.name for p in reversed(seed.layers))]
+    assert m.layers("vm2") == ["o-E.qcow2", "o-A.qcow2"]
+    m.unmount()
+    assert_clean([*seed.layers, images / "snap.qcow2", *other.layers])
+    assert_content(images / "snap.qcow2", seed.content, tmp_path / "cmp")
+
+
+def test_broken_chains_are_left_out(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
+    images = tmp_path / "images"
+    seed = seeds(images)
+    im.create(str(images / "gone-base.qcow2"), MiB)
+    im.create(str(images / "orphan.qcow2"), MiB, backing="gone-base.qcow2", cwd=str(images))
+    os.unlink(images / "gone-base.qcow2")
+    im.create(str(images / "future.qcow2"), MiB)
+    im.set_incompatible_features(str(images / "future.qcow2"), 1 << 40)
+    im.create(str(images / "badversion.qcow2"), MiB)
+    im.patch(str(images / "badversion.qcow2"), 4, (7).to_bytes(4, "big"))
+    m = mounter(images)
+    status = {e["chain"]: e for e in m.status()[1:]}
+    assert {k: v["status"] for k, v in status.items()} == {
+        "E": "served",
+        "orphan": "refused",
+        "future": "refused",
+        "badversion": "refused",
+    }
+    assert "gone-base.qcow2" in status["orphan"]["reason"]
+    assert "does not exist" in status["orphan"]["reason"]
+    assert "feature" in status["future"]["reason"]
+    assert "version" in status["badversion"]["reason"]
+    assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control"]
+    assert_flat(m.img("E"), seed.content)
+
+    proc = subprocess.run(
+        [*CHAINFS, "status", str(m.mountpoint), "--json"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["daemon"]["source"] == str(images)
+    chains = {c["chain"]: c for c in doc["chains"]}
+    assert chains["orphan"]["status"] == "refused"
+    assert chains["orphan"]["reason"] == status["orphan"]["reason"]
+    assert [x["name"] for x in chains["E"]["layers"]] == m.layers("E")
+    assert chains["E"]["jobs"] == []
+
+    proc = subprocess.run([*CHAINFS, "status", str(m.mountpoint)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("orphan", "future", "badversion"):
+        assert name in proc.stdout and status[name]["reason"] in proc.stdout
+    assert all(p.name in proc.stdout for p in seed.layers)
+    m.unmount()
