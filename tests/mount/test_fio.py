@@ -34,10 +34,11 @@ def fio(flat: Path, size: int, *extra: str) -> dict[str, object]:
         "--verify=crc32c",
         "--verify_fatal=1",
         "--randrepeat=1",
+        "--verify_state_save=0",
         "--output-format=json",
         *extra,
     ]
-    proc = run(*args)
+    proc = run(*args, cwd=flat.parent.parent)
     report: dict[str, object] = json.loads(proc.stdout[proc.stdout.index("{") :])
     return report
 
