@@ -23,10 +23,14 @@ import pyfuse3
 import trio
 
 from . import source as sources
-from .chain import Chain
+from .chain import Chain, resolve_backing
+from .control import format_line, quote
 from .disk import Disk
 from .errors import ChainfsError
+from .formats import open_layer
+from .formats.qcow2.header import MAGIC
 from .fs import Operations
+from .jobs.journal import Journal, Pending, record_active, redo, retire
 from .source import Refused
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,7 @@ def open_disks(
     src: sources.Source,
     opts: MountOptions,
     spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], None],
+    journal: Journal | None = None,
 ) -> list[Disk]:
     counter = itertools.count(1)
 
@@ -105,6 +110,8 @@ def open_disks(
                 next_id=next_id,
             )
         )
+        if not opts.readonly:
+            disks[-1].journal = journal
     return disks
 
 
@@ -119,7 +126,7 @@ def serve(
     mountpoint = os.path.abspath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise ChainfsError(f"mountpoint {mountpoint!r} is not a directory")
-    src = sources.load(source_path)
+    src, recovery = recover(source_path, readonly=opts.readonly)
     if not opts.readonly:
         src.save()
     nursery_box: list[trio.Nursery] = []
@@ -127,7 +134,7 @@ def serve(
     def spawn(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         nursery_box[0].start_soon(fn)
 
-    disks = open_disks(src, opts, spawn)
+    disks = open_disks(src, opts, spawn, recovery.journal)
     ops = Operations(disks, src, readonly=opts.readonly, mountpoint=mountpoint)
     fuse_opts = set(pyfuse3.default_options) | {"fsname=chainfs", "subtype=chainfs"}
     fuse_opts |= opts.fuse
@@ -151,7 +158,7 @@ def serve(
     try:
         ready()
         notify("READY=1")
-        trio.run(_main, disks, nursery_box)
+        trio.run(_main, disks, nursery_box, recovery)
     finally:
         notify("STOPPING=1")
         for disk in disks:
@@ -159,6 +166,7 @@ def serve(
                 disk.close()
             except Exception:
                 log.exception("chain=%s did not close cleanly", disk.name)
+        recovery.journal.close()
         pyfuse3.close(unmount=True)
         log.info("unmounted mountpoint=%s", mountpoint)
 
@@ -178,9 +186,10 @@ def notify(message: str) -> None:
         log.warning("cannot notify systemd at %s: %s", address, e)
 
 
-async def _main(disks: list[Disk], nursery_box: list[trio.Nursery]) -> None:
+async def _main(disks: list[Disk], nursery_box: list[trio.Nursery], recovery: Recovery) -> None:
     async with trio.open_nursery() as nursery:
         nursery_box.append(nursery)
+        resume_jobs(disks, recovery)
         nursery.start_soon(_watch_signals)
         nursery.start_soon(_write_back, disks)
         try:
@@ -212,3 +221,174 @@ async def _write_back(disks: list[Disk]) -> None:
                     disk.chain.flush()
                 except ChainfsError as e:
                     log.warning("chain=%s write-back failed: %s", disk.name, e)
+
+
+# -- recovery of interrupted jobs ----------------------------------------------------------
+#
+# At mount, before anything is served, the journal tells which jobs a crash (or an
+# unmount) interrupted.  A job whose ``prepare`` had begun is finished from its recorded
+# changes before the directory is scanned, so the scan already sees the chain the job was
+# heading to; a snapshot is finished or undone the same way.  Every other job is resumed
+# once its chain is open, by issuing its command again: the journal hands the new job
+# the interrupted one's checkpoint.  A job that cannot be resumed is rolled back (nothing
+# of it shows in any chain; what it copied is harmless).  What was done goes to the log
+# and to the chain's ``events``.
+
+# the command parameter given as the command's bare word rather than as key=value
+_MAIN_PARAM = {"copy": "dest"}
+# a snapshot target this small whose header was never written is a torn creation
+_TORN_OVERLAY_MAX = 64 << 20
+
+
+@dataclass
+class Recovery:
+    """What the journal said at mount, and what is left to do once the chains are open."""
+
+    journal: Journal
+    resume: list[Pending] = field(default_factory=list)
+    events: list[tuple[str, str, dict[str, object]]] = field(default_factory=list)
+
+    def report(self, p: Pending, event: str, **fields: object) -> None:
+        self.events.append((p.chain, event, {"job": p.id, "type": p.type, **fields}))
+
+
+def recover(source_path: str, *, readonly: bool) -> tuple[sources.Source, Recovery]:
+    """Load the source, finishing what interrupted jobs had begun to change on disk."""
+    src = sources.load(source_path)
+    journal = Journal.load(src.directory, writable=not readonly)
+    rec = Recovery(journal)
+    pending = journal.pending()
+    if readonly:
+        for p in pending:
+            log.warning(
+                "chain=%s job=%s type=%s was interrupted; a read-write mount resumes it",
+                p.chain,
+                p.id,
+                p.type,
+            )
+        _exclude_targets(src, pending)
+        return src, rec
+    changed = False
+    for p in pending:
+        try:
+            if p.phase is not None:
+                rec.report(p, "JOB_RESUMED", phase=p.phase)
+                redo(p.actions, src)
+                journal.end(p.key, "done")
+                rec.report(p, "JOB_COMPLETED", phase=p.phase)
+                changed = True
+            elif p.type == "snapshot":
+                _settle_snapshot(p, src, rec)
+                journal.end(p.key, "done")
+                changed = True
+            else:
+                rec.resume.append(p)
+        except ChainfsError as e:
+            # left in the journal: the next mount tries again
+            log.error("chain=%s job=%s cannot be completed: %s", p.chain, p.id, e)
+            rec.report(p, "JOB_COMPLETED", error=f"cannot be completed: {e}")
+    if changed:
+        src = sources.load(source_path)
+    _exclude_targets(src, journal.pending())
+    journal.compact()
+    return src, rec
+
+
+def _exclude_targets(src: sources.Source, pending: list[Pending]) -> None:
+    """A file a pending job writes and has not made active is no chain of its own."""
+    targets = {str(p.params[k]) for p in pending for k in ("dest", "target") if p.params.get(k)}
+    for spec in [c for c in src.chains if c.active in targets]:
+        log.info("chain=%s file=%s is the target of an interrupted job", spec.name, spec.active)
+        src.chains.remove(spec)
+
+
+def _settle_snapshot(p: Pending, src: sources.Source, rec: Recovery) -> None:
+    """Finish a snapshot whose overlay is complete; remove the torn start of one."""
+    target, below = str(p.params.get("target")), str(p.params.get("below"))
+    try:
+        with open(target, "rb") as f:
+            head = f.read(512)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        rec.report(p, "JOB_ROLLED_BACK", file=target, reason="the overlay was never created")
+        return
+    except OSError as e:
+        raise ChainfsError(f"cannot read {target!r}: {e.strerror}") from None
+    if head[:4] == MAGIC:
+        layer = open_layer(target, "qcow2", writable=False)
+        try:
+            string = layer.backing_string
+        finally:
+            layer.close()
+        backing = os.path.normpath(resolve_backing(target, string)) if string else None
+        if backing != os.path.normpath(below):
+            rec.report(
+                p,
+                "JOB_ROLLED_BACK",
+                file=target,
+                reason=f"{target!r} is not an overlay of {below!r}; left alone",
+            )
+            return
+        # the overlay is complete (its header is written last): the snapshot stands
+        rec.report(p, "JOB_RESUMED", file=target)
+        redo([record_active(p.chain, target)], src)
+        rec.report(p, "SNAPSHOT_TAKEN", file=target)
+        return
+    if head.count(0) == len(head) and size <= _TORN_OVERLAY_MAX:
+        # created by the snapshot (O_EXCL) and interrupted before its header was written
+        os.unlink(target)
+        reason = "the overlay was interrupted before its header was written; removed"
+    else:
+        reason = f"{target!r} is not an image chainfs made; left alone"
+    rec.report(p, "JOB_ROLLED_BACK", file=target, reason=reason)
+
+
+def resume_jobs(disks: list[Disk], rec: Recovery) -> None:
+    """Report what recovery did, and issue the interrupted jobs' commands again."""
+    by_name = {disk.name: disk for disk in disks}
+    for chain, event, fields in rec.events:
+        disk = by_name.get(chain)
+        if disk is not None:
+            disk.emit(event, **fields)
+        else:
+            log.info("chain=%s event=%s %s", chain, event, fields)
+    for p in rec.resume:
+        disk = by_name.get(p.chain)
+        if disk is None:
+            log.warning("chain=%s job=%s is not served; it stays in the journal", p.chain, p.id)
+            continue
+        kind, text = _command_for(p)
+        try:
+            with rec.journal.resuming(p):
+                disk.command(kind, text)
+        except ChainfsError as e:
+            reason = str(e)
+        else:
+            if p.key not in rec.journal.live:
+                continue  # a new job took its place
+            reason = "its command no longer starts the same job"
+        _roll_back(disk, p, rec.journal, reason)
+
+
+def _command_for(p: Pending) -> tuple[str, bytes]:
+    """The control-file write that starts ``p`` again."""
+    params = dict(p.params)
+    main = _MAIN_PARAM.get(p.type)
+    words = [quote(params.pop(main))] if main else []
+    pairs = [(k, v) for k, v in params.items() if v is not None]
+    if pairs:
+        words.append(format_line(pairs))
+    return p.type, " ".join(words).encode()
+
+
+def _roll_back(disk: Disk, p: Pending, journal: Journal, reason: str) -> None:
+    """Give up an interrupted job: its chain never changed; its target stays a file."""
+    dest = p.params.get("dest")
+    try:
+        if dest:
+            # a partial copy must not be served as a chain of its own later on
+            redo([retire([str(dest)])], disk.source)
+        journal.end(p.key, "rolled-back")
+    except ChainfsError as e:
+        log.error("chain=%s job=%s cannot be rolled back: %s", p.chain, p.id, e)
+    disk.emit("JOB_ROLLED_BACK", job=p.id, type=p.type, reason=reason)
