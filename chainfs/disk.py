@@ -10,6 +10,7 @@ Locking contract: used only from the trio thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -201,16 +202,33 @@ class Disk:
             backing = os.path.basename(active.path)
         else:
             backing = active.path
-        # journalled so that the next mount can finish or undo it; if anything below
-        # fails, the intent stays for the next mount to settle
+        # journalled so that the next mount can finish or undo it should chainfs die
+        # half-way; a snapshot that fails while chainfs lives is undone here and now
         journal = self.journal
         params = {"target": target, "below": active.path}
         key = journal.begin("snapshot", "snapshot", self.name, params).key if journal else ""
-        self.chain.flush()
-        create_overlay(
-            target, size=self.chain.size, backing=backing, backing_format=active.format_name
-        )
-        self.chain.push_overlay(target)
+        try:
+            self.chain.flush()
+            if os.path.lexists(target):  # appeared since check_target: not ours to remove
+                raise CommandError(errno.EEXIST, f"{target!r} already exists")
+            try:
+                create_overlay(
+                    target,
+                    size=self.chain.size,
+                    backing=backing,
+                    backing_format=active.format_name,
+                )
+                self.chain.push_overlay(target)
+            except BaseException:
+                # a refused command changes nothing: the partial (or unused) overlay
+                # create_overlay made (O_EXCL: it is ours) goes
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+                raise
+        except BaseException:
+            if journal is not None:
+                journal.end(key, "rolled-back")
+            raise
         self.source.record_active(self.name, target)
         if journal is not None:
             journal.end(key, "done")

@@ -19,7 +19,18 @@ from pathlib import Path
 import pytest
 from interop import images as im
 
-from .conftest import CHAINFS, Mount, Mounter, Seed, Seeds, wait_for
+from .conftest import (
+    CHAINFS,
+    Mount,
+    Mounter,
+    Seed,
+    Seeds,
+    assert_clean,
+    assert_flat,
+    digests,
+    run,
+    wait_for,
+)
 
 
 @dataclass
@@ -212,3 +223,34 @@ def test_erofs_on_a_read_only_mount(tmp_path: Path, module_mounter: Mounter, see
         assert exc.value.errno == errno.EROFS
     assert m.events("E") == []
     assert tree(tmp_path) == before
+
+
+def test_enospc_leaves_nothing_behind(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
+    """A snapshot that runs out of space is refused with ENOSPC and leaves no partial
+    overlay behind, neither now nor for the next mount to clean up."""
+    images, tiny = tmp_path / "images", tmp_path / "tiny"
+    seed = seeds(images)
+    tiny.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", tiny)
+    try:
+        m = mounter(images, f"allow_dir={tiny}")
+        before = digests(seed.layers[:-1])
+        reason = m.refuse("E", "snapshot", f"{tiny}/S.qcow2", errno.ENOSPC)["reason"]
+        assert "No space left on device" in reason
+        assert os.listdir(tiny) == []
+        assert m.layers("E") == ["E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
+        model = bytearray(seed.content)
+        with open(m.img("E"), "r+b", buffering=0) as f:
+            f.write(b"\x5a" * 10000)
+            os.fsync(f.fileno())
+        model[:10000] = b"\x5a" * 10000
+        assert_flat(m.img("E"), model)
+        m.unmount()
+        assert digests(seed.layers[:-1]) == before
+        m = mounter(images, f"allow_dir={tiny}")
+        assert [e["event"] for e in m.events("E")] == []
+        assert os.listdir(tiny) == []
+        m.unmount()
+    finally:
+        run("umount", tiny, ok=(0, 32))
+    assert_clean(seed.layers)
