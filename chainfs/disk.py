@@ -34,8 +34,11 @@ from .control import (
 from .errors import ChainfsError
 from .formats.base import Layer
 from .formats.qcow2 import create_overlay
-from .jobs.base import CONCLUDED, Job
+from .jobs.base import CONCLUDED, READY, Job
+from .jobs.commit import ActiveCommitJob, CommitJob
+from .jobs.copy import CopyJob
 from .jobs.journal import Journal
+from .jobs.mirror import MirrorJob
 from .jobs.stream import StreamJob
 from .source import Source
 
@@ -138,10 +141,11 @@ class Disk:
             elif isinstance(cmd, CancelCmd):
                 self._cancel(cmd.job)
             elif isinstance(cmd, CompleteCmd):
-                self._find_job(cmd.job)
-                raise CommandError(errno.EINVAL, f"job {cmd.job!r} is not waiting to complete")
-            elif isinstance(cmd, CommitCmd | CopyCmd):
-                raise CommandError(errno.EINVAL, f"{kind} is not implemented yet")
+                self._complete(cmd.job)
+            elif isinstance(cmd, CommitCmd):
+                self._commit(cmd)
+            elif isinstance(cmd, CopyCmd):
+                self._copy(cmd)
         except CommandError as e:
             self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
             raise
@@ -250,6 +254,65 @@ class Disk:
             )
         job = StreamJob(self._next_id("stream"), self, node, base, speed=cmd.speed, emit=self.emit)
         self.start_job(job)
+
+    def _commit(self, cmd: CommitCmd) -> None:
+        """The refusals of qemu-iotests 040, then an intermediate or an active commit."""
+        self._busy()
+        layers = self.chain.layers
+        top = self._layer(cmd.top) if cmd.top else layers[0]
+        base = self._layer(cmd.base) if cmd.base else layers[-1]
+        t, b = self.chain.index_of(top), self.chain.index_of(base)
+        top_name, base_name = os.path.basename(top.path), os.path.basename(base.path)
+        if t == b:
+            raise CommandError(
+                errno.EINVAL,
+                f"top and base are both {top_name!r}: a layer cannot commit into itself",
+            )
+        if b < t:
+            raise CommandError(
+                errno.EINVAL,
+                f"{base_name!r} is not below {top_name!r} in chain {self.name!r} "
+                "(top and base swapped?)",
+            )
+        job: Job
+        if t == 0:
+            job = ActiveCommitJob(
+                self._next_id("commit"),
+                self,
+                base,
+                speed=cmd.speed,
+                wait_ready=cmd.wait_ready,
+                emit=self.emit,
+            )
+        else:
+            job = CommitJob(
+                self._next_id("commit"), self, top, base, speed=cmd.speed, emit=self.emit
+            )
+        self.start_job(job)
+
+    def _copy(self, cmd: CopyCmd) -> None:
+        self._busy()
+        target = self.check_target(cmd.dest)
+        job = CopyJob(
+            self._next_id("copy"),
+            self,
+            target,
+            cmd.sync,
+            speed=cmd.speed,
+            wait_ready=cmd.wait_ready,
+            emit=self.emit,
+        )
+        self.start_job(job)
+
+    def _complete(self, job_id: str) -> None:
+        job = self._find_job(job_id)
+        if not isinstance(job, MirrorJob) or job.status != READY:
+            raise CommandError(
+                errno.EINVAL,
+                f"job {job_id!r} is {job.status}, not ready: only a copy or an active commit "
+                "that reported JOB_READY can be completed",
+            )
+        job.complete()
 
     def start_job(self, job: Job) -> None:
         """Journal a new job's intent, then run it in the background."""

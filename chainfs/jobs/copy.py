@@ -1,0 +1,111 @@
+"""copy: live block copy into a new image, as QEMU's blockdev-mirror.
+
+    [A] <- [B] <- [C] <- [D] <- [E]    copy F sync=full   ->  [F]
+    [A] <- [B] <- [C] <- [D] <- [E]    copy F sync=top    ->  [A] <- [B] <- [C] <- [D] <- [F]
+
+The command checks DEST (allowed directory, not existing) so a bad target is refused by
+the write itself; the job creates it when it starts, once the journal holds its intent:
+a qcow2 v3 image of the disk's size, with no backing file for ``full``, backed by the
+active layer's backing file for ``top`` (its string kept verbatim when DEST sits beside
+the active layer, absolute otherwise).  The job is the mirror of ``mirror.py``
+with DEST as target: copy what the whole chain (``full``) or only the active layer
+(``top``) holds, track guest writes so they reach DEST too, ``JOB_READY``, then pivot
+at once (or on ``complete JOB`` with ``wait=ready``): the state file records DEST as the
+chain's active layer and the layers it replaces as retired (they stay valid images,
+nothing changed them), and the chain continues on DEST.  The flat file, its name and its
+open descriptors do not change.
+
+What a crash leaves: before the pivot's state-file replace, the original chain,
+untouched, and DEST as a partial copy (an ordinary file; in the source directory the
+next mount would serve it as a chain of its own, as it would any image it finds);
+after it, DEST as the active layer holding every acknowledged write (all were copied
+and flushed first).  Cancel or failure before the pivot leaves the original chain
+active and DEST behind, closed and consistent, as an ordinary file: chainfs never
+deletes it, and records it as retired so that the next mount does not serve it as a
+chain (``COPY_ABANDONED`` in ``events`` names it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..formats.base import Layer
+from ..formats.qcow2 import create_overlay
+from . import journal
+from .mirror import MirrorJob
+
+if TYPE_CHECKING:
+    from ..disk import Disk
+
+FULL, TOP = "full", "top"
+
+
+class CopyJob(MirrorJob):
+    type = "copy"
+
+    def __init__(
+        self,
+        job_id: str,
+        disk: Disk,
+        dest: str,
+        sync: str,
+        *,
+        speed: int,
+        wait_ready: bool,
+        emit: Callable[..., None],
+    ) -> None:
+        super().__init__(job_id, disk, speed=speed, wait_ready=wait_ready, emit=emit)
+        self.dest = dest
+        self.sync = sync
+        self.len = disk.chain.size
+
+    def details(self) -> list[tuple[str, object]]:
+        return [("dest", self.dest), ("sync", self.sync)]
+
+    def intent(self) -> dict[str, object]:
+        return {
+            "dest": self.dest,
+            "sync": self.sync,
+            "speed": self.speed,
+            "wait": "ready" if self.wait_ready else None,
+        }
+
+    def open_target(self) -> Layer:
+        # created here, after the journal recorded the intent, not by the command
+        chain = self.disk.chain
+        active = chain.active
+        backing: str | None = None
+        fmt: str | None = None
+        if self.sync == TOP and len(chain.layers) > 1:
+            below = chain.layers[1]
+            fmt = below.format_name
+            beside = os.path.dirname(self.dest) == os.path.dirname(active.path)
+            backing = active.backing_string if beside and active.backing_string else below.path
+        create_overlay(self.dest, size=chain.size, backing=backing, backing_format=fmt)
+        return chain.open_layer(self.dest, "qcow2", writable=True)
+
+    def stop(self) -> int:
+        layers = self.disk.chain.layers
+        return len(layers) if self.sync == FULL else 1
+
+    def below(self) -> int:
+        # full: DEST has no backing file (read_below of the last layer is all zeros)
+        return len(self.disk.chain.layers) - 1 if self.sync == FULL else 0
+
+    def pivot(self) -> None:
+        chain, name = self.disk.chain, self.disk.name
+        count = self.stop()
+        paths = [layer.path for layer in chain.layers[:count]]
+        self.journal_phase("pivot", [journal.retire(paths), journal.record_active(name, self.dest)])
+        self.disk.source.move_active(name, self.dest, paths)
+        self.switch(count, self.target, [True] * count)
+
+    def release(self) -> None:
+        target, self.target = self.target, None
+        if target is not None:
+            target.close()
+            # an ordinary file from now on, not a chain the next mount should serve
+            self.disk.source.retire([self.dest])
+            self._emit("COPY_ABANDONED", job=self.id, file=self.dest)
