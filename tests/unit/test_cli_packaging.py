@@ -1,0 +1,88 @@
+"""``pip install .`` gives a working ``chainfs``, with its man page, and one version.
+
+The checkout is copied (package, pyproject.toml, README.md, LICENSE) to a temporary
+directory first, so that building never writes into the working tree, and installed
+into a fresh virtualenv.  The default test installs chainfs alone (``--no-deps``: only
+setuptools is fetched, for the build) and runs the commands that need no dependency;
+the slow one installs everything, pyfuse3 included, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from chainfs import __version__
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 600
+
+
+def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [str(a) for a in args]
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.pop("VIRTUAL_ENV", None)
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, check=False, cwd=cwd, env=env, timeout=TIMEOUT
+    )
+    assert proc.returncode == 0, f"{argv} exited {proc.returncode}\n{proc.stdout}{proc.stderr}"
+    return proc
+
+
+def install(tmp_path: Path, *pip_args: str) -> Path:
+    """Copy the checkout, make a virtualenv, ``pip install`` the copy; return the venv."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "chainfs", src / "chainfs", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", venv)
+    run(venv / "bin" / "python", "-m", "pip", "install", "-q", *pip_args, src)
+    return venv
+
+
+def check_installed(venv: Path, tmp_path: Path) -> None:
+    chainfs = venv / "bin" / "chainfs"
+    assert run(chainfs, "--version", cwd=tmp_path).stdout == f"chainfs {__version__}\n"
+    # the package, not this checkout, answers
+    where = run(
+        venv / "bin" / "python", "-I", "-c", "import chainfs; print(chainfs.__file__)", cwd=tmp_path
+    )
+    assert where.stdout.startswith(str(venv))
+    # the man page: inside the package, and where man(1) looks for a bin/ directory on PATH
+    page = venv / "share" / "man" / "man1" / "chainfs.1"
+    assert page.read_text() == (ROOT / "chainfs" / "chainfs.1").read_text()
+    assert (Path(where.stdout.strip()).parent / "chainfs.1").is_file()
+    # a command that does real work: info on a tiny image written by hand
+    image = tmp_path / "a.raw"
+    image.write_bytes(bytes(4096))
+    info = json.loads(run(chainfs, "info", "--output=json", image, cwd=tmp_path).stdout)
+    assert info["format"] == "raw" and info["virtual-size"] == 4096
+
+
+def test_version_has_one_source() -> None:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        doc = tomllib.load(f)
+    assert "version" not in doc["project"] and "version" in doc["project"]["dynamic"]
+    assert doc["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "chainfs.__version__"}
+    # and the man page does not repeat it
+    assert __version__ not in (ROOT / "chainfs" / "chainfs.1").read_text()
+
+
+def test_pip_install_without_dependencies(tmp_path: Path) -> None:
+    venv = install(tmp_path, "--no-deps")
+    check_installed(venv, tmp_path)
+
+
+@pytest.mark.slow
+def test_pip_install_with_dependencies(tmp_path: Path) -> None:
+    venv = install(tmp_path)
+    check_installed(venv, tmp_path)
+    run(venv / "bin" / "python", "-I", "-c", "import chainfs.mount, chainfs.fs", cwd=tmp_path)
