@@ -41,6 +41,8 @@ POLL_INTERVAL = 0.2  # how often --wait looks at the job
 PLAIN_INTERVAL = 1.0  # how often --wait prints a progress line when not on a terminal
 RATE_WINDOW = 5.0  # seconds of progress the rate (and so the time left) is measured over
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # as a shell reports a command killed by SIGPIPE
+BAR_TAIL = 50  # columns kept for the numbers after the progress bar
 
 # keys of the control files that hold numbers (as numbers in ``status --json``)
 NUMERIC_KEYS = frozenset({"pid", "virtual-size", "allocated", "offset", "len", "speed"})
@@ -304,7 +306,12 @@ def cmd_job(ns: argparse.Namespace) -> int:
         _read_status(ns.mountpoint)  # "not a chainfs mount" beats "no chain"
         raise ChainfsError(f"no chain {ns.chain!r} under {os.path.abspath(ns.mountpoint)!r}")
     mark = os.path.getsize(events)
-    text = " ".join(quote(a) if "=" not in a else a for a in ns.args) + "\n"
+    args = list(ns.args)
+    if not args and ns.command in ("stream", "commit"):
+        # every argument has a default, but an empty write is refused (so that a stray
+        # truncation of the file is no command): spell the default speed out instead
+        args = ["speed=0"]
+    text = " ".join(quote(a) if "=" not in a else a for a in args) + "\n"
     try:
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -430,7 +437,8 @@ class Progress:
         tail = f" {pct:3d}%  {human_size(done)} / {human_size(total)}"
         tail += f"  {human_size(int(rate))}/s" if rate is not None else "  -- /s"
         tail += f"  {_duration(left)} left" if left is not None else ""
-        bar_width = max(10, min(40, width - len(head) - len(tail) - 3))
+        # a width that does not jump as the numbers after the bar change length
+        bar_width = max(10, min(40, width - len(head) - BAR_TAIL))
         filled = bar_width * pct // 100
         bar = "[" + "#" * filled + "-" * (bar_width - filled) + "]"
         line = (head + bar + tail)[: max(1, width - 1)]
@@ -643,6 +651,10 @@ def main(args: list[str] | None = None) -> int:
         return func(ns)
     except ChainfsError as e:
         print(f"chainfs: {e}", file=sys.stderr)
+    except BrokenPipeError:
+        # the reader went away (``chainfs status | head``): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as e:
         print(f"chainfs: {_describe_os_error(e)}", file=sys.stderr)
     except KeyboardInterrupt:

@@ -105,6 +105,12 @@ def test_stream_wait_prints_progress_lines_and_exits_0(mount: Mount) -> None:
     assert proc.stdout == ""
 
 
+def test_stream_without_arguments_streams_everything(mount: Mount, seeds: Seeds) -> None:
+    proc = chainfs("stream", mount.mountpoint, "E", "--wait")
+    assert proc.stderr.splitlines()[-1] == "job stream-1 completed", proc.stderr
+    assert mount.layers("E") == ["E.qcow2"]
+
+
 def test_status_shows_a_running_job(mount: Mount) -> None:
     chainfs("stream", mount.mountpoint, "E", "base=A.qcow2", "speed=1M")
     wait_for(lambda: running_job(mount), "the stream to show in jobs")

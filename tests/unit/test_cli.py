@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -466,3 +468,22 @@ def test_describe_call_leaves_payloads_out() -> None:
         logs.describe_call("lookup", (1, b"vm1.img", object())) == "lookup(1, b'vm1.img', object)"
     )
     assert logs.describe_call("write", (3, 0, bytes(65536))) == "write(3, 0, <65536 bytes>)"
+
+
+def test_a_reader_that_goes_away_ends_output_quietly(tmp_path: Path) -> None:
+    image = tmp_path / "a.raw"
+    image.write_bytes(bytes(4096))
+    r, w = os.pipe()
+    os.close(r)  # nobody will read: the first write fails with EPIPE
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "chainfs", "info", str(image)],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    finally:
+        os.close(w)
+    assert (proc.returncode, proc.stderr) == (141, "")
