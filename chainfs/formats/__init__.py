@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 from ..errors import ImageError
 from ..hostfile import HostFile
 from .base import Layer
@@ -21,6 +24,7 @@ def open_layer(path: str, fmt: str | None, *, writable: bool) -> Layer:
     """Open ``path`` as a layer; ``fmt`` None means probe (safe only for the top)."""
     if fmt is not None and fmt not in FORMATS:
         raise ImageError(f"{path!r} has format {fmt!r}; chainfs handles qcow2 and raw")
+    _check_file_type(path)
     f = HostFile(path, writable)
     try:
         kind = fmt or probe(f)
@@ -30,6 +34,17 @@ def open_layer(path: str, fmt: str | None, *, writable: bool) -> Layer:
     except BaseException:
         f.close()
         raise
+
+
+def _check_file_type(path: str) -> None:
+    """Refuse what is not a regular file: a FIFO would block the open forever, and a
+    device or /proc entry has no meaningful size."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # HostFile reports it, with the right error
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"{os.path.abspath(path)!r} is not a regular file")
 
 
 __all__ = ["FORMATS", "Layer", "open_layer", "probe"]

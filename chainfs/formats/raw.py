@@ -15,8 +15,9 @@ class RawLayer(Layer):
     def __init__(self, file: HostFile) -> None:
         self.file = file
         size = file.size()
-        # a raw image's virtual size is its length rounded down to whole sectors, as QEMU
-        self.virtual_size = size - size % RAW_GRANULE
+        # a raw image's virtual size is its length rounded up to whole sectors, as QEMU
+        # does (a 3-byte file is a 512-byte disk); the tail past the end reads as zeros
+        self.virtual_size = -(-size // RAW_GRANULE) * RAW_GRANULE
         self.cluster_size = RAW_GRANULE
 
     def allocation_map(self, start: int, count: int, granule: int) -> int:

@@ -28,6 +28,7 @@ from ...errors import ImageError, UnsupportedFeature
 from ...hostfile import HostFile
 from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, Layer, lane_ones
 from . import header as hdr
+from .check import Layout
 from .refcounts import Refcounts, set_entry
 
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -67,8 +68,13 @@ class Qcow2Layer(Layer):
         self.l2_cache: OrderedDict[int, bytearray] = OrderedDict()
         self.l2_dirty: set[int] = set()
         self.l2_cache_tables = max(4, l2_cache_bytes // cs)
-        self._zcache: tuple[int, bytes] | None = None
+        self._zcache: tuple[int, int, bytes] | None = None
         self.refs: Refcounts | None = None
+        # writable only: where the metadata lies, the L2 tables already checked, and
+        # (while refcounts are rebuilt) the host clusters of entries marked COPIED
+        self._layout: Layout | None = None
+        self._checked: set[int] = set()
+        self._copied: set[int] | None = None
         if file.writable:
             self._open_for_writing()
 
@@ -76,23 +82,37 @@ class Qcow2Layer(Layer):
 
     def _open_for_writing(self) -> None:
         h, f = self.h, self.file
+        # before the first write: refuse metadata that writing could damage further
+        dirty = bool(h.incompatible & hdr.INCOMPAT_DIRTY)
+        refs = None if dirty else Refcounts(f, h)
+        self._layout = Layout(f.path, h, self.l1, f.size(), None if refs is None else refs.table)
+        if refs is not None:
+            self._layout.check_refcounts(refs.get)
         if h.autoclear:
             # we maintain none of the autoclear features (bitmaps): clear them before
             # the first write, which tells QEMU those structures are stale, as intended
             h.autoclear = 0
             f.pwrite(struct.pack(">Q", 0), 88)
             f.flush()
-        if h.incompatible & hdr.INCOMPAT_DIRTY:
+        if dirty:
             self._rebuild_refcounts()
-        self.refs = Refcounts(f, h)
+        self.refs = refs or Refcounts(f, h)
 
     def _rebuild_refcounts(self) -> None:
         """Recount every reference of a dirty (lazy-refcounts) image and start afresh."""
         f, h, cs = self.file, self.h, self.cluster_size
         counts: dict[int, int] = {}
+        self._copied = set()
         for host, n in self._references():
             for c in range(host // cs, host // cs + n):
                 counts[c] = counts.get(c, 0) + 1
+        for c in self._copied:
+            if counts[c] != 1:
+                raise ImageError(
+                    f"{f.path!r} has a data cluster at {c * cs:#x} marked unshared"
+                    f" but referenced {counts[c]} times"
+                )
+        self._copied = None
         start = max([-(-f.size() // cs), *(c + 1 for c in counts)])
         shift = h.cluster_bits + 3 - h.refcount_order
         # lay out: blocks, then the table, all counted in the new blocks themselves
@@ -158,6 +178,18 @@ class Qcow2Layer(Layer):
             raise ImageError(f"{self.path!r} has a misaligned L2 table at {off:#x}")
         table = bytearray(self.file.pread(self.cluster_size, off))
         table += bytes(self.cluster_size - len(table))
+        layout = self._layout
+        # tables past the file's end at open were made by this session: nothing to check
+        if layout is not None and off < layout.eof and off not in self._checked:
+            layout.check_l2(
+                off,
+                table,
+                v3=self.v3,
+                compressed_clusters=self._compressed_clusters,
+                refcounts=self.refs,
+                copied=self._copied,
+            )
+            self._checked.add(off)
         self.l2_cache[off] = table
         if len(self.l2_cache) > self.l2_cache_tables:
             self._evict_l2(keep=off)
@@ -242,15 +274,16 @@ class Qcow2Layer(Layer):
             e = self._entry(pos >> cb)
             if e & COMPRESSED_BIT:
                 k, host = COMPRESSED, 0
-            elif e & ZERO_FLAG and self.v3:
+            elif e & ZERO_FLAG:
+                if not self.v3:
+                    # as QEMU: bit 0 is no zero flag in v2, and set it means corruption
+                    raise ImageError(f"{self.path!r} (qcow2 v2) has a zero cluster")
                 k, host = ZERO, 0
             elif e & OFFSET_MASK:
                 host = e & OFFSET_MASK
                 if host % cs:
                     raise ImageError(f"{self.path!r} has a misaligned data cluster at {host:#x}")
                 k, host = DATA, host + in_off
-            elif e & ZERO_FLAG:
-                raise ImageError(f"{self.path!r} (qcow2 v2) has a zero cluster")
             else:
                 k, host = UNALLOCATED, 0
             if run_start >= 0 and (
@@ -271,8 +304,8 @@ class Qcow2Layer(Layer):
 
     def read_compressed(self, host: int, clen: int) -> Buffer:
         z = self._zcache
-        if z is not None and z[0] == host:
-            return z[1]
+        if z is not None and z[0] == host and z[1] == clen:
+            return z[2]
         data = self.file.pread(clen, host)
         try:
             d = zlib.decompressobj(-15)
@@ -283,7 +316,7 @@ class Qcow2Layer(Layer):
             ) from None
         if len(out) != self.cluster_size:
             raise ImageError(f"{self.path!r} has a short compressed cluster at {host:#x}")
-        self._zcache = (host, out)
+        self._zcache = (host, clen, out)
         return out
 
     # -- writing ---------------------------------------------------------------------------

@@ -41,6 +41,7 @@ MAX_BACKING_NAME = 1023
 MAX_L1_BYTES = 32 << 20
 MAX_REFTABLE_BYTES = 8 << 20
 MAX_VIRTUAL_SIZE = 1 << 62
+MAX_SNAPSHOTS = 65536
 
 _FIXED = struct.Struct(">4sIQIIQIIQQIIQ")  # bytes 0..71
 _V3 = struct.Struct(">QQQII")  # bytes 72..103
@@ -164,8 +165,15 @@ def parse(raw: bytes, path: str, file_size: int) -> Header:
     _check_geometry(h, path, file_size)
     if h.backing_file_offset:
         end = h.backing_file_offset + h.backing_file_size
-        if h.backing_file_size > MAX_BACKING_NAME or end > cs or end > len(raw):
-            raise ImageError(f"{path!r} has an invalid backing file name")
+        if h.backing_file_size > MAX_BACKING_NAME:
+            raise ImageError(
+                f"{path!r} has a backing file name of {h.backing_file_size} bytes;"
+                f" at most {MAX_BACKING_NAME} are allowed"
+            )
+        if end > cs:
+            raise ImageError(f"{path!r} has a backing file name running past the header cluster")
+        if end > len(raw):
+            raise ImageError(f"{path!r} has a backing file name running past the end of the file")
         name = raw[h.backing_file_offset : end]
         try:
             h.backing_file = name.decode("utf-8")
@@ -220,6 +228,12 @@ def _check_features(h: Header, path: str) -> None:
 
 
 def _check_geometry(h: Header, path: str, file_size: int) -> None:
+    """Sizes and offsets of the tables: sane, aligned, and inside the file.
+
+    Every table chainfs loads whole (the L1 table, the refcount table) must lie inside the
+    file, so a hostile header cannot make chainfs allocate more memory than the file has
+    bytes, nor read at offsets the operating system cannot even express.
+    """
     cs = h.cluster_size
     if h.size > MAX_VIRTUAL_SIZE:
         raise ImageError(f"{path!r} has an absurd virtual size {h.size}")
@@ -229,17 +243,35 @@ def _check_geometry(h: Header, path: str, file_size: int) -> None:
         raise ImageError(f"{path!r} has an L1 table too small for its size")
     if h.l1_size * 8 > MAX_L1_BYTES:
         raise ImageError(f"{path!r} has an absurd L1 table size {h.l1_size}")
-    if h.l1_size and (h.l1_table_offset % cs or h.l1_table_offset == 0):
-        raise ImageError(f"{path!r} has a misaligned L1 table")
-    if h.refcount_table_offset % cs or h.refcount_table_offset == 0:
-        raise ImageError(f"{path!r} has a misaligned refcount table")
-    if h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES or h.refcount_table_clusters == 0:
-        raise ImageError(f"{path!r} has an invalid refcount table size")
-    if h.nb_snapshots and h.snapshots_offset % cs:
-        raise ImageError(f"{path!r} has a misaligned snapshot table")
+    if h.l1_size:
+        _check_table(path, "L1 table", h.l1_table_offset, h.l1_size * 8, cs, file_size)
+    if h.refcount_table_clusters == 0 or h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
+        raise ImageError(
+            f"{path!r} has an invalid refcount table size ({h.refcount_table_clusters} clusters)"
+        )
+    _check_table(
+        path, "refcount table", h.refcount_table_offset, h.refcount_table_clusters * cs,
+        cs, file_size,
+    )  # fmt: skip
+    if h.nb_snapshots:
+        if h.nb_snapshots > MAX_SNAPSHOTS:
+            raise ImageError(f"{path!r} claims an absurd {h.nb_snapshots} internal snapshots")
+        # entries have variable length; the table must at least start inside the file
+        _check_table(path, "snapshot table", h.snapshots_offset, 1, cs, file_size)
     if h.backing_file_offset >= cs:
         raise ImageError(f"{path!r} has its backing file name outside the header cluster")
-    del file_size  # tables past EOF read as zeros; reads are bounds-checked per cluster
+    if h.backing_file_offset and h.backing_file_offset < h.header_length:
+        raise ImageError(f"{path!r} has its backing file name inside the header fields")
+
+
+def _check_table(path: str, what: str, offset: int, length: int, cs: int, file_size: int) -> None:
+    if offset == 0 or offset % cs:
+        raise ImageError(f"{path!r} has a misaligned {what} (offset {offset:#x})")
+    if offset + length > file_size:
+        raise ImageError(
+            f"{path!r} has its {what} (offset {offset:#x}, {length} bytes) "
+            f"past the end of the file ({file_size} bytes)"
+        )
 
 
 def read_header(f: HostFile) -> Header:

@@ -15,6 +15,7 @@ Locking contract: not thread-safe; the owning driver serialises all calls.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from collections import OrderedDict
 
@@ -105,6 +106,34 @@ class Refcounts:
         if not blk_off:
             return 0
         return self._get_in(self._block(blk_off), cluster & ((1 << self.rb_shift) - 1))
+
+    def first_not(self, clusters: list[int], value: int) -> int | None:
+        """The first of ``clusters`` (distinct) whose refcount is not ``value``, or None.
+
+        Runs of consecutive clusters within one block, the usual shape of an L2 table's
+        data, are compared as one slice of the block.
+        """
+        shift, width = self.rb_shift, self.bits >> 3
+        ordered = sorted(clusters)
+        pos = 0
+        while pos < len(ordered):
+            c = ordered[pos]
+            b = c >> shift
+            end = bisect.bisect_left(ordered, (b + 1) << shift, pos)
+            run = ordered[pos:end]
+            off = self._table_entry(b)
+            if width and off and run[-1] - run[0] == len(run) - 1:
+                i = (run[0] & ((1 << shift) - 1)) * width
+                if self._block(off)[i : i + len(run) * width] == value.to_bytes(width, "big") * len(
+                    run
+                ):
+                    pos = end
+                    continue
+            for c in run:
+                if self.get(c) != value:
+                    return c
+            pos = end
+        return None
 
     def _get_in(self, blk: bytearray, i: int) -> int:
         return get_entry(blk, i, self.bits)
