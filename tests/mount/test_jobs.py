@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -95,9 +96,10 @@ def test_snapshot_while_writing(tmp_path: Path, mounter: Mounter, seeds: Seeds) 
 STREAMS: dict[str, tuple[str, str, str, dict[str, str | None]]] = {
     # id: (command, layers after (active first), layers it must not write, backing after)
     "base=A": ("base=A.qcow2", "EA", "ABCD", {"E": "A"}),
-    "bare-word-base": ("A.qcow2", "EA", "ABCD", {"E": "A"}),
+    "bare-word": ("A.qcow2", "EA", "ABCD", {"E": "A"}),
     "node=D,base=B": ("node=D.qcow2 base=B.qcow2", "EDBA", "ABC", {"D": "B", "E": "D"}),
-    "full": ("", "E", "ABCD", {"E": None}),
+    "full": ("node=E.qcow2", "E", "ABCD", {"E": None}),
+    "node=D": ("node=D.qcow2", "ED", "ABC", {"D": None, "E": "D"}),
 }
 
 
@@ -120,7 +122,7 @@ def test_stream_while_writing(
     writer.start()
     try:
         writer.wait_writes(20)
-        job = m.start_job("E", "stream", f"{command} speed=3M".strip())
+        job = m.start_job("E", "stream", f"{command} speed=3M")
         writer.wait_writes(40)
         assert job_offset(m, "E") is not None, "the stream ended before the writer wrote"
         end = m.wait_job("E", job)
@@ -200,3 +202,97 @@ def test_cancel_running_stream(tmp_path: Path, mounter: Mounter, seeds: Seeds) -
     assert_content(seed.active, seed.content, tmp_path / "cmp")
     assert digests(seed.layers[:-1]) == below
     assert os.path.exists(seed.layer("B"))
+
+
+def test_two_chains_at_once(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
+    """Streams on two chains of one mount at the same time, each under its own writer."""
+    images = tmp_path / "images"
+    p, q = seeds(images, "p-"), seeds(images, "q-")
+    models = {p.name: bytearray(p.content), q.name: bytearray(q.content)}
+    m = mounter(images)
+    writers = [
+        Writer(m.img(c), models[c], seed=i, aim=lambda c=c: job_offset(m, c))  # type: ignore[misc]
+        for i, c in enumerate(models)
+    ]
+    for w in writers:
+        w.start()
+    try:
+        jobs = {
+            p.name: m.start_job(p.name, "stream", "base=p-A.qcow2 speed=3M"),
+            q.name: m.start_job(q.name, "stream", "node=q-D.qcow2 base=q-B.qcow2 speed=2M"),
+        }
+        assert jobs[p.name] != jobs[q.name]
+        for w in writers:
+            w.wait_writes(20)
+        for chain, job in jobs.items():
+            end = m.wait_job(chain, job)
+            assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    finally:
+        for w in writers:
+            w.stop()
+    for chain, model in models.items():
+        assert_flat(m.img(chain), model)
+    m.unmount()
+    assert_clean([*p.layers, *q.layers])
+    assert backing_chain(p.active) == ["p-E.qcow2", "p-A.qcow2"]
+    assert backing_chain(q.active) == ["q-E.qcow2", "q-D.qcow2", "q-B.qcow2", "q-A.qcow2"]
+    assert_content(p.active, models[p.name], tmp_path / "p")
+    assert_content(q.active, models[q.name], tmp_path / "q")
+
+
+def random_operations(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, rng_seed: int, count: int
+) -> None:
+    """``count`` random snapshots and streams (any node, any base below it, or none) on
+    the seed chain under a writer; every layer that leaves the chain keeps its bytes."""
+    rng = random.Random(rng_seed)
+    images = tmp_path / "images"
+    seed = seeds(images)
+    model = bytearray(seed.content)
+    chain = [p.name for p in reversed(seed.layers)]  # active first
+    left: dict[str, str] = {}  # layer -> digest when it left the chain
+    m = mounter(images)
+    writer = Writer(m.img("E"), model, seed=rng_seed, aim=lambda: job_offset(m, "E"))
+    writer.start()
+    try:
+        for i in range(count):
+            writer.wait_writes(5)
+            if rng.random() < 0.35 or len(chain) < 2:
+                name = f"S{i}.qcow2"
+                m.command("E", "snapshot", name)
+                chain.insert(0, name)
+            else:
+                qcow2 = [x for x in chain if x.endswith(".qcow2")]
+                n = rng.randrange(len(qcow2) - (0 if qcow2[-1] != chain[-1] else 1))
+                node = chain[n]
+                b = rng.choice([None, *range(n + 1, len(chain))])
+                words = [f"node={node}"] + ([f"base={chain[b]}"] if b is not None else [])
+                words += rng.choice([[], ["speed=8M"]])
+                m.run_job("E", "stream", " ".join(words))
+                leaving = chain[n + 1 : b] if b is not None else chain[n + 1 :]
+                chain = chain[: n + 1] + (chain[b:] if b is not None else [])
+                left |= digests([images / x for x in leaving])
+            assert m.layers("E") == chain, (i, chain)
+    finally:
+        writer.stop()
+    assert_flat(m.img("E"), model)
+    m.unmount()
+    files = sorted(images.glob("*.qcow2")) + sorted(images.glob("*.raw"))
+    assert_clean(files)
+    assert backing_chain(images / chain[0]) == chain
+    assert_content(images / chain[0], model, tmp_path / "cmp")
+    assert digests([images / Path(x).name for x in left]) == {
+        str(images / Path(x).name): d for x, d in left.items()
+    }
+
+
+def test_random_operations(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
+    random_operations(tmp_path, mounter, seeds, rng_seed=1, count=6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rng_seed", range(2, 10))
+def test_random_operations_long(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, rng_seed: int
+) -> None:
+    random_operations(tmp_path, mounter, seeds, rng_seed=rng_seed, count=16)
