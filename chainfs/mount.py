@@ -254,11 +254,14 @@ class Recovery:
 
 def recover(source_path: str, *, readonly: bool) -> tuple[sources.Source, Recovery]:
     """Load the source, finishing what interrupted jobs had begun to change on disk."""
-    src = sources.load(source_path)
-    journal = Journal.load(src.directory, writable=not readonly)
+    # the changes go to the state file as it is, not to one a scan added names to (the
+    # scan would name a half-made target as a chain of its own)
+    state = sources.load_state(source_path)
+    journal = Journal.load(state.directory, writable=not readonly)
     rec = Recovery(journal)
     pending = journal.pending()
     if readonly:
+        src = sources.load(source_path)
         for p in pending:
             log.warning(
                 "chain=%s job=%s type=%s was interrupted; a read-write mount resumes it",
@@ -268,27 +271,23 @@ def recover(source_path: str, *, readonly: bool) -> tuple[sources.Source, Recove
             )
         _exclude_targets(src, pending)
         return src, rec
-    changed = False
     for p in pending:
         try:
             if p.phase is not None:
                 rec.report(p, "JOB_RESUMED", phase=p.phase)
-                redo(p.actions, src)
+                redo(p.actions, state)
                 journal.end(p.key, "done")
                 rec.report(p, "JOB_COMPLETED", phase=p.phase)
-                changed = True
             elif p.type == "snapshot":
-                _settle_snapshot(p, src, rec)
+                _settle_snapshot(p, state, rec)
                 journal.end(p.key, "done")
-                changed = True
             else:
                 rec.resume.append(p)
         except ChainfsError as e:
             # left in the journal: the next mount tries again
             log.error("chain=%s job=%s cannot be completed: %s", p.chain, p.id, e)
             rec.report(p, "JOB_COMPLETED", error=f"cannot be completed: {e}")
-    if changed:
-        src = sources.load(source_path)
+    src = sources.load(source_path)
     _exclude_targets(src, journal.pending())
     journal.compact()
     return src, rec
@@ -300,6 +299,8 @@ def _exclude_targets(src: sources.Source, pending: list[Pending]) -> None:
     for spec in [c for c in src.chains if c.active in targets]:
         log.info("chain=%s file=%s is the target of an interrupted job", spec.name, spec.active)
         src.chains.remove(spec)
+        if src.recorded.get(spec.name) == spec.active:
+            del src.recorded[spec.name]  # the name the scan gave it
 
 
 def _settle_snapshot(p: Pending, src: sources.Source, rec: Recovery) -> None:

@@ -143,6 +143,15 @@ def _backing_of(path: str) -> str | None:
     return os.path.normpath(resolve_backing(os.path.abspath(path), h.backing_file))
 
 
+def load_state(path: str) -> Source:
+    """Only the state file of a directory or TOML source, without looking for chains:
+    what recovery of interrupted jobs changes before the chains are found."""
+    path = os.path.abspath(path)
+    src = Source(path=path, directory=path if os.path.isdir(path) else os.path.dirname(path))
+    src._load_state()
+    return src
+
+
 def load(path: str) -> Source:
     """Find the chains of a directory or TOML source (opening no chain yet)."""
     path = os.path.abspath(path)

@@ -140,7 +140,10 @@ def redo(actions: list[Action], src: Source) -> None:
                 src.retire(paths)
         elif kind == "record-active":
             chain, path = str(action["chain"]), str(action["path"])
-            if src.recorded.get(chain) != path:
+            others = [n for n, p in src.recorded.items() if p == path and n != chain]
+            if src.recorded.get(chain) != path or others:
+                for name in others:  # a scan may have named the new active layer itself
+                    del src.recorded[name]
                 src.record_active(chain, path)
         else:
             raise ChainfsError(f"the journal asks for an unknown action {kind!r}")
