@@ -92,7 +92,7 @@ def test_status_json(mount: Mount) -> None:
 
 
 def test_stream_wait_prints_progress_lines_and_exits_0(mount: Mount) -> None:
-    proc = chainfs("stream", mount.mountpoint, "E", "base=A.qcow2", "speed=8M", "--wait")
+    proc = chainfs("stream", mount.mountpoint, "E", "base=A.qcow2", "speed=2M", "--wait")
     lines = proc.stderr.splitlines()
     assert lines[-1] == "job stream-1 completed", proc.stderr
     progress = [parse_line(x) for x in lines[:-1]]
