@@ -271,16 +271,18 @@ async def test_relative_backing_strings_stay_relative(tmp_path: Path) -> None:
     assert "verification failed" not in out, out
 
 
-async def test_zero_blocks_stay_sparse_in_base(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+async def test_zero_blocks_stay_sparse_in_base(tmp_path: Path, compat: str) -> None:
     """QEMU's ``commit-zero-blocks``: zeros written above data reach the base as zero
-    clusters, not as allocated zero data."""
+    clusters (v3), or as unallocated clusters of a base without backing (v2), not as
+    allocated zero data."""
     d = tmp_path / "images"
     d.mkdir()
     cs = 65536
     _, model = im.build_chain(
         str(d),
         [
-            {"name": "base.qcow2", "writes": [(0, 8 * cs, 0x11)]},
+            {"name": "base.qcow2", "create": {"compat": compat}, "writes": [(0, 8 * cs, 0x11)]},
             {"name": "mid.qcow2", "writes": [(0, 4 * cs, None), (6 * cs, 4 * cs, None)]},
             {"name": "top.qcow2", "writes": [(12 * cs, cs, 0x33)]},
         ],
@@ -325,6 +327,31 @@ async def test_commit_grows_a_shorter_base(tmp_path: Path) -> None:
     info = json.loads(im.run(["qemu-img", "info", "--output=json", str(d / "B.qcow2")]).stdout)
     assert info["virtual-size"] == 2 * MiB
     im.assert_same_as(str(d / "D.qcow2"), bytes(model), str(tmp_path))
+
+
+@pytest.mark.parametrize("command", ["top=mid.qcow2 base=base.qcow2", "base=base.qcow2"])
+async def test_zero_length_base(tmp_path: Path, command: str) -> None:
+    """040's zero-length image: a base of 0 bytes grows to take the data."""
+    d = tmp_path / "images"
+    d.mkdir()
+    _, model = im.build_chain(
+        str(d),
+        [
+            {"name": "base.qcow2", "size": 0},
+            {"name": "mid.qcow2", "writes": [(100000, 300000, 0x55)]},
+            {"name": "top.qcow2", "writes": [(MiB, 4096, 0x66)]},
+        ],
+        size=2 * MiB,
+    )
+    async with serve(d) as disk:
+        end = await run_job(disk, "commit", command)
+        assert "error" not in end, end
+        assert disk.chain.read(0, 2 * MiB) == bytes(model)
+        active = Path(disk.chain.active.path)
+    check_all(d)
+    im.assert_same_as(str(active), bytes(model), str(tmp_path))
+    info = json.loads(im.run(["qemu-img", "info", "--output=json", str(d / "base.qcow2")]).stdout)
+    assert info["virtual-size"] == 2 * MiB
 
 
 # -- active commit and copy ----------------------------------------------------------------
