@@ -186,6 +186,11 @@ class Mount:
     def events(self, chain: str) -> list[dict[str, str]]:
         return self.lines(chain, "events")
 
+    def job_offset(self, chain: str) -> int | None:
+        """The running job's ``offset`` (None: no job runs)."""
+        jobs = self.lines(chain, "jobs")
+        return int(jobs[0]["offset"]) if jobs else None
+
     def status(self) -> list[dict[str, str]]:
         text = (self.mountpoint / "control" / ".status").read_text()
         return [parse_line(line) for line in text.splitlines()]

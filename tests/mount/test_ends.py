@@ -67,7 +67,7 @@ def test_unmount_in_the_middle_of_a_stream(tmp_path: Path, mounter: Mounter, see
     model = bytearray(seed.content)
     m = mounter(images)
     job = m.start_job("E", "stream", "base=A.qcow2 speed=1M")
-    wait_for(lambda: int((m.lines("E", "jobs") or [{"offset": "0"}])[0]["offset"]) > 0, "progress")
+    wait_for(lambda: (m.job_offset("E") or 0) > 0, "the stream to progress")
     write_unsynced(m.img("E"), model, seed=3)
     m.unmount()
     # stopped, not finished: the chain is the one the stream started from, and valid

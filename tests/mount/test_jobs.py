@@ -28,7 +28,6 @@ import pytest
 from interop import images as im
 
 from .conftest import (
-    Mount,
     Mounter,
     Seed,
     Seeds,
@@ -43,11 +42,6 @@ from .conftest import (
 )
 
 MiB = im.MiB
-
-
-def job_offset(m: Mount, chain: str) -> int | None:
-    jobs = m.lines(chain, "jobs")
-    return int(jobs[0]["offset"]) if jobs else None
 
 
 def header(path: Path) -> tuple[str | None, str | None, str]:
@@ -118,13 +112,13 @@ def test_stream_while_writing(
     before = digests(kept)
     model = bytearray(seed.content)
     m = mounter(tmp_path / "images")
-    writer = Writer(m.img("E"), model, seed=2, aim=lambda: job_offset(m, "E"))
+    writer = Writer(m.img("E"), model, seed=2, aim=lambda: m.job_offset("E"))
     writer.start()
     try:
         writer.wait_writes(20)
         job = m.start_job("E", "stream", f"{command} speed=3M")
         writer.wait_writes(40)
-        assert job_offset(m, "E") is not None, "the stream ended before the writer wrote"
+        assert m.job_offset("E") is not None, "the stream ended before the writer wrote"
         end = m.wait_job("E", job)
         writer.wait_writes(20)
     finally:
@@ -185,7 +179,7 @@ def test_cancel_running_stream(tmp_path: Path, mounter: Mounter, seeds: Seeds) -
     below = digests(seed.layers[:-1])
     m = mounter(tmp_path / "images")
     job = m.start_job("E", "stream", "base=A.qcow2 speed=1M")
-    wait_for(lambda: (job_offset(m, "E") or 0) > 0, "the stream to make progress")
+    wait_for(lambda: (m.job_offset("E") or 0) > 0, "the stream to make progress")
     m.command("E", "cancel", job)
     end = m.wait_job("E", job)
     assert end["event"] == "JOB_CANCELLED", end
@@ -211,7 +205,7 @@ def test_two_chains_at_once(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> N
     models = {p.name: bytearray(p.content), q.name: bytearray(q.content)}
     m = mounter(images)
     writers = [
-        Writer(m.img(c), models[c], seed=i, aim=lambda c=c: job_offset(m, c))  # type: ignore[misc]
+        Writer(m.img(c), models[c], seed=i, aim=lambda c=c: m.job_offset(c))  # type: ignore[misc]
         for i, c in enumerate(models)
     ]
     for w in writers:
@@ -252,7 +246,7 @@ def random_operations(
     chain = [p.name for p in reversed(seed.layers)]  # active first
     left: dict[str, str] = {}  # layer -> digest when it left the chain
     m = mounter(images)
-    writer = Writer(m.img("E"), model, seed=rng_seed, aim=lambda: job_offset(m, "E"))
+    writer = Writer(m.img("E"), model, seed=rng_seed, aim=lambda: m.job_offset("E"))
     writer.start()
     try:
         for i in range(count):
