@@ -1,19 +1,35 @@
-"""Benchmarks of chainfs's engine against QEMU, run by ``scripts/bench``.
+"""Benchmarks of chainfs against QEMU, run by ``scripts/bench``.
 
 It builds its images in ``./bench-work`` (removed at the start of every run; nothing else
-is touched) and measures, through ``chainfs.chain.Chain`` directly (no FUSE):
+is touched).  The engine part measures ``chainfs.chain.Chain`` directly (no FUSE):
 
 - sequential read of the whole disk of the 1 GiB seed chain in 1 MiB requests, beside
-  ``qemu-img bench`` reading the same active image in 1 MiB requests (best of two each);
+  ``qemu-img bench`` reading the same active image in 1 MiB requests (best of runs);
 - 10,000 random 4 KiB reads (fixed seed, 4 KiB-aligned, over the whole disk) on a depth-1
-  chain and on a depth-64 chain, timed from after ``Chain.open`` (best of two each), with
+  chain and on a depth-64 chain, timed from after ``Chain.open`` (best of runs), with
   the bytes read checked against ``qemu-img convert -O raw`` of the same chain;
 - the peak RSS of this process, and of a child that opens a 1 TiB sparse chain (a few
   writes spread over the base, an overlay with a few more) and does 10,000 random 4 KiB
   reads there.
 
-It prints a table with the targets.  The figures are a report, not a test: the exit status
-is non-zero only when something fails to run or reads wrong bytes.
+The FUSE part serves the same 1 GiB five-layer seed chain with ``chainfs mount -f`` (a
+subprocess) and with ``qemu-storage-daemon --export type=fuse`` (a blockdev per layer,
+node names A..E), one server at a time, alternating, and measures through each:
+
+- sequential read of the whole flat disk with fio (1 MiB blocks, buffered), the first
+  read after a fresh mount with the page cache dropped, and a second read on that mount;
+- 4 KiB random reads at queue depth 1 with fio (psync, ``direct=1``, fixed seed and run
+  time): every read reaches the server, so this is the per-request cost of each;
+- sequential write of the whole disk with fio (1 MiB blocks, ``end_fsync=1``, timed by
+  the wall clock) into a fresh empty overlay: chainfs's ``snapshot`` into its copy of the
+  chain, a ``qemu-img create`` overlay exported writable for QEMU;
+- ``stream base=A.qcow2`` through the control file (until ``JOB_COMPLETED``) against QMP
+  ``block-stream`` with ``base-node=A`` (until ``BLOCK_JOB_COMPLETED``), each on its own
+  fresh copy of the chain; both results are compared with ``qemu-img compare``;
+- the peak RSS (VmHWM) of the chainfs server and of qemu-storage-daemon.
+
+It prints a table with the targets and the commands used.  The figures are a report, not
+a test: the exit status is non-zero only when something fails to run or reads wrong bytes.
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
 
 import xxhash
 
@@ -208,6 +225,434 @@ def tera_child(active: str) -> int:
     return 0
 
 
+# --- (c) through FUSE: chainfs against qemu-storage-daemon ------------------------------
+
+LAYERS = ("A", "B", "C", "D", "E")
+SERVER_DEADLINE = 60.0  # seconds a server may take to come up or go away
+RAND_RUNTIME = 10  # seconds of random reads per measurement
+FUSE_TARGET = 1.0  # chainfs / qemu-storage-daemon, at least (stream: time ratio)
+
+FIO = ["fio", "--name=bench", "--ioengine=psync", "--iodepth=1", "--output-format=json"]
+
+
+def fio_seq_read(path: str, size: int) -> list[str]:
+    return [*FIO, f"--filename={path}", "--rw=read", "--bs=1M", f"--size={size}"]
+
+
+def fio_rand_read(path: str, size: int, runtime: int) -> list[str]:
+    return [
+        *FIO,
+        f"--filename={path}",
+        "--rw=randread",
+        "--bs=4k",
+        "--direct=1",
+        f"--size={size}",
+        f"--runtime={runtime}",
+        "--time_based",
+        f"--randseed={RANDOM_SEED}",
+    ]
+
+
+def fio_seq_write(path: str, size: int) -> list[str]:
+    return [*FIO, f"--filename={path}", "--rw=write", "--bs=1M", f"--size={size}", "--end_fsync=1"]
+
+
+def fio(args: list[str]) -> dict[str, float]:
+    """Run fio; its job's read/write figures and the wall time of the whole run."""
+    start = time.perf_counter()
+    out = run(args)
+    wall = time.perf_counter() - start
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    if job.get("error"):
+        sys.exit(f"bench: {' '.join(args)}: fio error {job['error']}")
+    return {
+        "read_bw": job["read"]["bw_bytes"],
+        "read_iops": job["read"]["iops"],
+        "write_bw": job["write"]["bw_bytes"],
+        "wall": wall,
+    }
+
+
+def drop_caches() -> bool:
+    """Write back and drop the page cache (root only): a cold first read for both."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def wait_for(cond: Callable[[], bool], what: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + SERVER_DEADLINE
+    while not cond():
+        if proc.poll() is not None:
+            sys.exit(f"bench: the server exited ({proc.returncode}) while waiting for {what}")
+        if time.monotonic() > deadline:
+            sys.exit(f"bench: timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def peak_rss_of(pid: int) -> float:
+    """A live process's peak resident set size (VmHWM) in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def copy_chain(src: str, dst: str) -> str:
+    """A fresh copy of the seed chain's directory (sparse, relative backing strings),
+    written back before it is used, so neither server pays for the copy."""
+    run(["cp", "-r", "--sparse=always", src, dst])
+    os.sync()
+    return dst
+
+
+def shell_words(args: list[str]) -> str:
+    """A command line for the report: paths under bench-work shortened, and of a run of
+    --blockdev options only the first layer's pair and the last one's kept."""
+    out: list[str] = []
+    blockdevs = [i for i, a in enumerate(args) if a == "--blockdev"]
+    elide = set(blockdevs[2:-2])
+    for i, a in enumerate(args):
+        if i in elide or (i - 1) in elide:
+            if i == blockdevs[2]:
+                out.append("... (the same for each layer up, backing = the one below) ...")
+            continue
+        a = a.replace(WORK + "/", "bench-work/")
+        out.append(a if re.fullmatch(r"[\w@%+=:,./-]+", a) else f"'{a}'")
+    return " ".join(out)
+
+
+class Server:
+    """One FUSE server in a subprocess: start, wait until usable, stop, remember RSS."""
+
+    def __init__(self, name: str, args: list[str], log_path: str, mountpoint: str) -> None:
+        self.name = name
+        self.args = args
+        self.mountpoint = mountpoint
+        self.log_path = log_path
+        self.peak_rss = 0.0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Self:
+        with open(self.log_path, "ab") as log:
+            log.write(f"==> {' '.join(self.args)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        wait_for(lambda: os.path.ismount(self.mountpoint), self.mountpoint, self.proc)
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True, check=False)
+
+    def __exit__(self, *exc: object) -> None:
+        proc = self.proc
+        assert proc is not None
+        if proc.poll() is None:
+            self.peak_rss = peak_rss_of(proc.pid)
+            self.stop()
+            try:
+                proc.wait(timeout=SERVER_DEADLINE)
+            except subprocess.TimeoutExpired:
+                subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], check=False)
+                proc.kill()
+                proc.wait()
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], check=False)
+
+
+def chainfs_server(source: str, mountpoint: str, log: str, *, readonly: bool) -> Server:
+    os.makedirs(mountpoint, exist_ok=True)
+    args = [sys.executable, "-m", "chainfs", "mount", "-f"]
+    if readonly:
+        args += ["-o", "ro"]
+    return Server("chainfs", [*args, source, mountpoint], log, mountpoint)
+
+
+class QMP:
+    """A minimal QMP client over a unix socket: commands, and the events seen meanwhile."""
+
+    def __init__(self, path: str) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rwb")
+        self.events: list[dict[str, object]] = []
+        self._recv()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def _recv(self) -> dict[str, object]:
+        line = self.file.readline()
+        if not line:
+            sys.exit("bench: qemu-storage-daemon closed its QMP socket")
+        msg: dict[str, object] = json.loads(line)
+        return msg
+
+    def execute(self, command: str, **arguments: object) -> object:
+        self.file.write(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
+        self.file.flush()
+        while True:
+            msg = self._recv()
+            if "event" in msg:
+                self.events.append(msg)
+            elif "error" in msg:
+                sys.exit(f"bench: QMP {command} failed: {msg['error']}")
+            elif "return" in msg:
+                return msg["return"]
+
+    def wait_event(self, name: str) -> dict[str, object]:
+        while True:
+            for i, msg in enumerate(self.events):
+                if msg["event"] == name:
+                    return self.events.pop(i)
+            self.events.append(self._recv())
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class QemuServer(Server):
+    """qemu-storage-daemon with the chain as blockdevs A..E (E on top), a QMP socket and,
+    when ``export`` names a node, a FUSE export of it on the regular file ``mountpoint``."""
+
+    def __init__(
+        self, directory: str, mountpoint: str, log: str, *, export: str | None, writable: bool
+    ) -> None:
+        self.qmp_path = os.path.join(os.path.dirname(mountpoint), "qmp.sock")
+        if os.path.lexists(self.qmp_path):
+            os.unlink(self.qmp_path)  # left by an earlier server: wait for the new one
+        self.qmp: QMP | None = None
+        self.export = export
+        args = ["qemu-storage-daemon"]
+        below: str | None = None
+        names = [*LAYERS, "F"] if export == "F" else list(LAYERS)
+        for name in names:
+            file_node: dict[str, object] = {
+                "driver": "file",
+                "node-name": f"{name}-file",
+                "filename": os.path.join(directory, f"{name}.qcow2"),
+            }
+            fmt_node: dict[str, object] = {
+                "driver": "qcow2",
+                "node-name": name,
+                "file": f"{name}-file",
+                "backing": below,
+            }
+            if not writable:
+                file_node["read-only"] = fmt_node["read-only"] = True
+            args += ["--blockdev", json.dumps(file_node), "--blockdev", json.dumps(fmt_node)]
+            below = name
+        if export is not None:
+            with open(mountpoint, "w"):
+                pass  # a FUSE export's mountpoint is an existing regular file
+            spec = f"type=fuse,id=exp0,node-name={export},mountpoint={mountpoint}"
+            args += ["--export", spec + (",writable=on" if writable else "")]
+        args += [
+            "--chardev",
+            f"socket,path={self.qmp_path},server=on,wait=off,id=qmp",
+            "--monitor",
+            "chardev=qmp",
+        ]
+        super().__init__("qemu-storage-daemon", args, log, mountpoint)
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        wait_for(lambda: os.path.exists(self.qmp_path), self.qmp_path, self.proc)
+        if self.export is not None:
+            wait_for(lambda: os.path.ismount(self.mountpoint), self.mountpoint, self.proc)
+        self.qmp = QMP(self.qmp_path)
+
+    def stop(self) -> None:
+        if self.qmp is not None:
+            try:
+                self.qmp.execute("quit")
+            except (OSError, SystemExit):
+                pass
+            self.qmp.close()
+            self.qmp = None
+
+
+@dataclass
+class Pair:
+    """One measure for both servers: the best of the runs (highest, or lowest for times)."""
+
+    chainfs: list[float]
+    qemu: list[float]
+    lower_is_better: bool = False
+
+    def best(self, values: list[float]) -> float:
+        return min(values) if self.lower_is_better else max(values)
+
+    @property
+    def ratio(self) -> float:
+        c, q = self.best(self.chainfs), self.best(self.qemu)
+        return q / c if self.lower_is_better else c / q
+
+
+@dataclass
+class FuseResults:
+    seq_read: Pair
+    reread: Pair
+    rand_iops: Pair
+    seq_write: Pair
+    stream: Pair
+    rss: Pair
+    dropped: bool
+    streams_equal: bool
+    commands: list[str]
+
+
+def fuse_bench(seed_dir: str, size: int, runs: int, rand_runtime: int) -> FuseResults:
+    work = os.path.join(WORK, "fuse")
+    os.makedirs(work)
+    mp = os.path.join(work, "mnt")
+    export = os.path.join(work, "export.img")
+    clog = os.path.join(work, "chainfs.log")
+    qlog = os.path.join(work, "qemu-storage-daemon.log")
+    flat = os.path.join(mp, "E.img")
+    seq_read = Pair([], [])
+    reread = Pair([], [])
+    rand = Pair([], [])
+    write = Pair([], [])
+    stream = Pair([], [], lower_is_better=True)
+    rss = Pair([], [], lower_is_better=True)
+    dropped = streams_equal = True
+    commands: dict[str, str] = {}
+
+    def note(key: str, args: list[str]) -> None:
+        commands.setdefault(key, shell_words(args))
+
+    def measure_reads(server: Server, path: str, into: str) -> None:
+        nonlocal dropped
+        first = fio_seq_read(path, size)
+        note(f"{server.name}: sequential read (twice)", first)
+        note("both: random read", fio_rand_read(path, size, rand_runtime))
+        r1 = fio(first)
+        r2 = fio(first)
+        r3 = fio(fio_rand_read(path, size, rand_runtime))
+        side = "chainfs" if into == "chainfs" else "qemu"
+        getattr(seq_read, side).append(r1["read_bw"])
+        getattr(reread, side).append(r2["read_bw"])
+        getattr(rand, side).append(r3["read_iops"])
+        log(
+            f"    {server.name}: first read {r1['read_bw'] / 1e6:.0f} MB/s, "
+            f"re-read {r2['read_bw'] / 1e6:.0f} MB/s, {r3['read_iops']:.0f} IOPS"
+        )
+
+    for i in range(runs):
+        # reads: the seed chain itself, read-only for both (shared image locks)
+        log(f"(c) run {i + 1}: reads through chainfs")
+        dropped &= drop_caches()
+        with chainfs_server(seed_dir, mp, clog, readonly=True) as srv:
+            note("chainfs: mount for reads", srv.args)
+            measure_reads(srv, flat, "chainfs")
+        rss.chainfs.append(srv.peak_rss)
+        log(f"(c) run {i + 1}: reads through qemu-storage-daemon")
+        dropped &= drop_caches()
+        with QemuServer(seed_dir, export, qlog, export="E", writable=False) as qsrv:
+            note("qemu-storage-daemon: export for reads", qsrv.args)
+            measure_reads(qsrv, export, "qemu")
+        rss.qemu.append(qsrv.peak_rss)
+
+        # writes into a fresh empty overlay on a fresh copy of the chain
+        log(f"(c) run {i + 1}: sequential write into a fresh overlay, chainfs")
+        src = copy_chain(seed_dir, os.path.join(work, f"write-chainfs-{i}"))
+        with chainfs_server(src, mp, clog, readonly=False) as srv:
+            with open(os.path.join(mp, "control", "E", "snapshot"), "w") as f:
+                f.write("F.qcow2\n")
+            args = fio_seq_write(flat, size)
+            note("chainfs: sequential write (after `echo F.qcow2 > control/E/snapshot`)", args)
+            r = fio(args)
+            write.chainfs.append(size / r["wall"])
+        rss.chainfs.append(srv.peak_rss)
+        run(["qemu-img", "check", "-q", os.path.join(src, "F.qcow2")])
+        shutil.rmtree(src)
+        log(f"    chainfs: {size / r['wall'] / 1e6:.0f} MB/s")
+        log(f"(c) run {i + 1}: sequential write into a fresh overlay, qemu-storage-daemon")
+        src = copy_chain(seed_dir, os.path.join(work, f"write-qemu-{i}"))
+        overlay = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "E.qcow2", "-F", "qcow2"]
+        run([*overlay, os.path.join(src, "F.qcow2")])
+        with QemuServer(src, export, qlog, export="F", writable=True) as qsrv:
+            note("qemu-storage-daemon: overlay for writes", [*overlay, "F.qcow2"])
+            note("qemu-storage-daemon: export for writes", qsrv.args)
+            args = fio_seq_write(export, size)
+            note("both: sequential write", args)
+            r = fio(args)
+            write.qemu.append(size / r["wall"])
+        shutil.rmtree(src)
+        log(f"    qemu-storage-daemon: {size / r['wall'] / 1e6:.0f} MB/s")
+
+        # stream base=A, each on its own fresh copy
+        log(f"(c) run {i + 1}: stream base=A, chainfs")
+        csrc = copy_chain(seed_dir, os.path.join(work, f"stream-chainfs-{i}"))
+        with chainfs_server(csrc, mp, clog, readonly=False) as srv:
+            events = os.path.join(mp, "control", "E", "events")
+            control = os.path.join(mp, "control", "E", "stream")
+            commands.setdefault(
+                "chainfs: stream",
+                f"echo base=A.qcow2 > {shell_words([control])}, then read"
+                " control/E/events until its JOB_COMPLETED line",
+            )
+            start = time.perf_counter()
+            with open(control, "w") as f:
+                f.write("base=A.qcow2\n")
+            while True:
+                with open(events) as f:
+                    done = [x for x in f.read().splitlines() if "event=JOB_COMPLETED" in x]
+                if done:
+                    break
+                time.sleep(0.002)  # a read of events is one cheap request
+            stream.chainfs.append(time.perf_counter() - start)
+            if "error=" in done[0]:
+                sys.exit(f"bench: the chainfs stream failed: {done[0]}")
+        rss.chainfs.append(srv.peak_rss)
+        log(f"    chainfs: {stream.chainfs[-1]:.3f} s")
+        log(f"(c) run {i + 1}: stream base=A, qemu-storage-daemon (QMP block-stream)")
+        qsrc = copy_chain(seed_dir, os.path.join(work, f"stream-qemu-{i}"))
+        with QemuServer(qsrc, export, qlog, export=None, writable=True) as qsrv:
+            assert qsrv.qmp is not None
+            note("qemu-storage-daemon: for the stream", qsrv.args)
+            cmd = {"job-id": "stream0", "device": "E", "base-node": "A"}
+            note("qemu-storage-daemon: QMP", ["block-stream", json.dumps(cmd)])
+            start = time.perf_counter()
+            qsrv.qmp.execute("block-stream", **cmd)
+            event = qsrv.qmp.wait_event("BLOCK_JOB_COMPLETED")
+            stream.qemu.append(time.perf_counter() - start)
+            data = event.get("data")
+            if isinstance(data, dict) and data.get("error"):
+                sys.exit(f"bench: QEMU's block-stream failed: {data['error']}")
+        log(f"    qemu-storage-daemon: {stream.qemu[-1]:.3f} s")
+        compare = ["qemu-img", "compare", "-q", f"{csrc}/E.qcow2", f"{qsrc}/E.qcow2"]
+        streams_equal &= subprocess.run(compare, check=False).returncode == 0
+        shutil.rmtree(csrc)
+        shutil.rmtree(qsrc)
+
+    return FuseResults(
+        seq_read=seq_read,
+        reread=reread,
+        rand_iops=rand,
+        seq_write=write,
+        stream=stream,
+        rss=rss,
+        dropped=dropped,
+        streams_equal=streams_equal,
+        commands=[f"{k}:\n    {v}" for k, v in commands.items()],
+    )
+
+
 # --- the report --------------------------------------------------------------------------
 
 
@@ -215,25 +660,26 @@ def fmt_ok(ok: bool) -> str:
     return "yes" if ok else "NO"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--size", type=int, default=GiB, help="virtual size of the seed chains in bytes (1 GiB)"
-    )
-    ap.add_argument("--runs", type=int, default=2, help="runs per timing, best taken (2)")
-    ap.add_argument("--tera-child", metavar="IMAGE", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.tera_child:
-        return tera_child(args.tera_child)
-    size: int = args.size
-    runs: int = args.runs
+Row = tuple[str, str, str, str, str, str]
 
-    shutil.rmtree(WORK, ignore_errors=True)
-    os.makedirs(WORK)
 
-    log(f"building the seed chain ({size >> 20} MiB) in {WORK}/seed")
-    seed = make_seed_chain(os.path.join(WORK, "seed"), size)
+def print_table(title: str, rows: list[Row]) -> None:
+    header = ("measure", "chainfs", "reference", "ratio", "target", "met")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print()
+    print(title)
+    print()
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
+
+@dataclass
+class EngineResults:
+    rows: list[Row]
+    wrong: list[str]
+
+
+def engine_bench(seed: str, size: int, runs: int) -> EngineResults:
     log("(a) sequential read, 1 MiB requests: chainfs engine")
     engine_seq = best_of(runs, lambda: engine_sequential_seconds(seed))
     log("(a) sequential read, 1 MiB requests: qemu-img bench")
@@ -261,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     out = run([sys.executable, os.path.abspath(__file__), "--tera-child", tera])
     tera_result = json.loads(out.strip().splitlines()[-1])
 
-    rows = [
+    rows: list[Row] = [
         (
             "sequential read, 1 MiB requests (MiB/s)",
             f"{engine_mibs:.0f}",
@@ -288,14 +734,6 @@ def main(argv: list[str] | None = None) -> int:
             fmt_ok(tera_result["rss_mib"] < RSS_TARGET_MIB),
         ),
     ]
-    header = ("measure", "chainfs", "reference", "ratio", "target", "met")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    print()
-    print(f"chainfs engine benchmark: seed chains of {size >> 20} MiB, best of {runs} runs")
-    print()
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
     wrong = [
         name
         for name, ok in (
@@ -305,11 +743,116 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not ok
     ]
-    if wrong:
-        print(f"\nWRONG BYTES (differ from qemu-img convert): {', '.join(wrong)}")
-        return 1
-    print("\nall bytes read matched qemu-img convert / the data written by qemu-io")
-    return 0
+    return EngineResults(rows, wrong)
+
+
+def fuse_rows(r: FuseResults) -> list[Row]:
+    def row(measure: str, pair: Pair, fmt: str, *, target: bool = True) -> Row:
+        ratio = pair.ratio
+        return (
+            measure,
+            format(pair.best(pair.chainfs), fmt),
+            format(pair.best(pair.qemu), fmt),
+            f"{ratio:.2f}",
+            f">= {FUSE_TARGET}" if target else "",
+            fmt_ok(ratio >= FUSE_TARGET) if target else "",
+        )
+
+    mb = 1e6
+
+    def scaled(pair: Pair) -> Pair:
+        return Pair([x / mb for x in pair.chainfs], [x / mb for x in pair.qemu])
+
+    cold = "first read after mount" + ("" if r.dropped else ", page cache NOT dropped")
+    return [
+        row(f"sequential read, 1 MiB, {cold} (MB/s)", scaled(r.seq_read), ".0f"),
+        row("sequential re-read on the same mount (MB/s)", scaled(r.reread), ".0f", target=False),
+        row("4 KiB random read, QD1, direct=1 (IOPS)", r.rand_iops, ".0f"),
+        row("sequential write into a fresh overlay, 1 MiB (MB/s)", scaled(r.seq_write), ".0f"),
+        row("stream base=A (s; ratio = QEMU time / chainfs time)", r.stream, ".3f"),
+        row("peak RSS of the server (MiB; ratio = QEMU / chainfs)", r.rss, ".0f", target=False),
+    ]
+
+
+def load() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--size", type=int, default=GiB, help="virtual size of the seed chains in bytes (1 GiB)"
+    )
+    ap.add_argument("--runs", type=int, default=2, help="runs per measure, best taken (2)")
+    ap.add_argument(
+        "--parts",
+        default="engine,fuse",
+        help="comma-separated: engine (no FUSE), fuse (chainfs vs qemu-storage-daemon)",
+    )
+    ap.add_argument(
+        "--rand-runtime",
+        type=int,
+        default=RAND_RUNTIME,
+        help=f"seconds of each random-read measure through FUSE ({RAND_RUNTIME})",
+    )
+    ap.add_argument("--tera-child", metavar="IMAGE", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.tera_child:
+        return tera_child(args.tera_child)
+    size: int = args.size
+    runs: int = args.runs
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"engine", "fuse"}:
+        ap.error(f"--parts: unknown part in {args.parts!r}")
+    missing = [t for t in ("fio", "qemu-storage-daemon", "fusermount3") if not shutil.which(t)]
+    if "fuse" in parts and missing:
+        sys.exit(f"bench: the FUSE part needs {', '.join(missing)}")
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    os.makedirs(WORK)
+    load_before = load()
+
+    log(f"building the seed chain ({size >> 20} MiB) in {WORK}/seed")
+    seed = make_seed_chain(os.path.join(WORK, "seed"), size)
+
+    engine = engine_bench(seed, size, runs) if "engine" in parts else None
+    fuse = (
+        fuse_bench(os.path.dirname(seed), size, runs, args.rand_runtime)
+        if "fuse" in parts
+        else None
+    )
+
+    status = 0
+    if engine is not None:
+        print_table(
+            f"chainfs engine benchmark: seed chains of {size >> 20} MiB, best of {runs} runs",
+            engine.rows,
+        )
+        if engine.wrong:
+            print(f"\nWRONG BYTES (differ from qemu-img convert): {', '.join(engine.wrong)}")
+            status = 1
+        else:
+            print("\nall bytes read matched qemu-img convert / the data written by qemu-io")
+    if fuse is not None:
+        print_table(
+            f"through FUSE: chainfs against qemu-storage-daemon, seed chain of {size >> 20} MiB"
+            f" (five layers), best of {runs} runs",
+            fuse_rows(fuse),
+        )
+        if fuse.streams_equal:
+            print("\nafter the streams, qemu-img compare found both chains' disks identical")
+        else:
+            print("\nSTREAM RESULTS DIFFER (qemu-img compare of the two streamed chains)")
+            status = 1
+        print("\ncommands used:")
+        for text in fuse.commands:
+            print(f"  {text}")
+    print(f"\nload average before: {load_before}; after: {load()} (2 cores: other work skews)")
+    return status
 
 
 if __name__ == "__main__":
