@@ -189,3 +189,66 @@ def test_broken_chains_are_left_out(tmp_path: Path, mounter: Mounter, seeds: See
         assert name in proc.stdout and status[name]["reason"] in proc.stdout
     assert all(p.name in proc.stdout for p in seed.layers)
     m.unmount()
+
+
+def test_names_with_spaces_and_unicode(tmp_path: Path, mounter: Mounter) -> None:
+    """Chain and layer names are file names: spaces, quotes and non-ASCII letters work in
+    the tree, in the quoted values of ``chain``, and in commands."""
+    images = tmp_path / "images"
+    images.mkdir()
+    size = 2 * MiB
+    base = im.create(str(images / "base 1.qcow2"), size)
+    im.write(base, [(0, size, 0x11)])
+    mid = im.create(str(images / 'mid "ü".qcow2'), size, backing="base 1.qcow2", cwd=str(images))
+    im.write(mid, [(MiB, 4096, 0x22)])
+    top = im.create(str(images / "vm 1.qcow2"), size, backing='mid "ü".qcow2', cwd=str(images))
+    im.write(top, [(5000, 3000, 0x33)])
+    content = im.reference(top)
+    m = mounter(images)
+    assert sorted(os.listdir(m.mountpoint)) == ["control", "vm 1.img"]
+    assert m.layers("vm 1") == ["vm 1.qcow2", 'mid "ü".qcow2', "base 1.qcow2"]
+    text = m.control("vm 1", "chain").read_text()
+    assert 'name="vm 1.qcow2"' in text and 'name="mid \\"ü\\".qcow2"' in text
+    m.command("vm 1", "snapshot", '"snap ü.qcow2"')
+    m.run_job("vm 1", "stream", 'base="base 1.qcow2"')
+    assert m.layers("vm 1") == ["snap ü.qcow2", "base 1.qcow2"]
+    assert_flat(m.img("vm 1"), content)
+    m.unmount()
+    m = mounter(images)
+    assert sorted(os.listdir(m.mountpoint)) == ["control", "vm 1.img"]
+    assert m.layers("vm 1") == ["snap ü.qcow2", "base 1.qcow2"]
+    m.unmount()
+    assert backing_chain(images / "snap ü.qcow2") == ["snap ü.qcow2", "base 1.qcow2"]
+    assert_content(images / "snap ü.qcow2", content, tmp_path / "cmp")
+
+
+def test_two_chains_sharing_a_base(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
+    """A fork, ``[A] <- ... <- [D] <- [E]`` and ``[D] <- [F]``: both chains are served (the
+    shared layers read-locked twice), a full stream of one leaves the other intact."""
+    images = tmp_path / "images"
+    seed = seeds(images)
+    fork = images / "F.qcow2"
+    im.create(str(fork), backing="D.qcow2", cwd=str(images))
+    im.write(str(fork), [(0, 3 * MiB, 0x66)])
+    fork_content = im.reference(str(fork))
+    shared = digests(seed.layers[:-1])
+    m = mounter(images)
+    assert served(m) == {"E": "served", "F": "served"}
+    model = bytearray(seed.content)
+    write_some(m.img("E"), model, 7 * MiB, b"\xee" * 100000)
+    m.run_job("E", "stream", "node=E.qcow2")
+    assert m.layers("E") == ["E.qcow2"]
+    assert m.layers("F") == ["F.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
+    assert_flat(m.img("E"), model)
+    assert_flat(m.img("F"), fork_content)
+    m.unmount()
+    assert digests(seed.layers[:-1]) == shared
+    # the layers E left are still F's: they must not be retired as chains' leftovers
+    m = mounter(images)
+    assert served(m) == {"E": "served", "F": "served"}
+    assert m.layers("F") == ["F.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
+    assert_flat(m.img("F"), fork_content)
+    m.unmount()
+    assert_clean([*seed.layers, fork])
+    assert_content(fork, fork_content, tmp_path / "f")
+    assert_content(seed.active, model, tmp_path / "e")
