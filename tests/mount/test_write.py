@@ -30,8 +30,9 @@ KiB, MiB = im.KiB, im.MiB
 
 
 def mixed_chain(directory: Path) -> Seed:
-    """Four layers with cluster sizes 512 B, 2 MiB, 4 KiB and 64 KiB over 6 MiB."""
-    size = 6 * MiB
+    """Four layers with cluster sizes 512 B, 2 MiB, 4 KiB and 64 KiB over 6 MiB + 1536 B
+    (a disk that ends inside a page and inside a cluster)."""
+    size = 6 * MiB + 1536
     sizes = [512, 2 * MiB, 4 * KiB, 64 * KiB]
     layers = [
         {
@@ -58,6 +59,11 @@ def random_writes(path: Path, model: bytearray, rng: random.Random, count: int) 
     """``count`` writes of 1 byte to 200 KiB at any offset; every tenth one read back."""
     size = len(model)
     with open(path, "r+b", buffering=0) as f:
+        # the disk's last bytes, and a write across its last page boundary
+        for off, n in ((size - 1000, 1000), (size - 5000, 4500)):
+            data = rng.randbytes(n)
+            assert os.pwrite(f.fileno(), data, off) == n
+            model[off : off + n] = data
         for i in range(count):
             n = rng.choice([1, 512, 4096, rng.randint(1, 200 * KiB)])
             off = rng.randrange(size - n + 1)
