@@ -1,8 +1,10 @@
 """The qcow2 driver: one qcow2 layer, read and written as QEMU does.
 
-Lookups go through the L1 table (kept whole in memory, as QEMU does) and a bounded LRU
-cache of L2 tables.  Writes allocate at the end of the file and update the L2 cache in
-memory; metadata reaches the disk in ``write_back`` in QEMU's order:
+Lookups go through the L1 table (kept whole in memory, as QEMU does) and bounded LRU
+caches: of 4 KiB slices of L2 tables in a read-only layer (QEMU's l2-cache-entry-size, so
+a random read in a deep chain touches 4 KiB per layer, not a whole table), of whole L2
+tables in a writable one.  Writes allocate at the end of the file and update the L2 cache
+in memory; metadata reaches the disk in ``write_back`` in QEMU's order:
 
     refcount blocks -> flush -> refcount-table entries -> flush
     -> (data already written) -> L2 tables -> flush -> L1 entries
@@ -18,8 +20,10 @@ planned by ``extents`` may run outside that lock (see ``refcounts``).
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
+import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -38,6 +42,10 @@ ZERO_FLAG = 1
 _U64 = struct.Struct(">Q")
 
 DEFAULT_L2_CACHE = 4 << 20
+# bytes of an L2 table per read-side cache entry (QEMU's l2-cache-entry-size): a random
+# read costs 4 KiB of cache, not a whole table, and a sparse table's all-zero slices
+# are never kept at all
+L2_SLICE = 4096
 
 
 class Qcow2Layer(Layer):
@@ -68,6 +76,11 @@ class Qcow2Layer(Layer):
         self.l2_cache: OrderedDict[int, bytearray] = OrderedDict()
         self.l2_dirty: set[int] = set()
         self.l2_cache_tables = max(4, l2_cache_bytes // cs)
+        # a read-only layer (whose file cannot change while open) looks entries up in
+        # slices of its tables; a writable one caches whole tables
+        self.l2_slice = min(L2_SLICE, cs)
+        self.l2_slices: OrderedDict[int, bytes] = OrderedDict()
+        self.l2_slices_max = max(16, l2_cache_bytes // self.l2_slice)
         self._zcache: tuple[int, int, bytes] | None = None
         self.refs: Refcounts | None = None
         # writable only: where the metadata lies, the L2 tables already checked, and
@@ -170,6 +183,7 @@ class Qcow2Layer(Layer):
     # -- lookups ---------------------------------------------------------------------------
 
     def _l2(self, off: int) -> bytearray:
+        """The whole L2 table at ``off``, cached (writable layers; others use slices)."""
         table = self.l2_cache.get(off)
         if table is not None:
             self.l2_cache.move_to_end(off)
@@ -203,6 +217,27 @@ class Qcow2Layer(Layer):
             victim = next(o for o in self.l2_cache if o != keep)
         del self.l2_cache[victim]
 
+    def _slice(self, l2_off: int, a: int) -> bytes:
+        """The cached slice of the on-disk L2 table at ``l2_off`` holding byte ``a``."""
+        s = self.l2_slice
+        off = l2_off + a - a % s
+        piece = self.l2_slices.get(off)
+        if piece is not None:
+            self.l2_slices.move_to_end(off)
+            return piece
+        if l2_off % self.cluster_size:
+            raise ImageError(f"{self.path!r} has a misaligned L2 table at {l2_off:#x}")
+        piece = self.file.pread(s, off)
+        if len(piece) < s:
+            piece += bytes(s - len(piece))
+        self._keep_slice(off, piece)
+        return piece
+
+    def _keep_slice(self, off: int, piece: bytes) -> None:
+        self.l2_slices[off] = piece
+        if len(self.l2_slices) > self.l2_slices_max:
+            self.l2_slices.popitem(last=False)
+
     def _entry(self, cluster: int) -> int:
         i = cluster >> self.l2_bits
         if i * 8 >= len(self.l1):
@@ -210,7 +245,11 @@ class Qcow2Layer(Layer):
         l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK
         if not l2_off:
             return 0
-        e: int = _U64.unpack_from(self._l2(l2_off), (cluster & self.l2_mask) * 8)[0]
+        a = (cluster & self.l2_mask) * 8
+        if self.file.writable:  # whole tables, checked as they are loaded
+            e: int = _U64.unpack_from(self._l2(l2_off), a)[0]
+        else:
+            e = _U64.unpack_from(self._slice(l2_off, a), a % self.l2_slice)[0]
         return e
 
     def _compressed_clusters(self, e: int) -> tuple[int, int]:
@@ -240,14 +279,19 @@ class Qcow2Layer(Layer):
             l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK if i < self.h.l1_size else 0
             if l2_off:
                 a = (c & self.l2_mask) * 8
-                table = self._l2(l2_off)
-                x |= _allocated_lanes(table[a : a + (span_end - c) * 8]) << (8 * (c - first))
+                x |= self._table_lanes(l2_off, a, a + (span_end - c) * 8) << (8 * (c - first))
             c = span_end
         if k > 1:
+            # one lane per cluster -> k per cluster, in min(k, nclusters) C-speed steps
             per_cluster = x.to_bytes(nclusters, "little")
-            out = bytearray(nclusters * k)
-            for j in range(k):
-                out[j::k] = per_cluster
+            out: bytes | bytearray
+            if k <= nclusters:
+                out = bytearray(nclusters * k)
+                for j in range(k):
+                    out[j::k] = per_cluster
+            else:
+                ones, zeros = b"\x01" * k, bytes(k)
+                out = b"".join(ones if v else zeros for v in per_cluster)
             x = int.from_bytes(out[skip : skip + count], "little")
         # a granule reaching past the layer's end is answered here: past the end reads
         # zeros; any unallocated part before the end comes back from ``extents``
@@ -255,6 +299,29 @@ class Qcow2Layer(Layer):
         if full < count:
             x |= lane_ones(count - full) << (8 * full)
         return x
+
+    def _table_lanes(self, l2_off: int, a: int, b: int) -> int:
+        """Allocation lanes of the entries at bytes ``[a, b)`` of the L2 table at ``l2_off``.
+
+        A table not cached whole is read for the span in one go, into a buffer reused
+        from call to call (fresh memory costs a page fault per 4 KiB), and only its slices
+        holding some non-zero entry are kept for the lookups that reads will make: the
+        map sends no read to this layer for the others.
+        """
+        s = self.l2_slice
+        if self.file.writable:  # whole tables, as in ``_entry``
+            table = self._l2(l2_off)
+            return _allocated_lanes(table, a, b, s, _nonzero_pieces(table, a, b, s))
+        if l2_off % self.cluster_size:
+            raise ImageError(f"{self.path!r} has a misaligned L2 table at {l2_off:#x}")
+        lo, hi = a - a % s, -(-b // s) * s
+        data = _scratch(hi - lo)
+        with memoryview(data) as view:
+            self.file.preadinto(view[: hi - lo], l2_off + lo)
+            pieces = _nonzero_pieces(data, 0, hi - lo, s)
+            for p in pieces:
+                self._keep_slice(l2_off + lo + p, view[p : p + s].tobytes())
+        return _allocated_lanes(data, a - lo, b - lo, s, pieces)
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
@@ -548,21 +615,64 @@ class Qcow2Layer(Layer):
         self.file.close()
 
 
-def _allocated_lanes(entries: bytearray) -> int:
-    """One 8-bit lane per 8-byte L2 entry: 1 if the entry says anything, else 0.
+@functools.lru_cache(maxsize=64)
+def _zeros(n: int) -> bytes:
+    return bytes(n)
 
-    C-speed bulk operations instead of a loop per entry: the entry's byte columns are
-    OR-ed together as big integers, then each lane is folded down to its lowest bit.
-    The first byte (COPIED, compressed, reserved bits) is left out: every entry that
-    says anything has a non-zero offset, descriptor or zero flag in the other seven.
-    Columns that are all zero (high offset bits; low ones below the cluster size) are
-    skipped after a cheap count.
+
+_scratch_local = threading.local()
+
+
+def _scratch(n: int) -> bytearray:
+    """A buffer of at least ``n`` bytes for this thread, reused from call to call."""
+    buf: bytearray | None = getattr(_scratch_local, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _scratch_local.buf = bytearray(n)
+    return buf
+
+
+def _nonzero_pieces(entries: bytes | bytearray, a: int, b: int, step: int) -> list[int]:
+    """The offsets of the ``step``-aligned pieces of ``entries`` overlapping ``[a, b)``
+    that are not all zero: one memcmp each, no copy, so a sparse table is skimmed fast."""
+    zero = _zeros(step)
+    return [p for p in range(a - a % step, b, step) if not entries.startswith(zero, p)]
+
+
+def _allocated_lanes(
+    entries: bytes | bytearray, a: int, b: int, step: int, pieces: list[int]
+) -> int:
+    """One 8-bit lane per 8-byte L2 entry of ``entries[a:b]``: 1 if it says anything.
+
+    Only the runs of the non-zero ``pieces`` (from ``_nonzero_pieces``) are looked at.
     """
-    n = len(entries) // 8
+    x = 0
+    run = end = -1
+    for p in pieces:
+        if p != end:
+            if run >= 0:
+                x |= _column_lanes(entries, run, end) << (run - a)
+            run = max(p, a)
+        end = p + step
+    if run >= 0:
+        x |= _column_lanes(entries, run, min(end, b)) << (run - a)
+    return x
+
+
+def _column_lanes(entries: bytes | bytearray, a: int, b: int) -> int:
+    """The allocation lanes of ``entries[a:b]``, with C-speed bulk operations.
+
+    The entries' byte columns are OR-ed together as big integers, then each lane is
+    folded down to its lowest bit.  The first byte (COPIED, compressed, reserved bits) is
+    left out: every entry that says anything has a non-zero offset, descriptor or zero
+    flag in the other seven.  All-zero columns (high offset bits; low ones below the
+    cluster size) are skipped after a memcmp.
+    """
+    n = (b - a) // 8
+    zero = _zeros(n)
     x = 0
     for k in (7, 6, 5, 4, 3, 2, 1):
-        column = entries[k::8]
-        if column.count(0) != n:
+        column = entries[a + k : b : 8]
+        if column != zero:
             x |= int.from_bytes(column, "little")
     x |= x >> 4
     x |= x >> 2
