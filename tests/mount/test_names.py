@@ -156,6 +156,10 @@ def test_broken_chains_are_left_out(tmp_path: Path, mounter: Mounter, seeds: See
     im.set_incompatible_features(str(images / "future.qcow2"), 1 << 40)
     im.create(str(images / "badversion.qcow2"), MiB)
     im.patch(str(images / "badversion.qcow2"), 4, (7).to_bytes(4, "big"))
+    im.create(str(images / "corrupt.qcow2"), MiB)
+    im.set_incompatible_features(str(images / "corrupt.qcow2"), im.INCOMPAT_CORRUPT)
+    im.create(str(images / "badl1.qcow2"), MiB)
+    im.patch(str(images / "badl1.qcow2"), 40, (1 << 50).to_bytes(8, "big"))
     m = mounter(images)
     status = {e["chain"]: e for e in m.status()[1:]}
     assert {k: v["status"] for k, v in status.items()} == {
@@ -163,11 +167,15 @@ def test_broken_chains_are_left_out(tmp_path: Path, mounter: Mounter, seeds: See
         "orphan": "refused",
         "future": "refused",
         "badversion": "refused",
+        "corrupt": "refused",
+        "badl1": "refused",
     }
     assert "gone-base.qcow2" in status["orphan"]["reason"]
     assert "does not exist" in status["orphan"]["reason"]
     assert "feature" in status["future"]["reason"]
     assert "version" in status["badversion"]["reason"]
+    assert "corrupt" in status["corrupt"]["reason"]
+    assert "L1 table" in status["badl1"]["reason"]
     assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control"]
     assert_flat(m.img("E"), seed.content)
 
@@ -185,7 +193,7 @@ def test_broken_chains_are_left_out(tmp_path: Path, mounter: Mounter, seeds: See
 
     proc = subprocess.run([*CHAINFS, "status", str(m.mountpoint)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    for name in ("orphan", "future", "badversion"):
+    for name in ("orphan", "future", "badversion", "corrupt", "badl1"):
         assert name in proc.stdout and status[name]["reason"] in proc.stdout
     assert all(p.name in proc.stdout for p in seed.layers)
     m.unmount()
