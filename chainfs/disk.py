@@ -47,6 +47,13 @@ log = logging.getLogger(__name__)
 Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
 
 
+def _mtime_ns(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return time.time_ns()
+
+
 class Disk:
     """One chain as the mount serves it."""
 
@@ -71,8 +78,9 @@ class Disk:
         self.events = bytearray()
         self._spawn = spawn
         self._next_id = next_id
-        now = time.time_ns()
-        self.mtime_ns = self.ctime_ns = now
+        # the flat file's times start as those of the newest image file: they stay the
+        # same from one mount to the next as long as nothing is written
+        self.mtime_ns = self.ctime_ns = max(_mtime_ns(x.path) for x in chain.layers)
 
     # -- what the control files show ------------------------------------------------------
 

@@ -127,6 +127,14 @@ def test_stat(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
     assert os.stat(flat).st_mtime_ns == after.st_mtime_ns, "mtime is not stable"
     m.unmount()
     assert_clean(chain.layers)
+    # the times survive a remount, and stay put while nothing is written
+    m = mounter(tmp_path / "images")
+    again = os.stat(m.img(chain.name))
+    assert again.st_mtime_ns >= after.st_mtime_ns and again.st_size == st.st_size
+    m.unmount()
+    m = mounter(tmp_path / "images")
+    assert os.stat(m.img(chain.name)).st_mtime_ns == again.st_mtime_ns
+    m.unmount()
 
 
 def test_writes_at_the_end_of_the_disk(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
