@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from interop import images as im
 
 from .conftest import (
     CHAINFS,
+    DEADLINE,
     Mount,
     Mounter,
     Seed,
@@ -254,3 +256,29 @@ def test_enospc_leaves_nothing_behind(tmp_path: Path, mounter: Mounter, seeds: S
     finally:
         run("umount", tiny, ok=(0, 32))
     assert_clean(seed.layers)
+
+
+def test_tail_follows_events(setup: Setup) -> None:
+    """``events`` only grows, and ``tail -f`` (and an open descriptor) see each new line."""
+    m = setup.mount
+    path = m.control("E", "events")
+    fd = os.open(path, os.O_RDONLY)
+    tail = subprocess.Popen(
+        ["tail", "-n", "0", "-s", "0.1", "-f", str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        seen = len(os.read(fd, 1 << 20))
+        wait_for(lambda: os.path.getsize(path) == seen, "events to settle")
+        m.refuse("E", "stream", "base=followed.qcow2", errno.EINVAL)
+        new = os.read(fd, 1 << 20).decode()
+        assert "COMMAND_REJECTED" in new and "followed.qcow2" in new, new
+        assert os.path.getsize(path) == seen + len(new.encode())
+        assert tail.stdout is not None
+        ready, _, _ = select.select([tail.stdout], [], [], DEADLINE)
+        assert ready, "tail -f printed nothing"
+        line = tail.stdout.readline()
+        assert "followed.qcow2" in line and "event=COMMAND_REJECTED" in line, line
+    finally:
+        tail.kill()
+        tail.wait()
+        os.close(fd)
