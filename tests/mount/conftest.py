@@ -36,7 +36,7 @@ from interop import images as im
 
 from chainfs.control import parse_line
 
-MiB = im.MiB
+KiB, MiB = im.KiB, im.MiB
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 CHAINFS = (sys.executable, "-m", "chainfs")
 DEADLINE = 60.0  # seconds anything may take on a loaded 2-core machine
@@ -389,6 +389,24 @@ class Seeds:
                 run("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", below.name, "-F", fmt, dest)
             layers.append(dest)
         return Seed(layers, t.content)
+
+
+def mixed_chain(directory: Path) -> Seed:
+    """Four layers with cluster sizes 512 B, 2 MiB, 4 KiB and 64 KiB over 6 MiB + 1536 B
+    (a disk that ends inside a page and inside a cluster)."""
+    size = 6 * MiB + 1536
+    sizes = [512, 2 * MiB, 4 * KiB, 64 * KiB]
+    layers = [
+        {
+            "name": f"m{i}.qcow2",
+            "create": {"cluster_size": cs},
+            "writes": im.varied_writes(size, cs, 0x40 + i, salt=i),
+        }
+        for i, cs in enumerate(sizes)
+    ]
+    directory.mkdir(parents=True)
+    paths, model = im.build_chain(str(directory), layers, size=size)
+    return Seed([Path(p) for p in paths], bytes(model))
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,7 @@ from .conftest import (
     assert_flat,
     backing_chain,
     digests,
+    mixed_chain,
     run,
     wait_for,
 )
@@ -290,3 +291,40 @@ def test_random_operations_long(
     tmp_path: Path, mounter: Mounter, seeds: Seeds, rng_seed: int
 ) -> None:
     random_operations(tmp_path, mounter, seeds, rng_seed=rng_seed, count=16)
+
+
+MIXED: dict[str, tuple[str, list[str], dict[str, str | None]]] = {
+    # the top has 64 KiB clusters, m2 4 KiB, m1 2 MiB, m0 512 B
+    "into-64K": ("base=m0.qcow2", ["m3", "m0"], {"m3": "m0"}),
+    "into-4K": ("node=m2.qcow2 base=m0.qcow2", ["m3", "m2", "m0"], {"m2": "m0"}),
+    "into-2M": ("node=m1.qcow2", ["m3", "m2", "m1"], {"m1": None}),
+}
+
+
+@pytest.mark.parametrize("case", list(MIXED))
+def test_stream_across_cluster_sizes(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, case: str
+) -> None:
+    command, after, backing = MIXED[case]
+    images = tmp_path / "images"
+    chain = mixed_chain(images)
+    model = bytearray(chain.content)
+    m = mounter(images)
+    writer = Writer(m.img("m3"), model, seed=4, aim=lambda: m.job_offset("m3"))
+    writer.start()
+    try:
+        writer.wait_writes(10)
+        end = m.run_job("m3", "stream", f"{command} speed=2M")
+        writer.wait_writes(10)
+    finally:
+        writer.stop()
+    assert int(end["offset"]) == len(model)
+    assert m.layers("m3") == [f"{x}.qcow2" for x in after]
+    assert_flat(m.img("m3"), model)
+    m.unmount()
+    assert_clean(chain.layers)
+    assert backing_chain(chain.active) == [f"{x}.qcow2" for x in after]
+    for x, b in backing.items():
+        want = (f"{b}.qcow2", "qcow2") if b else (None, None)
+        assert header(images / f"{x}.qcow2")[:2] == want
+    assert_content(chain.active, model, tmp_path / "cmp")

@@ -23,28 +23,11 @@ from .conftest import (
     assert_content,
     assert_flat,
     digests,
+    mixed_chain,
     run,
 )
 
 KiB, MiB = im.KiB, im.MiB
-
-
-def mixed_chain(directory: Path) -> Seed:
-    """Four layers with cluster sizes 512 B, 2 MiB, 4 KiB and 64 KiB over 6 MiB + 1536 B
-    (a disk that ends inside a page and inside a cluster)."""
-    size = 6 * MiB + 1536
-    sizes = [512, 2 * MiB, 4 * KiB, 64 * KiB]
-    layers = [
-        {
-            "name": f"m{i}.qcow2",
-            "create": {"cluster_size": cs},
-            "writes": im.varied_writes(size, cs, 0x40 + i, salt=i),
-        }
-        for i, cs in enumerate(sizes)
-    ]
-    directory.mkdir(parents=True)
-    paths, model = im.build_chain(str(directory), layers, size=size)
-    return Seed([Path(p) for p in paths], bytes(model))
 
 
 Build = Callable[[Path, Seeds], Seed]
