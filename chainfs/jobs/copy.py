@@ -59,6 +59,7 @@ class CopyJob(MirrorJob):
         super().__init__(job_id, disk, speed=speed, wait_ready=wait_ready, emit=emit)
         self.dest = dest
         self.sync = sync
+        self.created = False
         self.len = disk.chain.size
 
     def details(self) -> list[tuple[str, object]]:
@@ -84,6 +85,7 @@ class CopyJob(MirrorJob):
             beside = os.path.dirname(self.dest) == os.path.dirname(active.path)
             backing = active.backing_string if beside and active.backing_string else below.path
         create_overlay(self.dest, size=chain.size, backing=backing, backing_format=fmt)
+        self.created = True
         return chain.open_layer(self.dest, "qcow2", writable=True)
 
     def stop(self) -> int:
@@ -106,6 +108,7 @@ class CopyJob(MirrorJob):
         target, self.target = self.target, None
         if target is not None:
             target.close()
+        if self.created:
             # an ordinary file from now on, not a chain the next mount should serve
             self.disk.source.retire([self.dest])
             self._emit("COPY_ABANDONED", job=self.id, file=self.dest)
