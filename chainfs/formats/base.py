@@ -76,6 +76,11 @@ class Layer(ABC):
         file: the form in which the chain composes layers with big-integer arithmetic.
         ``granule`` divides ``cluster_size``; ``start`` is granule-aligned.  Granules
         reaching past the layer's end answer 1 (past the end reads as zeros).
+
+        The chain asks for a region of thousands of granules of every layer at once, in
+        the timed path of a read, so a driver should answer at C speed (skipping what is
+        plainly unallocated without looking at it granule by granule) and may keep what
+        it read for the ``extents`` lookups that reads of those granules will make.
         """
 
     @abstractmethod
