@@ -20,6 +20,7 @@ import json
 import mmap
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -140,8 +141,15 @@ class Mount:
         return rc
 
     def assert_log_clean(self) -> None:
+        """No traceback and no error in the server's log, but for pyfuse3 failing to
+        answer a request the kernel dropped at unmount (a release racing the unmount)."""
         text = self.log_text()
-        assert "Traceback" not in text and " ERROR " not in text, text
+        errors = [
+            line
+            for line in text.splitlines()
+            if " ERROR " in line and not _DROPPED_AT_UNMOUNT.search(line)
+        ]
+        assert "Traceback" not in text and not errors, text
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         assert self.proc is not None
@@ -248,6 +256,11 @@ class Mount:
         end = self.wait_job(chain, job)
         assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
         return end
+
+
+_DROPPED_AT_UNMOUNT = re.compile(
+    r"ERROR pyfuse3: fuse_\w+\(\): fuse_reply_\* failed with No such file or directory$"
+)
 
 
 def _is_dead_mount(path: Path) -> bool:
