@@ -253,6 +253,12 @@ def l2_shared_with_refcount_0(im: Image) -> None:
     im.set_refcount((e & OFFSET_MASK) // im.cs, 0)
 
 
+def l2_copied_flag_missing(im: Image) -> None:
+    """COPIED clear with refcount 1: another reference may exist, uncounted."""
+    i, e = im.data_entries()[0]
+    im.put_l2(i, e & ~COPIED)
+
+
 def l2_compressed_marked_unshared(im: Image) -> None:
     i, e = im.data_entries()[0]
     im.put_l2(i, COPIED | COMPRESSED | (e & OFFSET_MASK))
@@ -260,6 +266,19 @@ def l2_compressed_marked_unshared(im: Image) -> None:
 
 def l2_compressed_past_eof(im: Image) -> None:
     im.put_l2(0, COMPRESSED | (im.size() + 3 * im.cs + 100))
+
+
+def l2_compressed_into_unshared(im: Image) -> None:
+    """A compressed entry whose data lies in a cluster another entry owns (found by the
+    fuzzer: releasing it dropped the owned cluster's refcount to zero)."""
+    (_, e), (j, _) = im.data_entries()[:2]
+    im.put_l2(j, COMPRESSED | (e & OFFSET_MASK) + 16)
+
+
+def l2_two_compressed_counted_once(im: Image) -> None:
+    (i, e), (j, _) = im.data_entries()[:2]
+    im.put_l2(i, COMPRESSED | (e & OFFSET_MASK))
+    im.put_l2(j, COMPRESSED | (e & OFFSET_MASK) + 100)
 
 
 def reftable_onto(target: Callable[[Image], int]) -> Damage:
@@ -301,8 +320,11 @@ WRITE_REFUSALS: dict[str, tuple[Damage, str]] = {
     "l2-same-cluster-twice": (l2_twice_the_same_cluster, "referenced twice"),
     "l2-shared-but-unshared": (l2_unshared_but_refcount_2, "marked unshared but with refcount 2"),
     "l2-refcount-0": (l2_shared_with_refcount_0, "with refcount 0"),
+    "l2-copied-flag-missing": (l2_copied_flag_missing, "refcount 1 but 1 reference not marked"),
     "compressed-unshared": (l2_compressed_marked_unshared, "compressed cluster marked unshared"),
     "compressed-past-eof": (l2_compressed_past_eof, "compressed data past the end of the file"),
+    "compressed-in-owned": (l2_compressed_into_unshared, "referenced twice"),
+    "compressed-undercounted": (l2_two_compressed_counted_once, "refcount 1 but 2 references"),
     "reftable-onto-itself": (
         reftable_onto(lambda im: im.reftable),
         "refcount block overlapping other metadata",

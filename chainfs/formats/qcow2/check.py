@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections import Counter
 from collections.abc import Callable
 
 from ...errors import ImageError
@@ -164,7 +165,8 @@ class Layout:
                     shared += self._unusual(l2_off, j, e, v3, compressed_clusters)
             nonzero = [e for e in nonzero if not e & odd]
         unshared = [(e & OFFSET_MASK) >> cb for e in nonzero if e & COPIED and e & OFFSET_MASK]
-        shared += [(e & OFFSET_MASK) >> cb for e in nonzero if e & OFFSET_MASK and not e & COPIED]
+        plain = [(e & OFFSET_MASK) >> cb for e in nonzero if e & OFFSET_MASK and not e & COPIED]
+        shared += plain
         everything = unshared + shared
         if not everything:
             return
@@ -179,7 +181,8 @@ class Layout:
                 f"{self.path!r} has data pointing into metadata"
                 f" ({c * cs:#x}, in the L2 table at {l2_off:#x})"
             )
-        if len(set(unshared)) != len(unshared):
+        mine = set(unshared)
+        if len(mine) != len(unshared) or not mine.isdisjoint(shared):
             raise ImageError(
                 f"{self.path!r} has a data cluster referenced twice in the L2 table at {l2_off:#x}"
             )
@@ -193,12 +196,21 @@ class Layout:
                 f"{self.path!r} has a data cluster at {wrong * cs:#x} marked unshared"
                 f" but with refcount {refcounts.get(wrong)} (L2 table at {l2_off:#x})"
             )
-        wrong = next((c for c in shared if refcounts.get(c) == 0), None)
-        if wrong is not None:
-            raise ImageError(
-                f"{self.path!r} has a data cluster at {wrong * cs:#x} with refcount 0"
-                f" (L2 table at {l2_off:#x})"
-            )
+        # a shared cluster must be counted at least as often as this table refers to
+        # it, or releasing the references drops it to zero while one remains; a plain
+        # data cluster not marked COPIED is shared with something else, so counted twice
+        # (refcount 1 there is what qemu-img check calls an OFLAG_COPIED error: the other
+        # reference may exist and go uncounted)
+        plain_set = set(plain)
+        for c, n in Counter(shared).items():
+            least = max(n, 2) if c in plain_set else n
+            if refcounts.get(c) < least:
+                raise ImageError(
+                    f"{self.path!r} has a data cluster at {c * cs:#x} with refcount"
+                    f" {refcounts.get(c)} but {n} reference{'s' * (n > 1)} not marked"
+                    f" unshared (L2 table at {l2_off:#x}); 'qemu-img check -r all' repairs"
+                    " this"
+                )
 
     def _unusual(
         self,
