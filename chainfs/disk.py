@@ -300,7 +300,15 @@ class Disk:
 
     def _copy(self, cmd: CopyCmd) -> None:
         self._busy()
-        target = self.check_target(cmd.dest)
+        resumed = self.journal.reissuing if self.journal is not None else None
+        if (
+            resumed is not None
+            and resumed.type == "copy"
+            and resumed.params.get("dest") == cmd.dest
+        ):
+            target = cmd.dest  # an interrupted copy's own partial DEST: copied over again
+        else:
+            target = self.check_target(cmd.dest)
         job = CopyJob(
             self._next_id("copy"),
             self,

@@ -30,7 +30,7 @@ from .errors import ChainfsError
 from .formats import open_layer
 from .formats.qcow2.header import MAGIC
 from .fs import Operations
-from .jobs.journal import Journal, Pending, record_active, redo, retire
+from .jobs.journal import Journal, Pending, record_active, redo, retire, unfinished_overlay
 from .source import Refused
 
 log = logging.getLogger(__name__)
@@ -236,8 +236,6 @@ async def _write_back(disks: list[Disk]) -> None:
 
 # the command parameter given as the command's bare word rather than as key=value
 _MAIN_PARAM = {"copy": "dest"}
-# a snapshot target this small whose header was never written is a torn creation
-_TORN_OVERLAY_MAX = 64 << 20
 
 
 @dataclass
@@ -308,14 +306,13 @@ def _settle_snapshot(p: Pending, src: sources.Source, rec: Recovery) -> None:
     target, below = str(p.params.get("target")), str(p.params.get("below"))
     try:
         with open(target, "rb") as f:
-            head = f.read(512)
-            size = os.fstat(f.fileno()).st_size
+            magic = f.read(4)
     except FileNotFoundError:
         rec.report(p, "JOB_ROLLED_BACK", file=target, reason="the overlay was never created")
         return
     except OSError as e:
         raise ChainfsError(f"cannot read {target!r}: {e.strerror}") from None
-    if head[:4] == MAGIC:
+    if magic == MAGIC:
         layer = open_layer(target, "qcow2", writable=False)
         try:
             string = layer.backing_string
@@ -335,7 +332,7 @@ def _settle_snapshot(p: Pending, src: sources.Source, rec: Recovery) -> None:
         redo([record_active(p.chain, target)], src)
         rec.report(p, "SNAPSHOT_TAKEN", file=target)
         return
-    if head.count(0) == len(head) and size <= _TORN_OVERLAY_MAX:
+    if unfinished_overlay(target):
         # created by the snapshot (O_EXCL) and interrupted before its header was written
         os.unlink(target)
         reason = "the overlay was interrupted before its header was written; removed"

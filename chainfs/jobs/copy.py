@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from ..formats.base import Layer
 from ..formats.qcow2 import create_overlay
 from . import journal
+from .journal import unfinished_overlay
 from .mirror import MirrorJob
 
 if TYPE_CHECKING:
@@ -84,7 +85,12 @@ class CopyJob(MirrorJob):
             fmt = below.format_name
             beside = os.path.dirname(self.dest) == os.path.dirname(active.path)
             backing = active.backing_string if beside and active.backing_string else below.path
-        create_overlay(self.dest, size=chain.size, backing=backing, backing_format=fmt)
+        if self.previous is not None and unfinished_overlay(self.dest):
+            os.unlink(self.dest)  # this job's own creation, cut short by the crash
+        if self.previous is None or not os.path.exists(self.dest):
+            create_overlay(self.dest, size=chain.size, backing=backing, backing_format=fmt)
+        # else: resuming, on the partial copy of the interrupted job (the mirror's first
+        # pass copies everything again: what was copied after its last flush is unknown)
         self.created = True
         return chain.open_layer(self.dest, "qcow2", writable=True)
 

@@ -433,3 +433,26 @@ def test_a_stream_resumes_from_its_checkpoint_past_a_torn_record(
     assert resumed["previous"] == job and resumed["offset"] == str(4 * MiB), events
     assert m.layers(NAME) == ["E.qcow2", "A.qcow2"]
     finish(m, src, seed.content)
+
+
+@pytest.mark.parametrize("operation", ["stream", "commit", "active-commit", "copy-full"])
+def test_an_unmount_stops_a_job_for_the_next_mount_to_resume(
+    tmp_path: Path, seeds: Seeds, mounter: Mounter, operation: str
+) -> None:
+    op = OPERATIONS[operation]
+    src = tmp_path / "src"
+    seed = seeds(src, size=SIZE)
+    m = mounter(src)
+    job = m.start_job(NAME, op.kind, op.text.rsplit(" ", 1)[0] + " speed=1M")
+    wait_for(lambda: int(m.lines(NAME, "jobs")[0]["offset"]), f"{job} to make progress")
+    m.unmount()
+    [pending] = Journal.load(str(src), writable=False).pending()
+    assert pending.id == job
+    again = mounter(src)
+    events = wait_recovered(again, [job])
+    [resumed] = [e for e in events if e["event"] == "JOB_RESUMED"]
+    if operation in ("stream", "commit"):
+        # resumed from where it was stopped; a mirror's dirty map died with the mount
+        assert int(resumed["offset"]) > 0, events
+    assert again.layers(NAME) == op.target, events
+    finish(again, src, seed.content)
