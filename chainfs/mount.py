@@ -10,6 +10,7 @@ closed clean, and the mountpoint is released.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import os
@@ -126,6 +127,8 @@ def serve(
     mountpoint = os.path.abspath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise ChainfsError(f"mountpoint {mountpoint!r} is not a directory")
+    if not opts.readonly:
+        _lock_source(source_path)
     src, recovery = recover(source_path, readonly=opts.readonly)
     if not opts.readonly:
         src.save()
@@ -169,6 +172,29 @@ def serve(
         recovery.journal.close()
         pyfuse3.close(unmount=True)
         log.info("unmounted mountpoint=%s", mountpoint)
+
+
+def _lock_source(source_path: str) -> None:
+    """Hold the source's directory for as long as this process lives.
+
+    Its state file and journal belong to one read-write mount at a time: a second one
+    would take the first one's running jobs for interrupted ones and rewrite the files
+    under it.  (Image locks alone would only refuse it every chain.)
+    """
+    path = os.path.abspath(source_path)
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return  # no such source: loading it says so
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ChainfsError(
+            f"the images in {directory!r} are already served by another chainfs mount"
+        ) from None
+    # the descriptor stays open, and the lock held, until the process ends
 
 
 def notify(message: str) -> None:

@@ -10,13 +10,14 @@ released), and a second chainfs mount of the same images is refused too.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import Mounter, Seeds, assert_clean, assert_content, assert_flat
+from .conftest import CHAINFS, Mounter, Seeds, assert_clean, assert_content, assert_flat
 
 Hold = Callable[[Path], Callable[[], None]]
 
@@ -116,10 +117,15 @@ def test_qemu_refuses_what_chainfs_serves(tmp_path: Path, mounter: Mounter, seed
     assert_refused(run("qemu-img", "info", seed.active), seed.active)
     assert_ok(run("qemu-img", "info", "-U", seed.active))
 
-    # a second chainfs is refused the chain as well
-    second = mounter(images)
+    # a second chainfs (serving these images from a TOML file elsewhere) is refused too
+    toml = tmp_path / "again.toml"
+    toml.write_text(f'[chains.again]\nactive = "{seed.active}"\n')
+    second = mounter(toml)
     (entry,) = second.status()[1:]
-    assert entry["status"] == "refused" and "Failed to get" in entry["reason"]
+    assert entry["status"] == "refused"
+    assert entry["reason"] == (
+        f'Failed to get "write" lock. Is another process using the image [{seed.active}]?'
+    )
     second.unmount()
 
     # the locks follow the chain: the snapshot is the active layer now, E a backing one
@@ -148,3 +154,32 @@ def test_read_only_mount_keeps_writers_out(tmp_path: Path, mounter: Mounter, see
         assert_refused(run("qemu-io", "-c", "write 0 512", layer), layer)
         assert_ok(run("qemu-io", "-r", "-c", "read 0 512", layer))
     m.unmount()
+
+
+def test_second_mount_while_a_job_runs(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
+    """The state file and journal of a directory belong to one read-write mount: a second
+    one is refused outright, and the first one's running job is left alone."""
+    images = tmp_path / "images"
+    seed = seeds(images)
+    first = mounter(images)
+    job = first.start_job("E", "stream", "base=A.qcow2 speed=2M")
+    mp = tmp_path / "second"
+    mp.mkdir()
+    try:
+        proc = run(*CHAINFS, "mount", images, mp)
+    finally:
+        if os.path.ismount(mp):
+            run("fusermount3", "-u", "-z", mp)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"chainfs: the images in '{images}' are already served by another chainfs mount\n"
+    )
+    end = first.wait_job("E", job)
+    assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    first.unmount()
+    again = mounter(images)
+    assert again.layers("E") == ["E.qcow2", "A.qcow2"]
+    assert again.events("E") == [] and again.lines("E", "jobs") == []
+    again.unmount()
+    assert_clean(seed.layers)
+    assert_content(seed.active, seed.content, tmp_path / "cmp")
