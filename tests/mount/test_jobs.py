@@ -98,7 +98,13 @@ STREAMS: dict[str, tuple[str, str, str, dict[str, str | None]]] = {
 }
 
 
-CASES = [(case, "qcow2") for case in STREAMS] + [("base=A", "raw"), ("full", "raw")]
+# the bare word and a partial stream onto a raw base add little: run with --runslow
+CASES = [
+    *((case, "qcow2") for case in STREAMS if case != "bare-word"),
+    pytest.param("bare-word", "qcow2", marks=pytest.mark.slow),
+    pytest.param("base=A", "raw", marks=pytest.mark.slow),
+    ("full", "raw"),
+]
 
 
 @pytest.mark.parametrize(("case", "base_format"), CASES)
@@ -303,7 +309,9 @@ MIXED: dict[str, tuple[str, list[str], dict[str, str | None]]] = {
 }
 
 
-@pytest.mark.parametrize("case", list(MIXED))
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c == "into-4K" else c for c in MIXED]
+)
 def test_stream_across_cluster_sizes(
     tmp_path: Path, mounter: Mounter, seeds: Seeds, case: str
 ) -> None:
