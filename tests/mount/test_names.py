@@ -260,3 +260,31 @@ def test_two_chains_sharing_a_base(tmp_path: Path, mounter: Mounter, seeds: Seed
     assert_clean([*seed.layers, fork])
     assert_content(fork, fork_content, tmp_path / "f")
     assert_content(seed.active, model, tmp_path / "e")
+
+
+def test_snapshots_in_a_subdirectory_and_hidden(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds
+) -> None:
+    """Snapshot targets the scan does not see as chains of their own (a subdirectory, a
+    hidden name) still become the chain's active layer after a remount."""
+    images = tmp_path / "images"
+    seed = seeds(images)
+    (images / "sub").mkdir()
+    model = bytearray(seed.content)
+    m = mounter(images)
+    m.command("E", "snapshot", "sub/S1.qcow2")
+    write_some(m.img("E"), model, 2 * MiB, b"\x31" * 3000)
+    m.command("E", "snapshot", ".S2.qcow2")  # relative: beside the active layer, in sub
+    write_some(m.img("E"), model, 3 * MiB, b"\x32" * 3000)
+    want = [".S2.qcow2", "S1.qcow2", *(p.name for p in reversed(seed.layers))]
+    assert m.layers("E") == want
+    m.unmount()
+    m = mounter(images)
+    assert served(m) == {"E": "served"}
+    assert m.layers("E") == want
+    assert_flat(m.img("E"), model)
+    m.unmount()
+    top = images / "sub" / ".S2.qcow2"
+    assert_clean([*seed.layers, images / "sub" / "S1.qcow2", top])
+    assert backing_chain(top) == want
+    assert_content(top, model, tmp_path / "cmp")
