@@ -186,3 +186,17 @@ def test_files_are_untouched_by_reading(mount: Mount, source: Source) -> None:
         read_direct(mount.img(chain), 0, 1 << 20)
     after = im.file_digests(str(p) for layers in source.layers.values() for p in layers)
     assert after == before
+
+
+def test_a_server_that_dies_is_reported_at_once(tmp_path: Path, mounter: Mounter) -> None:
+    """The fixtures' own failure path: wait_for_mount fails as soon as the server exits,
+    with its log, instead of waiting for the deadline."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "E.qcow2").write_bytes(b"QFI\xfb" + bytes(100))  # broken header
+    with pytest.raises(AssertionError, match="exited with status 1 before mounting") as exc:
+        mounter(tmp_path / "missing")
+    assert "neither a directory nor a TOML file" in str(exc.value)
+    # a chain that cannot be opened does not stop the mount
+    m = mounter(tmp_path / "empty")
+    assert [e["status"] for e in m.status()[1:]] == ["refused"]
+    m.unmount()
