@@ -235,14 +235,23 @@ def random_refused_bytes(rng: random.Random, kind: str, n: int) -> list[tuple[by
     return out
 
 
+def random_bytes(setup: Setup, kind: str, seed: str, n: int) -> None:
+    writes = random_refused_bytes(random.Random(seed), kind, n)
+    before = len(setup.mount.events("E"))
+    done = write_all(setup.mount.control("E", kind), writes[: n // 2])
+    done += write_all(setup.mount.control("E", kind), writes[n // 2 :], one_fd=True)
+    assert len(rejected_since(setup, before)) == done
+
+
 @pytest.mark.parametrize("kind", WRITE_FILES)
 def test_random_bytes(setup: Setup, unharmed: None, kind: str) -> None:
-    rng = random.Random(f"random-{kind}")
-    writes = random_refused_bytes(rng, kind, 400)
-    before = len(setup.mount.events("E"))
-    n = write_all(setup.mount.control("E", kind), writes[:200])
-    n += write_all(setup.mount.control("E", kind), writes[200:], one_fd=True)
-    assert len(rejected_since(setup, before)) == n
+    random_bytes(setup, kind, f"random-{kind}", 400)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", WRITE_FILES)
+def test_random_bytes_many(setup: Setup, unharmed: None, kind: str) -> None:
+    random_bytes(setup, kind, f"many-{kind}", 5000)
 
 
 @pytest.mark.parametrize("size", [4097, 64 * 1024, 1 << 20, 8 << 20])
