@@ -380,7 +380,10 @@ class Journal:
         self._append({"r": "end", "key": key, "how": how}, sync=True)
         self.live.pop(key, None)
         if not self.live:
-            self.compact()
+            try:
+                self.compact()
+            except HostIOError as e:  # the end is recorded; the next end compacts
+                log.warning("journal=%s cannot be compacted: %s", self.path, e)
 
     def compact(self) -> None:
         """Rewrite the file with only what the running jobs need (none: remove it)."""

@@ -65,7 +65,7 @@ class Operation:
 
 
 OPERATIONS = {
-    "stream": Operation("stream", "base=A.qcow2 speed=2M", ["E.qcow2", "A.qcow2"], 1.4),
+    "stream": Operation("stream", "base=A.qcow2 speed=1M", ["E.qcow2", "A.qcow2"], 1.6),
     "commit": Operation(
         "commit", "top=D.qcow2 base=B.qcow2 speed=2M", ["E.qcow2", "B.qcow2", "A.qcow2"], 1.4
     ),
