@@ -322,6 +322,8 @@ class Chain:
             old = self.layers[index]
             if old.writable == writable:
                 return old
+            if old.writable:
+                old.flush()  # a failure leaves the layer as it was, open and usable
             old.close()
             new = _open(old.path, old.format_name, writable=writable, lock=self.locked)
             self.layers[index] = new
@@ -338,6 +340,7 @@ class Chain:
             new = _open(path, "qcow2", writable=True, lock=self.locked)
             old = self.layers[0]
             try:
+                old.flush()  # a failure leaves the old layer as it was, open and active
                 old.close()
                 ro = _open(old.path, old.format_name, writable=False, lock=self.locked)
             except BaseException:

@@ -3,7 +3,14 @@
 Every byte chainfs reads or writes of an image, every flush and every file it creates
 goes through a ``HostFile``.  That keeps the I/O in one place (errors translated once)
 and lets the crash-safety tests install an ``observer`` that records the exact sequence
-of writes and flushes an operation issues, to replay every prefix of it afterwards.
+of writes and flushes an operation issues, to replay every prefix of it afterwards (or
+that raises ``OSError``, to fail that operation as the kernel would).
+
+A failed flush fails every later flush of the file too, as QEMU's ``file-posix`` does:
+Linux marks the pages it could not write back clean, so a second ``fdatasync`` would
+succeed without writing them, and nothing written since the last good flush can be
+known durable again.  The qcow2 driver writes metadata that depends on earlier writes
+only after a good flush, so from then on nothing points at data that never landed.
 
 Locking contract: a ``HostFile`` holds no lock of its own; ``pread``/``pwrite`` are
 positional and safe to call from several threads at once.
@@ -26,9 +33,10 @@ Observer = Callable[[str, str, int, bytes], None]
 class HostIOError(ChainfsError):
     """The file system under the images failed (EIO, ENOSPC, ...)."""
 
-    def __init__(self, message: str, err: int) -> None:
+    def __init__(self, message: str, err: int, reason: str = "") -> None:
         super().__init__(message)
         self.errno = err
+        self.reason = reason or os.strerror(err)  # the system's words, without the path
 
 
 class HostFile:
@@ -56,11 +64,14 @@ class HostFile:
                 f"cannot open {self.path!r}: {e.strerror}", e.errno or errno.EIO
             ) from None
         self._unflushed = False  # a write was issued since the last flush
+        self._flush_error: HostIOError | None = None  # a flush failed: all later ones fail
         if create and HostFile.observer is not None:
             HostFile.observer("create", self.path, 0, b"")
 
     def _fail(self, what: str, e: OSError) -> HostIOError:
-        return HostIOError(f"{what} {self.path!r} failed: {e.strerror}", e.errno or errno.EIO)
+        err = e.errno or errno.EIO
+        reason = e.strerror or os.strerror(err)
+        return HostIOError(f"{what} {self.path!r} failed: {reason}", err, reason)
 
     def pread(self, length: int, offset: int) -> bytes:
         """Read up to ``length`` bytes; the result is short only at end of file."""
@@ -82,10 +93,10 @@ class HostFile:
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         if not self.writable:
             raise ChainfsError(f"{self.path!r} is open read-only")
-        if HostFile.observer is not None:
-            HostFile.observer("write", self.path, offset, bytes(data))
         self._unflushed = True
         try:
+            if HostFile.observer is not None:
+                HostFile.observer("write", self.path, offset, bytes(data))
             view = memoryview(data)
             while len(view):
                 n = os.pwrite(self.fd, view, offset)
@@ -95,22 +106,35 @@ class HostFile:
             raise self._fail("writing", e) from None
 
     def flush(self) -> None:
-        """Make every write issued so far durable (a no-op when nothing was written)."""
-        if not self.writable or not self._unflushed:
+        """Make every write issued so far durable (a no-op when nothing was written).
+
+        Once a flush failed, every later one fails with the same errno (see above).
+        """
+        if not self.writable:
+            return
+        failed = self._flush_error
+        if failed is not None:
+            raise HostIOError(
+                f"{self.path!r} failed to flush earlier ({failed.reason}): writes since "
+                "its last good flush may be lost",
+                failed.errno,
+            )
+        if not self._unflushed:
             return
         self._unflushed = False
-        if HostFile.observer is not None:
-            HostFile.observer("flush", self.path, 0, b"")
         try:
+            if HostFile.observer is not None:
+                HostFile.observer("flush", self.path, 0, b"")
             os.fdatasync(self.fd)
         except OSError as e:
+            self._flush_error = self._fail("flushing", e)
             raise self._fail("flushing", e) from None
 
     def truncate(self, size: int) -> None:
         self._unflushed = True
-        if HostFile.observer is not None:
-            HostFile.observer("truncate", self.path, size, b"")
         try:
+            if HostFile.observer is not None:
+                HostFile.observer("truncate", self.path, size, b"")
             os.ftruncate(self.fd, size)
         except OSError as e:
             raise self._fail("resizing", e) from None

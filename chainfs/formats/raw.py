@@ -59,6 +59,8 @@ class RawLayer(Layer):
         self.file.flush()
 
     def close(self) -> None:
-        if self.file.writable:
-            self.file.flush()
-        self.file.close()
+        try:
+            if self.file.writable:
+                self.file.flush()
+        finally:
+            self.file.close()

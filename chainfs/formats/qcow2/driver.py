@@ -474,10 +474,16 @@ class Qcow2Layer(Layer):
         for c, _, _ in fresh:
             self._l2_for_write(c)
         host = self.refs.alloc(len(fresh))
-        if len(fresh) == 1:
-            self.file.pwrite(fresh[0][2], host)
-        else:
-            self.file.pwrite(b"".join(content for _, _, content in fresh), host)
+        try:
+            if len(fresh) == 1:
+                self.file.pwrite(fresh[0][2], host)
+            else:
+                self.file.pwrite(b"".join(content for _, _, content in fresh), host)
+        except BaseException:
+            # the data did not land (a full disk): no entry points at the new clusters,
+            # so they go back, and the refcounts claim nothing the file does not hold
+            self.refs.unalloc(host, len(fresh))
+            raise
         for i, (c, e, _) in enumerate(fresh):
             self._set_entry(c, (host + i * cs) | COPIED)
             self._release(e)
@@ -589,9 +595,13 @@ class Qcow2Layer(Layer):
         clusters = -(-entries * 8 // cs)
         table = bytearray(self.l1) + bytes(entries * 8 - len(self.l1))
         off = self.refs.alloc(clusters)
-        f.pwrite(table, off)
-        self.refs.write_back()
-        f.flush()
+        try:
+            f.pwrite(table, off)
+            self.refs.write_back()
+            f.flush()
+        except BaseException:
+            self.refs.unalloc(off, clusters)  # the header never pointed there
+            raise
         old_off, old_clusters = h.l1_table_offset, -(-h.l1_size * 8 // cs)
         f.pwrite(struct.pack(">IQ", entries, off), 36)
         f.flush()
@@ -608,11 +618,16 @@ class Qcow2Layer(Layer):
             return 0
 
     def close(self) -> None:
+        """Write back and close; the descriptor (and its image locks) goes even when the
+        write-back fails, which is raised: the disk then holds the last metadata that
+        was written in order, consistent, and the rest is lost (never acknowledged)."""
         if self.file.fd < 0:
             return
-        if self.file.writable:
-            self.write_back(sync=True)
-        self.file.close()
+        try:
+            if self.file.writable:
+                self.write_back(sync=True)
+        finally:
+            self.file.close()
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,7 +8,9 @@ may leak clusters, never corrupt the image.
 
 Allocation only moves forward from the end of the file and never hands out a cluster
 freed in the same session, so readers that planned a host read outside the lock never
-read a cluster that was meanwhile given to other data.
+read a cluster that was meanwhile given to other data.  The one exception is
+``unalloc``: clusters whose data write failed were never referenced, so nobody can have
+planned a read of them, and handing them out again keeps a full disk from leaking.
 
 Locking contract: not thread-safe; the owning driver serialises all calls.
 """
@@ -181,6 +183,16 @@ class Refcounts:
             self.next_free = c + clusters
             return c * self.cs
 
+    def unalloc(self, host: int, clusters: int) -> None:
+        """Take back the latest ``alloc`` of ``clusters`` at ``host``: nothing references
+        them (the write of their data failed), so they are free again, in memory and,
+        at the next write-back, on disk, and the next allocation reuses them."""
+        first = host // self.cs
+        for c in range(first, first + clusters):
+            self._set(c, 0)
+        if self.next_free == first + clusters:
+            self.next_free = first
+
     def _make_block_for(self, cluster: int) -> None:
         """Create the (missing) refcount block covering ``cluster``."""
         idx = cluster >> self.rb_shift
@@ -250,21 +262,32 @@ class Refcounts:
             new_blocks[off] = bytearray(cs)
             _U64.pack_into(new_table, r * 8, off)
         table_off = (start + nblocks) * cs
+        counted: list[int] = []  # clusters counted in existing blocks
         for c in range(start, start + nblocks + t_clusters):
             r = c >> shift
             blk_off = _U64.unpack_from(new_table, r * 8)[0] & REFTABLE_MASK
             if blk_off in new_blocks:
                 self._set_in(new_blocks[blk_off], c & ((1 << shift) - 1), 1)
             else:
+                counted.append(c)
                 self._set(c, 1)
-        for off, blk in new_blocks.items():
-            self.f.pwrite(blk, off)
-            self.cache[off] = blk
-        for off in sorted(self.dirty):
-            self.f.pwrite(self.cache[off], off)
-        self.dirty.clear()
-        self.f.pwrite(new_table, table_off)
-        self.f.flush()
+        try:
+            for off, blk in new_blocks.items():
+                self.f.pwrite(blk, off)
+                self.cache[off] = blk
+            for off in sorted(self.dirty):
+                self.f.pwrite(self.cache[off], off)
+            self.dirty.clear()
+            self.f.pwrite(new_table, table_off)
+            self.f.flush()
+        except BaseException:
+            # the header never pointed at the new table (a full disk): its clusters are
+            # free again, so the refcounts claim nothing the file does not hold
+            for c in counted:
+                self._set(c, 0)
+            for off in new_blocks:
+                self.cache.pop(off, None)
+            raise
         old_off, old_clusters = self.h.refcount_table_offset, self.h.refcount_table_clusters
         self.f.pwrite(struct.pack(">QI", table_off, t_clusters), 48)
         self.f.flush()
