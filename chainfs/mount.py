@@ -32,9 +32,11 @@ from .formats import open_layer
 from .formats.qcow2.header import MAGIC
 from .fs import Operations
 from .jobs.journal import Journal, Pending, record_active, redo, retire, unfinished_overlay
+from .logs import Throttle
 from .source import Refused
 
 log = logging.getLogger(__name__)
+_throttle = Throttle(log)
 
 WRITE_BACK_INTERVAL = 5.0
 # fstab/mount(8) options that mean nothing to chainfs itself
@@ -167,6 +169,8 @@ def serve(
         for disk in disks:
             try:
                 disk.close()
+            except ChainfsError as e:  # the disk under the images failed, say
+                log.error("chain=%s did not close cleanly: %s", disk.name, e)
             except Exception:
                 log.exception("chain=%s did not close cleanly", disk.name)
         recovery.journal.close()
@@ -236,17 +240,25 @@ async def _watch_signals() -> None:
 
 
 async def _write_back(disks: list[Disk]) -> None:
-    """Bound what a crash can lose even when nobody calls fsync."""
+    """Bound what a crash can lose even when nobody calls fsync.
+
+    A write-back that failed (a full disk) is tried again every round until it succeeds,
+    and said in the log a few times a minute at most.
+    """
     flushed: dict[str, int] = {}
     while True:
         await trio.sleep(WRITE_BACK_INTERVAL)
         for disk in disks:
-            if disk.chain.writable and flushed.get(disk.name) != disk.mtime_ns:
-                flushed[disk.name] = disk.mtime_ns
+            mtime = disk.mtime_ns
+            if disk.chain.writable and flushed.get(disk.name) != mtime:
                 try:
                     disk.chain.flush()
                 except ChainfsError as e:
-                    log.warning("chain=%s write-back failed: %s", disk.name, e)
+                    _throttle.warning(
+                        ("write-back", disk.name), "chain=%s write-back failed: %s", disk.name, e
+                    )
+                else:
+                    flushed[disk.name] = mtime
 
 
 # -- recovery of interrupted jobs ----------------------------------------------------------

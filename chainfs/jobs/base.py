@@ -25,6 +25,7 @@ from collections.abc import Callable
 import trio
 import trio.lowlevel
 
+from ..errors import ChainfsError
 from .journal import Action, Journal
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,8 @@ class Job:
             return
         try:
             self.journal.end(self.journal_key, how)
+        except ChainfsError as e:  # the disk under the journal failed, say
+            log.warning("job=%s cannot record its end in the journal: %s", self.id, e)
         except Exception:
             log.exception("job=%s cannot record its end in the journal", self.id)
 
@@ -234,7 +237,10 @@ class Job:
                 self._journal_end("cancelled")
                 self._emit("JOB_CANCELLED", job=self.id, type=self.type, offset=self.offset)
         except Exception as e:  # a failed job reports and leaves the chain as it was
-            log.exception("job=%s failed", self.id)
+            if isinstance(e, ChainfsError):  # the disk under the images failed, say
+                log.warning("job=%s failed: %s", self.id, e)
+            else:
+                log.exception("job=%s failed", self.id)
             self.error = str(e) or type(e).__name__
             self.status = ABORTING
             self._safe_abort()
@@ -263,5 +269,7 @@ class Job:
     def _safe_abort(self) -> None:
         try:
             self.abort()
+        except ChainfsError as e:
+            log.warning("job=%s abort failed: %s", self.id, e)
         except Exception:
             log.exception("job=%s abort failed", self.id)

@@ -112,9 +112,11 @@ class CopyJob(MirrorJob):
 
     def release(self) -> None:
         target, self.target = self.target, None
-        if target is not None:
-            target.close()
-        if self.created:
-            # an ordinary file from now on, not a chain the next mount should serve
-            self.disk.source.retire([self.dest])
-            self._emit("COPY_ABANDONED", job=self.id, file=self.dest)
+        try:
+            if target is not None:
+                target.close()  # closed even when its write-back fails (a full disk)
+        finally:
+            if self.created:
+                # an ordinary file from now on, not a chain the next mount should serve
+                self.disk.source.retire([self.dest])
+                self._emit("COPY_ABANDONED", job=self.id, file=self.dest)
