@@ -21,6 +21,8 @@ paths against the TOML file's directory); its state file sits beside it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from .chain import resolve_backing
 from .errors import ChainfsError
 from .formats.qcow2.header import MAGIC, read_header
-from .hostfile import HostFile
+from .hostfile import HostFile, HostIOError
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +75,39 @@ class Source:
         return os.path.normpath(os.path.join(self.directory, path))
 
     def save(self) -> None:
-        """Write the state file atomically."""
+        """Write the state file atomically.
+
+        When that fails (a full disk) the old file stays, and what changed in memory
+        is written by the next save that succeeds.
+        """
         state = {
             "version": 1,
             "chains": {name: self._rel(p) for name, p in sorted(self.recorded.items())},
             "retired": sorted(self._rel(p) for p in self.retired),
         }
         tmp = self.state_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(state, f, indent=1)
+                    f.write("\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.state_path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise HostIOError(
+                f"saving the state file {self.state_path!r} failed: {e.strerror}",
+                e.errno or errno.EIO,
+            ) from None
 
     def record_active(self, name: str, path: str) -> None:
         self.recorded[name] = os.path.abspath(path)

@@ -118,5 +118,6 @@ class CopyJob(MirrorJob):
         finally:
             if self.created:
                 # an ordinary file from now on, not a chain the next mount should serve
-                self.disk.source.retire([self.dest])
+                # (should the state file not take that now, its next save records it)
                 self._emit("COPY_ABANDONED", job=self.id, file=self.dest)
+                self.disk.source.retire([self.dest])
