@@ -10,7 +10,10 @@ blocks, L2 tables) and refuses overlaps and anything outside the file, then chec
 L2 table the first time it is loaded from disk: entries aligned, inside the file, not
 into metadata, and with refcounts that agree with the COPIED flag.  These are QEMU's
 metadata overlap check and the parts of ``qemu-img check`` that matter for writing, paid
-once per table rather than per write.
+once per table rather than per write.  What these checks cannot see is damage that
+spans tables: a cluster referenced from two L2 tables but counted once, or a reference
+past the end of the file in a table the session never loads (chainfs allocates there).
+Finding those takes reading every table, which QEMU does not do at open either.
 
 The metadata map is a bitmap with one bit per cluster of the file, so it costs at most
 1/4096 of the file's size whatever the image claims.
@@ -71,7 +74,6 @@ class Layout:
         self.clusters = -(-file_size // cs)
         self._bits = bytearray(-(-self.clusters // 8))
         self.regions: list[tuple[int, int]] = []  # (first cluster, clusters)
-        self._set: frozenset[int] | None = None
         self._claim(0, 1, "the header")
         if h.l1_size:
             self._claim(h.l1_table_offset, -(-h.l1_size * 8 // cs), "the L1 table")
@@ -90,6 +92,10 @@ class Layout:
             if off:
                 self._claim(off, 1, "an L2 table")
                 self.l2_tables.append((i, off, bool(e & COPIED)))
+        # the metadata clusters as a set too, where there are few enough (the usual case)
+        self._set: frozenset[int] | None = None
+        if sum(n for _, n in self.regions) <= MAX_META_SET:
+            self._set = frozenset(c for first, n in self.regions for c in range(first, first + n))
 
     def _claim(self, off: int, clusters: int, what: str) -> None:
         if off % self.cs:
@@ -105,16 +111,9 @@ class Layout:
             self._bits[c >> 3] |= 1 << (c & 7)
         self.regions.append((first, clusters))
 
-    def _meta_set(self) -> frozenset[int] | None:
-        """The metadata clusters as a set, where there are few enough (the usual case)."""
-        if self._set is None and sum(n for _, n in self.regions) <= MAX_META_SET:
-            self._set = frozenset(c for first, n in self.regions for c in range(first, first + n))
-        return self._set
-
     def _touches_metadata(self, clusters: list[int]) -> bool:
-        meta = self._meta_set()
-        if meta is not None:
-            return not meta.isdisjoint(clusters)
+        if self._set is not None:
+            return not self._set.isdisjoint(clusters)
         bits = self._bits
         return any(bits[c >> 3] >> (c & 7) & 1 for c in clusters)
 
