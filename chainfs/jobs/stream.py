@@ -40,7 +40,9 @@ def backing_string(layers: list[Layer], node: int, base: int) -> str:
 
     The string the base's current overlay uses is kept when that overlay sits in the
     node's directory (so relative chains stay relative); otherwise a name relative to
-    the node when the base is beside it, else the absolute path.
+    the node when the base is beside it or that string was relative (``../dir1/b.img``
+    pointing at a sibling directory stays relative, as libvirt keeps it, so the tree
+    can move), else the absolute path.
     """
     target, over = layers[base], layers[base - 1]
     node_dir = os.path.dirname(layers[node].path)
@@ -48,6 +50,8 @@ def backing_string(layers: list[Layer], node: int, base: int) -> str:
         return over.backing_string
     if os.path.dirname(target.path) == node_dir:
         return os.path.basename(target.path)
+    if over.backing_string and not os.path.isabs(over.backing_string):
+        return os.path.relpath(target.path, node_dir)
     return target.path
 
 
