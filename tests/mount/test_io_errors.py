@@ -16,6 +16,10 @@ fsync of the images fails.  The job fails with the reason, the guest gets EIO fr
 write, read and fsync (never a false success), the mount keeps answering and unmounts
 cleanly; after the ext4 is mounted again, the images have no corruption, show every
 byte the guest fsync'ed, and the next mount completes the job.
+
+A failing ``fdatasync`` alone is injected with ``faultinject.py`` (chainfs under a
+``HostFile`` observer that fails what a rules file names): every later fsync of the
+flat file reports the error, even once the device works again.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import fcntl
 import os
 import random
 import struct
+import sys
 import threading
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -33,12 +38,14 @@ import pytest
 from interop import crashsim as cs
 from interop import images as im
 
+from . import conftest
 from .conftest import (
     DEADLINE,
     Mount,
     Mounter,
     Seed,
     Seeds,
+    assert_clean,
     assert_content,
     assert_flat,
     read_direct,
@@ -52,6 +59,7 @@ SIZE = 16 * MiB  # the seed chain's disk
 FS_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
 SHUTDOWN_NOLOGFLUSH = 2  # as a power cut: nothing more reaches the disk
 NOSPC = os.strerror(errno.ENOSPC)
+FAULTINJECT = Path(__file__).with_name("faultinject.py")
 
 
 # -- the small filesystem ------------------------------------------------------------------
@@ -417,3 +425,63 @@ def test_disk_fails_during_a_stream(small_fs: SmallFs, mounter: Mounter, seeds: 
     unmount(m2)
     check_images([seed.active], leaky={seed.active.name})
     assert_content(seed.active, disk, small_fs.path / "cmp")
+
+
+# -- a failing fdatasync, injected -----------------------------------------------------------
+
+
+def test_fsync_after_a_failed_flush_never_claims_durability(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The images' ``fdatasync`` fails once (``faultinject.py``: Linux may then have
+    dropped what it could not write): that fsync of the flat file fails with EIO, and
+    so does every later one, though the device works again and writes still go on --
+    none may claim durability.  Unmounting works; the images have no corruption, keep
+    what was fsync'ed before, and show the later writes old or new; the next mount
+    writes and fsyncs again."""
+    seed = seeds(tmp_path / "images")
+    rules = tmp_path / "faults"
+    monkeypatch.setattr(conftest, "CHAINFS", (sys.executable, str(FAULTINJECT), str(rules)))
+    m = mounter(tmp_path / "images")
+    model = bytearray(seed.content)
+    states = []
+    rng = random.Random(11)
+    fd = os.open(m.img("E"), os.O_RDWR)
+    try:
+
+        def write(off: int, n: int) -> None:
+            data = rng.randbytes(n)
+            assert os.pwrite(fd, data, off) == n
+            model[off : off + n] = data
+            states.append(bytes(model))
+
+        write(1 * MiB + 100, 200 * KiB)
+        os.fsync(fd)  # durable
+        states = [bytes(model)]
+        write(5 * MiB, 300 * KiB)
+        rules.write_text("flush EIO\n")
+        with pytest.raises(OSError) as exc:
+            os.fsync(fd)
+        assert exc.value.errno == errno.EIO
+        rules.unlink()  # the device works again; the lost pages stay lost
+        for _ in range(2):
+            with pytest.raises(OSError) as exc:
+                os.fsync(fd)
+            assert exc.value.errno == errno.EIO
+            write(rng.randrange(SIZE - MiB) // 512 * 512, 64 * KiB)
+        assert read_direct(m.img("E")) == model  # what this mount serves is the writes
+    finally:
+        os.close(fd)
+    unmount(m)
+    assert "did not close cleanly" in m.log_text()
+    check_images(seed.layers, leaky={seed.active.name})
+    disk = im.reference(str(seed.active))
+    cs.assert_old_or_new(disk, states, 512)
+    m2 = mounter(tmp_path / "images")
+    assert_flat(m2.img("E"), disk)
+    with open(m2.img("E"), "r+b", buffering=0) as f:
+        f.seek(7 * MiB)
+        f.write(b"after" * 1000)
+        os.fsync(f.fileno())
+    m2.unmount()
+    assert_clean(seed.layers[:-1])

@@ -1,0 +1,49 @@
+"""``chainfs`` with host I/O faults injected on demand: a fault-injecting layer for mounts.
+
+    python faultinject.py RULES_FILE mount -f SOURCE MOUNTPOINT [-o ...]
+
+runs ``chainfs`` with a ``HostFile.observer`` that, before every write and every flush
+of an image, reads ``RULES_FILE``: while it holds ``flush EIO`` every flush fails with
+EIO as a failing ``fdatasync`` would, ``write ENOSPC`` every write fails with ENOSPC,
+and so on (one ``EVENT ERRNO-NAME`` per line); without the file nothing fails.  The
+failure is raised where the system call would fail, so chainfs handles it as it would a
+real one.  A test points the mount fixtures' ``CHAINFS`` at this script.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+
+from chainfs import cli
+from chainfs.hostfile import HostFile
+
+
+def rules(path: Path) -> dict[str, int]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        event, name = line.split()
+        out[event] = getattr(errno, name)
+    return out
+
+
+def main() -> int:
+    path = Path(sys.argv[1])
+
+    def observer(event: str, file: str, offset: int, data: bytes) -> None:
+        err = rules(path).get(event)
+        if err is not None:
+            raise OSError(err, os.strerror(err))
+
+    HostFile.observer = observer
+    return cli.main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
