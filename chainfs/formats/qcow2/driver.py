@@ -20,6 +20,7 @@ planned by ``extents`` may run outside that lock (see ``refcounts``).
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import struct
@@ -29,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from ...errors import ImageError, UnsupportedFeature
-from ...hostfile import HostFile
+from ...hostfile import HostFile, HostIOError
 from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, Layer, lane_ones
 from . import header as hdr
 from .check import Layout
@@ -778,11 +779,16 @@ def create_overlay(
 
 
 def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise HostIOError(
+            f"syncing the directory {path!r} failed: {e.strerror}", e.errno or errno.EIO
+        ) from None
 
 
 def set_backing(path: str, backing: str | None, backing_format: str | None) -> None:
