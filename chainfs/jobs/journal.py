@@ -38,6 +38,7 @@ Locking contract: used only from the trio thread (or before it starts).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -313,21 +314,24 @@ class Journal:
             self.compact()
         line = encode(record)
         try:
+            created = False
             if self._fd < 0:
                 self._fd = os.open(
                     self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
                 )
+                created = os.fstat(self._fd).st_size == 0
             n = os.write(self._fd, line)
             if n != len(line):
                 # a short append (the disk filled up): what was written is a torn tail
-                self._clean = False
-                raise OSError(28, "short write to the journal")
-            if sync:
+                raise OSError(errno.ENOSPC, "short write to the journal")
+            if sync or created:
                 os.fdatasync(self._fd)
+            if created:
+                _sync_dir(self.directory)  # the file itself must survive a power loss
         except OSError as e:
             self._clean = False
             raise HostIOError(
-                f"writing the journal {self.path!r} failed: {e.strerror}", e.errno or 5
+                f"writing the journal {self.path!r} failed: {e.strerror}", e.errno or errno.EIO
             ) from None
         self._records += 1
 
@@ -407,7 +411,7 @@ class Journal:
             _sync_dir(self.directory)
         except OSError as e:
             raise HostIOError(
-                f"compacting the journal {self.path!r} failed: {e.strerror}", e.errno or 5
+                f"compacting the journal {self.path!r} failed: {e.strerror}", e.errno or errno.EIO
             ) from None
         self._records = sum(len(p.records()) for p in self.live.values())
         self._clean = True
