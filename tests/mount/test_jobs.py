@@ -29,7 +29,6 @@ from interop import images as im
 
 from .conftest import (
     Mounter,
-    Seed,
     Seeds,
     Writer,
     assert_clean,
@@ -52,10 +51,17 @@ def header(path: Path) -> tuple[str | None, str | None, str]:
     return info.get("backing-filename"), info.get("backing-filename-format"), compat
 
 
-def copied_bytes(seed: Seed, first: int, stop: int) -> int:
-    """What ``qemu-img map`` says layers first..stop-1 below the top hold and it lacks."""
-    extents = json.loads(run("qemu-img", "map", "--output=json", seed.active).stdout)
+def copied_bytes(node: Path, first: int, stop: int) -> int:
+    """What ``qemu-img map`` says the layers first..stop-1 below ``node`` hold and it
+    lacks: what a stream into ``node`` copies."""
+    extents = json.loads(run("qemu-img", "map", "--output=json", node).stdout)
     return sum(e["length"] for e in extents if first <= e["depth"] < stop)
+
+
+def lasting(node: Path, between: int, seconds: float = 1.5) -> int:
+    """A speed at which a stream into ``node`` from the ``between`` layers below it
+    copies for about ``seconds``."""
+    return max(256 * 1024, int(copied_bytes(node, 1, between + 1) / seconds))
 
 
 def test_snapshot_while_writing(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
@@ -118,15 +124,17 @@ def test_stream_while_writing(
     kept = [seed.layer(x) for x in untouched]
     before = digests(kept)
     model = bytearray(seed.content)
+    # the layers that leave lie right below the node: the stream copies what they hold
+    leaving = [x for x in "EDCBA" if x not in after]
+    node = "EDCBA"["EDCBA".index(leaving[0]) - 1]
+    speed = lasting(seed.layer(node), len(leaving))
     m = mounter(tmp_path / "images")
     writer = Writer(m.img("E"), model, seed=2, aim=lambda: m.job_offset("E"))
     writer.start()
     try:
         writer.wait_writes(20)
-        # about a second and a half of copying: a raw base holds all 32 MiB, qcow2 a few
-        speed = "16M" if base_format == "raw" and case == "full" else "3M"
         job = m.start_job("E", "stream", f"{command} speed={speed}")
-        writer.wait_writes(40)
+        writer.wait_writes(20)
         assert m.job_offset("E") is not None, "the stream ended before the writer wrote"
         end = m.wait_job("E", job)
         writer.wait_writes(20)
@@ -151,7 +159,7 @@ def test_stream_while_writing(
 
 def test_jobs_line_and_speed(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
     seed = seeds(tmp_path / "images")
-    copied = copied_bytes(seed, 1, 4)  # what B, C and D hold and E lacks
+    copied = copied_bytes(seed.active, 1, 4)  # what B, C and D hold and E lacks
     speed = 2 * MiB
     m = mounter(tmp_path / "images")
     started = time.monotonic()
@@ -212,6 +220,7 @@ def test_two_chains_at_once(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> N
     images = tmp_path / "images"
     p, q = seeds(images, "p-"), seeds(images, "q-")
     models = {p.name: bytearray(p.content), q.name: bytearray(q.content)}
+    speeds = lasting(p.active, 3), lasting(q.layer("D"), 1)
     m = mounter(images)
     writers = [
         Writer(m.img(c), models[c], seed=i, aim=lambda c=c: m.job_offset(c))  # type: ignore[misc]
@@ -221,8 +230,10 @@ def test_two_chains_at_once(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> N
         w.start()
     try:
         jobs = {
-            p.name: m.start_job(p.name, "stream", "base=p-A.qcow2 speed=3M"),
-            q.name: m.start_job(q.name, "stream", "node=q-D.qcow2 base=q-B.qcow2 speed=2M"),
+            p.name: m.start_job(p.name, "stream", f"base=p-A.qcow2 speed={speeds[0]}"),
+            q.name: m.start_job(
+                q.name, "stream", f"node=q-D.qcow2 base=q-B.qcow2 speed={speeds[1]}"
+            ),
         }
         assert jobs[p.name] != jobs[q.name]
         for w in writers:
