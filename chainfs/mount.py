@@ -129,8 +129,7 @@ def serve(
     mountpoint = os.path.abspath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise ChainfsError(f"mountpoint {mountpoint!r} is not a directory")
-    if not opts.readonly:
-        _lock_source(source_path)
+    _lock_source(source_path, exclusive=not opts.readonly)
     src, recovery = recover(source_path, readonly=opts.readonly)
     if not opts.readonly:
         src.save()
@@ -178,12 +177,13 @@ def serve(
         log.info("unmounted mountpoint=%s", mountpoint)
 
 
-def _lock_source(source_path: str) -> None:
+def _lock_source(source_path: str, *, exclusive: bool) -> None:
     """Hold the source's directory for as long as this process lives.
 
     Its state file and journal belong to one read-write mount at a time: a second one
     would take the first one's running jobs for interrupted ones and rewrite the files
-    under it.  (Image locks alone would only refuse it every chain.)
+    under it.  Read-only mounts share the directory with each other only.  (Image locks
+    alone would merely refuse the second mount every chain.)
     """
     path = os.path.abspath(source_path)
     directory = path if os.path.isdir(path) else os.path.dirname(path)
@@ -192,7 +192,7 @@ def _lock_source(source_path: str) -> None:
     except OSError:
         return  # no such source: loading it says so
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         raise ChainfsError(

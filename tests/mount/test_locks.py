@@ -153,6 +153,11 @@ def test_read_only_mount_keeps_writers_out(tmp_path: Path, mounter: Mounter, see
     for layer in seed.layers:
         assert_refused(run("qemu-io", "-c", "write 0 512", layer), layer)
         assert_ok(run("qemu-io", "-r", "-c", "read 0 512", layer))
+    # read-only mounts share the images with each other
+    other = mounter(tmp_path / "images", "ro")
+    assert_flat(other.img("E"), seed.content)
+    assert_flat(m.img("E"), seed.content)
+    other.unmount()
     m.unmount()
 
 
@@ -165,15 +170,16 @@ def test_second_mount_while_a_job_runs(tmp_path: Path, mounter: Mounter, seeds: 
     job = first.start_job("E", "stream", "base=A.qcow2 speed=2M")
     mp = tmp_path / "second"
     mp.mkdir()
-    try:
-        proc = run(*CHAINFS, "mount", images, mp)
-    finally:
-        if os.path.ismount(mp):
-            run("fusermount3", "-u", "-z", mp)
-    assert proc.returncode == 1
-    assert proc.stderr == (
-        f"chainfs: the images in '{images}' are already served by another chainfs mount\n"
-    )
+    for options in ([], ["-o", "ro"]):
+        try:
+            proc = run(*CHAINFS, "mount", images, mp, *options)
+        finally:
+            if os.path.ismount(mp):
+                run("fusermount3", "-u", "-z", mp)
+        assert proc.returncode == 1
+        assert proc.stderr == (
+            f"chainfs: the images in '{images}' are already served by another chainfs mount\n"
+        )
     end = first.wait_job("E", job)
     assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
     first.unmount()
