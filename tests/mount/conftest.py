@@ -46,6 +46,9 @@ LOG_TAIL = 150  # lines of a server log attached to a failure report
 
 T = TypeVar("T")
 
+# tests that mount tmpfs or ext4, attach loop devices or enter a mount namespace
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, losetup, unshare)")
+
 
 def wait_for(cond: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
     """Poll ``cond`` until it returns something true; fail after ``timeout`` seconds."""

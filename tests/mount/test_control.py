@@ -30,6 +30,7 @@ from .conftest import (
     assert_clean,
     assert_flat,
     digests,
+    root_only,
     run,
     wait_for,
 )
@@ -227,6 +228,7 @@ def test_erofs_on_a_read_only_mount(tmp_path: Path, module_mounter: Mounter, see
     assert tree(tmp_path) == before
 
 
+@root_only
 def test_enospc_leaves_nothing_behind(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
     """A snapshot that runs out of space is refused with ENOSPC and leaves no partial
     overlay behind, neither now nor for the next mount to clean up."""

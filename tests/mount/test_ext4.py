@@ -16,12 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DEADLINE, Mount, Mounter, Seeds, assert_clean, run, wait_for
+from .conftest import DEADLINE, Mount, Mounter, Seeds, assert_clean, root_only, run, wait_for
 
-pytestmark = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("losetup", "mkfs.ext4", "fsck.ext4")),
-    reason="needs losetup, mkfs.ext4 and fsck.ext4",
-)
+pytestmark = [
+    root_only,
+    pytest.mark.skipif(
+        not all(shutil.which(t) for t in ("losetup", "mkfs.ext4", "fsck.ext4")),
+        reason="needs losetup, mkfs.ext4 and fsck.ext4",
+    ),
+]
 
 
 @contextlib.contextmanager

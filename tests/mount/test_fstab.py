@@ -19,12 +19,15 @@ import pytest
 
 from chainfs.control import parse_line
 
-from .conftest import DEADLINE, Seeds, assert_clean, backing_chain
+from .conftest import DEADLINE, Seeds, assert_clean, backing_chain, root_only
 
-pytestmark = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("unshare", "mount.fuse3", "findmnt")),
-    reason="needs unshare (util-linux), findmnt and mount.fuse3 (fuse3)",
-)
+pytestmark = [
+    root_only,
+    pytest.mark.skipif(
+        not all(shutil.which(t) for t in ("unshare", "mount.fuse3", "findmnt")),
+        reason="needs unshare (util-linux), findmnt and mount.fuse3 (fuse3)",
+    ),
+]
 
 SCRIPT = r"""
 set -eu

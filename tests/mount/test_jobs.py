@@ -37,6 +37,7 @@ from .conftest import (
     backing_chain,
     digests,
     mixed_chain,
+    root_only,
     run,
     wait_for,
 )
@@ -351,6 +352,7 @@ def test_stream_across_cluster_sizes(
     assert_content(chain.active, model, tmp_path / "cmp")
 
 
+@root_only
 def test_stream_fails_on_a_full_disk(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
     """A stream that runs out of space ends with JOB_COMPLETED and its error, changes no
     backing pointer, and runs to the end once space is freed."""

@@ -24,6 +24,7 @@ from .conftest import (
     assert_flat,
     digests,
     mixed_chain,
+    root_only,
     run,
 )
 
@@ -167,6 +168,7 @@ def test_read_only_mount(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None
     assert sorted(os.listdir(tmp_path / "images")) == sorted(p.name for p in chain.layers)
 
 
+@root_only
 def test_host_disk_full(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
     """The filesystem under the images fills up: writes fail with ENOSPC, nothing is
     corrupted, and once space is freed the same writes succeed."""
