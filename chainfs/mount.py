@@ -331,7 +331,12 @@ def recover(source_path: str, *, readonly: bool) -> tuple[sources.Source, Recove
 
 def _exclude_targets(src: sources.Source, pending: list[Pending]) -> None:
     """A file a pending job writes and has not made active is no chain of its own."""
-    targets = {str(p.params[k]) for p in pending for k in ("dest", "target") if p.params.get(k)}
+    targets = {
+        str(p.params[k])
+        for p in pending
+        for k in ("dest", "target")
+        if p.params.get(k) and src.recorded.get(p.chain) != p.params[k]
+    }
     for spec in [c for c in src.chains if c.active in targets]:
         log.info("chain=%s file=%s is the target of an interrupted job", spec.name, spec.active)
         src.chains.remove(spec)

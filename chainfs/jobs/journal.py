@@ -146,24 +146,37 @@ def unfinished_overlay(path: str) -> bool:
 
 
 def redo(actions: list[Action], src: Source) -> None:
-    """Apply a phase's actions again (each is idempotent), e.g. after a crash."""
+    """Apply a phase's actions again (each is idempotent), e.g. after a crash.
+
+    Consecutive state-file actions are saved together, in one atomic replace (as a
+    pivot makes them), and before the next image is changed.
+    """
+    unsaved = False
     for action in actions:
         kind = action.get("do")
         if kind == "set-backing":
+            if unsaved:
+                src.save()
+                unsaved = False
             _redo_set_backing(str(action["path"]), action.get("backing"), action.get("format"))
         elif kind == "retire":
-            paths = [str(p) for p in action.get("paths", [])]
-            if not set(paths) <= src.retired:
-                src.retire(paths)
+            paths = {os.path.abspath(str(p)) for p in action.get("paths", [])}
+            if not paths <= src.retired:
+                src.retired |= paths
+                unsaved = True
         elif kind == "record-active":
-            chain, path = str(action["chain"]), str(action["path"])
+            chain, path = str(action["chain"]), os.path.abspath(str(action["path"]))
             others = [n for n, p in src.recorded.items() if p == path and n != chain]
-            if src.recorded.get(chain) != path or others:
+            if src.recorded.get(chain) != path or others or path in src.retired:
                 for name in others:  # a scan may have named the new active layer itself
                     del src.recorded[name]
-                src.record_active(chain, path)
+                src.recorded[chain] = path
+                src.retired.discard(path)
+                unsaved = True
         else:
             raise ChainfsError(f"the journal asks for an unknown action {kind!r}")
+    if unsaved:
+        src.save()
 
 
 def _redo_set_backing(path: str, backing: object, fmt: object) -> None:
