@@ -415,7 +415,7 @@ def _command_for(p: Pending) -> tuple[str, bytes]:
     """The control-file write that starts ``p`` again."""
     params = dict(p.params)
     main = _MAIN_PARAM.get(p.type)
-    words = [quote(params.pop(main))] if main else []
+    words = [quote(params.pop(main))] if main and params.get(main) else []
     pairs = [(k, v) for k, v in params.items() if v is not None]
     if pairs:
         words.append(format_line(pairs))

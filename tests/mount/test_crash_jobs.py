@@ -474,3 +474,18 @@ def test_an_unmount_stops_a_job_for_the_next_mount_to_resume(
         assert int(resumed["offset"]) > 0, events
     assert again.layers(NAME) == op.target, events
     finish(again, src, seed.content)
+
+
+def test_a_job_that_cannot_resume_is_rolled_back(
+    tmp_path: Path, seeds: Seeds, mounter: Mounter
+) -> None:
+    seed = seeds(tmp_path / "src", size=SIZE)
+    src = tmp_path / "src"
+    params: dict[str, object] = {"node": str(tmp_path / "x.qcow2"), "base": None, "speed": 0}
+    job = interrupted(src, "stream", params)
+    m = mounter(src)
+    events = wait_recovered(m, [job])
+    [rolled] = [e for e in events if e["event"] == "JOB_ROLLED_BACK"]
+    assert rolled["job"] == job and "not a layer" in rolled["reason"], events
+    assert m.layers(NAME) == START
+    finish(m, src, seed.content)
