@@ -19,6 +19,7 @@ allocation, write-back); host reads of planned extents run outside it.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -29,7 +30,17 @@ from types import TracebackType
 
 from .errors import ChainError, ChainfsError, ReadOnlyError, UnsupportedFeature
 from .formats import open_layer
-from .formats.base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, Layer
+from .formats.base import (
+    COMPRESSED,
+    DATA,
+    UNALLOCATED,
+    ZERO,
+    Buffer,
+    Extent,
+    Fill,
+    Layer,
+    lane_ones,
+)
 from .locks import lock_image
 
 MAX_DEPTH = 1000
@@ -370,39 +381,86 @@ class Chain:
 
         The check and the copy happen under the chain's lock, so a guest write can never
         be overwritten by the older content from below (QEMU's copy-on-read rule).
-        Zero ranges become zero clusters where the format allows.
+        Zero ranges become zero clusters where the format allows.  Which clusters to
+        copy comes from the layers' allocation maps, a few big-integer operations for
+        the whole range; each run of them is read in one plan and written in one go.
         """
         with self._lock:
             target = self.layers[node]
             cs = target.cluster_size
             end = min(offset + length, target.virtual_size)
-            pos = offset - offset % cs
-            copied = 0
+            first = offset - offset % cs
+            if first >= end:
+                return 0
 
             def fill(o: int, n: int) -> Buffer:
                 return self.read_below(node, o, n)
 
-            while pos < end:
-                n = min(cs, target.virtual_size - pos)
-                lacking = any(e.kind == UNALLOCATED for e in target.extents(pos, n))
-                if lacking and self._held_between(node + 1, stop, pos, n):
-                    data = self.read_below(node, pos, n)
-                    if data.count(0) == len(data):
-                        target.write_zeroes(pos, n, fill)
+            copied = 0
+            for a, b in self._stream_runs(node, stop, first, end):
+                data = self.read_below(node, a, b - a)
+                view = memoryview(data)
+                pos = 0
+                while pos < b - a:
+                    # a stretch of clusters that are all zeros, or all not
+                    n = min(cs, b - a - pos)
+                    zero = data.startswith(_zeros(n), pos)
+                    j = pos + n
+                    while j < b - a:
+                        m = min(cs, b - a - j)
+                        if data.startswith(_zeros(m), j) != zero:
+                            break
+                        j += m
+                    if zero:
+                        target.write_zeroes(a + pos, j - pos, fill)
                     else:
-                        target.write(pos, data, fill)
-                    if node == 0:
-                        self._claim(pos, n)
-                    copied += n
-                pos += n
+                        target.write(a + pos, view[pos:j], fill)
+                    pos = j
+                if node == 0:
+                    self._claim(a, b - a)
+                copied += b - a
             return copied
 
-    def _held_between(self, first: int, stop: int, offset: int, length: int) -> bool:
-        return any(
-            e.kind != UNALLOCATED
-            for level in range(first, min(stop, len(self.layers)))
-            for e in self.layers[level].extents(offset, length)
-        )
+    def _stream_runs(self, node: int, stop: int, first: int, end: int) -> list[tuple[int, int]]:
+        """The runs of ``layers[node]``'s clusters in ``[first, end)`` that it lacks and
+        that a layer of ``layers[node+1:stop]`` answers for, as (start, end) offsets."""
+        target = self.layers[node]
+        cs, g = target.cluster_size, self.granule
+        k = cs // g  # granules per target cluster (the granule divides every cluster size)
+        count = -(-(end - first) // cs)
+        ones = lane_ones(count)
+        held = 0
+        for level in range(node + 1, min(stop, len(self.layers))):
+            m = self.layers[level].allocation_map(first, count * k, g)
+            if k > 1:  # a cluster is held if any of its granules is
+                for j in range(1, k):
+                    m |= m >> (8 * j)
+                m = int.from_bytes(m.to_bytes(count * k, "little")[::k], "little")
+            held |= m
+            if held == ones:
+                break
+        if not held:
+            return []
+        has = target.allocation_map(first, count * k, g)
+        if k > 1:
+            has = int.from_bytes(has.to_bytes(count * k, "little")[::k], "little")
+        # a map answers 1 for a granule reaching past the layer's end: look at the
+        # target's last cluster itself, as missing it would lose data
+        tail = first + (count - 1) * cs
+        if tail + cs > target.virtual_size and any(
+            e.kind == UNALLOCATED for e in target.extents(tail, target.virtual_size - tail)
+        ):
+            has &= ~(0xFF << (8 * (count - 1)))
+        want = (held & ~has & ones).to_bytes(count, "little")
+        runs: list[tuple[int, int]] = []
+        i = want.find(1)
+        while i >= 0:
+            j = want.find(0, i)
+            if j < 0:
+                j = count
+            runs.append((first + i * cs, min(first + j * cs, end, target.virtual_size)))
+            i = want.find(1, j)
+        return runs
 
     def read_below(self, level: int, offset: int, length: int) -> bytearray:
         """The content the layers below ``layers[level]`` show for a range."""
@@ -524,6 +582,12 @@ class Chain:
                     first_error = first_error or e
             if first_error is not None:
                 raise first_error
+
+
+@functools.cache
+def _zeros(n: int) -> bytes:
+    """``n`` zero bytes, kept: ``data.startswith(_zeros(n), pos)`` is a memcmp."""
+    return bytes(n)
 
 
 def _put(target: Layer, offset: int, data: bytearray, fill: Fill) -> None:
