@@ -306,6 +306,9 @@ def parse_command(kind: str, data: bytes) -> Command:
         raise _invalid(f"unknown control file {_show(kind)}")
     text = _decode(data)
     if not text.strip(_SEPARATORS):
+        if _MAIN[kind] is None or kind not in _REQUIRED:
+            # a stray newline must not start a whole-chain job; the defaults are one key away
+            raise _invalid(f"empty command; to run {kind} with its defaults write 'speed=0'")
         raise _invalid("empty command")
     try:
         tokens = _tokenize(text)
