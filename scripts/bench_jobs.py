@@ -1,0 +1,607 @@
+"""Benchmarks of chainfs's live jobs against QEMU's, run by ``scripts/bench`` after bench.py.
+
+It builds the 1 GiB five-layer seed chain ``[A] <- [B] <- [C] <- [D] <- [E]`` (with
+``scripts/make-seed-chain``) in ``./bench-work-jobs`` (removed at the start of every run;
+nothing else is touched) and measures, each side on its own fresh copy of the chain
+(copied and written back before the clock starts):
+
+- intermediate commit ``top=D.qcow2 base=B.qcow2``: through a ``chainfs mount -f``
+  subprocess (written to ``control/E/commit``, timed until ``JOB_COMPLETED`` shows in
+  ``control/E/events``) against QMP ``block-commit`` (``top-node=D``, ``base-node=B``) in
+  qemu-storage-daemon with a blockdev per layer, timed until ``BLOCK_JOB_COMPLETED``;
+- active commit ``base=A.qcow2``: chainfs pivots by itself after ``JOB_READY``; QEMU's
+  job is completed with ``block-job-complete`` at ``BLOCK_JOB_READY``;
+- ``copy F.qcow2 sync=full`` against ``qemu-img convert -O qcow2`` of the chain;
+- the guest's 4 KiB random read IOPS on the flat file (fio, QD1, psync, ``direct=1``,
+  fixed seed and run time) while a rate-limited ``copy sync=full`` runs, against the
+  mean of the same fio run with no job, before the job and after its cancel.
+
+The results of both sides are compared with ``qemu-img compare`` (with each other and
+with the seed chain's disk) and checked with ``qemu-img check``.  Ratios are QEMU time /
+chainfs time (target at least 1.0) and IOPS during the job / IOPS without (at least 0.7).
+The figures are a report, not a test: the exit status is non-zero only when something
+fails to run or a result differs.
+
+    python scripts/bench_jobs.py [--size BYTES] [--runs N] [--rand-runtime S]
+                                 [--jobs commit,active,copy,iops]
+
+It accepts (and ignores) bench.py's other options, since ``scripts/bench`` passes its
+arguments to both; ``--parts`` without ``jobs`` in it skips this benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Self
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORK = os.path.join(ROOT, "bench-work-jobs")
+MAKE_SEED_CHAIN = os.path.join(ROOT, "scripts", "make-seed-chain")
+
+GiB = 1 << 30
+LAYERS = ("A", "B", "C", "D", "E")
+SERVER_DEADLINE = 60.0  # seconds a server may take to come up or go away
+JOB_DEADLINE = 1800.0  # seconds a job may take
+RAND_RUNTIME = 5  # seconds of each random-read run
+RANDOM_SEED = 20240601
+TIME_TARGET = 1.0  # QEMU time / chainfs time, at least
+IOPS_TARGET = 0.7  # IOPS during a job / without, at least
+IOPS_JOB_FACTOR = 4  # the rate-limited job would take this many fio run times at least
+PARTS = ("commit", "active", "copy", "iops")
+
+
+def log(msg: str) -> None:
+    print(f"==> {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: list[str], cwd: str | None = None) -> str:
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"bench_jobs: {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc.stdout
+
+
+def load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def short(text: str) -> str:
+    return text.replace(WORK + "/", "bench-work-jobs/")
+
+
+def wait_for(cond: Callable[[], bool], what: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + SERVER_DEADLINE
+    while not cond():
+        if proc.poll() is not None:
+            sys.exit(f"bench_jobs: the server exited ({proc.returncode}) waiting for {what}")
+        if time.monotonic() > deadline:
+            sys.exit(f"bench_jobs: timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def copy_chain(src: str, dst: str) -> str:
+    """A fresh sparse copy of the seed chain, written back so no side pays for it."""
+    run(["cp", "-r", "--sparse=always", src, dst])
+    os.sync()
+    return dst
+
+
+def same_disk(a: str, b: str) -> bool:
+    return subprocess.run(["qemu-img", "compare", "-q", a, b], check=False).returncode == 0
+
+
+def check_clean(path: str) -> bool:
+    return subprocess.run(["qemu-img", "check", "-q", path], check=False).returncode == 0
+
+
+# --- the two servers -----------------------------------------------------------------------
+
+
+class Chainfs:
+    """``chainfs mount -f SRC MP`` in a subprocess, and its control files for chain E."""
+
+    def __init__(self, source: str, mountpoint: str, log_path: str) -> None:
+        os.makedirs(mountpoint, exist_ok=True)
+        self.args = [sys.executable, "-m", "chainfs", "mount", "-f", source, mountpoint]
+        self.mountpoint = mountpoint
+        self.control = os.path.join(mountpoint, "control", "E")
+        self.flat = os.path.join(mountpoint, "E.img")
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Self:
+        with open(self.log_path, "ab") as f:
+            f.write(f"==> {' '.join(self.args)}\n".encode())
+            f.flush()
+            self.proc = subprocess.Popen(
+                self.args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT
+            )
+        wait_for(lambda: os.path.ismount(self.mountpoint), self.mountpoint, self.proc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        proc = self.proc
+        assert proc is not None
+        subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True, check=False)
+        try:
+            proc.wait(timeout=SERVER_DEADLINE)
+        except subprocess.TimeoutExpired:
+            subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], check=False)
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], check=False)
+
+    def events(self) -> list[str]:
+        with open(os.path.join(self.control, "events")) as f:
+            return f.read().splitlines()
+
+    def command(self, kind: str, text: str) -> int:
+        """Write one command; returns the number of event lines before it, for wait_event."""
+        seen = len(self.events())
+        with open(os.path.join(self.control, kind), "w") as f:
+            f.write(text + "\n")
+        return seen
+
+    def wait_event(self, names: tuple[str, ...], after: int) -> str:
+        """The first event line past ``after`` whose event is one of ``names``."""
+        assert self.proc is not None
+        deadline = time.monotonic() + JOB_DEADLINE
+        while True:
+            for line in self.events()[after:]:
+                if any(f"event={n} " in line + " " for n in names):
+                    return line
+            if self.proc.poll() is not None:
+                sys.exit(f"bench_jobs: chainfs exited ({self.proc.returncode}) during a job")
+            if time.monotonic() > deadline:
+                sys.exit(f"bench_jobs: timed out waiting for {'/'.join(names)}")
+            time.sleep(0.002)  # a read of events is one cheap request
+
+    def run_job(self, kind: str, text: str) -> float:
+        """Seconds from the command's write to its JOB_COMPLETED."""
+        start = time.perf_counter()
+        seen = self.command(kind, text)
+        line = self.wait_event(("JOB_COMPLETED",), seen)
+        elapsed = time.perf_counter() - start
+        if "error=" in line:
+            sys.exit(f"bench_jobs: chainfs {kind} {text} failed: {line}")
+        return elapsed
+
+
+class QMP:
+    """A minimal QMP client over a unix socket: commands, and the events seen meanwhile."""
+
+    def __init__(self, path: str) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rwb")
+        self.events: list[dict[str, object]] = []
+        self._recv()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def _recv(self) -> dict[str, object]:
+        line = self.file.readline()
+        if not line:
+            sys.exit("bench_jobs: qemu-storage-daemon closed its QMP socket")
+        msg: dict[str, object] = json.loads(line)
+        return msg
+
+    def execute(self, command: str, **arguments: object) -> object:
+        self.file.write(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
+        self.file.flush()
+        while True:
+            msg = self._recv()
+            if "event" in msg:
+                self.events.append(msg)
+            elif "error" in msg:
+                sys.exit(f"bench_jobs: QMP {command} failed: {msg['error']}")
+            elif "return" in msg:
+                return msg["return"]
+
+    def wait_event(self, name: str) -> dict[str, object]:
+        while True:
+            for i, msg in enumerate(self.events):
+                if msg["event"] == name:
+                    return self.events.pop(i)
+            self.events.append(self._recv())
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class QemuDaemon:
+    """qemu-storage-daemon with the chain as blockdevs A..E (E on top) and a QMP socket."""
+
+    def __init__(self, directory: str, log_path: str) -> None:
+        self.qmp_path = os.path.join(directory, "qmp.sock")
+        self.log_path = log_path
+        self.qmp: QMP | None = None
+        args = ["qemu-storage-daemon"]
+        below: str | None = None
+        for name in LAYERS:
+            file_node = {
+                "driver": "file",
+                "node-name": f"{name}-file",
+                "filename": os.path.join(directory, f"{name}.qcow2"),
+            }
+            fmt_node: dict[str, object] = {
+                "driver": "qcow2",
+                "node-name": name,
+                "file": f"{name}-file",
+                "backing": below,  # null for A: no backing file
+            }
+            args += ["--blockdev", json.dumps(file_node), "--blockdev", json.dumps(fmt_node)]
+            below = name
+        args += [
+            "--chardev",
+            f"socket,path={self.qmp_path},server=on,wait=off,id=qmp",
+            "--monitor",
+            "chardev=qmp",
+        ]
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Self:
+        with open(self.log_path, "ab") as f:
+            f.write(f"==> {' '.join(self.args)}\n".encode())
+            f.flush()
+            self.proc = subprocess.Popen(
+                self.args, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT
+            )
+        wait_for(lambda: os.path.exists(self.qmp_path), self.qmp_path, self.proc)
+        self.qmp = QMP(self.qmp_path)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        proc = self.proc
+        assert proc is not None
+        if self.qmp is not None:
+            try:
+                self.qmp.execute("quit")
+            except (OSError, SystemExit):
+                pass
+            self.qmp.close()
+        try:
+            proc.wait(timeout=SERVER_DEADLINE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def commit(self, **cmd: object) -> float:
+        """Seconds from ``block-commit`` to ``BLOCK_JOB_COMPLETED``; an active commit
+        (no ``top-node``) is completed at ``BLOCK_JOB_READY``."""
+        qmp = self.qmp
+        assert qmp is not None
+        start = time.perf_counter()
+        qmp.execute("block-commit", **cmd)
+        if "top-node" not in cmd:
+            qmp.wait_event("BLOCK_JOB_READY")
+            qmp.execute("block-job-complete", device=cmd["job-id"])
+        event = qmp.wait_event("BLOCK_JOB_COMPLETED")
+        elapsed = time.perf_counter() - start
+        data = event.get("data")
+        if isinstance(data, dict) and data.get("error"):
+            sys.exit(f"bench_jobs: QEMU's block-commit failed: {data['error']}")
+        return elapsed
+
+
+# --- the measures --------------------------------------------------------------------------
+
+
+@dataclass
+class Timed:
+    """One measure's runs on both sides (seconds; the best run of each counts)."""
+
+    chainfs: list[float] = field(default_factory=list)
+    qemu: list[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return min(self.qemu) / min(self.chainfs)
+
+
+@dataclass
+class Iops:
+    idle: list[float] = field(default_factory=list)
+    busy: list[float] = field(default_factory=list)
+    job_lasted: bool = True
+
+    @property
+    def baseline(self) -> float:
+        return sum(self.idle) / len(self.idle)
+
+    @property
+    def ratio(self) -> float:
+        return (sum(self.busy) / len(self.busy)) / self.baseline
+
+
+@dataclass
+class Results:
+    timed: dict[str, Timed] = field(default_factory=dict)
+    iops: Iops | None = None
+    wrong: list[str] = field(default_factory=list)
+    commands: dict[str, str] = field(default_factory=dict)
+
+    def note(self, key: str, text: str) -> None:
+        self.commands.setdefault(key, short(text))
+
+    def expect(self, ok: bool, what: str) -> None:
+        if not ok:
+            log(f"    WRONG: {what}")
+            self.wrong.append(what)
+
+
+def qemu_args_text(daemon: QemuDaemon) -> str:
+    """The daemon's command line with only the first and the last layer's blockdevs."""
+    a = daemon.args
+    keep = [*a[1:5], "... (B, C, D alike, each backed by the one below) ...", *a[-8:]]
+    return " ".join([a[0], *(f"'{x}'" if x.startswith("{") else x for x in keep)])
+
+
+def bench_commit(seed: str, work: str, i: int, res: Results, *, active: bool) -> None:
+    key = "active commit base=A" if active else "intermediate commit top=D base=B"
+    timed = res.timed.setdefault(key, Timed())
+    text = "base=A.qcow2" if active else "top=D.qcow2 base=B.qcow2"
+    tag = "active" if active else "commit"
+    seed_disk = os.path.join(seed, "E.qcow2")
+    # the disk the chain shows afterwards: A alone after an active commit, E's otherwise
+    result = "A.qcow2" if active else "E.qcow2"
+
+    log(f"run {i + 1}: {key}, chainfs")
+    csrc = copy_chain(seed, os.path.join(work, f"{tag}-chainfs-{i}"))
+    with Chainfs(csrc, os.path.join(work, "mnt"), os.path.join(work, "chainfs.log")) as fs:
+        res.note("chainfs: mount", " ".join(fs.args))
+        res.note(
+            f"chainfs: {key}",
+            f"echo '{text}' > {fs.control}/commit, then read {fs.control}/events"
+            " until a JOB_COMPLETED line",
+        )
+        timed.chainfs.append(fs.run_job("commit", text))
+    log(f"    chainfs: {timed.chainfs[-1]:.3f} s")
+
+    log(f"run {i + 1}: {key}, qemu-storage-daemon (QMP block-commit)")
+    qsrc = copy_chain(seed, os.path.join(work, f"{tag}-qemu-{i}"))
+    cmd: dict[str, object] = {"job-id": "commit0", "device": "E", "base-node": "A"}
+    if not active:
+        cmd = {"job-id": "commit0", "device": "E", "top-node": "D", "base-node": "B"}
+    with QemuDaemon(qsrc, os.path.join(work, "qemu-storage-daemon.log")) as qsd:
+        res.note("qemu-storage-daemon", qemu_args_text(qsd))
+        steps = " (at BLOCK_JOB_READY: block-job-complete)" if active else ""
+        res.note(f"QMP: {key}", f"block-commit {json.dumps(cmd)}{steps}")
+        timed.qemu.append(qsd.commit(**cmd))
+    log(f"    qemu-storage-daemon: {timed.qemu[-1]:.3f} s")
+
+    for side in (csrc, qsrc):
+        disk = os.path.join(side, result)
+        res.expect(same_disk(seed_disk, disk), f"{key}: {short(disk)} differs from the seed")
+        for name in ("A.qcow2", "B.qcow2", "E.qcow2"):
+            path = os.path.join(side, name)
+            res.expect(check_clean(path), f"{key}: qemu-img check {short(path)}")
+    shutil.rmtree(csrc)
+    shutil.rmtree(qsrc)
+
+
+def bench_copy(seed: str, work: str, i: int, res: Results) -> None:
+    key = "copy sync=full"
+    timed = res.timed.setdefault(key, Timed())
+    seed_disk = os.path.join(seed, "E.qcow2")
+
+    log(f"run {i + 1}: {key}, chainfs")
+    csrc = copy_chain(seed, os.path.join(work, f"copy-chainfs-{i}"))
+    with Chainfs(csrc, os.path.join(work, "mnt"), os.path.join(work, "chainfs.log")) as fs:
+        res.note(
+            f"chainfs: {key}",
+            f"echo 'F.qcow2 sync=full' > {fs.control}/copy, then read {fs.control}/events"
+            " until a JOB_COMPLETED line",
+        )
+        timed.chainfs.append(fs.run_job("copy", "F.qcow2 sync=full"))
+    log(f"    chainfs: {timed.chainfs[-1]:.3f} s")
+
+    log(f"run {i + 1}: {key}, qemu-img convert -O qcow2")
+    qsrc = copy_chain(seed, os.path.join(work, f"copy-qemu-{i}"))
+    convert = ["qemu-img", "convert", "-O", "qcow2", "E.qcow2", "F.qcow2"]
+    res.note(f"qemu: {key}", f"(in the chain's directory) {' '.join(convert)}")
+    start = time.perf_counter()
+    run(convert, cwd=qsrc)
+    timed.qemu.append(time.perf_counter() - start)
+    log(f"    qemu-img convert: {timed.qemu[-1]:.3f} s")
+
+    for side in (csrc, qsrc):
+        path = os.path.join(side, "F.qcow2")
+        res.expect(same_disk(seed_disk, path), f"{key}: {short(path)} differs from the seed")
+        res.expect(check_clean(path), f"{key}: qemu-img check {short(path)}")
+    shutil.rmtree(csrc)
+    shutil.rmtree(qsrc)
+
+
+def fio_rand_read(path: str, size: int, runtime: int) -> list[str]:
+    return [
+        "fio",
+        "--name=bench",
+        "--ioengine=psync",
+        "--iodepth=1",
+        "--output-format=json",
+        f"--filename={path}",
+        "--rw=randread",
+        "--bs=4k",
+        "--direct=1",
+        f"--size={size}",
+        f"--runtime={runtime}",
+        "--time_based",
+        f"--randseed={RANDOM_SEED}",
+    ]
+
+
+def fio_iops(args: list[str]) -> float:
+    out = run(args)
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    if job.get("error"):
+        sys.exit(f"bench_jobs: fio error {job['error']}")
+    return float(job["read"]["iops"])
+
+
+def bench_iops(seed: str, work: str, i: int, size: int, runtime: int, res: Results) -> None:
+    iops = res.iops = res.iops or Iops()
+    # slow enough that the copy of the whole disk outlasts the fio run several times over
+    speed = max(1 << 20, size // (IOPS_JOB_FACTOR * runtime))
+    job = f"F.qcow2 sync=full speed={speed}"
+    src = copy_chain(seed, os.path.join(work, f"iops-{i}"))
+    with Chainfs(src, os.path.join(work, "mnt"), os.path.join(work, "chainfs.log")) as fs:
+        fio = fio_rand_read(fs.flat, size, runtime)
+        res.note("fio: random read", " ".join(fio))
+        res.note(
+            "chainfs: the job during the second fio run",
+            f"echo '{job}' > {fs.control}/copy; after fio, echo JOB > {fs.control}/cancel",
+        )
+        log(f"run {i + 1}: random 4 KiB reads, no job")
+        iops.idle.append(fio_iops(fio))
+        log(f"    {iops.idle[-1]:.0f} IOPS")
+
+        log(f"run {i + 1}: random 4 KiB reads during copy sync=full speed={speed}")
+        seen = fs.command("copy", job)
+        started = fs.wait_event(("JOB_STARTED",), seen)
+        job_id = next(w[4:] for w in started.split() if w.startswith("job="))
+        iops.busy.append(fio_iops(fio))
+        log(f"    {iops.busy[-1]:.0f} IOPS")
+        with open(os.path.join(fs.control, "jobs")) as f:
+            running = any(f"id={job_id} " in line for line in f)
+        iops.job_lasted &= running
+        if running:
+            after = fs.command("cancel", job_id)
+            fs.wait_event(("JOB_CANCELLED", "JOB_COMPLETED"), after)
+        else:
+            log("    the job ended before fio did: raise IOPS_JOB_FACTOR")
+
+        log(f"run {i + 1}: random 4 KiB reads, no job (after the cancel)")
+        iops.idle.append(fio_iops(fio))
+        log(f"    {iops.idle[-1]:.0f} IOPS")
+    res.expect(check_clean(os.path.join(src, "E.qcow2")), "iops: qemu-img check E.qcow2")
+    shutil.rmtree(src)
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    header = ("measure", "chainfs", "QEMU / reference", "ratio", "target", "met")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def rows_of(res: Results) -> list[tuple[str, ...]]:
+    reference = {
+        "intermediate commit top=D base=B": "QMP block-commit",
+        "active commit base=A": "QMP block-commit + block-job-complete",
+        "copy sync=full": "qemu-img convert -O qcow2",
+    }
+    rows: list[tuple[str, ...]] = []
+    for key, t in res.timed.items():
+        ratio = t.ratio
+        rows.append(
+            (
+                f"{key} (s; ratio = QEMU time / chainfs time)",
+                f"{min(t.chainfs):.3f}",
+                f"{min(t.qemu):.3f} ({reference[key]})",
+                f"{ratio:.2f}",
+                f">= {TIME_TARGET}",
+                "yes" if ratio >= TIME_TARGET else "NO",
+            )
+        )
+    if res.iops is not None:
+        r = res.iops
+        ratio = r.ratio
+        lasted = "" if r.job_lasted else ", JOB ENDED EARLY"
+        rows.append(
+            (
+                f"4 KiB random read IOPS, QD1, during copy{lasted} (ratio = during / no job)",
+                f"{sum(r.busy) / len(r.busy):.0f}",
+                f"{r.baseline:.0f} (no job: mean of before and after)",
+                f"{ratio:.2f}",
+                f">= {IOPS_TARGET}",
+                "yes" if ratio >= IOPS_TARGET else "NO",
+            )
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench_jobs", description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=GiB, help="virtual size of the seed chain (1 GiB)")
+    ap.add_argument("--runs", type=int, default=1, help="runs per measure, best taken (1)")
+    ap.add_argument(
+        "--rand-runtime",
+        type=int,
+        default=RAND_RUNTIME,
+        help=f"seconds of each random-read run ({RAND_RUNTIME})",
+    )
+    ap.add_argument("--jobs", default=",".join(PARTS), help=f"comma-separated: {','.join(PARTS)}")
+    ap.add_argument("--parts", default=None, help="bench.py's parts: this runs when 'jobs' is one")
+    args, ignored = ap.parse_known_args(argv)
+    if args.parts is not None and "jobs" not in args.parts.split(","):
+        return 0
+    if ignored:
+        log(f"ignoring bench.py's options {' '.join(ignored)}")
+    parts = args.jobs.split(",")
+    if set(parts) - set(PARTS):
+        ap.error(f"--jobs: unknown part in {args.jobs!r}")
+    size: int = args.size
+    missing = [t for t in ("fio", "qemu-storage-daemon", "fusermount3") if not shutil.which(t)]
+    if missing:
+        sys.exit(f"bench_jobs: needs {', '.join(missing)}")
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    os.makedirs(WORK)
+    load_before = load()
+    log(f"building the seed chain ({size >> 20} MiB) in {WORK}/seed")
+    seed = os.path.join(WORK, "seed")
+    run([sys.executable, MAKE_SEED_CHAIN, seed, "--size", str(size)])
+
+    res = Results()
+    for i in range(args.runs):
+        if "commit" in parts:
+            bench_commit(seed, WORK, i, res, active=False)
+        if "active" in parts:
+            bench_commit(seed, WORK, i, res, active=True)
+        if "copy" in parts:
+            bench_copy(seed, WORK, i, res)
+        if "iops" in parts:
+            bench_iops(seed, WORK, i, size, args.rand_runtime, res)
+
+    print()
+    print(
+        f"live jobs: chainfs against QEMU, seed chain of {size >> 20} MiB (five layers),"
+        f" best of {args.runs} run(s)"
+    )
+    print()
+    print_table(rows_of(res))
+    print()
+    if res.wrong:
+        print(f"WRONG RESULTS: {'; '.join(res.wrong)}")
+    else:
+        print("every result equals the seed chain's disk (qemu-img compare) and checks clean")
+    print("\ncommands used:")
+    for key, text in res.commands.items():
+        print(f"  {key}:\n    {text}")
+    print(f"\nload average before: {load_before}; after: {load()} (2 cores: other work skews)")
+    return 1 if res.wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
