@@ -456,10 +456,18 @@ def fio_iops(args: list[str]) -> float:
     return float(job["read"]["iops"])
 
 
+def data_bytes(image: str) -> int:
+    """The bytes some layer of the chain holds data for (``qemu-img map``)."""
+    extents = json.loads(run(["qemu-img", "map", "--output=json", image]))
+    return sum(int(e["length"]) for e in extents if e["data"])
+
+
 def bench_iops(seed: str, work: str, i: int, size: int, runtime: int, res: Results) -> None:
     iops = res.iops = res.iops or Iops()
-    # slow enough that the copy of the whole disk outlasts the fio run several times over
-    speed = max(1 << 20, size // (IOPS_JOB_FACTOR * runtime))
+    # the rate limit counts the bytes the copy writes, at least the data the chain holds:
+    # slow enough that the copy outlasts the fio run several times over
+    data = data_bytes(os.path.join(seed, "E.qcow2"))
+    speed = max(64 << 10, data // (IOPS_JOB_FACTOR * runtime))
     job = f"F.qcow2 sync=full speed={speed}"
     src = copy_chain(seed, os.path.join(work, f"iops-{i}"))
     with Chainfs(src, os.path.join(work, "mnt"), os.path.join(work, "chainfs.log")) as fs:
