@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 from ..formats.base import Layer
 from . import journal
 from .base import Job
-from .mirror import MirrorJob
+from .mirror import MirrorJob, holds_any
 
 if TYPE_CHECKING:
     from ..disk import Disk
@@ -134,7 +134,9 @@ class CommitJob(Job):
         pos = self.start
         while pos < length:
             t, b = self._indices()
-            copied = chain.copy_step(self.base, t, b, b, pos, STEP)
+            copied = 0
+            if holds_any(chain, self.base, t, b, pos, STEP):
+                copied = chain.copy_step(self.base, t, b, b, pos, STEP)
             pos = min(pos + STEP, length)
             self.offset = pos
             self.journal_progress(pos)

@@ -45,12 +45,29 @@ from ..formats.base import Layer
 from .base import READY, Job, JobCancelled
 
 if TYPE_CHECKING:
+    from ..chain import Chain
     from ..disk import Disk
 
 log = logging.getLogger(__name__)
 
 STEP = 1 << 20  # bytes per copy step
 GRANULE = 64 << 10  # dirty-tracking granularity (at least the target's cluster size)
+
+
+def holds_any(chain: Chain, target: Layer, top: int, stop: int, offset: int, length: int) -> bool:
+    """Whether a layer of ``layers[top:stop]`` answers for some of the range, widened to
+    whole clusters of ``target`` as ``Chain.copy_step`` widens it.
+
+    A few big-integer operations per layer (their allocation maps), where ``copy_step``
+    walks every cluster's extents: a copy step that would find nothing to copy (most of
+    a sparse disk) is skipped at C speed.  Conservative: a layer shorter than the range
+    answers for what lies past its end.
+    """
+    g = chain.granule
+    a = max(g, target.cluster_size)  # both powers of two: aligned for both
+    first = offset - offset % a
+    count = -(-(offset + length - first) // a) * (a // g)
+    return any(layer.allocation_map(first, count, g) for layer in chain.layers[top:stop])
 
 
 class DirtyMap:
@@ -156,7 +173,10 @@ class MirrorJob(Job):
 
     def _copy(self, offset: int, length: int) -> int:
         assert self.target is not None
-        return self.disk.chain.copy_step(self.target, 0, self.stop(), self.below(), offset, length)
+        chain, stop = self.disk.chain, self.stop()
+        if not holds_any(chain, self.target, 0, stop, offset, length):
+            return 0
+        return chain.copy_step(self.target, 0, stop, self.below(), offset, length)
 
     async def run(self) -> None:
         await self.checkpoint(0)  # a cancel before the job started
