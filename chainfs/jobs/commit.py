@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 from ..formats.base import Layer
 from . import journal
 from .base import Job
-from .mirror import MirrorJob, holds_any
+from .mirror import MirrorJob, next_step
 
 if TYPE_CHECKING:
     from ..disk import Disk
@@ -134,10 +134,9 @@ class CommitJob(Job):
         pos = self.start
         while pos < length:
             t, b = self._indices()
-            copied = 0
-            if holds_any(chain, self.base, t, b, pos, STEP):
-                copied = chain.copy_step(self.base, t, b, b, pos, STEP)
-            pos = min(pos + STEP, length)
+            n, held = next_step(chain, self.base, t, b, pos, length, STEP)
+            copied = chain.copy_step(self.base, t, b, b, pos, n) if held else 0
+            pos += n
             self.offset = pos
             self.journal_progress(pos)
             await self.checkpoint(copied)
