@@ -446,48 +446,83 @@ class Qcow2Layer(Layer):
         return bytes(below) + bytes(cs - len(below))
 
     def write(self, offset: int, data: Buffer, fill: Fill) -> None:
+        """Overwrite allocated clusters in place; give the others new clusters, allocated
+        together at the end of the file and written with one ``pwrite``.
+
+        Runs of whole new clusters are written straight from ``data`` (no copy); so are
+        runs of in-place clusters that lie contiguously on the host.
+        """
         if offset + len(data) > self.virtual_size:
             raise ImageError(f"write past the end of {self.path!r}")
         assert self.refs is not None
         cs, cb = self.cluster_size, self.cluster_bits
         view = memoryview(data)
         pos, end = offset, offset + len(data)
-        fresh: list[tuple[int, int, Buffer]] = []  # (cluster, old entry, content)
+        fresh: list[tuple[int, int]] = []  # (cluster, old entry) of the new clusters
+        pieces: list[Buffer] = []  # their content, in order (runs of ``view`` merged)
+        merged_to = -1  # where the last piece ends in ``view``, if it is a slice of it
+        # in place: (host, start in view, end in view) of the pending contiguous run
+        run_host = run_a = run_b = -1
         while pos < end:
             c = pos >> cb
             in_off = pos & (cs - 1)
             n = min(cs - in_off, end - pos)
-            piece = view[pos - offset : pos - offset + n]
+            a = pos - offset
             e = self._entry(c)
             if e & COPIED and e & OFFSET_MASK and not e & (COMPRESSED_BIT | ZERO_FLAG):
-                self.file.pwrite(piece, (e & OFFSET_MASK) + in_off)
+                host = (e & OFFSET_MASK) + in_off
+                if run_b == a and run_host + (run_b - run_a) == host:
+                    run_b = a + n
+                else:
+                    if run_b >= 0:
+                        self.file.pwrite(view[run_a:run_b], run_host)
+                    run_host, run_a, run_b = host, a, a + n
             elif n == cs:
-                fresh.append((c, e, piece))
+                fresh.append((c, e))
+                if merged_to == a:
+                    start = a - len(pieces[-1])
+                    pieces[-1] = view[start : a + n]
+                else:
+                    pieces.append(view[a : a + n])
+                merged_to = a + n
             else:
                 content = bytearray(self._old_content(c, e, fill))
-                content[in_off : in_off + n] = piece
-                fresh.append((c, e, content))
+                content[in_off : in_off + n] = view[a : a + n]
+                fresh.append((c, e))
+                pieces.append(content)
+                merged_to = -1
             pos += n
+        if run_b >= 0:
+            self.file.pwrite(view[run_a:run_b], run_host)
         if not fresh:
             return
         # make sure the L2 tables exist before the data clusters are allocated, so data
         # clusters stay contiguous
-        for c, _, _ in fresh:
-            self._l2_for_write(c)
+        table_no = -1
+        for c, _ in fresh:
+            if c >> self.l2_bits != table_no:
+                table_no = c >> self.l2_bits
+                self._l2_for_write(c)
         host = self.refs.alloc(len(fresh))
         try:
-            if len(fresh) == 1:
-                self.file.pwrite(fresh[0][2], host)
-            else:
-                self.file.pwrite(b"".join(content for _, _, content in fresh), host)
+            self.file.pwrite(pieces[0] if len(pieces) == 1 else b"".join(pieces), host)
         except BaseException:
             # the data did not land (a full disk): no entry points at the new clusters,
             # so they go back, and the refcounts claim nothing the file does not hold
             self.refs.unalloc(host, len(fresh))
             raise
-        for i, (c, e, _) in enumerate(fresh):
-            self._set_entry(c, (host + i * cs) | COPIED)
-            self._release(e)
+        # point the entries at the new clusters, one table at a time
+        i = 0
+        while i < len(fresh):
+            table_no = fresh[i][0] >> self.l2_bits
+            table = self._l2_for_write(fresh[i][0])
+            self.l2_dirty.add(_U64.unpack_from(self.l1, table_no * 8)[0] & OFFSET_MASK)
+            while i < len(fresh) and fresh[i][0] >> self.l2_bits == table_no:
+                c, e = fresh[i]
+                _U64.pack_into(table, (c & self.l2_mask) * 8, (host + i * cs) | COPIED)
+                if e:
+                    self._release(e)
+                i += 1
 
     def write_zeroes(self, offset: int, length: int, fill: Fill) -> None:
         if offset + length > self.virtual_size:
