@@ -515,7 +515,9 @@ class FuseResults:
     commands: list[str]
 
 
-def fuse_bench(seed_dir: str, size: int, runs: int, rand_runtime: int) -> FuseResults:
+def fuse_bench(
+    seed_dir: str, size: int, runs: int, rand_runtime: int, measures: set[str]
+) -> FuseResults:
     work = os.path.join(WORK, "fuse")
     os.makedirs(work)
     mp = os.path.join(work, "mnt")
@@ -553,92 +555,95 @@ def fuse_bench(seed_dir: str, size: int, runs: int, rand_runtime: int) -> FuseRe
         )
 
     for i in range(runs):
-        # reads: the seed chain itself, read-only for both (shared image locks)
-        log(f"(c) run {i + 1}: reads through chainfs")
-        dropped &= drop_caches()
-        with chainfs_server(seed_dir, mp, clog, readonly=True) as srv:
-            note("chainfs: mount for reads", srv.args)
-            measure_reads(srv, flat, "chainfs")
-        rss.chainfs.append(srv.peak_rss)
-        log(f"(c) run {i + 1}: reads through qemu-storage-daemon")
-        dropped &= drop_caches()
-        with QemuServer(seed_dir, export, qlog, export="E", writable=False) as qsrv:
-            note("qemu-storage-daemon: export for reads", qsrv.args)
-            measure_reads(qsrv, export, "qemu")
-        rss.qemu.append(qsrv.peak_rss)
+        if "read" in measures:
+            # reads: the seed chain itself, read-only for both (shared image locks)
+            log(f"(c) run {i + 1}: reads through chainfs")
+            dropped &= drop_caches()
+            with chainfs_server(seed_dir, mp, clog, readonly=True) as srv:
+                note("chainfs: mount for reads", srv.args)
+                measure_reads(srv, flat, "chainfs")
+            rss.chainfs.append(srv.peak_rss)
+            log(f"(c) run {i + 1}: reads through qemu-storage-daemon")
+            dropped &= drop_caches()
+            with QemuServer(seed_dir, export, qlog, export="E", writable=False) as qsrv:
+                note("qemu-storage-daemon: export for reads", qsrv.args)
+                measure_reads(qsrv, export, "qemu")
+            rss.qemu.append(qsrv.peak_rss)
 
-        # writes into a fresh empty overlay on a fresh copy of the chain
-        log(f"(c) run {i + 1}: sequential write into a fresh overlay, chainfs")
-        src = copy_chain(seed_dir, os.path.join(work, f"write-chainfs-{i}"))
-        with chainfs_server(src, mp, clog, readonly=False) as srv:
-            with open(os.path.join(mp, "control", "E", "snapshot"), "w") as f:
-                f.write("F.qcow2\n")
-            args = fio_seq_write(flat, size)
-            note("chainfs: sequential write (after `echo F.qcow2 > control/E/snapshot`)", args)
-            r = fio(args)
-            write.chainfs.append(size / r["wall"])
-        rss.chainfs.append(srv.peak_rss)
-        run(["qemu-img", "check", "-q", os.path.join(src, "F.qcow2")])
-        shutil.rmtree(src)
-        log(f"    chainfs: {size / r['wall'] / 1e6:.0f} MB/s")
-        log(f"(c) run {i + 1}: sequential write into a fresh overlay, qemu-storage-daemon")
-        src = copy_chain(seed_dir, os.path.join(work, f"write-qemu-{i}"))
-        overlay = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "E.qcow2", "-F", "qcow2"]
-        run([*overlay, os.path.join(src, "F.qcow2")])
-        with QemuServer(src, export, qlog, export="F", writable=True) as qsrv:
-            note("qemu-storage-daemon: overlay for writes", [*overlay, "F.qcow2"])
-            note("qemu-storage-daemon: export for writes", qsrv.args)
-            args = fio_seq_write(export, size)
-            note("both: sequential write", args)
-            r = fio(args)
-            write.qemu.append(size / r["wall"])
-        shutil.rmtree(src)
-        log(f"    qemu-storage-daemon: {size / r['wall'] / 1e6:.0f} MB/s")
+        if "write" in measures:
+            # writes into a fresh empty overlay on a fresh copy of the chain
+            log(f"(c) run {i + 1}: sequential write into a fresh overlay, chainfs")
+            src = copy_chain(seed_dir, os.path.join(work, f"write-chainfs-{i}"))
+            with chainfs_server(src, mp, clog, readonly=False) as srv:
+                with open(os.path.join(mp, "control", "E", "snapshot"), "w") as f:
+                    f.write("F.qcow2\n")
+                args = fio_seq_write(flat, size)
+                note("chainfs: sequential write (after `echo F.qcow2 > control/E/snapshot`)", args)
+                r = fio(args)
+                write.chainfs.append(size / r["wall"])
+            rss.chainfs.append(srv.peak_rss)
+            run(["qemu-img", "check", "-q", os.path.join(src, "F.qcow2")])
+            shutil.rmtree(src)
+            log(f"    chainfs: {size / r['wall'] / 1e6:.0f} MB/s")
+            log(f"(c) run {i + 1}: sequential write into a fresh overlay, qemu-storage-daemon")
+            src = copy_chain(seed_dir, os.path.join(work, f"write-qemu-{i}"))
+            overlay = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "E.qcow2", "-F", "qcow2"]
+            run([*overlay, os.path.join(src, "F.qcow2")])
+            with QemuServer(src, export, qlog, export="F", writable=True) as qsrv:
+                note("qemu-storage-daemon: overlay for writes", [*overlay, "F.qcow2"])
+                note("qemu-storage-daemon: export for writes", qsrv.args)
+                args = fio_seq_write(export, size)
+                note("both: sequential write", args)
+                r = fio(args)
+                write.qemu.append(size / r["wall"])
+            shutil.rmtree(src)
+            log(f"    qemu-storage-daemon: {size / r['wall'] / 1e6:.0f} MB/s")
 
-        # stream base=A, each on its own fresh copy
-        log(f"(c) run {i + 1}: stream base=A, chainfs")
-        csrc = copy_chain(seed_dir, os.path.join(work, f"stream-chainfs-{i}"))
-        with chainfs_server(csrc, mp, clog, readonly=False) as srv:
-            events = os.path.join(mp, "control", "E", "events")
-            control = os.path.join(mp, "control", "E", "stream")
-            commands.setdefault(
-                "chainfs: stream",
-                f"echo base=A.qcow2 > {shell_words([control])}, then read"
-                " control/E/events until its JOB_COMPLETED line",
-            )
-            start = time.perf_counter()
-            with open(control, "w") as f:
-                f.write("base=A.qcow2\n")
-            while True:
-                with open(events) as f:
-                    done = [x for x in f.read().splitlines() if "event=JOB_COMPLETED" in x]
-                if done:
-                    break
-                time.sleep(0.002)  # a read of events is one cheap request
-            stream.chainfs.append(time.perf_counter() - start)
-            if "error=" in done[0]:
-                sys.exit(f"bench: the chainfs stream failed: {done[0]}")
-        rss.chainfs.append(srv.peak_rss)
-        log(f"    chainfs: {stream.chainfs[-1]:.3f} s")
-        log(f"(c) run {i + 1}: stream base=A, qemu-storage-daemon (QMP block-stream)")
-        qsrc = copy_chain(seed_dir, os.path.join(work, f"stream-qemu-{i}"))
-        with QemuServer(qsrc, export, qlog, export=None, writable=True) as qsrv:
-            assert qsrv.qmp is not None
-            note("qemu-storage-daemon: for the stream", qsrv.args)
-            cmd = {"job-id": "stream0", "device": "E", "base-node": "A"}
-            note("qemu-storage-daemon: QMP", ["block-stream", json.dumps(cmd)])
-            start = time.perf_counter()
-            qsrv.qmp.execute("block-stream", **cmd)
-            event = qsrv.qmp.wait_event("BLOCK_JOB_COMPLETED")
-            stream.qemu.append(time.perf_counter() - start)
-            data = event.get("data")
-            if isinstance(data, dict) and data.get("error"):
-                sys.exit(f"bench: QEMU's block-stream failed: {data['error']}")
-        log(f"    qemu-storage-daemon: {stream.qemu[-1]:.3f} s")
-        compare = ["qemu-img", "compare", "-q", f"{csrc}/E.qcow2", f"{qsrc}/E.qcow2"]
-        streams_equal &= subprocess.run(compare, check=False).returncode == 0
-        shutil.rmtree(csrc)
-        shutil.rmtree(qsrc)
+        if "stream" in measures:
+            # stream base=A, each on its own fresh copy
+            log(f"(c) run {i + 1}: stream base=A, chainfs")
+            csrc = copy_chain(seed_dir, os.path.join(work, f"stream-chainfs-{i}"))
+            with chainfs_server(csrc, mp, clog, readonly=False) as srv:
+                events = os.path.join(mp, "control", "E", "events")
+                control = os.path.join(mp, "control", "E", "stream")
+                commands.setdefault(
+                    "chainfs: stream",
+                    f"echo base=A.qcow2 > {shell_words([control])}, then read"
+                    " control/E/events until its JOB_COMPLETED line",
+                )
+                start = time.perf_counter()
+                with open(control, "w") as f:
+                    f.write("base=A.qcow2\n")
+                while True:
+                    with open(events) as f:
+                        done = [x for x in f.read().splitlines() if "event=JOB_COMPLETED" in x]
+                    if done:
+                        break
+                    time.sleep(0.002)  # a read of events is one cheap request
+                stream.chainfs.append(time.perf_counter() - start)
+                if "error=" in done[0]:
+                    sys.exit(f"bench: the chainfs stream failed: {done[0]}")
+            rss.chainfs.append(srv.peak_rss)
+            log(f"    chainfs: {stream.chainfs[-1]:.3f} s")
+            log(f"(c) run {i + 1}: stream base=A, qemu-storage-daemon (QMP block-stream)")
+            qsrc = copy_chain(seed_dir, os.path.join(work, f"stream-qemu-{i}"))
+            with QemuServer(qsrc, export, qlog, export=None, writable=True) as qsrv:
+                assert qsrv.qmp is not None
+                note("qemu-storage-daemon: for the stream", qsrv.args)
+                cmd = {"job-id": "stream0", "device": "E", "base-node": "A"}
+                note("qemu-storage-daemon: QMP", ["block-stream", json.dumps(cmd)])
+                start = time.perf_counter()
+                qsrv.qmp.execute("block-stream", **cmd)
+                event = qsrv.qmp.wait_event("BLOCK_JOB_COMPLETED")
+                stream.qemu.append(time.perf_counter() - start)
+                data = event.get("data")
+                if isinstance(data, dict) and data.get("error"):
+                    sys.exit(f"bench: QEMU's block-stream failed: {data['error']}")
+            log(f"    qemu-storage-daemon: {stream.qemu[-1]:.3f} s")
+            compare = ["qemu-img", "compare", "-q", f"{csrc}/E.qcow2", f"{qsrc}/E.qcow2"]
+            streams_equal &= subprocess.run(compare, check=False).returncode == 0
+            shutil.rmtree(csrc)
+            shutil.rmtree(qsrc)
 
     return FuseResults(
         seq_read=seq_read,
@@ -748,6 +753,8 @@ def engine_bench(seed: str, size: int, runs: int) -> EngineResults:
 
 def fuse_rows(r: FuseResults) -> list[Row]:
     def row(measure: str, pair: Pair, fmt: str, *, target: bool = True) -> Row:
+        if not pair.chainfs or not pair.qemu:
+            return (measure, "-", "-", "", "", "")
         ratio = pair.ratio
         return (
             measure,
@@ -791,13 +798,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--parts",
         default="engine,fuse",
-        help="comma-separated: engine (no FUSE), fuse (chainfs vs qemu-storage-daemon)",
+        help="comma-separated: engine (no FUSE), fuse (chainfs vs qemu-storage-daemon);"
+        " jobs is scripts/bench_jobs.py's",
     )
     ap.add_argument(
         "--rand-runtime",
         type=int,
         default=RAND_RUNTIME,
         help=f"seconds of each random-read measure through FUSE ({RAND_RUNTIME})",
+    )
+    ap.add_argument(
+        "--measures",
+        default="read,write,stream",
+        help="comma-separated FUSE measures: read (sequential and random), write, stream",
     )
     ap.add_argument("--tera-child", metavar="IMAGE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -806,8 +819,13 @@ def main(argv: list[str] | None = None) -> int:
     size: int = args.size
     runs: int = args.runs
     parts = set(args.parts.split(","))
-    if not parts or parts - {"engine", "fuse"}:
+    if not parts or parts - {"engine", "fuse", "jobs"}:
         ap.error(f"--parts: unknown part in {args.parts!r}")
+    if not parts & {"engine", "fuse"}:
+        return 0  # jobs only: scripts/bench_jobs.py's part
+    measures = set(args.measures.split(","))
+    if not measures or measures - {"read", "write", "stream"}:
+        ap.error(f"--measures: unknown measure in {args.measures!r}")
     missing = [t for t in ("fio", "qemu-storage-daemon", "fusermount3") if not shutil.which(t)]
     if "fuse" in parts and missing:
         sys.exit(f"bench: the FUSE part needs {', '.join(missing)}")
@@ -821,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = engine_bench(seed, size, runs) if "engine" in parts else None
     fuse = (
-        fuse_bench(os.path.dirname(seed), size, runs, args.rand_runtime)
+        fuse_bench(os.path.dirname(seed), size, runs, args.rand_runtime, measures)
         if "fuse" in parts
         else None
     )
