@@ -46,6 +46,8 @@ from .locks import lock_image
 MAX_DEPTH = 1000
 REGION_BITS = 13  # granules per region: 8192
 REGION_CACHE = 256  # regions kept (16 KiB each)
+HELD_GRANULES = 1 << 15  # granules per window of a stream's "held between" lanes
+HELD_CACHE = 8  # windows kept
 
 Plan = list[tuple[Layer, Extent]]
 
@@ -83,6 +85,10 @@ class Chain:
         # called as hook(offset, length) under the lock before every guest write: the
         # dirty tracking of jobs that mirror the disk elsewhere (commit, copy)
         self.write_hooks: list[Callable[[int, int], None]] = []
+        # stream: which of a node's clusters the layers between it and a base hold,
+        # by window of about HELD_GRANULES granules, keyed (node, stop, window); those layers
+        # are read-only, so only a change of the chain's shape makes an entry stale
+        self._held: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
         self._reset_granule()
 
     @classmethod
@@ -153,6 +159,7 @@ class Chain:
         sizes = [layer.cluster_size for layer in self.layers if layer.format_name != "raw"]
         self.granule = max(512, min(sizes, default=65536))
         self._regions.clear()
+        self._held.clear()
 
     # -- the "who holds it" map ----------------------------------------------------------
 
@@ -428,19 +435,11 @@ class Chain:
         cs, g = target.cluster_size, self.granule
         k = cs // g  # granules per target cluster (the granule divides every cluster size)
         count = -(-(end - first) // cs)
-        ones = lane_ones(count)
-        held = 0
-        for level in range(node + 1, min(stop, len(self.layers))):
-            m = self.layers[level].allocation_map(first, count * k, g)
-            if k > 1:  # a cluster is held if any of its granules is
-                for j in range(1, k):
-                    m |= m >> (8 * j)
-                m = int.from_bytes(m.to_bytes(count * k, "little")[::k], "little")
-            held |= m
-            if held == ones:
-                break
-        if not held:
+        held_lanes = self._held_lanes(node, stop, first // cs, count)
+        if 1 not in held_lanes:
             return []
+        held = int.from_bytes(held_lanes, "little")
+        ones = lane_ones(count)
         has = target.allocation_map(first, count * k, g)
         if k > 1:
             has = int.from_bytes(has.to_bytes(count * k, "little")[::k], "little")
@@ -461,6 +460,52 @@ class Chain:
             runs.append((first + i * cs, min(first + j * cs, end, target.virtual_size)))
             i = want.find(1, j)
         return runs
+
+    def _held_lanes(self, node: int, stop: int, c0: int, count: int) -> bytes:
+        """One byte per cluster of ``layers[node]`` from cluster ``c0``: 1 where a layer of
+        ``layers[node+1:stop]`` answers for some of it, else 0 (cached by window)."""
+        wc = self._held_window_clusters(node)
+        out = bytearray()
+        c = c0
+        while c < c0 + count:
+            w = c // wc
+            lanes = self._held.get((node, stop, w))
+            if lanes is None:
+                lanes = self._held_window(node, stop, w)
+                self._held[(node, stop, w)] = lanes
+                if len(self._held) > HELD_CACHE:
+                    self._held.popitem(last=False)
+            i = c - w * wc
+            piece = lanes[i : i + c0 + count - c]
+            if not piece:
+                break  # past the node's end
+            out += piece
+            c += len(piece)
+        return bytes(out)
+
+    def _held_window_clusters(self, node: int) -> int:
+        return max(1, HELD_GRANULES * self.granule // self.layers[node].cluster_size)
+
+    def _held_window(self, node: int, stop: int, w: int) -> bytes:
+        cs, g = self.layers[node].cluster_size, self.granule
+        k = cs // g
+        wc = self._held_window_clusters(node)
+        first = w * wc * cs
+        count = min(wc, -(-(self.layers[node].virtual_size - first) // cs))
+        if count <= 0:
+            return b""
+        ones = lane_ones(count)
+        held = 0
+        for level in range(node + 1, min(stop, len(self.layers))):
+            m = self.layers[level].allocation_map(first, count * k, g)
+            if k > 1:  # a cluster is held if any of its granules is
+                for j in range(1, k):
+                    m |= m >> (8 * j)
+                m = int.from_bytes(m.to_bytes(count * k, "little")[::k], "little")
+            held |= m
+            if held == ones:
+                break
+        return held.to_bytes(count, "little")
 
     def read_below(self, level: int, offset: int, length: int) -> bytearray:
         """The content the layers below ``layers[level]`` show for a range."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from chainfs import chain as chain_module
 from chainfs.chain import Chain
 
 from . import images as im
@@ -87,6 +88,20 @@ def test_mixed_cluster_sizes(tmp_path: Path, clusters: list[int], base: bool) ->
         assert im.info(paths[-1])["backing-filename"] == "L0.qcow2"
     else:
         assert "backing-filename" not in im.info(paths[-1])
+
+
+@pytest.mark.parametrize("granules", [3, 1000])
+def test_held_windows_smaller_than_a_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, granules: int
+) -> None:
+    # the "held between" lanes are cached by window; tiny windows make every step
+    # span several of them, and 3 granules leave a window a fraction of a cluster
+    monkeypatch.setattr(chain_module, "HELD_GRANULES", granules)
+    clusters = [64 * KiB, 4 * KiB, 512, 64 * KiB]
+    layers = [layer(f"L{i}.qcow2", c, 0x11 * (i + 1), SIZE) for i, c in enumerate(clusters)]
+    paths, model = im.build_chain(str(tmp_path), layers, size=SIZE)
+    stream(paths[-1], "L3.qcow2", "L0.qcow2")
+    check_streamed(paths, 0, model, tmp_path)
 
 
 def test_lower_layer_holds_only_the_middle_of_a_node_cluster(tmp_path: Path) -> None:
