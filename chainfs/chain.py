@@ -428,6 +428,28 @@ class Chain:
                 copied += b - a
             return copied
 
+    def stream_next(self, node: int, stop: int, offset: int, end: int) -> int:
+        """Where, from ``offset`` on, a layer of ``layers[node+1:stop]`` first holds
+        something of ``layers[node]``'s clusters: the start of that cluster (not before
+        ``offset``), or ``end`` if nothing does before it.  The stream skips the rest.
+
+        Those layers are read-only, so the answer stays true until the chain's shape
+        changes; after a change the stream asks again.
+        """
+        with self._lock:
+            cs = self.layers[node].cluster_size
+            wc = self._held_window_clusters(node)
+            c = offset // cs
+            last = -(-min(end, self.layers[node].virtual_size) // cs)
+            while c < last:
+                w = c // wc
+                lanes = self._held_lanes(node, stop, c, min(wc * (w + 1), last) - c)
+                i = lanes.find(1)
+                if i >= 0:
+                    return max(offset, (c + i) * cs)
+                c = wc * (w + 1)
+            return end
+
     def _stream_runs(self, node: int, stop: int, first: int, end: int) -> list[tuple[int, int]]:
         """The runs of ``layers[node]``'s clusters in ``[first, end)`` that it lacks and
         that a layer of ``layers[node+1:stop]`` answers for, as (start, end) offsets."""

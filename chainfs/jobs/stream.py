@@ -102,8 +102,14 @@ class StreamJob(Job):
         pos = self.start
         while pos < self.len:
             n, stop = self._indices()
-            copied = chain.stream_step(n, stop, pos, STEP)
-            pos = min(pos + STEP, self.len)
+            # whole steps with nothing to copy are passed over in one go
+            skip = (chain.stream_next(n, stop, pos, self.len) - pos) // STEP * STEP
+            if skip:
+                pos = min(pos + skip, self.len)
+                copied = 0
+            else:
+                copied = chain.stream_step(n, stop, pos, STEP)
+                pos = min(pos + STEP, self.len)
             self.offset = pos
             self.journal_progress(pos)
             await self.checkpoint(copied)

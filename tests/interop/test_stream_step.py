@@ -29,7 +29,8 @@ STEP = 512 * KiB  # the stream job's step
 def stream(top: str, node: str, base: str | None, *, between: Any = None) -> None:
     """Stream into the layer named ``node`` from the layers above the one named ``base``
     (None: all below the node), then point the node at the base, as the stream job does;
-    ``between(chain, pos)`` runs between steps."""
+    ``between(chain, pos)`` runs before each step (at each multiple of ``STEP`` the
+    stream stops at)."""
     with Chain.open(top, writable=True) as chain:
         names = [os.path.basename(x.path) for x in chain.layers]
         n = names.index(node)
@@ -38,10 +39,17 @@ def stream(top: str, node: str, base: str | None, *, between: Any = None) -> Non
         if n > 0:
             chain.reopen(n, writable=True)
         size = chain.layers[n].virtual_size
-        for pos in range(0, size, STEP):
+        pos = 0
+        while pos < size:
             if between is not None:
                 between(chain, pos)
-            chain.stream_step(n, stop, pos, STEP)
+            # as the job does: whole steps with nothing to copy are passed over
+            skip = (chain.stream_next(n, stop, pos, size) - pos) // STEP * STEP
+            if skip:
+                pos += skip
+            else:
+                chain.stream_step(n, stop, pos, STEP)
+                pos += STEP
         target = chain.layers[n]
         target.flush()
         if base is None:
@@ -101,6 +109,26 @@ def test_held_windows_smaller_than_a_step(
     layers = [layer(f"L{i}.qcow2", c, 0x11 * (i + 1), SIZE) for i, c in enumerate(clusters)]
     paths, model = im.build_chain(str(tmp_path), layers, size=SIZE)
     stream(paths[-1], "L3.qcow2", "L0.qcow2")
+    check_streamed(paths, 0, model, tmp_path)
+
+
+def test_lone_clusters_at_the_edges_of_steps(tmp_path: Path) -> None:
+    # steps that hold nothing are passed over: the first and last clusters of a step,
+    # alone, must still be copied
+    c = 64 * KiB
+    writes: list[im.Write] = [
+        (STEP - c + 10, 100, 0x21),  # the last cluster of the first step
+        (3 * STEP, 100, 0x22),  # the first cluster of the fourth
+        (5 * STEP - 1, 1, 0x23),  # the last byte of the fifth
+        (SIZE - 1, 1, 0x24),  # the disk's last byte
+    ]
+    layers: list[dict[str, Any]] = [
+        {"name": "A.qcow2", "writes": [(0, SIZE, 0xAA)]},
+        {"name": "B.qcow2", "writes": writes},
+        {"name": "C.qcow2"},
+    ]
+    paths, model = im.build_chain(str(tmp_path), layers, size=SIZE)
+    stream(paths[-1], "C.qcow2", "A.qcow2")
     check_streamed(paths, 0, model, tmp_path)
 
 
@@ -189,10 +217,11 @@ def test_guest_write_between_steps_is_kept(tmp_path: Path) -> None:
     }
 
     def between(chain: Chain, pos: int) -> None:
-        if pos in writes:
-            offset, data = writes[pos]
+        for at in [at for at in writes if at <= pos]:
+            offset, data = writes.pop(at)
             chain.write(offset, data)
             model.put(offset, data)
 
     stream(paths[-1], "C.qcow2", "A.qcow2", between=between)
+    assert not writes, "the stream ended before the writes were made"
     check_streamed(paths, 0, model, tmp_path)
