@@ -44,6 +44,8 @@ from .source import Source
 
 log = logging.getLogger(__name__)
 
+CLOCK_REALTIME_COARSE = 5  # <linux/time.h>; Python's time module does not name it
+
 Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
 
 
@@ -132,7 +134,10 @@ class Disk:
     # -- the flat disk ----------------------------------------------------------------------
 
     def touch(self) -> None:
-        self.mtime_ns = self.ctime_ns = time.time_ns()
+        # The kernel stamps the image files from the coarse clock, which lags time_ns() by
+        # up to a tick; the flat file's times come from the images' after a remount, so
+        # they are taken from the same clock to never go backwards.
+        self.mtime_ns = self.ctime_ns = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
 
     # -- commands ---------------------------------------------------------------------------
 

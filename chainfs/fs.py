@@ -321,8 +321,8 @@ class Operations(pyfuse3.Operations):
             if off >= size:
                 raise pyfuse3.FUSEError(errno.ENOSPC)
             n = min(len(buf), size - off)
+            disk.touch()  # before the host write, so the images' mtimes are never older
             disk.chain.write(off, memoryview(buf)[:n])
-            disk.touch()
             return n
         try:
             disk.command(CONTROL_FILES[part - 2], bytes(buf))
