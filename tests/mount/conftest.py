@@ -443,6 +443,13 @@ def backing_chain(path: Path, *, force_share: bool = False) -> list[str]:
     return [os.path.basename(x["filename"]) for x in info]
 
 
+def backing_string(path: Path) -> str | None:
+    """The backing file name as written in the image's header (None: no backing file)."""
+    info = json.loads(run("qemu-img", "info", "--output=json", path).stdout)
+    value = info.get("backing-filename")
+    return None if value is None else str(value)
+
+
 def assert_clean(paths: Sequence[Path]) -> None:
     """``qemu-img check`` passes every qcow2 layer and no dirty bit is left set."""
     for p in paths:

@@ -18,14 +18,12 @@ refusals of qemu-iotests 040 and EBUSY, each with its errno and nothing changed 
 from __future__ import annotations
 
 import errno
-import json
 from pathlib import Path
 
 import pytest
 from interop import images as im
 
 from .conftest import (
-    Mount,
     Mounter,
     Seeds,
     Writer,
@@ -33,24 +31,13 @@ from .conftest import (
     assert_content,
     assert_flat,
     backing_chain,
+    backing_string,
     digests,
-    run,
     wait_for,
 )
 
 MiB = im.MiB
 START = ["E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
-
-
-def job_offset(m: Mount, chain: str) -> int | None:
-    jobs = m.lines(chain, "jobs")
-    return int(jobs[0]["offset"]) if jobs else None
-
-
-def backing_string(path: Path) -> str | None:
-    info = json.loads(run("qemu-img", "info", "--output=json", path).stdout)
-    value = info.get("backing-filename")
-    return None if value is None else str(value)
 
 
 def test_intermediate_commit_while_writing(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
@@ -59,13 +46,13 @@ def test_intermediate_commit_while_writing(tmp_path: Path, mounter: Mounter, see
     kept = digests([seed.layer(x) for x in "ACD"])
     model = bytearray(seed.content)
     m = mounter(tmp_path / "images")
-    writer = Writer(m.img("E"), model, seed=21, aim=lambda: job_offset(m, "E"))
+    writer = Writer(m.img("E"), model, seed=21, aim=lambda: m.job_offset("E"))
     writer.start()
     try:
         writer.wait_writes(20)
         job = m.start_job("E", "commit", "top=D.qcow2 base=B.qcow2 speed=3M")
         writer.wait_writes(40)
-        assert job_offset(m, "E") is not None, "the commit ended before the writer wrote"
+        assert m.job_offset("E") is not None, "the commit ended before the writer wrote"
         end = m.wait_job("E", job)
         writer.wait_writes(20)
     finally:
@@ -167,7 +154,7 @@ def test_cancel_active_commit(tmp_path: Path, mounter: Mounter, seeds: Seeds, wh
     text = "base=A.qcow2 speed=1M" if when == "running" else "base=A.qcow2 wait=ready"
     job = m.start_job("E", "commit", text)
     if when == "running":
-        wait_for(lambda: (job_offset(m, "E") or 0) > 0, "the commit to make progress")
+        wait_for(lambda: (m.job_offset("E") or 0) > 0, "the commit to make progress")
     else:
         wait_for(lambda: any(e["event"] == "JOB_READY" for e in m.events("E")), "JOB_READY")
         m.refuse("E", "commit", "top=D.qcow2 base=B.qcow2", errno.EBUSY)

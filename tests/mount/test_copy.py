@@ -18,7 +18,6 @@ and the refusals of a bad DEST.
 from __future__ import annotations
 
 import errno
-import json
 from pathlib import Path
 
 import pytest
@@ -33,24 +32,13 @@ from .conftest import (
     assert_content,
     assert_flat,
     backing_chain,
+    backing_string,
     digests,
-    run,
     wait_for,
 )
 
 MiB = im.MiB
 START = ["E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
-
-
-def job_offset(m: Mount, chain: str) -> int | None:
-    jobs = m.lines(chain, "jobs")
-    return int(jobs[0]["offset"]) if jobs else None
-
-
-def backing_string(path: Path) -> str | None:
-    info = json.loads(run("qemu-img", "info", "--output=json", path).stdout)
-    value = info.get("backing-filename")
-    return None if value is None else str(value)
 
 
 def served(m: Mount) -> list[tuple[str, str]]:
@@ -202,7 +190,7 @@ def test_snapshot_elsewhere_then_stream(tmp_path: Path, mounter: Mounter, seeds:
     dest = other / "disk.qcow2"
     model = bytearray(seed.content)
     m = mounter(images, f"allow_dir={other}")
-    writer = Writer(m.img("E"), model, seed=33, aim=lambda: job_offset(m, "E"))
+    writer = Writer(m.img("E"), model, seed=33, aim=lambda: m.job_offset("E"))
     writer.start()
     try:
         writer.wait_writes(20)
