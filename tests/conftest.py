@@ -1,11 +1,15 @@
-"""Shared pytest wiring: the ``--runslow`` switch and skipping interop tests without QEMU."""
+"""Shared pytest wiring: the ``--runslow`` switch, skipping interop tests without QEMU, and
+the ``bounded_reads`` fixture of the hostile-image tests."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+from chainfs.hostfile import HostFile
 
 INTEROP_DIR = Path(__file__).parent / "interop"
 QEMU_TOOLS = ("qemu-img", "qemu-io")
@@ -38,3 +42,26 @@ def qemu_img() -> str:
     if path is None:
         pytest.skip("qemu-img is not installed (install qemu-utils)")
     return path
+
+
+@pytest.fixture
+def bounded_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every host read in the test: a sane offset and no longer than the file or two of the
+    largest clusters (what one compressed cluster may need)."""
+    pread, preadinto = HostFile.pread, HostFile.preadinto
+
+    def check(f: HostFile, length: int, offset: int) -> None:
+        assert 0 <= offset < 1 << 63, f"read at offset {offset:#x}"
+        limit = max(os.fstat(f.fd).st_size, 4 << 20)
+        assert length <= limit, f"read of {length} bytes from a {limit}-byte file"
+
+    def checked_pread(f: HostFile, length: int, offset: int) -> bytes:
+        check(f, length, offset)
+        return pread(f, length, offset)
+
+    def checked_preadinto(f: HostFile, buf: memoryview, offset: int) -> None:
+        check(f, len(buf), offset)
+        preadinto(f, buf, offset)
+
+    monkeypatch.setattr(HostFile, "pread", checked_pread)
+    monkeypatch.setattr(HostFile, "preadinto", checked_preadinto)

@@ -31,7 +31,6 @@ import pytest
 
 from chainfs.chain import Chain
 from chainfs.errors import ChainfsError
-from chainfs.hostfile import HostFile
 
 from . import images as im
 from .images import KiB, MiB
@@ -202,29 +201,6 @@ def mutate(rng: random.Random, original: bytes) -> bytes:
 
 
 # -- the invariants -------------------------------------------------------------------
-
-
-@pytest.fixture
-def bounded_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No host read at an offset the OS cannot express, none longer than the file or
-    two of the largest clusters (what one compressed cluster may take)."""
-    pread, preadinto = HostFile.pread, HostFile.preadinto
-
-    def check(f: HostFile, length: int, offset: int) -> None:
-        assert 0 <= offset < 1 << 63, f"read at offset {offset:#x}"
-        limit = max(os.fstat(f.fd).st_size, 4 * MiB)
-        assert length <= limit, f"read of {length} bytes from a {limit}-byte file"
-
-    def checked_pread(f: HostFile, length: int, offset: int) -> bytes:
-        check(f, length, offset)
-        return pread(f, length, offset)
-
-    def checked_preadinto(f: HostFile, buf: memoryview, offset: int) -> None:
-        check(f, len(buf), offset)
-        preadinto(f, buf, offset)
-
-    monkeypatch.setattr(HostFile, "pread", checked_pread)
-    monkeypatch.setattr(HostFile, "preadinto", checked_preadinto)
 
 
 class Workdir:

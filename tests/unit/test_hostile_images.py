@@ -43,26 +43,8 @@ WRITES = [(0, 0x11, 3 * CS), (100 * KiB + 7, 0x22, 5000), (2 * MiB + CS, 0x33, 2
 
 
 @pytest.fixture(autouse=True)
-def bounded_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every host read in this module: a sane offset and no longer than the file or two
-    of the largest clusters (what one compressed cluster may need)."""
-    pread, preadinto = HostFile.pread, HostFile.preadinto
-
-    def check(f: HostFile, length: int, offset: int) -> None:
-        assert 0 <= offset < 1 << 63, f"read at offset {offset:#x}"
-        limit = max(os.fstat(f.fd).st_size, 4 * MiB)
-        assert length <= limit, f"read of {length} bytes from a {limit}-byte file"
-
-    def checked_pread(f: HostFile, length: int, offset: int) -> bytes:
-        check(f, length, offset)
-        return pread(f, length, offset)
-
-    def checked_preadinto(f: HostFile, buf: memoryview, offset: int) -> None:
-        check(f, len(buf), offset)
-        preadinto(f, buf, offset)
-
-    monkeypatch.setattr(HostFile, "pread", checked_pread)
-    monkeypatch.setattr(HostFile, "preadinto", checked_preadinto)
+def _bounded(bounded_reads: None) -> None:
+    """Every host read in this module is bounded (``bounded_reads``, tests/conftest.py)."""
 
 
 def digest(path: str) -> str:
