@@ -47,16 +47,6 @@ TORN_REWRITE = (
 )
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(False, id="sampled"),
-        pytest.param(True, id="every-prefix", marks=pytest.mark.slow),
-    ]
-)
-def exhaustive(request: pytest.FixtureRequest) -> bool:
-    return bool(request.param)
-
-
 # -- building images with QEMU -------------------------------------------------------------
 
 

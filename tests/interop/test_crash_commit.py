@@ -38,16 +38,6 @@ from .crashsim import Crash
 MiB = im.MiB
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(False, id="sampled"),
-        pytest.param(True, id="every-prefix", marks=pytest.mark.slow),
-    ]
-)
-def exhaustive(request: pytest.FixtureRequest) -> bool:
-    return bool(request.param)
-
-
 def build(root: Path) -> bytes:
     """[A] <- [B] <- [C] <- [D] (2 MiB; B only 1 MiB, so a commit into it must grow it
     while A, 2 MiB long, must not show through); returns the disk's content."""
