@@ -12,36 +12,18 @@ covers checks the real sizes across several slices of a table.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
+from unit.map_geometry import GEOMETRIES, geometry
 
-from chainfs import chain as chain_module
 from chainfs.chain import Chain
-from chainfs.formats.qcow2 import driver
 
 from . import images as im
 from .images import KiB, MiB
 
 CLUSTERS = [512, 4 * KiB, 64 * KiB, 2 * MiB]
-
-# (granules per region as a power of two, bytes per L2 slice): the real sizes, then tiny
-# ones (a region of 4 granules, a slice of 2 entries), then odd middling ones
-GEOMETRIES = [(chain_module.REGION_BITS, driver.L2_SLICE), (2, 16), (7, 256)]
-
-
-@contextmanager
-def geometry(region_bits: int, l2_slice: int) -> Iterator[None]:
-    """Open chains inside this block with other map sizes (the slice size is per layer)."""
-    with (
-        mock.patch.object(chain_module, "REGION_BITS", region_bits),
-        mock.patch.object(driver, "L2_SLICE", l2_slice),
-    ):
-        yield
 
 
 def random_writes(rng: random.Random, size: int, cluster: int, pattern: int) -> list[im.Write]:

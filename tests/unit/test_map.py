@@ -14,40 +14,20 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chainfs import chain as chain_module
 from chainfs.chain import Chain
 from chainfs.formats.base import UNALLOCATED, Layer
-from chainfs.formats.qcow2 import create_overlay, driver
+from chainfs.formats.qcow2 import create_overlay
+
+from .map_geometry import GEOMETRIES, geometry
 
 KiB = 1024
 MiB = 1024 * KiB
 CLUSTERS = [512, 1024, 4 * KiB, 64 * KiB]
 SIZES = [MiB, MiB + 1536, 700 * KiB, 2 * MiB - 512]
-
-# (granules per region as a power of two, bytes per L2 slice): the real sizes, then tiny
-# ones (a region of 4 granules, a slice of 2 entries), then odd middling ones
-GEOMETRIES = [
-    (chain_module.REGION_BITS, driver.L2_SLICE),
-    (2, 16),
-    (7, 256),
-]
-
-
-@contextmanager
-def geometry(region_bits: int, l2_slice: int) -> Iterator[None]:
-    """Open chains inside this block with other map sizes (the slice size is per layer)."""
-    with (
-        mock.patch.object(chain_module, "REGION_BITS", region_bits),
-        mock.patch.object(driver, "L2_SLICE", l2_slice),
-    ):
-        yield
 
 
 def expected_lanes(layer: Layer, start: int, count: int, granule: int) -> list[int]:
