@@ -29,6 +29,24 @@ from .errors import ChainfsError, ImageError
 # for "truncate" the offset is the new size.
 Observer = Callable[[str, str, int, bytes], None]
 
+SYNC_FILE_RANGE_WRITE = 2  # start writing back dirty pages of the range; do not wait
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's ``sync_file_range`` from the C library (Python has no binding), or None."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_start_writeback = _sync_file_range()
+
 
 class HostIOError(ChainfsError):
     """The file system under the images failed (EIO, ENOSPC, ...)."""
@@ -104,6 +122,16 @@ class HostFile:
                 offset += n
         except OSError as e:
             raise self._fail("writing", e) from None
+
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Have the kernel start writing ``[offset, offset+length)`` to the disk now,
+        without waiting for it, so that the next ``flush`` finds most of it written
+        instead of writing it all then.  Best effort (Linux only): durability and the
+        order of writes still come from ``flush`` alone, and an error of this write-back
+        is reported by the next ``flush`` (the kernel keeps it for ``fdatasync``).
+        """
+        if _start_writeback is not None and self.writable and length > 0:
+            _start_writeback(self.fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
     def flush(self) -> None:
         """Make every write issued so far durable (a no-op when nothing was written).

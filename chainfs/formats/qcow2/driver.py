@@ -43,6 +43,7 @@ ZERO_FLAG = 1
 _U64 = struct.Struct(">Q")
 
 DEFAULT_L2_CACHE = 4 << 20
+WRITEBACK_BYTES = 8 << 20  # new data clusters written before their write-back is started
 # bytes of an L2 table per read-side cache entry (QEMU's l2-cache-entry-size): a random
 # read costs 4 KiB of cache, not a whole table, and a sparse table's all-zero slices
 # are never kept at all
@@ -84,6 +85,7 @@ class Qcow2Layer(Layer):
         self.l2_slices_max = max(16, l2_cache_bytes // self.l2_slice)
         self._zcache: tuple[int, int, bytes] | None = None
         self.refs: Refcounts | None = None
+        self._writeback_from = -1  # where the new clusters not yet written back start
         # writable only: where the metadata lies, the L2 tables already checked, and
         # (while refcounts are rebuilt) the host clusters of entries marked COPIED
         self._layout: Layout | None = None
@@ -511,6 +513,15 @@ class Qcow2Layer(Layer):
             # so they go back, and the refcounts claim nothing the file does not hold
             self.refs.unalloc(host, len(fresh))
             raise
+        # new clusters only move forward through the file: every WRITEBACK_BYTES of
+        # them, have the kernel start writing them out, so a flush does not find a
+        # whole burst of writes still to do
+        end_host = host + len(fresh) * cs
+        if not 0 <= self._writeback_from <= host:
+            self._writeback_from = host
+        if end_host - self._writeback_from >= WRITEBACK_BYTES:
+            self.file.start_writeback(self._writeback_from, end_host - self._writeback_from)
+            self._writeback_from = end_host
         # point the entries at the new clusters, one table at a time
         i = 0
         while i < len(fresh):
