@@ -277,8 +277,17 @@ class Chain:
         if offset >= end:
             return b""
         n = end - offset
+        g = self.granule
         with self._lock:
-            plan = self._plan(offset, end)
+            if offset // g == (end - 1) // g:
+                # within one granule (a page the kernel asks for): one holder answers
+                gi = offset // g
+                h = self._holders(gi >> REGION_BITS)[gi & ((1 << REGION_BITS) - 1)]
+                plan: Plan = []
+                if h:
+                    self._plan_from(h - 1, offset, end, plan)
+            else:
+                plan = self._plan(offset, end)
         if not plan:
             return bytes(n)  # calloc'ed: the kernel hands out zero pages, nothing to fill
         if len(plan) == 1 and plan[0][1].kind == DATA and plan[0][1].length == n:

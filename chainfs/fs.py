@@ -30,6 +30,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 
+from .chain import Chain
 from .control import CommandError, format_line
 from .disk import Disk
 from .errors import ChainfsError
@@ -88,6 +89,7 @@ class Handle:
     inode: int
     disk: Disk | None
     data: bytes | None = None  # content snapshot of a read-only control file
+    flat: Chain | None = None  # a flat file's chain (the short way for its reads)
 
 
 class Operations(pyfuse3.Operations):
@@ -282,7 +284,7 @@ class Operations(pyfuse3.Operations):
         if part == IMG:
             if writing and self.readonly:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            self.handles[fh] = Handle(inode, disk)
+            self.handles[fh] = Handle(inode, disk, flat=disk.chain)
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         name = CONTROL_FILES[part - 2]
         if name in READ_FILES:
@@ -299,13 +301,12 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
+        if h.flat is not None:
+            # pyfuse3 takes any contiguous buffer; a bytearray saves a copy
+            return cast(bytes, h.flat.read(off, size))
         if h.data is not None:
             return h.data[off : off + size]
-        found = self._disk_of(h.inode)
-        assert found is not None and h.disk is not None
-        if found[1] == IMG:
-            # pyfuse3 takes any contiguous buffer; a bytearray saves a copy
-            return cast(bytes, h.disk.chain.read(off, size))
+        assert h.disk is not None
         # events: live, append-only, so ``tail -f`` follows it
         return bytes(h.disk.events[off : off + size])
 

@@ -223,7 +223,11 @@ async def _main(disks: list[Disk], nursery_box: list[trio.Nursery], recovery: Re
         nursery.start_soon(_watch_signals)
         nursery.start_soon(_write_back, disks)
         try:
-            await pyfuse3.main()
+            # one worker task: every handler runs to its end without waiting (the engine
+            # is synchronous under the chain's lock), so more workers would only add a
+            # lock hand-off and a task switch to every request (a handler that comes to
+            # await something slow must raise this again)
+            await pyfuse3.main(min_tasks=1, max_tasks=1)
         finally:
             with trio.move_on_after(30, shield=True):
                 for disk in disks:
