@@ -19,11 +19,10 @@ import pytest
 
 from chainfs import chain as chain_module
 from chainfs.chain import Chain
+from chainfs.jobs.stream import STEP
 
 from . import images as im
 from .images import KiB, MiB
-
-STEP = 512 * KiB  # the stream job's step
 
 
 def stream(top: str, node: str, base: str | None, *, between: Any = None) -> None:
