@@ -114,19 +114,19 @@ def test_held_windows_smaller_than_a_step(
 def test_lone_clusters_at_the_edges_of_steps(tmp_path: Path) -> None:
     # steps that hold nothing are passed over: the first and last clusters of a step,
     # alone, must still be copied
-    c = 64 * KiB
+    c, size = 64 * KiB, 6 * STEP
     writes: list[im.Write] = [
         (STEP - c + 10, 100, 0x21),  # the last cluster of the first step
         (3 * STEP, 100, 0x22),  # the first cluster of the fourth
         (5 * STEP - 1, 1, 0x23),  # the last byte of the fifth
-        (SIZE - 1, 1, 0x24),  # the disk's last byte
+        (size - 1, 1, 0x24),  # the disk's last byte
     ]
     layers: list[dict[str, Any]] = [
-        {"name": "A.qcow2", "writes": [(0, SIZE, 0xAA)]},
+        {"name": "A.qcow2", "writes": [(0, size, 0xAA)]},
         {"name": "B.qcow2", "writes": writes},
         {"name": "C.qcow2"},
     ]
-    paths, model = im.build_chain(str(tmp_path), layers, size=SIZE)
+    paths, model = im.build_chain(str(tmp_path), layers, size=size)
     stream(paths[-1], "C.qcow2", "A.qcow2")
     check_streamed(paths, 0, model, tmp_path)
 
@@ -208,8 +208,9 @@ def test_intermediate_node(tmp_path: Path) -> None:
 
 
 def test_guest_write_between_steps_is_kept(tmp_path: Path) -> None:
-    layers = [layer(f"{n}.qcow2", 64 * KiB, 0x11 * (i + 1), SIZE) for i, n in enumerate("ABC")]
-    paths, model = im.build_chain(str(tmp_path), layers, size=SIZE)
+    size = 4 * STEP
+    layers = [layer(f"{n}.qcow2", 64 * KiB, 0x11 * (i + 1), size) for i, n in enumerate("ABC")]
+    paths, model = im.build_chain(str(tmp_path), layers, size=size)
     writes = {
         STEP: (STEP * 3 + 1000, b"\xee" * 5000),  # ahead of the copy, partial clusters
         2 * STEP: (100, b"\xdd" * 200),  # behind it
