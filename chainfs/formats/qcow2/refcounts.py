@@ -166,6 +166,8 @@ class Refcounts:
         """Allocate ``clusters`` contiguous clusters (refcount 1); return the host offset."""
         while True:
             c = self.next_free
+            if self._alloc_in_block(c, clusters):
+                return c * self.cs
             busy = next((i for i in range(clusters) if self.get(c + i)), None)
             if busy is not None:
                 self.next_free = c + busy + 1
@@ -182,6 +184,25 @@ class Refcounts:
                 self._set(c + i, 1)
             self.next_free = c + clusters
             return c * self.cs
+
+    def _alloc_in_block(self, c: int, clusters: int) -> bool:
+        """The usual case of ``alloc`` as one slice of one block: clusters ``c`` on all
+        free and counted in one existing block of byte-wide entries.  False if not."""
+        shift, width = self.rb_shift, self.bits >> 3
+        if not width or c >> shift != (c + clusters - 1) >> shift:
+            return False
+        off = self._table_entry(c >> shift)
+        if not off:
+            return False
+        blk = self._block(off)
+        i = (c & ((1 << shift) - 1)) * width
+        n = clusters * width
+        if blk.count(0, i, i + n) != n:
+            return False
+        blk[i : i + n] = (1).to_bytes(width, "big") * clusters
+        self.dirty.add(off)
+        self.next_free = c + clusters
+        return True
 
     def unalloc(self, host: int, clusters: int) -> None:
         """Take back the latest ``alloc`` of ``clusters`` at ``host``: nothing references
