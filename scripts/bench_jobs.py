@@ -42,6 +42,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Self
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import QMP  # the sibling script's minimal QMP client
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "bench-work-jobs")
 MAKE_SEED_CHAIN = os.path.join(ROOT, "scripts", "make-seed-chain")
@@ -179,50 +182,6 @@ class Chainfs:
         if "error=" in line:
             sys.exit(f"bench_jobs: chainfs {kind} {text} failed: {line}")
         return elapsed
-
-
-class QMP:
-    """A minimal QMP client over a unix socket: commands, and the events seen meanwhile."""
-
-    def __init__(self, path: str) -> None:
-        import socket
-
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.file = self.sock.makefile("rwb")
-        self.events: list[dict[str, object]] = []
-        self._recv()  # the greeting
-        self.execute("qmp_capabilities")
-
-    def _recv(self) -> dict[str, object]:
-        line = self.file.readline()
-        if not line:
-            sys.exit("bench_jobs: qemu-storage-daemon closed its QMP socket")
-        msg: dict[str, object] = json.loads(line)
-        return msg
-
-    def execute(self, command: str, **arguments: object) -> object:
-        self.file.write(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
-        self.file.flush()
-        while True:
-            msg = self._recv()
-            if "event" in msg:
-                self.events.append(msg)
-            elif "error" in msg:
-                sys.exit(f"bench_jobs: QMP {command} failed: {msg['error']}")
-            elif "return" in msg:
-                return msg["return"]
-
-    def wait_event(self, name: str) -> dict[str, object]:
-        while True:
-            for i, msg in enumerate(self.events):
-                if msg["event"] == name:
-                    return self.events.pop(i)
-            self.events.append(self._recv())
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 class QemuDaemon:
