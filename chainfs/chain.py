@@ -631,14 +631,7 @@ class Chain:
                 raise ChainfsError(f"{layers[0].path!r} is not open for writing")
             self.layers = layers
             self._reset_granule()
-        first_error: BaseException | None = None
-        for layer in removed:
-            try:
-                layer.close()
-            except BaseException as e:  # close the rest regardless
-                first_error = first_error or e
-        if first_error is not None:
-            raise first_error
+        _close_all(removed)
         return removed
 
     def flush(self) -> None:
@@ -650,14 +643,7 @@ class Chain:
     def close(self) -> None:
         """Flush, mark clean and close every layer."""
         with self._lock:
-            first_error: BaseException | None = None
-            for layer in self.layers:
-                try:
-                    layer.close()
-                except BaseException as e:  # close the rest regardless
-                    first_error = first_error or e
-            if first_error is not None:
-                raise first_error
+            _close_all(self.layers)
 
 
 @functools.cache
@@ -699,3 +685,15 @@ def _reads_zero(layer: Layer, offset: int, length: int, fill: Fill) -> bool:
         if bytes(data).count(0) != len(data):
             return False
     return True
+
+
+def _close_all(layers: list[Layer]) -> None:
+    """Close every layer, even when one fails; then raise the first failure."""
+    first_error: BaseException | None = None
+    for layer in layers:
+        try:
+            layer.close()
+        except BaseException as e:  # close the rest regardless
+            first_error = first_error or e
+    if first_error is not None:
+        raise first_error

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Self
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import QMP  # the sibling script's minimal QMP client
+from bench import QMP, fio_rand_read  # the sibling script's QMP client and fio line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "bench-work-jobs")
@@ -54,7 +54,6 @@ LAYERS = ("A", "B", "C", "D", "E")
 SERVER_DEADLINE = 60.0  # seconds a server may take to come up or go away
 JOB_DEADLINE = 1800.0  # seconds a job may take
 RAND_RUNTIME = 5  # seconds of each random-read run
-RANDOM_SEED = 20240601
 TIME_TARGET = 1.0  # QEMU time / chainfs time, at least
 IOPS_TARGET = 0.7  # IOPS during a job / without, at least
 IOPS_JOB_FACTOR = 4  # the rate-limited job would take this many fio run times at least
@@ -387,24 +386,6 @@ def bench_copy(seed: str, work: str, i: int, res: Results) -> None:
         res.expect(check_clean(path), f"{key}: qemu-img check {short(path)}")
     shutil.rmtree(csrc)
     shutil.rmtree(qsrc)
-
-
-def fio_rand_read(path: str, size: int, runtime: int) -> list[str]:
-    return [
-        "fio",
-        "--name=bench",
-        "--ioengine=psync",
-        "--iodepth=1",
-        "--output-format=json",
-        f"--filename={path}",
-        "--rw=randread",
-        "--bs=4k",
-        "--direct=1",
-        f"--size={size}",
-        f"--runtime={runtime}",
-        "--time_based",
-        f"--randseed={RANDOM_SEED}",
-    ]
 
 
 def fio_iops(args: list[str]) -> float:
