@@ -326,50 +326,81 @@ class Qcow2Layer(Layer):
                 self._keep_slice(l2_off + lo + p, view[p : p + s].tobytes())
         return _allocated_lanes(data, a - lo, b - lo, s, pieces)
 
+    def _entries(self, cluster: int) -> tuple[bytes | bytearray, int, int]:
+        """The L2 entries from ``cluster`` on, as far as one cached piece holds them:
+        (the piece, the byte offset of ``cluster``'s entry in it, how many entries from
+        there).  An empty piece means no L2 table: that many entries read as 0."""
+        i = cluster >> self.l2_bits
+        a = (cluster & self.l2_mask) * 8
+        l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK if i * 8 < len(self.l1) else 0
+        if not l2_off:
+            return b"", 0, (self.cluster_size - a) // 8
+        if self.file.writable:  # whole tables, checked as they are loaded
+            return self._l2(l2_off), a, (self.cluster_size - a) // 8
+        s = self.l2_slice
+        return self._slice(l2_off, a), a % s, (s - a % s) // 8
+
     def extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
-        cs, cb, vsize = self.cluster_size, self.cluster_bits, self.virtual_size
+        cs, cb = self.cluster_size, self.cluster_bits
         pos, end = offset, offset + length
+        stop = min(end, self.virtual_size)
+        last = -(-stop // cs)  # clusters up to this one (exclusive) hold the range
         kind = host = 0
         run_start = run_host = -1
-        while pos < end:
-            if pos >= vsize:
-                if run_start >= 0:
+        unpack = _U64.unpack_from
+        while pos < stop:
+            c = pos >> cb
+            piece, a, count = self._entries(c)
+            c_end = min(c + count, last)
+            if not piece:  # no L2 table: the whole span is unallocated
+                if run_start >= 0 and kind != UNALLOCATED:
                     out.append(Extent(run_start, pos - run_start, kind, run_host))
                     run_start = -1
-                out.append(Extent(pos, end - pos, ZERO))
-                break
-            in_off = pos & (cs - 1)
-            n = min(cs - in_off, end - pos, vsize - pos)
-            e = self._entry(pos >> cb)
-            if e & COMPRESSED_BIT:
-                k, host = COMPRESSED, 0
-            elif e & ZERO_FLAG:
-                if not self.v3:
-                    # as QEMU: bit 0 is no zero flag in v2, and set it means corruption
-                    raise ImageError(f"{self.path!r} (qcow2 v2) has a zero cluster")
-                k, host = ZERO, 0
-            elif e & OFFSET_MASK:
-                host = e & OFFSET_MASK
-                if host % cs:
-                    raise ImageError(f"{self.path!r} has a misaligned data cluster at {host:#x}")
-                k, host = DATA, host + in_off
-            else:
-                k, host = UNALLOCATED, 0
-            if run_start >= 0 and (
-                k != kind or k == COMPRESSED or (k == DATA and host != run_host + pos - run_start)
-            ):
-                out.append(Extent(run_start, pos - run_start, kind, run_host))
-                run_start = -1
-            if k == COMPRESSED:
-                coff = e & self.coff_mask
-                nsec = ((e >> self.csize_shift) & self.nsec_mask) + 1
-                out.append(Extent(pos, n, COMPRESSED, coff, nsec * 512 - (coff & 511), in_off))
-            elif run_start < 0:
-                run_start, run_host, kind = pos, host, k
-            pos += n
+                if run_start < 0:
+                    run_start, run_host, kind = pos, 0, UNALLOCATED
+                pos = min(c_end << cb, stop)
+                continue
+            for j in range(a, a + 8 * (c_end - c), 8):
+                e = unpack(piece, j)[0]
+                in_off = pos & (cs - 1)
+                n = min(cs - in_off, stop - pos)
+                if not e:
+                    k, host = UNALLOCATED, 0
+                elif e & COMPRESSED_BIT:
+                    k, host = COMPRESSED, 0
+                elif e & ZERO_FLAG:
+                    if not self.v3:
+                        # as QEMU: bit 0 is no zero flag in v2, and set it means corruption
+                        raise ImageError(f"{self.path!r} (qcow2 v2) has a zero cluster")
+                    k, host = ZERO, 0
+                elif e & OFFSET_MASK:
+                    host = e & OFFSET_MASK
+                    if host % cs:
+                        raise ImageError(
+                            f"{self.path!r} has a misaligned data cluster at {host:#x}"
+                        )
+                    k, host = DATA, host + in_off
+                else:
+                    k, host = UNALLOCATED, 0
+                if run_start >= 0 and (
+                    k != kind
+                    or k == COMPRESSED
+                    or (k == DATA and host != run_host + pos - run_start)
+                ):
+                    out.append(Extent(run_start, pos - run_start, kind, run_host))
+                    run_start = -1
+                if k == COMPRESSED:
+                    coff = e & self.coff_mask
+                    nsec = ((e >> self.csize_shift) & self.nsec_mask) + 1
+                    out.append(Extent(pos, n, COMPRESSED, coff, nsec * 512 - (coff & 511), in_off))
+                elif run_start < 0:
+                    run_start, run_host, kind = pos, host, k
+                pos += n
         if run_start >= 0:
             out.append(Extent(run_start, pos - run_start, kind, run_host))
+        if pos < end:  # past the end reads zeros
+            out.append(Extent(pos, end - pos, ZERO))
         return out
 
     def read_compressed(self, host: int, clen: int) -> Buffer:
