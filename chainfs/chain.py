@@ -25,7 +25,7 @@ import sys
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 from .errors import ChainError, ChainfsError, ReadOnlyError, UnsupportedFeature
@@ -413,25 +413,15 @@ class Chain:
                 return self.read_below(node, o, n)
 
             copied = 0
+            scratch = _scratch(max(0, end - first) + cs)
             for a, b in self._stream_runs(node, stop, first, end):
-                data = self.read_below(node, a, b - a)
-                view = memoryview(data)
-                pos = 0
-                while pos < b - a:
-                    # a stretch of clusters that are all zeros, or all not
-                    n = min(cs, b - a - pos)
-                    zero = data.startswith(_zeros(n), pos)
-                    j = pos + n
-                    while j < b - a:
-                        m = min(cs, b - a - j)
-                        if data.startswith(_zeros(m), j) != zero:
-                            break
-                        j += m
+                data = memoryview(scratch)[: b - a]
+                self._read_below_into(node, a, data)
+                for pos, j, zero in _stretches(scratch, b - a, cs):
                     if zero:
                         target.write_zeroes(a + pos, j - pos, fill)
                     else:
-                        target.write(a + pos, view[pos:j], fill)
-                    pos = j
+                        target.write(a + pos, data[pos:j], fill)
                 if node == 0:
                     self._claim(a, b - a)
                 copied += b - a
@@ -547,6 +537,20 @@ class Chain:
             self._execute(plan, offset, memoryview(buf))
         return buf
 
+    def _read_below_into(self, level: int, offset: int, buf: memoryview) -> None:
+        """``read_below`` into a buffer that may hold anything (a reused one: fresh
+        memory costs a page fault per 4 KiB, as much as the read itself)."""
+        plan: Plan = []
+        if level + 1 < len(self.layers):
+            self._plan_from(level + 1, offset, offset + len(buf), plan)
+        plan.sort(key=lambda p: p[1].offset)
+        pos = 0
+        for _, ext in plan:
+            _zero_fill(buf[pos : ext.offset - offset])
+            pos = max(pos, ext.offset - offset + ext.length)
+        _zero_fill(buf[pos:])
+        self._execute(plan, offset, buf)
+
     # -- commit and copy (mirror) --------------------------------------------------------
 
     def copy_step(
@@ -590,10 +594,16 @@ class Chain:
                 return self.read_below(below, o, n)
 
             copied = 0
+            piece = max(COPY_PIECE, tcs)  # a multiple of the cluster size
             for a, b in runs:
-                data = self.read_below(top - 1, a, b - a)
-                _put(target, a, data, fill)
                 copied += b - a
+                while a < b:
+                    n = min(piece, b - a)
+                    scratch = _scratch(n)
+                    data = memoryview(scratch)[:n]
+                    self._read_below_into(top - 1, a, data)
+                    _put(target, a, scratch, data, fill)
+                    a += n
             return copied
 
     def grow_layer(self, index: int, size: int) -> None:
@@ -646,29 +656,68 @@ class Chain:
             _close_all(self.layers)
 
 
+ZERO_CHUNK = 1 << 20
+COPY_PIECE = 4 << 20  # bytes copy_step reads and writes at once (the scratch buffer's size)
+_scratch_local = threading.local()
+
+
+def _scratch(n: int) -> bytearray:
+    """A buffer of at least ``n`` bytes for this thread, reused from call to call (the
+    copies of stream and commit read into it; nothing keeps a view of it)."""
+    buf: bytearray | None = getattr(_scratch_local, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _scratch_local.buf = bytearray(n)
+    return buf
+
+
+def _zero_fill(view: memoryview) -> None:
+    zero = memoryview(_zeros(ZERO_CHUNK))
+    for pos in range(0, len(view), ZERO_CHUNK):
+        n = min(ZERO_CHUNK, len(view) - pos)
+        view[pos : pos + n] = zero[:n]
+
+
 @functools.cache
 def _zeros(n: int) -> bytes:
     """``n`` zero bytes, kept: ``data.startswith(_zeros(n), pos)`` is a memcmp."""
     return bytes(n)
 
 
-def _put(target: Layer, offset: int, data: bytearray, fill: Fill) -> None:
-    """Write ``data`` into ``target`` at ``offset`` (cluster-aligned), runs of all-zero
-    clusters as zero writes unless the target already reads zeros there."""
-    cs, n = target.cluster_size, len(data)
-    view = memoryview(data)
+def _zero_at(data: bytes | bytearray, pos: int, n: int) -> bool:
+    """Whether ``data[pos:pos+n]`` is all zeros: a memcmp per power-of-two piece (so
+    ``_zeros`` keeps only a few sizes)."""
+    end = pos + n
+    while pos < end:
+        p = min(ZERO_CHUNK, 1 << ((end - pos).bit_length() - 1))
+        if not data.startswith(_zeros(p), pos):
+            return False
+        pos += p
+    return True
+
+
+def _stretches(data: bytearray, n: int, cs: int) -> Iterator[tuple[int, int, bool]]:
+    """The first ``n`` bytes of ``data`` cut into stretches of ``cs``-byte pieces that
+    are all zeros or all not, as (start, end, zero); a memcmp per piece."""
     pos = 0
     while pos < n:
-        zero = data.count(0, pos, min(pos + cs, n)) == min(cs, n - pos)
+        zero = _zero_at(data, pos, min(cs, n - pos))
         j = pos + cs
-        while j < n and (data.count(0, j, min(j + cs, n)) == min(cs, n - j)) == zero:
+        while j < n and _zero_at(data, j, min(cs, n - j)) == zero:
             j += cs
         j = min(j, n)
+        yield pos, j, zero
+        pos = j
+
+
+def _put(target: Layer, offset: int, buf: bytearray, data: memoryview, fill: Fill) -> None:
+    """Write ``data`` (the start of ``buf``) into ``target`` at ``offset``
+    (cluster-aligned), runs of all-zero clusters as zero writes unless the target
+    already reads zeros there."""
+    for pos, j, zero in _stretches(buf, len(data), target.cluster_size):
         if not zero:
-            target.write(offset + pos, view[pos:j], fill)
+            target.write(offset + pos, data[pos:j], fill)
         elif not _reads_zero(target, offset + pos, j - pos, fill):
             target.write_zeroes(offset + pos, j - pos, fill)
-        pos = j
 
 
 def _reads_zero(layer: Layer, offset: int, length: int, fill: Fill) -> bool:
@@ -682,7 +731,9 @@ def _reads_zero(layer: Layer, offset: int, length: int, fill: Fill) -> bool:
             data = layer.file.pread(e.length, e.host)
         else:
             data = layer.read_compressed(e.host, e.clen)[e.skip : e.skip + e.length]
-        if bytes(data).count(0) != len(data):
+        if not isinstance(data, (bytes, bytearray)):
+            data = bytes(data)
+        if not _zero_at(data, 0, len(data)):
             return False
     return True
 
