@@ -51,38 +51,50 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STEP = 1 << 20  # bytes per copy step
-SCAN = 64 << 20  # bytes checked at once for anything to copy (a multiple of every step)
+SCAN = 64 << 20  # bytes checked at once for anything to copy
 GRANULE = 64 << 10  # dirty-tracking granularity (at least the target's cluster size)
 
 
-def holds_any(chain: Chain, target: Layer, top: int, stop: int, offset: int, length: int) -> bool:
-    """Whether a layer of ``layers[top:stop]`` answers for some of the range, widened to
-    whole clusters of ``target`` as ``Chain.copy_step`` widens it.
+def next_held(chain: Chain, target: Layer, top: int, stop: int, pos: int, end: int) -> int:
+    """Where, from ``pos`` on, a layer of ``layers[top:stop]`` first answers for
+    something, widened to whole clusters of ``target`` as ``Chain.copy_step`` widens it:
+    ``pos`` itself, or the start of the first unit holding something (a multiple of the
+    unit, larger than ``pos``), or ``end`` if nothing does before it.
 
-    A few big-integer operations per layer (their allocation maps), where ``copy_step``
-    walks every cluster's extents: a copy step that would find nothing to copy (most of
-    a sparse disk) is skipped at C speed.  Conservative: a layer shorter than the range
-    answers for what lies past its end.
+    A few big-integer operations per layer and window of ``SCAN`` bytes (their
+    allocation maps), where ``copy_step`` walks every cluster's extents: the stretches of
+    a sparse disk with nothing to copy are skipped at C speed.  Conservative: a layer
+    shorter than the range answers for what lies past its end.
     """
     g = chain.granule
     a = max(g, target.cluster_size)  # both powers of two: aligned for both
-    first = offset - offset % a
-    count = -(-(offset + length - first) // a) * (a // g)
-    return any(layer.allocation_map(first, count, g) for layer in chain.layers[top:stop])
+    k = a // g  # granules per unit
+    layers = chain.layers[top:stop]
+    unit = pos - pos % a
+    n = 1  # the unit at ``pos`` first (in a run of data, the usual answer), then windows
+    while unit < end:
+        held = 0
+        for layer in layers:
+            held |= layer.allocation_map(unit, n * k, g)
+        if held:
+            i = held.to_bytes(n * k, "little").find(1) // k
+            return max(pos, unit + i * a)
+        unit += n * a
+        n = -(-(min(end, unit - unit % SCAN + SCAN) - unit) // a)  # units to the window end
+    return end
 
 
 def next_step(
     chain: Chain, target: Layer, top: int, stop: int, pos: int, end: int, step: int
 ) -> tuple[int, bool]:
-    """How far a copy pass goes from ``pos`` next, and whether a layer of
-    ``layers[top:stop]`` holds anything there: a whole window of ``SCAN`` bytes (from a
-    position aligned to it) that none does at once, else one ``step``."""
-    if pos % SCAN == 0:
-        n = min(SCAN, end - pos)
-        if not holds_any(chain, target, top, stop, pos, n):
-            return n, False
-    n = min(step, end - pos)
-    return n, holds_any(chain, target, top, stop, pos, n)
+    """How far a copy pass goes from ``pos`` next, and whether to copy there: up to where
+    a layer of ``layers[top:stop]`` first holds something (nothing to copy), or one
+    ``step`` from ``pos`` when one holds something at ``pos`` (``pos`` stays aligned to
+    the target's clusters, as the steps are)."""
+    start = next_held(chain, target, top, stop, pos, end)
+    if start > pos:
+        return start - pos, False
+    return min(step, end - pos), True
 
 
 class DirtyMap:
