@@ -47,6 +47,26 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 _start_writeback = _sync_file_range()
 
+FALLOC_FL_KEEP_SIZE = 1  # reserve blocks without changing the file's size
+RESERVE_BYTES = 8 << 20  # space reserved at a time past the end of a growing file
+RESERVE_MIN_FREE = 1 << 30  # ... only while the file system has this much free at least
+
+
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
+    """Linux's ``fallocate`` (Python's ``posix_fallocate`` cannot keep the size), or None."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate_fn = _fallocate()
+
 
 class HostIOError(ChainfsError):
     """The file system under the images failed (EIO, ENOSPC, ...)."""
@@ -82,6 +102,7 @@ class HostFile:
                 f"cannot open {self.path!r}: {e.strerror}", e.errno or errno.EIO
             ) from None
         self._unflushed = False  # a write was issued since the last flush
+        self._reserved = -1  # space is reserved up to here (-1: nothing reserved)
         self._flush_error: HostIOError | None = None  # a flush failed: all later ones fail
         if create and HostFile.observer is not None:
             HostFile.observer("create", self.path, 0, b"")
@@ -133,6 +154,43 @@ class HostFile:
         if _start_writeback is not None and self.writable and length > 0:
             _start_writeback(self.fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
+    def reserve(self, end: int) -> None:
+        """Have the file system reserve blocks up to at least ``end`` past the file's end
+        (its size does not change), ``RESERVE_BYTES`` at a time, before a growing file's
+        writes get there: writing into reserved blocks costs the kernel about a third
+        less than allocating them write by write (ext4).  Best effort: a file system
+        without ``fallocate`` just does not reserve.  Neither does one with less than
+        ``RESERVE_MIN_FREE`` free: when space runs short, what is left goes to whichever
+        write comes first, as without reserving (the journal and the state file must
+        not find it taken by an image's reservation).  ``close`` gives back what was not
+        used.
+        """
+        if _fallocate_fn is None or not self.writable or end <= self._reserved:
+            return
+        try:
+            st = os.fstatvfs(self.fd)
+        except OSError:
+            return
+        if st.f_bavail * st.f_frsize < RESERVE_MIN_FREE:
+            return
+        start = max(self._reserved, end - end % RESERVE_BYTES)
+        length = end - start + RESERVE_BYTES
+        if _fallocate_fn(self.fd, FALLOC_FL_KEEP_SIZE, start, length) == 0:
+            self._reserved = start + length
+        else:
+            self._reserved = 1 << 62  # unsupported or no space: stop trying
+
+    def _release_reserve(self) -> None:
+        """Give back the blocks reserved past the file's end (a truncation to its own
+        size does that)."""
+        if self._reserved < 0:
+            return
+        self._reserved = -1
+        try:
+            os.ftruncate(self.fd, os.fstat(self.fd).st_size)
+        except OSError:
+            pass  # only space is at stake, and the next close tries again
+
     def flush(self) -> None:
         """Make every write issued so far durable (a no-op when nothing was written).
 
@@ -175,5 +233,6 @@ class HostFile:
 
     def close(self) -> None:
         if self.fd >= 0:
+            self._release_reserve()
             os.close(self.fd)
             self.fd = -1

@@ -537,6 +537,7 @@ class Qcow2Layer(Layer):
                 table_no = c >> self.l2_bits
                 self._l2_for_write(c)
         host = self.refs.alloc(len(fresh))
+        self.file.reserve(host + len(fresh) * cs)
         try:
             self.file.pwrite(pieces[0] if len(pieces) == 1 else b"".join(pieces), host)
         except BaseException:
