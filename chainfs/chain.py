@@ -539,9 +539,12 @@ class Chain:
 
     def _read_below_into(self, level: int, offset: int, buf: memoryview) -> None:
         """``read_below`` into a buffer that may hold anything (a reused one: fresh
-        memory costs a page fault per 4 KiB, as much as the read itself)."""
+        memory costs a page fault per 4 KiB, as much as the read itself).  ``level``
+        -1 reads the whole chain, from the map of who holds what (as reads do)."""
         plan: Plan = []
-        if level + 1 < len(self.layers):
+        if level < 0:
+            plan = self._plan(offset, offset + len(buf))
+        elif level + 1 < len(self.layers):
             self._plan_from(level + 1, offset, offset + len(buf), plan)
         plan.sort(key=lambda p: p[1].offset)
         pos = 0
@@ -576,19 +579,7 @@ class Chain:
                 return 0
             first = offset - offset % tcs
             last = min(-(-end // tcs) * tcs, target.virtual_size)
-            held: list[tuple[int, int]] = []
-            for level in range(top, min(stop, len(self.layers))):
-                for e in self.layers[level].extents(first, last - first):
-                    if e.kind != UNALLOCATED:
-                        a = e.offset - e.offset % tcs
-                        held.append((a, min(-(-(e.offset + e.length) // tcs) * tcs, last)))
-            held.sort()
-            runs: list[list[int]] = []
-            for a, b in held:
-                if runs and a <= runs[-1][1]:
-                    runs[-1][1] = max(runs[-1][1], b)
-                else:
-                    runs.append([a, b])
+            runs = self._held_runs(top, stop, first, last, tcs)
 
             def fill(o: int, n: int) -> Buffer:
                 return self.read_below(below, o, n)
@@ -605,6 +596,35 @@ class Chain:
                     _put(target, a, scratch, data, fill)
                     a += n
             return copied
+
+    def _held_runs(self, top: int, stop: int, first: int, last: int, tcs: int) -> list[list[int]]:
+        """The runs of ``[first, last)`` (aligned to ``tcs``) that a layer of
+        ``layers[top:stop]`` holds something of, widened to whole units of ``tcs`` and a
+        granule, from the layers' allocation maps (a few big-integer operations)."""
+        g = self.granule
+        unit = max(g, tcs)  # both powers of two: aligned for both
+        start = first - first % unit
+        count = -(-(last - start) // g)
+        held = 0
+        for layer in self.layers[top:stop]:
+            held |= layer.allocation_map(start, count, g)
+        runs: list[list[int]] = []
+        if not held:
+            return runs
+        lanes = held.to_bytes(count, "little")
+        i = lanes.find(1)
+        while i >= 0:
+            j = lanes.find(0, i)
+            if j < 0:
+                j = count
+            a = max(first, (start + i * g) // unit * unit)
+            b = min(last, -(-(start + j * g) // unit) * unit)
+            if runs and a <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], b)
+            else:
+                runs.append([a, b])
+            i = lanes.find(1, j)
+        return runs
 
     def grow_layer(self, index: int, size: int) -> None:
         """Grow the backing layer ``layers[index]`` (open read-write) to ``size`` bytes.
