@@ -43,6 +43,7 @@ ZERO_FLAG = 1
 _U64 = struct.Struct(">Q")
 
 DEFAULT_L2_CACHE = 4 << 20
+ZERO_SLICES_MAX = 1 << 16  # all-zero L2 slices a read-only layer remembers (8 bytes each)
 WRITEBACK_BYTES = 8 << 20  # new data clusters written before their write-back is started
 # bytes of an L2 table per read-side cache entry (QEMU's l2-cache-entry-size): a random
 # read costs 4 KiB of cache, not a whole table, and a sparse table's all-zero slices
@@ -83,6 +84,7 @@ class Qcow2Layer(Layer):
         self.l2_slice = min(L2_SLICE, cs)
         self.l2_slices: OrderedDict[int, bytes] = OrderedDict()
         self.l2_slices_max = max(16, l2_cache_bytes // self.l2_slice)
+        self._zero_slices: set[int] = set()  # slices read and found all zero (not kept)
         self._zcache: tuple[int, int, bytes] | None = None
         self.refs: Refcounts | None = None
         self._writeback_from = -1  # where the new clusters not yet written back start
@@ -309,7 +311,9 @@ class Qcow2Layer(Layer):
         A table not cached whole is read for the span in one go, into a buffer reused
         from call to call (fresh memory costs a page fault per 4 KiB), and only its slices
         holding some non-zero entry are kept for the lookups that reads will make: the
-        map sends no read to this layer for the others.
+        map sends no read to this layer for the others.  The offsets of the all-zero
+        ones are remembered, so a span whose slices are all known is answered without a
+        read (a commit or copy asks for the same few clusters several times per step).
         """
         s = self.l2_slice
         if self.file.writable:  # whole tables, as in ``_entry``
@@ -319,11 +323,26 @@ class Qcow2Layer(Layer):
             raise ImageError(f"{self.path!r} has a misaligned L2 table at {l2_off:#x}")
         lo, hi = a - a % s, -(-b // s) * s
         data = _scratch(hi - lo)
+        known = self.l2_slices
+        zero = self._zero_slices
+        offsets = range(l2_off + lo, l2_off + hi, s)
+        if all(o in known or o in zero for o in offsets):
+            pieces = []
+            for p, o in zip(range(0, hi - lo, s), offsets, strict=True):
+                piece = known.get(o)
+                if piece is not None:  # the others are all zero: not looked at
+                    data[p : p + s] = piece
+                    pieces.append(p)
+            return _allocated_lanes(data, a - lo, b - lo, s, pieces)
         with memoryview(data) as view:
             self.file.preadinto(view[: hi - lo], l2_off + lo)
             pieces = _nonzero_pieces(data, 0, hi - lo, s)
             for p in pieces:
                 self._keep_slice(l2_off + lo + p, view[p : p + s].tobytes())
+        if len(zero) > ZERO_SLICES_MAX:
+            zero.clear()
+        kept = set(pieces)
+        zero.update(l2_off + lo + p for p in range(0, hi - lo, s) if p not in kept)
         return _allocated_lanes(data, a - lo, b - lo, s, pieces)
 
     def _entries(self, cluster: int) -> tuple[bytes | bytearray, int, int]:
