@@ -131,10 +131,10 @@ class CommitJob(Job):
         if self.base.virtual_size < self.top.virtual_size:
             chain.grow_layer(b, self.top.virtual_size)
         self.len = length
-        pos = self.start
+        pos, copied = self.start, 0
         while pos < length:
             t, b = self._indices()
-            n, held = next_step(chain, self.base, t, b, pos, length, STEP)
+            n, held = next_step(chain, self.base, t, b, pos, length, STEP, copied=copied > 0)
             copied = chain.copy_step(self.base, t, b, b, pos, n) if held else 0
             pos += n
             self.offset = pos

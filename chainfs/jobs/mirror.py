@@ -85,12 +85,24 @@ def next_held(chain: Chain, target: Layer, top: int, stop: int, pos: int, end: i
 
 
 def next_step(
-    chain: Chain, target: Layer, top: int, stop: int, pos: int, end: int, step: int
+    chain: Chain,
+    target: Layer,
+    top: int,
+    stop: int,
+    pos: int,
+    end: int,
+    step: int,
+    *,
+    copied: bool = False,
 ) -> tuple[int, bool]:
     """How far a copy pass goes from ``pos`` next, and whether to copy there: up to where
     a layer of ``layers[top:stop]`` first holds something (nothing to copy), or one
     ``step`` from ``pos`` when one holds something at ``pos`` (``pos`` stays aligned to
-    the target's clusters, as the steps are)."""
+    the target's clusters, as the steps are).  Right after a step that ``copied``
+    something, the next one is taken without looking (data comes in runs; a step that
+    finds nothing costs ``copy_step`` no more than the look would)."""
+    if copied:
+        return min(step, end - pos), True
     start = next_held(chain, target, top, stop, pos, end)
     if start > pos:
         return start - pos, False
@@ -212,11 +224,13 @@ class MirrorJob(Job):
         self.dirty = dirty = DirtyMap(granule, self._wake)
         chain.write_hooks.append(dirty.mark)
         self.len = size
-        pos = 0
+        pos = copied = 0
         while pos < size:
             # the check and the horizon move in one synchronous stretch: a guest write
             # lands before both (and is copied or found) or after (and is marked dirty)
-            n, held = next_step(chain, self.target, 0, self.stop(), pos, size, step)
+            n, held = next_step(
+                chain, self.target, 0, self.stop(), pos, size, step, copied=copied > 0
+            )
             copied = self._copy(pos, n) if held else 0
             pos += n
             dirty.horizon = pos
