@@ -4,7 +4,7 @@ It builds the 1 GiB five-layer seed chain ``[A] <- [B] <- [C] <- [D] <- [E]`` (w
 ``scripts/make-seed-chain``) in ``./bench-work-jobs`` (removed at the start of every run;
 nothing else is touched) and measures, each side on its own fresh copy of the chain
 (copied and written back before the clock starts), the two sides taking turns to go
-first:
+first, after one warm-up round that does not count:
 
 - intermediate commit ``top=D.qcow2 base=B.qcow2``: through a ``chainfs mount -f``
   subprocess (written to ``control/E/commit``, timed until ``JOB_COMPLETED`` shows in
@@ -188,15 +188,22 @@ class Chainfs:
         """The first event line past ``after`` whose event is one of ``names``."""
         assert self.proc is not None
         deadline = time.monotonic() + JOB_DEADLINE
+        path = os.path.join(self.control, "events")
+        size = -1
         while True:
-            for line in self.events()[after:]:
-                if any(f"event={n} " in line + " " for n in names):
-                    return line
+            # the file's size (one FUSE request) tells when to read it (a few more): the
+            # server's time goes to the job, not to answering the poll
+            now = os.stat(path).st_size
+            if now != size:
+                size = now
+                for line in self.events()[after:]:
+                    if any(f"event={n} " in line + " " for n in names):
+                        return line
             if self.proc.poll() is not None:
                 sys.exit(f"bench_jobs: chainfs exited ({self.proc.returncode}) during a job")
             if time.monotonic() > deadline:
                 sys.exit(f"bench_jobs: timed out waiting for {'/'.join(names)}")
-            time.sleep(0.001)  # a read of events costs the server a few FUSE requests
+            time.sleep(0.001)
 
     def run_job(self, kind: str, text: str) -> float:
         """Seconds from the command's write to its JOB_COMPLETED."""
@@ -351,6 +358,10 @@ def qemu_args_text(daemon: QemuDaemon) -> str:
     return " ".join([a[0], *(f"'{x}'" if x.startswith("{") else x for x in keep)])
 
 
+def run_name(i: int) -> str:
+    return "warm-up" if i < 0 else f"run {i + 1}"
+
+
 def in_turn(i: int, sides: list[Callable[[], None]]) -> None:
     """Run both sides of a measure, the first one first in even runs, last in odd ones.
 
@@ -376,7 +387,7 @@ def bench_commit(seed: str, work: str, i: int, res: Results, *, active: bool) ->
     qsrc = os.path.join(work, f"{tag}-qemu-{i}")
 
     def chainfs_side() -> None:
-        log(f"run {i + 1}: {key}, chainfs")
+        log(f"{run_name(i)}: {key}, chainfs")
         copy_chain(seed, csrc)
         with Chainfs(csrc, os.path.join(work, "mnt"), os.path.join(work, "chainfs.log")) as fs:
             res.note("chainfs: mount", " ".join(fs.args))
@@ -388,7 +399,7 @@ def bench_commit(seed: str, work: str, i: int, res: Results, *, active: bool) ->
             timed.add("chainfs", fs.run_job("commit", text), csrc)
 
     def qemu_side() -> None:
-        log(f"run {i + 1}: {key}, qemu-storage-daemon (QMP block-commit)")
+        log(f"{run_name(i)}: {key}, qemu-storage-daemon (QMP block-commit)")
         copy_chain(seed, qsrc)
         cmd: dict[str, object] = {"job-id": "commit0", "device": "E", "base-node": "A"}
         if not active:
@@ -418,7 +429,7 @@ def bench_copy(seed: str, work: str, i: int, res: Results) -> None:
     qsrc = os.path.join(work, f"copy-qemu-{i}")
 
     def chainfs_side() -> None:
-        log(f"run {i + 1}: {key}, chainfs")
+        log(f"{run_name(i)}: {key}, chainfs")
         copy_chain(seed, csrc)
         with Chainfs(csrc, os.path.join(work, "mnt"), os.path.join(work, "chainfs.log")) as fs:
             res.note(
@@ -429,7 +440,7 @@ def bench_copy(seed: str, work: str, i: int, res: Results) -> None:
             timed.add("chainfs", fs.run_job("copy", "F.qcow2 sync=full"), csrc)
 
     def qemu_side() -> None:
-        log(f"run {i + 1}: {key}, qemu-img convert -O qcow2")
+        log(f"{run_name(i)}: {key}, qemu-img convert -O qcow2")
         copy_chain(seed, qsrc)
         convert = ["qemu-img", "convert", "-O", "qcow2", "E.qcow2", "F.qcow2"]
         res.note(f"qemu: {key}", f"(in the chain's directory) {' '.join(convert)}")
@@ -475,11 +486,11 @@ def bench_iops(seed: str, work: str, i: int, size: int, runtime: int, res: Resul
             "chainfs: the job during the second fio run",
             f"echo '{job}' > {fs.control}/copy; after fio, echo JOB > {fs.control}/cancel",
         )
-        log(f"run {i + 1}: random 4 KiB reads, no job")
+        log(f"{run_name(i)}: random 4 KiB reads, no job")
         iops.idle.append(fio_iops(fio))
         log(f"    {iops.idle[-1]:.0f} IOPS")
 
-        log(f"run {i + 1}: random 4 KiB reads during copy sync=full speed={speed}")
+        log(f"{run_name(i)}: random 4 KiB reads during copy sync=full speed={speed}")
         seen = fs.command("copy", job)
         started = fs.wait_event(("JOB_STARTED",), seen)
         job_id = next(w[4:] for w in started.split() if w.startswith("job="))
@@ -494,7 +505,7 @@ def bench_iops(seed: str, work: str, i: int, size: int, runtime: int, res: Resul
         else:
             log("    the job ended before fio did: raise IOPS_JOB_FACTOR")
 
-        log(f"run {i + 1}: random 4 KiB reads, no job (after the cancel)")
+        log(f"{run_name(i)}: random 4 KiB reads, no job (after the cancel)")
         iops.idle.append(fio_iops(fio))
         log(f"    {iops.idle[-1]:.0f} IOPS")
     res.expect(check_clean(os.path.join(src, "E.qcow2")), "iops: qemu-img check E.qcow2")
@@ -553,7 +564,9 @@ def rows_of(res: Results) -> list[tuple[str, ...]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench_jobs", description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=GiB, help="virtual size of the seed chain (1 GiB)")
-    ap.add_argument("--runs", type=int, default=4, help="runs per measure, best taken (4)")
+    ap.add_argument(
+        "--runs", type=int, default=6, help="runs per measure after a warm-up, best taken (6)"
+    )
     ap.add_argument(
         "--rand-runtime",
         type=int,
@@ -583,15 +596,18 @@ def main(argv: list[str] | None = None) -> int:
     run([sys.executable, MAKE_SEED_CHAIN, seed, "--size", str(size)])
 
     res = Results()
-    for i in range(args.runs):
+    warmup = Results()  # the first round only warms up; its figures are dropped
+    for i in range(-1, args.runs):
+        into = warmup if i < 0 else res
         if "commit" in parts:
-            bench_commit(seed, WORK, i, res, active=False)
+            bench_commit(seed, WORK, i, into, active=False)
         if "active" in parts:
-            bench_commit(seed, WORK, i, res, active=True)
+            bench_commit(seed, WORK, i, into, active=True)
         if "copy" in parts:
-            bench_copy(seed, WORK, i, res)
-        if "iops" in parts:
+            bench_copy(seed, WORK, i, into)
+        if "iops" in parts and i >= 0:
             bench_iops(seed, WORK, i, size, args.rand_runtime, res)
+    res.wrong += warmup.wrong
 
     print()
     print(
