@@ -101,6 +101,11 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancel
 
+    @property
+    def suspended(self) -> bool:
+        """Stopped for unmount: the next mount resumes the job (not a cancel)."""
+        return self._suspend
+
     async def checkpoint(self, copied: int) -> None:
         """Between steps: yield to guest requests, honour ``speed`` and ``cancel``."""
         if self._cancel:

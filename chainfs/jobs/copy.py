@@ -22,7 +22,8 @@ after it, DEST as the active layer holding every acknowledged write (all were co
 and flushed first).  Cancel or failure before the pivot leaves the original chain
 active and DEST behind, closed and consistent, as an ordinary file: chainfs never
 deletes it, and records it as retired so that the next mount does not serve it as a
-chain (``COPY_ABANDONED`` in ``events`` names it).
+chain (``COPY_ABANDONED`` in ``events`` names it).  An unmount only suspends the
+job: DEST stays its target, and the next mount resumes the copy.
 """
 
 from __future__ import annotations
@@ -116,8 +117,10 @@ class CopyJob(MirrorJob):
             if target is not None:
                 target.close()  # closed even when its write-back fails (a full disk)
         finally:
-            if self.created:
+            if self.created and not self.suspended:
                 # an ordinary file from now on, not a chain the next mount should serve
-                # (should the state file not take that now, its next save records it)
+                # (should the state file not take that now, its next save records it);
+                # a copy suspended at unmount stays the target of the job the next
+                # mount resumes (the journal keeps it from being served meanwhile)
                 self._emit("COPY_ABANDONED", job=self.id, file=self.dest)
                 self.disk.source.retire([self.dest])

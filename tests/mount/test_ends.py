@@ -95,3 +95,42 @@ def test_unmount_in_the_middle_of_a_stream(tmp_path: Path, mounter: Mounter, see
     assert backing_chain(seed.active) == ["E.qcow2", "A.qcow2"]
     assert_content(seed.active, model, tmp_path / "cmp")
     assert digests(seed.layers[:-1]) == below
+
+
+def test_unmount_in_the_middle_of_a_copy(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
+    """The copy is suspended, not abandoned: no ``COPY_ABANDONED`` (the partial copy is
+    not given up), and the next mount resumes it to the pivot."""
+    images = tmp_path / "images"
+    seed = seeds(images)
+    before = digests(seed.layers)
+    model = bytearray(seed.content)
+    m = mounter(images)
+    m.start_job("E", "copy", "F.qcow2 sync=full speed=1M")
+    wait_for(lambda: (m.job_offset("E") or 0) > 0, "the copy to progress")
+    write_unsynced(m.img("E"), model, seed=5)
+    m.unmount()
+    log = m.log_text()
+    assert "the next mount resumes it" in log, log
+    assert "event=COPY_ABANDONED" not in log, log
+    assert backing_chain(seed.active) == ["E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
+    assert_clean(seed.layers)
+
+    m = mounter(images)
+    assert [s["chain"] for s in m.status()[1:]] == ["E"]  # F is no chain of its own
+    assert_flat(m.img("E"), model)
+
+    def resumed() -> dict[str, str] | None:
+        for e in m.events("E"):
+            if e["event"] == "JOB_STARTED" and e.get("type") == "copy":
+                return e
+        return None
+
+    again = wait_for(resumed, "the interrupted copy to resume by itself")
+    end = m.wait_job("E", again["job"])
+    assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    assert m.layers("E") == ["F.qcow2"]
+    assert_flat(m.img("E"), model)
+    m.unmount()
+    assert_clean([*seed.layers, images / "F.qcow2"])
+    assert_content(images / "F.qcow2", model, tmp_path / "cmp")
+    assert digests(seed.layers[:-1]) == {k: before[k] for k in list(before)[:-1]}
