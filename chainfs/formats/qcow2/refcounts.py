@@ -328,21 +328,36 @@ class Refcounts:
         return bool(self.dirty or self.new_entries)
 
     def write_back(self) -> None:
-        """Write dirty blocks, flush, then hook new blocks into the table, flush."""
+        """Write dirty blocks, flush, then hook new blocks into the table, flush.
+
+        A new block that another new block counts (its cluster was allocated while
+        that block was being made) is hooked in only after that block's entry is
+        durable, one flush later: otherwise a crash could keep the entry pointing at
+        it and lose the one of the block holding its refcount, and the block would be
+        referenced with a refcount of 0.
+        """
         if not self.needs_write_back:
             return
         for off in sorted(self.dirty):
             self.f.pwrite(self.cache[off], off)
         self.dirty.clear()
         self.f.flush()
-        if self.new_entries:
-            for idx, off in sorted(self.new_entries.items()):
+        pending = dict(self.new_entries)
+        while pending:
+            ready = {
+                idx: off
+                for idx, off in pending.items()
+                if (off // self.cs) >> self.rb_shift not in pending
+                or (off // self.cs) >> self.rb_shift == idx
+            } or pending  # (no cycle can form; should one, hook them all in at once)
+            for idx, off in sorted(ready.items()):
                 _U64.pack_into(self.table, idx * 8, off)
                 self.f.pwrite(
                     self.table[idx * 8 : idx * 8 + 8], self.h.refcount_table_offset + idx * 8
                 )
-            self.new_entries.clear()
+                del pending[idx]
             self.f.flush()
+        self.new_entries.clear()
         self._evict()
 
     def apply_frees(self) -> None:
