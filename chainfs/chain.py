@@ -19,7 +19,6 @@ allocation, write-back); host reads of planned extents run outside it.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import threading
@@ -28,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from types import TracebackType
 
+from .buffers import scratch, zero_at, zero_fill
 from .errors import ChainError, ChainfsError, ReadOnlyError, UnsupportedFeature
 from .formats import open_layer
 from .formats.base import (
@@ -48,6 +48,7 @@ REGION_BITS = 13  # granules per region: 8192
 REGION_CACHE = 256  # regions kept (16 KiB each)
 HELD_GRANULES = 1 << 15  # granules per window of a stream's "held between" lanes
 HELD_CACHE = 8  # windows kept
+COPY_PIECE = 4 << 20  # bytes copy_step reads and writes at once (its scratch buffer)
 
 Plan = list[tuple[Layer, Extent]]
 
@@ -413,11 +414,11 @@ class Chain:
                 return self.read_below(node, o, n)
 
             copied = 0
-            scratch = _scratch(max(0, end - first) + cs)
+            buf = scratch(max(0, end - first) + cs, "copy")
             for a, b in self._stream_runs(node, stop, first, end):
-                data = memoryview(scratch)[: b - a]
+                data = memoryview(buf)[: b - a]
                 self._read_below_into(node, a, data)
-                for pos, j, zero in _stretches(scratch, b - a, cs):
+                for pos, j, zero in _stretches(buf, b - a, cs):
                     if zero:
                         target.write_zeroes(a + pos, j - pos, fill)
                     else:
@@ -549,9 +550,9 @@ class Chain:
         plan.sort(key=lambda p: p[1].offset)
         pos = 0
         for _, ext in plan:
-            _zero_fill(buf[pos : ext.offset - offset])
+            zero_fill(buf[pos : ext.offset - offset])
             pos = max(pos, ext.offset - offset + ext.length)
-        _zero_fill(buf[pos:])
+        zero_fill(buf[pos:])
         self._execute(plan, offset, buf)
 
     # -- commit and copy (mirror) --------------------------------------------------------
@@ -590,10 +591,10 @@ class Chain:
                 copied += b - a
                 while a < b:
                     n = min(piece, b - a)
-                    scratch = _scratch(n)
-                    data = memoryview(scratch)[:n]
+                    buf = scratch(n, "copy")
+                    data = memoryview(buf)[:n]
                     self._read_below_into(top - 1, a, data)
-                    _put(target, a, scratch, data, fill)
+                    _put(target, a, buf, data, fill)
                     a += n
             return copied
 
@@ -676,53 +677,14 @@ class Chain:
             _close_all(self.layers)
 
 
-ZERO_CHUNK = 1 << 20
-COPY_PIECE = 4 << 20  # bytes copy_step reads and writes at once (the scratch buffer's size)
-_scratch_local = threading.local()
-
-
-def _scratch(n: int) -> bytearray:
-    """A buffer of at least ``n`` bytes for this thread, reused from call to call (the
-    copies of stream and commit read into it; nothing keeps a view of it)."""
-    buf: bytearray | None = getattr(_scratch_local, "buf", None)
-    if buf is None or len(buf) < n:
-        buf = _scratch_local.buf = bytearray(n)
-    return buf
-
-
-def _zero_fill(view: memoryview) -> None:
-    zero = memoryview(_zeros(ZERO_CHUNK))
-    for pos in range(0, len(view), ZERO_CHUNK):
-        n = min(ZERO_CHUNK, len(view) - pos)
-        view[pos : pos + n] = zero[:n]
-
-
-@functools.cache
-def _zeros(n: int) -> bytes:
-    """``n`` zero bytes, kept: ``data.startswith(_zeros(n), pos)`` is a memcmp."""
-    return bytes(n)
-
-
-def _zero_at(data: bytes | bytearray, pos: int, n: int) -> bool:
-    """Whether ``data[pos:pos+n]`` is all zeros: a memcmp per power-of-two piece (so
-    ``_zeros`` keeps only a few sizes)."""
-    end = pos + n
-    while pos < end:
-        p = min(ZERO_CHUNK, 1 << ((end - pos).bit_length() - 1))
-        if not data.startswith(_zeros(p), pos):
-            return False
-        pos += p
-    return True
-
-
 def _stretches(data: bytearray, n: int, cs: int) -> Iterator[tuple[int, int, bool]]:
     """The first ``n`` bytes of ``data`` cut into stretches of ``cs``-byte pieces that
     are all zeros or all not, as (start, end, zero); a memcmp per piece."""
     pos = 0
     while pos < n:
-        zero = _zero_at(data, pos, min(cs, n - pos))
+        zero = zero_at(data, pos, min(cs, n - pos))
         j = pos + cs
-        while j < n and _zero_at(data, j, min(cs, n - j)) == zero:
+        while j < n and zero_at(data, j, min(cs, n - j)) == zero:
             j += cs
         j = min(j, n)
         yield pos, j, zero
@@ -753,7 +715,7 @@ def _reads_zero(layer: Layer, offset: int, length: int, fill: Fill) -> bool:
             data = layer.read_compressed(e.host, e.clen)[e.skip : e.skip + e.length]
         if not isinstance(data, (bytes, bytearray)):
             data = bytes(data)
-        if not _zero_at(data, 0, len(data)):
+        if not zero_at(data, 0, len(data)):
             return False
     return True
 

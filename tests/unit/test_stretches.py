@@ -1,4 +1,4 @@
-"""The zero tests of stream and commit (``chain._zero_at``, ``chain._stretches``): a
+"""The zero tests of stream and commit (``buffers.zero_at``, ``chain._stretches``): a
 memcmp per power-of-two piece against a kept block of zeros, checked against the plain
 byte-by-byte answer."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chainfs import chain
+from chainfs import buffers, chain
 
 PIECES = st.lists(st.tuples(st.booleans(), st.integers(1, 5000)), min_size=1, max_size=8)
 
@@ -21,7 +21,7 @@ def test_zero_at_is_all_zeros(pieces: list[tuple[bool, int]], a: int, n: int) ->
     data = build(pieces)
     a = min(a, len(data))
     n = min(n, len(data) - a)
-    assert chain._zero_at(data, a, n) == (data[a : a + n].count(0) == n)
+    assert buffers.zero_at(data, a, n) == (data[a : a + n].count(0) == n)
 
 
 @given(pieces=PIECES, cs=st.sampled_from([512, 4096, 1000]), tail=st.integers(0, 100))

@@ -21,14 +21,13 @@ planned by ``extents`` may run outside that lock (see ``refcounts``).
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import struct
-import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from ...buffers import scratch, zeros
 from ...errors import ImageError, UnsupportedFeature
 from ...hostfile import HostFile, HostIOError
 from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, Layer, lane_ones
@@ -322,7 +321,7 @@ class Qcow2Layer(Layer):
         if l2_off % self.cluster_size:
             raise ImageError(f"{self.path!r} has a misaligned L2 table at {l2_off:#x}")
         lo, hi = a - a % s, -(-b // s) * s
-        data = _scratch(hi - lo)
+        data = scratch(hi - lo, "l2")
         known = self.l2_slices
         zero = self._zero_slices
         offsets = range(l2_off + lo, l2_off + hi, s)
@@ -728,26 +727,10 @@ class Qcow2Layer(Layer):
             self.file.close()
 
 
-@functools.lru_cache(maxsize=64)
-def _zeros(n: int) -> bytes:
-    return bytes(n)
-
-
-_scratch_local = threading.local()
-
-
-def _scratch(n: int) -> bytearray:
-    """A buffer of at least ``n`` bytes for this thread, reused from call to call."""
-    buf: bytearray | None = getattr(_scratch_local, "buf", None)
-    if buf is None or len(buf) < n:
-        buf = _scratch_local.buf = bytearray(n)
-    return buf
-
-
 def _nonzero_pieces(entries: bytes | bytearray, a: int, b: int, step: int) -> list[int]:
     """The offsets of the ``step``-aligned pieces of ``entries`` overlapping ``[a, b)``
     that are not all zero: one memcmp each, no copy, so a sparse table is skimmed fast."""
-    zero = _zeros(step)
+    zero = zeros(step)
     return [p for p in range(a - a % step, b, step) if not entries.startswith(zero, p)]
 
 
@@ -781,7 +764,7 @@ def _column_lanes(entries: bytes | bytearray, a: int, b: int) -> int:
     cluster size) are skipped after a memcmp.
     """
     n = (b - a) // 8
-    zero = _zeros(n)
+    zero = zeros(n)
     x = 0
     for k in (7, 6, 5, 4, 3, 2, 1):
         column = entries[a + k : b : 8]
