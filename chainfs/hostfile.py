@@ -32,40 +32,30 @@ Observer = Callable[[str, str, int, bytes], None]
 SYNC_FILE_RANGE_WRITE = 2  # start writing back dirty pages of the range; do not wait
 
 
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's ``sync_file_range`` from the C library (Python has no binding), or None."""
+def _libc(name: str, *argtypes: str) -> Callable[[int, int, int, int], int] | None:
+    """A Linux call Python has no binding for, from the C library (``argtypes`` named
+    as in ``ctypes``), or None."""
     try:
         import ctypes
 
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.argtypes = [getattr(ctypes, t) for t in argtypes]
     fn.restype = ctypes.c_int
-    return fn
+    return fn  # type: ignore[no-any-return]
 
 
-_start_writeback = _sync_file_range()
+# start writing back a range of a file's dirty pages (fd, offset, length, flags)
+_start_writeback = _libc("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
 
 FALLOC_FL_KEEP_SIZE = 1  # reserve blocks without changing the file's size
 RESERVE_BYTES = 8 << 20  # space reserved at a time past the end of a growing file
 RESERVE_MIN_FREE = 1 << 30  # ... only while the file system has this much free at least
 
 
-def _fallocate() -> Callable[[int, int, int, int], int] | None:
-    """Linux's ``fallocate`` (Python's ``posix_fallocate`` cannot keep the size), or None."""
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate_fn = _fallocate()
+# Python's posix_fallocate cannot keep the size (fd, mode, offset, length)
+_fallocate_fn = _libc("fallocate", "c_int", "c_int", "c_int64", "c_int64")
 
 
 class HostIOError(ChainfsError):
