@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 from typing import Self
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import QMP, fio_rand_read  # the sibling script's QMP client and fio line
+# the sibling script's QMP client, fio line, chain copy and wait
+from bench import QMP, copy_chain, fio_rand_read, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "bench-work-jobs")
@@ -84,23 +85,6 @@ def load() -> str:
 
 def short(text: str) -> str:
     return text.replace(WORK + "/", "bench-work-jobs/")
-
-
-def wait_for(cond: Callable[[], bool], what: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + SERVER_DEADLINE
-    while not cond():
-        if proc.poll() is not None:
-            sys.exit(f"bench_jobs: the server exited ({proc.returncode}) waiting for {what}")
-        if time.monotonic() > deadline:
-            sys.exit(f"bench_jobs: timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def copy_chain(src: str, dst: str) -> str:
-    """A fresh sparse copy of the seed chain, written back so no side pays for it."""
-    run(["cp", "-r", "--sparse=always", src, dst])
-    os.sync()
-    return dst
 
 
 def flush_seconds(directory: str) -> float:
