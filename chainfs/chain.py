@@ -90,6 +90,10 @@ class Chain:
         # by window of about HELD_GRANULES granules, keyed (node, stop, window); those layers
         # are read-only, so only a change of the chain's shape makes an entry stale
         self._held: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+        # copy_step's two buffers: it reads a piece into one while the target's writer
+        # thread may still be writing the last piece from the other
+        self._copy_bufs: list[bytearray] = [bytearray(), bytearray()]
+        self._copy_last = 0  # the buffer of the last piece given to ``write_started``
         self._reset_granule()
 
     @classmethod
@@ -572,6 +576,10 @@ class Chain:
         target already reads zeros, so a sparse target stays sparse.  Under the lock, so
         a guest write lands either before the copy (and is copied) or after it (and is
         marked dirty by a write hook).
+
+        The data goes to ``target.write_started``: the last piece may still be on its
+        way to the disk when this returns (readers see the target's old content there
+        until it landed), while the next piece is read; ``target.flush`` settles it.
         """
         with self._lock:
             tcs = target.cluster_size
@@ -591,10 +599,14 @@ class Chain:
                 copied += b - a
                 while a < b:
                     n = min(piece, b - a)
-                    buf = scratch(n, "copy")
+                    i = 1 - self._copy_last  # not the buffer a write may be using
+                    if len(self._copy_bufs[i]) < n:
+                        self._copy_bufs[i] = bytearray(piece)
+                    buf = self._copy_bufs[i]
                     data = memoryview(buf)[:n]
                     self._read_below_into(top - 1, a, data)
-                    _put(target, a, buf, data, fill)
+                    if _put(target, a, buf, data, fill):
+                        self._copy_last = i
                     a += n
             return copied
 
@@ -691,15 +703,19 @@ def _stretches(data: bytearray, n: int, cs: int) -> Iterator[tuple[int, int, boo
         pos = j
 
 
-def _put(target: Layer, offset: int, buf: bytearray, data: memoryview, fill: Fill) -> None:
+def _put(target: Layer, offset: int, buf: bytearray, data: memoryview, fill: Fill) -> bool:
     """Write ``data`` (the start of ``buf``) into ``target`` at ``offset``
     (cluster-aligned), runs of all-zero clusters as zero writes unless the target
-    already reads zeros there."""
+    already reads zeros there; the runs of data with ``write_started``.  Whether one
+    was (``buf`` may then be in use until the target settles)."""
+    started = False
     for pos, j, zero in _stretches(buf, len(data), target.cluster_size):
         if not zero:
-            target.write(offset + pos, data[pos:j], fill)
+            target.write_started(offset + pos, data[pos:j], fill)
+            started = True
         elif not _reads_zero(target, offset + pos, j - pos, fill):
             target.write_zeroes(offset + pos, j - pos, fill)
+    return started
 
 
 def _reads_zero(layer: Layer, offset: int, length: int, fill: Fill) -> bool:

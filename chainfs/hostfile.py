@@ -13,15 +13,21 @@ known durable again.  The qcow2 driver writes metadata that depends on earlier w
 only after a good flush, so from then on nothing points at data that never landed.
 
 Locking contract: a ``HostFile`` holds no lock of its own; ``pread``/``pwrite`` are
-positional and safe to call from several threads at once.
+positional and safe to call from several threads at once.  ``pwrite_started`` hands one
+write to the writer thread, so that the caller reads its next piece while the kernel
+copies this one (the two cores work at once); ``flush``, ``truncate`` and ``close`` wait
+for it first.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import platform
+import sys
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .errors import ChainfsError, ImageError
 
@@ -36,8 +42,6 @@ def _libc(name: str, *argtypes: str) -> Callable[[int, int, int, int], int] | No
     """A Linux call Python has no binding for, from the C library (``argtypes`` named
     as in ``ctypes``), or None."""
     try:
-        import ctypes
-
         fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
@@ -56,6 +60,66 @@ RESERVE_MIN_FREE = 1 << 30  # ... only while the file system has this much free 
 
 # Python's posix_fallocate cannot keep the size (fd, mode, offset, length)
 _fallocate_fn = _libc("fallocate", "c_int", "c_int", "c_int64", "c_int64")
+
+
+class _Aiocb(ctypes.Structure):
+    """glibc's ``struct aiocb`` on 64-bit Linux (``aio_sigevent`` left zero but for
+    ``sigev_notify``: SIGEV_NONE, no signal at completion)."""
+
+    _fields_ = [
+        ("aio_fildes", ctypes.c_int),
+        ("aio_lio_opcode", ctypes.c_int),
+        ("aio_reqprio", ctypes.c_int),
+        ("aio_buf", ctypes.c_void_p),
+        ("aio_nbytes", ctypes.c_size_t),
+        ("sigev_value", ctypes.c_void_p),
+        ("sigev_signo", ctypes.c_int),
+        ("sigev_notify", ctypes.c_int),
+        ("sigev_rest", ctypes.c_byte * 48),
+        ("glibc_internal", ctypes.c_byte * 32),
+        ("aio_offset", ctypes.c_int64),
+        ("glibc_reserved", ctypes.c_byte * 32),
+    ]
+
+
+SIGEV_NONE = 1
+EINPROGRESS = errno.EINPROGRESS
+
+
+def _aio() -> tuple[Any, Any, Any, Any] | None:
+    """glibc's POSIX AIO calls (aio_write, aio_error, aio_return, aio_suspend), where
+    ``struct aiocb`` is known to be ``_Aiocb``: glibc on 64-bit Linux."""
+    if (
+        sys.platform != "linux"
+        or platform.libc_ver()[0] != "glibc"
+        or sys.maxsize <= 2**32
+        or ctypes.sizeof(_Aiocb) != 168
+    ):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        calls = libc.aio_write, libc.aio_error, libc.aio_return, libc.aio_suspend
+    except (OSError, AttributeError):
+        return None
+    cb = ctypes.POINTER(_Aiocb)
+    for fn in calls[:3]:
+        fn.argtypes = [cb]
+    calls[2].restype = ctypes.c_ssize_t
+    calls[3].argtypes = [ctypes.POINTER(cb), ctypes.c_int, ctypes.c_void_p]
+    return calls
+
+
+# glibc's AIO threads are C threads: they start a write at once, where a Python thread
+# would first wait for the interpreter lock (until the caller blocks, as it measured)
+_aio_calls = _aio()
+
+
+class _Started:
+    """A write on its way: the control block and the buffer it reads from, kept alive
+    until it landed."""
+
+    def __init__(self, cb: _Aiocb, keep: object, view: memoryview, offset: int) -> None:
+        self.cb, self.keep, self.view, self.offset = cb, keep, view, offset
 
 
 class HostIOError(ChainfsError):
@@ -94,6 +158,8 @@ class HostFile:
         self._unflushed = False  # a write was issued since the last flush
         self._reserved = -1  # space is reserved up to here (-1: nothing reserved)
         self._flush_error: HostIOError | None = None  # a flush failed: all later ones fail
+        self._started: _Started | None = None  # the write on its way, if any
+        self._writeback = 0  # then start the write-back of this much before its end
         if create and HostFile.observer is not None:
             HostFile.observer("create", self.path, 0, b"")
 
@@ -126,13 +192,82 @@ class HostFile:
         try:
             if HostFile.observer is not None:
                 HostFile.observer("write", self.path, offset, bytes(data))
-            view = memoryview(data)
+        except OSError as e:
+            raise self._fail("writing", e) from None
+        self._pwrite(memoryview(data), offset)
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        try:
             while len(view):
                 n = os.pwrite(self.fd, view, offset)
                 view = view[n:]
                 offset += n
         except OSError as e:
             raise self._fail("writing", e) from None
+
+    def pwrite_started(
+        self, data: bytes | bytearray | memoryview, offset: int, writeback: int = 0
+    ) -> None:
+        """Start ``pwrite(data, offset)`` and return at once, where the system can (glibc's
+        AIO); then, with ``writeback``, ``start_writeback`` of that many bytes before
+        ``offset + len(data)``.  Until ``wait_written`` returns, ``data`` must not change
+        and nothing may depend on the write having landed.  One write at a time: a
+        second one waits for the first (and raises its failure)."""
+        if not self.writable:
+            raise ChainfsError(f"{self.path!r} is open read-only")
+        self.wait_written()
+        self._unflushed = True
+        try:
+            if HostFile.observer is not None:  # in order, and its failure raised here
+                HostFile.observer("write", self.path, offset, bytes(data))
+        except OSError as e:
+            raise self._fail("writing", e) from None
+        view = memoryview(data)
+        self._writeback = writeback
+        if _aio_calls is None or view.readonly or not len(view):
+            self._pwrite(view, offset)
+            self._written(offset + len(view))
+            return
+        keep = (ctypes.c_char * len(view)).from_buffer(view)
+        cb = _Aiocb(
+            aio_fildes=self.fd,
+            aio_buf=ctypes.addressof(keep),
+            aio_nbytes=len(view),
+            aio_offset=offset,
+            sigev_notify=SIGEV_NONE,
+        )
+        if _aio_calls[0](ctypes.byref(cb)) != 0:  # no AIO to be had: write it here
+            del keep
+            self._pwrite(view, offset)
+            self._written(offset + len(view))
+            return
+        self._started = _Started(cb, keep, view, offset)
+
+    def wait_written(self) -> None:
+        """Wait for the started write to land; raise its failure (once)."""
+        started, self._started = self._started, None
+        if started is None:
+            return
+        assert _aio_calls is not None
+        _, aio_error, aio_return, aio_suspend = _aio_calls
+        cb = started.cb
+        ptr = ctypes.pointer(cb)
+        waiting = (ctypes.POINTER(_Aiocb) * 1)(ptr)
+        while (err := aio_error(ptr)) == EINPROGRESS:
+            aio_suspend(waiting, 1, None)  # returns early on a signal: asks again
+        n = aio_return(ptr)
+        del started.keep
+        view, offset = started.view, started.offset
+        if err:
+            raise self._fail("writing", OSError(err, os.strerror(err)))
+        if n < len(view):  # a short write: the rest as ``pwrite`` does it
+            self._pwrite(view[n:], offset + n)
+        self._written(offset + len(view))
+
+    def _written(self, end: int) -> None:
+        if self._writeback:
+            self.start_writeback(end - self._writeback, self._writeback)
+            self._writeback = 0
 
     def start_writeback(self, offset: int, length: int) -> None:
         """Have the kernel start writing ``[offset, offset+length)`` to the disk now,
@@ -188,6 +323,7 @@ class HostFile:
         """
         if not self.writable:
             return
+        self.wait_written()
         failed = self._flush_error
         if failed is not None:
             raise HostIOError(
@@ -207,6 +343,7 @@ class HostFile:
             raise self._fail("flushing", e) from None
 
     def truncate(self, size: int) -> None:
+        self.wait_written()
         self._unflushed = True
         try:
             if HostFile.observer is not None:
@@ -223,6 +360,10 @@ class HostFile:
 
     def close(self) -> None:
         if self.fd >= 0:
+            try:
+                self.wait_written()
+            except HostIOError:
+                pass  # nothing points at what it wrote (the writer reports its failure)
             self._release_reserve()
             os.close(self.fd)
             self.fd = -1

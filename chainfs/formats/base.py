@@ -95,6 +95,16 @@ class Layer(ABC):
     def write(self, offset: int, data: Buffer, fill: Fill) -> None:
         """Write into this layer; ``fill`` supplies backing content for copy-on-write."""
 
+    def write_started(self, offset: int, data: Buffer, fill: Fill) -> None:
+        """``write``, allowed to return before the data landed: readers see the old
+        content until it did, ``data`` must not change until ``settle`` (which the next
+        write, flush or close does first).  By default, simply ``write``."""
+        self.write(offset, data, fill)
+
+    def settle(self) -> None:
+        """Finish a ``write_started`` (raising its failure)."""
+        self.file.wait_written()
+
     @abstractmethod
     def write_zeroes(self, offset: int, length: int, fill: Fill) -> None:
         """Make the range read as zeros, sparsely where the format allows."""

@@ -87,6 +87,9 @@ class Qcow2Layer(Layer):
         self._zcache: tuple[int, int, bytes] | None = None
         self.refs: Refcounts | None = None
         self._writeback_from = -1  # where the new clusters not yet written back start
+        # a started write of new clusters (``write_started``): where, and the clusters
+        # and old entries to point at them once it landed
+        self._started: tuple[int, list[tuple[int, int]]] | None = None
         # writable only: where the metadata lies, the L2 tables already checked, and
         # (while refcounts are rebuilt) the host clusters of entries marked COPIED
         self._layout: Layout | None = None
@@ -503,6 +506,33 @@ class Qcow2Layer(Layer):
         Runs of whole new clusters are written straight from ``data`` (no copy); so are
         runs of in-place clusters that lie contiguously on the host.
         """
+        self._write(offset, data, fill, started=False)
+
+    def write_started(self, offset: int, data: Buffer, fill: Fill) -> None:
+        """``write``, with the data of new clusters written by the writer thread: the
+        entries point at them only once it landed (``settle``), so until then nothing
+        reads them, and every reader sees the old content.  Only new clusters are not
+        yet there; nothing else in the layer waits.  The next write, flush or close
+        settles first."""
+        self._write(offset, data, fill, started=True)
+
+    def settle(self) -> None:
+        """Wait for the started write, then point its clusters' entries at it; when it
+        failed, take the clusters back and raise."""
+        started, self._started = self._started, None
+        if started is None:
+            return
+        host, fresh = started
+        assert self.refs is not None
+        try:
+            self.file.wait_written()
+        except BaseException:
+            self.refs.unalloc(host, len(fresh))
+            raise
+        self._point(host, fresh)
+
+    def _write(self, offset: int, data: Buffer, fill: Fill, *, started: bool) -> None:
+        self.settle()
         if offset + len(data) > self.virtual_size:
             raise ImageError(f"write past the end of {self.path!r}")
         assert self.refs is not None
@@ -555,24 +585,37 @@ class Qcow2Layer(Layer):
                 table_no = c >> self.l2_bits
                 self._l2_for_write(c)
         host = self.refs.alloc(len(fresh))
-        self.file.reserve(host + len(fresh) * cs)
+        end_host = host + len(fresh) * cs
+        self.file.reserve(end_host)
+        # new clusters only move forward through the file: every WRITEBACK_BYTES of
+        # them, have the kernel start writing them out, so a flush does not find a
+        # whole burst of writes still to do
+        if not 0 <= self._writeback_from <= host:
+            self._writeback_from = host
+        writeback = 0
+        if end_host - self._writeback_from >= WRITEBACK_BYTES:
+            writeback = end_host - self._writeback_from
+            self._writeback_from = end_host
+        payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         try:
-            self.file.pwrite(pieces[0] if len(pieces) == 1 else b"".join(pieces), host)
+            if started:
+                self.file.pwrite_started(payload, host, writeback)
+                self._started = host, fresh
+                return
+            self.file.pwrite(payload, host)
         except BaseException:
             # the data did not land (a full disk): no entry points at the new clusters,
             # so they go back, and the refcounts claim nothing the file does not hold
             self.refs.unalloc(host, len(fresh))
             raise
-        # new clusters only move forward through the file: every WRITEBACK_BYTES of
-        # them, have the kernel start writing them out, so a flush does not find a
-        # whole burst of writes still to do
-        end_host = host + len(fresh) * cs
-        if not 0 <= self._writeback_from <= host:
-            self._writeback_from = host
-        if end_host - self._writeback_from >= WRITEBACK_BYTES:
-            self.file.start_writeback(self._writeback_from, end_host - self._writeback_from)
-            self._writeback_from = end_host
-        # point the entries at the new clusters, one table at a time
+        if writeback:
+            self.file.start_writeback(end_host - writeback, writeback)
+        self._point(host, fresh)
+
+    def _point(self, host: int, fresh: list[tuple[int, int]]) -> None:
+        """Point the entries of the new clusters ``fresh`` (cluster, old entry) at the
+        clusters from ``host`` on, one table at a time."""
+        cs = self.cluster_size
         i = 0
         while i < len(fresh):
             table_no = fresh[i][0] >> self.l2_bits
@@ -586,6 +629,7 @@ class Qcow2Layer(Layer):
                 i += 1
 
     def write_zeroes(self, offset: int, length: int, fill: Fill) -> None:
+        self.settle()
         if offset + length > self.virtual_size:
             raise ImageError(f"write past the end of {self.path!r}")
         cs = self.cluster_size
@@ -611,6 +655,7 @@ class Qcow2Layer(Layer):
         f, refs = self.file, self.refs
         if refs is None:
             return
+        self.settle()
         refs.write_back()
         if self.l2_dirty or self.l1_dirty:
             f.flush()  # data (and the refcounts covering it) before the L2 entries

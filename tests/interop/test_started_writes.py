@@ -1,0 +1,235 @@
+"""Writes that return before the data landed: ``HostFile.pwrite_started`` (glibc's AIO
+threads), the qcow2 driver's ``write_started``/``settle`` and ``Chain.copy_step``,
+which reads its next piece into one buffer while the last piece is written from the
+other.
+
+Most cases swap the AIO for a writer that is as late as can be: it writes nothing until
+``wait_written`` (which the driver calls at the next write, flush or close).  A reader
+that saw the new clusters too early, an entry pointing at them before they landed, or
+a copy reusing a buffer still being written from shows up as wrong bytes, every time.
+Verdicts: the bytes read back, ``qemu-img check`` and ``qemu-img compare``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chainfs import hostfile
+from chainfs.chain import COPY_PIECE, Chain
+from chainfs.formats.qcow2 import create_overlay
+from chainfs.hostfile import HostFile, HostIOError
+
+from . import images as im
+
+MiB = im.MiB
+
+needs_aio = pytest.mark.skipif(hostfile._aio_calls is None, reason="no glibc AIO here")
+
+
+Waiting = dict[HostFile, tuple[memoryview, int]]
+
+
+@pytest.fixture
+def late(monkeypatch: pytest.MonkeyPatch) -> Iterator[Waiting]:
+    """Started writes wait, untouched, until ``wait_written``; then what their buffer
+    holds by then is written (so a buffer changed too early writes wrong bytes)."""
+    waiting: Waiting = {}
+
+    def started(
+        self: HostFile, data: bytes | bytearray | memoryview, offset: int, writeback: int = 0
+    ) -> None:
+        self.wait_written()
+        self._unflushed = True
+        waiting[self] = (memoryview(data), offset)
+
+    def wait(self: HostFile) -> None:
+        job = waiting.pop(self, None)
+        if job is not None:
+            HostFile.pwrite(self, bytes(job[0]), job[1])
+
+    monkeypatch.setattr(HostFile, "pwrite_started", started)
+    monkeypatch.setattr(HostFile, "wait_written", wait)
+    yield waiting
+
+
+# -- HostFile, with the real AIO ------------------------------------------------------------
+
+
+@needs_aio
+def test_a_started_write_lands(tmp_path: Path) -> None:
+    f = HostFile(str(tmp_path / "f"), True, create=True)
+    data = bytearray(os.urandom(3 * MiB + 512))
+    f.pwrite_started(data, 4096)
+    f.wait_written()
+    assert f.pread(len(data), 4096) == data
+    # flush and close wait for a started write themselves
+    f.pwrite_started(memoryview(data)[:MiB], 8 * MiB)
+    f.flush()
+    assert f.pread(MiB, 8 * MiB) == data[:MiB]
+    f.pwrite_started(memoryview(data)[MiB:], 16 * MiB)
+    f.close()
+    with open(tmp_path / "f", "rb") as g:
+        g.seek(16 * MiB)
+        assert g.read() == data[MiB:]
+
+
+@needs_aio
+def test_a_failed_started_write_is_raised_once(tmp_path: Path) -> None:
+    f = HostFile(str(tmp_path / "f"), True, create=True)
+    f.pwrite_started(bytearray(4096), -4096)  # the AIO thread's pwrite fails
+    with pytest.raises(HostIOError) as e:
+        f.wait_written()
+    assert e.value.errno == errno.EINVAL and "writing" in str(e.value)
+    f.wait_written()  # reported once
+    f.flush()
+    f.close()
+
+
+def test_a_read_only_buffer_is_written_at_once(tmp_path: Path) -> None:
+    f = HostFile(str(tmp_path / "f"), True, create=True)
+    f.pwrite_started(b"x" * 5000, 100)  # bytes cannot be handed to the AIO thread
+    assert f._started is None
+    assert f.pread(5000, 100) == b"x" * 5000
+    f.close()
+
+
+def test_the_observer_sees_a_started_write_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def observe(event: str, path: str, offset: int, data: bytes) -> None:
+        seen.append((event, offset))
+        if offset == 666:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(HostFile, "observer", observe)
+    f = HostFile(str(tmp_path / "f"), True, create=True)
+    f.pwrite_started(bytearray(10), 0)
+    f.flush()
+    with pytest.raises(HostIOError):  # an injected failure is raised when it starts
+        f.pwrite_started(bytearray(10), 666)
+    assert seen == [("create", 0), ("write", 0), ("flush", 0), ("write", 666)]
+    f.close()
+
+
+# -- the qcow2 driver ---------------------------------------------------------------------
+
+
+def make_chain(tmp_path: Path, size: int = 16 * MiB) -> tuple[str, str, bytes]:
+    base = str(tmp_path / "base.qcow2")
+    top = str(tmp_path / "top.qcow2")
+    im.create(base, size)
+    im.write(base, [(0, size, 0x11)])
+    im.create(top, backing="base.qcow2", cwd=str(tmp_path))
+    return base, top, b"\x11" * size
+
+
+def test_readers_see_the_old_content_until_the_write_lands(tmp_path: Path, late: Waiting) -> None:
+    _, top, old = make_chain(tmp_path)
+    new = bytearray(os.urandom(3 * MiB))
+    with Chain.open(top, writable=True, lock=False) as chain:
+        layer = chain.active
+        fill = chain.read_below
+        layer.write_started(MiB, memoryview(new), lambda o, n: fill(0, o, n))
+        assert late  # nothing written yet: the entries still show the backing file
+        chain.invalidate()  # (the layer was written behind the chain's back)
+        assert chain.read(0, 5 * MiB) == old[: 5 * MiB]
+        layer.settle()
+        assert not late
+        chain.invalidate()
+        assert chain.read(0, 5 * MiB) == old[:MiB] + new + old[4 * MiB : 5 * MiB]
+        # the next write settles a started one first
+        layer.write_started(8 * MiB, memoryview(new), lambda o, n: fill(0, o, n))
+        chain.write(12 * MiB, b"y" * 4096)
+        assert not late
+        chain.invalidate()
+        assert chain.read(8 * MiB, 3 * MiB) == new
+    im.assert_clean(top)
+    expected = bytearray(old)
+    expected[MiB : 4 * MiB] = new
+    expected[8 * MiB : 11 * MiB] = new
+    expected[12 * MiB : 12 * MiB + 4096] = b"y" * 4096
+    im.assert_same_as(top, bytes(expected), str(tmp_path))
+
+
+def test_a_started_write_that_fails_points_at_nothing(
+    tmp_path: Path, late: Waiting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, top, old = make_chain(tmp_path)
+
+    def fail(self: HostFile) -> None:
+        if late.pop(self, None) is not None:
+            raise HostIOError("writing failed: No space left on device", errno.ENOSPC)
+
+    with Chain.open(top, writable=True, lock=False) as chain:
+        layer = chain.active
+        layer.write_started(0, memoryview(bytearray(b"z" * MiB)), lambda o, n: old[o : o + n])
+        monkeypatch.setattr(HostFile, "wait_written", fail)
+        with pytest.raises(HostIOError):
+            layer.settle()
+        monkeypatch.undo()
+        assert chain.read(0, 2 * MiB) == old[: 2 * MiB]
+        chain.write(MiB, b"w" * MiB)  # reuses the clusters taken back
+    im.assert_clean(top)
+    im.assert_same_as(top, old[:MiB] + b"w" * MiB + old[2 * MiB :], str(tmp_path))
+
+
+# -- copy_step's two buffers --------------------------------------------------------------
+
+
+def piece_pattern(rng: random.Random, size: int) -> list[bool]:
+    """Which COPY_PIECE-sized pieces hold data: data, zeros, data, ... mixed at random,
+    with a run of zero pieces right after a data piece (the case that must not reuse
+    the buffer still being written)."""
+    n = size // COPY_PIECE
+    holds = [rng.random() < 0.6 for _ in range(n)]
+    holds[:4] = [True, False, False, True]
+    return holds
+
+
+@pytest.mark.parametrize("mode", ["commit", "copy"])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_copy_step_never_reuses_a_buffer_being_written(
+    tmp_path: Path, late: Waiting, mode: str, seed: int
+) -> None:
+    size = 12 * COPY_PIECE
+    rng = random.Random(seed)
+    base = str(tmp_path / "base.qcow2")
+    mid = str(tmp_path / "mid.qcow2")
+    top = str(tmp_path / "top.qcow2")
+    im.create(base, size)
+    im.create(mid, backing="base.qcow2", cwd=str(tmp_path))
+    im.create(top, backing="mid.qcow2", cwd=str(tmp_path))
+    writes: list[im.Write] = []
+    for i, holds in enumerate(piece_pattern(rng, size)):
+        # zero pieces are written as zeros (allocated, reading zero): copied as nothing
+        writes.append((i * COPY_PIECE, COPY_PIECE, 0x40 + i if holds else 0))
+    im.write(mid, writes)
+    expected = im.reference(top)
+    with Chain.open(top, writable=True, lock=False) as chain:
+        if mode == "commit":  # mid into base
+            target = chain.reopen(2, writable=True)
+            top_i, stop, below = 1, 2, 2
+        else:  # the whole disk into a new image
+            dest = str(tmp_path / "dest.qcow2")
+            create_overlay(dest, size=size, backing=None, backing_format=None)
+            target = chain.open_layer(dest, "qcow2", writable=True)
+            top_i, stop, below = 0, 3, 2
+        pos = 0
+        step = MiB * rng.choice([1, 3, 8])  # steps shorter and longer than a piece
+        while pos < size:
+            chain.copy_step(target, top_i, stop, below, pos, min(step, size - pos))
+            pos += step
+        target.flush()
+        if mode == "copy":
+            target.close()
+    checked = base if mode == "commit" else str(tmp_path / "dest.qcow2")
+    im.assert_clean(checked)
+    im.assert_same_as(checked, expected, str(tmp_path))
