@@ -90,8 +90,8 @@ class Chain:
         # by window of about HELD_GRANULES granules, keyed (node, stop, window); those layers
         # are read-only, so only a change of the chain's shape makes an entry stale
         self._held: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
-        # copy_step's two buffers: it reads a piece into one while the target's writer
-        # thread may still be writing the last piece from the other
+        # copy_step's two buffers: it reads a piece into one while the last piece may
+        # still be on its way to the target from the other (``write_started``)
         self._copy_bufs: list[bytearray] = [bytearray(), bytearray()]
         self._copy_last = 0  # the buffer of the last piece given to ``write_started``
         self._reset_granule()

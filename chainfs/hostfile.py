@@ -14,7 +14,7 @@ only after a good flush, so from then on nothing points at data that never lande
 
 Locking contract: a ``HostFile`` holds no lock of its own; ``pread``/``pwrite`` are
 positional and safe to call from several threads at once.  ``pwrite_started`` hands one
-write to the writer thread, so that the caller reads its next piece while the kernel
+write to glibc's AIO threads, so that the caller reads its next piece while the kernel
 copies this one (the two cores work at once); ``flush``, ``truncate`` and ``close`` wait
 for it first.
 """

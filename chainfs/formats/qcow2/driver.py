@@ -509,9 +509,10 @@ class Qcow2Layer(Layer):
         self._write(offset, data, fill, started=False)
 
     def write_started(self, offset: int, data: Buffer, fill: Fill) -> None:
-        """``write``, with the data of new clusters written by the writer thread: the
-        entries point at them only once it landed (``settle``), so until then nothing
-        reads them, and every reader sees the old content.  Only new clusters are not
+        """``write``, with the data of new clusters written while this returns
+        (``HostFile.pwrite_started``): the entries point at them only once it landed
+        (``settle``), so until then nothing reads them, and every reader sees the old
+        content.  Only new clusters are not
         yet there; nothing else in the layer waits.  The next write, flush or close
         settles first."""
         self._write(offset, data, fill, started=True)
