@@ -359,6 +359,31 @@ def in_turn(i: int, sides: list[Callable[[], None]]) -> None:
         side()
 
 
+def chainfs_job(
+    seed: str,
+    src: str,
+    work: str,
+    title: str,
+    res: Results,
+    timed: Timed,
+    key: str,
+    kind: str,
+    text: str,
+) -> None:
+    """chainfs's side of a measure: a fresh copy of the seed at ``src``, mounted, the
+    command ``text`` written to ``control/E/<kind>``, timed until ``JOB_COMPLETED``."""
+    log(f"{title}, chainfs")
+    copy_chain(seed, src)
+    with Chainfs(src, os.path.join(work, "mnt"), os.path.join(work, "chainfs.log")) as fs:
+        res.note("chainfs: mount", " ".join(fs.args))
+        res.note(
+            f"chainfs: {key}",
+            f"echo '{text}' > {fs.control}/{kind}, then read {fs.control}/events"
+            " until a JOB_COMPLETED line",
+        )
+        timed.add("chainfs", fs.run_job(kind, text), src)
+
+
 def bench_commit(seed: str, work: str, i: int, res: Results, *, active: bool) -> None:
     key = "active commit base=A" if active else "intermediate commit top=D base=B"
     timed = res.timed.setdefault(key, Timed())
@@ -371,16 +396,7 @@ def bench_commit(seed: str, work: str, i: int, res: Results, *, active: bool) ->
     qsrc = os.path.join(work, f"{tag}-qemu-{i}")
 
     def chainfs_side() -> None:
-        log(f"{run_name(i)}: {key}, chainfs")
-        copy_chain(seed, csrc)
-        with Chainfs(csrc, os.path.join(work, "mnt"), os.path.join(work, "chainfs.log")) as fs:
-            res.note("chainfs: mount", " ".join(fs.args))
-            res.note(
-                f"chainfs: {key}",
-                f"echo '{text}' > {fs.control}/commit, then read {fs.control}/events"
-                " until a JOB_COMPLETED line",
-            )
-            timed.add("chainfs", fs.run_job("commit", text), csrc)
+        chainfs_job(seed, csrc, work, f"{run_name(i)}: {key}", res, timed, key, "commit", text)
 
     def qemu_side() -> None:
         log(f"{run_name(i)}: {key}, qemu-storage-daemon (QMP block-commit)")
@@ -413,15 +429,8 @@ def bench_copy(seed: str, work: str, i: int, res: Results) -> None:
     qsrc = os.path.join(work, f"copy-qemu-{i}")
 
     def chainfs_side() -> None:
-        log(f"{run_name(i)}: {key}, chainfs")
-        copy_chain(seed, csrc)
-        with Chainfs(csrc, os.path.join(work, "mnt"), os.path.join(work, "chainfs.log")) as fs:
-            res.note(
-                f"chainfs: {key}",
-                f"echo 'F.qcow2 sync=full' > {fs.control}/copy, then read {fs.control}/events"
-                " until a JOB_COMPLETED line",
-            )
-            timed.add("chainfs", fs.run_job("copy", "F.qcow2 sync=full"), csrc)
+        text = "F.qcow2 sync=full"
+        chainfs_job(seed, csrc, work, f"{run_name(i)}: {key}", res, timed, key, "copy", text)
 
     def qemu_side() -> None:
         log(f"{run_name(i)}: {key}, qemu-img convert -O qcow2")
