@@ -224,24 +224,21 @@ class HostFile:
             raise self._fail("writing", e) from None
         view = memoryview(data)
         self._writeback = writeback
-        if _aio_calls is None or view.readonly or not len(view):
-            self._pwrite(view, offset)
-            self._written(offset + len(view))
-            return
-        keep = (ctypes.c_char * len(view)).from_buffer(view)
-        cb = _Aiocb(
-            aio_fildes=self.fd,
-            aio_buf=ctypes.addressof(keep),
-            aio_nbytes=len(view),
-            aio_offset=offset,
-            sigev_notify=SIGEV_NONE,
-        )
-        if _aio_calls[0](ctypes.byref(cb)) != 0:  # no AIO to be had: write it here
-            del keep
-            self._pwrite(view, offset)
-            self._written(offset + len(view))
-            return
-        self._started = _Started(cb, keep, view, offset)
+        if _aio_calls is not None and not view.readonly and len(view):
+            keep = (ctypes.c_char * len(view)).from_buffer(view)
+            cb = _Aiocb(
+                aio_fildes=self.fd,
+                aio_buf=ctypes.addressof(keep),
+                aio_nbytes=len(view),
+                aio_offset=offset,
+                sigev_notify=SIGEV_NONE,
+            )
+            if _aio_calls[0](ctypes.byref(cb)) == 0:
+                self._started = _Started(cb, keep, view, offset)
+                return
+            del keep  # no AIO to be had: written here, as below
+        self._pwrite(view, offset)
+        self._written(offset + len(view))
 
     def wait_written(self) -> None:
         """Wait for the started write to land; raise its failure (once)."""
