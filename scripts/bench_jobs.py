@@ -25,6 +25,13 @@ sides are compared with ``qemu-img compare`` (with each other and with the seed 
 disk) and checked with ``qemu-img check``.  Ratios are QEMU time / chainfs time (target
 at least 1.0) and IOPS during the job / IOPS without (at least 0.7).
 
+A third figure per job is the machine's own floor, taken right after chainfs's side on
+its files: a bare loop that reads the job's data (every data extent ``qemu-img map``
+finds in the layers the job copies) and makes it durable in a scratch file through
+chainfs's I/O path, with no image format work at all (``floor_seconds``).  Its ratio,
+QEMU's time to the job's end / the loop's, says how far below QEMU's time a job that
+must leave its result durable can get here: at or below 1.0, not at all.
+
 The figures are a report, not a test: the exit status is non-zero only when something
 fails to run or a result differs.
 
@@ -51,6 +58,8 @@ from typing import Self
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # the sibling script's QMP client, fio line, chain copy and wait
 from bench import QMP, copy_chain, fio_rand_read, wait_for
+
+from chainfs.hostfile import HostFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "bench-work-jobs")
@@ -105,6 +114,57 @@ def flush_seconds(directory: str) -> float:
             finally:
                 os.close(fd)
     return time.perf_counter() - start
+
+
+def floor_extents(seed: str, image: str, depths: range) -> list[tuple[str, int, int]]:
+    """The reads a job must do: (layer file, host offset, length) of every data extent
+    that ``qemu-img map`` of ``image`` finds at one of ``depths`` (0: ``image`` itself)."""
+    names = LAYERS[: LAYERS.index(image) + 1][::-1]  # image first, then its backing chain
+    extents = json.loads(
+        run(["qemu-img", "map", "--output=json", os.path.join(seed, f"{image}.qcow2")])
+    )
+    return [
+        (f"{names[e['depth']]}.qcow2", int(e["offset"]), int(e["length"]))
+        for e in extents
+        if e["data"] and e["depth"] in depths
+    ]
+
+
+def floor_seconds(directory: str, extents: list[tuple[str, int, int]]) -> float:
+    """Seconds a bare loop takes to read a job's data from the chain's files (in the page
+    cache) and make it durable in a scratch file of ``directory``, with no image format
+    work: 1 MiB reads alternating two buffers, each written by chainfs's own I/O path
+    (``HostFile.pwrite_started``, write-back started every 8 MiB, ``flush`` at the end).
+
+    What is left of a job's time above this is the job's own work; a reference time
+    below it cannot be reached by any job that must leave its result durable.
+    """
+    piece, writeback = 1 << 20, 8 << 20
+    bufs = [bytearray(piece), bytearray(piece)]
+    scratch = os.path.join(directory, "floor.scratch")
+    fds = {name: os.open(os.path.join(directory, name), os.O_RDONLY) for name, _, _ in extents}
+    out, k = 0, 0
+    try:
+        start = time.perf_counter()
+        f = HostFile(scratch, True, create=True)
+        try:
+            for name, host, length in extents:
+                for pos in range(0, length, piece):
+                    n = min(piece, length - pos)
+                    buf = memoryview(bufs[k])[:n]
+                    k ^= 1
+                    os.preadv(fds[name], [buf], host + pos)
+                    due = (out + n) // writeback > out // writeback
+                    f.pwrite_started(buf, out, writeback if due else 0)
+                    out += n
+            f.flush()
+        finally:
+            f.close()
+        return time.perf_counter() - start
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        os.unlink(scratch)
 
 
 def same_disk(a: str, b: str) -> bool:
@@ -288,6 +348,7 @@ class Timed:
     qemu: list[float] = field(default_factory=list)
     chainfs_durable: list[float] = field(default_factory=list)
     qemu_durable: list[float] = field(default_factory=list)
+    floor: list[float] = field(default_factory=list)  # floor_seconds on chainfs's side
 
     @property
     def ratio(self) -> float:
@@ -296,6 +357,10 @@ class Timed:
     @property
     def durable_ratio(self) -> float:
         return min(self.qemu_durable) / min(self.chainfs_durable)
+
+    @property
+    def floor_ratio(self) -> float:
+        return min(self.qemu) / min(self.floor)
 
     def add(self, side: str, seconds: float, directory: str) -> None:
         flushed = seconds + flush_seconds(directory)
@@ -369,9 +434,11 @@ def chainfs_job(
     key: str,
     kind: str,
     text: str,
+    floor: list[tuple[str, int, int]],
 ) -> None:
     """chainfs's side of a measure: a fresh copy of the seed at ``src``, mounted, the
-    command ``text`` written to ``control/E/<kind>``, timed until ``JOB_COMPLETED``."""
+    command ``text`` written to ``control/E/<kind>``, timed until ``JOB_COMPLETED``; then,
+    unmounted, the bare loop's time for the job's reads (``floor_seconds``)."""
     log(f"{title}, chainfs")
     copy_chain(seed, src)
     with Chainfs(src, os.path.join(work, "mnt"), os.path.join(work, "chainfs.log")) as fs:
@@ -382,6 +449,8 @@ def chainfs_job(
             " until a JOB_COMPLETED line",
         )
         timed.add("chainfs", fs.run_job(kind, text), src)
+    timed.floor.append(floor_seconds(src, floor))
+    log(f"    bare loop, the job's data read and made durable: {timed.floor[-1]:.3f} s")
 
 
 def bench_commit(seed: str, work: str, i: int, res: Results, *, active: bool) -> None:
@@ -392,11 +461,14 @@ def bench_commit(seed: str, work: str, i: int, res: Results, *, active: bool) ->
     seed_disk = os.path.join(seed, "E.qcow2")
     # the disk the chain shows afterwards: A alone after an active commit, E's otherwise
     result = "A.qcow2" if active else "E.qcow2"
+    # what the job reads: D's and C's data (intermediate), or all but A's as E shows it
+    floor = floor_extents(seed, "E", range(4)) if active else floor_extents(seed, "D", range(2))
     csrc = os.path.join(work, f"{tag}-chainfs-{i}")
     qsrc = os.path.join(work, f"{tag}-qemu-{i}")
 
     def chainfs_side() -> None:
-        chainfs_job(seed, csrc, work, f"{run_name(i)}: {key}", res, timed, key, "commit", text)
+        title = f"{run_name(i)}: {key}"
+        chainfs_job(seed, csrc, work, title, res, timed, key, "commit", text, floor)
 
     def qemu_side() -> None:
         log(f"{run_name(i)}: {key}, qemu-storage-daemon (QMP block-commit)")
@@ -425,12 +497,14 @@ def bench_copy(seed: str, work: str, i: int, res: Results) -> None:
     key = "copy sync=full"
     timed = res.timed.setdefault(key, Timed())
     seed_disk = os.path.join(seed, "E.qcow2")
+    floor = floor_extents(seed, "E", range(len(LAYERS)))  # the whole disk's data
     csrc = os.path.join(work, f"copy-chainfs-{i}")
     qsrc = os.path.join(work, f"copy-qemu-{i}")
 
     def chainfs_side() -> None:
         text = "F.qcow2 sync=full"
-        chainfs_job(seed, csrc, work, f"{run_name(i)}: {key}", res, timed, key, "copy", text)
+        title = f"{run_name(i)}: {key}"
+        chainfs_job(seed, csrc, work, title, res, timed, key, "copy", text, floor)
 
     def qemu_side() -> None:
         log(f"{run_name(i)}: {key}, qemu-img convert -O qcow2")
@@ -537,6 +611,17 @@ def rows_of(res: Results) -> list[tuple[str, ...]]:
                     "yes" if ratio >= TIME_TARGET else "NO",
                 )
             )
+        rows.append(
+            (
+                f"{key}: bare loop, the job's data read and made durable (s; ratio = QEMU"
+                " time to the job's end / loop time)",
+                f"{min(t.floor):.3f}",
+                f"{min(t.qemu):.3f} ({reference[key]})",
+                f"{t.floor_ratio:.2f}",
+                "(reference)",
+                "-",
+            )
+        )
     if res.iops is not None:
         r = res.iops
         ratio = r.ratio
