@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,6 +69,7 @@ class Disk:
         readonly: bool,
         spawn: Spawn,
         next_id: Callable[[str], str],
+        others: Callable[[], Iterable[Disk]] = tuple,
     ) -> None:
         self.name = name
         self.chain = chain
@@ -80,6 +81,7 @@ class Disk:
         self.events = bytearray()
         self._spawn = spawn
         self._next_id = next_id
+        self._others = others  # the mount's disks (this one among them, or not)
         # the flat file's times start as those of the newest image file: they stay the
         # same from one mount to the next as long as nothing is written
         self.mtime_ns = self.ctime_ns = max(_mtime_ns(x.path) for x in chain.layers)
@@ -171,6 +173,23 @@ class Disk:
             raise CommandError(
                 errno.EBUSY, f"chain {self.name!r} is busy: job {self.job.id!r} is running"
             )
+
+    def _unshared(self, *layers: Layer) -> None:
+        """Refuse a job that would write into a layer another chain of the mount reads
+        (a shared base): its image lock would refuse the job anyway, as QEMU's does,
+        but in words that blame another process."""
+        for layer in layers:
+            path = os.path.realpath(layer.path)
+            for other in self._others():
+                if other is not self and any(
+                    os.path.realpath(x.path) == path for x in other.chain.layers
+                ):
+                    raise CommandError(
+                        errno.EBUSY,
+                        f"{os.path.basename(layer.path)!r} is also a layer of chain "
+                        f"{other.name!r}: no job may write into it while another chain "
+                        "reads it",
+                    )
 
     def _layer(self, ref: str) -> Layer:
         """A layer named by its file name (as in ``chain``) or its absolute path."""
@@ -265,6 +284,7 @@ class Disk:
                 f"{os.path.basename(base.path)!r} is not below "
                 f"{os.path.basename(node.path)!r} in chain {self.name!r}",
             )
+        self._unshared(node)
         job = StreamJob(self._next_id("stream"), self, node, base, speed=cmd.speed, emit=self.emit)
         self.start_job(job)
 
@@ -287,6 +307,8 @@ class Disk:
                 f"{base_name!r} is not below {top_name!r} in chain {self.name!r} "
                 "(top and base swapped?)",
             )
+        # the base gets the data; an intermediate commit also rewrites the overlay above top
+        self._unshared(base, *([layers[t - 1]] if t > 0 else []))
         job: Job
         if t == 0:
             job = ActiveCommitJob(

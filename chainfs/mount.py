@@ -111,6 +111,7 @@ def open_disks(
                 readonly=opts.readonly,
                 spawn=spawn,
                 next_id=next_id,
+                others=lambda: disks,
             )
         )
         if not opts.readonly:

@@ -284,3 +284,43 @@ def test_tail_follows_events(setup: Setup) -> None:
         tail.kill()
         tail.wait()
         os.close(fd)
+
+
+def test_ebusy_for_a_layer_another_chain_reads(tmp_path: Path, mounter: Mounter) -> None:
+    """Two chains of one mount share their lower layers (``[A] <- [S] <- [vm1]`` and
+    ``[A] <- [S] <- [vm2]``): a job that would write into a shared layer is refused at
+    once with EBUSY and a reason naming the other chain, and changes nothing; jobs that
+    write only into what vm1 alone uses still run."""
+    images = tmp_path / "images"
+    images.mkdir()
+    mib = 1 << 20
+    a = im.create(str(images / "A.qcow2"), 8 * mib)
+    im.write(a, [(0, 2 * mib, 0x11)])
+    s = im.create(str(images / "S.qcow2"), backing="A.qcow2", cwd=str(images))
+    im.write(s, [(mib, mib, 0x22)])
+    for vm, pattern in (("vm1", 0x33), ("vm2", 0x44)):
+        top = im.create(str(images / f"{vm}.qcow2"), backing="S.qcow2", cwd=str(images))
+        im.write(top, [(3 * mib, mib, pattern)])
+    paths = [images / f"{n}.qcow2" for n in ("A", "S", "vm1", "vm2")]
+    before = digests(paths)
+    contents = {vm: im.reference(str(images / f"{vm}.qcow2")) for vm in ("vm1", "vm2")}
+    m = mounter(images)
+    for kind, text, shared in [
+        ("commit", "base=A.qcow2", "A.qcow2"),  # active commit into A
+        ("commit", "base=S.qcow2", "S.qcow2"),  # active commit into S
+        ("commit", "top=S.qcow2 base=A.qcow2", "A.qcow2"),  # intermediate commit into A
+        ("stream", "node=S.qcow2", "S.qcow2"),  # stream into S
+    ]:
+        reason = m.refuse("vm1", kind, text, errno.EBUSY)["reason"]
+        assert shared in reason and "'vm2'" in reason, (text, reason)
+        assert m.lines("vm1", "jobs") == []
+    assert digests(paths) == before
+    assert m.layers("vm1") == ["vm1.qcow2", "S.qcow2", "A.qcow2"]
+    # writing only into vm1 is fine: stream everything below into it
+    m.run_job("vm1", "stream", "speed=0")
+    assert m.layers("vm1") == ["vm1.qcow2"]
+    for vm in ("vm1", "vm2"):
+        assert_flat(m.img(vm), contents[vm])
+    m.unmount()
+    assert digests(paths[:2]) == {k: before[k] for k in list(before)[:2]}
+    assert_clean(paths)
