@@ -19,6 +19,7 @@ allocation, write-back); host reads of planned extents run outside it.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -610,21 +611,47 @@ class Chain:
                     a += n
             return copied
 
+    def held_map(self, top: int, stop: int, start: int, count: int) -> bytes:
+        """One byte per granule of the ``count`` granules from ``start`` (a multiple of
+        the granule): 1 where a layer of ``layers[top:stop]`` answers for it (past a
+        layer's end counts, as it reads zeros there), else 0."""
+        with self._lock:
+            return self._held_map(top, stop, start, count)
+
+    def _held_map(self, top: int, stop: int, start: int, count: int) -> bytes:
+        g = self.granule
+        if top == 0 and len(self.layers) < 255:
+            # from the active layer down, the first layer that answers lies above
+            # ``stop`` exactly when one of them answers: the map of who holds what
+            # (which reads keep and guest writes update) says so, one byte per granule
+            table = _holders_up_to(stop)
+            out = bytearray()
+            gi, end = start // g, start // g + count
+            while gi < end:
+                region = gi >> REGION_BITS
+                i = gi - (region << REGION_BITS)
+                piece = self._holders(region)[i : i + end - gi]
+                if not piece:
+                    break
+                out += piece.tobytes().translate(table)
+                gi += len(piece)
+            out += b"\x01" * (end - gi)  # past the disk's end: the active layer answers
+            return bytes(out)
+        held = 0
+        for layer in self.layers[top:stop]:
+            held |= layer.allocation_map(start, count, g)
+        return held.to_bytes(count, "little")
+
     def _held_runs(self, top: int, stop: int, first: int, last: int, tcs: int) -> list[list[int]]:
         """The runs of ``[first, last)`` (aligned to ``tcs``) that a layer of
         ``layers[top:stop]`` holds something of, widened to whole units of ``tcs`` and a
-        granule, from the layers' allocation maps (a few big-integer operations)."""
+        granule, from ``_held_map`` (C-speed byte searches)."""
         g = self.granule
         unit = max(g, tcs)  # both powers of two: aligned for both
         start = first - first % unit
         count = -(-(last - start) // g)
-        held = 0
-        for layer in self.layers[top:stop]:
-            held |= layer.allocation_map(start, count, g)
         runs: list[list[int]] = []
-        if not held:
-            return runs
-        lanes = held.to_bytes(count, "little")
+        lanes = self._held_map(top, stop, start, count)
         i = lanes.find(1)
         while i >= 0:
             j = lanes.find(0, i)
@@ -687,6 +714,13 @@ class Chain:
         """Flush, mark clean and close every layer."""
         with self._lock:
             _close_all(self.layers)
+
+
+@functools.cache
+def _holders_up_to(stop: int) -> bytes:
+    """A ``bytes.translate`` table from the map of who holds what (0: nobody, else 1 +
+    the index of the first layer that answers) to 1 where that layer is above ``stop``."""
+    return bytes(1 if 1 <= v <= stop else 0 for v in range(256))
 
 
 def _stretches(data: bytearray, n: int, cs: int) -> Iterator[tuple[int, int, bool]]:

@@ -61,24 +61,20 @@ def next_held(chain: Chain, target: Layer, top: int, stop: int, pos: int, end: i
     ``pos`` itself, or the start of the first unit holding something (a multiple of the
     unit, larger than ``pos``), or ``end`` if nothing does before it.
 
-    A few big-integer operations per layer and window of ``SCAN`` bytes (their
-    allocation maps), where ``copy_step`` walks every cluster's extents: the stretches of
-    a sparse disk with nothing to copy are skipped at C speed.  Conservative: a layer
-    shorter than the range answers for what lies past its end.
+    One ``Chain.held_map`` per window of ``SCAN`` bytes, where ``copy_step`` walks every
+    cluster's extents: the stretches of a sparse disk with nothing to copy are skipped
+    at C speed.  Conservative: a layer shorter than the range answers for what lies past
+    its end.
     """
     g = chain.granule
     a = max(g, target.cluster_size)  # both powers of two: aligned for both
     k = a // g  # granules per unit
-    layers = chain.layers[top:stop]
     unit = pos - pos % a
     n = 1  # the unit at ``pos`` first (in a run of data, the usual answer), then windows
     while unit < end:
-        held = 0
-        for layer in layers:
-            held |= layer.allocation_map(unit, n * k, g)
-        if held:
-            i = held.to_bytes(n * k, "little").find(1) // k
-            return max(pos, unit + i * a)
+        i = chain.held_map(top, stop, unit, n * k).find(1)
+        if i >= 0:
+            return max(pos, unit + i // k * a)
         unit += n * a
         n = -(-(min(end, unit - unit % SCAN + SCAN) - unit) // a)  # units to the window end
     return end

@@ -90,3 +90,67 @@ def test_the_walk_skips_only_what_nobody_holds(
             pos += n
         assert pos == SIZE
         assert held <= copied  # everything held is in some copied step
+
+
+def or_of_maps(chain: Chain, top: int, stop: int, start: int, count: int) -> bytes:
+    """What ``held_map`` must say: the layers' own allocation maps, ORed."""
+    held = 0
+    for layer in chain.layers[top:stop]:
+        held |= layer.allocation_map(start, count, chain.granule)
+    return held.to_bytes(count, "little")
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    sizes=st.lists(st.sampled_from([4 * KiB, 64 * KiB, 256 * KiB]), min_size=3, max_size=3),
+    writes=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, SIZE - 1), st.integers(1, 300 * KiB)),
+        max_size=8,
+    ),
+    guest=st.lists(
+        st.tuples(st.booleans(), st.integers(0, SIZE - 1), st.integers(1, 300 * KiB)),
+        max_size=8,
+    ),
+)
+def test_held_map_follows_guest_writes(
+    tmp_path_factory: pytest.TempPathFactory,
+    sizes: list[int],
+    writes: list[tuple[int, int, int]],
+    guest: list[tuple[bool, int, int]],
+) -> None:
+    """``Chain.held_map`` for every ``top``/``stop`` equals the ORed allocation maps of
+    the layers, also after guest writes and zero writes land on a map that was already
+    built (from the active layer down it answers from the map of who holds what, which
+    those writes must keep up to date), and past the disk's end."""
+    d = tmp_path_factory.mktemp("held")
+    paths = [str(d / f"{name}.qcow2") for name in ("A", "B", "C")]
+    below: str | None = None
+    for path, cs in zip(paths, sizes, strict=True):
+        create_overlay(
+            path, size=SIZE, backing=below, backing_format=below and "qcow2", cluster_size=cs
+        )
+        below = path
+    for level, offset, length in writes:  # level 0 is A, the bottom
+        with Chain.open(paths[level], writable=True, lock=False) as layer_chain:
+            layer_chain.write(offset, os.urandom(min(length, SIZE - offset)))
+    with Chain.open(paths[-1], writable=True, lock=False) as chain:
+        g = chain.granule
+        count = SIZE // g + 3  # and a few granules past the end
+        cases = [(top, stop) for top in range(3) for stop in range(top + 1, 4)]
+
+        def check() -> None:
+            for top, stop in cases:
+                want = or_of_maps(chain, top, stop, 0, count)
+                assert chain.held_map(top, stop, 0, count) == want, (top, stop)
+                assert chain.held_map(top, stop, 5 * g, 7) == want[5:12], (top, stop)
+
+        check()  # builds the map
+        for zeroes, offset, length in guest:
+            n = min(length, SIZE - offset)
+            if zeroes:
+                chain.write_zeroes(offset, n)
+            else:
+                chain.write(offset, os.urandom(n))
+        check()
