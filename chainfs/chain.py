@@ -642,6 +642,14 @@ class Chain:
             held |= layer.allocation_map(start, count, g)
         return held.to_bytes(count, "little")
 
+    def drop_copy_buffers(self) -> None:
+        """Give back ``copy_step``'s two buffers (up to ``2 * COPY_PIECE``) when a job is
+        over.  A write still on its way from one keeps that memory until it lands (the
+        started write holds the buffer), and the next ``copy_step`` takes fresh ones."""
+        with self._lock:
+            self._copy_bufs = [bytearray(), bytearray()]
+            self._copy_last = 0
+
     def _held_runs(self, top: int, stop: int, first: int, last: int, tcs: int) -> list[list[int]]:
         """The runs of ``[first, last)`` (aligned to ``tcs``) that a layer of
         ``layers[top:stop]`` holds something of, widened to whole units of ``tcs`` and a

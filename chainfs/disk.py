@@ -361,7 +361,14 @@ class Disk:
         """Journal a new job's intent, then run it in the background."""
         job.attach(self.journal, self.name)
         self.job = job
-        self._spawn(job.execute)
+
+        async def run() -> None:
+            try:
+                await job.execute()
+            finally:  # before any task waiting for the job runs again
+                self.chain.drop_copy_buffers()
+
+        self._spawn(run)
 
     async def stop_jobs(self) -> None:
         """Stop a running job, for the next mount to resume, and wait for it (unmount)."""

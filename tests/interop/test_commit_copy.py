@@ -489,6 +489,27 @@ JOBS = {
 STAGES = ["created", "running", "ready"]
 
 
+@pytest.mark.parametrize("cancel", [False, True])
+@pytest.mark.parametrize("case", list(JOBS))
+async def test_copy_buffers_given_back(seed: tuple[Path, bytes], case: str, cancel: bool) -> None:
+    """A commit or copy reads through two buffers of up to 4 MiB each; the chain gives
+    them back when the job is over, done or cancelled, and the next job works."""
+    kind, command = JOBS[case]
+    d, content = seed
+    model = bytearray(content)
+    async with serve(d) as disk:
+        disk.command(kind, (command + (" speed=1M" if cancel else "")).encode())
+        job = disk.job
+        assert job is not None
+        if cancel:
+            await Guest(disk, model, seed=5).run(lambda: job.offset > 0)
+            disk.command("cancel", job.id.encode())
+        await job.done.wait()
+        assert [len(b) for b in disk.chain._copy_bufs] == [0, 0]
+        assert events(disk)[-1]["event"] == ("JOB_CANCELLED" if cancel else "JOB_COMPLETED")
+        assert bytes(disk.chain.read(0, len(model))) == model
+
+
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("case", list(JOBS))
 async def test_cancel(seed: tuple[Path, bytes], tmp_path: Path, case: str, stage: str) -> None:
