@@ -8,6 +8,7 @@ small scan windows so that the jumps cross them.  No QEMU; chainfs's own images.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +22,22 @@ from chainfs.jobs import mirror
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 8 * MiB
 STEP = 256 * KiB
+
+
+def build(d: Path, sizes: list[int], writes: list[tuple[int, int, int]]) -> list[str]:
+    """The chain ``[A] <- [B] <- [C]`` in ``d`` with the given cluster sizes, written at
+    random: (level, offset, length), level 0 being A, the bottom.  Paths bottom first."""
+    paths = [str(d / f"{name}.qcow2") for name in ("A", "B", "C")]
+    below: str | None = None
+    for path, cs in zip(paths, sizes, strict=True):
+        create_overlay(
+            path, size=SIZE, backing=below, backing_format=below and "qcow2", cluster_size=cs
+        )
+        below = path
+    for level, offset, length in writes:
+        with Chain.open(paths[level], writable=True, lock=False) as layer_chain:
+            layer_chain.write(offset, os.urandom(min(length, SIZE - offset)))
+    return paths
 
 
 def held_units(chain: Chain, unit: int, top: int, stop: int) -> set[int]:
@@ -55,21 +72,11 @@ def test_the_walk_skips_only_what_nobody_holds(
 ) -> None:
     monkeypatch.setattr(mirror, "SCAN", 2 * MiB)
     d = tmp_path_factory.mktemp("walk")
-    paths = [str(d / f"{name}.qcow2") for name in ("A", "B", "C")]
-    below: str | None = None
-    for path, cs in zip(paths, sizes, strict=True):
-        create_overlay(
-            path, size=SIZE, backing=below, backing_format=below and "qcow2", cluster_size=cs
-        )
-        below = path
+    paths = build(d, sizes, writes)
     target_path = str(d / "T.qcow2")
     create_overlay(
         target_path, size=SIZE, backing=None, backing_format=None, cluster_size=target_cs
     )
-    for level, offset, length in writes:  # level 0 is A, the bottom
-        with Chain.open(paths[level], writable=True, lock=False) as layer_chain:
-            n = min(length, SIZE - offset)
-            layer_chain.write(offset, os.urandom(n))
     stop = 2  # layers C and B (top=0) or B alone (top=1): A is below the base
     with Chain.open(paths[-1], lock=False) as chain, Chain.open(target_path, lock=False) as t:
         target = t.active
@@ -124,17 +131,7 @@ def test_held_map_follows_guest_writes(
     the layers, also after guest writes and zero writes land on a map that was already
     built (from the active layer down it answers from the map of who holds what, which
     those writes must keep up to date), and past the disk's end."""
-    d = tmp_path_factory.mktemp("held")
-    paths = [str(d / f"{name}.qcow2") for name in ("A", "B", "C")]
-    below: str | None = None
-    for path, cs in zip(paths, sizes, strict=True):
-        create_overlay(
-            path, size=SIZE, backing=below, backing_format=below and "qcow2", cluster_size=cs
-        )
-        below = path
-    for level, offset, length in writes:  # level 0 is A, the bottom
-        with Chain.open(paths[level], writable=True, lock=False) as layer_chain:
-            layer_chain.write(offset, os.urandom(min(length, SIZE - offset)))
+    paths = build(tmp_path_factory.mktemp("held"), sizes, writes)
     with Chain.open(paths[-1], writable=True, lock=False) as chain:
         g = chain.granule
         count = SIZE // g + 3  # and a few granules past the end
