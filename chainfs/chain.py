@@ -49,7 +49,7 @@ REGION_BITS = 13  # granules per region: 8192
 REGION_CACHE = 256  # regions kept (16 KiB each)
 HELD_GRANULES = 1 << 15  # granules per window of a stream's "held between" lanes
 HELD_CACHE = 8  # windows kept
-COPY_PIECE = 4 << 20  # bytes copy_step reads and writes at once (its scratch buffer)
+COPY_PIECE = 4 << 20  # bytes copy_step reads and writes at once (each of its two buffers)
 
 Plan = list[tuple[Layer, Extent]]
 

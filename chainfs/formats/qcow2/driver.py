@@ -512,9 +512,8 @@ class Qcow2Layer(Layer):
         """``write``, with the data of new clusters written while this returns
         (``HostFile.pwrite_started``): the entries point at them only once it landed
         (``settle``), so until then nothing reads them, and every reader sees the old
-        content.  Only new clusters are not
-        yet there; nothing else in the layer waits.  The next write, flush or close
-        settles first."""
+        content.  Only new clusters are not yet there; nothing else in the layer waits.
+        The next write, flush or close settles first."""
         self._write(offset, data, fill, started=True)
 
     def settle(self) -> None:
