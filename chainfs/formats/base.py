@@ -96,9 +96,13 @@ class Layer(ABC):
         """Write into this layer; ``fill`` supplies backing content for copy-on-write."""
 
     def write_started(self, offset: int, data: Buffer, fill: Fill) -> None:
-        """``write``, allowed to return before the data landed: readers see the old
-        content until it did, ``data`` must not change until ``settle`` (which the next
-        write, flush or close does first).  By default, simply ``write``."""
+        """``write``, allowed to return before the data landed; ``data`` must not change
+        until ``settle`` (which the next write, flush or close does first).
+
+        Readers never see the difference: ``extents`` and ``allocation_map`` over a range
+        the started write touches answer as after it landed (a driver settles first), so
+        a caller may ask the layer anything at any time and get the truth.  By default,
+        simply ``write``."""
         self.write(offset, data, fill)
 
     def settle(self) -> None:

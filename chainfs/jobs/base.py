@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import ClassVar
 
 import trio
 import trio.lowlevel
@@ -47,6 +48,11 @@ class Job:
     """One running operation on one chain."""
 
     type = "job"
+    # called as ``between_steps(job)`` at every checkpoint, right after a step and before
+    # guest requests may run: the fault point at which tests land a guest request in
+    # each window deterministically (a started write still on its way, a pass's
+    # position just moved), as ``HostFile.observer`` is for the host's writes
+    between_steps: ClassVar[Callable[[Job], None] | None] = None
 
     def __init__(self, job_id: str, *, speed: int, emit: Callable[..., None]) -> None:
         self.id = job_id
@@ -108,6 +114,8 @@ class Job:
 
     async def checkpoint(self, copied: int) -> None:
         """Between steps: yield to guest requests, honour ``speed`` and ``cancel``."""
+        if Job.between_steps is not None:
+            Job.between_steps(self)
         if self._cancel:
             raise JobCancelled
         self._copied += copied

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from chainfs import hostfile
-from chainfs.chain import COPY_PIECE, Chain
+from chainfs.chain import COPY_PIECE, Chain, _put
+from chainfs.formats.base import UNALLOCATED
 from chainfs.formats.qcow2 import create_overlay
 from chainfs.hostfile import HostFile, HostIOError
 
@@ -131,23 +132,30 @@ def make_chain(tmp_path: Path, size: int = 16 * MiB) -> tuple[str, str, bytes]:
     return base, top, b"\x11" * size
 
 
-def test_readers_see_the_old_content_until_the_write_lands(tmp_path: Path, late: Waiting) -> None:
+def test_readers_see_a_started_write_as_landed(tmp_path: Path, late: Waiting) -> None:
+    """No answer about a layer depends on whether its started write landed: a lookup
+    over its clusters settles it first; a lookup elsewhere leaves it on its way."""
     _, top, old = make_chain(tmp_path)
     new = bytearray(os.urandom(3 * MiB))
     with Chain.open(top, writable=True, lock=False) as chain:
         layer = chain.active
         fill = chain.read_below
         layer.write_started(MiB, memoryview(new), lambda o, n: fill(0, o, n))
-        assert late  # nothing written yet: the entries still show the backing file
+        assert late  # nothing written yet
+        # a lookup beside it answers at once, the write still on its way
+        assert [e.kind for e in layer.extents(5 * MiB, MiB)] == [UNALLOCATED]
+        assert layer.allocation_map(4 * MiB, 16, 65536) == 0
+        assert late
         chain.invalidate()  # (the layer was written behind the chain's back)
-        assert chain.read(0, 5 * MiB) == old[: 5 * MiB]
-        layer.settle()
-        assert not late
-        chain.invalidate()
         assert chain.read(0, 5 * MiB) == old[:MiB] + new + old[4 * MiB : 5 * MiB]
-        # the next write settles a started one first
+        assert not late  # the read's lookup settled it
+        # an allocation map over its last cluster settles it too
         layer.write_started(8 * MiB, memoryview(new), lambda o, n: fill(0, o, n))
-        chain.write(12 * MiB, b"y" * 4096)
+        assert layer.allocation_map(11 * MiB - 65536, 1, 65536) == 1
+        assert not late
+        # and so does the next write
+        layer.write_started(12 * MiB, memoryview(new[:MiB]), lambda o, n: fill(0, o, n))
+        chain.write(14 * MiB, b"y" * 4096)
         assert not late
         chain.invalidate()
         assert chain.read(8 * MiB, 3 * MiB) == new
@@ -155,7 +163,8 @@ def test_readers_see_the_old_content_until_the_write_lands(tmp_path: Path, late:
     expected = bytearray(old)
     expected[MiB : 4 * MiB] = new
     expected[8 * MiB : 11 * MiB] = new
-    expected[12 * MiB : 12 * MiB + 4096] = b"y" * 4096
+    expected[12 * MiB : 13 * MiB] = new[:MiB]
+    expected[14 * MiB : 14 * MiB + 4096] = b"y" * 4096
     im.assert_same_as(top, bytes(expected), str(tmp_path))
 
 
@@ -179,6 +188,120 @@ def test_a_started_write_that_fails_points_at_nothing(
         chain.write(MiB, b"w" * MiB)  # reuses the clusters taken back
     im.assert_clean(top)
     im.assert_same_as(top, old[:MiB] + b"w" * MiB + old[2 * MiB :], str(tmp_path))
+
+
+def test_a_failure_a_reader_settles_waits_for_the_writer(
+    tmp_path: Path, late: Waiting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest read that settles a job's failed started write is not failed by it: it
+    reads the old entries (the clusters were taken back); the job's next flush fails."""
+    _, top, old = make_chain(tmp_path)
+
+    def fail(self: HostFile) -> None:
+        if late.pop(self, None) is not None:
+            raise HostIOError("writing failed: No space left on device", errno.ENOSPC)
+
+    with Chain.open(top, writable=True, lock=False) as chain:
+        layer = chain.active
+        layer.write_started(0, memoryview(bytearray(b"z" * MiB)), lambda o, n: old[o : o + n])
+        monkeypatch.setattr(HostFile, "wait_written", fail)
+        assert [e.kind for e in layer.extents(0, MiB)] == [UNALLOCATED]
+        monkeypatch.undo()
+        chain.invalidate()
+        assert chain.read(0, 2 * MiB) == old[: 2 * MiB]
+        with pytest.raises(HostIOError):
+            layer.flush()
+        layer.flush()  # raised once
+    im.assert_clean(top)
+    im.assert_same_as(top, old, str(tmp_path))
+
+
+# -- the copy engine's zero test (_put) -----------------------------------------------------
+
+
+def zero_region_chain(tmp_path: Path, masked: bool) -> tuple[str, bytes]:
+    """``A <- E``, 16 MiB, data everywhere but 4..6 MiB, which reads zeros: nothing holds
+    it, or (``masked``) A holds data there that E's zero clusters mask."""
+    base = str(tmp_path / "A.qcow2")
+    top = str(tmp_path / "E.qcow2")
+    size = 16 * MiB
+    im.create(base, size)
+    im.write(base, [(0, size if masked else 4 * MiB, 0x11)])
+    im.create(top, backing="A.qcow2", cwd=str(tmp_path))
+    im.write(top, [(8 * MiB, MiB, 0x22)])
+    if masked:
+        im.write(top, [(4 * MiB, 2 * MiB, 0)])
+    return top, im.reference(top)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["hole", "zero-masked"])
+@pytest.mark.parametrize("length", [4096, 65536])
+@pytest.mark.parametrize("mode", ["full", "top", "commit"])
+def test_zeros_over_a_started_write_are_copied(
+    tmp_path: Path, late: Waiting, mode: str, length: int, masked: bool
+) -> None:
+    """The data loss of copy and active commit at their pivot, on the engine: the guest
+    writes data where the disk reads zeros, a copy step starts writing it to the target,
+    the guest writes zeros over the same bytes, the next copy step copies the zeros: the
+    target must read zeros there, never the data of the started write."""
+    top, expected = zero_region_chain(tmp_path, masked)
+    size = len(expected)
+    off = 5 * MiB + 8192
+    with Chain.open(top, writable=True, lock=False) as chain:
+        if mode == "commit":  # E into A, active
+            target = chain.reopen(1, writable=True)
+            stop, below = 1, 1
+        else:
+            dest = str(tmp_path / "X.qcow2")
+            backing = None if mode == "full" else "A.qcow2"
+            create_overlay(
+                dest, size=size, backing=backing, backing_format="qcow2" if backing else None
+            )
+            target = chain.open_layer(dest, "qcow2", writable=True)
+            stop, below = (2, 1) if mode == "full" else (1, 0)
+        chain.copy_step(target, 0, stop, below, 0, size)  # the first pass
+        target.flush()
+        chain.write(off, b"\xaa" * length)
+        chain.copy_step(target, 0, stop, below, off - off % 65536, 65536)
+        assert late  # the data is on its way to the target
+        chain.write(off, bytes(length))
+        chain.copy_step(target, 0, stop, below, off - off % 65536, 65536)
+        target.flush()
+        assert not late
+        dest_path = target.path
+        if mode != "commit":
+            target.close()
+        assert chain.read(0, size) == expected
+    im.assert_clean(dest_path)
+    if mode == "full":
+        im.assert_same_as(dest_path, expected, str(tmp_path))
+    elif mode == "commit":
+        assert im.reference(dest_path)[off : off + length] == bytes(length)
+    else:  # the target over the active layer's backing shows the disk
+        im.assert_same_as(dest_path, expected, str(tmp_path))
+
+
+def test_put_zeros_after_data_into_one_cluster(tmp_path: Path, late: Waiting) -> None:
+    """``_put`` itself: data started into a cluster of a fresh target, then a piece of
+    zeros over the same cluster, then a flush: the zeros win."""
+    dest = str(tmp_path / "X.qcow2")
+    create_overlay(dest, size=4 * MiB, backing=None, backing_format=None)
+    with Chain.open(dest, writable=True, lock=False) as chain:
+        target = chain.active
+        buf = bytearray(b"\xaa" * 65536)
+        assert _put(target, MiB, buf, memoryview(buf), zero_fill_below)
+        assert late
+        zeros = bytearray(65536)
+        assert not _put(target, MiB, zeros, memoryview(zeros), zero_fill_below)
+        target.flush()
+        assert not late
+        assert chain.read(MiB, 65536) == bytes(65536)
+    im.assert_clean(dest)
+    im.assert_same_as(dest, bytes(4 * MiB), str(tmp_path))
+
+
+def zero_fill_below(offset: int, length: int) -> bytes:
+    return bytes(length)
 
 
 # -- copy_step's two buffers --------------------------------------------------------------

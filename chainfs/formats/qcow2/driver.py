@@ -26,9 +26,10 @@ import struct
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from ...buffers import scratch, zeros
-from ...errors import ImageError, UnsupportedFeature
+from ...errors import ChainfsError, ImageError, UnsupportedFeature
 from ...hostfile import HostFile, HostIOError
 from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, Layer, lane_ones
 from . import header as hdr
@@ -87,9 +88,10 @@ class Qcow2Layer(Layer):
         self._zcache: tuple[int, int, bytes] | None = None
         self.refs: Refcounts | None = None
         self._writeback_from = -1  # where the new clusters not yet written back start
-        # a started write of new clusters (``write_started``): where, and the clusters
-        # and old entries to point at them once it landed
-        self._started: tuple[int, list[tuple[int, int]]] | None = None
+        # a started write of new clusters (``write_started``) and a failure of one that
+        # a reader settled, kept for the writer's next write, flush or close
+        self._started: _Started | None = None
+        self._unsettled: ChainfsError | None = None
         # writable only: where the metadata lies, the L2 tables already checked, and
         # (while refcounts are rebuilt) the host clusters of entries marked COPIED
         self._layout: Layout | None = None
@@ -269,6 +271,7 @@ class Qcow2Layer(Layer):
         return first * self.cluster_size, last - first + 1
 
     def allocation_map(self, start: int, count: int, granule: int) -> int:
+        self._settle_for_reader(start, start + count * granule)
         cs, l2b = self.cluster_size, self.l2_bits
         k = cs // granule
         first = start // cs
@@ -362,6 +365,7 @@ class Qcow2Layer(Layer):
         return self._slice(l2_off, a), a % s, (s - a % s) // 8
 
     def extents(self, offset: int, length: int) -> list[Extent]:
+        self._settle_for_reader(offset, offset + length)
         out: list[Extent] = []
         cs, cb = self.cluster_size, self.cluster_bits
         pos, end = offset, offset + length
@@ -511,25 +515,47 @@ class Qcow2Layer(Layer):
     def write_started(self, offset: int, data: Buffer, fill: Fill) -> None:
         """``write``, with the data of new clusters written while this returns
         (``HostFile.pwrite_started``): the entries point at them only once it landed
-        (``settle``), so until then nothing reads them, and every reader sees the old
-        content.  Only new clusters are not yet there; nothing else in the layer waits.
-        The next write, flush or close settles first."""
+        (``settle``).  Clusters written in place, and every cluster outside the started
+        write, are done when this returns.
+
+        The rule for readers: no answer about this layer depends on whether a started
+        write has landed.  A lookup whose range touches its clusters (``extents``,
+        ``allocation_map``) settles it first, so it answers with what they hold once it
+        landed; a lookup elsewhere answers at once.  The next write, flush or close
+        settles too.  A reader may assume nothing else: a host read of a planned extent
+        is of landed data only because the plan was made after the settle."""
         self._write(offset, data, fill, started=True)
 
     def settle(self) -> None:
         """Wait for the started write, then point its clusters' entries at it; when it
-        failed, take the clusters back and raise."""
+        failed, take the clusters back and raise (also a failure a reader's settle
+        found: the writer learns of it at its next write, flush or close)."""
+        failed, self._unsettled = self._unsettled, None
+        if failed is not None:
+            raise failed
         started, self._started = self._started, None
         if started is None:
             return
-        host, fresh = started
         assert self.refs is not None
         try:
             self.file.wait_written()
         except BaseException:
-            self.refs.unalloc(host, len(fresh))
+            self.refs.unalloc(started.host, len(started.fresh))
             raise
-        self._point(host, fresh)
+        self._point(started.host, started.fresh)
+
+    def _settle_for_reader(self, offset: int, end: int) -> None:
+        """Settle a started write whose clusters lie in ``[offset, end)`` (the one place
+        the readers' rule of ``write_started`` is kept).  A failure is not the reader's:
+        the clusters are taken back, so the old entries it then reads are the truth,
+        and the failure waits for the writer."""
+        started = self._started
+        if started is None or end <= started.first or offset >= started.end:
+            return
+        try:
+            self.settle()
+        except ChainfsError as e:
+            self._unsettled = e
 
     def _write(self, offset: int, data: Buffer, fill: Fill, *, started: bool) -> None:
         self.settle()
@@ -600,7 +626,7 @@ class Qcow2Layer(Layer):
         try:
             if started:
                 self.file.pwrite_started(payload, host, writeback)
-                self._started = host, fresh
+                self._started = _Started(host, fresh, fresh[0][0] * cs, (fresh[-1][0] + 1) * cs)
                 return
             self.file.pwrite(payload, host)
         except BaseException:
@@ -770,6 +796,16 @@ class Qcow2Layer(Layer):
                 self.write_back(sync=True)
         finally:
             self.file.close()
+
+
+class _Started(NamedTuple):
+    """A started write of new clusters: where on the host, the (cluster, old entry)
+    pairs to point at it once it landed, in order, and the guest range they span."""
+
+    host: int
+    fresh: list[tuple[int, int]]
+    first: int
+    end: int
 
 
 def _nonzero_pieces(entries: bytes | bytearray, a: int, b: int, step: int) -> list[int]:
