@@ -131,6 +131,17 @@ class HostIOError(ChainfsError):
         self.reason = reason or os.strerror(err)  # the system's words, without the path
 
 
+def sync_dir(path: str) -> None:
+    """Make the directory ``path`` durable, so that a file created, renamed or removed in
+    it survives a power loss (``fsync`` of the file itself does not cover its name).
+    Raises ``OSError``: each caller names what it was doing."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class HostFile:
     """An open image file with positional I/O."""
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from .chain import resolve_backing
 from .errors import ChainfsError
 from .formats.qcow2.header import MAGIC, read_header
-from .hostfile import HostFile, HostIOError
+from .hostfile import HostFile, HostIOError, sync_dir
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,7 @@ class Source:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            sync_dir(self.directory)
         except OSError as e:
             raise HostIOError(
                 f"saving the state file {self.state_path!r} failed: {e.strerror}",

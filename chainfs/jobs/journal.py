@@ -52,7 +52,7 @@ import xxhash
 
 from ..errors import ChainfsError
 from ..formats import open_layer
-from ..hostfile import HostIOError
+from ..hostfile import HostIOError, sync_dir
 from ..locks import lock_image
 from ..source import Source
 
@@ -340,7 +340,7 @@ class Journal:
             if sync or created:
                 os.fdatasync(self._fd)
             if created:
-                _sync_dir(self.directory)  # the file itself must survive a power loss
+                sync_dir(self.directory)  # the file itself must survive a power loss
         except OSError as e:
             self._clean = False
             raise HostIOError(
@@ -421,7 +421,7 @@ class Journal:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, self.path)
-            _sync_dir(self.directory)
+            sync_dir(self.directory)
         except OSError as e:
             raise HostIOError(
                 f"compacting the journal {self.path!r} failed: {e.strerror}", e.errno or errno.EIO
@@ -433,11 +433,3 @@ class Journal:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from ...buffers import scratch, zeros
 from ...errors import ChainfsError, ImageError, UnsupportedFeature
-from ...hostfile import HostFile, HostIOError
+from ...hostfile import HostFile, HostIOError, sync_dir
 from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, Layer, lane_ones
 from . import header as hdr
 from .check import Layout
@@ -941,11 +941,7 @@ def create_overlay(
 
 def _sync_dir(path: str) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_dir(path)
     except OSError as e:
         raise HostIOError(
             f"syncing the directory {path!r} failed: {e.strerror}", e.errno or errno.EIO
