@@ -8,11 +8,11 @@ from contextlib import contextmanager
 from unittest import mock
 
 from chainfs import chain as chain_module
-from chainfs.formats.qcow2 import driver
+from chainfs.formats.qcow2 import tables
 
 # (granules per region as a power of two, bytes per L2 slice): the real sizes, then tiny
 # ones (a region of 4 granules, a slice of 2 entries), then odd middling ones
-GEOMETRIES = [(chain_module.REGION_BITS, driver.L2_SLICE), (2, 16), (7, 256)]
+GEOMETRIES = [(chain_module.REGION_BITS, tables.L2_SLICE), (2, 16), (7, 256)]
 
 
 @contextmanager
@@ -20,6 +20,6 @@ def geometry(region_bits: int, l2_slice: int) -> Iterator[None]:
     """Open chains inside this block with other map sizes (the slice size is per layer)."""
     with (
         mock.patch.object(chain_module, "REGION_BITS", region_bits),
-        mock.patch.object(driver, "L2_SLICE", l2_slice),
+        mock.patch.object(tables, "L2_SLICE", l2_slice),
     ):
         yield

@@ -1,10 +1,8 @@
 """The qcow2 driver: one qcow2 layer, read and written as QEMU does.
 
-Lookups go through the L1 table (kept whole in memory, as QEMU does) and bounded LRU
-caches: of 4 KiB slices of L2 tables in a read-only layer (QEMU's l2-cache-entry-size, so
-a random read in a deep chain touches 4 KiB per layer, not a whole table), of whole L2
-tables in a writable one.  Writes allocate at the end of the file and update the L2 cache
-in memory; metadata reaches the disk in ``write_back`` in QEMU's order:
+Lookups go through the L1 and L2 tables and their caches (``tables``).  Writes allocate
+at the end of the file and update the L2 cache in memory; metadata reaches the disk in
+``write_back`` in QEMU's order:
 
     refcount blocks -> flush -> refcount-table entries -> flush
     -> (data already written) -> L2 tables -> flush -> L1 entries
@@ -20,83 +18,43 @@ planned by ``extents`` may run outside that lock (see ``refcounts``).
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 import zlib
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from ...buffers import scratch, zeros
 from ...errors import ChainfsError, ImageError, UnsupportedFeature
-from ...hostfile import HostFile, HostIOError, sync_dir
-from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, Layer, lane_ones
+from ...hostfile import HostFile
+from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill
 from . import header as hdr
-from .check import Layout
+from .entries import COMPRESSED_BIT, COPIED, OFFSET_MASK, ZERO_FLAG
+from .entries import U64 as _U64
+from .layout import Layout
 from .refcounts import Refcounts, set_entry
+from .tables import DEFAULT_L2_CACHE, Tables
 
-OFFSET_MASK = 0x00FFFFFFFFFFFE00
-COPIED = 1 << 63
-COMPRESSED_BIT = 1 << 62
-ZERO_FLAG = 1
-_U64 = struct.Struct(">Q")
-
-DEFAULT_L2_CACHE = 4 << 20
-ZERO_SLICES_MAX = 1 << 16  # all-zero L2 slices a read-only layer remembers (8 bytes each)
 WRITEBACK_BYTES = 8 << 20  # new data clusters written before their write-back is started
-# bytes of an L2 table per read-side cache entry (QEMU's l2-cache-entry-size): a random
-# read costs 4 KiB of cache, not a whole table, and a sparse table's all-zero slices
-# are never kept at all
-L2_SLICE = 4096
 
 
-class Qcow2Layer(Layer):
+class Qcow2Layer(Tables):
     format_name = "qcow2"
 
     def __init__(self, file: HostFile, *, l2_cache_bytes: int = DEFAULT_L2_CACHE) -> None:
-        self.file = f = file
-        self.h = h = hdr.read_header(f)
+        h = hdr.read_header(file)
         if file.writable and h.nb_snapshots:
             raise UnsupportedFeature(
-                f"{f.path!r} has internal snapshots; chainfs does not write to such images"
+                f"{file.path!r} has internal snapshots; chainfs does not write to such images"
             )
-        self.cluster_bits = cb = h.cluster_bits
-        self.cluster_size = cs = 1 << cb
-        self.l2_bits = cb - 3
-        self.l2_mask = (1 << self.l2_bits) - 1
-        self.virtual_size = h.size - h.size % 512
+        super().__init__(file, h, l2_cache_bytes=l2_cache_bytes)
         self.backing_string = h.backing_file
         self.backing_format = h.backing_format
-        self.v3 = h.version >= 3
-        # compressed descriptors
-        self.csize_shift = 62 - (cb - 8)
-        self.coff_mask = (1 << self.csize_shift) - 1
-        self.nsec_mask = (1 << (cb - 8)) - 1
-        self.l1 = bytearray(f.pread(h.l1_size * 8, h.l1_table_offset))
-        self.l1 += bytes(h.l1_size * 8 - len(self.l1))
-        self.l1_dirty: set[int] = set()
-        self.l2_cache: OrderedDict[int, bytearray] = OrderedDict()
-        self.l2_dirty: set[int] = set()
-        self.l2_cache_tables = max(4, l2_cache_bytes // cs)
-        # a read-only layer (whose file cannot change while open) looks entries up in
-        # slices of its tables; a writable one caches whole tables
-        self.l2_slice = min(L2_SLICE, cs)
-        self.l2_slices: OrderedDict[int, bytes] = OrderedDict()
-        self.l2_slices_max = max(16, l2_cache_bytes // self.l2_slice)
-        self._zero_slices: set[int] = set()  # slices read and found all zero (not kept)
         self._zcache: tuple[int, int, bytes] | None = None
-        self.refs: Refcounts | None = None
         self._writeback_from = -1  # where the new clusters not yet written back start
         # a started write of new clusters (``write_started``) and a failure of one that
         # a reader settled, kept for the writer's next write, flush or close
         self._started: _Started | None = None
         self._unsettled: ChainfsError | None = None
-        # writable only: where the metadata lies, the L2 tables already checked, and
-        # (while refcounts are rebuilt) the host clusters of entries marked COPIED
-        self._layout: Layout | None = None
-        self._checked: set[int] = set()
-        self._copied: set[int] | None = None
         if file.writable:
             self._open_for_writing()
 
@@ -191,178 +149,9 @@ class Qcow2Layer(Layer):
 
     # -- lookups ---------------------------------------------------------------------------
 
-    def _l2(self, off: int) -> bytearray:
-        """The whole L2 table at ``off``, cached (writable layers; others use slices)."""
-        table = self.l2_cache.get(off)
-        if table is not None:
-            self.l2_cache.move_to_end(off)
-            return table
-        if off % self.cluster_size:
-            raise ImageError(f"{self.path!r} has a misaligned L2 table at {off:#x}")
-        table = bytearray(self.file.pread(self.cluster_size, off))
-        table += bytes(self.cluster_size - len(table))
-        layout = self._layout
-        # tables past the file's end at open were made by this session: nothing to check
-        if layout is not None and off < layout.eof and off not in self._checked:
-            layout.check_l2(
-                off,
-                table,
-                v3=self.v3,
-                compressed_clusters=self._compressed_clusters,
-                refcounts=self.refs,
-                copied=self._copied,
-            )
-            self._checked.add(off)
-        self.l2_cache[off] = table
-        if len(self.l2_cache) > self.l2_cache_tables:
-            self._evict_l2(keep=off)
-        return table
-
-    def _evict_l2(self, keep: int) -> None:
-        """Drop the least recently used clean table other than ``keep``."""
-        victim = next((o for o in self.l2_cache if o != keep and o not in self.l2_dirty), None)
-        if victim is None:
-            self.write_back(sync=False)
-            victim = next(o for o in self.l2_cache if o != keep)
-        del self.l2_cache[victim]
-
-    def _slice(self, l2_off: int, a: int) -> bytes:
-        """The cached slice of the on-disk L2 table at ``l2_off`` holding byte ``a``."""
-        s = self.l2_slice
-        off = l2_off + a - a % s
-        piece = self.l2_slices.get(off)
-        if piece is not None:
-            self.l2_slices.move_to_end(off)
-            return piece
-        if l2_off % self.cluster_size:
-            raise ImageError(f"{self.path!r} has a misaligned L2 table at {l2_off:#x}")
-        piece = self.file.pread(s, off)
-        if len(piece) < s:
-            piece += bytes(s - len(piece))
-        self._keep_slice(off, piece)
-        return piece
-
-    def _keep_slice(self, off: int, piece: bytes) -> None:
-        self.l2_slices[off] = piece
-        if len(self.l2_slices) > self.l2_slices_max:
-            self.l2_slices.popitem(last=False)
-
-    def _entry(self, cluster: int) -> int:
-        i = cluster >> self.l2_bits
-        if i * 8 >= len(self.l1):
-            return 0
-        l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK
-        if not l2_off:
-            return 0
-        a = (cluster & self.l2_mask) * 8
-        if self.file.writable:  # whole tables, checked as they are loaded
-            e: int = _U64.unpack_from(self._l2(l2_off), a)[0]
-        else:
-            e = _U64.unpack_from(self._slice(l2_off, a), a % self.l2_slice)[0]
-        return e
-
-    def _compressed_clusters(self, e: int) -> tuple[int, int]:
-        """The host clusters a compressed entry's data touches (as QEMU counts them)."""
-        coff = e & self.coff_mask
-        nsec = ((e >> self.csize_shift) & self.nsec_mask) + 1
-        start = coff & ~511
-        first = start // self.cluster_size
-        last = (start + nsec * 512 - 1) // self.cluster_size
-        return first * self.cluster_size, last - first + 1
-
     def allocation_map(self, start: int, count: int, granule: int) -> int:
         self._settle_for_reader(start, start + count * granule)
-        cs, l2b = self.cluster_size, self.l2_bits
-        k = cs // granule
-        first = start // cs
-        skip = (start % cs) // granule
-        nclusters = -(-(count + skip) // k)
-        vclusters = -(-self.virtual_size // cs)
-        x = 0  # 8-bit lanes, one per cluster
-        c, c_end = first, first + nclusters
-        while c < c_end:
-            if c >= vclusters:
-                x |= lane_ones(c_end - c) << (8 * (c - first))
-                break
-            i = c >> l2b
-            span_end = min((i + 1) << l2b, c_end, vclusters)
-            l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK if i < self.h.l1_size else 0
-            if l2_off:
-                a = (c & self.l2_mask) * 8
-                x |= self._table_lanes(l2_off, a, a + (span_end - c) * 8) << (8 * (c - first))
-            c = span_end
-        if k > 1:
-            # one lane per cluster -> k per cluster, in min(k, nclusters) C-speed steps
-            per_cluster = x.to_bytes(nclusters, "little")
-            out: bytes | bytearray
-            if k <= nclusters:
-                out = bytearray(nclusters * k)
-                for j in range(k):
-                    out[j::k] = per_cluster
-            else:
-                ones, zeros = b"\x01" * k, bytes(k)
-                out = b"".join(ones if v else zeros for v in per_cluster)
-            x = int.from_bytes(out[skip : skip + count], "little")
-        # a granule reaching past the layer's end is answered here: past the end reads
-        # zeros; any unallocated part before the end comes back from ``extents``
-        full = max(0, (self.virtual_size - start) // granule)
-        if full < count:
-            x |= lane_ones(count - full) << (8 * full)
-        return x
-
-    def _table_lanes(self, l2_off: int, a: int, b: int) -> int:
-        """Allocation lanes of the entries at bytes ``[a, b)`` of the L2 table at ``l2_off``.
-
-        A table not cached whole is read for the span in one go, into a buffer reused
-        from call to call (fresh memory costs a page fault per 4 KiB), and only its slices
-        holding some non-zero entry are kept for the lookups that reads will make: the
-        map sends no read to this layer for the others.  The offsets of the all-zero
-        ones are remembered, so a span whose slices are all known is answered without a
-        read (a commit or copy asks for the same few clusters several times per step).
-        """
-        s = self.l2_slice
-        if self.file.writable:  # whole tables, as in ``_entry``
-            table = self._l2(l2_off)
-            return _allocated_lanes(table, a, b, s, _nonzero_pieces(table, a, b, s))
-        if l2_off % self.cluster_size:
-            raise ImageError(f"{self.path!r} has a misaligned L2 table at {l2_off:#x}")
-        lo, hi = a - a % s, -(-b // s) * s
-        data = scratch(hi - lo, "l2")
-        known = self.l2_slices
-        zero = self._zero_slices
-        offsets = range(l2_off + lo, l2_off + hi, s)
-        if all(o in known or o in zero for o in offsets):
-            pieces = []
-            for p, o in zip(range(0, hi - lo, s), offsets, strict=True):
-                piece = known.get(o)
-                if piece is not None:  # the others are all zero: not looked at
-                    data[p : p + s] = piece
-                    pieces.append(p)
-            return _allocated_lanes(data, a - lo, b - lo, s, pieces)
-        with memoryview(data) as view:
-            self.file.preadinto(view[: hi - lo], l2_off + lo)
-            pieces = _nonzero_pieces(data, 0, hi - lo, s)
-            for p in pieces:
-                self._keep_slice(l2_off + lo + p, view[p : p + s].tobytes())
-        if len(zero) > ZERO_SLICES_MAX:
-            zero.clear()
-        kept = set(pieces)
-        zero.update(l2_off + lo + p for p in range(0, hi - lo, s) if p not in kept)
-        return _allocated_lanes(data, a - lo, b - lo, s, pieces)
-
-    def _entries(self, cluster: int) -> tuple[bytes | bytearray, int, int]:
-        """The L2 entries from ``cluster`` on, as far as one cached piece holds them:
-        (the piece, the byte offset of ``cluster``'s entry in it, how many entries from
-        there).  An empty piece means no L2 table: that many entries read as 0."""
-        i = cluster >> self.l2_bits
-        a = (cluster & self.l2_mask) * 8
-        l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK if i * 8 < len(self.l1) else 0
-        if not l2_off:
-            return b"", 0, (self.cluster_size - a) // 8
-        if self.file.writable:  # whole tables, checked as they are loaded
-            return self._l2(l2_off), a, (self.cluster_size - a) // 8
-        s = self.l2_slice
-        return self._slice(l2_off, a), a % s, (s - a % s) // 8
+        return self._map(start, count, granule)
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         self._settle_for_reader(offset, offset + length)
@@ -446,37 +235,6 @@ class Qcow2Layer(Layer):
         return out
 
     # -- writing ---------------------------------------------------------------------------
-
-    def _l2_for_write(self, cluster: int) -> bytearray:
-        """The L2 table for ``cluster``, allocating it if needed; returns it (cached)."""
-        assert self.refs is not None
-        i = cluster >> self.l2_bits
-        if i >= self.h.l1_size:
-            raise ImageError(f"write past the L1 table of {self.path!r}")
-        l1e = _U64.unpack_from(self.l1, i * 8)[0]
-        l2_off = l1e & OFFSET_MASK
-        if l2_off and not l1e & COPIED:
-            if self.refs.get(l2_off // self.cluster_size) != 1:
-                raise UnsupportedFeature(f"{self.path!r} has a shared L2 table; refusing to write")
-            _U64.pack_into(self.l1, i * 8, l2_off | COPIED)
-            self.l1_dirty.add(i)
-        if l2_off:
-            return self._l2(l2_off)
-        l2_off = self.refs.alloc(1)
-        table = bytearray(self.cluster_size)
-        self.l2_cache[l2_off] = table
-        self.l2_dirty.add(l2_off)
-        _U64.pack_into(self.l1, i * 8, l2_off | COPIED)
-        self.l1_dirty.add(i)
-        if len(self.l2_cache) > self.l2_cache_tables:
-            self._evict_l2(keep=l2_off)
-        return table
-
-    def _set_entry(self, cluster: int, value: int) -> None:
-        table = self._l2_for_write(cluster)
-        _U64.pack_into(table, (cluster & self.l2_mask) * 8, value)
-        i = cluster >> self.l2_bits
-        self.l2_dirty.add(_U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK)
 
     def _release(self, e: int) -> None:
         """Drop the reference an overwritten L2 entry held (once that is durable)."""
@@ -750,35 +508,6 @@ class Qcow2Layer(Layer):
             raise
         self.h.size = size
 
-    def _grow_l1(self, entries: int) -> None:
-        """Move the L1 table to a larger place (QCOW2.md §1.7)."""
-        h, f = self.h, self.file
-        if entries <= h.l1_size:
-            return
-        if entries * 8 > hdr.MAX_L1_BYTES:
-            raise ImageError(f"the L1 table of {self.path!r} would grow too large")
-        assert self.refs is not None
-        self.write_back(sync=True)  # the old table on disk is complete
-        cs = self.cluster_size
-        clusters = -(-entries * 8 // cs)
-        table = bytearray(self.l1) + bytes(entries * 8 - len(self.l1))
-        off = self.refs.alloc(clusters)
-        try:
-            f.pwrite(table, off)
-            self.refs.write_back()
-            f.flush()
-        except BaseException:
-            self.refs.unalloc(off, clusters)  # the header never pointed there
-            raise
-        old_off, old_clusters = h.l1_table_offset, -(-h.l1_size * 8 // cs)
-        f.pwrite(struct.pack(">IQ", entries, off), 36)
-        f.flush()
-        h.l1_size, h.l1_table_offset = entries, off
-        self.l1 = table
-        if old_off and old_clusters:
-            self.refs.defer_free(old_off, old_clusters)
-            self.write_back(sync=True)
-
     def allocated_bytes(self) -> int:
         try:
             return os.fstat(self.file.fd).st_blocks * 512
@@ -806,153 +535,3 @@ class _Started(NamedTuple):
     fresh: list[tuple[int, int]]
     first: int
     end: int
-
-
-def _nonzero_pieces(entries: bytes | bytearray, a: int, b: int, step: int) -> list[int]:
-    """The offsets of the ``step``-aligned pieces of ``entries`` overlapping ``[a, b)``
-    that are not all zero: one memcmp each, no copy, so a sparse table is skimmed fast."""
-    zero = zeros(step)
-    return [p for p in range(a - a % step, b, step) if not entries.startswith(zero, p)]
-
-
-def _allocated_lanes(
-    entries: bytes | bytearray, a: int, b: int, step: int, pieces: list[int]
-) -> int:
-    """One 8-bit lane per 8-byte L2 entry of ``entries[a:b]``: 1 if it says anything.
-
-    Only the runs of the non-zero ``pieces`` (from ``_nonzero_pieces``) are looked at.
-    """
-    x = 0
-    run = end = -1
-    for p in pieces:
-        if p != end:
-            if run >= 0:
-                x |= _column_lanes(entries, run, end) << (run - a)
-            run = max(p, a)
-        end = p + step
-    if run >= 0:
-        x |= _column_lanes(entries, run, min(end, b)) << (run - a)
-    return x
-
-
-def _column_lanes(entries: bytes | bytearray, a: int, b: int) -> int:
-    """The allocation lanes of ``entries[a:b]``, with C-speed bulk operations.
-
-    The entries' byte columns are OR-ed together as big integers, then each lane is
-    folded down to its lowest bit.  The first byte (COPIED, compressed, reserved bits) is
-    left out: every entry that says anything has a non-zero offset, descriptor or zero
-    flag in the other seven.  All-zero columns (high offset bits; low ones below the
-    cluster size) are skipped after a memcmp.
-    """
-    n = (b - a) // 8
-    zero = zeros(n)
-    x = 0
-    for k in (7, 6, 5, 4, 3, 2, 1):
-        column = entries[a + k : b : 8]
-        if column != zero:
-            x |= int.from_bytes(column, "little")
-    x |= x >> 4
-    x |= x >> 2
-    x |= x >> 1
-    return x & lane_ones(n)
-
-
-def _log2(n: int) -> int:
-    b = n.bit_length() - 1
-    if n <= 0 or 1 << b != n:
-        raise ImageError(f"{n} is not a power of two")
-    return b
-
-
-def create_overlay(
-    path: str,
-    *,
-    size: int,
-    backing: str | None,
-    backing_format: str | None,
-    cluster_size: int = 65536,
-    refcount_bits: int = 16,
-) -> None:
-    """Create a new, empty qcow2 v3 image (refusing an existing path).
-
-    Everything but the header is written and flushed first; the header with its magic
-    comes last, so a crash leaves either a complete image or a file that is not qcow2.
-    """
-    cb = _log2(cluster_size)
-    if not 9 <= cb <= 21:
-        raise ImageError(f"cluster size {cluster_size} outside 512 B .. 2 MiB")
-    order = _log2(refcount_bits)
-    size -= size % 512
-    cs = cluster_size
-    l1_size = -(-size // (cs * (cs // 8)))
-    l1_clusters = -(-l1_size * 8 // cs)
-    shift = cb + 3 - order
-    nblocks, tclusters = 1, 1
-    while True:
-        total = 1 + tclusters + nblocks + l1_clusters
-        need_b = ((total - 1) >> shift) + 1
-        need_t = -(-need_b * 8 // cs)
-        if need_b <= nblocks and need_t <= tclusters:
-            break
-        nblocks, tclusters = max(nblocks, need_b), max(tclusters, need_t)
-    h = hdr.Header(
-        version=3,
-        backing_file_offset=0,
-        backing_file_size=0,
-        cluster_bits=cb,
-        size=size,
-        crypt_method=0,
-        l1_size=l1_size,
-        l1_table_offset=(1 + tclusters + nblocks) * cs,
-        refcount_table_offset=cs,
-        refcount_table_clusters=tclusters,
-        nb_snapshots=0,
-        snapshots_offset=0,
-        refcount_order=order,
-        header_length=hdr.QEMU_HEADER_LENGTH,
-        extra=bytes(hdr.QEMU_HEADER_LENGTH - hdr.V3_HEADER_LENGTH),
-    )
-    head, name = hdr.layout(h, backing, backing_format)
-    if name:
-        h.backing_file_offset, h.backing_file_size = len(head), len(name)
-        head = h.pack_fields() + h.pack_extensions()
-    if len(head) + len(name) > cs:
-        raise ImageError(f"backing file name too long for a {cs}-byte header cluster")
-    total = 1 + tclusters + nblocks + l1_clusters
-    meta = bytearray((total - 1) * cs)
-    for b in range(nblocks):
-        _U64.pack_into(meta, b * 8, (1 + tclusters + b) * cs)
-        blk = bytearray(cs)
-        for i in range(1 << shift):
-            if (b << shift) + i < total:
-                set_entry(blk, i, 1, refcount_bits)
-        start = (tclusters + b) * cs
-        meta[start : start + cs] = blk
-    f = HostFile(path, True, create=True)
-    try:
-        f.pwrite(meta, cs)
-        f.flush()
-        f.pwrite(head + name, 0)
-        f.flush()
-    finally:
-        f.close()
-    _sync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def _sync_dir(path: str) -> None:
-    try:
-        sync_dir(path)
-    except OSError as e:
-        raise HostIOError(
-            f"syncing the directory {path!r} failed: {e.strerror}", e.errno or errno.EIO
-        ) from None
-
-
-def set_backing(path: str, backing: str | None, backing_format: str | None) -> None:
-    """Rewrite the backing string and format of the image at ``path``, crash-safely."""
-    f = HostFile(path, True)
-    try:
-        h = hdr.read_header(f)
-        hdr.rewrite_backing(f, h, backing, backing_format)
-    finally:
-        f.close()

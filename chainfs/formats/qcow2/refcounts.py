@@ -23,10 +23,9 @@ from collections import OrderedDict
 
 from ...errors import ImageError
 from ...hostfile import HostFile
+from .entries import REFT_OFFSET_MASK
+from .entries import U64 as _U64
 from .header import MAX_REFTABLE_BYTES, Header
-
-_U64 = struct.Struct(">Q")
-REFTABLE_MASK = 0xFFFFFFFFFFFFFE00
 
 
 def get_entry(blk: bytearray, i: int, bits: int) -> int:
@@ -79,7 +78,7 @@ class Refcounts:
         if idx * 8 >= len(self.table):
             return 0
         e: int = _U64.unpack_from(self.table, idx * 8)[0]
-        return e & REFTABLE_MASK
+        return e & REFT_OFFSET_MASK
 
     def _block(self, off: int) -> bytearray:
         blk = self.cache.get(off)
@@ -286,7 +285,7 @@ class Refcounts:
         counted: list[int] = []  # clusters counted in existing blocks
         for c in range(start, start + nblocks + t_clusters):
             r = c >> shift
-            blk_off = _U64.unpack_from(new_table, r * 8)[0] & REFTABLE_MASK
+            blk_off = _U64.unpack_from(new_table, r * 8)[0] & REFT_OFFSET_MASK
             if blk_off in new_blocks:
                 self._set_in(new_blocks[blk_off], c & ((1 << shift) - 1), 1)
             else:

@@ -21,40 +21,28 @@ The metadata map is a bitmap with one bit per cluster of the file, so it costs a
 
 from __future__ import annotations
 
-import sys
-from array import array
 from collections import Counter
 from collections.abc import Callable
 
 from ...errors import ImageError
+from .entries import (
+    COMPRESSED_BIT,
+    COPIED,
+    L1E_RESERVED,
+    L2E_RESERVED,
+    OFFSET_MASK,
+    REFT_RESERVED,
+    ZERO_FLAG,
+    entries,
+    nonzero_entries,
+)
 from .header import Header
 from .refcounts import Refcounts
 
-OFFSET_MASK = 0x00FFFFFFFFFFFE00
-COPIED = 1 << 63
-COMPRESSED_BIT = 1 << 62
-ZERO_FLAG = 1
-L1E_RESERVED = 0x7F000000000001FF
-L2E_RESERVED = 0x3F000000000001FE
-REFT_RESERVED = 0x1FF
 MAX_META_SET = 1 << 16  # metadata clusters kept as a set too (else the bitmap alone)
 
 # refcount of a host cluster
 Refcount = Callable[[int], int]
-
-
-def entries(table: bytes | bytearray) -> array[int]:
-    """The big-endian 64-bit entries of a table, as integers."""
-    a = array("Q")
-    a.frombytes(table[: len(table) - len(table) % 8])
-    if sys.byteorder == "little":
-        a.byteswap()
-    return a
-
-
-def nonzero_entries(table: bytes | bytearray) -> list[tuple[int, int]]:
-    """(index, value) of the non-zero entries of a table."""
-    return [(i, e) for i, e in enumerate(entries(table)) if e]
 
 
 class Layout:
