@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 
 from .chain import resolve_backing
 from .errors import ChainfsError
-from .formats.qcow2.header import MAGIC, read_header
-from .hostfile import HostFile, HostIOError, sync_dir
+from .formats import is_qcow2
+from .formats.qcow2 import read_backing
+from .hostfile import HostIOError, sync_dir
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +147,10 @@ def _stem(path: str) -> str:
 
 def _backing_of(path: str) -> str | None:
     """The absolute path an image's backing string points at (None: no backing)."""
-    f = HostFile(path, False)
-    try:
-        h = read_header(f)
-    finally:
-        f.close()
-    if not h.backing_file:
+    string = read_backing(path)
+    if not string:
         return None
-    return os.path.normpath(resolve_backing(os.path.abspath(path), h.backing_file))
+    return os.path.normpath(resolve_backing(os.path.abspath(path), string))
 
 
 def load_state(path: str) -> Source:
@@ -188,9 +185,8 @@ def _scan_directory(src: Source) -> None:
             continue
         p = os.path.join(src.directory, entry.name)
         try:
-            with open(p, "rb") as f:
-                if f.read(4) != MAGIC:
-                    continue
+            if not is_qcow2(p):
+                continue
         except OSError:
             continue
         try:

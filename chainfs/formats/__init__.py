@@ -20,6 +20,13 @@ def probe(f: HostFile) -> str:
     return "qcow2" if f.pread(4, 0) == MAGIC else "raw"
 
 
+def is_qcow2(path: str) -> bool:
+    """Whether the file at ``path`` starts with qcow2's magic (a complete header: it is
+    written last); raises ``OSError`` when it cannot be read."""
+    with open(path, "rb") as f:
+        return f.read(4) == MAGIC
+
+
 def open_layer(path: str, fmt: str | None, *, writable: bool) -> Layer:
     """Open ``path`` as a layer; ``fmt`` None means probe (safe only for the top)."""
     if fmt is not None and fmt not in FORMATS:
@@ -47,4 +54,4 @@ def _check_file_type(path: str) -> None:
         raise ImageError(f"{os.path.abspath(path)!r} is not a regular file")
 
 
-__all__ = ["FORMATS", "Layer", "open_layer", "probe"]
+__all__ = ["FORMATS", "Layer", "is_qcow2", "open_layer", "probe"]

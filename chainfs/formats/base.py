@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..errors import UnsupportedFeature
 from ..hostfile import HostFile
@@ -41,6 +41,14 @@ class Extent(NamedTuple):
     host: int = 0
     clen: int = 0  # compressed: bytes of compressed data at ``host``
     skip: int = 0  # compressed: offset of ``offset`` within the decompressed cluster
+
+
+class FormatInfo(NamedTuple):
+    """What ``qemu-img info`` shows of a format's own fields."""
+
+    cluster_size: int
+    dirty: bool  # not closed cleanly (lazy refcounts)
+    specific: dict[str, Any]  # "Format specific information", under QEMU's keys
 
 
 @functools.cache
@@ -129,6 +137,10 @@ class Layer(ABC):
     def allocated_bytes(self) -> int:
         """Host bytes in use (an estimate is fine for raw)."""
         return self.file.size()
+
+    def format_info(self) -> FormatInfo | None:
+        """This format's own fields for ``chainfs info`` (None: it has none, as raw)."""
+        return None
 
     @abstractmethod
     def flush(self) -> None:

@@ -22,11 +22,11 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ...errors import ChainfsError, ImageError, UnsupportedFeature
 from ...hostfile import HostFile
-from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill
+from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, FormatInfo
 from . import header as hdr
 from .entries import COMPRESSED_BIT, COPIED, OFFSET_MASK, ZERO_FLAG
 from .entries import U64 as _U64
@@ -513,6 +513,26 @@ class Qcow2Layer(Tables):
             return os.fstat(self.file.fd).st_blocks * 512
         except OSError:
             return 0
+
+    def format_info(self) -> FormatInfo:
+        h = self.h
+        specific: dict[str, Any] = {
+            "compat": "1.1" if h.version >= 3 else "0.10",
+            "compression-type": "zlib" if h.compression_type == 0 else "zstd",
+        }
+        if h.version >= 3:
+            specific["lazy-refcounts"] = bool(h.compatible & hdr.COMPAT_LAZY_REFCOUNTS)
+        found = hdr.bitmap_directory(self.file, h)
+        if found is not None and found[2]:
+            specific["bitmaps"] = [
+                {"flags": bm.flag_names, "name": bm.name, "granularity": bm.granularity}
+                for bm in found[2]
+            ]
+        specific["refcount-bits"] = h.refcount_bits
+        if h.version >= 3:
+            specific["corrupt"] = bool(h.incompatible & hdr.INCOMPAT_CORRUPT)
+            specific["extended-l2"] = bool(h.incompatible & hdr.INCOMPAT_EXTL2)
+        return FormatInfo(h.cluster_size, bool(h.incompatible & hdr.INCOMPAT_DIRTY), specific)
 
     def close(self) -> None:
         """Write back and close; the descriptor (and its image locks) goes even when the

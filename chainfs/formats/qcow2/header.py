@@ -35,6 +35,7 @@ INCOMPAT_EXTL2 = 1 << 4
 KNOWN_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE
 KNOWN_INCOMPAT |= INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
 COMPAT_LAZY_REFCOUNTS = 1 << 0
+AUTOCLEAR_BITMAPS = 1 << 0
 
 MAX_BACKING_NAME = 1023
 # QEMU's own ceilings for table sizes; anything larger is hostile or broken
@@ -45,6 +46,8 @@ MAX_SNAPSHOTS = 65536
 
 _FIXED = struct.Struct(">4sIQIIQIIQQIIQ")  # bytes 0..71
 _V3 = struct.Struct(">QQQII")  # bytes 72..103
+_BITMAP_EXT = struct.Struct(">IIQQ")
+_BITMAP_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes, then extra data, name
 
 
 @dataclass
@@ -274,16 +277,75 @@ def _check_table(path: str, what: str, offset: int, length: int, cs: int, file_s
         )
 
 
-def read_header(f: HostFile) -> Header:
-    """Read and parse cluster 0 of an open image."""
+def header_cluster(f: HostFile) -> bytes:
+    """Cluster 0 of an open image, unparsed (``ImageError`` if it is not qcow2)."""
     start = f.pread(V3_HEADER_LENGTH, 0)
     if len(start) < V2_HEADER_LENGTH or start[:4] != MAGIC:
         raise ImageError(f"{f.path!r} is not a qcow2 image")
     bits = struct.unpack_from(">I", start, 20)[0]
     if not 9 <= bits <= 21:
         raise ImageError(f"{f.path!r} has an invalid cluster size (2^{bits})")
-    raw = f.pread(1 << bits, 0)
-    return parse(raw, f.path, f.size())
+    return f.pread(1 << bits, 0)
+
+
+def read_header(f: HostFile) -> Header:
+    """Read and parse cluster 0 of an open image."""
+    return parse(header_cluster(f), f.path, f.size())
+
+
+def read_backing(path: str) -> str | None:
+    """The backing string recorded in the header of the qcow2 image at ``path``."""
+    f = HostFile(path, False)
+    try:
+        return read_header(f).backing_file
+    finally:
+        f.close()
+
+
+@dataclass
+class Bitmap:
+    """One entry of a qcow2 image's persistent bitmap directory."""
+
+    name: str
+    table_offset: int
+    table_size: int
+    flags: int
+    granularity: int
+
+    @property
+    def flag_names(self) -> list[str]:
+        return [n for bit, n in ((0, "in-use"), (1, "auto")) if self.flags & (1 << bit)]
+
+
+def bitmap_directory(f: HostFile, h: Header) -> tuple[int, int, list[Bitmap] | None] | None:
+    """(offset, size, bitmaps) of the bitmap directory; None when QEMU would see none.
+
+    QEMU ignores the bitmaps of an image whose autoclear bit says they are stale.  The
+    list is None when the directory is truncated.
+    """
+    if not h.autoclear & AUTOCLEAR_BITMAPS:
+        return None
+    ext = next((d for k, d in h.extensions if k == EXT_BITMAPS), None)
+    if ext is None or len(ext) < _BITMAP_EXT.size:
+        return None
+    count, _, dir_size, dir_offset = _BITMAP_EXT.unpack_from(ext)
+    if not count:
+        return None
+    directory = f.pread(dir_size, dir_offset)
+    bitmaps: list[Bitmap] = []
+    pos = 0
+    for _ in range(count):
+        if pos + _BITMAP_ENTRY.size > len(directory):
+            return dir_offset, dir_size, None
+        table_offset, table_size, flags, _, gran_bits, name_len, extra = _BITMAP_ENTRY.unpack_from(
+            directory, pos
+        )
+        start = pos + _BITMAP_ENTRY.size + extra
+        name = directory[start : start + name_len].decode(errors="replace")
+        bitmaps.append(Bitmap(name, table_offset, table_size, flags, 1 << gran_bits))
+        pos = start + name_len
+        pos += -pos % 8
+    return dir_offset, dir_size, bitmaps
 
 
 def layout(h: Header, backing: str | None, backing_format: str | None) -> tuple[bytes, bytes]:
