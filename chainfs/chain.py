@@ -13,8 +13,13 @@ bounded LRU of regions, and updated in place when a write claims granules for th
 layer.  A layer's answer can only be wrong in the safe direction (the layer says it
 answers but some part is unallocated); such parts are resolved by walking down from it.
 
-Locking contract: one lock per chain serialises every metadata access (lookups,
-allocation, write-back); host reads of planned extents run outside it.
+Copying between layers (stream, commit, copy) is the copy engine's (``engine.py``); the
+chain owns one and tells it when its shape changes.
+
+Locking contract: one lock per chain (``lock``) serialises every metadata access
+(lookups, allocation, write-back), the copy engine's steps included; host reads of
+planned extents run outside it.  Methods documented "the caller holds the lock" are for
+the engine, which takes it around a whole step.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import sys
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 
-from .buffers import scratch, zero_at, zero_fill
+from .buffers import zero_fill
+from .engine import CopyEngine
 from .errors import ChainError, ChainfsError, ReadOnlyError, UnsupportedFeature
 from .formats import open_layer
 from .formats.base import (
@@ -38,18 +44,13 @@ from .formats.base import (
     ZERO,
     Buffer,
     Extent,
-    Fill,
     Layer,
-    lane_ones,
 )
 from .locks import lock_image
 
 MAX_DEPTH = 1000
 REGION_BITS = 13  # granules per region: 8192
 REGION_CACHE = 256  # regions kept (16 KiB each)
-HELD_GRANULES = 1 << 15  # granules per window of a stream's "held between" lanes
-HELD_CACHE = 8  # windows kept
-COPY_PIECE = 4 << 20  # bytes copy_step reads and writes at once (each of its two buffers)
 
 Plan = list[tuple[Layer, Extent]]
 
@@ -82,19 +83,12 @@ class Chain:
         self.layers = layers
         self.writable = writable
         self.locked = False
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # metadata access; the copy engine takes it too
         self._regions: OrderedDict[int, array[int]] = OrderedDict()
         # called as hook(offset, length) under the lock before every guest write: the
         # dirty tracking of jobs that mirror the disk elsewhere (commit, copy)
         self.write_hooks: list[Callable[[int, int], None]] = []
-        # stream: which of a node's clusters the layers between it and a base hold,
-        # by window of about HELD_GRANULES granules, keyed (node, stop, window); those layers
-        # are read-only, so only a change of the chain's shape makes an entry stale
-        self._held: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
-        # copy_step's two buffers: it reads a piece into one while the last piece may
-        # still be on its way to the target from the other (``write_started``)
-        self._copy_bufs: list[bytearray] = [bytearray(), bytearray()]
-        self._copy_last = 0  # the buffer of the last piece given to ``write_started``
+        self.engine = CopyEngine(self)  # stream, commit and copy steps
         self._reset_granule()
 
     @classmethod
@@ -165,7 +159,7 @@ class Chain:
         sizes = [layer.cluster_size for layer in self.layers if layer.format_name != "raw"]
         self.granule = max(512, min(sizes, default=65536))
         self._regions.clear()
-        self._held.clear()
+        self.engine.forget()
 
     # -- the "who holds it" map ----------------------------------------------------------
 
@@ -207,8 +201,9 @@ class Chain:
             self._regions.popitem(last=False)
         return hm
 
-    def _claim(self, offset: int, length: int) -> None:
-        """The active layer now answers for the clusters this write touched."""
+    def claim(self, offset: int, length: int) -> None:
+        """The active layer now answers for the clusters this write touched (the caller
+        holds the lock)."""
         cs, g = self.active.cluster_size, self.granule
         a = offset // cs * cs
         b = min(-(-(offset + length) // cs) * cs, self.size)
@@ -225,7 +220,7 @@ class Chain:
 
     def invalidate(self) -> None:
         """Forget the map (after the chain's shape changed)."""
-        with self._lock:
+        with self.lock:
             self._reset_granule()
 
     # -- planning and reading --------------------------------------------------------------
@@ -284,7 +279,7 @@ class Chain:
             return b""
         n = end - offset
         g = self.granule
-        with self._lock:
+        with self.lock:
             if offset // g == (end - 1) // g:
                 # within one granule (a page the kernel asks for): one holder answers
                 gi = offset // g
@@ -323,22 +318,22 @@ class Chain:
         self._check_write(offset, len(data))
         if not len(data):
             return
-        with self._lock:
+        with self.lock:
             for hook in self.write_hooks:
                 hook(offset, len(data))
             self.active.write(offset, data, self._fill)
-            self._claim(offset, len(data))
+            self.claim(offset, len(data))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zeros, as zero clusters where the format allows."""
         self._check_write(offset, length)
         if not length:
             return
-        with self._lock:
+        with self.lock:
             for hook in self.write_hooks:
                 hook(offset, length)
             self.active.write_zeroes(offset, length, self._fill)
-            self._claim(offset, length)
+            self.claim(offset, length)
 
     # -- changing the chain's shape ------------------------------------------------------
 
@@ -351,7 +346,7 @@ class Chain:
         The old descriptor is closed (flushing, dropping its locks) before the new one is
         locked: two descriptors of one file are two lockers, even in one process.
         """
-        with self._lock:
+        with self.lock:
             old = self.layers[index]
             if old.writable == writable:
                 return old
@@ -369,7 +364,7 @@ class Chain:
         Atomic with respect to writes: they hold the same lock; the flat content does not
         change, so nothing cached anywhere needs to be invalidated.
         """
-        with self._lock:
+        with self.lock:
             new = _open(path, "qcow2", writable=True, lock=self.locked)
             old = self.layers[0]
             try:
@@ -388,7 +383,7 @@ class Chain:
         The caller has already rewritten ``top``'s backing pointer on disk.  Returns the
         dropped layers, closed.
         """
-        with self._lock:
+        with self.lock:
             stop = len(self.layers) if base is None else base
             removed = self.layers[top + 1 : stop]
             self.layers = self.layers[: top + 1] + self.layers[stop:]
@@ -397,142 +392,7 @@ class Chain:
             layer.close()
         return removed
 
-    def stream_step(self, node: int, stop: int, offset: int, length: int) -> int:
-        """Copy into ``layers[node]`` every cluster of the range that it lacks and that a
-        layer strictly between it and ``layers[stop]`` holds; return the bytes copied.
-
-        The check and the copy happen under the chain's lock, so a guest write can never
-        be overwritten by the older content from below (QEMU's copy-on-read rule).
-        Zero ranges become zero clusters where the format allows.  Which clusters to
-        copy comes from the layers' allocation maps, a few big-integer operations for
-        the whole range; each run of them is read in one plan and written in one go.
-        """
-        with self._lock:
-            target = self.layers[node]
-            cs = target.cluster_size
-            end = min(offset + length, target.virtual_size)
-            first = offset - offset % cs
-            if first >= end:
-                return 0
-
-            def fill(o: int, n: int) -> Buffer:
-                return self.read_below(node, o, n)
-
-            copied = 0
-            buf = scratch(max(0, end - first) + cs, "copy")
-            for a, b in self._stream_runs(node, stop, first, end):
-                data = memoryview(buf)[: b - a]
-                self._read_below_into(node, a, data)
-                for pos, j, zero in _stretches(buf, b - a, cs):
-                    if zero:
-                        target.write_zeroes(a + pos, j - pos, fill)
-                    else:
-                        target.write(a + pos, data[pos:j], fill)
-                if node == 0:
-                    self._claim(a, b - a)
-                copied += b - a
-            return copied
-
-    def stream_next(self, node: int, stop: int, offset: int, end: int) -> int:
-        """Where, from ``offset`` on, a layer of ``layers[node+1:stop]`` first holds
-        something of ``layers[node]``'s clusters: the start of that cluster (not before
-        ``offset``), or ``end`` if nothing does before it.  The stream skips the rest.
-
-        Those layers are read-only, so the answer stays true until the chain's shape
-        changes; after a change the stream asks again.
-        """
-        with self._lock:
-            cs = self.layers[node].cluster_size
-            wc = self._held_window_clusters(node)
-            c = offset // cs
-            last = -(-min(end, self.layers[node].virtual_size) // cs)
-            while c < last:
-                w = c // wc
-                lanes = self._held_lanes(node, stop, c, min(wc * (w + 1), last) - c)
-                i = lanes.find(1)
-                if i >= 0:
-                    return max(offset, (c + i) * cs)
-                c = wc * (w + 1)
-            return end
-
-    def _stream_runs(self, node: int, stop: int, first: int, end: int) -> list[tuple[int, int]]:
-        """The runs of ``layers[node]``'s clusters in ``[first, end)`` that it lacks and
-        that a layer of ``layers[node+1:stop]`` answers for, as (start, end) offsets."""
-        target = self.layers[node]
-        cs, g = target.cluster_size, self.granule
-        k = cs // g  # granules per target cluster (the granule divides every cluster size)
-        count = -(-(end - first) // cs)
-        held_lanes = self._held_lanes(node, stop, first // cs, count)
-        if 1 not in held_lanes:
-            return []
-        held = int.from_bytes(held_lanes, "little")
-        ones = lane_ones(count)
-        has = target.allocation_map(first, count * k, g)
-        if k > 1:
-            has = int.from_bytes(has.to_bytes(count * k, "little")[::k], "little")
-        # a map answers 1 for a granule reaching past the layer's end: look at the
-        # target's last cluster itself, as missing it would lose data
-        tail = first + (count - 1) * cs
-        if tail + cs > target.virtual_size and any(
-            e.kind == UNALLOCATED for e in target.extents(tail, target.virtual_size - tail)
-        ):
-            has &= ~(0xFF << (8 * (count - 1)))
-        want = (held & ~has & ones).to_bytes(count, "little")
-        runs: list[tuple[int, int]] = []
-        i = want.find(1)
-        while i >= 0:
-            j = want.find(0, i)
-            if j < 0:
-                j = count
-            runs.append((first + i * cs, min(first + j * cs, end, target.virtual_size)))
-            i = want.find(1, j)
-        return runs
-
-    def _held_lanes(self, node: int, stop: int, c0: int, count: int) -> bytes:
-        """One byte per cluster of ``layers[node]`` from cluster ``c0``: 1 where a layer of
-        ``layers[node+1:stop]`` answers for some of it, else 0 (cached by window)."""
-        wc = self._held_window_clusters(node)
-        out = bytearray()
-        c = c0
-        while c < c0 + count:
-            w = c // wc
-            lanes = self._held.get((node, stop, w))
-            if lanes is None:
-                lanes = self._held_window(node, stop, w)
-                self._held[(node, stop, w)] = lanes
-                if len(self._held) > HELD_CACHE:
-                    self._held.popitem(last=False)
-            i = c - w * wc
-            piece = lanes[i : i + c0 + count - c]
-            if not piece:
-                break  # past the node's end
-            out += piece
-            c += len(piece)
-        return bytes(out)
-
-    def _held_window_clusters(self, node: int) -> int:
-        return max(1, HELD_GRANULES * self.granule // self.layers[node].cluster_size)
-
-    def _held_window(self, node: int, stop: int, w: int) -> bytes:
-        cs, g = self.layers[node].cluster_size, self.granule
-        k = cs // g
-        wc = self._held_window_clusters(node)
-        first = w * wc * cs
-        count = min(wc, -(-(self.layers[node].virtual_size - first) // cs))
-        if count <= 0:
-            return b""
-        ones = lane_ones(count)
-        held = 0
-        for level in range(node + 1, min(stop, len(self.layers))):
-            m = self.layers[level].allocation_map(first, count * k, g)
-            if k > 1:  # a cluster is held if any of its granules is
-                for j in range(1, k):
-                    m |= m >> (8 * j)
-                m = int.from_bytes(m.to_bytes(count * k, "little")[::k], "little")
-            held |= m
-            if held == ones:
-                break
-        return held.to_bytes(count, "little")
+    # -- reads for the copy engine (the caller holds the lock) ---------------------------
 
     def read_below(self, level: int, offset: int, length: int) -> bytearray:
         """The content the layers below ``layers[level]`` show for a range."""
@@ -543,7 +403,7 @@ class Chain:
             self._execute(plan, offset, memoryview(buf))
         return buf
 
-    def _read_below_into(self, level: int, offset: int, buf: memoryview) -> None:
+    def read_below_into(self, level: int, offset: int, buf: memoryview) -> None:
         """``read_below`` into a buffer that may hold anything (a reused one: fresh
         memory costs a page fault per 4 KiB, as much as the read itself).  ``level``
         -1 reads the whole chain, from the map of who holds what (as reads do)."""
@@ -560,65 +420,15 @@ class Chain:
         zero_fill(buf[pos:])
         self._execute(plan, offset, buf)
 
-    # -- commit and copy (mirror) --------------------------------------------------------
-
-    def copy_step(
-        self, target: Layer, top: int, stop: int, below: int, offset: int, length: int
-    ) -> int:
-        """Copy into ``target`` what the chain shows from ``layers[top]`` down, for every
-        cluster of ``target`` in the range that a layer of ``layers[top:stop]`` holds;
-        return the bytes copied.
-
-        The engine of commit and copy: ``target`` is the commit base (``layers[stop]``) or
-        a new image, and its own backing shows what ``read_below(below)`` does.  Whole
-        target clusters are written (outside the held ranges they get what they showed
-        already), so no copy-on-write read is needed.  Clusters reading as zeros become
-        zero writes (zero clusters where the format allows), or are left alone where the
-        target already reads zeros, so a sparse target stays sparse.  Under the lock, so
-        a guest write lands either before the copy (and is copied) or after it (and is
-        marked dirty by a write hook).
-
-        The data goes to ``target.write_started``: the last piece may still be on its
-        way to the disk when this returns (readers see the target's old content there
-        until it landed), while the next piece is read; ``target.flush`` settles it.
-        """
-        with self._lock:
-            tcs = target.cluster_size
-            end = min(offset + length, target.virtual_size)
-            if offset >= end:
-                return 0
-            first = offset - offset % tcs
-            last = min(-(-end // tcs) * tcs, target.virtual_size)
-            runs = self._held_runs(top, stop, first, last, tcs)
-
-            def fill(o: int, n: int) -> Buffer:
-                return self.read_below(below, o, n)
-
-            copied = 0
-            piece = max(COPY_PIECE, tcs)  # a multiple of the cluster size
-            for a, b in runs:
-                copied += b - a
-                while a < b:
-                    n = min(piece, b - a)
-                    i = 1 - self._copy_last  # not the buffer a write may be using
-                    if len(self._copy_bufs[i]) < n:
-                        self._copy_bufs[i] = bytearray(piece)
-                    buf = self._copy_bufs[i]
-                    data = memoryview(buf)[:n]
-                    self._read_below_into(top - 1, a, data)
-                    if _put(target, a, buf, data, fill):
-                        self._copy_last = i
-                    a += n
-            return copied
-
     def held_map(self, top: int, stop: int, start: int, count: int) -> bytes:
         """One byte per granule of the ``count`` granules from ``start`` (a multiple of
         the granule): 1 where a layer of ``layers[top:stop]`` answers for it (past a
         layer's end counts, as it reads zeros there), else 0."""
-        with self._lock:
-            return self._held_map(top, stop, start, count)
+        with self.lock:
+            return self.held_map_locked(top, stop, start, count)
 
-    def _held_map(self, top: int, stop: int, start: int, count: int) -> bytes:
+    def held_map_locked(self, top: int, stop: int, start: int, count: int) -> bytes:
+        """``held_map``, for a caller that holds the lock."""
         g = self.granule
         if top == 0 and len(self.layers) < 255:
             # from the active layer down, the first layer that answers lies above
@@ -643,36 +453,8 @@ class Chain:
         return held.to_bytes(count, "little")
 
     def drop_copy_buffers(self) -> None:
-        """Give back ``copy_step``'s two buffers (up to ``2 * COPY_PIECE``) when a job is
-        over.  A write still on its way from one keeps that memory until it lands (the
-        started write holds the buffer), and the next ``copy_step`` takes fresh ones."""
-        with self._lock:
-            self._copy_bufs = [bytearray(), bytearray()]
-            self._copy_last = 0
-
-    def _held_runs(self, top: int, stop: int, first: int, last: int, tcs: int) -> list[list[int]]:
-        """The runs of ``[first, last)`` (aligned to ``tcs``) that a layer of
-        ``layers[top:stop]`` holds something of, widened to whole units of ``tcs`` and a
-        granule, from ``_held_map`` (C-speed byte searches)."""
-        g = self.granule
-        unit = max(g, tcs)  # both powers of two: aligned for both
-        start = first - first % unit
-        count = -(-(last - start) // g)
-        runs: list[list[int]] = []
-        lanes = self._held_map(top, stop, start, count)
-        i = lanes.find(1)
-        while i >= 0:
-            j = lanes.find(0, i)
-            if j < 0:
-                j = count
-            a = max(first, (start + i * g) // unit * unit)
-            b = min(last, -(-(start + j * g) // unit) * unit)
-            if runs and a <= runs[-1][1]:
-                runs[-1][1] = max(runs[-1][1], b)
-            else:
-                runs.append([a, b])
-            i = lanes.find(1, j)
-        return runs
+        """Give back the copy engine's buffers when a job is over (``CopyEngine.drop_buffers``)."""
+        self.engine.drop_buffers()
 
     def grow_layer(self, index: int, size: int) -> None:
         """Grow the backing layer ``layers[index]`` (open read-write) to ``size`` bytes.
@@ -680,7 +462,7 @@ class Chain:
         The new area reads as zeros, as the range past its old end did, so the content
         the chain shows does not change.
         """
-        with self._lock:
+        with self.lock:
             below = self.layers[index + 1].virtual_size if index + 1 < len(self.layers) else 0
 
             def fill(o: int, n: int) -> Buffer:
@@ -702,7 +484,7 @@ class Chain:
         lock).  Returns the dropped layers, closed; a failure to close one is raised after
         all were closed.
         """
-        with self._lock:
+        with self.lock:
             removed = self.layers[:count]
             layers = ([new] if new is not None else []) + self.layers[count:]
             if not layers[0].writable:
@@ -715,12 +497,12 @@ class Chain:
     def flush(self) -> None:
         """Make every acknowledged write durable."""
         if self.writable:
-            with self._lock:
+            with self.lock:
                 self.active.flush()
 
     def close(self) -> None:
         """Flush, mark clean and close every layer."""
-        with self._lock:
+        with self.lock:
             _close_all(self.layers)
 
 
@@ -729,53 +511,6 @@ def _holders_up_to(stop: int) -> bytes:
     """A ``bytes.translate`` table from the map of who holds what (0: nobody, else 1 +
     the index of the first layer that answers) to 1 where that layer is above ``stop``."""
     return bytes(1 if 1 <= v <= stop else 0 for v in range(256))
-
-
-def _stretches(data: bytearray, n: int, cs: int) -> Iterator[tuple[int, int, bool]]:
-    """The first ``n`` bytes of ``data`` cut into stretches of ``cs``-byte pieces that
-    are all zeros or all not, as (start, end, zero); a memcmp per piece."""
-    pos = 0
-    while pos < n:
-        zero = zero_at(data, pos, min(cs, n - pos))
-        j = pos + cs
-        while j < n and zero_at(data, j, min(cs, n - j)) == zero:
-            j += cs
-        j = min(j, n)
-        yield pos, j, zero
-        pos = j
-
-
-def _put(target: Layer, offset: int, buf: bytearray, data: memoryview, fill: Fill) -> bool:
-    """Write ``data`` (the start of ``buf``) into ``target`` at ``offset``
-    (cluster-aligned), runs of all-zero clusters as zero writes unless the target
-    already reads zeros there; the runs of data with ``write_started``.  Whether one
-    was (``buf`` may then be in use until the target settles)."""
-    started = False
-    for pos, j, zero in _stretches(buf, len(data), target.cluster_size):
-        if not zero:
-            target.write_started(offset + pos, data[pos:j], fill)
-            started = True
-        elif not _reads_zero(target, offset + pos, j - pos, fill):
-            target.write_zeroes(offset + pos, j - pos, fill)
-    return started
-
-
-def _reads_zero(layer: Layer, offset: int, length: int, fill: Fill) -> bool:
-    """Whether ``layer`` (with ``fill`` as its backing) reads as zeros over the range."""
-    for e in layer.extents(offset, length):
-        if e.kind == ZERO:
-            continue
-        if e.kind == UNALLOCATED:
-            data: Buffer = fill(e.offset, e.length)
-        elif e.kind == DATA:
-            data = layer.file.pread(e.length, e.host)
-        else:
-            data = layer.read_compressed(e.host, e.clen)[e.skip : e.skip + e.length]
-        if not isinstance(data, (bytes, bytearray)):
-            data = bytes(data)
-        if not zero_at(data, 0, len(data)):
-            return False
-    return True
 
 
 def _close_all(layers: list[Layer]) -> None:

@@ -5,7 +5,7 @@
 
 **Intermediate commit** (``CommitJob``, top below the active layer): over the top's
 length in 1 MiB steps, every cluster that the top or a layer between it and the base
-holds is copied into the base as the top shows it (``Chain.copy_step``: zero ranges as
+holds is copied into the base as the top shows it (``CopyEngine.copy_step``: zero ranges as
 zero writes, so the base stays sparse; a raw base gets real zeros only where it does
 not read zeros already).  The base is reopened read-write for the job and first grown
 to the top's size if it is shorter (the new area reading zeros, as the range past its
@@ -135,7 +135,7 @@ class CommitJob(Job):
         while pos < length:
             t, b = self._indices()
             n, held = next_step(chain, self.base, t, b, pos, length, STEP, copied=copied > 0)
-            copied = chain.copy_step(self.base, t, b, b, pos, n) if held else 0
+            copied = chain.engine.copy_step(self.base, t, b, b, pos, n) if held else 0
             pos += n
             self.offset = pos
             self.journal_progress(pos)

@@ -10,7 +10,7 @@ will sit on ``layers[stop]`` (nothing for a full copy), so it must come to hold 
 layers above that show:
 
 1. a first pass over the disk copies into the target every cluster that a layer of
-   ``layers[:stop]`` holds (``Chain.copy_step``), while a write hook on the chain marks
+   ``layers[:stop]`` holds (``CopyEngine.copy_step``), while a write hook on the chain marks
    every granule the guest writes behind the pass as dirty;
 2. dirty granules are copied again until none is left: the target is in sync and the
    job reports ``JOB_READY``;
@@ -57,7 +57,7 @@ GRANULE = 64 << 10  # dirty-tracking granularity (at least the target's cluster 
 
 def next_held(chain: Chain, target: Layer, top: int, stop: int, pos: int, end: int) -> int:
     """Where, from ``pos`` on, a layer of ``layers[top:stop]`` first answers for
-    something, widened to whole clusters of ``target`` as ``Chain.copy_step`` widens it:
+    something, widened to whole clusters of ``target`` as ``CopyEngine.copy_step`` widens it:
     ``pos`` itself, or the start of the first unit holding something (a multiple of the
     unit, larger than ``pos``), or ``end`` if nothing does before it.
 
@@ -208,7 +208,8 @@ class MirrorJob(Job):
 
     def _copy(self, offset: int, length: int) -> int:
         assert self.target is not None
-        return self.disk.chain.copy_step(self.target, 0, self.stop(), self.below(), offset, length)
+        chain = self.disk.chain
+        return chain.engine.copy_step(self.target, 0, self.stop(), self.below(), offset, length)
 
     async def run(self) -> None:
         await self.checkpoint(0)  # a cancel before the job started

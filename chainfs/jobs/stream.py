@@ -104,12 +104,12 @@ class StreamJob(Job):
         while pos < self.len:
             n, stop = self._indices()
             # whole steps with nothing to copy are passed over in one go
-            skip = (chain.stream_next(n, stop, pos, self.len) - pos) // STEP * STEP
+            skip = (chain.engine.stream_next(n, stop, pos, self.len) - pos) // STEP * STEP
             if skip:
                 pos = min(pos + skip, self.len)
                 copied = 0
             else:
-                copied = chain.stream_step(n, stop, pos, STEP)
+                copied = chain.engine.stream_step(n, stop, pos, STEP)
                 pos = min(pos + STEP, self.len)
             self.offset = pos
             self.journal_progress(pos)

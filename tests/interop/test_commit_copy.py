@@ -505,7 +505,7 @@ async def test_copy_buffers_given_back(seed: tuple[Path, bytes], case: str, canc
             await Guest(disk, model, seed=5).run(lambda: job.offset > 0)
             disk.command("cancel", job.id.encode())
         await job.done.wait()
-        assert [len(b) for b in disk.chain._copy_bufs] == [0, 0]
+        assert [len(b) for b in disk.chain.engine._copy_bufs] == [0, 0]
         assert events(disk)[-1]["event"] == ("JOB_CANCELLED" if cancel else "JOB_COMPLETED")
         assert bytes(disk.chain.read(0, len(model))) == model
 

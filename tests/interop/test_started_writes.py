@@ -1,5 +1,5 @@
 """Writes that return before the data landed: ``HostFile.pwrite_started`` (glibc's AIO
-threads), the qcow2 driver's ``write_started``/``settle`` and ``Chain.copy_step``,
+threads), the qcow2 driver's ``write_started``/``settle`` and ``CopyEngine.copy_step``,
 which reads its next piece into one buffer while the last piece is written from the
 other.
 
@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from chainfs import hostfile
-from chainfs.chain import COPY_PIECE, Chain, _put
+from chainfs.chain import Chain
+from chainfs.engine import COPY_PIECE, _put
 from chainfs.formats.base import UNALLOCATED
 from chainfs.formats.qcow2 import create_overlay
 from chainfs.hostfile import HostFile, HostIOError
@@ -259,13 +260,13 @@ def test_zeros_over_a_started_write_are_copied(
             )
             target = chain.open_layer(dest, "qcow2", writable=True)
             stop, below = (2, 1) if mode == "full" else (1, 0)
-        chain.copy_step(target, 0, stop, below, 0, size)  # the first pass
+        chain.engine.copy_step(target, 0, stop, below, 0, size)  # the first pass
         target.flush()
         chain.write(off, b"\xaa" * length)
-        chain.copy_step(target, 0, stop, below, off - off % 65536, 65536)
+        chain.engine.copy_step(target, 0, stop, below, off - off % 65536, 65536)
         assert late  # the data is on its way to the target
         chain.write(off, bytes(length))
-        chain.copy_step(target, 0, stop, below, off - off % 65536, 65536)
+        chain.engine.copy_step(target, 0, stop, below, off - off % 65536, 65536)
         target.flush()
         assert not late
         dest_path = target.path
@@ -348,7 +349,7 @@ def test_copy_step_never_reuses_a_buffer_being_written(
         pos = 0
         step = MiB * rng.choice([1, 3, 8])  # steps shorter and longer than a piece
         while pos < size:
-            chain.copy_step(target, top_i, stop, below, pos, min(step, size - pos))
+            chain.engine.copy_step(target, top_i, stop, below, pos, min(step, size - pos))
             pos += step
         target.flush()
         if mode == "copy":

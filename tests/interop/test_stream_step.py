@@ -1,4 +1,4 @@
-"""``Chain.stream_step`` on its own, as the stream job drives it, judged by QEMU.
+"""``CopyEngine.stream_step`` on its own, as the stream job drives it, judged by QEMU.
 
 The step picks the clusters to copy from the layers' allocation maps (big-integer lanes)
 and copies each run of them in one go, so the cases here are the ones where lanes and
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from chainfs import chain as chain_module
+from chainfs import engine as engine_module
 from chainfs.chain import Chain
 from chainfs.jobs.stream import STEP
 
@@ -43,11 +43,11 @@ def stream(top: str, node: str, base: str | None, *, between: Any = None) -> Non
             if between is not None:
                 between(chain, pos)
             # as the job does: whole steps with nothing to copy are passed over
-            skip = (chain.stream_next(n, stop, pos, size) - pos) // STEP * STEP
+            skip = (chain.engine.stream_next(n, stop, pos, size) - pos) // STEP * STEP
             if skip:
                 pos += skip
             else:
-                chain.stream_step(n, stop, pos, STEP)
+                chain.engine.stream_step(n, stop, pos, STEP)
                 pos += STEP
         target = chain.layers[n]
         target.flush()
@@ -103,7 +103,7 @@ def test_held_windows_smaller_than_a_step(
 ) -> None:
     # the "held between" lanes are cached by window; tiny windows make every step
     # span several of them, and 3 granules leave a window a fraction of a cluster
-    monkeypatch.setattr(chain_module, "HELD_GRANULES", granules)
+    monkeypatch.setattr(engine_module, "HELD_GRANULES", granules)
     clusters = [64 * KiB, 4 * KiB, 512, 64 * KiB]
     layers = [layer(f"L{i}.qcow2", c, 0x11 * (i + 1), SIZE) for i, c in enumerate(clusters)]
     paths, model = im.build_chain(str(tmp_path), layers, size=SIZE)

@@ -1,4 +1,4 @@
-"""The zero tests of stream and commit (``buffers.zero_at``, ``chain._stretches``): a
+"""The zero tests of stream and commit (``buffers.zero_at``, ``engine._stretches``): a
 memcmp per power-of-two piece against a kept block of zeros, checked against the plain
 byte-by-byte answer."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chainfs import buffers, chain
+from chainfs import buffers, engine
 
 PIECES = st.lists(st.tuples(st.booleans(), st.integers(1, 5000)), min_size=1, max_size=8)
 
@@ -28,7 +28,7 @@ def test_zero_at_is_all_zeros(pieces: list[tuple[bool, int]], a: int, n: int) ->
 def test_stretches_alternate_and_cover(pieces: list[tuple[bool, int]], cs: int, tail: int) -> None:
     data = build(pieces) + b"\x07" * tail  # bytes past n must not count
     n = len(data) - tail
-    out = list(chain._stretches(data, n, cs))
+    out = list(engine._stretches(data, n, cs))
     assert out[0][0] == 0 and out[-1][1] == n if n else out == []
     for (a, b, zero), nxt in zip(out, out[1:] + [None], strict=True):
         pieces_ = [(p, min(p + cs, b)) for p in range(a, b, cs)]
