@@ -35,7 +35,29 @@ from .inspection import human_size
 # The piece size ``digest`` reads the flat disk in.
 DIGEST_PIECE = 1 << 20
 UMOUNT_TIMEOUT = 120.0
-JOB_COMMANDS = ("snapshot", "stream", "commit", "copy", "cancel", "complete")
+JOB_COMMANDS = (
+    "snapshot",
+    "stream",
+    "commit",
+    "copy",
+    "cancel",
+    "complete",
+    "speed",
+    "pause",
+    "resume",
+)
+# what each job subcommand's --help says (QEMU's name for the verb in brackets)
+JOB_HELP = {
+    "snapshot": "FILE: add an overlay on top of the chain",
+    "stream": "[base=LAYER] [node=LAYER] [speed=RATE]: copy data up into a layer",
+    "commit": "[top=LAYER] [base=LAYER] [speed=RATE] [wait=ready]: merge layers down",
+    "copy": "DEST [sync=full|top] [speed=RATE] [wait=ready]: move the live disk to DEST",
+    "cancel": "JOB: stop a job; the chain stays as it was (job-cancel)",
+    "complete": "JOB: pivot a job waiting in ready (job-complete)",
+    "speed": "JOB RATE: change a running job's rate limit, 0 for none (block-job-set-speed)",
+    "pause": "JOB: pause a job; it shows as paused in jobs (job-pause)",
+    "resume": "JOB: resume a paused job (job-resume)",
+}
 IMAGE_COMMANDS = ("info", "check", "digest")
 POLL_INTERVAL = 0.2  # how often --wait looks at the job
 PLAIN_INTERVAL = 1.0  # how often --wait prints a progress line when not on a terminal
@@ -321,10 +343,10 @@ def cmd_job(ns: argparse.Namespace) -> int:
     except OSError as e:
         reason = _rejection(events, mark) or (e.strerror or str(e)).lower()
         raise ChainfsError(f"{ns.command} refused: {reason}") from None
-    if not ns.wait or ns.command == "snapshot":
-        return 0
+    if not ns.wait or ns.command in ("snapshot", "pause"):
+        return 0  # (a paused job would be followed until someone resumes it)
     follower = Follower(ns.mountpoint, ns.chain, events, mark, sys.stderr)
-    if ns.command in ("cancel", "complete"):
+    if ns.command in ("cancel", "complete", "speed", "resume"):
         follower.job_id = ns.args[0] if ns.args else None
         follower.cancelling = ns.command == "cancel"
     follower.until_ready = "wait=ready" in ns.args
@@ -579,7 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     for kind in JOB_COMMANDS:
-        job = sub.add_parser(kind, help=f"write a command to control/CHAIN/{kind}")
+        job = sub.add_parser(
+            kind,
+            help=f"{kind} {JOB_HELP[kind]}",
+            description=f"Write ARGS to control/CHAIN/{kind}: {JOB_HELP[kind]}.",
+        )
         job.add_argument("mountpoint", metavar="MOUNTPOINT")
         job.add_argument("chain", metavar="CHAIN")
         job.add_argument("args", nargs="*", metavar="ARGS", help="as in the control file")

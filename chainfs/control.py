@@ -21,7 +21,19 @@ from .errors import ChainfsError
 MAX_COMMAND = 4096  # bytes in one write, trailing newline included
 MAX_RATE = 2**63 - 1  # QEMU keeps speeds in an int64
 
-COMMANDS: tuple[str, ...] = ("snapshot", "stream", "commit", "copy", "cancel", "complete")
+COMMANDS: tuple[str, ...] = (
+    "snapshot",
+    "stream",
+    "commit",
+    "copy",
+    "cancel",
+    "complete",
+    "speed",
+    "pause",
+    "resume",
+)
+# the commands that act on a running job (QEMU's job verbs), each naming the job
+JOB_VERBS: tuple[str, ...] = ("cancel", "complete", "speed", "pause", "resume")
 SYNC_MODES: tuple[str, ...] = ("full", "top")
 
 
@@ -74,7 +86,35 @@ class CompleteCmd:
     job: str
 
 
-Command: TypeAlias = SnapshotCmd | StreamCmd | CommitCmd | CopyCmd | CancelCmd | CompleteCmd
+@dataclass(frozen=True)
+class SpeedCmd:
+    """``speed JOB RATE``: QEMU's ``block-job-set-speed``."""
+
+    job: str
+    speed: int
+
+
+@dataclass(frozen=True)
+class PauseCmd:
+    job: str
+
+
+@dataclass(frozen=True)
+class ResumeCmd:
+    job: str
+
+
+Command: TypeAlias = (
+    SnapshotCmd
+    | StreamCmd
+    | CommitCmd
+    | CopyCmd
+    | CancelCmd
+    | CompleteCmd
+    | SpeedCmd
+    | PauseCmd
+    | ResumeCmd
+)
 
 # Per command: the keys it accepts, and what its bare word is called (None: it takes none).
 _KEYS: dict[str, frozenset[str]] = {
@@ -84,6 +124,9 @@ _KEYS: dict[str, frozenset[str]] = {
     "copy": frozenset({"sync", "speed", "wait"}),
     "cancel": frozenset(),
     "complete": frozenset(),
+    "speed": frozenset(),
+    "pause": frozenset(),
+    "resume": frozenset(),
 }
 _MAIN: dict[str, str | None] = {
     "snapshot": "file",
@@ -92,8 +135,11 @@ _MAIN: dict[str, str | None] = {
     "copy": "destination",
     "cancel": "job",
     "complete": "job",
+    "speed": "job",
+    "pause": "job",
+    "resume": "job",
 }
-_REQUIRED = frozenset({"snapshot", "copy", "cancel", "complete"})
+_REQUIRED = frozenset({"snapshot", "copy", *JOB_VERBS})
 
 _RATE = re.compile(r"([0-9]{1,30})([kmg]?)", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -335,6 +381,12 @@ def parse_command(kind: str, data: bytes) -> Command:
 
     name = _MAIN[kind]
     main: str | None = None
+    if kind == "speed":
+        # two bare words, as QEMU's block_job_set_speed DEVICE SPEED
+        if len(bare) != 2:
+            raise _invalid(f"speed takes a job and a rate, got {len(bare)} words")
+        _check_value("job", bare[0])
+        return SpeedCmd(job=bare[0], speed=_parse_rate(bare[1], "rate"))
     if name is None:
         if bare:
             raise _invalid(f"{kind} takes no bare argument, got {_show(bare[0])}")
@@ -373,4 +425,8 @@ def parse_command(kind: str, data: bytes) -> Command:
     assert main is not None
     if kind == "cancel":
         return CancelCmd(job=main)
+    if kind == "pause":
+        return PauseCmd(job=main)
+    if kind == "resume":
+        return ResumeCmd(job=main)
     return CompleteCmd(job=main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from typing import get_args
 
 import pytest
 from hypothesis import given
@@ -17,7 +18,10 @@ from chainfs.control import (
     CommitCmd,
     CompleteCmd,
     CopyCmd,
+    PauseCmd,
+    ResumeCmd,
     SnapshotCmd,
+    SpeedCmd,
     StreamCmd,
     format_line,
     parse_command,
@@ -68,6 +72,11 @@ ACCEPTED: list[tuple[str, bytes, Command]] = [
     ("cancel", b"stream-1", CancelCmd("stream-1")),
     ("cancel", b"stream-1\n", CancelCmd("stream-1")),
     ("complete", b"copy-3\n", CompleteCmd("copy-3")),
+    ("speed", b"copy-3 10M\n", SpeedCmd("copy-3", 10 << 20)),
+    ("speed", b"stream-1 0", SpeedCmd("stream-1", 0)),
+    ("speed", b'"stream-1" 512k', SpeedCmd("stream-1", 512 << 10)),
+    ("pause", b"commit-2\n", PauseCmd("commit-2")),
+    ("resume", b"commit-2", ResumeCmd("commit-2")),
 ]
 
 
@@ -85,7 +94,10 @@ def test_all_defaults_must_be_spelled_out(kind: str) -> None:
 
 
 def test_commands_listed() -> None:
-    assert set(COMMANDS) == {"snapshot", "stream", "commit", "copy", "cancel", "complete"}
+    assert set(COMMANDS) == {
+        *("snapshot", "stream", "commit", "copy"),
+        *("cancel", "complete", "speed", "pause", "resume"),
+    }
 
 
 REJECTED: list[tuple[str, bytes, str]] = [
@@ -142,6 +154,16 @@ REJECTED: list[tuple[str, bytes, str]] = [
     ("cancel", b"stream-1 copy-2", "cancel takes one job, got 'stream-1' and 'copy-2'"),
     ("complete", b"force=true", "unknown key 'force' for complete"),
     ("complete", b"a b", "complete takes one job"),
+    ("speed", b"stream-1", "speed takes a job and a rate, got 1 words"),
+    ("speed", b"stream-1 1M 2M", "speed takes a job and a rate, got 3 words"),
+    ("speed", b"stream-1 speed=1M", "unknown key 'speed' for speed"),
+    ("speed", b"stream-1 fast", "rate must be a byte rate like 10M, got 'fast'"),
+    ("speed", b"stream-1 -1", "rate must be a byte rate"),
+    ("speed", b"", "empty command"),
+    ("pause", b"", "empty command"),
+    ("pause", b"a b", "pause takes one job"),
+    ("resume", b"now=1", "unknown key 'now' for resume"),
+    ("resume", b"\n", "empty command"),
 ]
 
 
@@ -335,9 +357,7 @@ def _check_parse(kind: str, data: bytes) -> None:
         assert exc.errno == errno.EINVAL
         assert str(exc)
     else:
-        assert isinstance(
-            result, SnapshotCmd | StreamCmd | CommitCmd | CopyCmd | CancelCmd | CompleteCmd
-        )
+        assert isinstance(result, get_args(Command))
 
 
 @given(st.sampled_from(COMMANDS), st.binary(max_size=300))

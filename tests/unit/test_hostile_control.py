@@ -26,7 +26,10 @@ from chainfs.control import (
     CommitCmd,
     CompleteCmd,
     CopyCmd,
+    PauseCmd,
+    ResumeCmd,
     SnapshotCmd,
+    SpeedCmd,
     StreamCmd,
     parse_command,
     quote,
@@ -41,6 +44,9 @@ GRAMMAR: dict[str, tuple[frozenset[str], bool, bool]] = {
     "copy": (frozenset({"sync", "speed", "wait"}), True, True),
     "cancel": (frozenset(), True, True),
     "complete": (frozenset(), True, True),
+    "speed": (frozenset(), True, True),  # two bare words: JOB RATE
+    "pause": (frozenset(), True, True),
+    "resume": (frozenset(), True, True),
 }
 ALL_KEYS = ("base", "node", "top", "speed", "sync", "wait", "file", "job")
 GOOD = {"base": "A.qcow2", "node": "D.qcow2", "top": "C.qcow2", "speed": "10M", "sync": "top"}
@@ -66,6 +72,10 @@ def expected(kind: str, keys: dict[str, str], bare: list[str]) -> Command | None
         return None  # an empty write never defaults to anything
     if set(keys) - allowed or any(BAD.get(k) == v for k, v in keys.items()):
         return None
+    if kind == "speed":
+        if keys or len(bare) != 2 or bare[1] != "10M":
+            return None
+        return SpeedCmd(bare[0], 10 << 20)
     if len(bare) > 1 or (bare and not takes_bare) or (needs_bare and not bare):
         return None
     main = bare[0] if bare else None
@@ -83,6 +93,10 @@ def expected(kind: str, keys: dict[str, str], bare: list[str]) -> Command | None
         return CopyCmd(main or "", sync=keys.get("sync", "full"), speed=speed, wait_ready=ready)
     if kind == "cancel":
         return CancelCmd(main or "")
+    if kind == "pause":
+        return PauseCmd(main or "")
+    if kind == "resume":
+        return ResumeCmd(main or "")
     return CompleteCmd(main or "")
 
 
@@ -95,7 +109,7 @@ def combinations() -> list[tuple[str, dict[str, str], list[str]]]:
                 for bad in itertools.product([False, True], repeat=len(with_bad)):
                     keys = {k: GOOD[k] for k in chosen}
                     keys |= {k: BAD[k] for k, b in zip(with_bad, bad, strict=True) if b}
-                    for bare in ([], ["X.qcow2"], ["X.qcow2", "Y.qcow2"]):
+                    for bare in ([], ["X.qcow2"], ["X.qcow2", "Y.qcow2"], ["X", "10M"]):
                         out.append((kind, keys, bare))
     return out
 
@@ -109,7 +123,7 @@ def test_every_keyword_combination() -> None:
         for order in (words, words[::-1]):
             data = " ".join(order).encode() + b"\n"
             got = outcome(kind, data)
-            want = expected(kind, keys, bare)
+            want = expected(kind, keys, [w for w in order if "=" not in w])
             if want is None:
                 assert isinstance(got, CommandError), (kind, data, got)
             else:
