@@ -196,6 +196,13 @@ class HostFile:
             # a short read means end of file (regular files); the rest reads as zeros
             buf[n:] = bytes(len(buf) - n)
 
+    def pread_padded(self, length: int, offset: int) -> bytearray:
+        """``length`` bytes from ``offset``, those past end of file as zeros (a metadata
+        table may reach past a file that ends inside its cluster)."""
+        buf = bytearray(length)
+        self.preadinto(memoryview(buf), offset)
+        return buf
+
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         if not self.writable:
             raise ChainfsError(f"{self.path!r} is open read-only")

@@ -87,8 +87,7 @@ class Refcounts:
             return blk
         if off % self.cs:
             raise ImageError(f"{self.f.path!r} has a misaligned refcount block")
-        blk = bytearray(self.f.pread(self.cs, off))
-        blk += bytes(self.cs - len(blk))
+        blk = self.f.pread_padded(self.cs, off)
         self.cache[off] = blk
         self._evict()
         return blk

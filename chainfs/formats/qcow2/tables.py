@@ -52,8 +52,7 @@ class Tables(Layer):
         self.csize_shift = 62 - (cb - 8)
         self.coff_mask = (1 << self.csize_shift) - 1
         self.nsec_mask = (1 << (cb - 8)) - 1
-        self.l1 = bytearray(f.pread(h.l1_size * 8, h.l1_table_offset))
-        self.l1 += bytes(h.l1_size * 8 - len(self.l1))
+        self.l1 = f.pread_padded(h.l1_size * 8, h.l1_table_offset)
         self.l1_dirty: set[int] = set()
         self.l2_cache: OrderedDict[int, bytearray] = OrderedDict()
         self.l2_dirty: set[int] = set()
@@ -81,10 +80,8 @@ class Tables(Layer):
         if table is not None:
             self.l2_cache.move_to_end(off)
             return table
-        if off % self.cluster_size:
-            raise ImageError(f"{self.path!r} has a misaligned L2 table at {off:#x}")
-        table = bytearray(self.file.pread(self.cluster_size, off))
-        table += bytes(self.cluster_size - len(table))
+        self._check_aligned(off)
+        table = self.file.pread_padded(self.cluster_size, off)
         layout = self._layout
         # tables past the file's end at open were made by this session: nothing to check
         if layout is not None and off < layout.eof and off not in self._checked:
@@ -115,16 +112,17 @@ class Tables(Layer):
         s = self.l2_slice
         off = l2_off + a - a % s
         piece = self.l2_slices.get(off)
-        if piece is not None:
+        if piece is None:
+            self._check_aligned(l2_off)
+            piece = bytes(self.file.pread_padded(s, off))
+            self._keep_slice(off, piece)
+        else:
             self.l2_slices.move_to_end(off)
-            return piece
+        return piece
+
+    def _check_aligned(self, l2_off: int) -> None:
         if l2_off % self.cluster_size:
             raise ImageError(f"{self.path!r} has a misaligned L2 table at {l2_off:#x}")
-        piece = self.file.pread(s, off)
-        if len(piece) < s:
-            piece += bytes(s - len(piece))
-        self._keep_slice(off, piece)
-        return piece
 
     def _keep_slice(self, off: int, piece: bytes) -> None:
         self.l2_slices[off] = piece
@@ -208,8 +206,7 @@ class Tables(Layer):
         if self.file.writable:  # whole tables, as in ``_entry``
             table = self._l2(l2_off)
             return _allocated_lanes(table, a, b, s, _nonzero_pieces(table, a, b, s))
-        if l2_off % self.cluster_size:
-            raise ImageError(f"{self.path!r} has a misaligned L2 table at {l2_off:#x}")
+        self._check_aligned(l2_off)
         lo, hi = a - a % s, -(-b // s) * s
         data = scratch(hi - lo, "l2")
         known = self.l2_slices
