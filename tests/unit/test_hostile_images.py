@@ -27,8 +27,8 @@ import pytest
 from chainfs.chain import Chain
 from chainfs.errors import ChainfsError, ImageError
 from chainfs.formats import open_layer
-from chainfs.formats.qcow2 import header as hdr
 from chainfs.formats.qcow2 import create_overlay
+from chainfs.formats.qcow2 import header as hdr
 from chainfs.hostfile import HostFile
 
 KiB, MiB = 1024, 1 << 20
