@@ -26,19 +26,22 @@ from .control import (
     CommitCmd,
     CompleteCmd,
     CopyCmd,
+    PauseCmd,
+    ResumeCmd,
     SnapshotCmd,
+    SpeedCmd,
     StreamCmd,
     format_line,
     parse_command,
 )
 from .errors import ChainfsError
+from .eventlog import EventLog
 from .formats.base import Layer
 from .formats.qcow2 import create_overlay
-from .jobs.base import CONCLUDED, READY, Job
+from .jobs.base import CONCLUDED, Job
 from .jobs.commit import ActiveCommitJob, CommitJob
 from .jobs.copy import CopyJob
 from .jobs.journal import Journal
-from .jobs.mirror import MirrorJob
 from .jobs.stream import StreamJob
 from .source import Source
 
@@ -78,7 +81,7 @@ class Disk:
         self.readonly = readonly
         self.job: Job | None = None
         self.journal: Journal | None = None  # set by the mount when it may write
-        self.events = bytearray()
+        self.events = EventLog()  # in memory; the mount gives it its history on disk
         self._spawn = spawn
         self._next_id = next_id
         self._others = others  # the mount's disks (this one among them, or not)
@@ -124,7 +127,7 @@ class Disk:
         line = format_line(
             [("time", stamp), ("event", event), ("chain", self.name), *fields.items()]
         )
-        self.events += line.encode() + b"\n"
+        self.events.append(line)
         log.info("%s", line)
 
     def chain_changed(self) -> None:
@@ -156,7 +159,13 @@ class Disk:
             elif isinstance(cmd, CancelCmd):
                 self._cancel(cmd.job)
             elif isinstance(cmd, CompleteCmd):
-                self._complete(cmd.job)
+                self._find_job(cmd.job).user_complete()
+            elif isinstance(cmd, SpeedCmd):
+                self._find_job(cmd.job).set_speed(cmd.speed)
+            elif isinstance(cmd, PauseCmd):
+                self._find_job(cmd.job).user_pause()
+            elif isinstance(cmd, ResumeCmd):
+                self._find_job(cmd.job).user_resume()
             elif isinstance(cmd, CommitCmd):
                 self._commit(cmd)
             elif isinstance(cmd, CopyCmd):
@@ -211,7 +220,7 @@ class Disk:
         return job
 
     def _cancel(self, job_id: str) -> None:
-        self._find_job(job_id).cancel()
+        self._find_job(job_id).user_cancel()
 
     def check_target(self, target: str) -> str:
         """Where a new file may go: an allowed directory, not existing yet."""
@@ -347,16 +356,6 @@ class Disk:
         )
         self.start_job(job)
 
-    def _complete(self, job_id: str) -> None:
-        job = self._find_job(job_id)
-        if not isinstance(job, MirrorJob) or job.status != READY:
-            raise CommandError(
-                errno.EINVAL,
-                f"job {job_id!r} is {job.status}, not ready: only a copy or an active commit "
-                "that reported JOB_READY can be completed",
-            )
-        job.complete()
-
     def start_job(self, job: Job) -> None:
         """Journal a new job's intent, then run it in the background."""
         job.attach(self.journal, self.name)
@@ -378,4 +377,5 @@ class Disk:
             await job.done.wait()
 
     def close(self) -> None:
+        self.events.close()
         self.chain.close()

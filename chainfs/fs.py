@@ -3,7 +3,8 @@
     MOUNTPOINT/NAME.img                  flat disk (read-write)
     MOUNTPOINT/control/.status           the daemon and every chain, served or refused
     MOUNTPOINT/control/NAME/{chain,jobs,events}               read
-    MOUNTPOINT/control/NAME/{snapshot,stream,commit,copy,cancel,complete}   write
+    MOUNTPOINT/control/NAME/{snapshot,stream,commit,copy}                   write
+    MOUNTPOINT/control/NAME/{cancel,complete,speed,pause,resume}            write (job verbs)
 
 This class only translates: requests become calls on ``Disk``/``Chain``, and chainfs
 errors become ``FUSEError`` here and nowhere else.  Any other exception is logged and
@@ -31,7 +32,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 
 from .chain import Chain
-from .control import CommandError, format_line
+from .control import COMMANDS, CommandError, format_line
 from .disk import Disk
 from .errors import ChainfsError
 from .logs import Throttle, describe_call
@@ -47,7 +48,7 @@ FIRST_CHAIN = 16
 PER_CHAIN = 16
 IMG, DIR = 0, 1
 READ_FILES = ("chain", "jobs", "events")
-WRITE_FILES = ("snapshot", "stream", "commit", "copy", "cancel", "complete")
+WRITE_FILES = COMMANDS  # snapshot stream commit copy, then the job verbs
 CONTROL_FILES = READ_FILES + WRITE_FILES  # offsets 2.. within a chain's block
 
 P = ParamSpec("P")
@@ -172,7 +173,7 @@ class Operations(pyfuse3.Operations):
             return disk.chain_text()
         if name == "jobs":
             return disk.jobs_text()
-        return bytes(disk.events)
+        return bytes(disk.events)  # the history at mount and every line since
 
     def status_text(self) -> bytes:
         lines = [
@@ -308,7 +309,7 @@ class Operations(pyfuse3.Operations):
             return h.data[off : off + size]
         assert h.disk is not None
         # events: live, append-only, so ``tail -f`` follows it
-        return bytes(h.disk.events[off : off + size])
+        return h.disk.events.read(off, size)
 
     @translate_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -11,7 +11,6 @@ closed clean, and the mountpoint is released.
 from __future__ import annotations
 
 import fcntl
-import itertools
 import logging
 import os
 import signal
@@ -28,6 +27,7 @@ from .chain import Chain, resolve_backing
 from .control import format_line, quote
 from .disk import Disk
 from .errors import ChainfsError
+from .eventlog import EventLog
 from .formats import open_layer
 from .formats.qcow2.header import MAGIC
 from .fs import Operations
@@ -84,11 +84,6 @@ def open_disks(
     spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], None],
     journal: Journal | None = None,
 ) -> list[Disk]:
-    counter = itertools.count(1)
-
-    def next_id(kind: str) -> str:
-        return f"{kind}-{next(counter)}"
-
     disks: list[Disk] = []
     for spec in src.chains:
         try:
@@ -102,6 +97,8 @@ def open_disks(
         own = [os.path.dirname(spec.active)]
         if os.path.isdir(src.path):
             own.append(src.directory)
+        # the chain's events history and job-id counter, kept beside the state file
+        events = EventLog.open(src.directory, spec.name, writable=not opts.readonly)
         disks.append(
             Disk(
                 spec.name,
@@ -110,10 +107,11 @@ def open_disks(
                 allowed_dirs=[*own, *opts.allow_dirs],
                 readonly=opts.readonly,
                 spawn=spawn,
-                next_id=next_id,
+                next_id=events.next_id,
                 others=lambda: disks,
             )
         )
+        disks[-1].events = events
         if not opts.readonly:
             disks[-1].journal = journal
     return disks

@@ -13,21 +13,47 @@ starts, ``journal_progress`` records now and then how far it got (after
 by ``suspend`` (at unmount) or by a crash has no end: the next mount resumes it from its
 last checkpoint, or completes its ``prepare`` from the recorded changes.
 
+A job's state is QEMU's (``states.py``): every change goes through the transition
+table (assigning ``status`` does), and every verb a user sends (``cancel``, ``pause``,
+``resume``, ``set-speed``, ``complete``) through the verb table first.  A paused job
+stops at its next checkpoint and waits there; a speed change wakes a job waiting out
+its rate limit, so the new rate holds from the next step on.
+
 Locking contract: everything runs on the trio thread; the chain's own lock guards the
 chain against the (rare) callers on other threads.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
 import trio
 import trio.lowlevel
 
 from ..errors import ChainfsError
+from . import states
 from .journal import Action, Journal
+from .states import (
+    ABORTING,
+    CANCEL,
+    COMPLETE,
+    CONCLUDED,
+    CREATED,
+    PAUSE,
+    PAUSED,
+    PENDING,
+    READY,
+    RESUME,
+    RUNNING,
+    SET_SPEED,
+    STANDBY,
+    WAITING,
+    JobStateError,
+    apply_verb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +61,24 @@ log = logging.getLogger(__name__)
 # a crash then loses at most about a second of a job's copying
 PROGRESS_INTERVAL = 1.0
 
-# QEMU's job states that chainfs uses
-CREATED, RUNNING, PAUSED, READY = "created", "running", "paused", "ready"
-WAITING, PENDING, ABORTING, CONCLUDED = "waiting", "pending", "aborting", "concluded"
+# the rate limit counts its budget over a window this long: a job held up (a slow disk,
+# a pause) does not make up for it in a burst, and a new speed holds at once
+RATE_WINDOW = 1.0
+
+__all__ = [
+    "ABORTING",
+    "CONCLUDED",
+    "CREATED",
+    "PAUSED",
+    "PENDING",
+    "READY",
+    "RUNNING",
+    "STANDBY",
+    "WAITING",
+    "Job",
+    "JobCancelled",
+    "JobStateError",
+]
 
 
 class JobCancelled(Exception):
@@ -53,26 +94,33 @@ class Job:
     # each window deterministically (a started write still on its way, a pass's
     # position just moved), as ``HostFile.observer`` is for the host's writes
     between_steps: ClassVar[Callable[[Job], None] | None] = None
+    # awaited as ``between_states(job)`` right after ``execute`` moved the job into
+    # created, waiting, pending or aborting -- states a job otherwise passes through
+    # without letting a request in: the fault point at which tests hold a job there
+    # and send it every verb
+    between_states: ClassVar[Callable[[Job], Awaitable[None]] | None] = None
 
     def __init__(self, job_id: str, *, speed: int, emit: Callable[..., None]) -> None:
         self.id = job_id
-        self.status = CREATED
+        self._status = CREATED
         self.offset = 0
         self.len = 0
         self.speed = speed
         self.error: str | None = None
         self._emit = emit
         self._cancel = False
-        self._wakeup = trio.Event()
+        self._wakeup = trio.Event()  # set by cancel and by a speed change
+        self._paused = False  # a user's pause is in force (QEMU's user_paused)
+        self._unpaused = trio.Event()
         self.done = trio.Event()
-        # rate limiting: bytes copied since ``_since``
+        # rate limiting: bytes copied since ``_budget_start``
         self._budget_start = 0.0
         self._copied = 0
         # the journal: where this run started, and what of its progress is recorded
         self.journal: Journal | None = None
         self.journal_key = ""
         self.start = 0  # 0, or the checkpoint of the interrupted job this one resumes
-        self.previous: str | None = None  # that job's id
+        self.previous: str | None = None  # its id (this job resumes it under that id)
         self._suspend = False
         self._phase_begun = False
         self._reached = 0  # the job declared everything below this done
@@ -94,8 +142,89 @@ class Job:
             *self.details(),
         ]
 
+    # -- the state machine ------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """The job's state, one of QEMU's (``states.STATES``)."""
+        return self._status
+
+    @status.setter
+    def status(self, new: str) -> None:
+        """Move to ``new`` through the transition table (IllegalTransition if it forbids)."""
+        old = self._status
+        self._status = states.transition(self.id, old, new)
+        log.debug("job=%s state=%s -> %s", self.id, old, new)
+
+    async def _enter(self, new: str) -> None:
+        """``execute``'s own state changes, with the test fault point after them."""
+        self.status = new
+        if Job.between_states is not None:
+            await Job.between_states(self)
+
+    # -- the verbs a user sends (each through the verb table) ---------------------------------
+
+    def user_cancel(self) -> None:
+        """QEMU's ``job-cancel``."""
+        apply_verb(self.id, self.status, CANCEL)
+        self.cancel()
+
+    def user_pause(self) -> None:
+        """QEMU's ``job-pause``: the job stops at its next checkpoint and shows ``paused``
+        (``standby`` when it was ``ready``) until ``resume`` or ``cancel``."""
+        apply_verb(self.id, self.status, PAUSE)
+        if self._paused:
+            raise JobStateError(errno.EINVAL, f"job {self.id!r} is already paused")
+        self._paused = True
+        self._unpaused = trio.Event()
+        if self.status == RUNNING:
+            self.status = PAUSED
+        elif self.status == READY:
+            self.status = STANDBY
+        # created: the job pauses at its first checkpoint
+        self._wakeup.set()
+
+    def user_resume(self) -> None:
+        """QEMU's ``job-resume``."""
+        apply_verb(self.id, self.status, RESUME)
+        if not self._paused:
+            raise JobStateError(errno.EINVAL, f"job {self.id!r} is not paused: cannot resume it")
+        self._unpause()
+
+    def _unpause(self) -> None:
+        self._paused = False
+        if self.status == PAUSED:
+            self.status = RUNNING
+        elif self.status == STANDBY:
+            self.status = READY
+        self._unpaused.set()
+
+    def set_speed(self, speed: int) -> None:
+        """QEMU's ``block-job-set-speed``: the new rate limit (0: none) holds from the
+        job's next step on; a job waiting out the old one wakes at once."""
+        apply_verb(self.id, self.status, SET_SPEED)
+        self.speed = speed
+        self._budget_start, self._copied = 0.0, 0
+        self._wakeup.set()
+
+    def user_complete(self) -> None:
+        """QEMU's ``job-complete``: pivot a job waiting in ``ready``."""
+        apply_verb(self.id, self.status, COMPLETE)
+        if self._paused:
+            # QEMU: "The active block job '%s' cannot be completed" while paused
+            raise JobStateError(
+                errno.EINVAL, f"job {self.id!r} is paused: resume it before completing it"
+            )
+        self.complete()
+
+    def complete(self) -> None:
+        """Leave ``ready`` and finish (jobs that have a ready state override this)."""
+        raise JobStateError(errno.EINVAL, f"job {self.id!r} cannot be completed")
+
     def cancel(self) -> None:
         self._cancel = True
+        if self._paused:  # as QEMU's job_cancel_async: a paused job resumes to stop
+            self._unpause()
         self._wakeup.set()
 
     def suspend(self) -> None:
@@ -113,27 +242,39 @@ class Job:
         return self._suspend
 
     async def checkpoint(self, copied: int) -> None:
-        """Between steps: yield to guest requests, honour ``speed`` and ``cancel``."""
+        """Between steps: yield to guest requests, honour ``speed``, ``pause`` and
+        ``cancel``."""
         if Job.between_steps is not None:
             Job.between_steps(self)
         if self._cancel:
             raise JobCancelled
         self._copied += copied
-        if self.speed > 0:
-            now = trio.current_time()
-            if not self._budget_start:
-                self._budget_start = now
-            due = self._budget_start + self._copied / self.speed
-            if due > now:
-                with trio.move_on_at(due):
-                    await self._wakeup.wait()
-            # keep the window short so a speed change takes effect quickly
-            if now - self._budget_start > 1.0:
-                self._budget_start, self._copied = now, 0
-        else:
-            await trio.lowlevel.checkpoint()
+        await self._wait_budget()
+        while self._paused and not self._cancel:
+            if self.status == RUNNING:  # paused before it started
+                self.status = PAUSED
+            await self._unpaused.wait()
+            self._budget_start, self._copied = 0.0, 0  # no burst after the pause
         if self._cancel:
             raise JobCancelled
+
+    async def _wait_budget(self) -> None:
+        """Wait until the bytes copied fit ``speed`` (none: just yield)."""
+        if self.speed <= 0:
+            await trio.lowlevel.checkpoint()
+            return
+        now = trio.current_time()
+        if not self._budget_start:
+            self._budget_start = now
+        due = self._budget_start + self._copied / self.speed
+        if due > now:
+            self._wakeup = trio.Event()
+            with trio.move_on_at(due):
+                await self._wakeup.wait()  # woken early by a speed change or cancel
+        # (a speed change restarted the budget: the next step runs at the new rate)
+        # keep the window short so a speed change takes effect quickly
+        if self._budget_start and now - self._budget_start > RATE_WINDOW:
+            self._budget_start, self._copied = now, 0
 
     # -- the journal ----------------------------------------------------------------------
 
@@ -154,6 +295,7 @@ class Job:
         self.journal, self.journal_key = journal, pending.key
         self.start = self.offset = self._reached = self._logged_offset = pending.offset
         self.previous = pending.previous
+        self.id = pending.id  # a resumed job keeps its id across remounts and crashes
 
     def journal_progress(self, offset: int) -> None:
         """Everything the job does below ``offset`` is done; record it now and then.
@@ -213,24 +355,33 @@ class Job:
         """Undo what must be undone after a failure or cancel (nothing, usually)."""
 
     async def execute(self) -> None:
-        """Run the job through its states, reporting to ``events``."""
+        """Run the job through its states, reporting to ``events``.
+
+        created -> running (-> ready) -> waiting -> pending -> concluded, or to aborting
+        -> concluded from any of them when cancelled or failed; the test fault point
+        ``between_states`` aside, nothing else runs between run's end and ``prepare``.
+        """
+        if Job.between_states is not None:
+            await Job.between_states(self)  # held in created
         self.status = RUNNING
         self._logged_at = trio.current_time()
         self._emit("JOB_STARTED", job=self.id, type=self.type)
         if self.previous is not None:
-            self._emit(
-                "JOB_RESUMED",
-                job=self.id,
-                type=self.type,
-                previous=self.previous,
-                offset=self.start,
-            )
+            # the interrupted job, under its own id, from its checkpoint
+            self._emit("JOB_RESUMED", job=self.id, type=self.type, offset=self.start)
         try:
+            if self._cancel:
+                raise JobCancelled
             await self.run()
-            self.status = PENDING
+            await self._enter(WAITING)
+            if self._cancel:
+                raise JobCancelled
+            await self._enter(PENDING)
+            if self._cancel:
+                raise JobCancelled
             self.prepare()
         except JobCancelled:
-            self.status = ABORTING
+            await self._abort_state()
             if self._suspend:
                 self._record_resume_point()
             self._safe_abort()
@@ -252,7 +403,7 @@ class Job:
             else:
                 log.exception("job=%s failed", self.id)
             self.error = str(e) or type(e).__name__
-            self.status = ABORTING
+            await self._abort_state()
             self._safe_abort()
             self.status = CONCLUDED
             if self._phase_begun:
@@ -267,6 +418,11 @@ class Job:
             self._emit("JOB_COMPLETED", job=self.id, type=self.type, offset=self.offset)
         finally:
             self.done.set()
+
+    async def _abort_state(self) -> None:
+        if self._paused:  # failed while paused: out of paused first, as the table wants
+            self._unpause()
+        await self._enter(ABORTING)
 
     def _record_resume_point(self) -> None:
         """Stopped for unmount: the journal keeps the job, with its latest checkpoint."""

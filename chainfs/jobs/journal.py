@@ -11,7 +11,8 @@ one record per line::
     {"r": "phase", "key": K, "phase": "prepare", "actions": [...]}   changes about to be made
     {"r": "end", "key": K, "how": "done"}       (or cancelled, failed, resumed, rolled-back)
 
-``key`` names one run of one job, unique across mounts (job ids restart at every mount).
+``key`` names one run of one job, unique across mounts (a resumed job keeps its id, so
+one id may have several runs).
 
 Ordering is what makes it work.  An intent is durable before the job writes anything
 (or creates any file), a phase before any backing pointer or state-file change, an end
@@ -360,6 +361,7 @@ class Journal:
             old = None
         if old is not None:
             pending.offset, pending.previous, pending.resumes = old.offset, old.id, old.key
+            pending.id = old.id  # a job keeps its id across remounts and crashes
         self._append(pending.records()[0], sync=True)
         self.live[pending.key] = pending
         if old is not None:
