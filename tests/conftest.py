@@ -1,5 +1,7 @@
-"""Shared pytest wiring: the ``--runslow`` switch, skipping interop tests without QEMU, and
-the ``bounded_reads`` fixture of the hostile-image tests."""
+"""Shared pytest wiring: the layers run lowest first (unit, interop, mount), the
+``--runslow`` switch, skipping interop tests without QEMU, the ``checklogs`` plugin (a
+test fails on a WARNING it did not declare with ``@pytest.mark.expect_log``), and the
+``bounded_reads`` fixture of the hostile-image tests."""
 
 from __future__ import annotations
 
@@ -11,8 +13,12 @@ import pytest
 
 from chainfs.hostfile import HostFile
 
-INTEROP_DIR = Path(__file__).parent / "interop"
+TESTS_DIR = Path(__file__).parent
+INTEROP_DIR = TESTS_DIR / "interop"
 QEMU_TOOLS = ("qemu-img", "qemu-io")
+LAYERS = ("unit", "interop", "mount")  # the order they run in: lower layers fail first
+
+pytest_plugins = ["checklogs", "pytester"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -21,7 +27,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def layer(item: pytest.Item) -> int:
+    """The rank of the item's layer in ``LAYERS``; anything else runs last."""
+    try:
+        name = item.path.relative_to(TESTS_DIR).parts[0]
+    except ValueError:
+        return len(LAYERS)
+    return LAYERS.index(name) if name in LAYERS else len(LAYERS)
+
+
+# trylast: after pytest grouped the items by their parametrized fixtures; the sort is
+# stable, so that grouping and the file order within a layer are kept
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=layer)
     missing = [tool for tool in QEMU_TOOLS if shutil.which(tool) is None]
     skip_qemu = pytest.mark.skip(
         reason=f"interop tests need {' and '.join(missing)} on PATH (install qemu-utils)"

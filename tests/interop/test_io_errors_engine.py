@@ -518,6 +518,8 @@ async def job_writes(seed: Path, tmp: Path, kind: str, text: str) -> tuple[int, 
     return faults.counts["write"], faults.counts["flush"]
 
 
+# the job fails on the injected fault, and undoing its work meets the fault too
+@pytest.mark.expect_log(r"WARNING chainfs\.jobs\.base: job=\S+ (abort )?failed: ")
 @pytest.mark.parametrize(("kind", "text", "after"), JOBS, ids=JOB_IDS)
 @pytest.mark.parametrize(
     ("fault", "err"),
@@ -613,6 +615,7 @@ class FakeDisk:
     mtime_ns: int = 1
 
 
+@pytest.mark.expect_log(r"WARNING chainfs\.mount: chain=vm write-back failed: ")
 async def test_periodic_write_back_retries_without_spinning(
     autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -7,6 +7,8 @@ once if the server died; teardown is always a lazy ``fusermount3 -u -z``, then
 terminate, then kill.  The server logs to a file in the test's tmp directory; a failing
 test gets the logs of its mounts attached to its report, and a clean unmount fails if
 the server logged a traceback (an unexpected exception, which reaches the kernel as EIO).
+The ``checklogs`` plugin reads what every server logged during each test phase: a
+WARNING or ERROR line the test did not declare (``@pytest.mark.expect_log``) fails it.
 
 Images are made and judged by QEMU's tools through ``interop.images``; the seed chain
 ``[A] <- [B] <- [C] <- [D] <- [E]`` comes from ``scripts/make-seed-chain``, built once per
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from checklogs import watch
 from interop import images as im
 
 from chainfs.control import parse_line
@@ -45,6 +48,10 @@ SEED_SIZE = 32 * MiB
 LOG_TAIL = 150  # lines of a server log attached to a failure report
 
 T = TypeVar("T")
+
+# a refused command logs "chain=NAME command refused: REASON" (fs.py): what a test that
+# refuses commands on purpose (``Mount.refuse``) declares
+expect_refusals = pytest.mark.expect_log(r"WARNING chainfs\.fs: chain=\S+ command refused: ")
 
 # tests that mount tmpfs or ext4, attach loop devices or enter a mount namespace
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, losetup, unshare)")
@@ -87,6 +94,8 @@ class Mount:
         self.options = list(options)
         self.test = _CURRENT_TEST[0]
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log_read = 0  # how far checklogs has read the log
+        self.log_done = False  # read to its end after the server exited
         _MOUNTS.append(self)
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -96,6 +105,7 @@ class Mount:
         for opt in self.options:
             args += ["-o", opt]
         self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self.log_done = False
         with open(self.log, "ab") as log:
             log.write(f"==> {' '.join(args)}\n".encode())
             log.flush()
@@ -176,6 +186,18 @@ class Mount:
             return self.log.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def new_log_lines(self) -> list[str]:
+        """The whole lines logged since the last call (a line still being written waits)."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self.log_read)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.log_read += end
+        return data[:end].decode(errors="replace").splitlines()
 
     # -- the tree ----------------------------------------------------------------------------
 
@@ -264,6 +286,21 @@ class Mount:
 _DROPPED_AT_UNMOUNT = re.compile(
     r"ERROR pyfuse3: fuse_\w+\(\): fuse_reply_\* failed with No such file or directory$"
 )
+
+
+def _server_lines() -> list[str]:
+    """What the servers logged since the last call, for ``checklogs``; a server that
+    exited has its log read one last time, until it is started again."""
+    lines: list[str] = []
+    for m in _MOUNTS:
+        if m.proc is None or m.log_done:
+            continue
+        m.log_done = m.proc.poll() is not None  # before the read: its last lines are in
+        lines += (x for x in m.new_log_lines() if not _DROPPED_AT_UNMOUNT.search(x))
+    return lines
+
+
+watch(_server_lines)
 
 
 def _is_dead_mount(path: Path) -> bool:

@@ -21,7 +21,17 @@ from interop import images as im
 
 from chainfs.control import parse_line
 
-from .conftest import CHAINFS, DEADLINE, Mount, Mounter, Seeds, assert_clean, run, wait_for
+from .conftest import (
+    CHAINFS,
+    DEADLINE,
+    Mount,
+    Mounter,
+    Seeds,
+    assert_clean,
+    expect_refusals,
+    run,
+    wait_for,
+)
 
 MiB = im.MiB
 
@@ -149,6 +159,7 @@ def test_ctrl_c_stops_following_and_the_job_keeps_running(mount: Mount) -> None:
     chainfs("cancel", mount.mountpoint, "E", "stream-1", "--wait")
 
 
+@expect_refusals
 def test_refused_command_says_why(mount: Mount) -> None:
     proc = chainfs("stream", mount.mountpoint, "E", "base=Z.qcow2", "--wait", ok=(1,))
     assert proc.stderr == "chainfs: stream refused: 'Z.qcow2' is not a layer of chain 'E'\n"

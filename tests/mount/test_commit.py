@@ -33,6 +33,7 @@ from .conftest import (
     backing_chain,
     backing_string,
     digests,
+    expect_refusals,
     wait_for,
 )
 
@@ -111,6 +112,7 @@ def test_active_commit_while_writing(
     assert_flat(m2.img("E"), model)
 
 
+@expect_refusals
 def test_wait_ready_then_complete(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
     seed = seeds(tmp_path / "images")
     model = bytearray(seed.content)
@@ -147,6 +149,7 @@ def test_wait_ready_then_complete(tmp_path: Path, mounter: Mounter, seeds: Seeds
 
 
 @pytest.mark.parametrize("when", ["running", "ready"])
+@expect_refusals
 def test_cancel_active_commit(tmp_path: Path, mounter: Mounter, seeds: Seeds, when: str) -> None:
     seed = seeds(tmp_path / "images")
     above = digests([seed.layer(x) for x in "BCD"])
@@ -188,6 +191,7 @@ REFUSALS = [
 ]
 
 
+@expect_refusals
 def test_commit_refusals(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
     seed = seeds(tmp_path / "images")
     before = digests(seed.layers)

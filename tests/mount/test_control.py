@@ -32,6 +32,7 @@ from .conftest import (
     assert_clean,
     assert_flat,
     digests,
+    expect_refusals,
     root_only,
     run,
     wait_for,
@@ -121,10 +122,12 @@ EINVAL_CASES = [
 
 
 @pytest.mark.parametrize(("kind", "text"), EINVAL_CASES)
+@expect_refusals
 def test_einval(setup: Setup, kind: str, text: str) -> None:
     refuse(setup, kind, text, errno.EINVAL)
 
 
+@expect_refusals
 def test_reasons_name_the_broken_constraint(setup: Setup) -> None:
     assert refuse(setup, "stream", "base=nope.qcow2", errno.EINVAL) == (
         "'nope.qcow2' is not a layer of chain 'E'"
@@ -136,6 +139,7 @@ def test_reasons_name_the_broken_constraint(setup: Setup) -> None:
     assert "foo" in refuse(setup, "stream", "foo=bar", errno.EINVAL)
 
 
+@expect_refusals
 def test_layers_by_absolute_path(setup: Setup) -> None:
     b, d = setup.seed.layer("B"), setup.seed.layer("D")
     refuse(setup, "stream", f"node={b} base={d}", errno.EINVAL)
@@ -160,10 +164,12 @@ def test_layers_by_absolute_path(setup: Setup) -> None:
         ("../new.qcow2", errno.EACCES),
     ],
 )
+@expect_refusals
 def test_snapshot_targets(setup: Setup, text: str, err: int) -> None:
     refuse(setup, "snapshot", text.format(root=setup.root), err)
 
 
+@expect_refusals
 def test_no_such_job(setup: Setup) -> None:
     refuse(setup, "cancel", "stream-99", errno.ENOENT)
     refuse(setup, "complete", "stream-99", errno.ENOENT)
@@ -184,6 +190,7 @@ def test_control_files_keep_their_direction(setup: Setup) -> None:
     assert exc.value.errno == errno.ENOENT
 
 
+@expect_refusals
 def test_command_line_says_why(setup: Setup) -> None:
     proc = subprocess.run(
         [*CHAINFS, "stream", str(setup.mount.mountpoint), "E", "base=nope.qcow2"],
@@ -195,6 +202,7 @@ def test_command_line_says_why(setup: Setup) -> None:
     assert proc.stderr == "chainfs: stream refused: 'nope.qcow2' is not a layer of chain 'E'\n"
 
 
+@expect_refusals
 def test_ebusy_while_a_job_runs(setup: Setup) -> None:
     m = setup.mount
     listing = sorted(os.listdir(setup.images))
@@ -233,6 +241,7 @@ def test_erofs_on_a_read_only_mount(tmp_path: Path, module_mounter: Mounter, see
 
 
 @root_only
+@expect_refusals
 def test_enospc_leaves_nothing_behind(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
     """A snapshot that runs out of space is refused with ENOSPC and leaves no partial
     overlay behind, neither now nor for the next mount to clean up."""
@@ -265,6 +274,7 @@ def test_enospc_leaves_nothing_behind(tmp_path: Path, mounter: Mounter, seeds: S
     assert_clean(seed.layers)
 
 
+@expect_refusals
 def test_tail_follows_events(setup: Setup) -> None:
     """``events`` only grows, and ``tail -f`` (and an open descriptor) see each new line."""
     m = setup.mount
@@ -291,6 +301,7 @@ def test_tail_follows_events(setup: Setup) -> None:
         os.close(fd)
 
 
+@expect_refusals
 def test_ebusy_for_a_layer_another_chain_reads(tmp_path: Path, mounter: Mounter) -> None:
     """Two chains of one mount share their lower layers (``[A] <- [S] <- [vm1]`` and
     ``[A] <- [S] <- [vm2]``): a job that would write into a shared layer is refused at

@@ -34,6 +34,7 @@ from .conftest import (
     backing_chain,
     backing_string,
     digests,
+    expect_refusals,
     wait_for,
 )
 
@@ -155,6 +156,7 @@ def test_cancel_copy(tmp_path: Path, mounter: Mounter, seeds: Seeds, when: str) 
     assert served(m2) == [("E", str(seed.active))]
 
 
+@expect_refusals
 def test_copy_refusals(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
     seed = seeds(tmp_path / "images")
     elsewhere = tmp_path / "elsewhere"

@@ -32,7 +32,7 @@ from interop import images as im
 from chainfs.control import COMMANDS, CommandError, parse_command
 from chainfs.eventlog import EVENTS_DIR
 
-from .conftest import MiB, Mount, Mounter, Seed, Seeds, assert_flat, read_direct
+from .conftest import MiB, Mount, Mounter, Seed, Seeds, assert_flat, expect_refusals, read_direct
 
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 WRITE_FILES = COMMANDS  # snapshot stream commit copy cancel complete
@@ -132,6 +132,7 @@ def unharmed(setup: Setup) -> Iterator[None]:
 # -- hostile images ---------------------------------------------------------------------
 
 
+@pytest.mark.expect_log(r"WARNING chainfs\.mount: chain=\S+ refused: ")
 def test_hostile_images_are_refused_next_to_a_good_chain(setup: Setup, unharmed: None) -> None:
     # mounting wrote to none of the images (the state file is new)
     now = tree(setup.root)
@@ -154,6 +155,7 @@ def test_hostile_images_are_refused_next_to_a_good_chain(setup: Setup, unharmed:
     assert status.get("loop", {}).get("status") != "served"
 
 
+@pytest.mark.expect_log(r"WARNING chainfs\.fs: (read|write) failed: .* data pointing into metadata")
 def test_damage_found_late_fails_its_requests_not_the_mount(setup: Setup, unharmed: None) -> None:
     """``lazy`` opens, but its L2 table points into its L1 table: its flat file answers
     EIO to reads and writes alike, nothing is written into it, and the mount goes on."""
@@ -247,17 +249,20 @@ def random_bytes(setup: Setup, kind: str, seed: str, n: int) -> None:
 
 
 @pytest.mark.parametrize("kind", WRITE_FILES)
+@expect_refusals
 def test_random_bytes(setup: Setup, unharmed: None, kind: str) -> None:
     random_bytes(setup, kind, f"random-{kind}", 400)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", WRITE_FILES)
+@expect_refusals
 def test_random_bytes_many(setup: Setup, unharmed: None, kind: str) -> None:
     random_bytes(setup, kind, f"many-{kind}", 5000)
 
 
 @pytest.mark.parametrize("size", [4097, 64 * 1024, 1 << 20, 8 << 20])
+@expect_refusals
 def test_huge_writes(setup: Setup, unharmed: None, size: int) -> None:
     before = len(setup.mount.events("E"))
     payloads = [b"x" * size, b"base=" + b"A" * (size - 5), b'"' + b"/" * (size - 1)]
@@ -269,6 +274,7 @@ def test_huge_writes(setup: Setup, unharmed: None, size: int) -> None:
     assert {e["reason"] for e in new} == {"command too long"}
 
 
+@expect_refusals
 def test_partial_writes(setup: Setup, unharmed: None) -> None:
     """A command cut in two is two commands, each refused on its own; a write at an
     offset (``pwrite``) is a whole command too."""
@@ -349,6 +355,7 @@ def quoted(text: str) -> bytes:
     return ('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"').encode()
 
 
+@expect_refusals
 def test_path_traversal_and_symlinks_out(setup: Setup, unharmed: None) -> None:
     rng = random.Random("traversal")
     targets = hostile_targets(setup, rng, 300)
@@ -360,6 +367,7 @@ def test_path_traversal_and_symlinks_out(setup: Setup, unharmed: None) -> None:
     assert len(rejected_since(setup, before)) == n
 
 
+@expect_refusals
 def test_layers_and_jobs_that_are_not_there(setup: Setup, unharmed: None) -> None:
     """Layer references by traversal, absolute paths elsewhere, symlinks and look-alikes
     are not layers (EINVAL); unknown jobs do not exist (ENOENT)."""
@@ -386,6 +394,7 @@ def test_layers_and_jobs_that_are_not_there(setup: Setup, unharmed: None) -> Non
     assert len(rejected_since(setup, before)) == len(writes)
 
 
+@expect_refusals
 def test_concurrent_hostile_writers(setup: Setup, unharmed: None) -> None:
     """Eight threads write hostile commands to every control file at once while two
     more read the control files; every write gets its errno, the mount holds up."""

@@ -294,6 +294,7 @@ def unmount(m: Mount) -> None:
 
 
 @pytest.mark.parametrize("case", list(JOBS))
+@pytest.mark.expect_log(r"WARNING chainfs\.\S+: .*No space left on device$")
 def test_disk_fills_up_during_a_job(
     small_fs: SmallFs, mounter: Mounter, seeds: Seeds, case: str
 ) -> None:
@@ -338,6 +339,7 @@ def test_disk_fills_up_during_a_job(
     unmount(m2)
 
 
+@pytest.mark.expect_log(r"WARNING chainfs\.\S+: .*No space left on device$")
 def test_guest_fills_the_disk(small_fs: SmallFs, mounter: Mounter, seeds: Seeds) -> None:
     """No job: the guest's own writes fill the disk.  They fail with ENOSPC (or come back
     short), what they wrote and what was fsync'ed stays, the mount keeps serving, and
@@ -368,6 +370,7 @@ def test_guest_fills_the_disk(small_fs: SmallFs, mounter: Mounter, seeds: Seeds)
 # -- a failing disk --------------------------------------------------------------------------
 
 
+@pytest.mark.expect_log(r"(WARNING|ERROR) chainfs\.\S+: .*Input/output error")
 def test_disk_fails_during_a_stream(small_fs: SmallFs, mounter: Mounter, seeds: Seeds) -> None:
     seed = seed_on(small_fs, seeds)
     images = small_fs.path / "images"
@@ -430,6 +433,7 @@ def test_disk_fails_during_a_stream(small_fs: SmallFs, mounter: Mounter, seeds: 
 # -- a failing fdatasync, injected -----------------------------------------------------------
 
 
+@pytest.mark.expect_log(r"(WARNING|ERROR) chainfs\.\S+: .*Input/output error")
 def test_fsync_after_a_failed_flush_never_claims_durability(
     tmp_path: Path, mounter: Mounter, seeds: Seeds, monkeypatch: pytest.MonkeyPatch
 ) -> None:

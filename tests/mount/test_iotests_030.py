@@ -25,7 +25,7 @@ from pathlib import Path
 
 from interop import images as im
 
-from .conftest import Mount, Mounter, assert_flat, wait_for
+from .conftest import Mount, Mounter, assert_flat, expect_refusals, wait_for
 from .iotests import (
     CHAIN,
     MiB,
@@ -114,6 +114,7 @@ def test_030_stream_partial(tmp_path: Path, mounter: Mounter) -> None:
     im.assert_same_as(str(test), want, str(tmp_path))
 
 
+@expect_refusals
 def test_030_device_not_found(tmp_path: Path, mounter: Mounter) -> None:
     """A node or base that is no layer of the chain is refused, changing nothing."""
     images = single_drive(tmp_path / "images")
@@ -145,6 +146,7 @@ def parallel_ops(d: Path) -> list[Path]:
     return imgs
 
 
+@expect_refusals
 def test_030_stream_base_node_name(tmp_path: Path, mounter: Mounter) -> None:
     """Streams into img-4: a base that does not exist, that is not below it, or that
     is img-4 itself is refused; base img-2 streams img-3 into it."""
@@ -172,6 +174,7 @@ def test_030_stream_base_node_name(tmp_path: Path, mounter: Mounter) -> None:
     im.assert_same_as(str(imgs[-1]), want, str(tmp_path))
 
 
+@expect_refusals
 def test_030_overlapping(tmp_path: Path, mounter: Mounter) -> None:
     """test_overlapping_1/2/3 and test_stream_commit: while a stream, an intermediate
     commit or an active commit runs, every other job on the chain is refused with
@@ -283,6 +286,7 @@ def test_030_set_speed(tmp_path: Path, mounter: Mounter) -> None:
     m.unmount()
 
 
+@expect_refusals
 def test_030_set_speed_invalid(tmp_path: Path, mounter: Mounter) -> None:
     """A negative or unreadable speed is refused; nothing starts."""
     stream_stop_images(tmp_path / "images", MiB)

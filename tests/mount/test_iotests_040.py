@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from interop import images as im
 
-from .conftest import Mount, Mounter, assert_flat, run, wait_for
+from .conftest import Mount, Mounter, assert_flat, expect_refusals, run, wait_for
 from .iotests import (
     CHAIN,
     KiB,
@@ -173,19 +173,23 @@ def test_040_device_not_found(served: Served) -> None:
         served.mount.command("nonexistent", "commit", "top=mid.img")
 
 
+@expect_refusals
 def test_040_top_same_base(served: Served) -> None:
     refuse(served, "top=backing.img base=backing.img", "a layer cannot commit into itself")
     refuse(served, "top=mid.img base=mid.img", "a layer cannot commit into itself")
 
 
+@expect_refusals
 def test_040_top_invalid(served: Served) -> None:
     refuse(served, "top=badfile base=backing.img", "'badfile' is not a layer of chain")
 
 
+@expect_refusals
 def test_040_base_invalid(served: Served) -> None:
     refuse(served, "top=mid.img base=badfile", "'badfile' is not a layer of chain")
 
 
+@expect_refusals
 def test_040_top_and_base_reversed(served: Served) -> None:
     refuse(served, "top=backing.img base=mid.img", "'mid.img' is not below 'backing.img'")
 

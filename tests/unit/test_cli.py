@@ -385,6 +385,7 @@ def test_typed_values() -> None:
 # -- logging -----------------------------------------------------------------------------------
 
 
+@pytest.mark.expect_log(r"WARNING chainfs\.test\.throttle: ")  # the warnings it throttles
 def test_throttle_passes_a_burst_then_counts() -> None:
     clock = Clock()
     logger = logging.getLogger("chainfs.test.throttle")
@@ -436,6 +437,7 @@ def test_stderr_is_journal(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not logs.stderr_is_journal()
 
 
+@pytest.mark.expect_log(r"chainfs\.test: ")  # the lines it sends to syslog
 def test_daemon_logs_to_syslog_with_priorities(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
