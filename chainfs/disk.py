@@ -3,21 +3,21 @@
 This is what the filesystem layer talks to for one chain.  It knows nothing of FUSE:
 commands arrive as bytes written to a control file and either start something or raise
 ``CommandError`` with the SPEC's errno; the reason is also logged and appended to
-``events`` as ``COMMAND_REJECTED``.
+``events`` as ``COMMAND_REJECTED``.  Each command belongs to its job module
+(``jobs/snapshot``, ``stream``, ``commit``, ``copy``), which sees a ``Disk`` only as the
+``jobs.served.Served`` protocol: this module dispatches, and serves what the control
+files show.
 
 Locking contract: used only from the trio thread.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterable
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Callable, Iterable
 
 from .chain import Chain
 from .control import (
@@ -36,20 +36,15 @@ from .control import (
 )
 from .errors import ChainfsError
 from .eventlog import EventLog
-from .formats.base import Layer
-from .formats.qcow2 import create_overlay
+from .jobs import commit, copy, snapshot, stream
 from .jobs.base import CONCLUDED, Job
-from .jobs.commit import ActiveCommitJob, CommitJob
-from .jobs.copy import CopyJob
 from .jobs.journal import Journal
-from .jobs.stream import StreamJob
+from .jobs.served import Spawn
 from .source import Source
 
 log = logging.getLogger(__name__)
 
 CLOCK_REALTIME_COARSE = 5  # <linux/time.h>; Python's time module does not name it
-
-Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
 
 
 def _mtime_ns(path: str) -> int:
@@ -71,8 +66,9 @@ class Disk:
         allowed_dirs: list[str],
         readonly: bool,
         spawn: Spawn,
-        next_id: Callable[[str], str],
+        next_id: Callable[[str], str] | None = None,
         others: Callable[[], Iterable[Disk]] = tuple,
+        events: EventLog | None = None,
     ) -> None:
         self.name = name
         self.chain = chain
@@ -81,10 +77,13 @@ class Disk:
         self.readonly = readonly
         self.job: Job | None = None
         self.journal: Journal | None = None  # set by the mount when it may write
-        self.events = EventLog()  # in memory; the mount gives it its history on disk
-        self._spawn = spawn
-        self._next_id = next_id
-        self._others = others  # the mount's disks (this one among them, or not)
+        # the chain's events (with their history on disk, as the mount opens them) and
+        # job ids; jobs write events through the log itself
+        self.events = events if events is not None else EventLog(chain=name)
+        self.emit = self.events.emit
+        self.spawn = spawn
+        self.next_id = next_id if next_id is not None else self.events.next_id
+        self.others = others  # the mount's disks (this one among them, or not)
         # the flat file's times start as those of the newest image file: they stay the
         # same from one mount to the next as long as nothing is written
         self.mtime_ns = self.ctime_ns = max(_mtime_ns(x.path) for x in chain.layers)
@@ -121,21 +120,6 @@ class Disk:
             return b""
         return (format_line(job.line()) + "\n").encode()
 
-    def emit(self, event: str, **fields: object) -> None:
-        """Append one line to ``events`` (and the log)."""
-        stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        line = format_line(
-            [("time", stamp), ("event", event), ("chain", self.name), *fields.items()]
-        )
-        self.events.append(line)
-        log.info("%s", line)
-
-    def chain_changed(self) -> None:
-        self.emit(
-            "CHAIN_CHANGED",
-            layers=" <- ".join(os.path.basename(x.path) for x in reversed(self.chain.layers)),
-        )
-
     # -- the flat disk ----------------------------------------------------------------------
 
     def touch(self) -> None:
@@ -153,9 +137,13 @@ class Disk:
                 raise CommandError(errno.EROFS, "the mount is read-only")
             cmd = parse_command(kind, data)
             if isinstance(cmd, SnapshotCmd):
-                self._snapshot(cmd)
+                snapshot.take(self, cmd)
             elif isinstance(cmd, StreamCmd):
-                self._stream(cmd)
+                stream.start(self, cmd)
+            elif isinstance(cmd, CommitCmd):
+                commit.start(self, cmd)
+            elif isinstance(cmd, CopyCmd):
+                copy.start(self, cmd)
             elif isinstance(cmd, CancelCmd):
                 self._cancel(cmd.job)
             elif isinstance(cmd, CompleteCmd):
@@ -166,52 +154,12 @@ class Disk:
                 self._find_job(cmd.job).user_pause()
             elif isinstance(cmd, ResumeCmd):
                 self._find_job(cmd.job).user_resume()
-            elif isinstance(cmd, CommitCmd):
-                self._commit(cmd)
-            elif isinstance(cmd, CopyCmd):
-                self._copy(cmd)
         except CommandError as e:
             self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
             raise
         except ChainfsError as e:
             self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
             raise CommandError(e.errno, str(e)) from e
-
-    def _busy(self) -> None:
-        if self.job is not None and self.job.status != CONCLUDED:
-            raise CommandError(
-                errno.EBUSY, f"chain {self.name!r} is busy: job {self.job.id!r} is running"
-            )
-
-    def _unshared(self, *layers: Layer) -> None:
-        """Refuse a job that would write into a layer another chain of the mount reads
-        (a shared base): its image lock would refuse the job anyway, as QEMU's does,
-        but in words that blame another process."""
-        for layer in layers:
-            path = os.path.realpath(layer.path)
-            for other in self._others():
-                if other is not self and any(
-                    os.path.realpath(x.path) == path for x in other.chain.layers
-                ):
-                    raise CommandError(
-                        errno.EBUSY,
-                        f"{os.path.basename(layer.path)!r} is also a layer of chain "
-                        f"{other.name!r}: no job may write into it while another chain "
-                        "reads it",
-                    )
-
-    def _layer(self, ref: str) -> Layer:
-        """A layer named by its file name (as in ``chain``) or its absolute path."""
-        layers = self.chain.layers
-        if os.path.isabs(ref):
-            found = [x for x in layers if x.path == os.path.normpath(ref)]
-        else:
-            found = [x for x in layers if os.path.basename(x.path) == ref]
-        if not found:
-            raise CommandError(errno.EINVAL, f"{ref!r} is not a layer of chain {self.name!r}")
-        if len(found) > 1:
-            raise CommandError(errno.EINVAL, f"{ref!r} names several layers; give a full path")
-        return found[0]
 
     def _find_job(self, job_id: str) -> Job:
         job = self.job
@@ -221,153 +169,6 @@ class Disk:
 
     def _cancel(self, job_id: str) -> None:
         self._find_job(job_id).user_cancel()
-
-    def check_target(self, target: str) -> str:
-        """Where a new file may go: an allowed directory, not existing yet."""
-        if not os.path.isabs(target):
-            target = os.path.join(os.path.dirname(self.chain.active.path), target)
-        target = os.path.normpath(target)
-        parent = os.path.dirname(target)
-        if not os.path.isdir(parent):
-            raise CommandError(errno.ENOENT, f"directory {parent!r} does not exist")
-        real_parent = os.path.realpath(parent)
-        if not any(real_parent == d or real_parent.startswith(d + "/") for d in self.allowed_dirs):
-            raise CommandError(
-                errno.EACCES, f"{target!r} is outside the directories chainfs may write to"
-            )
-        if os.path.lexists(target):
-            raise CommandError(errno.EEXIST, f"{target!r} already exists")
-        return target
-
-    def _snapshot(self, cmd: SnapshotCmd) -> None:
-        self._busy()
-        target = self.check_target(cmd.target)
-        active = self.chain.active
-        if os.path.dirname(target) == os.path.dirname(active.path):
-            backing = os.path.basename(active.path)
-        else:
-            backing = active.path
-        # journalled so that the next mount can finish or undo it should chainfs die
-        # half-way; a snapshot that fails while chainfs lives is undone here and now
-        journal = self.journal
-        params = {"target": target, "below": active.path}
-        key = journal.begin("snapshot", "snapshot", self.name, params).key if journal else ""
-        try:
-            self.chain.flush()
-            if os.path.lexists(target):  # appeared since check_target: not ours to remove
-                raise CommandError(errno.EEXIST, f"{target!r} already exists")
-            try:
-                create_overlay(
-                    target,
-                    size=self.chain.size,
-                    backing=backing,
-                    backing_format=active.format_name,
-                )
-                self.chain.push_overlay(target)
-            except BaseException:
-                # a refused command changes nothing: the partial (or unused) overlay
-                # create_overlay made (O_EXCL: it is ours) goes
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(target)
-                raise
-        except BaseException:
-            if journal is not None:
-                journal.end(key, "rolled-back")
-            raise
-        self.source.record_active(self.name, target)
-        if journal is not None:
-            journal.end(key, "done")
-        self.emit("SNAPSHOT_TAKEN", file=target)
-        self.chain_changed()
-
-    def _stream(self, cmd: StreamCmd) -> None:
-        self._busy()
-        node = self._layer(cmd.node) if cmd.node else self.chain.active
-        if node.format_name != "qcow2":
-            raise CommandError(errno.EINVAL, f"cannot stream into {node.path!r}: it is raw")
-        base = self._layer(cmd.base) if cmd.base else None
-        n = self.chain.index_of(node)
-        if base is not None and self.chain.index_of(base) <= n:
-            raise CommandError(
-                errno.EINVAL,
-                f"{os.path.basename(base.path)!r} is not below "
-                f"{os.path.basename(node.path)!r} in chain {self.name!r}",
-            )
-        self._unshared(node)
-        job = StreamJob(self._next_id("stream"), self, node, base, speed=cmd.speed, emit=self.emit)
-        self.start_job(job)
-
-    def _commit(self, cmd: CommitCmd) -> None:
-        """The refusals of qemu-iotests 040, then an intermediate or an active commit."""
-        self._busy()
-        layers = self.chain.layers
-        top = self._layer(cmd.top) if cmd.top else layers[0]
-        base = self._layer(cmd.base) if cmd.base else layers[-1]
-        t, b = self.chain.index_of(top), self.chain.index_of(base)
-        top_name, base_name = os.path.basename(top.path), os.path.basename(base.path)
-        if t == b:
-            raise CommandError(
-                errno.EINVAL,
-                f"top and base are both {top_name!r}: a layer cannot commit into itself",
-            )
-        if b < t:
-            raise CommandError(
-                errno.EINVAL,
-                f"{base_name!r} is not below {top_name!r} in chain {self.name!r} "
-                "(top and base swapped?)",
-            )
-        # the base gets the data; an intermediate commit also rewrites the overlay above top
-        self._unshared(base, *([layers[t - 1]] if t > 0 else []))
-        job: Job
-        if t == 0:
-            job = ActiveCommitJob(
-                self._next_id("commit"),
-                self,
-                base,
-                speed=cmd.speed,
-                wait_ready=cmd.wait_ready,
-                emit=self.emit,
-            )
-        else:
-            job = CommitJob(
-                self._next_id("commit"), self, top, base, speed=cmd.speed, emit=self.emit
-            )
-        self.start_job(job)
-
-    def _copy(self, cmd: CopyCmd) -> None:
-        self._busy()
-        resumed = self.journal.reissuing if self.journal is not None else None
-        if (
-            resumed is not None
-            and resumed.type == "copy"
-            and resumed.params.get("dest") == cmd.dest
-        ):
-            target = cmd.dest  # an interrupted copy's own partial DEST: copied over again
-        else:
-            target = self.check_target(cmd.dest)
-        job = CopyJob(
-            self._next_id("copy"),
-            self,
-            target,
-            cmd.sync,
-            speed=cmd.speed,
-            wait_ready=cmd.wait_ready,
-            emit=self.emit,
-        )
-        self.start_job(job)
-
-    def start_job(self, job: Job) -> None:
-        """Journal a new job's intent, then run it in the background."""
-        job.attach(self.journal, self.name)
-        self.job = job
-
-        async def run() -> None:
-            try:
-                await job.execute()
-            finally:  # before any task waiting for the job runs again
-                self.chain.drop_copy_buffers()
-
-        self._spawn(run)
 
     async def stop_jobs(self) -> None:
         """Stop a running job, for the next mount to resume, and wait for it (unmount)."""

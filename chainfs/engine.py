@@ -17,15 +17,28 @@ chain owns its engine (``Chain.engine``) and tells it when its shape changed.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .buffers import scratch, zero_at
 from .formats.base import DATA, UNALLOCATED, ZERO, Buffer, Fill, Layer, lane_ones
 
-if TYPE_CHECKING:
-    from .chain import Chain
+
+class Chain(Protocol):
+    """What the engine uses of the chain that owns it (``chain.Chain``); the engine
+    sees it through this, so that neither module imports the other both ways."""
+
+    layers: list[Layer]
+    granule: int
+    lock: threading.Lock
+
+    def claim(self, offset: int, length: int) -> None: ...
+    def read_below(self, level: int, offset: int, length: int) -> bytearray: ...
+    def read_below_into(self, level: int, offset: int, buf: memoryview) -> None: ...
+    def held_map_locked(self, top: int, stop: int, start: int, count: int) -> bytes: ...
+
 
 HELD_GRANULES = 1 << 15  # granules per window of a stream's "held between" lanes
 HELD_CACHE = 8  # windows kept

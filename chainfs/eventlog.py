@@ -37,9 +37,10 @@ import hashlib
 import logging
 import os
 import re
+from datetime import UTC, datetime
 
-from .control import parse_line
-from .hostfile import HostIOError
+from .control import format_line, parse_line
+from .hostfile import HostIOError, sync_dir
 from .logs import Throttle
 
 log = logging.getLogger(__name__)
@@ -86,14 +87,6 @@ def _read_lines(path: str) -> tuple[list[bytes], int]:
     tail = parts.pop()  # after the last newline: empty, or a torn line
     good = [p for p in parts if _valid(p)]
     return good, len(parts) - len(good) + (1 if tail else 0)
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class EventLog:
@@ -169,6 +162,15 @@ class EventLog:
 
     # -- writing ----------------------------------------------------------------------------
 
+    def emit(self, event: str, **fields: object) -> None:
+        """Append the line of one event of this chain, stamped with the time (and log it)."""
+        stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        line = format_line(
+            [("time", stamp), ("event", event), ("chain", self.chain), *fields.items()]
+        )
+        self.append(line)
+        log.info("%s", line)
+
     def append(self, line: str) -> None:
         """Show ``line`` (one key=value line, no newline) and add it to the history."""
         data = line.encode() + b"\n"
@@ -205,13 +207,13 @@ class EventLog:
             assert self.dir is not None
             if not os.path.isdir(self.dir):
                 os.makedirs(self.dir, exist_ok=True)
-                _sync_dir(os.path.dirname(self.dir))
+                sync_dir(os.path.dirname(self.dir))
             self._fd = os.open(
                 self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
             )
             if os.fstat(self._fd).st_size == 0:
                 os.fdatasync(self._fd)
-                _sync_dir(self.dir)  # the new file itself must survive a power loss
+                sync_dir(self.dir)  # the new file itself must survive a power loss
         return self._fd
 
     def _rotate(self) -> None:
@@ -219,7 +221,7 @@ class EventLog:
         assert self.dir is not None
         self.close()
         os.replace(self.path, self.old_path)
-        _sync_dir(self.dir)
+        sync_dir(self.dir)
         self._lines = self._size = 0
 
     def _rewrite(self) -> None:
@@ -233,7 +235,7 @@ class EventLog:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        _sync_dir(self.dir)
+        sync_dir(self.dir)
         self._lines, self._size = len(good), sum(len(x) + 1 for x in good)
         self._repair = False
 
@@ -268,7 +270,7 @@ class EventLog:
             raise OSError(errno.ENOSPC, "short write")
         os.fdatasync(self._ids_fd)
         if created:
-            _sync_dir(self.dir or ".")
+            sync_dir(self.dir or ".")
 
     def close(self) -> None:
         for name in ("_fd", "_ids_fd"):

@@ -35,7 +35,7 @@ import trio.lowlevel
 
 from ..errors import ChainfsError
 from . import states
-from .journal import Action, Journal
+from .journal import Action, Journal, Pending
 from .states import (
     ABORTING,
     CANCEL,
@@ -132,15 +132,9 @@ class Job:
         return []
 
     def line(self) -> list[tuple[str, object]]:
-        return [
-            ("id", self.id),
-            ("type", self.type),
-            ("status", self.status),
-            ("offset", self.offset),
-            ("len", self.len),
-            ("speed", self.speed),
-            *self.details(),
-        ]
+        """The job's line in ``jobs``: QEMU's fields, then the job's own."""
+        fields = ("id", "type", "status", "offset", "len", "speed")
+        return [(key, getattr(self, key)) for key in fields] + self.details()
 
     # -- the state machine ------------------------------------------------------------------
 
@@ -283,19 +277,20 @@ class Job:
         to issue the same command again."""
         return {"speed": self.speed}
 
-    def attach(self, journal: Journal | None, chain: str) -> None:
+    def attach(self, journal: Journal | None, chain: str, resumes: Pending | None = None) -> None:
         """Record the job's intent, durably, before it starts or creates anything.
 
-        When the journal is resuming an interrupted job with the same intent, this job
-        takes its place and starts from its checkpoint (``start``).
+        A job that ``resumes`` an interrupted one takes its place in the journal and
+        starts from its checkpoint (``start``).
         """
+        if resumes is not None:
+            self.id = resumes.id  # a job keeps its id across remounts and crashes
         if journal is None:
             return
-        pending = journal.begin(self.type, self.id, chain, self.intent())
+        pending = journal.begin(self.type, self.id, chain, self.intent(), resumes)
         self.journal, self.journal_key = journal, pending.key
         self.start = self.offset = self._reached = self._logged_offset = pending.offset
         self.previous = pending.previous
-        self.id = pending.id  # a resumed job keeps its id across remounts and crashes
 
     def journal_progress(self, offset: int) -> None:
         """Everything the job does below ``offset`` is done; record it now and then.

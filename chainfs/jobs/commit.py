@@ -17,59 +17,73 @@ splices the chain.  The top stays a valid image; the layers between it and the b
 not (their base changed under them), and ``events`` says so (``LAYER_RETIRED
 valid=false``).  Relative backing strings stay relative.
 
-What a crash leaves, step by step:
-
-- during the copy: the old chain, showing the same content (the base changed only where
-  the layers above it mask it); the job restarts from its last journalled checkpoint,
-  which was recorded only after the base was flushed up to it;
-- after the base was grown: the same, with a longer base whose new area reads zeros;
-- after the state file retired the leaving layers: the old chain still, served under its
-  name (the retired layers are inside it);
-- after the overlay's backing pointer was rewritten (one header write, crash-safe):
-  the new chain; the journal's phase record finishes whatever is left.
+What a crash leaves at each step: README.md, "Crashes", commit.
 
 **Active commit** (``ActiveCommitJob``, the top is the active layer): the mirror in
 ``mirror.py`` with the base as target, where the base already sits: copy, track guest
 writes, ``JOB_READY``, then pivot at once (or on ``complete JOB`` with ``wait=ready``):
 the state file records the base as the chain's active layer and the layers above it as
 retired, and the chain continues on the base, opened read-write since the start of the
-job.  The flat file, its name and its open descriptors do not change.  A crash before
-the state file changes leaves the old chain (showing the same content); after, the base
-as the active layer holding every acknowledged write.  Cancel or failure: no pointer
-and no record changes, the base goes back to read-only.
+job.  The flat file, its name and its open descriptors do not change.  Cancel or
+failure: no pointer and no record changes, the base goes back to read-only.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from ..control import CommandError, CommitCmd
 from ..formats.base import Layer
 from . import journal
+from .backing import backing_string
 from .base import Job
+from .journal import Pending
 from .mirror import MirrorJob, next_step
-
-if TYPE_CHECKING:
-    from ..disk import Disk
+from .served import Served, chain_changed, launch, layer_of, refuse_busy, refuse_shared
 
 STEP = 1 << 20
 
 
-def backing_string(node: Layer, old_over: Layer, base: Layer) -> str:
-    """The backing string ``node`` gets to point at ``base``, which ``old_over`` pointed at.
+def start(served: Served, cmd: CommitCmd) -> None:
+    """``commit [top=T] [base=B] [speed=RATE] [wait=ready]``: the refusals of
+    qemu-iotests 040, then an intermediate or an active commit."""
+    refuse_busy(served)
+    layers = served.chain.layers
+    top = layer_of(served, cmd.top) if cmd.top else layers[0]
+    base = layer_of(served, cmd.base) if cmd.base else layers[-1]
+    job = _job(served, served.next_id("commit"), top, base, cmd.speed, cmd.wait_ready)
+    launch(served, job)
 
-    ``old_over``'s string when both sit in one directory (it resolves the same from
-    there); a path relative to ``node`` when that string was relative (relative chains
-    stay relative); otherwise the base's absolute path.
-    """
-    node_dir = os.path.dirname(node.path)
-    old = old_over.backing_string
-    if old and os.path.dirname(old_over.path) == node_dir:
-        return old
-    if old and not os.path.isabs(old):
-        return os.path.relpath(base.path, node_dir)
-    return base.path
+
+def resume(served: Served, p: Pending) -> None:
+    """Start again the commit ``p`` that a crash or an unmount interrupted."""
+    top = layer_of(served, str(p.params.get("top")))
+    base = layer_of(served, str(p.params.get("base")))
+    speed = int(p.params.get("speed") or 0)
+    job = _job(served, p.id, top, base, speed, p.params.get("wait") == "ready")
+    launch(served, job, resumes=p)
+
+
+def _job(served: Served, job_id: str, top: Layer, base: Layer, speed: int, wait_ready: bool) -> Job:
+    chain = served.chain
+    t, b = chain.index_of(top), chain.index_of(base)
+    top_name, base_name = os.path.basename(top.path), os.path.basename(base.path)
+    if t == b:
+        raise CommandError(
+            errno.EINVAL, f"top and base are both {top_name!r}: a layer cannot commit into itself"
+        )
+    if b < t:
+        raise CommandError(
+            errno.EINVAL,
+            f"{base_name!r} is not below {top_name!r} in chain {served.name!r} "
+            "(top and base swapped?)",
+        )
+    # the base gets the data; an intermediate commit also rewrites the overlay above top
+    refuse_shared(served, base, *([chain.layers[t - 1]] if t > 0 else []))
+    if t == 0:
+        return ActiveCommitJob(job_id, served, base, speed=speed, wait_ready=wait_ready)
+    return CommitJob(job_id, served, top, base, speed=speed)
 
 
 class CommitJob(Job):
@@ -77,18 +91,9 @@ class CommitJob(Job):
 
     type = "commit"
 
-    def __init__(
-        self,
-        job_id: str,
-        disk: Disk,
-        top: Layer,
-        base: Layer,
-        *,
-        speed: int,
-        emit: Callable[..., None],
-    ) -> None:
-        super().__init__(job_id, speed=speed, emit=emit)
-        self.disk = disk
+    def __init__(self, job_id: str, served: Served, top: Layer, base: Layer, *, speed: int) -> None:
+        super().__init__(job_id, speed=speed, emit=served.emit)
+        self.served = served
         self.top = top
         self.base = base
         self.reopened: list[Layer] = []  # layers this job reopened read-write
@@ -107,21 +112,21 @@ class CommitJob(Job):
         self.base.flush()
 
     def _indices(self) -> tuple[int, int]:
-        chain = self.disk.chain
+        chain = self.served.chain
         return chain.index_of(self.top), chain.index_of(self.base)
 
     def _writable(self, layer: Layer) -> Layer:
         """``layer`` reopened read-write (as QEMU does for the base and the overlay)."""
         if layer.writable:
             return layer
-        chain = self.disk.chain
+        chain = self.served.chain
         new = chain.reopen(chain.index_of(layer), writable=True)
         self.reopened.append(new)
         return new
 
     async def run(self) -> None:
         await self.checkpoint(0)  # a cancel before the job started
-        chain = self.disk.chain
+        chain = self.served.chain
         t, b = self._indices()
         self.base = self._writable(self.base)
         over = chain.layers[t - 1]
@@ -142,18 +147,19 @@ class CommitJob(Job):
             await self.checkpoint(copied)
 
     def prepare(self) -> None:
-        chain = self.disk.chain
+        chain = self.served.chain
         self.base.flush()  # the copied data and its metadata, durable first
         t, b = self._indices()
         over = self._writable(chain.layers[t - 1])
         leaving = chain.layers[t:b]
         paths = [layer.path for layer in leaving]
-        backing = backing_string(over, leaving[-1], self.base)
+        old = leaving[-1]  # the layer that pointed at the base
+        backing = backing_string(over.path, self.base.path, (old.path, old.backing_string))
         fmt = self.base.format_name
         self.journal_phase(
             "prepare", [journal.retire(paths), journal.set_backing(over.path, backing, fmt)]
         )
-        self.disk.source.retire(paths)
+        self.served.source.retire(paths)
         over.set_backing(backing, fmt)
         chain.splice(t - 1, b)
         self._restore()
@@ -167,13 +173,13 @@ class CommitJob(Job):
                 path=path,
                 valid=path == self.top.path,
             )
-        self.disk.chain_changed()
+        chain_changed(self.served)
 
     def abort(self) -> None:
         self._restore()
 
     def _restore(self) -> None:
-        chain = self.disk.chain
+        chain = self.served.chain
         while self.reopened:
             layer = self.reopened.pop()
             if any(x is layer for x in chain.layers):
@@ -188,17 +194,10 @@ class ActiveCommitJob(MirrorJob):
     type = "commit"
 
     def __init__(
-        self,
-        job_id: str,
-        disk: Disk,
-        base: Layer,
-        *,
-        speed: int,
-        wait_ready: bool,
-        emit: Callable[..., None],
+        self, job_id: str, served: Served, base: Layer, *, speed: int, wait_ready: bool
     ) -> None:
-        super().__init__(job_id, disk, speed=speed, wait_ready=wait_ready, emit=emit)
-        self.top = disk.chain.active
+        super().__init__(job_id, served, speed=speed, wait_ready=wait_ready)
+        self.top = served.chain.active
         self.base = base
         self.reopened = False
         self.len = self.top.virtual_size
@@ -218,7 +217,7 @@ class ActiveCommitJob(MirrorJob):
         }
 
     def open_target(self) -> Layer:
-        chain = self.disk.chain
+        chain = self.served.chain
         b = chain.index_of(self.base)
         if not self.base.writable:
             self.base = chain.reopen(b, writable=True)
@@ -228,24 +227,24 @@ class ActiveCommitJob(MirrorJob):
         return self.base
 
     def stop(self) -> int:
-        return self.disk.chain.index_of(self.base)
+        return self.served.chain.index_of(self.base)
 
     def below(self) -> int:
-        return self.disk.chain.index_of(self.base)
+        return self.served.chain.index_of(self.base)
 
     def pivot(self) -> None:
-        chain, name = self.disk.chain, self.disk.name
+        chain, name = self.served.chain, self.served.name
         b = chain.index_of(self.base)
         paths = [layer.path for layer in chain.layers[:b]]
         self.journal_phase(
             "pivot", [journal.retire(paths), journal.record_active(name, self.base.path)]
         )
-        self.disk.source.move_active(name, self.base.path, paths)
+        self.served.source.move_active(name, self.base.path, paths)
         # the old active layer still shows what it showed; the ones below it do not
         self.switch(b, None, [i == 0 for i in range(b)])
 
     def release(self) -> None:
         if self.reopened:
-            chain = self.disk.chain
+            chain = self.served.chain
             self.base = chain.reopen(chain.index_of(self.base), writable=False)
             self.reopened = False

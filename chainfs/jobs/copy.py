@@ -29,40 +29,56 @@ job: DEST stays its target, and the next mount resumes the copy.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from ..control import CopyCmd
 from ..formats.base import Layer
 from ..formats.qcow2 import create_overlay
 from . import journal
-from .journal import unfinished_overlay
+from .backing import backing_string
+from .journal import Pending, unfinished_overlay
 from .mirror import MirrorJob
-
-if TYPE_CHECKING:
-    from ..disk import Disk
+from .served import Served, check_target, launch, refuse_busy
 
 FULL, TOP = "full", "top"
+
+
+def start(served: Served, cmd: CopyCmd) -> None:
+    """``copy DEST [sync=full|top] [speed=RATE] [wait=ready]``: DEST must be new and in
+    a directory chainfs may write to; the job creates it when it starts."""
+    refuse_busy(served)
+    dest = check_target(served, cmd.dest)
+    job = CopyJob(
+        served.next_id("copy"), served, dest, cmd.sync, speed=cmd.speed, wait_ready=cmd.wait_ready
+    )
+    launch(served, job)
+
+
+def resume(served: Served, p: Pending) -> None:
+    """Start again the copy ``p`` that a crash or an unmount interrupted, into its own
+    partial DEST (copied over again)."""
+    refuse_busy(served)
+    job = CopyJob(
+        p.id,
+        served,
+        str(p.params.get("dest")),
+        str(p.params.get("sync") or FULL),
+        speed=int(p.params.get("speed") or 0),
+        wait_ready=p.params.get("wait") == "ready",
+    )
+    launch(served, job, resumes=p)
 
 
 class CopyJob(MirrorJob):
     type = "copy"
 
     def __init__(
-        self,
-        job_id: str,
-        disk: Disk,
-        dest: str,
-        sync: str,
-        *,
-        speed: int,
-        wait_ready: bool,
-        emit: Callable[..., None],
+        self, job_id: str, served: Served, dest: str, sync: str, *, speed: int, wait_ready: bool
     ) -> None:
-        super().__init__(job_id, disk, speed=speed, wait_ready=wait_ready, emit=emit)
+        super().__init__(job_id, served, speed=speed, wait_ready=wait_ready)
         self.dest = dest
         self.sync = sync
         self.created = False
-        self.len = disk.chain.size
+        self.len = served.chain.size
 
     def details(self) -> list[tuple[str, object]]:
         return [("dest", self.dest), ("sync", self.sync)]
@@ -77,15 +93,14 @@ class CopyJob(MirrorJob):
 
     def open_target(self) -> Layer:
         # created here, after the journal recorded the intent, not by the command
-        chain = self.disk.chain
+        chain = self.served.chain
         active = chain.active
         backing: str | None = None
         fmt: str | None = None
         if self.sync == TOP and len(chain.layers) > 1:
             below = chain.layers[1]
             fmt = below.format_name
-            beside = os.path.dirname(self.dest) == os.path.dirname(active.path)
-            backing = active.backing_string if beside and active.backing_string else below.path
+            backing = backing_string(self.dest, below.path, (active.path, active.backing_string))
         if self.previous is not None and unfinished_overlay(self.dest):
             os.unlink(self.dest)  # this job's own creation, cut short by the crash
         if self.previous is None or not os.path.exists(self.dest):
@@ -96,19 +111,19 @@ class CopyJob(MirrorJob):
         return chain.open_layer(self.dest, "qcow2", writable=True)
 
     def stop(self) -> int:
-        layers = self.disk.chain.layers
+        layers = self.served.chain.layers
         return len(layers) if self.sync == FULL else 1
 
     def below(self) -> int:
         # full: DEST has no backing file (read_below of the last layer is all zeros)
-        return len(self.disk.chain.layers) - 1 if self.sync == FULL else 0
+        return len(self.served.chain.layers) - 1 if self.sync == FULL else 0
 
     def pivot(self) -> None:
-        chain, name = self.disk.chain, self.disk.name
+        chain, name = self.served.chain, self.served.name
         count = self.stop()
         paths = [layer.path for layer in chain.layers[:count]]
         self.journal_phase("pivot", [journal.retire(paths), journal.record_active(name, self.dest)])
-        self.disk.source.move_active(name, self.dest, paths)
+        self.served.source.move_active(name, self.dest, paths)
         self.switch(count, self.target, [True] * count)
 
     def release(self) -> None:
@@ -123,4 +138,4 @@ class CopyJob(MirrorJob):
                 # a copy suspended at unmount stays the target of the job the next
                 # mount resumes (the journal keeps it from being served meanwhile)
                 self._emit("COPY_ABANDONED", job=self.id, file=self.dest)
-                self.disk.source.retire([self.dest])
+                self.served.source.retire([self.dest])

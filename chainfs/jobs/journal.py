@@ -44,8 +44,6 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -280,7 +278,6 @@ class Journal:
         self._fd = -1
         self._records = 0  # records in the file now
         self._clean = True  # the file holds nothing but valid records
-        self._resuming: Pending | None = None
 
     @classmethod
     def load(cls, directory: str, *, writable: bool = True) -> Journal:
@@ -349,39 +346,28 @@ class Journal:
             ) from None
         self._records += 1
 
-    def begin(self, job_type: str, job_id: str, chain: str, params: dict[str, Any]) -> Pending:
+    def begin(
+        self,
+        job_type: str,
+        job_id: str,
+        chain: str,
+        params: dict[str, Any],
+        resumes: Pending | None = None,
+    ) -> Pending:
         """Record a job's intent, durably, and return what the journal knows of it.
 
-        Inside ``resuming(p)``, a job of ``p``'s type, chain and parameters is the
-        resumption of ``p``: it starts from ``p``'s checkpoint and takes ``p``'s place.
+        A job that ``resumes`` an interrupted one (started again from its record) starts
+        from its checkpoint and takes its place.
         """
         pending = Pending(secrets.token_hex(8), job_id, job_type, chain, params)
-        old = self._resuming
-        if old is not None and (old.type, old.chain, old.params) != (job_type, chain, params):
-            old = None
-        if old is not None:
-            pending.offset, pending.previous, pending.resumes = old.offset, old.id, old.key
-            pending.id = old.id  # a job keeps its id across remounts and crashes
+        if resumes is not None:
+            pending.offset = resumes.offset
+            pending.previous, pending.resumes = resumes.id, resumes.key
         self._append(pending.records()[0], sync=True)
         self.live[pending.key] = pending
-        if old is not None:
-            self._resuming = None
-            self.end(old.key, "resumed")
+        if resumes is not None:
+            self.end(resumes.key, "resumed")
         return pending
-
-    @property
-    def reissuing(self) -> Pending | None:
-        """The interrupted job whose command is being issued again, if any."""
-        return self._resuming
-
-    @contextmanager
-    def resuming(self, pending: Pending) -> Iterator[None]:
-        """While re-issuing ``pending``'s command: the job it starts takes its place."""
-        self._resuming = pending
-        try:
-            yield
-        finally:
-            self._resuming = None
 
     def progress(self, key: str, offset: int) -> None:
         """Everything the job ``key`` does below ``offset`` is durable (not synced)."""

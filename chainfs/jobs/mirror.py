@@ -43,10 +43,10 @@ import trio
 
 from ..formats.base import Layer
 from .base import READY, Job, JobCancelled
+from .served import Served, chain_changed
 
 if TYPE_CHECKING:
     from ..chain import Chain
-    from ..disk import Disk
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +151,9 @@ class DirtyMap:
 class MirrorJob(Job):
     """Copy the disk into a target with dirty tracking, report ready, pivot."""
 
-    def __init__(
-        self,
-        job_id: str,
-        disk: Disk,
-        *,
-        speed: int,
-        wait_ready: bool,
-        emit: Callable[..., None],
-    ) -> None:
-        super().__init__(job_id, speed=speed, emit=emit)
-        self.disk = disk
+    def __init__(self, job_id: str, served: Served, *, speed: int, wait_ready: bool) -> None:
+        super().__init__(job_id, speed=speed, emit=served.emit)
+        self.served = served
         self.wait_ready = wait_ready
         self.target: Layer | None = None
         self.dirty: DirtyMap | None = None
@@ -208,12 +200,13 @@ class MirrorJob(Job):
 
     def _copy(self, offset: int, length: int) -> int:
         assert self.target is not None
-        chain = self.disk.chain
-        return chain.engine.copy_step(self.target, 0, self.stop(), self.below(), offset, length)
+        return self.served.chain.engine.copy_step(
+            self.target, 0, self.stop(), self.below(), offset, length
+        )
 
     async def run(self) -> None:
         await self.checkpoint(0)  # a cancel before the job started
-        chain = self.disk.chain
+        chain = self.served.chain
         self.target = self.open_target()
         size = min(chain.size, self.target.virtual_size)
         granule = max(GRANULE, self.target.cluster_size)
@@ -264,7 +257,7 @@ class MirrorJob(Job):
         self.target.flush()
         self._untrack()
         self.pivot()
-        self.disk.chain_changed()
+        chain_changed(self.served)
 
     def abort(self) -> None:
         self._untrack()
@@ -272,7 +265,7 @@ class MirrorJob(Job):
             self.release()
 
     def _untrack(self) -> None:
-        hooks = self.disk.chain.write_hooks
+        hooks = self.served.chain.write_hooks
         if self.dirty is not None and self.dirty.mark in hooks:
             hooks.remove(self.dirty.mark)
 
@@ -280,7 +273,7 @@ class MirrorJob(Job):
         """The in-memory pivot, after the state file has been replaced: ``layers[:count]``
         leave (reported in ``events``, ``valid`` as given), ``new`` or ``layers[count]``
         becomes active."""
-        chain = self.disk.chain
+        chain = self.served.chain
         leaving = [layer.path for layer in chain.layers[:count]]
         self.pivoted = True
         try:

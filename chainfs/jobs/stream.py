@@ -22,55 +22,64 @@ journalled changes.
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from ..control import CommandError, StreamCmd
 from ..formats.base import Layer
 from . import journal
+from .backing import backing_string
 from .base import Job
-
-if TYPE_CHECKING:
-    from ..disk import Disk
+from .journal import Pending
+from .served import Served, chain_changed, launch, layer_of, refuse_busy, refuse_shared
 
 STEP = 1 << 20  # as commit's and copy's; 512 KiB cost 12% more time in per-step work
 
 
-def backing_string(layers: list[Layer], node: int, base: int) -> str:
-    """The backing string ``layers[node]`` should get to point at ``layers[base]``.
+def start(served: Served, cmd: StreamCmd) -> None:
+    """``stream [node=N] [base=B] [speed=RATE]``: check it against the chain, then run it."""
+    refuse_busy(served)
+    node = layer_of(served, cmd.node) if cmd.node else served.chain.active
+    base = layer_of(served, cmd.base) if cmd.base else None
+    launch(served, _job(served, served.next_id("stream"), node, base, cmd.speed))
 
-    The string the base's current overlay uses is kept when that overlay sits in the
-    node's directory (so relative chains stay relative); otherwise a name relative to
-    the node when the base is beside it or that string was relative (``../dir1/b.img``
-    pointing at a sibling directory stays relative, as libvirt keeps it, so the tree
-    can move), else the absolute path.
-    """
-    target, over = layers[base], layers[base - 1]
-    node_dir = os.path.dirname(layers[node].path)
-    if over.backing_string and os.path.dirname(over.path) == node_dir:
-        return over.backing_string
-    if os.path.dirname(target.path) == node_dir:
-        return os.path.basename(target.path)
-    if over.backing_string and not os.path.isabs(over.backing_string):
-        return os.path.relpath(target.path, node_dir)
-    return target.path
+
+def resume(served: Served, p: Pending) -> None:
+    """Start again the stream ``p`` that a crash or an unmount interrupted."""
+    node, base = p.params.get("node"), p.params.get("base")
+    job = _job(
+        served,
+        p.id,
+        layer_of(served, str(node)),
+        layer_of(served, str(base)) if base else None,
+        int(p.params.get("speed") or 0),
+    )
+    launch(served, job, resumes=p)
+
+
+def _job(served: Served, job_id: str, node: Layer, base: Layer | None, speed: int) -> StreamJob:
+    if node.format_name != "qcow2":
+        raise CommandError(errno.EINVAL, f"cannot stream into {node.path!r}: it is raw")
+    chain = served.chain
+    n = chain.index_of(node)
+    if base is not None and chain.index_of(base) <= n:
+        raise CommandError(
+            errno.EINVAL,
+            f"{os.path.basename(base.path)!r} is not below "
+            f"{os.path.basename(node.path)!r} in chain {served.name!r}",
+        )
+    refuse_shared(served, node)
+    return StreamJob(job_id, served, node, base, speed=speed)
 
 
 class StreamJob(Job):
     type = "stream"
 
     def __init__(
-        self,
-        job_id: str,
-        disk: Disk,
-        node: Layer,
-        base: Layer | None,
-        *,
-        speed: int,
-        emit: Callable[..., None],
+        self, job_id: str, served: Served, node: Layer, base: Layer | None, *, speed: int
     ) -> None:
-        super().__init__(job_id, speed=speed, emit=emit)
-        self.disk = disk
+        super().__init__(job_id, speed=speed, emit=served.emit)
+        self.served = served
         self.node = node
         self.base = base
         self.reopened = False
@@ -88,13 +97,13 @@ class StreamJob(Job):
         self.node.flush()
 
     def _indices(self) -> tuple[int, int]:
-        chain = self.disk.chain
+        chain = self.served.chain
         n = chain.index_of(self.node)
         stop = chain.index_of(self.base) if self.base else len(chain.layers)
         return n, stop
 
     async def run(self) -> None:
-        chain = self.disk.chain
+        chain = self.served.chain
         n, _ = self._indices()
         if not self.node.writable:
             # an intermediate layer is reopened read-write for the job, as QEMU does
@@ -116,31 +125,34 @@ class StreamJob(Job):
             await self.checkpoint(copied)
 
     def prepare(self) -> None:
-        chain = self.disk.chain
+        chain = self.served.chain
         n, stop = self._indices()
         self.node.flush()  # the copied data and its metadata, durable first
         leaving = [layer.path for layer in chain.layers[n + 1 : stop]]
         if self.base is None:
             backing, fmt = None, None
         else:
-            backing = backing_string(chain.layers, n, stop)
+            over = chain.layers[stop - 1]
+            backing = backing_string(
+                self.node.path, self.base.path, (over.path, over.backing_string)
+            )
             fmt = self.base.format_name
         self.journal_phase(
             "prepare",
             [journal.retire(leaving), journal.set_backing(self.node.path, backing, fmt)],
         )
         if leaving:
-            self.disk.source.retire(leaving)
+            self.served.source.retire(leaving)
         self.node.set_backing(backing, fmt)
         chain.splice(n, None if self.base is None else stop)
         self._restore()
-        self.disk.chain_changed()
+        chain_changed(self.served)
 
     def abort(self) -> None:
         self._restore()
 
     def _restore(self) -> None:
         if self.reopened:
-            chain = self.disk.chain
+            chain = self.served.chain
             self.node = chain.reopen(chain.index_of(self.node), writable=False)
             self.reopened = False

@@ -46,6 +46,7 @@ from chainfs.chain import Chain
 from chainfs.control import parse_line
 from chainfs.disk import Disk
 from chainfs.hostfile import HostFile, HostIOError
+from chainfs.jobs import recovery as recoveries
 from chainfs.jobs.base import CONCLUDED
 
 from . import crashsim as cs
@@ -397,7 +398,7 @@ def seed_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes
 async def serve(directory: Path) -> AsyncIterator[Disk]:
     """The one chain of ``directory`` as a mount serves it (recovery from the journal
     first, the journal kept while it runs), without FUSE: its jobs run in this loop."""
-    src, recovery = mount.recover(str(directory), readonly=False)
+    src, recovery = recoveries.recover(str(directory), readonly=False)
     src.save()
     try:
         async with trio.open_nursery() as nursery:
@@ -405,7 +406,7 @@ async def serve(directory: Path) -> AsyncIterator[Disk]:
                 src, mount.MountOptions(), nursery.start_soon, recovery.journal
             )
             (disk,) = disks
-            mount.resume_jobs(disks, recovery)
+            recoveries.resume_jobs(disks, recovery)
             try:
                 yield disk
                 await disk.stop_jobs()

@@ -166,9 +166,8 @@ def test_a_resumed_job_takes_the_place_of_the_interrupted_one(tmp_path: Path) ->
     j.close()
     j = Journal.load(str(tmp_path))
     [pending] = j.pending()
-    with j.resuming(pending):
-        other = j.begin("stream", "stream-1", "vm2", STREAM)  # another chain: no match
-        new = j.begin("stream", "stream-2", "vm1", STREAM)
+    other = j.begin("stream", "stream-1", "vm2", STREAM)  # not a resumption
+    new = j.begin("stream", "stream-3", "vm1", STREAM, resumes=pending)
     assert other.offset == 0 and other.previous is None
     assert new.offset == 3 << 20 and new.previous == "stream-3"
     assert {p.key for p in Journal.load(str(tmp_path)).pending()} == {other.key, new.key}
@@ -179,8 +178,7 @@ def test_a_resumption_whose_old_end_was_lost_still_replaces_it(tmp_path: Path) -
     old = j.begin("stream", "stream-3", "vm1", STREAM)
     j.close()
     j = Journal.load(str(tmp_path))
-    with j.resuming(j.pending()[0]):
-        new = j.begin("stream", "stream-1", "vm1", STREAM)
+    new = j.begin("stream", "stream-3", "vm1", STREAM, resumes=j.pending()[0])
     j.close()
     # drop the old job's end record, as if the crash came just before it was written
     lines = journal_bytes(tmp_path).splitlines(keepends=True)
@@ -325,12 +323,3 @@ def test_an_unfinished_overlay_is_told_from_images_and_other_files(tmp_path: Pat
     assert not jn.unfinished_overlay(str(done))
     assert not jn.unfinished_overlay(str(notes))
     assert not jn.unfinished_overlay(str(tmp_path / "absent"))
-
-
-def test_reissuing_names_the_job_being_resumed(tmp_path: Path) -> None:
-    j = Journal(str(tmp_path))
-    old = j.begin("copy", "copy-1", "vm1", {"dest": "/x/F.qcow2"})
-    assert j.reissuing is None
-    with j.resuming(old):
-        assert j.reissuing is old
-    assert j.reissuing is None

@@ -1,0 +1,142 @@
+"""Recovery of interrupted jobs: what the journal says at mount, and what is done about it.
+
+At mount, before anything is served, the journal tells which jobs a crash (or an
+unmount) interrupted.  A job whose ``prepare`` had begun is finished from its recorded
+changes before the directory is scanned, so the scan already sees the chain the job was
+heading to; a snapshot is finished or undone the same way (``snapshot.settle``).  Every
+other job is started again from its journal record once its chain is open, by its own
+module's ``resume``: the new job keeps the interrupted one's id and starts from its
+checkpoint.  A job that cannot be resumed is rolled back (nothing of it shows in any
+chain; what it copied is harmless).  What was done goes to the log and to the chain's
+``events``.
+
+Locking contract: ``recover`` runs before the mount serves anything; ``resume_jobs``
+on the trio thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .. import source as sources
+from ..errors import ChainfsError
+from . import commit, copy, snapshot, stream
+from .journal import Journal, Pending, redo, retire
+from .served import Served
+
+log = logging.getLogger(__name__)
+
+# how each kind of job is started again from its record
+RESUME: dict[str, Callable[[Served, Pending], None]] = {
+    "stream": stream.resume,
+    "commit": commit.resume,
+    "copy": copy.resume,
+}
+
+
+@dataclass
+class Recovery:
+    """What the journal said at mount, and what is left to do once the chains are open."""
+
+    journal: Journal
+    resume: list[Pending] = field(default_factory=list)
+    events: list[tuple[str, str, dict[str, object]]] = field(default_factory=list)
+
+    def report(self, p: Pending, event: str, **fields: object) -> None:
+        self.events.append((p.chain, event, {"job": p.id, "type": p.type, **fields}))
+
+
+def recover(source_path: str, *, readonly: bool) -> tuple[sources.Source, Recovery]:
+    """Load the source, finishing what interrupted jobs had begun to change on disk."""
+    # the changes go to the state file as it is, not to one a scan added names to (the
+    # scan would name a half-made target as a chain of its own)
+    state = sources.load_state(source_path)
+    journal = Journal.load(state.directory, writable=not readonly)
+    rec = Recovery(journal)
+    pending = journal.pending()
+    if readonly:
+        src = sources.load(source_path)
+        for p in pending:
+            log.warning(
+                "chain=%s job=%s type=%s was interrupted; a read-write mount resumes it",
+                p.chain,
+                p.id,
+                p.type,
+            )
+        _exclude_targets(src, pending)
+        return src, rec
+    for p in pending:
+        try:
+            if p.phase is not None:
+                rec.report(p, "JOB_RESUMED", phase=p.phase)
+                redo(p.actions, state)
+                journal.end(p.key, "done")
+                rec.report(p, "JOB_COMPLETED", phase=p.phase)
+            elif p.type == "snapshot":
+                for event, fields in snapshot.settle(p, state):
+                    rec.report(p, event, **fields)
+                journal.end(p.key, "done")
+            else:
+                rec.resume.append(p)
+        except ChainfsError as e:
+            # left in the journal: the next mount tries again
+            log.error("chain=%s job=%s cannot be completed: %s", p.chain, p.id, e)
+            rec.report(p, "JOB_COMPLETED", error=f"cannot be completed: {e}")
+    src = sources.load(source_path)
+    _exclude_targets(src, journal.pending())
+    journal.compact()
+    return src, rec
+
+
+def _exclude_targets(src: sources.Source, pending: list[Pending]) -> None:
+    """A file a pending job writes and has not made active is no chain of its own."""
+    targets = {
+        str(p.params[k])
+        for p in pending
+        for k in ("dest", "target")
+        if p.params.get(k) and src.recorded.get(p.chain) != p.params[k]
+    }
+    for spec in [c for c in src.chains if c.active in targets]:
+        log.info("chain=%s file=%s is the target of an interrupted job", spec.name, spec.active)
+        src.chains.remove(spec)
+        if src.recorded.get(spec.name) == spec.active:
+            del src.recorded[spec.name]  # the name the scan gave it
+
+
+def resume_jobs(served: Iterable[Served], rec: Recovery) -> None:
+    """Report what recovery did, and start the interrupted jobs again from their records."""
+    by_name = {s.name: s for s in served}
+    for chain, event, fields in rec.events:
+        s = by_name.get(chain)
+        if s is not None:
+            s.emit(event, **fields)
+        else:
+            log.info("chain=%s event=%s %s", chain, event, fields)
+    for p in rec.resume:
+        s = by_name.get(p.chain)
+        if s is None:
+            log.warning("chain=%s job=%s is not served; it stays in the journal", p.chain, p.id)
+            continue
+        start = RESUME.get(p.type)
+        if start is None:
+            _roll_back(s, p, rec.journal, f"chainfs does not know jobs of type {p.type!r}")
+            continue
+        try:
+            start(s, p)
+        except ChainfsError as e:
+            _roll_back(s, p, rec.journal, str(e))
+
+
+def _roll_back(served: Served, p: Pending, journal: Journal, reason: str) -> None:
+    """Give up an interrupted job: its chain never changed; its target stays a file."""
+    dest = p.params.get("dest")
+    try:
+        if dest:
+            # a partial copy must not be served as a chain of its own later on
+            redo([retire([str(dest)])], served.source)
+        journal.end(p.key, "rolled-back")
+    except ChainfsError as e:
+        log.error("chain=%s job=%s cannot be rolled back: %s", p.chain, p.id, e)
+    served.emit("JOB_ROLLED_BACK", job=p.id, type=p.type, reason=reason)

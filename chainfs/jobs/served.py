@@ -1,0 +1,133 @@
+"""What a job sees of the chain it runs on, and the checks every job command makes.
+
+A job module owns its command from end to end (arguments checked against the chain,
+refusal with an errno and a reason, start, run, prepare, abort); the served chain it
+works on reaches it only through ``Served``, a ``Protocol`` that the mount's ``Disk``
+satisfies (and a test's stand-in can), so no job imports the module that serves the
+chain.  The checks here are the ones several commands share: a layer named by file name
+or path, a chain already busy, a layer another chain of the mount reads, a new file's
+place.  Each raises ``CommandError`` with the SPEC's errno.
+
+Locking contract: used only from the trio thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..control import CommandError
+from .base import CONCLUDED
+
+if TYPE_CHECKING:
+    from ..chain import Chain
+    from ..formats.base import Layer
+    from ..source import Source
+    from .base import Job
+    from .journal import Journal, Pending
+
+Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
+
+
+class Served(Protocol):
+    """A chain as the mount serves it, as far as its jobs are concerned."""
+
+    name: str
+    chain: Chain
+    source: Source  # the state file: active layers and retired ones
+    journal: Journal | None  # None on a read-only mount
+    allowed_dirs: list[str]  # where new files may go (real paths)
+    job: Job | None  # the chain's job (the last one, maybe over)
+    spawn: Spawn  # runs a job's task in the mount's nursery
+    next_id: Callable[[str], str]  # a new job id of a kind, never used before
+
+    @property
+    def others(self) -> Callable[[], Iterable[Served]]:
+        """The mount's chains (this one among them)."""
+
+    @property
+    def emit(self) -> Callable[..., None]:
+        """``emit(EVENT, key=value, ...)``: append one line to the chain's ``events``."""
+
+
+def chain_changed(served: Served) -> None:
+    """Say in ``events`` that the chain's layers changed, and how they stand."""
+    layers = served.chain.layers
+    served.emit(
+        "CHAIN_CHANGED",
+        layers=" <- ".join(os.path.basename(x.path) for x in reversed(layers)),
+    )
+
+
+def refuse_busy(served: Served) -> None:
+    """One job at a time on a chain."""
+    job = served.job
+    if job is not None and job.status != CONCLUDED:
+        raise CommandError(errno.EBUSY, f"chain {served.name!r} is busy: job {job.id!r} is running")
+
+
+def layer_of(served: Served, ref: str) -> Layer:
+    """A layer named by its file name (as in ``chain``) or its absolute path."""
+    layers = served.chain.layers
+    if os.path.isabs(ref):
+        found = [x for x in layers if x.path == os.path.normpath(ref)]
+    else:
+        found = [x for x in layers if os.path.basename(x.path) == ref]
+    if not found:
+        raise CommandError(errno.EINVAL, f"{ref!r} is not a layer of chain {served.name!r}")
+    if len(found) > 1:
+        raise CommandError(errno.EINVAL, f"{ref!r} names several layers; give a full path")
+    return found[0]
+
+
+def refuse_shared(served: Served, *layers: Layer) -> None:
+    """Refuse a job that would write into a layer another chain of the mount reads (a
+    shared base): its image lock would refuse the job anyway, as QEMU's does, but in
+    words that blame another process."""
+    for layer in layers:
+        path = os.path.realpath(layer.path)
+        for other in served.others():
+            if other is not served and any(
+                os.path.realpath(x.path) == path for x in other.chain.layers
+            ):
+                raise CommandError(
+                    errno.EBUSY,
+                    f"{os.path.basename(layer.path)!r} is also a layer of chain "
+                    f"{other.name!r}: no job may write into it while another chain reads it",
+                )
+
+
+def check_target(served: Served, target: str) -> str:
+    """Where a new file may go: an allowed directory, not existing yet (relative names
+    go beside the active layer)."""
+    if not os.path.isabs(target):
+        target = os.path.join(os.path.dirname(served.chain.active.path), target)
+    target = os.path.normpath(target)
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise CommandError(errno.ENOENT, f"directory {parent!r} does not exist")
+    real_parent = os.path.realpath(parent)
+    if not any(real_parent == d or real_parent.startswith(d + "/") for d in served.allowed_dirs):
+        raise CommandError(
+            errno.EACCES, f"{target!r} is outside the directories chainfs may write to"
+        )
+    if os.path.lexists(target):
+        raise CommandError(errno.EEXIST, f"{target!r} already exists")
+    return target
+
+
+def launch(served: Served, job: Job, resumes: Pending | None = None) -> None:
+    """Journal a new job's intent (taking the place of the interrupted job it
+    ``resumes``), then run it in the background."""
+    job.attach(served.journal, served.name, resumes)
+    served.job = job
+
+    async def run() -> None:
+        try:
+            await job.execute()
+        finally:  # before any task waiting for the job runs again
+            served.chain.drop_copy_buffers()
+
+    served.spawn(run)

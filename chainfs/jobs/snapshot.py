@@ -1,0 +1,101 @@
+"""snapshot: a new, empty overlay on top of the active layer, as QEMU's
+blockdev-snapshot-sync.
+
+    [A] <- [B] <- [C] <- [D] <- [E]    snapshot F   ->  [A] <- ... <- [E] <- [F]
+
+One synchronous step, done when the ``write(2)`` returns: the active layer is flushed,
+the overlay is created (everything but its header first, the header last, so a torn
+creation is no qcow2 image) and made active under the chain's lock, so a guest write
+lands either in the old active layer before the switch or in the new one after it; the
+flat content does not change.  No job runs alongside and there is no window between
+steps for a guest request to fall into.
+
+It is journalled so that the next mount can finish or undo it should chainfs die
+half-way (``settle``); a snapshot that fails while chainfs lives is undone at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+
+from ..chain import resolve_backing
+from ..control import CommandError, SnapshotCmd
+from ..errors import ChainfsError
+from ..formats import is_qcow2, open_layer
+from ..formats.qcow2 import create_overlay
+from ..source import Source
+from .backing import backing_string
+from .journal import Pending, record_active, redo, unfinished_overlay
+from .served import Served, chain_changed, check_target, refuse_busy
+
+
+def take(served: Served, cmd: SnapshotCmd) -> None:
+    """``snapshot FILE``: create FILE over the active layer and make it active."""
+    refuse_busy(served)
+    target = check_target(served, cmd.target)
+    chain = served.chain
+    active = chain.active
+    journal = served.journal
+    params = {"target": target, "below": active.path}
+    key = journal.begin("snapshot", "snapshot", served.name, params).key if journal else ""
+    try:
+        chain.flush()
+        if os.path.lexists(target):  # appeared since check_target: not ours to remove
+            raise CommandError(errno.EEXIST, f"{target!r} already exists")
+        try:
+            create_overlay(
+                target,
+                size=chain.size,
+                backing=backing_string(target, active.path),
+                backing_format=active.format_name,
+            )
+            chain.push_overlay(target)
+        except BaseException:
+            # a refused command changes nothing: the partial (or unused) overlay
+            # create_overlay made (O_EXCL: it is ours) goes
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+            raise
+    except BaseException:
+        if journal is not None:
+            journal.end(key, "rolled-back")
+        raise
+    served.source.record_active(served.name, target)
+    if journal is not None:
+        journal.end(key, "done")
+    served.emit("SNAPSHOT_TAKEN", file=target)
+    chain_changed(served)
+
+
+def settle(p: Pending, src: Source) -> list[tuple[str, dict[str, object]]]:
+    """At mount: finish a snapshot whose overlay is complete, remove the torn start of
+    one; return the events that say which."""
+    target, below = str(p.params.get("target")), str(p.params.get("below"))
+    try:
+        complete = is_qcow2(target)
+    except FileNotFoundError:
+        return [("JOB_ROLLED_BACK", {"file": target, "reason": "the overlay was never created"})]
+    except OSError as e:
+        raise ChainfsError(f"cannot read {target!r}: {e.strerror}") from None
+    if complete:
+        layer = open_layer(target, "qcow2", writable=False)
+        try:
+            string = layer.backing_string
+        finally:
+            layer.close()
+        backing = os.path.normpath(resolve_backing(target, string)) if string else None
+        if backing != os.path.normpath(below):
+            reason = f"{target!r} is not an overlay of {below!r}; left alone"
+            return [("JOB_ROLLED_BACK", {"file": target, "reason": reason})]
+        # the overlay is complete (its header is written last): the snapshot stands
+        redo([record_active(p.chain, target)], src)
+        return [("JOB_RESUMED", {"file": target}), ("SNAPSHOT_TAKEN", {"file": target})]
+    if unfinished_overlay(target):
+        # created by the snapshot (O_EXCL) and interrupted before its header was written
+        os.unlink(target)
+        reason = "the overlay was interrupted before its header was written; removed"
+    else:
+        reason = f"{target!r} is not an image chainfs made; left alone"
+    return [("JOB_ROLLED_BACK", {"file": target, "reason": reason})]
