@@ -28,24 +28,14 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from . import __version__
-from .control import format_line, parse_line, quote
+from .control import COMMANDS, format_line, parse_line, quote
 from .errors import ChainfsError
 from .inspection import human_size
 
 # The piece size ``digest`` reads the flat disk in.
 DIGEST_PIECE = 1 << 20
 UMOUNT_TIMEOUT = 120.0
-JOB_COMMANDS = (
-    "snapshot",
-    "stream",
-    "commit",
-    "copy",
-    "cancel",
-    "complete",
-    "speed",
-    "pause",
-    "resume",
-)
+JOB_COMMANDS = COMMANDS  # one subcommand per control file that takes a command
 # what each job subcommand's --help says (QEMU's name for the verb in brackets)
 JOB_HELP = {
     "snapshot": "FILE: add an overlay on top of the chain",
@@ -560,6 +550,23 @@ class Follower:
 # -- the parser ------------------------------------------------------------------------------
 
 
+def _subcommand(
+    sub: Any,
+    func: Callable[[argparse.Namespace], int],
+    usage: str,
+    help: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand ``usage`` ("NAME ARG1 ARG2": positional arguments named by their
+    metavar) that runs ``func``."""
+    name, *positionals = usage.split()
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description)
+    for metavar in positionals:
+        parser.add_argument(metavar.lower(), metavar=metavar)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chainfs",
@@ -570,14 +577,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chainfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    mount = sub.add_parser(
-        "mount",
-        help="mount the chains of SOURCE on MOUNTPOINT",
-        description="Mount the chains of SOURCE (a directory of images or a TOML file) "
-        "on MOUNTPOINT. Returns once the mount is ready; the daemon keeps serving.",
+    mount = _subcommand(
+        sub,
+        cmd_mount,
+        "mount SOURCE MOUNTPOINT",
+        "mount the chains of SOURCE on MOUNTPOINT",
+        "Mount the chains of SOURCE (a directory of images or a TOML file) on MOUNTPOINT. "
+        "Returns once the mount is ready; the daemon keeps serving.",
     )
-    mount.add_argument("source", metavar="SOURCE")
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     mount.add_argument(
         "-f", "--foreground", action="store_true", help="stay in the foreground (for systemd)"
     )
@@ -589,51 +596,42 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPT[,OPT...]",
         help="ro, allow_other, debug, allow_dir=PATH (repeatable)",
     )
-    mount.set_defaults(func=cmd_mount)
-
-    umount = sub.add_parser("umount", help="unmount cleanly and wait for the daemon")
-    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    umount.set_defaults(func=cmd_umount)
-
-    status = sub.add_parser("status", help="show the chains, jobs and refusals of a mount")
-    status.add_argument("mountpoint", metavar="MOUNTPOINT")
+    _subcommand(sub, cmd_umount, "umount MOUNTPOINT", "unmount cleanly and wait for the daemon")
+    status = _subcommand(
+        sub, cmd_status, "status MOUNTPOINT", "show the chains, jobs and refusals of a mount"
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(func=cmd_status)
-
     for kind in JOB_COMMANDS:
-        job = sub.add_parser(
-            kind,
-            help=f"{kind} {JOB_HELP[kind]}",
-            description=f"Write ARGS to control/CHAIN/{kind}: {JOB_HELP[kind]}.",
+        job = _subcommand(
+            sub,
+            cmd_job,
+            f"{kind} MOUNTPOINT CHAIN",
+            f"{kind} {JOB_HELP[kind]}",
+            f"Write ARGS to control/CHAIN/{kind}: {JOB_HELP[kind]}.",
         )
-        job.add_argument("mountpoint", metavar="MOUNTPOINT")
-        job.add_argument("chain", metavar="CHAIN")
         job.add_argument("args", nargs="*", metavar="ARGS", help="as in the control file")
         job.add_argument(
             "--wait", action="store_true", help="follow the job until it ends, with progress"
         )
-        job.set_defaults(func=cmd_job)
-
-    info = sub.add_parser(
-        "info",
-        help="show what an image file is (as qemu-img info)",
-        description="Show an image's format, sizes and backing file, read by chainfs's "
-        "own drivers, without a mount and without taking image locks.",
+    info = _subcommand(
+        sub,
+        cmd_info,
+        "info IMAGE",
+        "show what an image file is (as qemu-img info)",
+        "Show an image's format, sizes and backing file, read by chainfs's own drivers, "
+        "without a mount and without taking image locks.",
     )
-    info.add_argument("image", metavar="IMAGE")
     info.add_argument("--backing-chain", action="store_true", help="also every backing file")
     info.add_argument("--output", choices=("human", "json"), default="human")
-    info.set_defaults(func=cmd_info)
-
-    check = sub.add_parser(
-        "check",
-        help="check a qcow2 image for corruptions and leaks (as qemu-img check)",
-        description="Walk a qcow2 image's L1/L2 tables, snapshots, bitmaps and refcounts "
-        "and report corruptions and leaked clusters. Never repairs. Exit status: 0 clean, "
-        "1 check not completed, 2 corruptions, 3 leaked clusters only, 63 nothing to "
-        "check (raw).",
+    check = _subcommand(
+        sub,
+        cmd_check,
+        "check IMAGE",
+        "check a qcow2 image for corruptions and leaks (as qemu-img check)",
+        "Walk a qcow2 image's L1/L2 tables, snapshots, bitmaps and refcounts and report "
+        "corruptions and leaked clusters. Never repairs. Exit status: 0 clean, 1 check not "
+        "completed, 2 corruptions, 3 leaked clusters only, 63 nothing to check (raw).",
     )
-    check.add_argument("image", metavar="IMAGE")
     check.add_argument("--output", choices=("human", "json"), default="human")
     check.add_argument(
         "-U",
@@ -641,16 +639,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check even an image another program (QEMU, a mount) is writing",
     )
-    check.set_defaults(func=cmd_check)
-
-    digest = sub.add_parser(
+    digest = _subcommand(
+        sub,
+        cmd_digest,
         "digest",
-        help="print the xxh3-128 digest of a chain's flat disk",
-        description="Read the flat disk of the chain whose active layer is IMAGE through "
-        "chainfs (as a guest would see it) and print its xxh3-128 hex digest.",
+        "print the xxh3-128 digest of a chain's flat disk",
+        "Read the flat disk of the chain whose active layer is IMAGE through chainfs (as a "
+        "guest would see it) and print its xxh3-128 hex digest.",
     )
     digest.add_argument("image", metavar="IMAGE", help="the chain's active layer")
-    digest.set_defaults(func=cmd_digest)
     return parser
 
 

@@ -77,31 +77,33 @@ class CopyCmd:
 
 
 @dataclass(frozen=True)
-class CancelCmd:
+class VerbCmd:
+    """A verb applied to a running job: ``KIND JOB``."""
+
     job: str
 
 
-@dataclass(frozen=True)
-class CompleteCmd:
-    job: str
+class CancelCmd(VerbCmd):
+    """``cancel JOB``: QEMU's ``block-job-cancel``."""
+
+
+class CompleteCmd(VerbCmd):
+    """``complete JOB``: QEMU's ``block-job-complete``."""
+
+
+class PauseCmd(VerbCmd):
+    """``pause JOB``: QEMU's ``job-pause``."""
+
+
+class ResumeCmd(VerbCmd):
+    """``resume JOB``: QEMU's ``job-resume``."""
 
 
 @dataclass(frozen=True)
-class SpeedCmd:
+class SpeedCmd(VerbCmd):
     """``speed JOB RATE``: QEMU's ``block-job-set-speed``."""
 
-    job: str
     speed: int
-
-
-@dataclass(frozen=True)
-class PauseCmd:
-    job: str
-
-
-@dataclass(frozen=True)
-class ResumeCmd:
-    job: str
 
 
 Command: TypeAlias = (

@@ -65,24 +65,22 @@ _STT: dict[str, tuple[int, ...]] = {
     CONCLUDED:   (0, 0, 0, 0, 0, 0, 0, 0, 0),
 }
 
-# The verb table (JobVerbTable): row = verb, column = the state that accepts it.
-_VERBS: dict[str, tuple[int, ...]] = {
-    #              C  R  P  Y  S  W  D  X  E
-    CANCEL:      (1, 1, 1, 1, 1, 1, 1, 0, 0),
-    PAUSE:       (1, 1, 1, 1, 1, 0, 0, 0, 0),
-    RESUME:      (1, 1, 1, 1, 1, 0, 0, 0, 0),
-    SET_SPEED:   (1, 1, 1, 1, 1, 0, 0, 0, 0),
-    COMPLETE:    (0, 0, 0, 1, 1, 0, 0, 0, 0),
-}
 # fmt: on
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     state: frozenset(to for to, ok in zip(STATES, row, strict=True) if ok)
     for state, row in _STT.items()
 }
+# The verb table (JobVerbTable), as the states that accept each verb: pause, resume and
+# set-speed act on a job that is alive; cancel until it is on its way out; complete
+# only a job that reported ready
+_ALIVE = frozenset({CREATED, RUNNING, PAUSED, READY, STANDBY})
 VERBS: dict[str, frozenset[str]] = {
-    verb: frozenset(state for state, ok in zip(STATES, row, strict=True) if ok)
-    for verb, row in _VERBS.items()
+    CANCEL: _ALIVE | {WAITING, PENDING},
+    PAUSE: _ALIVE,
+    RESUME: _ALIVE,
+    SET_SPEED: _ALIVE,
+    COMPLETE: frozenset({READY, STANDBY}),
 }
 
 # states a job only passes through on its way out
@@ -116,7 +114,9 @@ def apply_verb(job_id: str, state: str, verb: str) -> None:
     """Let ``verb`` through, or refuse it as QEMU's ``job_apply_verb`` does."""
     if state in VERBS[verb]:
         return
+    # QEMU's words; for complete also why, since the state alone does not say it
+    why = ": it is not ready" if verb == COMPLETE and state not in ENDING else ""
     raise JobStateError(
         errno.EBUSY if state in ENDING else errno.EINVAL,
-        f"job {job_id!r} in state {state!r} cannot accept {verb!r}",
+        f"job {job_id!r} in state {state!r} cannot accept {verb!r}{why}",
     )
