@@ -265,11 +265,15 @@ class Mount:
         return wait_for(started, f"{kind} {text!r} to start on {chain}")
 
     def wait_job(self, chain: str, job: str, timeout: float = DEADLINE) -> dict[str, str]:
-        """The JOB_COMPLETED or JOB_CANCELLED event of ``job``, once it is there."""
+        """The JOB_COMPLETED or JOB_CANCELLED event of ``job``, once it is there (a job
+        stopped by an unmount is not over: the history it left says JOB_CANCELLED with
+        reason="unmounted; ...", and the job, under the same id, goes on)."""
 
         def ended() -> dict[str, str] | None:
             for e in self.events(chain):
-                if e.get("job") == job and e["event"] in ("JOB_COMPLETED", "JOB_CANCELLED"):
+                if e.get("job") != job or e["event"] not in ("JOB_COMPLETED", "JOB_CANCELLED"):
+                    continue
+                if not e.get("reason", "").startswith("unmounted"):
                     return e
             return None
 

@@ -280,12 +280,16 @@ def test_tail_follows_events(setup: Setup) -> None:
     m = setup.mount
     path = m.control("E", "events")
     fd = os.open(path, os.O_RDONLY)
+    seen = len(os.read(fd, 1 << 20))
+    wait_for(lambda: os.path.getsize(path) == seen, "events to settle")
+    # from the byte after what is there now, wherever tail is when the line comes (with
+    # ``-n 0`` a line written before tail looked for the end would be skipped)
     tail = subprocess.Popen(
-        ["tail", "-n", "0", "-s", "0.1", "-f", str(path)], stdout=subprocess.PIPE, text=True
+        ["tail", "-c", f"+{seen + 1}", "-s", "0.1", "-f", str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
-        seen = len(os.read(fd, 1 << 20))
-        wait_for(lambda: os.path.getsize(path) == seen, "events to settle")
         m.refuse("E", "stream", "base=followed.qcow2", errno.EINVAL)
         new = os.read(fd, 1 << 20).decode()
         assert "COMMAND_REJECTED" in new and "followed.qcow2" in new, new

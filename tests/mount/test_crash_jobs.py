@@ -57,7 +57,7 @@ START = ["E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]  # active first
 
 # a read-only mount leaves an interrupted job in the journal, and says so
 interrupted_job_left_alone = pytest.mark.expect_log(
-    r"WARNING chainfs\.mount: chain=\S+ job=\S+ type=\w+ was interrupted; "
+    r"WARNING chainfs\.jobs\.recovery: chain=\S+ job=\S+ type=\w+ was interrupted; "
     "a read-write mount resumes it$"
 )
 

@@ -125,6 +125,9 @@ CONTROL_FILES = (
     "copy",
     "cancel",
     "complete",
+    "speed",
+    "pause",
+    "resume",
 )
 CHAINS = ["seed-E", "rawbase-E", "short-top", "mixed-top", "abs-top", "dd-top"]
 
