@@ -1,3 +1,3 @@
 """chainfs: QEMU disk-image chains as flat raw disks, with live block operations."""
 
-__version__ = "0.1.1"
+__version__ = "0.2.0"
