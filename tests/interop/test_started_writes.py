@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,36 +28,11 @@ from chainfs.formats.qcow2 import create_overlay
 from chainfs.hostfile import HostFile, HostIOError
 
 from . import images as im
+from .conftest import Waiting
 
 MiB = im.MiB
 
 needs_aio = pytest.mark.skipif(hostfile._aio_calls is None, reason="no glibc AIO here")
-
-
-Waiting = dict[HostFile, tuple[memoryview, int]]
-
-
-@pytest.fixture
-def late(monkeypatch: pytest.MonkeyPatch) -> Iterator[Waiting]:
-    """Started writes wait, untouched, until ``wait_written``; then what their buffer
-    holds by then is written (so a buffer changed too early writes wrong bytes)."""
-    waiting: Waiting = {}
-
-    def started(
-        self: HostFile, data: bytes | bytearray | memoryview, offset: int, writeback: int = 0
-    ) -> None:
-        self.wait_written()
-        self._unflushed = True
-        waiting[self] = (memoryview(data), offset)
-
-    def wait(self: HostFile) -> None:
-        job = waiting.pop(self, None)
-        if job is not None:
-            HostFile.pwrite(self, bytes(job[0]), job[1])
-
-    monkeypatch.setattr(HostFile, "pwrite_started", started)
-    monkeypatch.setattr(HostFile, "wait_written", wait)
-    yield waiting
 
 
 # -- HostFile, with the real AIO ------------------------------------------------------------
@@ -169,19 +144,25 @@ def test_readers_see_a_started_write_as_landed(tmp_path: Path, late: Waiting) ->
     im.assert_same_as(top, bytes(expected), str(tmp_path))
 
 
-def test_a_started_write_that_fails_points_at_nothing(
-    tmp_path: Path, late: Waiting, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _, top, old = make_chain(tmp_path)
+def failing(late: Waiting) -> Callable[[HostFile], None]:
+    """A ``wait_written`` under which the write waiting in ``late`` fails (a full disk)."""
 
     def fail(self: HostFile) -> None:
         if late.pop(self, None) is not None:
             raise HostIOError("writing failed: No space left on device", errno.ENOSPC)
 
+    return fail
+
+
+def test_a_started_write_that_fails_points_at_nothing(
+    tmp_path: Path, late: Waiting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, top, old = make_chain(tmp_path)
+
     with Chain.open(top, writable=True, lock=False) as chain:
         layer = chain.active
         layer.write_started(0, memoryview(bytearray(b"z" * MiB)), lambda o, n: old[o : o + n])
-        monkeypatch.setattr(HostFile, "wait_written", fail)
+        monkeypatch.setattr(HostFile, "wait_written", failing(late))
         with pytest.raises(HostIOError):
             layer.settle()
         monkeypatch.undo()
@@ -198,14 +179,10 @@ def test_a_failure_a_reader_settles_waits_for_the_writer(
     reads the old entries (the clusters were taken back); the job's next flush fails."""
     _, top, old = make_chain(tmp_path)
 
-    def fail(self: HostFile) -> None:
-        if late.pop(self, None) is not None:
-            raise HostIOError("writing failed: No space left on device", errno.ENOSPC)
-
     with Chain.open(top, writable=True, lock=False) as chain:
         layer = chain.active
         layer.write_started(0, memoryview(bytearray(b"z" * MiB)), lambda o, n: old[o : o + n])
-        monkeypatch.setattr(HostFile, "wait_written", fail)
+        monkeypatch.setattr(HostFile, "wait_written", failing(late))
         assert [e.kind for e in layer.extents(0, MiB)] == [UNALLOCATED]
         monkeypatch.undo()
         chain.invalidate()

@@ -64,7 +64,6 @@ import trio.testing
 
 from chainfs.chain import Chain
 from chainfs.formats.base import Layer
-from chainfs.hostfile import HostFile
 from chainfs.jobs.base import READY, Job
 from chainfs.jobs.commit import CommitJob
 from chainfs.jobs.mirror import MirrorJob
@@ -147,28 +146,6 @@ def chain_dir(tmp_path: Path, template: tuple[Path, bytes]) -> tuple[Path, bytea
     d = tmp_path / "images"
     shutil.copytree(template[0], d)
     return d, bytearray(template[1])
-
-
-@pytest.fixture
-def late(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Started writes wait, untouched, until ``wait_written`` (the driver's settle): a
-    step's last started write truly is pending in the window after it."""
-    waiting: dict[HostFile, tuple[memoryview, int]] = {}
-
-    def started(
-        self: HostFile, data: bytes | bytearray | memoryview, offset: int, writeback: int = 0
-    ) -> None:
-        self.wait_written()
-        self._unflushed = True
-        waiting[self] = (memoryview(data), offset)
-
-    def wait(self: HostFile) -> None:
-        job = waiting.pop(self, None)
-        if job is not None:
-            HostFile.pwrite(self, bytes(job[0]), job[1])
-
-    monkeypatch.setattr(HostFile, "pwrite_started", started)
-    monkeypatch.setattr(HostFile, "wait_written", wait)
 
 
 # -- the guest and the hook ----------------------------------------------------------------
