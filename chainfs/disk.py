@@ -145,7 +145,7 @@ class Disk:
             elif isinstance(cmd, CopyCmd):
                 copy.start(self, cmd)
             elif isinstance(cmd, CancelCmd):
-                self._cancel(cmd.job)
+                self._find_job(cmd.job).user_cancel()
             elif isinstance(cmd, CompleteCmd):
                 self._find_job(cmd.job).user_complete()
             elif isinstance(cmd, SpeedCmd):
@@ -166,9 +166,6 @@ class Disk:
         if job is None or job.id != job_id or job.status == CONCLUDED:
             raise CommandError(errno.ENOENT, f"no job {job_id!r} on chain {self.name!r}")
         return job
-
-    def _cancel(self, job_id: str) -> None:
-        self._find_job(job_id).user_cancel()
 
     async def stop_jobs(self) -> None:
         """Stop a running job, for the next mount to resume, and wait for it (unmount)."""
