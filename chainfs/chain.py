@@ -452,10 +452,6 @@ class Chain:
             held |= layer.allocation_map(start, count, g)
         return held.to_bytes(count, "little")
 
-    def drop_copy_buffers(self) -> None:
-        """Give back the copy engine's buffers when a job is over (``CopyEngine.drop_buffers``)."""
-        self.engine.drop_buffers()
-
     def grow_layer(self, index: int, size: int) -> None:
         """Grow the backing layer ``layers[index]`` (open read-write) to ``size`` bytes.
 

@@ -128,6 +128,6 @@ def launch(served: Served, job: Job, resumes: Pending | None = None) -> None:
         try:
             await job.execute()
         finally:  # before any task waiting for the job runs again
-            served.chain.drop_copy_buffers()
+            served.chain.engine.drop_buffers()
 
     served.spawn(run)
