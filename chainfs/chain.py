@@ -34,6 +34,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 from .buffers import zero_fill
+from .confine import Confinement
 from .engine import CopyEngine
 from .errors import ChainError, ChainfsError, ReadOnlyError, UnsupportedFeature
 from .formats import open_layer
@@ -65,8 +66,24 @@ def resolve_backing(overlay_path: str, backing: str) -> str:
     return os.path.join(os.path.dirname(overlay_path), backing)
 
 
-def _open(path: str, fmt: str | None, *, writable: bool, lock: bool) -> Layer:
-    layer = open_layer(path, fmt, writable=writable)
+def _open(
+    path: str,
+    fmt: str | None,
+    *,
+    writable: bool,
+    lock: bool,
+    confine: Confinement | None = None,
+    what: str = "",
+    shown: str = "",
+) -> Layer:
+    """Open one layer; with ``confine``, only a file inside it (``what`` and ``shown``
+    name the file in the refusal, as ``Confinement.check_path`` says)."""
+    vet: Callable[[int], None] | None = None
+    if confine is not None:
+        what, shown = what or f"image {path!r}", shown or path
+        confine.check_path(path, what, shown)
+        vet = functools.partial(confine.check_open, path=path, what=what, shown=shown)
+    layer = open_layer(path, fmt, writable=writable, vet=vet)
     if lock:
         try:
             lock_image(layer.file.fd, layer.path, write=writable)
@@ -83,6 +100,8 @@ class Chain:
         self.layers = layers
         self.writable = writable
         self.locked = False
+        # where the layers this chain opens may lie (None: anywhere; a mount sets it)
+        self.confine: Confinement | None = None
         self.lock = threading.Lock()  # metadata access; the copy engine takes it too
         self._regions: OrderedDict[int, array[int]] = OrderedDict()
         # called as hook(offset, length) under the lock before every guest write: the
@@ -99,11 +118,15 @@ class Chain:
         writable: bool = False,
         active_format: str | None = None,
         lock: bool = True,
+        confine: Confinement | None = None,
     ) -> Chain:
         """Open the chain whose active image is ``active_path``.
 
         With ``lock`` every layer gets QEMU's image locks (write locks on the active layer
         when ``writable``), so QEMU refuses to write what chainfs serves and vice versa.
+        With ``confine`` (a mount's) every layer, the active one included, must lie
+        inside it (``OutsideError`` names the first that does not); the chain keeps it
+        for the layers it opens later.
         """
         layers: list[Layer] = []
         seen: set[str] = set()
@@ -122,7 +145,20 @@ class Chain:
                 if real in seen:
                     raise ChainError(f"backing loop: {path!r} appears twice in the chain")
                 seen.add(real)
-                layer = _open(path, fmt, writable=writable and not layers, lock=lock)
+                if layers:
+                    string = str(layers[-1].backing_string)
+                    what = f"backing file {string!r} of {layers[-1].path!r}"
+                else:
+                    string, what = path, f"active layer {path!r}"
+                layer = _open(
+                    path,
+                    fmt,
+                    writable=writable and not layers,
+                    lock=lock,
+                    confine=confine,
+                    what=what,
+                    shown=string,
+                )
                 layers.append(layer)
                 if not layer.backing_string:
                     break
@@ -134,6 +170,7 @@ class Chain:
             raise
         chain = cls(layers, writable=writable)
         chain.locked = lock
+        chain.confine = confine
         return chain
 
     def __enter__(self) -> Chain:
@@ -353,7 +390,7 @@ class Chain:
             if old.writable:
                 old.flush()  # a failure leaves the layer as it was, open and usable
             old.close()
-            new = _open(old.path, old.format_name, writable=writable, lock=self.locked)
+            new = self._open(old.path, old.format_name, writable=writable)
             self.layers[index] = new
             self._reset_granule()
             return new
@@ -365,12 +402,12 @@ class Chain:
         change, so nothing cached anywhere needs to be invalidated.
         """
         with self.lock:
-            new = _open(path, "qcow2", writable=True, lock=self.locked)
+            new = self._open(path, "qcow2", writable=True)
             old = self.layers[0]
             try:
                 old.flush()  # a failure leaves the old layer as it was, open and active
                 old.close()
-                ro = _open(old.path, old.format_name, writable=False, lock=self.locked)
+                ro = self._open(old.path, old.format_name, writable=False)
             except BaseException:
                 new.close()
                 raise
@@ -469,7 +506,11 @@ class Chain:
 
     def open_layer(self, path: str, fmt: str | None, *, writable: bool) -> Layer:
         """Open an image that is to join the chain, with the image locks its layers get."""
-        return _open(path, fmt, writable=writable, lock=self.locked)
+        return self._open(path, fmt, writable=writable)
+
+    def _open(self, path: str, fmt: str | None, *, writable: bool) -> Layer:
+        """Open one of this chain's layers (again), locked and confined as the others."""
+        return _open(path, fmt, writable=writable, lock=self.locked, confine=self.confine)
 
     def replace_top(self, count: int, new: Layer | None) -> list[Layer]:
         """The pivot: drop ``layers[:count]`` and make ``new`` (None: ``layers[count]``)

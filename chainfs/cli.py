@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="ro, allow_other, debug, allow_dir=PATH (repeatable)",
+        help="ro, allow_other, debug, allow_dir=PATH, allow_backing=PATH (repeatable)",
     )
     _subcommand(sub, cmd_umount, "umount MOUNTPOINT", "unmount cleanly and wait for the daemon")
     status = _subcommand(

@@ -27,6 +27,7 @@ import trio
 
 from . import source as sources
 from .chain import Chain
+from .confine import Confinement
 from .disk import Disk
 from .errors import ChainfsError
 from .eventlog import EventLog
@@ -52,6 +53,7 @@ class MountOptions:
     allow_other: bool = False
     debug: bool = False
     allow_dirs: list[str] = field(default_factory=list)
+    allow_backing: list[str] = field(default_factory=list)
     fuse: set[str] = field(default_factory=set)
 
 
@@ -71,6 +73,10 @@ def parse_options(values: list[str]) -> MountOptions:
                 if not arg or not os.path.isdir(arg):
                     raise ChainfsError(f"allow_dir={arg}: not a directory")
                 opts.allow_dirs.append(os.path.abspath(arg))
+            elif key == "allow_backing":
+                if not arg or not os.path.exists(arg):
+                    raise ChainfsError(f"allow_backing={arg}: no such file or directory")
+                opts.allow_backing.append(os.path.abspath(arg))
             elif opt in IGNORED_OPTIONS or key.startswith("x-") or key == "comment":
                 continue
             elif opt in PASSED_OPTIONS:
@@ -92,8 +98,11 @@ def open_disks(
 ) -> list[Disk]:
     disks: list[Disk] = []
     for spec in src.chains:
+        # the chain's layers must lie in the directories the source gives for it or the
+        # options allow, so that no flat file shows an arbitrary host file
+        confine = Confinement.of([*spec.homes, *opts.allow_dirs, *opts.allow_backing])
         try:
-            chain = Chain.open(spec.active, writable=not opts.readonly)
+            chain = Chain.open(spec.active, writable=not opts.readonly, confine=confine)
         except ChainfsError as e:
             log.warning("chain=%s refused: %s", spec.name, e)
             src.refused.append(Refused(spec.name, spec.active, str(e)))
@@ -103,6 +112,8 @@ def open_disks(
         own = [os.path.dirname(spec.active)]
         if os.path.isdir(src.path):
             own.append(src.directory)
+        # what snapshot and copy create there joins the chain
+        chain.confine = confine.widened(own)
         # the chain's events history and job-id counter, kept beside the state file
         events = EventLog.open(src.directory, spec.name, writable=not opts.readonly)
         disks.append(

@@ -17,6 +17,12 @@ chain's name is that of the nearest recorded active layer at or below its top.
 
 A TOML source names chains explicitly (``[chains.NAME] active = "path"``, relative
 paths against the TOML file's directory); its state file sits beside it.
+
+Each chain comes with the directories its files may lie in by default (``homes``, which
+a mount widens with ``allow_dir`` and ``allow_backing``, ``confine``): the source
+directory; for a TOML source, the TOML file's directory and that of the active layer
+the TOML names for the chain (not one the state file names: the state file sits among
+the images, and whoever can write the images can write it).
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ STATE_NAME = ".chainfs.json"
 class ChainSpec:
     name: str
     active: str  # absolute path of the active layer
+    # the directories the source gives for the chain's files: a directory source's own
+    # directory; a TOML source's directory and that of the active layer it names (a
+    # mount widens them with allow_dir and allow_backing: ``confine``)
+    homes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -204,7 +214,7 @@ def _scan_directory(src: Source) -> None:
         if p in images or p in src.retired or not os.path.isfile(p):
             continue
         taken.add(name)
-        src.chains.append(ChainSpec(name, p))
+        src.chains.append(ChainSpec(name, p, (src.directory,)))
         seen: set[str] = set()
         q: str | None = p
         while q is not None and q not in seen:
@@ -223,7 +233,7 @@ def _scan_directory(src: Source) -> None:
             src.refused.append(Refused(name, top, f"a second chain claims the name {name!r}"))
             continue
         taken.add(name)
-        src.chains.append(ChainSpec(name, top))
+        src.chains.append(ChainSpec(name, top, (src.directory,)))
         if src.recorded.get(name) != top:
             src.recorded[name] = top
 
@@ -256,10 +266,12 @@ def _read_toml(src: Source) -> None:
         if "/" in name or name.startswith(".") or not name:
             src.refused.append(Refused(name, "", f"{name!r} is not a usable chain name"))
             continue
-        active = src._abs(table["active"])
+        active = named = src._abs(table["active"])
         # after a snapshot the recorded active layer is the newer one
         recorded = src.recorded.get(name)
         if recorded and os.path.exists(recorded):
             active = recorded
-        src.chains.append(ChainSpec(name, active))
+        # the state file may name an active layer anywhere: the TOML's word counts
+        homes = (src.directory, os.path.dirname(named))
+        src.chains.append(ChainSpec(name, active, homes))
         src.recorded[name] = active

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 
 from ..errors import ImageError
 from ..hostfile import HostFile
@@ -27,13 +28,20 @@ def is_qcow2(path: str) -> bool:
         return f.read(4) == MAGIC
 
 
-def open_layer(path: str, fmt: str | None, *, writable: bool) -> Layer:
-    """Open ``path`` as a layer; ``fmt`` None means probe (safe only for the top)."""
+def open_layer(
+    path: str, fmt: str | None, *, writable: bool, vet: Callable[[int], None] | None = None
+) -> Layer:
+    """Open ``path`` as a layer; ``fmt`` None means probe (safe only for the top).
+
+    ``vet``, if given, is called with the open descriptor before anything is read from
+    it, and may refuse the file by raising."""
     if fmt is not None and fmt not in FORMATS:
         raise ImageError(f"{path!r} has format {fmt!r}; chainfs handles qcow2 and raw")
     _check_file_type(path)
     f = HostFile(path, writable)
     try:
+        if vet is not None:
+            vet(f.fd)
         kind = fmt or probe(f)
         if kind == "qcow2":
             return Qcow2Layer(f)
