@@ -111,7 +111,9 @@ def source(tmp_path_factory: pytest.TempPathFactory, seeds: Seeds) -> Source:
 
 @pytest.fixture(scope="module")
 def mount(module_mounter: Mounter, source: Source) -> Mount:
-    return module_mounter(source.directory)
+    # dd-top's base lies outside the source directory: the mount must be told
+    outside = source.directory.parent / "outside"
+    return module_mounter(source.directory, f"allow_backing={outside}")
 
 
 # SPEC: the files of control/NAME

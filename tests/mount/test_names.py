@@ -79,12 +79,15 @@ def test_name_survives_snapshot_stream_and_remount(
     assert_content(images / "G.qcow2", model, tmp_path / "cmp")
 
 
+@pytest.mark.expect_log(r"WARNING chainfs\.mount: chain=E refused: active layer ")
 def test_snapshot_into_another_directory_then_stream_then_remount(
     tmp_path: Path, mounter: Mounter, seeds: Seeds
 ) -> None:
     """The seed's recipe for moving a live disk: snapshot elsewhere, then a full stream.
     After every step, and after remounting, the chain is still ``E`` and its active
-    layer the new file: the old layers must never be served as a chain again."""
+    layer the new file: the old layers must never be served as a chain again.  Its
+    files now lie elsewhere: a mount without an option that allows that directory
+    refuses the chain (the state file alone does not let a mount serve a file)."""
     images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
     elsewhere.mkdir()
     seed = seeds(images)
@@ -108,6 +111,13 @@ def test_snapshot_into_another_directory_then_stream_then_remount(
     assert digests(seed.layers) == before
 
     m = mounter(images)
+    (entry,) = m.status()[1:]
+    assert entry["status"] == "refused"
+    assert f"active layer {str(disk)!r} lies outside" in entry["reason"]
+    assert f"-o allow_backing={elsewhere} allows it" in entry["reason"]
+    m.unmount()
+
+    m = mounter(images, f"allow_backing={elsewhere}")
     assert served(m) == {"E": "served"}
     assert m.lines("E", "chain") and m.layers("E") == ["disk.qcow2"]
     assert_flat(m.img("E"), model)
