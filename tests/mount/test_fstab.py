@@ -10,6 +10,7 @@ nothing outside the namespace sees the bind mount or the chainfs mounts.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -48,9 +49,10 @@ echo "== chain"
 cat "$MP/control/E/chain"
 chainfs umount "$MP"
 
-mount -t fuse.chainfs -o ro "$SRC" "$MP"
+mount -t fuse.chainfs -o ro,allow_backing="$COPIES" "$SRC" "$MP"
 echo "== read-only"
 findmnt -n -o OPTIONS "$MP"
+cat "$MP/control/.status"
 if echo "$COPIES/T.qcow2" > "$MP/control/E/snapshot"; then exit 1; fi
 chainfs umount "$MP"
 echo "== done"
@@ -91,6 +93,8 @@ def test_mount_t_fuse_chainfs_and_fstab(tmp_path: Path, seeds: Seeds) -> None:
         "FSTAB": str(fstab),
         "COPIES": str(copies),
     }
+    if "PYTHONPATH" in os.environ:  # the tree under test, not the installed one
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     proc = subprocess.run(
         ["unshare", "--mount", "sh", "-c", SCRIPT],
         env=env,
@@ -110,6 +114,10 @@ def test_mount_t_fuse_chainfs_and_fstab(tmp_path: Path, seeds: Seeds) -> None:
     names = [parse_line(x)["name"] for x in out["chain"]]
     assert names == ["S.qcow2", "E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
     assert "ro" in out["read-only"][0].split(",")
+    # the chain's active layer lies in COPIES now: allow_backing reached chainfs
+    ro_daemon, ro_chain = (parse_line(x) for x in out["read-only"][1:])
+    assert ro_daemon["readonly"] == "true"
+    assert ro_chain == {"chain": "E", "status": "served", "active": str(copies / "S.qcow2")}
     assert not (copies / "T.qcow2").exists()
     assert not mp.is_mount()
     snap = copies / "S.qcow2"
