@@ -137,6 +137,14 @@ class Chain:
                     raise ChainError(
                         f"the chain of {active_path!r} is deeper than {MAX_DEPTH} layers"
                     )
+                if layers:
+                    string = str(layers[-1].backing_string)
+                    what = f"backing file {string!r} of {layers[-1].path!r}"
+                else:
+                    string, what = path, f"active layer {path!r}"
+                if confine is not None:
+                    # first: whether a file outside exists is none of the mount's business
+                    confine.check_path(path, what, string)
                 if not os.path.exists(path):
                     if not layers:
                         raise ChainError(f"{path!r} does not exist")
@@ -145,11 +153,6 @@ class Chain:
                 if real in seen:
                     raise ChainError(f"backing loop: {path!r} appears twice in the chain")
                 seen.add(real)
-                if layers:
-                    string = str(layers[-1].backing_string)
-                    what = f"backing file {string!r} of {layers[-1].path!r}"
-                else:
-                    string, what = path, f"active layer {path!r}"
                 layer = _open(
                     path,
                     fmt,

@@ -15,6 +15,7 @@ between the check and the open is caught by the check of the open descriptor.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,17 @@ def test_a_raw_base_outside_is_refused(
         assert chain.read(0, 16) == SECRET[:16]
     with Chain.open(str(top), confine=confined_to(images, Path(real).parent)) as chain:
         assert chain.read(0, 16) == SECRET[:16]
+
+
+def test_a_missing_file_outside_is_refused_as_outside(tree: Path) -> None:
+    """The refusal does not tell whether a file outside exists."""
+    images = tree / "images"
+    for name in ("secret.raw", "nothing.raw"):
+        top = overlay(images / "top.qcow2", str(tree / "outside" / name))
+        string = re.escape(repr(str(tree / "outside" / name)))
+        with pytest.raises(OutsideError, match=f"^backing file {string} of .* lies outside"):
+            Chain.open(str(top), confine=confined_to(images))
+        os.unlink(top)
 
 
 def test_a_qcow2_layer_outside_in_the_middle_is_refused(tree: Path) -> None:
