@@ -222,3 +222,29 @@ def test_allow_backing_is_parsed_repeatable_and_checked(tree: Path) -> None:
     for bad in ("allow_backing=", f"allow_backing={tree / 'nothing'}"):
         with pytest.raises(Exception, match="no such file or directory"):
             parse_options([bad])
+
+
+def test_without_proc_the_descriptor_must_be_the_file_checked(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ``/proc/self/fd`` cannot be read, the open descriptor is compared with the
+    file the real path names: a swap after the open is refused all the same."""
+    import chainfs.confine
+
+    monkeypatch.setattr(chainfs.confine, "_fd_path", lambda fd: None)
+    images = tree / "images"
+    (images / "link.raw").symlink_to(images / "base.raw")
+    top = overlay(images / "top.qcow2", "link.raw")
+    with Chain.open(str(top), confine=confined_to(images)) as chain:
+        assert chain.read(0, 4) == b"\x11" * 4
+    check_path = Confinement.check_path
+
+    def check_then_swap(self: Confinement, path: str, what: str, shown: str) -> None:
+        check_path(self, path, what, shown)
+        if path.endswith("link.raw"):
+            (images / "new").symlink_to(tree / "outside" / "secret.raw")
+            os.replace(images / "new", images / "link.raw")
+
+    monkeypatch.setattr(Confinement, "check_path", check_then_swap)
+    with pytest.raises(OutsideError, match=r"resolves to .*secret"):
+        Chain.open(str(top), confine=confined_to(images))
