@@ -206,6 +206,8 @@ class Relative:
 
 
 def relative_paths(root: Path) -> Relative:
+    """QEMU's tree across three directories: the mount of ``dir2/dir3`` must be allowed
+    the backing files above it (``allow_backing=ROOT``)."""
     r = Relative(
         root, root / "dir1/backing.img", root / "dir2/mid.img", root / "dir2/dir3/test.img"
     )
@@ -228,7 +230,7 @@ def moved(r: Relative, dest: Path) -> Relative:
 def test_040_relative_paths_commit(tmp_path: Path, mounter: Mounter) -> None:
     r = relative_paths(tmp_path / "tree")
     want = im.reference(str(r.test))
-    m = mounter(r.test.parent)
+    m = mounter(r.test.parent, f"allow_backing={r.root}")
     m.run_job(CHAIN, "commit", "top=mid.img base=backing.img")
     assert m.layers(CHAIN) == ["test.img", "backing.img"]
     m.unmount()
@@ -243,7 +245,7 @@ def test_040_relative_paths_commit(tmp_path: Path, mounter: Mounter) -> None:
 def test_040_relative_paths_top_is_active(tmp_path: Path, mounter: Mounter) -> None:
     r = relative_paths(tmp_path / "tree")
     want = im.reference(str(r.test))
-    m = mounter(r.test.parent)
+    m = mounter(r.test.parent, f"allow_backing={r.root}")
     active_commit(m, "top=test.img base=backing.img", complete=True)
     assert m.layers(CHAIN) == ["backing.img"]
     m.unmount()
@@ -255,7 +257,7 @@ def test_040_relative_paths_stream(tmp_path: Path, mounter: Mounter) -> None:
     """030's partial stream on 040's tree: the new backing string is relative too."""
     r = relative_paths(tmp_path / "tree")
     want = im.reference(str(r.test))
-    m = mounter(r.test.parent)
+    m = mounter(r.test.parent, f"allow_backing={r.root}")
     m.run_job(CHAIN, "stream", "base=backing.img")
     assert m.layers(CHAIN) == ["test.img", "backing.img"]
     m.unmount()
