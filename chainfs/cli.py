@@ -52,12 +52,13 @@ IMAGE_COMMANDS = ("info", "check", "digest")
 POLL_INTERVAL = 0.2  # how often --wait looks at the job
 PLAIN_INTERVAL = 1.0  # how often --wait prints a progress line when not on a terminal
 RATE_WINDOW = 5.0  # seconds of progress the rate (and so the time left) is measured over
+MIN_RATE_SPAN = 1.0  # no rate shown from looks closer together than this
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # as a shell reports a command killed by SIGPIPE
 BAR_TAIL = 50  # columns kept for the numbers after the progress bar
 
 # keys of the control files that hold numbers (as numbers in ``status --json``)
-NUMERIC_KEYS = frozenset({"pid", "virtual-size", "allocated", "offset", "len", "speed"})
+NUMERIC_KEYS = frozenset({"pid", "virtual-size", "allocated", "offset", "len", "speed", "copied"})
 
 log = logging.getLogger(__name__)
 
@@ -384,10 +385,16 @@ def _duration(seconds: float) -> str:
 class Progress:
     """A job's progress: a bar redrawn in place on a terminal, plain lines otherwise.
 
-    The rate is measured over the last ``RATE_WINDOW`` seconds of progress, and the time
-    left is the bytes still to do at that rate.  Plain lines are ``key=value`` pairs like
-    the control files, one every ``PLAIN_INTERVAL`` seconds (and whenever the job's state
-    changes), so a log of them can be grepped.
+    The rate is that of the bytes the job copied (its ``copied`` counter, which its
+    ``speed=`` limits), measured over the last ``RATE_WINDOW`` seconds once they span
+    ``MIN_RATE_SPAN``, and never shown above the job's own limit (a job copies a step
+    at once and then waits, so a short window can catch it mid-burst).  ``offset`` is
+    not a rate: a stream's passes over whole stretches with nothing to copy in one go.
+    The time left is the bytes still to copy at that rate, estimated as the share of
+    the bytes passed so far that needed copying, applied to the bytes not yet passed.
+    Plain lines are ``key=value`` pairs like the control files, one every
+    ``PLAIN_INTERVAL`` seconds (and whenever the job's state changes), so a log of them
+    can be grepped.
     """
 
     def __init__(
@@ -396,25 +403,52 @@ class Progress:
         self.out = out
         self.tty = tty
         self.clock = clock
-        self.samples: collections.deque[tuple[float, int]] = collections.deque()
+        # (time, offset, copied) of recent looks, and of the first one
+        self.samples: collections.deque[tuple[float, int, int]] = collections.deque()
+        self.first: tuple[float, int, int] | None = None
+        self.speed = 0
         self.last_plain = -PLAIN_INTERVAL
         self.last_status: str | None = None
         self.drawn = False
 
     def rate(self) -> float | None:
+        """Bytes copied per second, recently; None until there is enough to tell."""
         if len(self.samples) < 2:
             return None
-        (t0, o0), (t1, o1) = self.samples[0], self.samples[-1]
-        return (o1 - o0) / (t1 - t0) if t1 > t0 else None
+        (t0, _, c0), (t1, _, c1) = self.samples[0], self.samples[-1]
+        if t1 - t0 < MIN_RATE_SPAN:
+            return None
+        rate = (c1 - c0) / (t1 - t0)
+        return min(rate, self.speed) if self.speed > 0 else rate
+
+    def to_copy(self, offset: int, total: int) -> float | None:
+        """The bytes still to copy: what the part passed so far needed, pro rata."""
+        if self.first is None or total <= offset:
+            return 0.0 if total <= offset else None
+        _, o0, c0 = self.first
+        _, o1, c1 = self.samples[-1]
+        if o1 <= o0 or c1 <= c0:
+            return None  # nothing passed, or nothing copied yet: no telling
+        return (c1 - c0) / (o1 - o0) * (total - offset)
 
     def update(self, job: dict[str, str]) -> None:
         now = self.clock()
         done, total = int(job.get("offset", 0)), int(job.get("len", 0))
-        self.samples.append((now, done))
+        copied = int(job.get("copied", done))  # (a daemon before 0.2.1 shows no copied)
+        self.speed = int(job.get("speed", 0) or 0)
+        sample = (now, done, copied)
+        if self.first is None:
+            self.first = sample
+        self.samples.append(sample)
         while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW:
             self.samples.popleft()
         rate = self.rate()
-        left = (total - done) / rate if rate and total > done else None
+        to_copy = self.to_copy(done, total)
+        left: float | None = None
+        if to_copy == 0.0:
+            left = 0.0 if rate is not None else None
+        elif to_copy is not None and rate:
+            left = to_copy / rate
         status = job.get("status", "?")
         if self.tty:
             self._draw(job.get("id", "?"), status, done, total, rate, left)
@@ -427,6 +461,7 @@ class Progress:
                     ("done", done),
                     ("len", total),
                     ("percent", _percent(done, total)),
+                    ("copied", copied),
                     ("rate", None if rate is None else int(rate)),
                     ("eta", None if left is None else int(left + 0.5)),
                 ]

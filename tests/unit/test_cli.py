@@ -130,6 +130,83 @@ def test_rate_is_measured_over_a_recent_window() -> None:
     assert rate is not None and (1 << 20) * 0.9 < rate < (1 << 20) * 1.1
 
 
+class SparseStream:
+    """A stream job as ``jobs`` shows it, on a fake clock: one 1 MiB step in eight holds
+    data and is copied at ``speed`` (a step at once, then the job waits out its budget,
+    as ``Job.checkpoint`` does); the steps between are passed over in one go, so
+    ``offset`` runs eight times ahead of the bytes copied."""
+
+    STEP, EVERY = 1 << 20, 8
+
+    def __init__(self, speed: int, length: int = 1 << 30, limit_shown: int | None = None) -> None:
+        self.speed, self.len = speed, length
+        self.shown = speed if limit_shown is None else limit_shown
+        self.to_copy = length // self.EVERY
+
+    def copied(self, t: float) -> int:
+        steps = int(t * self.speed / self.STEP) + 1  # the first step goes at once
+        return min(steps * self.STEP, self.to_copy)
+
+    def line(self, t: float) -> dict[str, str]:
+        copied = self.copied(t)
+        offset = min(copied * self.EVERY, self.len)
+        return {
+            "id": "stream-1",
+            "type": "stream",
+            "status": "running",
+            "offset": str(offset),
+            "len": str(self.len),
+            "speed": str(self.shown),
+            "copied": str(copied),
+        }
+
+    def seconds_left(self, t: float) -> float:
+        return (self.to_copy - self.copied(t)) / self.speed
+
+
+@pytest.mark.parametrize("shown", [8 << 20, 0], ids=["limit-shown", "limit-unknown"])
+def test_rate_and_eta_come_from_the_bytes_copied(shown: int) -> None:
+    """A stream with ``speed=8M`` over a sparse chain: the displayed rate stays within
+    10% of the limit (not the 8x the offset runs at) and the time left within 25% of
+    the true one, whether or not the jobs line states the limit."""
+    limit = 8 << 20
+    sim = SparseStream(limit, limit_shown=shown)
+    out, clock = io.StringIO(), Clock()
+    p = cli.Progress(out, tty=False, clock=clock)
+    start = clock.now
+    checked = 0
+    while clock.now - start < 14:
+        t = clock.now - start
+        p.update(sim.line(t))
+        rate = p.rate()
+        if t >= 2:
+            assert rate is not None and 0.9 * limit <= rate <= 1.1 * limit, (t, rate)
+            left = sim.seconds_left(t)
+            shown_left = p.to_copy(int(sim.line(t)["offset"]), sim.len)
+            assert shown_left is not None
+            assert abs(shown_left / rate - left) <= 0.25 * left, (t, shown_left / rate, left)
+            checked += 1
+        clock.now += cli.POLL_INTERVAL
+    assert checked > 50
+    lines = [parse_line(x) for x in out.getvalue().splitlines()]
+    rates = [int(x["rate"]) for x in lines if "rate" in x]
+    assert rates and all(r <= 1.1 * limit for r in rates), rates
+    assert all(int(x["copied"]) * 8 == int(x["done"]) for x in lines)
+
+
+def test_displayed_rate_never_passes_the_jobs_limit() -> None:
+    """Looks a second apart catch the job's step burst: what shows is still the limit."""
+    limit = 1 << 20
+    sim = SparseStream(limit)
+    out, clock = io.StringIO(), Clock()
+    p = cli.Progress(out, tty=False, clock=clock)
+    for _ in range(40):
+        p.update(sim.line(clock.now - 100.0))
+        rate = p.rate()
+        assert rate is None or rate <= limit
+        clock.now += cli.POLL_INTERVAL
+
+
 def test_terminal_progress_is_a_bar_redrawn_in_place() -> None:
     out, clock = TTY(), Clock()
     p = cli.Progress(out, tty=True, clock=clock)
