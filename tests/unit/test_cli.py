@@ -85,6 +85,41 @@ def test_not_a_mount_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert err == f"chainfs: {str(tmp_path)!r} is not a chainfs mount\n"
 
 
+def chainfs_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``chainfs ARGS`` as a user runs it (this checkout's code), no terminal."""
+    return subprocess.run(
+        [sys.executable, "-m", "chainfs", *(str(a) for a in args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"QFI\xfb\x00\x00\x00\x03" + bytes(504), bytes(1 << 16)],
+    ids=["qcow2", "raw"],
+)
+def test_mount_of_an_image_file_says_what_source_must_be(tmp_path: Path, content: bytes) -> None:
+    """``chainfs mount vm1.qcow2 /mnt`` printed "'utf-8' codec can't decode byte 0xfb"."""
+    images, mnt = tmp_path / "images", tmp_path / "mnt"
+    images.mkdir()
+    mnt.mkdir()
+    image = images / "vm1.qcow2"
+    image.write_bytes(content)
+    proc = chainfs_cli("mount", image, mnt)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "codec" not in proc.stderr
+    assert proc.stderr == (
+        f"chainfs: source {str(image)!r} is a file that is not TOML (a disk image?): SOURCE "
+        "must be a directory of images or a TOML file naming chains; to serve the chain of "
+        f"this image, mount its directory: chainfs mount {images} MOUNTPOINT\n"
+    )
+    assert not os.path.ismount(mnt)
+
+
 # -- progress ----------------------------------------------------------------------------------
 
 
