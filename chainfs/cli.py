@@ -8,7 +8,8 @@ following is interrupted.
 
 ``mount`` serves in a daemon and returns once the filesystem is ready (``-f`` stays in
 the foreground).  As ``mount.fuse3`` calls a filesystem's program as ``chainfs SOURCE
-MOUNTPOINT -o OPTS``, a command line that starts with two paths is read as ``mount``.
+MOUNTPOINT -o OPTS``, a command line that starts with two paths (the first one existing
+or with a slash in it) is read as ``mount``; any other first word must be a command.
 The job subcommands write the control files, exactly as ``echo`` would, and ``--wait``
 follows the job through ``events`` and ``jobs``.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import difflib
 import json
 import logging
 import os
@@ -693,17 +695,48 @@ def _describe_os_error(e: OSError) -> str:
     return reason
 
 
+def _command_names() -> tuple[str, ...]:
+    return ("mount", "umount", "status", *JOB_COMMANDS, *IMAGE_COMMANDS)
+
+
+def _looks_like_path(word: str) -> bool:
+    """A word mount.fuse3 passes as SOURCE: it names something, or has a slash in it."""
+    return "/" in word or os.path.lexists(word)
+
+
 def _as_mount_helper(args: list[str]) -> list[str]:
-    """``chainfs SOURCE MOUNTPOINT [-o OPTS]`` (how mount.fuse3 calls us) means mount."""
-    commands = {"mount", "umount", "status", *IMAGE_COMMANDS, *JOB_COMMANDS}
-    if len(args) >= 2 and args[0] not in commands and not args[0].startswith("-"):
+    """``chainfs SOURCE MOUNTPOINT [-o OPTS]`` (how mount.fuse3 calls us) means mount.
+
+    Only when SOURCE looks like a path (a slash in it, or something by that name
+    exists): any other first word is a command, and a mistyped one is refused as such
+    (``chainfs strem M vm1`` is no mount of ./strem)."""
+    if (
+        len(args) >= 2
+        and args[0] not in _command_names()
+        and not args[0].startswith("-")
+        and _looks_like_path(args[0])
+    ):
         return ["mount", *args]
     return args
 
 
+def _invalid_command(word: str) -> str | None:
+    """What argparse would say of a first word that is no command (None: it is one)."""
+    names = _command_names()
+    if not word or word in names or word.startswith("-"):
+        return None
+    close = difflib.get_close_matches(word, names, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"choose from {', '.join(names)}"
+    return f"argument COMMAND: invalid choice: {word!r} ({hint})"
+
+
 def main(args: list[str] | None = None) -> int:
     argv = _as_mount_helper(sys.argv[1:] if args is None else args)
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    invalid = _invalid_command(argv[0]) if argv else None
+    if invalid is not None:
+        parser.error(invalid)
+    ns = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = ns.func
     try:
         return func(ns)

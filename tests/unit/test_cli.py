@@ -48,6 +48,18 @@ def job(offset: int, length: int = 100 << 20, status: str = "running") -> dict[s
     }
 
 
+def chainfs_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``chainfs ARGS`` as a user runs it (this checkout's code), no terminal."""
+    return subprocess.run(
+        [sys.executable, "-m", "chainfs", *(str(a) for a in args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 # -- parsing -----------------------------------------------------------------------------------
 
 
@@ -74,27 +86,56 @@ def test_commands_parse(argv: list[str], command: str) -> None:
     assert ns.command == command
 
 
-def test_mount_helper_form_keeps_options() -> None:
+def test_mount_helper_form_keeps_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "src").mkdir()
+    monkeypatch.chdir(tmp_path)  # a relative SOURCE that exists, as mount(8) may pass it
     ns = cli.build_parser().parse_args(cli._as_mount_helper(["src", "mnt", "-o", "ro"]))
     assert (ns.source, ns.mountpoint, ns.options, ns.foreground) == ("src", "mnt", ["ro"], False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["strem", "M", "vm1"], "invalid choice: 'strem' (did you mean 'stream'?)"),
+        (["stat", "/mnt"], "invalid choice: 'stat' (did you mean 'status'?)"),
+        (["umount", "/mnt", "x"], "unrecognized arguments: x"),  # a command stays one
+        (["zzz", "/mnt"], "invalid choice: 'zzz' (choose from mount, umount, status, "),
+    ],
+)
+def test_a_mistyped_command_is_no_mount(
+    argv: list[str], says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``chainfs stat /mnt`` was taken for a mount of ./stat; argparse's words instead."""
+    monkeypatch.chdir(tmp_path)
+    proc = chainfs_cli(*argv)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith(
+        "usage: chainfs "
+    ) and f"chainfs: error: {says}" in proc.stderr.replace("argument COMMAND: ", "")
+    assert "neither a directory" not in proc.stderr
+
+
+def test_the_mount_helper_form_still_mounts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What mount.fuse3 runs, ``chainfs SOURCE MOUNTPOINT -o OPTS``: read as mount, with
+    SOURCE absolute, or relative and existing (here it fails on the mountpoint, after
+    parsing)."""
+    (tmp_path / "images").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for source in ("images", str(tmp_path / "images"), "./nowhere"):
+        proc = chainfs_cli(source, "missing-mnt", "-o", "ro")
+        assert proc.returncode == 1, proc.stderr
+        assert (
+            proc.stderr
+            == f"chainfs: mountpoint {str(tmp_path / 'missing-mnt')!r} is not a directory\n"
+        )
 
 
 def test_not_a_mount_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["status", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err == f"chainfs: {str(tmp_path)!r} is not a chainfs mount\n"
-
-
-def chainfs_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """``chainfs ARGS`` as a user runs it (this checkout's code), no terminal."""
-    return subprocess.run(
-        [sys.executable, "-m", "chainfs", *(str(a) for a in args)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 @pytest.mark.parametrize(
