@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import difflib
+import errno
 import json
 import logging
 import os
@@ -184,6 +185,10 @@ def _read_status(mountpoint: str) -> list[dict[str, str]]:
     except FileNotFoundError:
         raise ChainfsError(f"{os.path.abspath(mountpoint)!r} is not a chainfs mount") from None
     except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            from .mount import dead_mount_message
+
+            raise ChainfsError(dead_mount_message(os.path.abspath(mountpoint))) from None
         raise ChainfsError(f"cannot read {path!r}: {(e.strerror or str(e)).lower()}") from None
 
 
@@ -203,6 +208,17 @@ def _alive(pid: int) -> bool:
 
 def cmd_umount(ns: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(ns.mountpoint)
+    if ns.lazy:
+        # detach now, whatever state the mount is in (a dead one above all); a live
+        # daemon finishes once the last file open on the mount is closed: no waiting
+        proc = subprocess.run(
+            ["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True, check=False
+        )
+        if proc.returncode:
+            raise ChainfsError(
+                proc.stderr.strip().removeprefix("fusermount3: ") or "unmount failed"
+            )
+        return 0
     pid = int(_read_status(mountpoint)[0]["pid"])
     proc = subprocess.run(
         ["fusermount3", "-u", mountpoint], capture_output=True, text=True, check=False
@@ -633,7 +649,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPT[,OPT...]",
         help="ro, allow_other, debug, allow_dir=PATH (repeatable)",
     )
-    _subcommand(sub, cmd_umount, "umount MOUNTPOINT", "unmount cleanly and wait for the daemon")
+    umount = _subcommand(
+        sub, cmd_umount, "umount MOUNTPOINT", "unmount cleanly and wait for the daemon"
+    )
+    umount.add_argument(
+        "-l",
+        "--lazy",
+        action="store_true",
+        help="detach at once, without waiting (fusermount3 -u -z): for a mount whose "
+        "daemon was killed",
+    )
     status = _subcommand(
         sub, cmd_status, "status MOUNTPOINT", "show the chains, jobs and refusals of a mount"
     )

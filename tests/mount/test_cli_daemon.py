@@ -155,6 +155,36 @@ def test_daemon_mount_reports_why_it_failed(tmp_path: Path) -> None:
     assert proc.stderr == "chainfs: unknown mount option 'bogus'\n"
 
 
+def test_a_dead_mount_is_named_and_umount_lazy_releases_it(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds
+) -> None:
+    """After ``kill -9`` the kernel keeps the mount, answering ENOTCONN: ``mount`` said
+    "mountpoint ... is not a directory"; now ``mount`` and ``status`` say it is a dead
+    mount and how to release it, and ``umount --lazy`` does."""
+    seed = seeds(tmp_path / "src")
+    m = mounter(tmp_path / "src")
+    m.kill()
+    m.wait_exit(None)
+    mnt = str(m.mountpoint)
+    says = (
+        f"chainfs: {mnt!r} is a dead mount (its daemon is gone: transport endpoint is not "
+        f"connected); release it with 'chainfs umount --lazy {mnt}' (or "
+        f"'fusermount3 -u -z {mnt}') and mount again\n"
+    )
+    assert chainfs("mount", tmp_path / "src", mnt, ok=(1,)).stderr == says
+    assert chainfs("status", mnt, ok=(1,)).stderr == says
+    assert chainfs("umount", mnt, ok=(1,)).stderr == says
+    chainfs("umount", "--lazy", mnt)
+    assert not os.path.ismount(mnt) and os.path.isdir(mnt)
+    try:
+        chainfs("mount", tmp_path / "src", mnt)
+        assert (m.mountpoint / "E.img").read_bytes()[:4096] == seed.content[:4096]
+        chainfs("umount", mnt)
+    finally:
+        detach(m.mountpoint)
+    assert_clean(seed.layers)
+
+
 def test_fstab_form(tmp_path: Path, seeds: Seeds) -> None:
     """What an fstab line runs: mount(8) hands type fuse.chainfs to mount.fuse3, which runs
     ``chainfs SOURCE MOUNTPOINT -o OPTS`` (with mount(8)'s own options among OPTS).
