@@ -297,6 +297,12 @@ def render_status(info: dict[str, Any]) -> str:
                 f"{human_size(int(x['allocated'])):>9} allocated  {x['format']}"
             )
         for j in c["jobs"]:
+            if j.get("status") == "interrupted":  # on a read-only mount
+                lines.append(
+                    f"    job {j['id']}: {j['type']} interrupted at "
+                    f"{human_size(int(j['offset']))}, waits for {j.get('waits-for', '?')}"
+                )
+                continue
             off, length = int(j["offset"]), int(j["len"])
             speed = int(j.get("speed", 0))
             limit = f", speed limit {human_size(speed)}/s" if speed else ""

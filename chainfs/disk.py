@@ -38,7 +38,7 @@ from .errors import ChainfsError
 from .eventlog import EventLog
 from .jobs import commit, copy, snapshot, stream
 from .jobs.base import CONCLUDED, Job
-from .jobs.journal import Journal
+from .jobs.journal import Journal, Pending
 from .jobs.served import Spawn
 from .source import Source
 
@@ -52,6 +52,20 @@ def _mtime_ns(path: str) -> int:
         return os.stat(path).st_mtime_ns
     except OSError:
         return time.time_ns()
+
+
+def _interrupted_line(p: Pending) -> list[tuple[str, object]]:
+    """A job an unmount or a crash interrupted, as a read-only mount shows it: it
+    waits for a read-write mount, which resumes it from ``offset``."""
+    speed = p.params.get("speed")
+    return [
+        ("id", p.id),
+        ("type", p.type),
+        ("status", "interrupted"),
+        ("offset", p.offset),
+        ("speed", speed if isinstance(speed, int) else 0),
+        ("waits-for", "a read-write mount"),
+    ]
 
 
 class Disk:
@@ -77,6 +91,8 @@ class Disk:
         self.readonly = readonly
         self.job: Job | None = None
         self.journal: Journal | None = None  # set by the mount when it may write
+        # a read-only mount's interrupted jobs: shown in jobs, resumed by a read-write mount
+        self.interrupted: list[Pending] = []
         # the chain's events (with their history on disk, as the mount opens them) and
         # job ids; jobs write events through the log itself
         self.events = events if events is not None else EventLog(chain=name)
@@ -117,7 +133,9 @@ class Disk:
     def jobs_text(self) -> bytes:
         job = self.job
         if job is None or job.status == CONCLUDED:
-            return b""
+            return b"".join(
+                (format_line(_interrupted_line(p)) + "\n").encode() for p in self.interrupted
+            )
         return (format_line(job.line()) + "\n").encode()
 
     # -- the flat disk ----------------------------------------------------------------------

@@ -173,6 +173,8 @@ async def _serve(
         stack.callback(recovery.journal.close)
         stack.callback(_close_disks, disks)
         disks += open_disks(src, opts, journal=recovery.journal)
+        for disk in disks:  # (read-only: what waits for a read-write mount)
+            disk.interrupted = [p for p in recovery.interrupted if p.chain == disk.name]
         fuse.init(Operations(disks, src, readonly=opts.readonly, mountpoint=mountpoint), opts)
         # from here on jobs run in the nursery; what failed before it opened is raised
         # as it is, not inside an exception group
