@@ -8,7 +8,8 @@ following is interrupted.
 
 ``mount`` serves in a daemon and returns once the filesystem is ready (``-f`` stays in
 the foreground).  As ``mount.fuse3`` calls a filesystem's program as ``chainfs SOURCE
-MOUNTPOINT -o OPTS``, a command line that starts with two paths is read as ``mount``.
+MOUNTPOINT -o OPTS``, a command line that starts with two paths (the first one existing
+or with a slash in it) is read as ``mount``; any other first word must be a command.
 The job subcommands write the control files, exactly as ``echo`` would, and ``--wait``
 follows the job through ``events`` and ``jobs``.
 """
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import difflib
+import errno
 import json
 import logging
 import os
@@ -52,12 +55,13 @@ IMAGE_COMMANDS = ("info", "check", "digest")
 POLL_INTERVAL = 0.2  # how often --wait looks at the job
 PLAIN_INTERVAL = 1.0  # how often --wait prints a progress line when not on a terminal
 RATE_WINDOW = 5.0  # seconds of progress the rate (and so the time left) is measured over
+MIN_RATE_SPAN = 1.0  # no rate shown from looks closer together than this
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # as a shell reports a command killed by SIGPIPE
 BAR_TAIL = 50  # columns kept for the numbers after the progress bar
 
 # keys of the control files that hold numbers (as numbers in ``status --json``)
-NUMERIC_KEYS = frozenset({"pid", "virtual-size", "allocated", "offset", "len", "speed"})
+NUMERIC_KEYS = frozenset({"pid", "virtual-size", "allocated", "offset", "len", "speed", "copied"})
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +185,10 @@ def _read_status(mountpoint: str) -> list[dict[str, str]]:
     except FileNotFoundError:
         raise ChainfsError(f"{os.path.abspath(mountpoint)!r} is not a chainfs mount") from None
     except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            from .mount import dead_mount_message
+
+            raise ChainfsError(dead_mount_message(os.path.abspath(mountpoint))) from None
         raise ChainfsError(f"cannot read {path!r}: {(e.strerror or str(e)).lower()}") from None
 
 
@@ -200,6 +208,17 @@ def _alive(pid: int) -> bool:
 
 def cmd_umount(ns: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(ns.mountpoint)
+    if ns.lazy:
+        # detach now, whatever state the mount is in (a dead one above all); a live
+        # daemon finishes once the last file open on the mount is closed: no waiting
+        proc = subprocess.run(
+            ["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True, check=False
+        )
+        if proc.returncode:
+            raise ChainfsError(
+                proc.stderr.strip().removeprefix("fusermount3: ") or "unmount failed"
+            )
+        return 0
     pid = int(_read_status(mountpoint)[0]["pid"])
     proc = subprocess.run(
         ["fusermount3", "-u", mountpoint], capture_output=True, text=True, check=False
@@ -278,6 +297,12 @@ def render_status(info: dict[str, Any]) -> str:
                 f"{human_size(int(x['allocated'])):>9} allocated  {x['format']}"
             )
         for j in c["jobs"]:
+            if j.get("status") == "interrupted":  # on a read-only mount
+                lines.append(
+                    f"    job {j['id']}: {j['type']} interrupted at "
+                    f"{human_size(int(j['offset']))}, waits for {j.get('waits-for', '?')}"
+                )
+                continue
             off, length = int(j["offset"]), int(j["len"])
             speed = int(j.get("speed", 0))
             limit = f", speed limit {human_size(speed)}/s" if speed else ""
@@ -384,10 +409,16 @@ def _duration(seconds: float) -> str:
 class Progress:
     """A job's progress: a bar redrawn in place on a terminal, plain lines otherwise.
 
-    The rate is measured over the last ``RATE_WINDOW`` seconds of progress, and the time
-    left is the bytes still to do at that rate.  Plain lines are ``key=value`` pairs like
-    the control files, one every ``PLAIN_INTERVAL`` seconds (and whenever the job's state
-    changes), so a log of them can be grepped.
+    The rate is that of the bytes the job copied (its ``copied`` counter, which its
+    ``speed=`` limits), measured over the last ``RATE_WINDOW`` seconds once they span
+    ``MIN_RATE_SPAN``, and never shown above the job's own limit (a job copies a step
+    at once and then waits, so a short window can catch it mid-burst).  ``offset`` is
+    not a rate: a stream's passes over whole stretches with nothing to copy in one go.
+    The time left is the bytes still to copy at that rate, estimated as the share of
+    the bytes passed so far that needed copying, applied to the bytes not yet passed.
+    Plain lines are ``key=value`` pairs like the control files, one every
+    ``PLAIN_INTERVAL`` seconds (and whenever the job's state changes), so a log of them
+    can be grepped.
     """
 
     def __init__(
@@ -396,25 +427,52 @@ class Progress:
         self.out = out
         self.tty = tty
         self.clock = clock
-        self.samples: collections.deque[tuple[float, int]] = collections.deque()
+        # (time, offset, copied) of recent looks, and of the first one
+        self.samples: collections.deque[tuple[float, int, int]] = collections.deque()
+        self.first: tuple[float, int, int] | None = None
+        self.speed = 0
         self.last_plain = -PLAIN_INTERVAL
         self.last_status: str | None = None
         self.drawn = False
 
     def rate(self) -> float | None:
+        """Bytes copied per second, recently; None until there is enough to tell."""
         if len(self.samples) < 2:
             return None
-        (t0, o0), (t1, o1) = self.samples[0], self.samples[-1]
-        return (o1 - o0) / (t1 - t0) if t1 > t0 else None
+        (t0, _, c0), (t1, _, c1) = self.samples[0], self.samples[-1]
+        if t1 - t0 < MIN_RATE_SPAN:
+            return None
+        rate = (c1 - c0) / (t1 - t0)
+        return min(rate, self.speed) if self.speed > 0 else rate
+
+    def to_copy(self, offset: int, total: int) -> float | None:
+        """The bytes still to copy: what the part passed so far needed, pro rata."""
+        if self.first is None or total <= offset:
+            return 0.0 if total <= offset else None
+        _, o0, c0 = self.first
+        _, o1, c1 = self.samples[-1]
+        if o1 <= o0 or c1 <= c0:
+            return None  # nothing passed, or nothing copied yet: no telling
+        return (c1 - c0) / (o1 - o0) * (total - offset)
 
     def update(self, job: dict[str, str]) -> None:
         now = self.clock()
         done, total = int(job.get("offset", 0)), int(job.get("len", 0))
-        self.samples.append((now, done))
+        copied = int(job.get("copied", done))  # (a daemon before 0.2.1 shows no copied)
+        self.speed = int(job.get("speed", 0) or 0)
+        sample = (now, done, copied)
+        if self.first is None:
+            self.first = sample
+        self.samples.append(sample)
         while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW:
             self.samples.popleft()
         rate = self.rate()
-        left = (total - done) / rate if rate and total > done else None
+        to_copy = self.to_copy(done, total)
+        left: float | None = None
+        if to_copy == 0.0:
+            left = 0.0 if rate is not None else None
+        elif to_copy is not None and rate:
+            left = to_copy / rate
         status = job.get("status", "?")
         if self.tty:
             self._draw(job.get("id", "?"), status, done, total, rate, left)
@@ -427,6 +485,7 @@ class Progress:
                     ("done", done),
                     ("len", total),
                     ("percent", _percent(done, total)),
+                    ("copied", copied),
                     ("rate", None if rate is None else int(rate)),
                     ("eta", None if left is None else int(left + 0.5)),
                 ]
@@ -596,7 +655,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPT[,OPT...]",
         help="ro, allow_other, debug, allow_dir=PATH, allow_backing=PATH (repeatable)",
     )
-    _subcommand(sub, cmd_umount, "umount MOUNTPOINT", "unmount cleanly and wait for the daemon")
+    umount = _subcommand(
+        sub, cmd_umount, "umount MOUNTPOINT", "unmount cleanly and wait for the daemon"
+    )
+    umount.add_argument(
+        "-l",
+        "--lazy",
+        action="store_true",
+        help="detach at once, without waiting (fusermount3 -u -z): for a mount whose "
+        "daemon was killed",
+    )
     status = _subcommand(
         sub, cmd_status, "status MOUNTPOINT", "show the chains, jobs and refusals of a mount"
     )
@@ -658,17 +726,48 @@ def _describe_os_error(e: OSError) -> str:
     return reason
 
 
+def _command_names() -> tuple[str, ...]:
+    return ("mount", "umount", "status", *JOB_COMMANDS, *IMAGE_COMMANDS)
+
+
+def _looks_like_path(word: str) -> bool:
+    """A word mount.fuse3 passes as SOURCE: it names something, or has a slash in it."""
+    return "/" in word or os.path.lexists(word)
+
+
 def _as_mount_helper(args: list[str]) -> list[str]:
-    """``chainfs SOURCE MOUNTPOINT [-o OPTS]`` (how mount.fuse3 calls us) means mount."""
-    commands = {"mount", "umount", "status", *IMAGE_COMMANDS, *JOB_COMMANDS}
-    if len(args) >= 2 and args[0] not in commands and not args[0].startswith("-"):
+    """``chainfs SOURCE MOUNTPOINT [-o OPTS]`` (how mount.fuse3 calls us) means mount.
+
+    Only when SOURCE looks like a path (a slash in it, or something by that name
+    exists): any other first word is a command, and a mistyped one is refused as such
+    (``chainfs strem M vm1`` is no mount of ./strem)."""
+    if (
+        len(args) >= 2
+        and args[0] not in _command_names()
+        and not args[0].startswith("-")
+        and _looks_like_path(args[0])
+    ):
         return ["mount", *args]
     return args
 
 
+def _invalid_command(word: str) -> str | None:
+    """What argparse would say of a first word that is no command (None: it is one)."""
+    names = _command_names()
+    if not word or word in names or word.startswith("-"):
+        return None
+    close = difflib.get_close_matches(word, names, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"choose from {', '.join(names)}"
+    return f"argument COMMAND: invalid choice: {word!r} ({hint})"
+
+
 def main(args: list[str] | None = None) -> int:
     argv = _as_mount_helper(sys.argv[1:] if args is None else args)
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    invalid = _invalid_command(argv[0]) if argv else None
+    if invalid is not None:
+        parser.error(invalid)
+    ns = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = ns.func
     try:
         return func(ns)

@@ -13,11 +13,13 @@ Locking contract: used only from the trio thread.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from .chain import Chain
 from .control import (
@@ -38,7 +40,7 @@ from .errors import ChainfsError
 from .eventlog import EventLog
 from .jobs import commit, copy, snapshot, stream
 from .jobs.base import CONCLUDED, Job
-from .jobs.journal import Journal
+from .jobs.journal import Journal, Pending
 from .jobs.served import Spawn
 from .source import Source
 
@@ -52,6 +54,29 @@ def _mtime_ns(path: str) -> int:
         return os.stat(path).st_mtime_ns
     except OSError:
         return time.time_ns()
+
+
+def _interrupted_line(p: Pending) -> list[tuple[str, object]]:
+    """A job an unmount or a crash interrupted, as a read-only mount shows it: it
+    waits for a read-write mount, which resumes it from ``offset``."""
+    speed = p.params.get("speed")
+    return [
+        ("id", p.id),
+        ("type", p.type),
+        ("status", "interrupted"),
+        ("offset", p.offset),
+        ("speed", speed if isinstance(speed, int) else 0),
+        ("waits-for", "a read-write mount"),
+    ]
+
+
+@dataclass
+class Writer:
+    """What the writes through one open control file said: together, one command."""
+
+    text: bytes = b""  # the writes carried out so far, joined as one line
+    job: str | None = None  # the job the command started
+    refused: bool = False  # a write was refused: the command is over
 
 
 class Disk:
@@ -77,6 +102,8 @@ class Disk:
         self.readonly = readonly
         self.job: Job | None = None
         self.journal: Journal | None = None  # set by the mount when it may write
+        # a read-only mount's interrupted jobs: shown in jobs, resumed by a read-write mount
+        self.interrupted: list[Pending] = []
         # the chain's events (with their history on disk, as the mount opens them) and
         # job ids; jobs write events through the log itself
         self.events = events if events is not None else EventLog(chain=name)
@@ -117,7 +144,9 @@ class Disk:
     def jobs_text(self) -> bytes:
         job = self.job
         if job is None or job.status == CONCLUDED:
-            return b""
+            return b"".join(
+                (format_line(_interrupted_line(p)) + "\n").encode() for p in self.interrupted
+            )
         return (format_line(job.line()) + "\n").encode()
 
     # -- the flat disk ----------------------------------------------------------------------
@@ -130,11 +159,25 @@ class Disk:
 
     # -- commands ---------------------------------------------------------------------------
 
-    def command(self, kind: str, data: bytes) -> None:
-        """Carry out one control-file write; raise CommandError if it is refused."""
+    def command(self, kind: str, data: bytes, writer: Writer | None = None) -> None:
+        """Carry out one control-file write; raise CommandError if it is refused.
+
+        ``writer`` holds what earlier writes through the same open file said: this
+        write continues their command (``_continue``) instead of being one of its own.
+        """
+        w = writer if writer is not None else Writer()
         try:
             if self.readonly:
                 raise CommandError(errno.EROFS, "the mount is read-only")
+            if w.refused:
+                raise CommandError(
+                    errno.EINVAL,
+                    "an earlier write through this open file was refused, and this one "
+                    "would continue its command; open the file again to write a new one",
+                )
+            if w.text:
+                self._continue(kind, w, data)
+                return
             cmd = parse_command(kind, data)
             if isinstance(cmd, SnapshotCmd):
                 snapshot.take(self, cmd)
@@ -154,12 +197,44 @@ class Disk:
                 self._find_job(cmd.job).user_pause()
             elif isinstance(cmd, ResumeCmd):
                 self._find_job(cmd.job).user_resume()
+            if isinstance(cmd, StreamCmd | CommitCmd | CopyCmd) and self.job is not None:
+                w.job = self.job.id
+            w.text = data
         except CommandError as e:
+            w.refused = True
             self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
             raise
         except ChainfsError as e:
+            w.refused = True
             self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
             raise CommandError(e.errno, str(e)) from e
+
+    def _continue(self, kind: str, w: Writer, data: bytes) -> None:
+        """A later write through the open file whose first write was carried out
+        (``printf 'base=A.qcow2\\nspeed=1M\\n' > stream``: the shell writes each line on
+        its own): the lines are one command.  Nothing new is fine; a new ``speed=``
+        applies to the job the command started, as a speed change would; anything else
+        would have made a different command, too late to take back: refused."""
+        text = w.text.rstrip(b"\r\n") + b" " + data
+        first, whole = parse_command(kind, w.text), parse_command(kind, text)
+        changed = [
+            f.name
+            for f in dataclasses.fields(first)
+            if getattr(first, f.name) != getattr(whole, f.name)
+        ]
+        job = w.job
+        if changed == ["speed"] and job and isinstance(whole, StreamCmd | CommitCmd | CopyCmd):
+            self._find_job(job).set_speed(whole.speed)
+            changed = []
+        if not changed:
+            w.text = text
+            return
+        raise CommandError(
+            errno.EINVAL,
+            f"a later write through the same open file changes {', '.join(changed)} of the "
+            f"{kind} command carried out at its first write; only speed= can still "
+            "change: write a command in one write",
+        )
 
     def _find_job(self, job_id: str) -> Job:
         job = self.job

@@ -33,7 +33,7 @@ import pyfuse3
 
 from .chain import Chain
 from .control import COMMANDS, CommandError, format_line
-from .disk import Disk
+from .disk import Disk, Writer
 from .errors import ChainfsError
 from .logs import Throttle, describe_call
 from .source import Source
@@ -91,6 +91,7 @@ class Handle:
     disk: Disk | None
     data: bytes | None = None  # content snapshot of a read-only control file
     flat: Chain | None = None  # a flat file's chain (the short way for its reads)
+    writer: Writer | None = None  # a command file's writes so far: one command
 
 
 class Operations(pyfuse3.Operations):
@@ -296,7 +297,7 @@ class Operations(pyfuse3.Operations):
         else:
             if not writing:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            self.handles[fh] = Handle(inode, disk)
+            self.handles[fh] = Handle(inode, disk, writer=Writer())
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     @translate_errors
@@ -327,7 +328,7 @@ class Operations(pyfuse3.Operations):
             disk.chain.write(off, memoryview(buf)[:n])
             return n
         try:
-            disk.command(CONTROL_FILES[part - 2], bytes(buf))
+            disk.command(CONTROL_FILES[part - 2], bytes(buf), h.writer)
         except CommandError as e:
             log.warning("chain=%s command refused: %s", disk.name, e)
             raise pyfuse3.FUSEError(e.errno) from None

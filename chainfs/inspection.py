@@ -9,7 +9,6 @@ reports, under the same JSON keys; each driver supplies its format's own fields.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,15 +109,11 @@ def _nested(value: dict[str, Any] | list[Any], depth: int, lines: list[str]) -> 
 
 
 def _layer_info(layer: Layer, filename: str) -> ImageInfo:
-    try:
-        actual = os.fstat(layer.file.fd).st_blocks * 512
-    except OSError:
-        actual = 0
     info = ImageInfo(
         filename=filename,
         format=layer.format_name,
         virtual_size=layer.virtual_size,
-        actual_size=actual,
+        actual_size=layer.allocated_bytes(),
     )
     own = layer.format_info()
     if own is not None:

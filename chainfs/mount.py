@@ -13,6 +13,7 @@ closed clean, the journal is closed and the mountpoint released, in that order.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -142,10 +143,29 @@ def serve(
 ) -> None:
     """Mount and serve until unmounted or signalled; raise ChainfsError if that fails."""
     mountpoint = os.path.abspath(mountpoint)
+    if is_dead_mount(mountpoint):
+        raise ChainfsError(dead_mount_message(mountpoint))
     if not os.path.isdir(mountpoint):
         raise ChainfsError(f"mountpoint {mountpoint!r} is not a directory")
     _lock_source(source_path, exclusive=not opts.readonly)
     trio.run(_serve, source_path, mountpoint, opts, ready)
+
+
+def is_dead_mount(path: str) -> bool:
+    """A FUSE mount whose daemon is gone (``kill -9``): the kernel answers ENOTCONN."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def dead_mount_message(mountpoint: str) -> str:
+    return (
+        f"{mountpoint!r} is a dead mount (its daemon is gone: transport endpoint is not "
+        f"connected); release it with 'chainfs umount --lazy {mountpoint}' (or "
+        f"'fusermount3 -u -z {mountpoint}') and mount again"
+    )
 
 
 async def _serve(
@@ -164,6 +184,8 @@ async def _serve(
         stack.callback(recovery.journal.close)
         stack.callback(_close_disks, disks)
         disks += open_disks(src, opts, journal=recovery.journal)
+        for disk in disks:  # (read-only: what waits for a read-write mount)
+            disk.interrupted = [p for p in recovery.interrupted if p.chain == disk.name]
         fuse.init(Operations(disks, src, readonly=opts.readonly, mountpoint=mountpoint), opts)
         # from here on jobs run in the nursery; what failed before it opened is raised
         # as it is, not inside an exception group

@@ -180,12 +180,34 @@ def load(path: str) -> Source:
         src._load_state()
         _scan_directory(src)
     elif os.path.isfile(path):
+        _refuse_image(path)
         src = Source(path=path, directory=os.path.dirname(path))
         src._load_state()
         _read_toml(src)
     else:
         raise ChainfsError(f"source {path!r} is neither a directory nor a TOML file")
     return src
+
+
+def _refuse_image(path: str) -> None:
+    """A disk image given as SOURCE (``chainfs mount vm1.qcow2 /mnt``): say what SOURCE
+    must be, and the directory that serves the image's chain."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return  # reading it as TOML says why
+    try:
+        head.decode()
+        binary = b"\0" in head
+    except UnicodeDecodeError as e:
+        binary = e.start < len(head) - 3  # not a character cut off at the end
+    if binary:
+        raise ChainfsError(
+            f"source {path!r} is a file that is not TOML (a disk image?): SOURCE must be a "
+            "directory of images or a TOML file naming chains; to serve the chain of this "
+            f"image, mount its directory: chainfs mount {os.path.dirname(path)} MOUNTPOINT"
+        )
 
 
 def _scan_directory(src: Source) -> None:
@@ -254,7 +276,7 @@ def _read_toml(src: Source) -> None:
     try:
         with open(src.path, "rb") as f:
             doc = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ChainfsError(f"cannot read {src.path!r}: {e}") from None
     chains = doc.get("chains")
     if not isinstance(chains, dict) or not chains:

@@ -15,6 +15,7 @@ session.
 from __future__ import annotations
 
 import functools
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -135,8 +136,12 @@ class Layer(ABC):
         raise UnsupportedFeature(f"{self.path!r} ({self.format_name}) has no backing file")
 
     def allocated_bytes(self) -> int:
-        """Host bytes in use (an estimate is fine for raw)."""
-        return self.file.size()
+        """Host bytes in use: what the file system allocated to the file (qemu-img
+        info's "disk size"), not its length, which a sparse raw image far exceeds."""
+        try:
+            return os.fstat(self.file.fd).st_blocks * 512
+        except OSError:
+            return 0
 
     def format_info(self) -> FormatInfo | None:
         """This format's own fields for ``chainfs info`` (None: it has none, as raw)."""

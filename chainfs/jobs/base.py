@@ -106,6 +106,9 @@ class Job:
         self.offset = 0
         self.len = 0
         self.speed = speed
+        # bytes this run has copied (or written to its target), as the rate limit counts
+        # them: the rate a job really goes at, where ``offset`` passes over what needs no copy
+        self.copied = 0
         self.error: str | None = None
         self._emit = emit
         self._cancel = False
@@ -132,8 +135,8 @@ class Job:
         return []
 
     def line(self) -> list[tuple[str, object]]:
-        """The job's line in ``jobs``: QEMU's fields, then the job's own."""
-        fields = ("id", "type", "status", "offset", "len", "speed")
+        """The job's line in ``jobs``: QEMU's fields, the bytes copied, then the job's own."""
+        fields = ("id", "type", "status", "offset", "len", "speed", "copied")
         return [(key, getattr(self, key)) for key in fields] + self.details()
 
     # -- the state machine ------------------------------------------------------------------
@@ -243,6 +246,7 @@ class Job:
         if self._cancel:
             raise JobCancelled
         self._copied += copied
+        self.copied += copied
         await self._wait_budget()
         while self._paused and not self._cancel:
             if self.status == RUNNING:  # paused before it started

@@ -42,6 +42,8 @@ class Recovery:
 
     journal: Journal
     resume: list[Pending] = field(default_factory=list)
+    # on a read-only mount: the interrupted jobs, waiting for a read-write one
+    interrupted: list[Pending] = field(default_factory=list)
     events: list[tuple[str, str, dict[str, object]]] = field(default_factory=list)
 
     def report(self, p: Pending, event: str, **fields: object) -> None:
@@ -66,6 +68,7 @@ def recover(source_path: str, *, readonly: bool) -> tuple[sources.Source, Recove
                 p.type,
             )
         _exclude_targets(src, pending)
+        rec.interrupted = pending
         return src, rec
     for p in pending:
         try:

@@ -334,3 +334,22 @@ def test_check_refuses_an_image_being_written(tmp_path: Path) -> None:
 def test_check_cannot_open(tmp_path: Path) -> None:
     proc = chainfs("check", str(tmp_path / "missing.qcow2"), ok=(1,))
     assert proc.stderr == f"chainfs: {str(tmp_path / 'missing.qcow2')!r} does not exist\n"
+
+
+# -- what `chain` shows as allocated ---------------------------------------------------------
+
+
+def test_allocated_is_the_host_allocation_of_each_layer(tmp_path: Path) -> None:
+    """A raw base of 64 MiB with 6 MiB written showed ``allocated=67108864`` (its length)
+    while ``du`` said 6 MiB: every layer's ``allocated`` is qemu-img info's "disk size"."""
+    d = str(tmp_path)
+    base = im.create(os.path.join(d, "A.raw"), 64 * MiB, fmt="raw")
+    im.write(base, [(0, 6 * MiB, 1)], fmt="raw")
+    top = im.create(os.path.join(d, "B.qcow2"), backing="A.raw", backing_fmt="raw", cwd=d)
+    im.write(top, [(8 * MiB, MiB, 2)])
+    with Chain.open(top) as chain:
+        for layer in chain.layers:
+            actual = json.loads(qemu_info(layer.path))["actual-size"]
+            assert layer.allocated_bytes() == actual == os.stat(layer.path).st_blocks * 512
+        raw = chain.layers[-1]
+        assert 6 * MiB <= raw.allocated_bytes() < 8 * MiB

@@ -10,6 +10,7 @@ other users are played by ``nobody`` through ``subprocess.run(user=...)``.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pwd
 import shutil
@@ -155,6 +156,36 @@ def test_daemon_mount_reports_why_it_failed(tmp_path: Path) -> None:
     assert proc.stderr == "chainfs: unknown mount option 'bogus'\n"
 
 
+def test_a_dead_mount_is_named_and_umount_lazy_releases_it(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds
+) -> None:
+    """After ``kill -9`` the kernel keeps the mount, answering ENOTCONN: ``mount`` said
+    "mountpoint ... is not a directory"; now ``mount`` and ``status`` say it is a dead
+    mount and how to release it, and ``umount --lazy`` does."""
+    seed = seeds(tmp_path / "src")
+    m = mounter(tmp_path / "src")
+    m.kill()
+    m.wait_exit(None)
+    mnt = str(m.mountpoint)
+    says = (
+        f"chainfs: {mnt!r} is a dead mount (its daemon is gone: transport endpoint is not "
+        f"connected); release it with 'chainfs umount --lazy {mnt}' (or "
+        f"'fusermount3 -u -z {mnt}') and mount again\n"
+    )
+    assert chainfs("mount", tmp_path / "src", mnt, ok=(1,)).stderr == says
+    assert chainfs("status", mnt, ok=(1,)).stderr == says
+    assert chainfs("umount", mnt, ok=(1,)).stderr == says
+    chainfs("umount", "--lazy", mnt)
+    assert not os.path.ismount(mnt) and os.path.isdir(mnt)
+    try:
+        chainfs("mount", tmp_path / "src", mnt)
+        assert (m.mountpoint / "E.img").read_bytes()[:4096] == seed.content[:4096]
+        chainfs("umount", mnt)
+    finally:
+        detach(m.mountpoint)
+    assert_clean(seed.layers)
+
+
 def test_fstab_form(tmp_path: Path, seeds: Seeds) -> None:
     """What an fstab line runs: mount(8) hands type fuse.chainfs to mount.fuse3, which runs
     ``chainfs SOURCE MOUNTPOINT -o OPTS`` (with mount(8)'s own options among OPTS).
@@ -279,3 +310,36 @@ def test_read_only_mount(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None
     proc = chainfs("stream", m.mountpoint, "E", ok=(1,))
     assert proc.stderr.startswith("chainfs: stream refused: ") and "read-only" in proc.stderr
     assert "read-only" in chainfs("status", m.mountpoint).stdout.splitlines()[0]
+
+
+@pytest.mark.expect_log(
+    r"WARNING chainfs\.jobs\.recovery: chain=E job=stream-1 type=stream was interrupted; "
+    r"a read-write mount resumes it"
+)
+def test_read_only_mount_shows_the_job_that_waits_for_a_writable_one(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds
+) -> None:
+    """A stream stopped by an unmount, then ``-o ro``: ``jobs`` and ``status`` said
+    nothing ("no job running"); now they show the job waiting for a read-write mount."""
+    seeds(tmp_path / "src")
+    m = mounter(tmp_path / "src")
+    m.command("E", "stream", "base=A.qcow2 speed=1M")
+    wait_for(lambda: (m.job_offset("E") or 0) > 0, "the stream to make progress")
+    m.unmount()
+    ro = mounter(tmp_path / "src", "ro")
+    (job,) = ro.lines("E", "jobs")
+    assert job["id"] == "stream-1" and job["type"] == "stream"
+    assert job["status"] == "interrupted" and int(job["offset"]) >= 0
+    assert job["speed"] == str(1 << 20) and job["waits-for"] == "a read-write mount"
+    out = chainfs("status", ro.mountpoint).stdout
+    (row,) = [x for x in out.splitlines() if x.strip().startswith("job stream-1:")]
+    assert "stream interrupted at " in row and row.endswith(", waits for a read-write mount")
+    assert "no job running" not in out
+    info = json.loads(chainfs("status", "--json", ro.mountpoint).stdout)
+    assert info["chains"][0]["jobs"][0]["status"] == "interrupted"
+    ro.unmount()
+    rw = mounter(tmp_path / "src")
+    wait_for(
+        lambda: any(e["event"] == "JOB_RESUMED" for e in rw.events("E")), "the stream to resume"
+    )
+    chainfs("cancel", rw.mountpoint, "E", "stream-1", "--wait")

@@ -111,6 +111,16 @@ def test_stream_wait_prints_progress_lines_and_exits_0(mount: Mount) -> None:
     assert all(p["len"] == str(32 * MiB) for p in progress)
     done = [int(p["done"]) for p in progress]
     assert done == sorted(done)
+    # the rate is that of the bytes copied, which speed= limits (the offset passes over
+    # what needs no copy): never above the limit, and the time left no more than what
+    # is left to pass over at that rate
+    copied = [int(p["copied"]) for p in progress]
+    assert copied == sorted(copied) and all(c <= d for c, d in zip(copied, done, strict=True))
+    rated = [p for p in progress if "rate" in p]
+    assert all(0 <= int(p["rate"]) <= 2 * MiB * 1.1 for p in rated), rated
+    for p in rated:
+        if "eta" in p and int(p["rate"]):
+            assert int(p["eta"]) <= (int(p["len"]) - int(p["done"])) / int(p["rate"]) + 1, p
     assert mount.layers("E") == ["E.qcow2", "A.qcow2"]
     assert proc.stdout == ""
 
@@ -130,6 +140,7 @@ def test_status_shows_a_running_job(mount: Mount) -> None:
     info = json.loads(chainfs("status", "--json", mount.mountpoint).stdout)
     (job,) = info["chains"][0]["jobs"]
     assert job["id"] == "stream-1" and job["len"] == 32 * MiB and job["speed"] == MiB
+    assert isinstance(job["copied"], int) and 0 <= job["copied"] <= job["offset"] + MiB
     chainfs("cancel", mount.mountpoint, "E", "stream-1", "--wait")
 
 

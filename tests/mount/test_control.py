@@ -344,3 +344,56 @@ def test_ebusy_for_a_layer_another_chain_reads(tmp_path: Path, mounter: Mounter)
     m.unmount()
     assert digests(paths[:2]) == {k: before[k] for k in list(before)[:2]}
     assert_clean(paths)
+
+
+# -- the writes through one open file ---------------------------------------------------------
+
+
+def shell(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return run("bash", "-c", script, cwd=cwd, ok=(0, 1))
+
+
+def rejected(m: Mount) -> list[str]:
+    return [e["reason"] for e in m.events("E") if e["event"] == "COMMAND_REJECTED"]
+
+
+@expect_refusals
+def test_lines_written_through_one_open_file_are_one_command(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds
+) -> None:
+    """``printf 'base=A.qcow2\\nspeed=1M\\n' > stream``: bash writes each line on its
+    own.  The first write started an unlimited stream and the second was refused with
+    EBUSY; now the second write's speed= applies to the job the first one started, and
+    a later write that would change the command, or continue a refused one, is refused
+    at that write -- never a second command of its own."""
+    seeds(tmp_path / "src")
+    m = mounter(tmp_path / "src")
+    ctl = m.mountpoint / "control" / "E"
+    proc = shell("printf 'base=A.qcow2\\nspeed=1M\\n' > stream", ctl)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    (job,) = m.lines("E", "jobs")
+    assert job["id"] == "stream-1" and job["speed"] == str(1 << 20) and job["base"] == "A.qcow2"
+    assert [e["event"] for e in m.events("E")].count("JOB_STARTED") == 1
+    assert rejected(m) == []
+
+    # a first write refused: its continuation is refused too, not run as a command
+    proc = shell("printf 'stream-1\\n0\\n' > speed", ctl)
+    assert proc.returncode == 1 and "write error: Invalid argument" in proc.stderr, proc.stderr
+    assert m.lines("E", "jobs")[0]["speed"] == str(1 << 20)
+    first, second = rejected(m)
+    assert first == "speed takes a job and a rate, got 1 words"
+    assert second.startswith("an earlier write through this open file was refused")
+    run(*CHAINFS, "cancel", m.mountpoint, "E", "stream-1", "--wait")
+
+    # a continuation that changes more than speed= comes too late: refused at its write,
+    # what the first write started stays started
+    proc = shell("printf 'node=D.qcow2 speed=1M\\n\\nbase=B.qcow2\\n' > stream", ctl)
+    assert proc.returncode == 1 and "write error: Invalid argument" in proc.stderr, proc.stderr
+    assert rejected(m)[-1] == (
+        "a later write through the same open file changes base of the stream command "
+        "carried out at its first write; only speed= can still change: write a command "
+        "in one write"
+    )
+    (job,) = m.lines("E", "jobs")
+    assert job["id"] == "stream-2" and job["node"] == "D.qcow2"
+    run(*CHAINFS, "cancel", m.mountpoint, "E", "stream-2", "--wait")

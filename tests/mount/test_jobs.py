@@ -165,17 +165,20 @@ def test_jobs_line_and_speed(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> 
     started = time.monotonic()
     job = m.start_job("E", "stream", "base=A.qcow2 speed=2M")
     offsets: list[int] = []
+    copies: list[int] = []  # the bytes copied, as jobs shows them
 
     def progressed() -> bool:
         jobs = m.lines("E", "jobs")
         if not jobs:
             return True
         (line,) = jobs
-        assert list(line) == ["id", "type", "status", "offset", "len", "speed", "node", "base"]
+        fields = ["id", "type", "status", "offset", "len", "speed", "copied", "node", "base"]
+        assert list(line) == fields
         want = {"id": job, "type": "stream", "status": "running", "len": str(len(seed.content))}
         want |= {"speed": str(speed), "node": "E.qcow2", "base": "A.qcow2"}
-        assert {k: v for k, v in line.items() if k != "offset"} == want
+        assert {k: v for k, v in line.items() if k not in ("offset", "copied")} == want
         offsets.append(int(line["offset"]))
+        copies.append(int(line["copied"]))
         return False
 
     wait_for(progressed, "the stream to end")
@@ -183,6 +186,7 @@ def test_jobs_line_and_speed(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> 
     elapsed = time.monotonic() - started
     assert end["event"] == "JOB_COMPLETED" and int(end["offset"]) == len(seed.content)
     assert offsets == sorted(offsets) and len(set(offsets)) >= 3, offsets
+    assert copies == sorted(copies) and copies[-1] <= copied, (copies, copied)
     # a lower bound only, which load cannot break: the copy was held to about ``speed``
     assert elapsed >= 0.5 * copied / speed, (elapsed, copied)
     m.unmount()

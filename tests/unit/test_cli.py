@@ -48,6 +48,18 @@ def job(offset: int, length: int = 100 << 20, status: str = "running") -> dict[s
     }
 
 
+def chainfs_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``chainfs ARGS`` as a user runs it (this checkout's code), no terminal."""
+    return subprocess.run(
+        [sys.executable, "-m", "chainfs", *(str(a) for a in args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 # -- parsing -----------------------------------------------------------------------------------
 
 
@@ -74,15 +86,79 @@ def test_commands_parse(argv: list[str], command: str) -> None:
     assert ns.command == command
 
 
-def test_mount_helper_form_keeps_options() -> None:
+def test_mount_helper_form_keeps_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "src").mkdir()
+    monkeypatch.chdir(tmp_path)  # a relative SOURCE that exists, as mount(8) may pass it
     ns = cli.build_parser().parse_args(cli._as_mount_helper(["src", "mnt", "-o", "ro"]))
     assert (ns.source, ns.mountpoint, ns.options, ns.foreground) == ("src", "mnt", ["ro"], False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["strem", "M", "vm1"], "invalid choice: 'strem' (did you mean 'stream'?)"),
+        (["stat", "/mnt"], "invalid choice: 'stat' (did you mean 'status'?)"),
+        (["umount", "/mnt", "x"], "unrecognized arguments: x"),  # a command stays one
+        (["zzz", "/mnt"], "invalid choice: 'zzz' (choose from mount, umount, status, "),
+    ],
+)
+def test_a_mistyped_command_is_no_mount(
+    argv: list[str], says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``chainfs stat /mnt`` was taken for a mount of ./stat; argparse's words instead."""
+    monkeypatch.chdir(tmp_path)
+    proc = chainfs_cli(*argv)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith(
+        "usage: chainfs "
+    ) and f"chainfs: error: {says}" in proc.stderr.replace("argument COMMAND: ", "")
+    assert "neither a directory" not in proc.stderr
+
+
+def test_the_mount_helper_form_still_mounts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What mount.fuse3 runs, ``chainfs SOURCE MOUNTPOINT -o OPTS``: read as mount, with
+    SOURCE absolute, or relative and existing (here it fails on the mountpoint, after
+    parsing)."""
+    (tmp_path / "images").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for source in ("images", str(tmp_path / "images"), "./nowhere"):
+        proc = chainfs_cli(source, "missing-mnt", "-o", "ro")
+        assert proc.returncode == 1, proc.stderr
+        assert (
+            proc.stderr
+            == f"chainfs: mountpoint {str(tmp_path / 'missing-mnt')!r} is not a directory\n"
+        )
 
 
 def test_not_a_mount_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["status", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err == f"chainfs: {str(tmp_path)!r} is not a chainfs mount\n"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"QFI\xfb\x00\x00\x00\x03" + bytes(504), bytes(1 << 16)],
+    ids=["qcow2", "raw"],
+)
+def test_mount_of_an_image_file_says_what_source_must_be(tmp_path: Path, content: bytes) -> None:
+    """``chainfs mount vm1.qcow2 /mnt`` printed "'utf-8' codec can't decode byte 0xfb"."""
+    images, mnt = tmp_path / "images", tmp_path / "mnt"
+    images.mkdir()
+    mnt.mkdir()
+    image = images / "vm1.qcow2"
+    image.write_bytes(content)
+    proc = chainfs_cli("mount", image, mnt)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "codec" not in proc.stderr
+    assert proc.stderr == (
+        f"chainfs: source {str(image)!r} is a file that is not TOML (a disk image?): SOURCE "
+        "must be a directory of images or a TOML file naming chains; to serve the chain of "
+        f"this image, mount its directory: chainfs mount {images} MOUNTPOINT\n"
+    )
+    assert not os.path.ismount(mnt)
 
 
 # -- progress ----------------------------------------------------------------------------------
@@ -128,6 +204,83 @@ def test_rate_is_measured_over_a_recent_window() -> None:
         p.update(job((50 << 20) + (i - 1) * (1 << 20)))  # ...then 1 MiB/s
     rate = p.rate()
     assert rate is not None and (1 << 20) * 0.9 < rate < (1 << 20) * 1.1
+
+
+class SparseStream:
+    """A stream job as ``jobs`` shows it, on a fake clock: one 1 MiB step in eight holds
+    data and is copied at ``speed`` (a step at once, then the job waits out its budget,
+    as ``Job.checkpoint`` does); the steps between are passed over in one go, so
+    ``offset`` runs eight times ahead of the bytes copied."""
+
+    STEP, EVERY = 1 << 20, 8
+
+    def __init__(self, speed: int, length: int = 1 << 30, limit_shown: int | None = None) -> None:
+        self.speed, self.len = speed, length
+        self.shown = speed if limit_shown is None else limit_shown
+        self.to_copy = length // self.EVERY
+
+    def copied(self, t: float) -> int:
+        steps = int(t * self.speed / self.STEP) + 1  # the first step goes at once
+        return min(steps * self.STEP, self.to_copy)
+
+    def line(self, t: float) -> dict[str, str]:
+        copied = self.copied(t)
+        offset = min(copied * self.EVERY, self.len)
+        return {
+            "id": "stream-1",
+            "type": "stream",
+            "status": "running",
+            "offset": str(offset),
+            "len": str(self.len),
+            "speed": str(self.shown),
+            "copied": str(copied),
+        }
+
+    def seconds_left(self, t: float) -> float:
+        return (self.to_copy - self.copied(t)) / self.speed
+
+
+@pytest.mark.parametrize("shown", [8 << 20, 0], ids=["limit-shown", "limit-unknown"])
+def test_rate_and_eta_come_from_the_bytes_copied(shown: int) -> None:
+    """A stream with ``speed=8M`` over a sparse chain: the displayed rate stays within
+    10% of the limit (not the 8x the offset runs at) and the time left within 25% of
+    the true one, whether or not the jobs line states the limit."""
+    limit = 8 << 20
+    sim = SparseStream(limit, limit_shown=shown)
+    out, clock = io.StringIO(), Clock()
+    p = cli.Progress(out, tty=False, clock=clock)
+    start = clock.now
+    checked = 0
+    while clock.now - start < 14:
+        t = clock.now - start
+        p.update(sim.line(t))
+        rate = p.rate()
+        if t >= 2:
+            assert rate is not None and 0.9 * limit <= rate <= 1.1 * limit, (t, rate)
+            left = sim.seconds_left(t)
+            shown_left = p.to_copy(int(sim.line(t)["offset"]), sim.len)
+            assert shown_left is not None
+            assert abs(shown_left / rate - left) <= 0.25 * left, (t, shown_left / rate, left)
+            checked += 1
+        clock.now += cli.POLL_INTERVAL
+    assert checked > 50
+    lines = [parse_line(x) for x in out.getvalue().splitlines()]
+    rates = [int(x["rate"]) for x in lines if "rate" in x]
+    assert rates and all(r <= 1.1 * limit for r in rates), rates
+    assert all(int(x["copied"]) * 8 == int(x["done"]) for x in lines)
+
+
+def test_displayed_rate_never_passes_the_jobs_limit() -> None:
+    """Looks a second apart catch the job's step burst: what shows is still the limit."""
+    limit = 1 << 20
+    sim = SparseStream(limit)
+    out, clock = io.StringIO(), Clock()
+    p = cli.Progress(out, tty=False, clock=clock)
+    for _ in range(40):
+        p.update(sim.line(clock.now - 100.0))
+        rate = p.rate()
+        assert rate is None or rate <= limit
+        clock.now += cli.POLL_INTERVAL
 
 
 def test_terminal_progress_is_a_bar_redrawn_in_place() -> None:

@@ -4,7 +4,10 @@ The checkout is copied (package, pyproject.toml, README.md, LICENSE) to a tempor
 directory first, so that building never writes into the working tree, and installed
 into a fresh virtualenv.  The default test installs chainfs alone (``--no-deps``: only
 setuptools is fetched, for the build) and runs the commands that need no dependency;
-the slow one installs everything, pyfuse3 included, as a user would.
+the slow one installs everything, pyfuse3 included, as a user would.  The README's own
+install steps run as written (slow: a full ``pip install``) in a mount namespace where
+``/opt`` and ``/usr/local`` are overlays, so nothing lands on the host, and end with
+``systemd-analyze verify`` of the units, which needs the man page where man finds it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import doc_examples
 import pytest
 
 from chainfs import __version__
@@ -86,3 +90,55 @@ def test_pip_install_with_dependencies(tmp_path: Path) -> None:
     venv = install(tmp_path)
     check_installed(venv, tmp_path)
     run(venv / "bin" / "python", "-I", "-c", "import chainfs.mount, chainfs.fs", cwd=tmp_path)
+
+
+STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# the namespace the install steps run in: the host's /opt and /usr/local under overlays
+NAMESPACE = """set -euo pipefail
+mount -t tmpfs tmpfs "$T/overlays"
+for d in opt usr/local; do
+    mkdir -p "$T/overlays/$d/upper" "$T/overlays/$d/work"
+    mount -t overlay overlay \\
+        -o "lowerdir=/$d,upperdir=$T/overlays/$d/upper,workdir=$T/overlays/$d/work" "/$d"
+done
+cd "$T/checkout"
+set -x
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a mount namespace with overlays)")
+def test_readme_install_steps_then_the_units_verify(tmp_path: Path) -> None:
+    """The README's "Installing" steps as written (but ``apt-get``: the packages are on
+    this machine, as ``scripts/test`` installs them), then what the issue found failing:
+    ``systemd-analyze verify`` of the units failed with ``Command 'man chainfs(1)'
+    failed`` after them."""
+    if shutil.which("unshare") is None or shutil.which("systemd-analyze") is None:
+        pytest.skip("needs unshare and systemd-analyze")
+    (block,) = doc_examples.section("Installing")
+    steps = [c.text for c in block.commands if not c.text.startswith("apt-get ")]
+    if not any(s.startswith("systemd-analyze verify") for s in steps):
+        steps.append("systemd-analyze verify systemd/*.service systemd/*.mount")
+    checkout = tmp_path / "checkout"
+    shutil.copytree(
+        ROOT / "chainfs", checkout / "chainfs", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copytree(ROOT / "systemd", checkout / "systemd")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, checkout / name)
+    (tmp_path / "overlays").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(T=str(tmp_path), PATH=STANDARD_PATH, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    script = NAMESPACE + "\n".join(steps) + "\n"
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"chainfs {__version__}" in proc.stdout
+    assert "/man1/chainfs.1\n" in proc.stdout  # man -w chainfs
+    assert "man chainfs(1)" not in proc.stderr, proc.stderr

@@ -18,7 +18,6 @@ planned by ``extents`` may run outside that lock (see ``refcounts``).
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from collections.abc import Iterator
@@ -507,12 +506,6 @@ class Qcow2Layer(Tables):
             self.virtual_size = old
             raise
         self.h.size = size
-
-    def allocated_bytes(self) -> int:
-        try:
-            return os.fstat(self.file.fd).st_blocks * 512
-        except OSError:
-            return 0
 
     def format_info(self) -> FormatInfo:
         h = self.h
