@@ -30,9 +30,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from . import __version__
 from .control import COMMANDS, format_line, parse_line, quote
 from .errors import ChainfsError
+from .features import describe, version_text
 from .inspection import human_size
 
 # The piece size ``digest`` reads the flat disk in.
@@ -283,6 +283,8 @@ def render_status(info: dict[str, Any]) -> str:
     d = info["daemon"]
     mode = "read-only" if d.get("readonly") is True else "read-write"
     lines = [f"{d['mountpoint']}: {d['source']} (pid {d['pid']}, {mode})"]
+    if "holes" in d:  # (a daemon older than the key says nothing)
+        lines.append(describe(d.get("pyfuse3"), d["holes"] is True))
     served = [c for c in info["chains"] if c.get("status") == "served"]
     refused = [c for c in info["chains"] if c.get("status") != "served"]
     for c in served:
@@ -626,6 +628,26 @@ def _subcommand(
     return parser
 
 
+class _Version(argparse.Action):
+    """``--version``: chainfs's, pyfuse3's, and whether holes and discard are on (which
+    imports pyfuse3, so only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(
+            option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chainfs",
@@ -633,7 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
         "operations on them.",
         epilog="See chainfs(1) for the mounted tree, the control files and the errors.",
     )
-    parser.add_argument("--version", action="version", version=f"chainfs {__version__}")
+    parser.add_argument(
+        "--version",
+        action=_Version,
+        help="show the version, and whether holes and discard are on, and exit",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     mount = _subcommand(

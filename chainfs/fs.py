@@ -31,6 +31,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 
+from . import features
 from .chain import Chain
 from .control import COMMANDS, CommandError, format_line
 from .disk import Disk, Writer
@@ -184,6 +185,8 @@ class Operations(pyfuse3.Operations):
                     ("source", self.source.path),
                     ("mountpoint", self.mountpoint),
                     ("readonly", self.readonly),
+                    ("pyfuse3", features.pyfuse3_version()),
+                    ("holes", features.holes()),
                 ]
             )
         ]

@@ -26,6 +26,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from . import features
 from . import source as sources
 from .chain import Chain
 from .confine import Confinement
@@ -194,11 +195,13 @@ async def _serve(
         for disk in disks:
             disk.spawn = nursery.start_soon
         log.info(
-            "mounted source=%s mountpoint=%s chains=%d refused=%d",
+            "mounted source=%s mountpoint=%s chains=%d refused=%d pyfuse3=%s holes=%s",
             src.path,
             mountpoint,
             len(disks),
             len(src.refused),
+            features.pyfuse3_version(),
+            "on" if features.holes() else "off",
         )
         ready()
         notify("READY=1")

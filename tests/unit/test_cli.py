@@ -67,7 +67,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main(["--version"])
     assert exc.value.code == 0
-    assert capsys.readouterr().out.strip() == f"chainfs {__version__}"
+    assert capsys.readouterr().out.startswith(f"chainfs {__version__} (pyfuse3 ")
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,13 @@
 """``pip install .`` gives a working ``chainfs``, with its man page, and one version.
 
-The checkout is copied (package, pyproject.toml, README.md, LICENSE) to a temporary
-directory first, so that building never writes into the working tree, and installed
-into a fresh virtualenv.  The default test installs chainfs alone (``--no-deps``: only
-setuptools is fetched, for the build) and runs the commands that need no dependency;
-the slow one installs everything, pyfuse3 included, as a user would.  The README's own
-install steps run as written (slow: a full ``pip install``) in a mount namespace where
-``/opt`` and ``/usr/local`` are overlays, so nothing lands on the host, and end with
+The checkout is copied (package, pyproject.toml, README.md, LICENSE, third_party) to a
+temporary directory first, so that building never writes into the working tree, and
+installed into a fresh virtualenv.  The default test installs chainfs alone
+(``--no-deps``: only setuptools is fetched, for the build) and runs the commands that
+need no dependency; the slow one follows the README's "Installing": the patched pyfuse3
+from third_party/pyfuse3 first, then chainfs with its other dependencies.  The README's
+own install steps also run as written (slow) in a mount namespace where ``/opt`` and
+``/usr/local`` are overlays, so nothing lands on the host, and end with
 ``systemd-analyze verify`` of the units, which needs the man page where man finds it.
 """
 
@@ -40,21 +41,27 @@ def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProce
     return proc
 
 
-def install(tmp_path: Path, *pip_args: str) -> Path:
-    """Copy the checkout, make a virtualenv, ``pip install`` the copy; return the venv."""
+def install(tmp_path: Path, *pip_args: str, pyfuse3: bool = False) -> Path:
+    """Copy the checkout, make a virtualenv, ``pip install`` the copy (after the patched
+    pyfuse3 when ``pyfuse3``); return the venv."""
     src = tmp_path / "src"
     shutil.copytree(ROOT / "chainfs", src / "chainfs", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
+    shutil.copytree(
+        ROOT / "third_party", src / "third_party", ignore=shutil.ignore_patterns("__pycache__")
+    )
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", venv)
+    if pyfuse3:
+        run(venv / "bin" / "python", "-m", "pip", "install", "-q", src / "third_party" / "pyfuse3")
     run(venv / "bin" / "python", "-m", "pip", "install", "-q", *pip_args, src)
     return venv
 
 
-def check_installed(venv: Path, tmp_path: Path) -> None:
+def check_installed(venv: Path, tmp_path: Path, pyfuse3: str) -> None:
     chainfs = venv / "bin" / "chainfs"
-    assert run(chainfs, "--version", cwd=tmp_path).stdout == f"chainfs {__version__}\n"
+    assert run(chainfs, "--version", cwd=tmp_path).stdout == f"chainfs {__version__} ({pyfuse3})\n"
     # the package, not this checkout, answers
     where = run(
         venv / "bin" / "python", "-I", "-c", "import chainfs; print(chainfs.__file__)", cwd=tmp_path
@@ -82,13 +89,13 @@ def test_version_has_one_source() -> None:
 
 def test_pip_install_without_dependencies(tmp_path: Path) -> None:
     venv = install(tmp_path, "--no-deps")
-    check_installed(venv, tmp_path)
+    check_installed(venv, tmp_path, "pyfuse3 not installed: holes and discard off")
 
 
 @pytest.mark.slow
 def test_pip_install_with_dependencies(tmp_path: Path) -> None:
-    venv = install(tmp_path)
-    check_installed(venv, tmp_path)
+    venv = install(tmp_path, pyfuse3=True)
+    check_installed(venv, tmp_path, "pyfuse3 3.5.0+chainfs.1: holes and discard on")
     run(venv / "bin" / "python", "-I", "-c", "import chainfs.mount, chainfs.fs", cwd=tmp_path)
 
 
@@ -124,6 +131,11 @@ def test_readme_install_steps_then_the_units_verify(tmp_path: Path) -> None:
         ROOT / "chainfs", checkout / "chainfs", ignore=shutil.ignore_patterns("__pycache__")
     )
     shutil.copytree(ROOT / "systemd", checkout / "systemd")
+    shutil.copytree(
+        ROOT / "third_party",
+        checkout / "third_party",
+        ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"),
+    )
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, checkout / name)
     (tmp_path / "overlays").mkdir()
