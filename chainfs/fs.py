@@ -395,6 +395,7 @@ class Operations(pyfuse3.Operations):
         h = self.handles.get(fh)
         if h is not None and h.disk is not None:
             h.disk.chain.flush()
+            h.disk.chain.refresh_allocation()  # st_blocks, if writes changed the data
 
     async def flush(self, fh: int) -> None:
         return None
