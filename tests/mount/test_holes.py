@@ -17,17 +17,33 @@ guest with ``discard=unmap`` running ``fstrim`` (needs a bootable guest image).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import json
 import os
+import random
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from interop import images as im
 
-from .conftest import Mounter, assert_clean, holes_only, root_only, run
+from .conftest import (
+    Mounter,
+    Seeds,
+    assert_clean,
+    digests,
+    holes_only,
+    read_direct,
+    root_only,
+    run,
+    wait_for,
+)
+from .test_crash import assert_old_or_new
 from .test_ext4 import loop_device, mounted
 
 pytestmark = [holes_only]
@@ -212,3 +228,96 @@ def test_fstrim_and_blkdiscard_through_a_loop_device(tmp_path: Path, mounter: Mo
     assert_clean([top])
     assert os.stat(top).st_blocks * 512 < trimmed
     assert im.reference(str(top)) == bytes(256 * MiB)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, PUNCH_HOLE | KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+PUNCH_HOLE, KEEP_SIZE = 0x02, 0x01
+
+
+@pytest.mark.slow
+@root_only
+@pytest.mark.parametrize("trial", range(4))
+def test_kill9_during_discards(tmp_path: Path, mounter: Mounter, seeds: Seeds, trial: int) -> None:
+    """Writes and punches, an fsync, then punches and writes racing a ``kill -9``: no
+    image corrupt (leaks allowed), the fsync'ed content kept, each byte punched or
+    written after it reads as before or as one of those requests, never anything else;
+    the next mount's discards work on what is left."""
+    images = tmp_path / "images"
+    seed = seeds(images)
+    below = digests(seed.layers[:-1])
+    model = bytearray(seed.content)
+    size = len(model)
+    rng = random.Random(trial)
+    m = mounter(images)
+    later: list[tuple[int, bytes]] = []
+    fd = os.open(m.img("E"), os.O_RDWR)
+    try:
+        for _ in range(30):
+            n = rng.randint(1, 512 * KiB)
+            off = rng.randrange(size - n)
+            if rng.random() < 0.5:
+                punch(fd, off, n)
+                model[off : off + n] = bytes(n)
+            else:
+                data = rng.randbytes(n)
+                assert os.pwrite(fd, data, off) == n
+                model[off : off + n] = data
+        os.fsync(fd)
+        synced = bytes(model)
+        stop = threading.Event()
+
+        def racing() -> None:
+            while not stop.is_set():
+                n = rng.randint(1, 1024 * KiB)
+                off = rng.randrange(size - n)
+                data = bytes(n) if rng.random() < 0.7 else rng.randbytes(n)
+                later.append((off, data))
+                try:
+                    if any(data):
+                        os.pwrite(fd, data, off)
+                    else:
+                        punch(fd, off, n)
+                except OSError:
+                    return  # the server is gone
+
+        worker = threading.Thread(target=racing)
+        worker.start()
+        wait_for(lambda: len(later) > 5 + trial * 7, "discards to be under way")
+        m.kill(signal.SIGKILL)
+        stop.set()
+        worker.join(timeout=60)
+    finally:
+        with contextlib.suppress(OSError):  # ENOTCONN once the server is gone
+            os.close(fd)
+    assert m.wait_exit(None) == -signal.SIGKILL
+    m.cleanup()
+    for p in seed.layers:
+        rc, report = im.check(str(p))
+        assert rc in (0, 3) and not report.get("corruptions"), (p, report)
+    assert digests(seed.layers[:-1]) == below
+    m = mounter(images)
+    got = read_direct(m.img("E"))
+    assert_old_or_new(got, synced, later)
+    fd = os.open(m.img("E"), os.O_RDWR)
+    try:
+        punch(fd, 0, MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    got = bytearray(got)
+    got[:MiB] = bytes(MiB)
+    assert read_direct(m.img("E")) == got
+    m.unmount()
+    assert_clean(seed.layers[1:])
+    rc, report = im.check(str(seed.active))
+    assert rc in (0, 3) and not report.get("corruptions"), report
+    im.assert_same_as(str(seed.active), bytes(got), str(tmp_path))
