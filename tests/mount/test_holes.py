@@ -313,11 +313,11 @@ def test_kill9_during_discards(tmp_path: Path, mounter: Mounter, seeds: Seeds, t
         os.fsync(fd)
     finally:
         os.close(fd)
-    got = bytearray(got)
-    got[:MiB] = bytes(MiB)
-    assert read_direct(m.img("E")) == got
+    after = bytearray(got)
+    after[:MiB] = bytes(MiB)
+    assert read_direct(m.img("E")) == after
     m.unmount()
     assert_clean(seed.layers[1:])
     rc, report = im.check(str(seed.active))
     assert rc in (0, 3) and not report.get("corruptions"), report
-    im.assert_same_as(str(seed.active), bytes(got), str(tmp_path))
+    im.assert_same_as(str(seed.active), bytes(after), str(tmp_path))
