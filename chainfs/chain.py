@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import threading
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -94,6 +95,7 @@ class Chain:
         # write, discard or change of shape may have changed them since
         self._allocated: int | None = None
         self.allocation_stale = False
+        self._counted_at = 0.0  # time.monotonic() of the last count
         self._reset_granule()
 
     @classmethod
@@ -468,11 +470,18 @@ class Chain:
         assert self._allocated is not None
         return self._allocated
 
-    def refresh_allocation(self, *, force: bool = False) -> None:
+    def refresh_allocation(self, *, force: bool = False, min_interval: float = 0.0) -> None:
         """Count the data again if writes, discards or a change of shape may have changed
-        it (``allocation_stale``), a region of the map at a time under the lock."""
+        it (``allocation_stale``), a region of the map at a time under the lock; with
+        ``min_interval``, only if the last count is at least that many seconds old (a
+        ``fstrim`` sends a discard per free extent: one count each would cost more than
+        the discards)."""
         if not (force or self.allocation_stale):
             return
+        now = time.monotonic()
+        if not force and now - self._counted_at < min_interval:
+            return
+        self._counted_at = now
         self.allocation_stale = False
         total, pos, size = 0, 0, self.size
         while pos < size:

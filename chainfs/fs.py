@@ -388,7 +388,7 @@ class Operations(pyfuse3.Operations):
             return  # preallocate: every byte of the disk is there already
         h.disk.touch()
         chain.discard(off, end - off)
-        chain.refresh_allocation()
+        chain.refresh_allocation(min_interval=1.0)  # st_blocks; fsync recounts at once
 
     @translate_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
