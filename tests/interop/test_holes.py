@@ -336,3 +336,35 @@ def test_zero_range_is_discard_and_write_zeroes_unchanged(tmp_path: Path) -> Non
     assert m[0] == (0, True, False)
     assert m[2 * MiB] == (0, True, False)
     im.assert_clean(paths[-1])
+
+
+def test_discard_raw_active_and_a_whole_large_disk(tmp_path: Path) -> None:
+    """A raw image alone: holes punched in it (sector-aligned; zeros at the edges).  A
+    1 TiB overlay discarded whole (what mkfs does to a new disk) over a base with data:
+    zero clusters only over the base's data, nothing allocated elsewhere."""
+    raw = tmp_path / "R.raw"
+    with open(raw, "wb") as f:
+        f.write(b"\x33" * (8 * MiB))
+    model = bytearray(b"\x33" * (8 * MiB))
+    with Chain.open(str(raw), writable=True, active_format="raw") as chain:
+        chain.discard(MiB + 100, 3 * MiB)
+        model[MiB + 100 : 4 * MiB + 100] = bytes(3 * MiB)
+        assert chain.read(0, 8 * MiB) == model
+        assert chain.seek_hole(0) == MiB + chain.granule  # the first whole granule
+    assert raw.read_bytes() == model
+    assert allocated(str(raw)) <= 5 * MiB + 8 * KiB
+
+    size = 1 << 40
+    base = im.create(str(tmp_path / "A.qcow2"), size)
+    im.write(base, [(5 << 30, MiB, 0x44)])
+    top = im.create(
+        str(tmp_path / "E.qcow2"), size, backing="A.qcow2", backing_fmt="qcow2", cwd=str(tmp_path)
+    )
+    im.write(top, [(0, MiB, 0x55), (7 << 30, MiB, 0x66)])
+    with Chain.open(top, writable=True) as chain:
+        chain.discard(0, size)
+        assert chain.seek_data(0) is None
+        assert chain.read(5 << 30, MiB) == bytes(MiB)
+    im.assert_clean(top)
+    m = [e for e in qemu_map(top) if e["depth"] == 0]
+    assert [(e["start"], e["length"], e["zero"]) for e in m] == [(5 << 30, MiB, True)]

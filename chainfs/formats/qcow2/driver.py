@@ -464,11 +464,20 @@ class Qcow2Layer(Tables):
         cs = self.cluster_size
         c0 = offset // cs
         pos, end = offset, offset + length
+        # whole clusters end here (the disk's end counts as a cluster's)
+        whole_end = end if end == self.virtual_size else end - end % cs
         while pos < end:
             c = pos // cs
             n = min(cs - pos % cs, end - pos)
             whole = n == cs or (pos % cs == 0 and pos + n == self.virtual_size)
             below = below_has_data[c - c0]
+            if whole and not below and not self._has_table(c):
+                # no L2 table and nothing below (mkfs discarding a whole new disk): the
+                # clusters are unallocated already, up to the table's end or data below
+                stop = min(((c >> self.l2_bits) + 1) << self.l2_bits, -(-whole_end // cs))
+                j = below_has_data.find(1, c - c0, stop - c0)
+                pos = min(whole_end, (stop if j < 0 else c0 + j) * cs)
+                continue
             e = self._entry(c)
             if not whole:
                 zero = (self.v3 and e & ZERO_FLAG and not e & COMPRESSED_BIT) or (
@@ -484,6 +493,11 @@ class Qcow2Layer(Tables):
                     self._set_entry(c, new)
                     self._release(e, punch=True)
             pos += n
+
+    def _has_table(self, cluster: int) -> bool:
+        """Whether the L1 entry of ``cluster``'s L2 table points at one."""
+        i = cluster >> self.l2_bits
+        return i * 8 < len(self.l1) and bool(_U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK)
 
     # -- write-back ------------------------------------------------------------------------
 
