@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import threading
+import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 from .buffers import zero_fill
@@ -108,6 +110,11 @@ class Chain:
         # dirty tracking of jobs that mirror the disk elsewhere (commit, copy)
         self.write_hooks: list[Callable[[int, int], None]] = []
         self.engine = CopyEngine(self)  # stream, commit and copy steps
+        # st_blocks of the flat file: the data bytes as last counted, and whether a
+        # write, discard or change of shape may have changed them since
+        self._allocated: int | None = None
+        self.allocation_stale = False
+        self._counted_at = 0.0  # time.monotonic() of the last count
         self._reset_granule()
 
     @classmethod
@@ -200,6 +207,7 @@ class Chain:
         self.granule = max(512, min(sizes, default=65536))
         self._regions.clear()
         self.engine.forget()
+        self.allocation_stale = True
 
     # -- the "who holds it" map ----------------------------------------------------------
 
@@ -363,6 +371,7 @@ class Chain:
                 hook(offset, len(data))
             self.active.write(offset, data, self._fill)
             self.claim(offset, len(data))
+            self.allocation_stale = True
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zeros, as zero clusters where the format allows."""
@@ -374,6 +383,156 @@ class Chain:
                 hook(offset, length)
             self.active.write_zeroes(offset, length, self._fill)
             self.claim(offset, length)
+            self.allocation_stale = True
+
+    def discard(self, offset: int, length: int) -> None:
+        """Make a range read as zeros and give back the space the active layer held
+        there (fallocate PUNCH_HOLE and ZERO_RANGE, a TRIM through a loop device).
+
+        A whole cluster of the active layer becomes unallocated where no layer below
+        holds data, else a zero cluster (``Layer.discard``).  While a job mirrors the
+        disk (a write hook is set), always a zero cluster: the mirror copies again only
+        what a layer above its target holds, so an unallocated cluster would leave the
+        target with the data the discard removed.  A stream or intermediate commit copies
+        only between layers below the active one, never over what it holds."""
+        self._check_write(offset, length)
+        if not length:
+            return
+        with self.lock:
+            for hook in self.write_hooks:
+                hook(offset, length)
+            active = self.active
+            cs = active.cluster_size
+            first = offset - offset % cs
+            count = -(-(offset + length - first) // cs)
+            below = b"\x01" * count if self.write_hooks else self._data_below(first, count, cs)
+            active.discard(offset, length, self._fill, below)
+            self._forget_regions(offset, length)
+            self.allocation_stale = True
+
+    def _data_below(self, first: int, count: int, cs: int) -> bytes:
+        """One byte per ``cs`` unit of ``count`` from ``first``: 1 where a layer below the
+        active one holds data (zero clusters and layers' ends masking what lies below)."""
+        out = bytearray(count)
+        if len(self.layers) > 1:
+            for a, b in self._data_spans(1, first, min(first + count * cs, self.size)):
+                out[(a - first) // cs : -(-(b - first) // cs)] = b"\x01" * (
+                    -(-(b - first) // cs) - (a - first) // cs
+                )
+        return bytes(out)
+
+    def _data_spans(self, level: int, start: int, end: int) -> list[tuple[int, int]]:
+        """The ranges of ``[start, end)`` where ``layers[level]`` and those below it show
+        data (not zeros by metadata, nor holes of a raw file), in no particular order."""
+        out: list[tuple[int, int]] = []
+        work = [(level, start, end)]
+        layers = self.layers
+        while work:
+            level, a, b = work.pop()
+            for ext in layers[level].data_extents(a, b - a):
+                if ext.kind == UNALLOCATED:
+                    if level + 1 < len(layers):
+                        work.append((level + 1, ext.offset, ext.offset + ext.length))
+                elif ext.kind != ZERO:
+                    out.append((ext.offset, ext.offset + ext.length))
+        return out
+
+    def _forget_regions(self, offset: int, length: int) -> None:
+        """Drop the map's regions over a range where the active layer may have stopped
+        answering (a discard): they are rebuilt from the layers when next needed."""
+        g = self.granule
+        for r in range(offset // g >> REGION_BITS, ((offset + length - 1) // g >> REGION_BITS) + 1):
+            self._regions.pop(r, None)
+
+    # -- holes: SEEK_DATA, SEEK_HOLE, st_blocks ------------------------------------------
+
+    def seek_data(self, offset: int) -> int | None:
+        """The first offset at or after ``offset`` whose granule holds data, or None
+        (ENXIO) if none does: at or past the end, or only holes follow."""
+        return self._seek(offset, data=True)
+
+    def seek_hole(self, offset: int) -> int | None:
+        """The first offset at or after ``offset`` whose granule is a hole (the disk's
+        end counts as one), or None (ENXIO) when ``offset`` is at or past the end."""
+        return self._seek(offset, data=False)
+
+    def _seek(self, offset: int, *, data: bool) -> int | None:
+        """SEEK_DATA/SEEK_HOLE at the granularity of the chain's granule: a granule is
+        data when some layer shows data in it (below every zero cluster and layer end
+        that masks it, raw files' holes counting as holes), else a hole.
+
+        Runs of one holder come from the map of who holds what (one regex match per
+        run, at C speed): nobody holds a granule -> a hole; else the holder's data
+        extents (and those below it where it defers) decide."""
+        size = self.size
+        if offset < 0 or offset >= size:
+            return None
+        g = self.granule
+        gi, last = offset // g, -(-size // g)
+        with self.lock:
+            while gi < last:
+                region = gi >> REGION_BITS
+                base = region << REGION_BITS
+                hm = self._holders(region)
+                for i, j, h in _runs(hm, gi - base):
+                    a = (base + i) * g  # whole granules: ``offset``'s answers for it
+                    b = min(size, (base + j) * g)
+                    if not h:
+                        if not data:
+                            return max(offset, a)
+                        continue
+                    found = self._seek_in(h - 1, a, b, data)
+                    if found is not None:
+                        return max(offset, found)
+                gi = base + len(hm)
+        return None if data else size
+
+    def _seek_in(self, level: int, a: int, b: int, data: bool) -> int | None:
+        """``_seek`` within the granules ``[a, b)``, all answered for by ``layers[level]``
+        and below: the start of the first granule that is data (``data``) or a hole."""
+        g = self.granule
+        spans = sorted((s - s % g, -(-e // g) * g) for s, e in self._data_spans(level, a, b))
+        if data:
+            return spans[0][0] if spans else None
+        pos = a
+        for s, e in spans:
+            if s > pos:
+                return pos
+            pos = max(pos, e)
+        return pos if pos < b else None
+
+    def allocated(self) -> int:
+        """The bytes of the disk that hold data (what SEEK_DATA finds), as last counted:
+        ``st_blocks`` of the flat file.  Counted on the first call and again by
+        ``refresh_allocation``; a stat never walks the chain."""
+        if self._allocated is None:
+            self.refresh_allocation(force=True)
+        assert self._allocated is not None
+        return self._allocated
+
+    def refresh_allocation(self, *, force: bool = False, min_interval: float = 0.0) -> None:
+        """Count the data again if writes, discards or a change of shape may have changed
+        it (``allocation_stale``), a region of the map at a time under the lock; with
+        ``min_interval``, only if the last count is at least that many seconds old (a
+        ``fstrim`` sends a discard per free extent: one count each would cost more than
+        the discards)."""
+        if not (force or self.allocation_stale):
+            return
+        now = time.monotonic()
+        if not force and now - self._counted_at < min_interval:
+            return
+        self._counted_at = now
+        self.allocation_stale = False
+        total, pos, size = 0, 0, self.size
+        while pos < size:
+            start = self.seek_data(pos)
+            if start is None:
+                break
+            stop = self.seek_hole(start)
+            stop = size if stop is None else stop
+            total += stop - start
+            pos = stop
+        self._allocated = total
 
     # -- changing the chain's shape ------------------------------------------------------
 
@@ -544,6 +703,25 @@ class Chain:
         """Flush, mark clean and close every layer."""
         with self.lock:
             _close_all(self.layers)
+
+
+_RUN = re.compile(rb"(.)\1*", re.DOTALL)
+
+
+def _runs(hm: array[int], start: int) -> Iterator[tuple[int, int, int]]:
+    """The runs of equal values of ``hm`` from index ``start``, as (start, end, value)."""
+    if hm.typecode == "B":
+        raw = hm.tobytes()
+        for m in _RUN.finditer(raw, start):
+            yield m.start(), m.end(), raw[m.start()]
+        return
+    i = start
+    while i < len(hm):
+        j = i + 1
+        while j < len(hm) and hm[j] == hm[i]:
+            j += 1
+        yield i, j, hm[i]
+        i = j
 
 
 @functools.cache

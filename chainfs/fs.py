@@ -51,6 +51,11 @@ IMG, DIR = 0, 1
 READ_FILES = ("chain", "jobs", "events")
 WRITE_FILES = COMMANDS  # snapshot stream commit copy, then the job verbs
 CONTROL_FILES = READ_FILES + WRITE_FILES  # offsets 2.. within a chain's block
+SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+# whether the pyfuse3 in use passes lseek and fallocate on (a patched one, see README):
+# without, the handlers below are never called and the kernel answers for itself
+HOLES = hasattr(pyfuse3.Operations, "lseek") and hasattr(pyfuse3.Operations, "fallocate")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -154,8 +159,8 @@ class Operations(pyfuse3.Operations):
         if part == IMG:
             a.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o400 if self.readonly else 0o600))
             a.st_size = disk.chain.size
-            allocated = sum(layer.allocated_bytes() for layer in disk.chain.layers)
-            a.st_blocks = min(allocated, disk.chain.size) // 512
+            # the data SEEK_DATA finds, as last counted (never a walk per stat)
+            a.st_blocks = -(-disk.chain.allocated() // 512)
             a.st_mtime_ns, a.st_ctime_ns = disk.mtime_ns, disk.ctime_ns
             a.attr_timeout = 1.0
         elif part == DIR:
@@ -338,10 +343,63 @@ class Operations(pyfuse3.Operations):
         return len(buf)
 
     @translate_errors
+    async def lseek(self, fh: int, off: int, whence: int, ctx: Any = None) -> int:
+        """SEEK_DATA/SEEK_HOLE (the only ones the kernel sends): the flat file's holes
+        through the whole chain; a control file is all data up to its size."""
+        h = self.handles[fh]
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if h.flat is not None:
+            found = h.flat.seek_data(off) if whence == SEEK_DATA else h.flat.seek_hole(off)
+            if found is None:
+                raise pyfuse3.FUSEError(errno.ENXIO)
+            return found
+        if h.data is not None:
+            size = len(h.data)
+        elif h.disk is not None and h.inode == self._inode(h.disk, 2 + READ_FILES.index("events")):
+            size = len(h.disk.events)
+        else:
+            size = 0  # a command file reads nothing
+        if off < 0 or off >= size:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return off if whence == SEEK_DATA else size
+
+    @translate_errors
+    async def fallocate(self, fh: int, mode: int, off: int, length: int, ctx: Any = None) -> None:
+        """On a flat file: PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE make the range read as
+        zeros, giving back what the active layer held (``Chain.discard``); mode 0 and
+        KEEP_SIZE (preallocate) change nothing within the disk; past its end, as a write
+        (ENOSPC), but for KEEP_SIZE, which stops at the end.  Anything else: EOPNOTSUPP."""
+        h = self.handles[fh]
+        if h.flat is None or h.disk is None:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if self.readonly:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if off < 0 or length <= 0:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        chain, size = h.flat, h.flat.size
+        keep = bool(mode & FALLOC_FL_KEEP_SIZE)
+        op = mode & ~FALLOC_FL_KEEP_SIZE
+        if op not in (0, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE) or (
+            op == FALLOC_FL_PUNCH_HOLE and not keep
+        ):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        end = off + length
+        if end > size and not keep:
+            raise pyfuse3.FUSEError(errno.ENOSPC)  # the disk cannot grow, as a write
+        end = min(end, size)
+        if op == 0 or off >= end:
+            return  # preallocate: every byte of the disk is there already
+        h.disk.touch()
+        chain.discard(off, end - off)
+        chain.refresh_allocation(min_interval=1.0)  # st_blocks; fsync recounts at once
+
+    @translate_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handles.get(fh)
         if h is not None and h.disk is not None:
             h.disk.chain.flush()
+            h.disk.chain.refresh_allocation()  # st_blocks, if writes changed the data
 
     async def flush(self, fh: int) -> None:
         return None

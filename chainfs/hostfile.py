@@ -54,6 +54,7 @@ def _libc(name: str, *argtypes: str) -> Callable[[int, int, int, int], int] | No
 _start_writeback = _libc("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
 
 FALLOC_FL_KEEP_SIZE = 1  # reserve blocks without changing the file's size
+FALLOC_FL_PUNCH_HOLE = 2  # give a range's blocks back (with KEEP_SIZE); it reads zeros
 RESERVE_BYTES = 8 << 20  # space reserved at a time past the end of a growing file
 RESERVE_MIN_FREE = 1 << 30  # ... only while the file system has this much free at least
 
@@ -257,6 +258,52 @@ class HostFile:
             del keep  # no AIO to be had: written here, as below
         self._pwrite(view, offset)
         self._written(offset + len(view))
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Give the blocks of ``[offset, offset+length)`` back to the file system; the
+        range reads as zeros afterwards (fallocate PUNCH_HOLE|KEEP_SIZE, as QEMU's
+        file-posix discard).  Best effort: False where the file system cannot (nothing
+        changed then).  For the crash tests' observer it is a write of zeros, which is
+        what the range reads as once it landed; like a write, it is durable only after
+        the next ``flush``."""
+        if not self.writable:
+            raise ChainfsError(f"{self.path!r} is open read-only")
+        if _fallocate_fn is None or length <= 0:
+            return False
+        self.wait_written()
+        try:
+            if HostFile.observer is not None:
+                HostFile.observer("write", self.path, offset, bytes(length))
+        except OSError as e:
+            raise self._fail("punching", e) from None
+        self._unflushed = True
+        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        if _fallocate_fn(self.fd, mode, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise self._fail("punching", OSError(err, os.strerror(err)))
+
+    def next_data(self, offset: int) -> int:
+        """Where the file's data starts at or after ``offset`` (SEEK_DATA), or its size
+        when only a hole follows; a file system without SEEK_DATA: ``offset``."""
+        return self._seek(offset, os.SEEK_DATA)
+
+    def next_hole(self, offset: int) -> int:
+        """Where the file's next hole starts at or after ``offset`` (SEEK_HOLE; the end of
+        the file counts as one)."""
+        return self._seek(offset, os.SEEK_HOLE)
+
+    def _seek(self, offset: int, whence: int) -> int:
+        try:
+            return os.lseek(self.fd, offset, whence)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # at or past the end (no data after ``offset``)
+                return max(offset, self.size())
+            if e.errno == errno.EINVAL:  # no SEEK_DATA/SEEK_HOLE: all data, no hole
+                return offset if whence == os.SEEK_DATA else max(offset, self.size())
+            raise self._fail("inspecting", e) from None
 
     def wait_written(self) -> None:
         """Wait for the started write to land; raise its failure (once)."""

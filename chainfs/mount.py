@@ -327,3 +327,9 @@ async def _write_back(disks: list[Disk]) -> None:
                     )
                 else:
                     flushed[disk.name] = mtime
+            try:
+                disk.chain.refresh_allocation()  # st_blocks, if anything changed
+            except ChainfsError as e:
+                _throttle.warning(
+                    ("allocation", disk.name), "chain=%s counting data failed: %s", disk.name, e
+                )

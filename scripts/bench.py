@@ -27,7 +27,16 @@ node names A..E), one server at a time, alternating, and measures through each:
 - ``stream base=A.qcow2`` through the control file (until ``JOB_COMPLETED``) against QMP
   ``block-stream`` with ``base-node=A`` (until ``BLOCK_JOB_COMPLETED``), each on its own
   fresh copy of the chain; both results are compared with ``qemu-img compare``;
-- the peak RSS (VmHWM) of the chainfs server and of qemu-storage-daemon.
+- the peak RSS (VmHWM) of the chainfs server and of qemu-storage-daemon;
+- holes (measure ``holes``): a 16 GiB five-layer chain holding 1 GiB of data, each
+  server exporting it read-only: ``cp --sparse=always`` of the flat file and ``qemu-img
+  convert -f raw -O qcow2`` of it, timed by the wall clock (both copy only the data
+  extents SEEK_DATA/SEEK_HOLE report), the copies' allocated sizes reported and the
+  first ones compared with the chain (``qemu-img compare``);
+- trim (measure ``trim``): ext4 on a loop device over the flat file of an empty 4 GiB
+  image (qemu-storage-daemon: blockdevs with ``discard=unmap``), 1 GiB of files written,
+  synced and deleted, then ``fstrim``: its wall time, and the image's allocated size
+  before it and after everything was unmounted (the space given back).
 
 It prints a table with the targets and the commands used.  The figures are a report, not
 a test: the exit status is non-zero only when something fails to run or reads wrong bytes.
@@ -46,7 +55,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Self
 
 import xxhash
@@ -433,7 +442,15 @@ class QemuServer(Server):
     when ``export`` names a node, a FUSE export of it on the regular file ``mountpoint``."""
 
     def __init__(
-        self, directory: str, mountpoint: str, log: str, *, export: str | None, writable: bool
+        self,
+        directory: str,
+        mountpoint: str,
+        log: str,
+        *,
+        export: str | None,
+        writable: bool,
+        layers: tuple[str, ...] = LAYERS,
+        discard: bool = False,
     ) -> None:
         self.qmp_path = os.path.join(os.path.dirname(mountpoint), "qmp.sock")
         if os.path.lexists(self.qmp_path):
@@ -442,7 +459,7 @@ class QemuServer(Server):
         self.export = export
         args = ["qemu-storage-daemon"]
         below: str | None = None
-        names = [*LAYERS, "F"] if export == "F" else list(LAYERS)
+        names = [*layers, "F"] if export == "F" else list(layers)
         for name in names:
             file_node: dict[str, object] = {
                 "driver": "file",
@@ -457,6 +474,8 @@ class QemuServer(Server):
             }
             if not writable:
                 file_node["read-only"] = fmt_node["read-only"] = True
+            if discard:  # pass a guest's discards down and punch the image file
+                file_node["discard"] = fmt_node["discard"] = "unmap"
             args += ["--blockdev", json.dumps(file_node), "--blockdev", json.dumps(fmt_node)]
             below = name
         if export is not None:
@@ -514,9 +533,156 @@ class FuseResults:
     seq_write: Pair
     stream: Pair
     rss: Pair
+    holes: HolesResults
     dropped: bool
     streams_equal: bool
     commands: list[str]
+
+
+@dataclass
+class HolesResults:
+    cp: Pair = field(default_factory=lambda: Pair([], [], lower_is_better=True))
+    convert: Pair = field(default_factory=lambda: Pair([], [], lower_is_better=True))
+    fstrim: Pair = field(default_factory=lambda: Pair([], [], lower_is_better=True))
+    copies: dict[str, int] = field(default_factory=dict)  # allocated bytes of each copy
+    freed: dict[str, int] = field(default_factory=dict)  # bytes fstrim gave back
+    equal: bool = True
+
+
+HOLES_SIZE = 16 * GiB
+TRIM_SIZE = 4 * GiB
+
+
+def build_sparse_chain(directory: str) -> None:
+    """A..E over 16 GiB, each layer 4 stretches of 52 MiB spread over the disk (1 GiB of
+    data in all), written by qemu-io."""
+    os.makedirs(directory)
+    below: str | None = None
+    for i, name in enumerate(LAYERS):
+        path = os.path.join(directory, f"{name}.qcow2")
+        args = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if below is not None:
+            args += ["-b", f"{below}.qcow2", "-F", "qcow2"]
+        run([*args, path, str(HOLES_SIZE)])
+        cmds: list[str] = []
+        for k in range(4):
+            cmds += ["-c", f"write -P {0x10 + i} {(k * 5 + i) * 780 * MiB} {52 * MiB}"]
+        run(["qemu-io", "-f", "qcow2", *cmds, path])
+        below = name
+
+
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def holes_bench(
+    work: str, runs: int, measures: set[str], note: Callable[[str, list[str]], None]
+) -> HolesResults:
+    """The ``holes`` and ``trim`` measures (see the module's docstring)."""
+    r = HolesResults()
+    mp = os.path.join(work, "hmnt")
+    export = os.path.join(work, "hexport.img")
+    clog = os.path.join(work, "chainfs-holes.log")
+    qlog = os.path.join(work, "qemu-storage-daemon-holes.log")
+    out = os.path.join(work, "holes-out")
+    if "holes" in measures:
+        chain = os.path.join(work, "sparse")
+        log("building the 16 GiB chain with 1 GiB of data")
+        build_sparse_chain(chain)
+    for i in range(runs):
+        if "holes" in measures:
+            for side in ("chainfs", "qemu"):
+                log(f"(d) run {i + 1}: cp --sparse=always and qemu-img convert, {side}")
+                server: Server
+                if side == "chainfs":
+                    server = chainfs_server(chain, mp, clog, readonly=True)
+                    flat = os.path.join(mp, "E.img")
+                else:
+                    server = QemuServer(chain, export, qlog, export="E", writable=False)
+                    flat = export
+                with server:
+                    note(f"{server.name}: export for holes", server.args)
+                    os.makedirs(out, exist_ok=True)
+                    cp = ["cp", "--sparse=always", flat, os.path.join(out, "copy.raw")]
+                    conv = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", flat]
+                    conv.append(os.path.join(out, "copy.qcow2"))
+                    note("both: sparse copy", cp)
+                    note("both: convert", conv)
+                    start = time.perf_counter()
+                    run(cp)
+                    getattr(r.cp, side).append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    run(conv)
+                    getattr(r.convert, side).append(time.perf_counter() - start)
+                r.copies[f"{side} cp"] = allocated(os.path.join(out, "copy.raw"))
+                r.copies[f"{side} convert"] = allocated(os.path.join(out, "copy.qcow2"))
+                if i == 0:
+                    for name, fmt in (("copy.raw", "raw"), ("copy.qcow2", "qcow2")):
+                        cmp = ["qemu-img", "compare", "-q", "-f", fmt, "-F", "qcow2"]
+                        cmp += [os.path.join(out, name), os.path.join(chain, "E.qcow2")]
+                        r.equal &= subprocess.run(cmp, check=False).returncode == 0
+                shutil.rmtree(out)
+                log(
+                    f"    {side}: cp {getattr(r.cp, side)[-1]:.2f} s, "
+                    f"convert {getattr(r.convert, side)[-1]:.2f} s"
+                )
+        if "trim" in measures:
+            for side in ("chainfs", "qemu"):
+                log(f"(d) run {i + 1}: fstrim of ext4 with 1 GiB deleted, {side}")
+                src = os.path.join(work, f"trim-{side}-{i}")
+                os.makedirs(src)
+                image = os.path.join(src, "E.qcow2")
+                run(["qemu-img", "create", "-q", "-f", "qcow2", image, str(TRIM_SIZE)])
+                if side == "chainfs":
+                    server = chainfs_server(src, mp, clog, readonly=False)
+                    flat = os.path.join(mp, "E.img")
+                else:
+                    server = QemuServer(
+                        src, export, qlog, export="E", writable=True, layers=("E",), discard=True
+                    )
+                    flat = export
+                fs = os.path.join(work, "ext4")
+                os.makedirs(fs, exist_ok=True)
+                with server:
+                    note(f"{server.name}: export for fstrim", server.args)
+                    dev = run(["losetup", "--find", "--show", flat]).strip()
+                    try:
+                        run(
+                            [
+                                "mkfs.ext4",
+                                "-q",
+                                "-E",
+                                "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+                                dev,
+                            ]
+                        )
+                        run(["mount", dev, fs])
+                        try:
+                            block = os.urandom(MiB)
+                            for n in range(16):
+                                with open(os.path.join(fs, f"f{n}"), "wb") as f:
+                                    for _ in range(64):
+                                        f.write(block)
+                            os.sync()
+                            for n in range(16):
+                                os.unlink(os.path.join(fs, f"f{n}"))
+                            os.sync()
+                            before = allocated(image)
+                            start = time.perf_counter()
+                            run(["fstrim", fs])
+                            getattr(r.fstrim, side).append(time.perf_counter() - start)
+                        finally:
+                            run(["umount", fs])
+                    finally:
+                        run(["losetup", "-d", dev])
+                r.freed[side] = before - allocated(image)
+                run(["qemu-img", "check", "-q", image])
+                shutil.rmtree(src)
+                log(
+                    f"    {side}: fstrim {getattr(r.fstrim, side)[-1]:.2f} s, "
+                    f"{r.freed[side] / MiB:.0f} MiB given back"
+                )
+    return r
 
 
 def fuse_bench(
@@ -651,7 +817,9 @@ def fuse_bench(
             shutil.rmtree(csrc)
             shutil.rmtree(qsrc)
 
+    holes = holes_bench(work, runs, measures, note)
     return FuseResults(
+        holes=holes,
         seq_read=seq_read,
         reread=reread,
         rand_iops=rand,
@@ -789,6 +957,9 @@ def fuse_rows(r: FuseResults) -> list[Row]:
         row("sequential write into a fresh overlay, 1 MiB (MB/s)", scaled(r.seq_write), ".0f"),
         row("stream base=A (s; ratio = QEMU time / chainfs time)", r.stream, ".3f"),
         row("peak RSS of the server (MiB; ratio = QEMU / chainfs)", r.rss, ".0f", target=False),
+        row("16 GiB chain, 1 GiB data: cp --sparse=always (s)", r.holes.cp, ".2f"),
+        row("16 GiB chain, 1 GiB data: qemu-img convert -O qcow2 (s)", r.holes.convert, ".2f"),
+        row("fstrim, ext4 with 1 GiB deleted (s)", r.holes.fstrim, ".2f", target=False),
     ]
 
 
@@ -820,8 +991,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--measures",
-        default="read,write,stream",
-        help="comma-separated FUSE measures: read (sequential and random), write, stream",
+        default="read,write,stream,holes,trim",
+        help="comma-separated FUSE measures: read (sequential and random), write, stream,"
+        " holes (sparse copies of a 16 GiB chain), trim (fstrim through a loop device)",
     )
     ap.add_argument("--tera-child", metavar="IMAGE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -835,7 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
     if not parts & {"engine", "fuse"}:
         return 0  # jobs only: scripts/bench_jobs.py's part
     measures = set(args.measures.split(","))
-    if not measures or measures - {"read", "write", "stream"}:
+    if not measures or measures - {"read", "write", "stream", "holes", "trim"}:
         ap.error(f"--measures: unknown measure in {args.measures!r}")
     missing = [t for t in ("fio", "qemu-storage-daemon", "fusermount3") if not shutil.which(t)]
     if "fuse" in parts and missing:
@@ -877,6 +1049,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("\nSTREAM RESULTS DIFFER (qemu-img compare of the two streamed chains)")
             status = 1
+        if fuse.holes.copies or fuse.holes.freed:
+            sizes = ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in fuse.holes.copies.items())
+            freed = ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in fuse.holes.freed.items())
+            print(f"\nallocated size of the copies: {sizes or '-'}")
+            print(f"space fstrim gave back in the image: {freed or '-'}")
+            if not fuse.holes.equal:
+                print("COPIES DIFFER from the chain (qemu-img compare)")
+                status = 1
         print("\ncommands used:")
         for text in fuse.commands:
             print(f"  {text}")

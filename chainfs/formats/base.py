@@ -122,6 +122,19 @@ class Layer(ABC):
     def write_zeroes(self, offset: int, length: int, fill: Fill) -> None:
         """Make the range read as zeros, sparsely where the format allows."""
 
+    def discard(self, offset: int, length: int, fill: Fill, below_has_data: bytes) -> None:
+        """Make the range read as zeros and give back the space it held where the format
+        can.  ``below_has_data``: one byte per ``cluster_size`` unit from the one holding
+        ``offset``, 1 where a layer below holds data (so the range must mask it).  By
+        default, ``write_zeroes``."""
+        self.write_zeroes(offset, length, fill)
+
+    def data_extents(self, offset: int, length: int) -> list[Extent]:
+        """``extents``, with the ranges that hold no data on the host (holes in a raw
+        file) as ZERO: what ``lseek(SEEK_DATA/SEEK_HOLE)`` of the flat file reports.
+        By default, ``extents``."""
+        return self.extents(offset, length)
+
     def grow(self, size: int, fill: Fill, *, backing_size: int) -> None:
         """Make this (writable) image ``size`` bytes long, crash-safely; never shrinks.
 

@@ -34,6 +34,37 @@ class RawLayer(Layer):
             out.append(Extent(offset, end - offset, ZERO))
         return out
 
+    def data_extents(self, offset: int, length: int) -> list[Extent]:
+        """The file's own holes (SEEK_DATA/SEEK_HOLE on it) as ZERO, its data as DATA."""
+        out: list[Extent] = []
+        pos, end = offset, offset + length
+        stop = min(end, self.virtual_size)
+        while pos < stop:
+            data = min(self.file.next_data(pos), stop)
+            if data > pos:
+                out.append(Extent(pos, data - pos, ZERO))
+            if data >= stop:
+                pos = stop
+                break
+            hole = min(max(self.file.next_hole(data), data + 1), stop)
+            out.append(Extent(data, hole - data, DATA, data))
+            pos = hole
+        if pos < end:
+            out.append(Extent(pos, end - pos, ZERO))
+        return out
+
+    def discard(self, offset: int, length: int, fill: Fill, below_has_data: bytes) -> None:
+        """Punch the range out of the file (sector-aligned part; zeros where it cannot)."""
+        if offset + length > self.virtual_size:
+            raise ChainfsError(f"write past the end of {self.path!r}")
+        a = -(-offset // RAW_GRANULE) * RAW_GRANULE
+        b = max(a, (offset + length) // RAW_GRANULE * RAW_GRANULE)
+        if b > a and self.file.punch_hole(a, b - a):
+            self.write_zeroes(offset, min(a, offset + length) - offset, fill)
+            self.write_zeroes(b, max(0, offset + length - b), fill)
+        else:
+            self.write_zeroes(offset, length, fill)
+
     def read_compressed(self, host: int, clen: int) -> Buffer:
         raise AssertionError("raw images have no compressed clusters")
 

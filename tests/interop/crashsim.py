@@ -407,6 +407,13 @@ class Guest:
 
         self._op(chain, op)
 
+    def discard(self, chain: Chain, offset: int, length: int) -> None:
+        def op(disk: bytearray) -> None:
+            chain.discard(offset, length)
+            disk[offset : offset + length] = bytes(length)
+
+        self._op(chain, op)
+
     def flush(self, chain: Chain) -> None:
         chain.flush()
         self.durable.append((self.rec.mark(), len(self.states) - 1))

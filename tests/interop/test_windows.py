@@ -42,9 +42,13 @@ reading ``chain.py``, ``jobs/*.py`` and the qcow2 driver:
   request just before must stay in the old active layer, one just after goes above it.
 
 Each window gets each kind of request: (a) data, (b) zeros written as data (4 KiB,
-part of a cluster, ``Chain.write``), (c) a discard to zero (a whole cluster,
-``Chain.write_zeroes``), aimed at the clusters the step just copied (asserted to be
-still pending where the job writes with ``write_started``) and just ahead of the job;
+part of a cluster, ``Chain.write``), (c) zero clusters (a whole cluster,
+``Chain.write_zeroes``), (d) a discard (a whole cluster, ``Chain.discard``: unallocated
+where nothing below holds data, else a zero cluster; while a mirror tracks the disk,
+always a zero cluster, or the mirror, which copies again only what a layer above its
+target holds, would leave the discarded data in the target), aimed at the clusters the
+step just copied (asserted to be still pending where the job writes with
+``write_started``) and just ahead of the job;
 data first and the request second over the same bytes in consecutive windows where
 the region reads zeros otherwise (the bug pattern).  Verdicts, after the job completed
 and pivoted: the disk equals the guest's model, ``qemu-img check`` passes every image,
@@ -75,7 +79,7 @@ MiB, KiB = im.MiB, im.KiB
 SIZE = 8 * MiB
 CS = 65536  # every layer's cluster size
 DATA_MIBS = (0, 1, 4, 5)  # the other MiBs are holes in every layer
-KINDS = ["data", "zeros", "discard"]
+KINDS = ["data", "zeros", "write-zeroes", "discard"]
 
 # a request: (kind, cluster, must the target's started write still hold that cluster);
 # kind "K" is the test's own kind.  Data and zeros cover [cluster + 4 KiB, + 8 KiB),
@@ -177,8 +181,11 @@ class Guest:
         self.last = 0  # the cluster of the last request
 
     def do(self, kind: str, cluster: int) -> None:
-        if kind == "discard":
+        if kind == "write-zeroes":
             self.chain.write_zeroes(cluster, CS)
+            self.model[cluster : cluster + CS] = bytes(CS)
+        elif kind == "discard":
+            self.chain.discard(cluster, CS)
             self.model[cluster : cluster + CS] = bytes(CS)
         else:
             data = self.rng.randbytes(4096) if kind == "data" else bytes(4096)

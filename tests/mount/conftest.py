@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pyfuse3
 import pytest
 from checklogs import watch
 from interop import images as im
@@ -55,6 +56,12 @@ expect_refusals = pytest.mark.expect_log(r"WARNING chainfs\.fs: chain=\S+ comman
 
 # tests that mount tmpfs or ext4, attach loop devices or enter a mount namespace
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, losetup, unshare)")
+# lseek(SEEK_DATA/SEEK_HOLE) and fallocate reach chainfs only through a pyfuse3 with
+# those handlers (the patched one, see README): without, the kernel answers alone
+holes_only = pytest.mark.skipif(
+    not (hasattr(pyfuse3.Operations, "lseek") and hasattr(pyfuse3.Operations, "fallocate")),
+    reason="this pyfuse3 has no lseek/fallocate handlers (install the patched one: README)",
+)
 
 
 def wait_for(cond: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:

@@ -12,6 +12,17 @@ so on-disk refcounts always cover on-disk references, data is durable before the
 entry that points at it, and an L2 table is durable before the L1 entry that points at
 it.  A crash therefore leaves old or new content for every cluster and at worst leaks.
 
+A discard (``discard``) goes the other way, in QEMU's order (``qcow2_cluster_discard``,
+then ``update_refcount`` and ``qcow2_process_discards``):
+
+    L2 entries (unallocated, or zero clusters) -> flush -> refcount decrements
+    -> refcount blocks written -> holes punched in the image file for the host
+    clusters left with no reference (fallocate PUNCH_HOLE|KEEP_SIZE)
+
+so no on-disk entry ever points at a cluster whose refcount dropped or whose blocks
+were given back: a crash leaves each discarded cluster with its old entry (old content)
+or its new one (zeros), and at worst leaks the clusters whose decrement was lost.
+
 Locking contract: not thread-safe; the owning chain serialises calls.  Host reads
 planned by ``extents`` may run outside that lock (see ``refcounts``).
 """
@@ -235,13 +246,18 @@ class Qcow2Layer(Tables):
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _release(self, e: int) -> None:
-        """Drop the reference an overwritten L2 entry held (once that is durable)."""
+    def _release(self, e: int, *, punch: bool = False) -> None:
+        """Drop the reference an overwritten L2 entry held (once that is durable); with
+        ``punch``, give the host cluster's blocks back once nothing references it."""
         assert self.refs is not None
         if e & COMPRESSED_BIT:
-            self.refs.defer_free(*self._compressed_clusters(e))
+            # as QEMU (``qcow2_free_any_cluster``): the host clusters the compressed
+            # sectors touch, each dropping one reference; a host cluster other
+            # compressed clusters share keeps theirs and stays
+            host, n = self._compressed_clusters(e)
+            self.refs.defer_free(host, n, punch=punch)
         elif e & OFFSET_MASK:
-            self.refs.defer_free(e & OFFSET_MASK, 1)
+            self.refs.defer_free(e & OFFSET_MASK, 1, punch=punch)
 
     def _old_content(self, cluster: int, e: int, fill: Fill) -> Buffer:
         """What the whole cluster reads as now (for copy-on-write)."""
@@ -431,6 +447,57 @@ class Qcow2Layer(Tables):
                 self.write(pos, bytes(n), fill)
             pos += n
 
+    def discard(self, offset: int, length: int, fill: Fill, below_has_data: bytes) -> None:
+        """Make the range read as zeros and give back what it held (QEMU's discard with
+        the guarantee of zeros).  ``below_has_data`` has one byte per cluster of this
+        layer from the one holding ``offset``: 1 where a layer below holds data.
+
+        A whole cluster becomes unallocated where nothing below holds data, else a zero
+        cluster (v3) or, in a v2 image, written zeros; the host clusters it referenced
+        are freed in the order at the top of this module, and their blocks punched out
+        of the image file once no reference is left.  A partial cluster is written as
+        zeros (copy-on-write) unless it reads as zeros already."""
+        self.settle()
+        if offset + length > self.virtual_size:
+            raise ImageError(f"write past the end of {self.path!r}")
+        cs = self.cluster_size
+        c0 = offset // cs
+        pos, end = offset, offset + length
+        # whole clusters end here (the disk's end counts as a cluster's)
+        whole_end = end if end == self.virtual_size else end - end % cs
+        while pos < end:
+            c = pos // cs
+            n = min(cs - pos % cs, end - pos)
+            whole = n == cs or (pos % cs == 0 and pos + n == self.virtual_size)
+            below = below_has_data[c - c0]
+            if whole and not below and not self._has_table(c):
+                # no L2 table and nothing below (mkfs discarding a whole new disk): the
+                # clusters are unallocated already, up to the table's end or data below
+                stop = min(((c >> self.l2_bits) + 1) << self.l2_bits, -(-whole_end // cs))
+                j = below_has_data.find(1, c - c0, stop - c0)
+                pos = min(whole_end, (stop if j < 0 else c0 + j) * cs)
+                continue
+            e = self._entry(c)
+            if not whole:
+                zero = (self.v3 and e & ZERO_FLAG and not e & COMPRESSED_BIT) or (
+                    not e and not below
+                )
+                if not zero:
+                    self.write(pos, bytes(n), fill)
+            elif below and not self.v3:
+                self.write(pos, bytes(n), fill)  # v2: only data reads as zeros over data
+            else:
+                new = ZERO_FLAG if below else 0
+                if e != new:
+                    self._set_entry(c, new)
+                    self._release(e, punch=True)
+            pos += n
+
+    def _has_table(self, cluster: int) -> bool:
+        """Whether the L1 entry of ``cluster``'s L2 table points at one."""
+        i = cluster >> self.l2_bits
+        return i * 8 < len(self.l1) and bool(_U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK)
+
     # -- write-back ------------------------------------------------------------------------
 
     def write_back(self, *, sync: bool) -> None:
@@ -452,10 +519,23 @@ class Qcow2Layer(Tables):
                 self.l1_dirty.clear()
         if refs.pending_free:
             f.flush()  # the metadata no longer referencing the clusters, then decrement
-            refs.apply_frees()
+            punch = refs.apply_frees()
             refs.write_back()
+            self._punch(punch)
         if sync:
             f.flush()
+
+    def _punch(self, clusters: list[int]) -> None:
+        """Give back the blocks of the (ascending, unreferenced) host ``clusters``,
+        consecutive ones at once.  Best effort: the space stays used where the host
+        file system cannot punch holes, and the clusters stay free either way."""
+        cs, i = self.cluster_size, 0
+        while i < len(clusters):
+            j = i + 1
+            while j < len(clusters) and clusters[j] == clusters[j - 1] + 1:
+                j += 1
+            self.file.punch_hole(clusters[i] * cs, (j - i) * cs)
+            i = j
 
     def flush(self) -> None:
         self.write_back(sync=True)

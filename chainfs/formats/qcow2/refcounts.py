@@ -67,7 +67,8 @@ class Refcounts:
         self.cache_blocks = cache_blocks
         self.dirty: set[int] = set()  # block offsets with unwritten changes
         self.new_entries: dict[int, int] = {}  # table index -> new block offset, unwritten
-        self.pending_free: list[tuple[int, int]] = []  # (host offset, clusters)
+        # (host offset, clusters, punch: give the clusters' blocks back once free)
+        self.pending_free: list[tuple[int, int, bool]] = []
         self.next_free = -(-f.size() // self.cs)
 
     # -- lookup --------------------------------------------------------------------------
@@ -89,13 +90,15 @@ class Refcounts:
             raise ImageError(f"{self.f.path!r} has a misaligned refcount block")
         blk = self.f.pread_padded(self.cs, off)
         self.cache[off] = blk
-        self._evict()
+        # never the block just loaded: the caller is about to change it, and a change
+        # to a block no longer cached would be lost (the next lookup reads it again)
+        self._evict(keep=off)
         return blk
 
-    def _evict(self) -> None:
+    def _evict(self, keep: int = -1) -> None:
         while len(self.cache) > self.cache_blocks:
             for off in self.cache:
-                if off not in self.dirty:
+                if off not in self.dirty and off != keep:
                     del self.cache[off]
                     break
             else:
@@ -315,9 +318,11 @@ class Refcounts:
         self.next_free = start + nblocks + t_clusters
         self.defer_free(old_off, old_clusters)
 
-    def defer_free(self, host: int, clusters: int) -> None:
-        """Drop one reference once the metadata no longer pointing there is durable."""
-        self.pending_free.append((host, clusters))
+    def defer_free(self, host: int, clusters: int, *, punch: bool = False) -> None:
+        """Drop one reference once the metadata no longer pointing there is durable;
+        with ``punch`` (a discard's), ``apply_frees`` names the clusters this leaves free
+        so that their blocks can be given back to the host file system."""
+        self.pending_free.append((host, clusters, punch))
 
     # -- write-back ------------------------------------------------------------------------
 
@@ -358,8 +363,18 @@ class Refcounts:
         self.new_entries.clear()
         self._evict()
 
-    def apply_frees(self) -> None:
-        """Apply deferred decrements; the caller has made the unreferencing durable."""
+    def apply_frees(self) -> list[int]:
+        """Apply deferred decrements; the caller has made the unreferencing durable.
+
+        Returns the host clusters (by number, ascending) that a ``punch`` decrement left
+        with a refcount of 0, as QEMU's ``update_refcount`` queues a discard only for a
+        cluster whose refcount reached 0: a host cluster shared by several compressed
+        clusters is given back only with the last of them."""
         frees, self.pending_free = self.pending_free, []
-        for host, clusters in frees:
+        punch: list[int] = []
+        for host, clusters, give_back in frees:
             self.change(host, clusters, -1)
+            if give_back:
+                first = host // self.cs
+                punch += [c for c in range(first, first + clusters) if not self.get(c)]
+        return sorted(set(punch))
