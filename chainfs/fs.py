@@ -53,9 +53,6 @@ WRITE_FILES = COMMANDS  # snapshot stream commit copy, then the job verbs
 CONTROL_FILES = READ_FILES + WRITE_FILES  # offsets 2.. within a chain's block
 SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
-# whether the pyfuse3 in use passes lseek and fallocate on (a patched one, see README):
-# without, the handlers below are never called and the kernel answers for itself
-HOLES = hasattr(pyfuse3.Operations, "lseek") and hasattr(pyfuse3.Operations, "fallocate")
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pyfuse3
 import pytest
 from checklogs import watch
 from interop import images as im
 
+from chainfs import features
 from chainfs.control import parse_line
 
 KiB, MiB = im.KiB, im.MiB
@@ -59,7 +59,7 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, los
 # lseek(SEEK_DATA/SEEK_HOLE) and fallocate reach chainfs only through a pyfuse3 with
 # those handlers (the patched one, see README): without, the kernel answers alone
 holes_only = pytest.mark.skipif(
-    not (hasattr(pyfuse3.Operations, "lseek") and hasattr(pyfuse3.Operations, "fallocate")),
+    not features.holes(),
     reason="this pyfuse3 has no lseek/fallocate handlers (install the patched one: README)",
 )
 

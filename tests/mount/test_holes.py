@@ -11,8 +11,11 @@
   ``blkdiscard`` give the space back in the active layer (the loop device turns a
   discard into fallocate(PUNCH_HOLE) on the flat file).
 
-All need a pyfuse3 with lseek/fallocate handlers (``holes_only``).  Left out: a QEMU
-guest with ``discard=unmap`` running ``fstrim`` (needs a bootable guest image).
+- QEMU using the flat file as a raw disk with ``discard=unmap``: ``qemu-io``'s
+  ``discard`` and ``write -z -u`` go through the block layer a guest's TRIM takes, and
+  give the space back the same way.
+
+All need a pyfuse3 with lseek/fallocate handlers (``holes_only``).
 """
 
 from __future__ import annotations
@@ -190,6 +193,40 @@ def test_fallocate_punch_zero_preallocate(tmp_path: Path, mounter: Mounter) -> N
     assert_clean([top, top.parent / "B.qcow2"])
     assert im.reference(str(top)) == bytes(model)
     assert os.stat(top).st_blocks * 512 <= before_du * 512 - 3 * MiB
+    e_map = [e for e in qemu_map(top, "qcow2") if e["depth"] == 0 and e["data"]]
+    assert not any(e["start"] < 18 * MiB and e["start"] + e["length"] > 16 * MiB for e in e_map)
+
+
+@root_only
+def test_qemu_discard_unmap_through_the_flat_file(tmp_path: Path, mounter: Mounter) -> None:
+    """What a guest's discard does when QEMU uses the flat file as a raw disk with
+    ``discard=unmap``: QEMU's file driver turns a discard into fallocate(PUNCH_HOLE |
+    KEEP_SIZE) on the file, and a zero write that may unmap (``write -z -u``) into a
+    punch or a zero range.  ``qemu-io`` drives the same block layer a guest's TRIM goes
+    through, without booting one."""
+    top, content = build(tmp_path / "images")
+    model = bytearray(content)
+    m = mounter(top.parent)
+    flat = m.img("E")
+    before_du = os.stat(top).st_blocks
+    opts = f"driver=raw,file.driver=file,file.filename={flat},discard=unmap"
+    run(
+        "qemu-io",
+        "--image-opts",
+        opts,
+        "-c",
+        f"discard {16 * MiB} {2 * MiB}",
+        "-c",
+        f"write -z -u {6 * MiB} {MiB}",
+    )
+    model[16 * MiB : 18 * MiB] = bytes(2 * MiB)
+    model[6 * MiB : 7 * MiB] = bytes(MiB)
+    with open(flat, "rb") as f:
+        assert f.read() == model
+    m.unmount()
+    assert_clean([top, top.parent / "B.qcow2"])
+    assert im.reference(str(top)) == bytes(model)
+    assert os.stat(top).st_blocks * 512 <= before_du * 512 - 2 * MiB
     e_map = [e for e in qemu_map(top, "qcow2") if e["depth"] == 0 and e["data"]]
     assert not any(e["start"] < 18 * MiB and e["start"] + e["length"] > 16 * MiB for e in e_map)
 
