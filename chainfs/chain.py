@@ -36,7 +36,7 @@ from types import TracebackType
 from .buffers import zero_fill
 from .engine import CopyEngine
 from .errors import ChainError, ChainfsError, ReadOnlyError, UnsupportedFeature
-from .formats import open_layer
+from .formats import open_file, open_layer
 from .formats.base import (
     COMPRESSED,
     DATA,
@@ -46,7 +46,8 @@ from .formats.base import (
     Extent,
     Layer,
 )
-from .locks import lock_image
+from .hostfile import HostFile
+from .locks import lock_image, unlock_image
 
 MAX_DEPTH = 1000
 REGION_BITS = 13  # granules per region: 8192
@@ -74,6 +75,18 @@ def _open(path: str, fmt: str | None, *, writable: bool, lock: bool) -> Layer:
             layer.close()
             raise
     return layer
+
+
+def _adopt(file: HostFile, *, lock: bool) -> Layer:
+    """A qcow2 layer on an image ``create_image`` made and handed over open, holding
+    the image locks of a written layer (given up when the chain takes none)."""
+    try:
+        if not lock:
+            unlock_image(file.fd)
+        return open_file(file, "qcow2")
+    except BaseException:
+        file.close()
+        raise
 
 
 class Chain:
@@ -358,14 +371,19 @@ class Chain:
             self._reset_granule()
             return new
 
-    def push_overlay(self, path: str) -> None:
-        """Make the new, empty overlay at ``path`` (backed by the active layer) active.
+    def push_overlay(self, path: str, file: HostFile | None = None) -> None:
+        """Make the new, empty overlay at ``path`` (backed by the active layer) active;
+        ``file``: that image as ``create_image`` returned it (the chain takes it over,
+        closing it on failure), so that its lock is never let go.
 
         Atomic with respect to writes: they hold the same lock; the flat content does not
         change, so nothing cached anywhere needs to be invalidated.
         """
         with self.lock:
-            new = _open(path, "qcow2", writable=True, lock=self.locked)
+            if file is not None:
+                new = _adopt(file, lock=self.locked)
+            else:
+                new = _open(path, "qcow2", writable=True, lock=self.locked)
             old = self.layers[0]
             try:
                 old.flush()  # a failure leaves the old layer as it was, open and active
@@ -470,6 +488,11 @@ class Chain:
     def open_layer(self, path: str, fmt: str | None, *, writable: bool) -> Layer:
         """Open an image that is to join the chain, with the image locks its layers get."""
         return _open(path, fmt, writable=writable, lock=self.locked)
+
+    def adopt_layer(self, file: HostFile) -> Layer:
+        """A written layer on the new qcow2 image ``create_image`` returned (closed on
+        failure), with the image locks the chain's layers get."""
+        return _adopt(file, lock=self.locked)
 
     def replace_top(self, count: int, new: Layer | None) -> list[Layer]:
         """The pivot: drop ``layers[:count]`` and make ``new`` (None: ``layers[count]``)

@@ -32,7 +32,11 @@ def open_layer(path: str, fmt: str | None, *, writable: bool) -> Layer:
     if fmt is not None and fmt not in FORMATS:
         raise ImageError(f"{path!r} has format {fmt!r}; chainfs handles qcow2 and raw")
     _check_file_type(path)
-    f = HostFile(path, writable)
+    return open_file(HostFile(path, writable), fmt)
+
+
+def open_file(f: HostFile, fmt: str | None) -> Layer:
+    """A layer on the open file ``f`` (closed on failure); ``fmt`` as for ``open_layer``."""
     try:
         kind = fmt or probe(f)
         if kind == "qcow2":
@@ -54,4 +58,4 @@ def _check_file_type(path: str) -> None:
         raise ImageError(f"{os.path.abspath(path)!r} is not a regular file")
 
 
-__all__ = ["FORMATS", "Layer", "is_qcow2", "open_layer", "probe"]
+__all__ = ["FORMATS", "Layer", "is_qcow2", "open_file", "open_layer", "probe"]
