@@ -1,14 +1,14 @@
 """Crash safety of the image engine, proved by fault injection (QCOW2.md §1.7).
 
-Each test runs one operation on images QEMU made, recording every write and flush the
-engine issues (``crashsim.recording``).  Then it rebuilds, from pristine copies, the
-states a power cut could leave after every prefix of that log -- with everything
-applied, with the writes after the last flush lost, with the last write torn at a sector
-boundary, and with a random subset of the unflushed sectors landed -- and asks QEMU
-about each: ``qemu-img check`` must find no corruption (leaks are allowed), and the disk
-(read by ``qemu-img convert`` and by chainfs) must read, for every cluster (every
-sector when a write was torn), either its content before or after a guest operation
-that had started and not yet been made durable by a flush.
+Each test runs one operation on images QEMU made, recording every write, flush, rename
+and directory sync the engine issues (``crashsim.recording``).  Then it rebuilds, from
+pristine copies, the states a power cut could leave after every prefix of that log --
+with everything applied, with the writes after the last flush lost, with the last write
+torn at a sector boundary, and with a random subset of the unflushed sectors landed --
+and asks QEMU about each: ``qemu-img check`` must find no corruption (leaks are
+allowed), and the disk (read by ``qemu-img convert`` and by chainfs) must read, for
+every cluster (every sector when a write was torn), either its content before or after a
+guest operation that had started and not yet been made durable by a flush.
 
 By default long logs are sampled (both sides of every flush, plus random points); the
 ``slow`` variants try every prefix.

@@ -3,7 +3,8 @@
 Each test runs one job to its end on a small chain QEMU made, recording every write and
 flush the engine issues, then rebuilds the states a power cut could leave after every
 prefix of that log (everything landed, unflushed writes lost, the last write torn, a
-random subset of unflushed sectors landed) and asks QEMU about each:
+random subset of unflushed sectors landed; a copy's DEST renamed into place or not) and
+asks QEMU about each:
 
 - ``qemu-img check`` finds no corruption in any image (leaks are allowed);
 - the chain of the active layer, as its backing pointers say, reads exactly the disk
@@ -30,6 +31,7 @@ import trio
 from chainfs import source as sources
 from chainfs.chain import Chain
 from chainfs.disk import Disk
+from chainfs.formats.qcow2 import remove_unfinished
 from chainfs.hostfile import is_temporary
 
 from . import crashsim as cs
@@ -131,6 +133,10 @@ def test_crash_during_job(tmp_path: Path, case: str, exhaustive: bool) -> None:
                 cs.assert_check_ok(path)
         disk = cs.qemu_read(os.path.join(dest, "D.qcow2"))
         assert disk == content, "the chain of D no longer reads the disk"
+        # what the next mount removes: a copy's DEST that never got its name, only that
+        kept = sorted(n for n in os.listdir(dest) if not is_temporary(n))
+        remove_unfinished(dest)
+        assert sorted(os.listdir(dest)) == kept
         assert cs.chainfs_read(os.path.join(dest, "D.qcow2")) == disk
         if crash.k > synced and crash.mode == "all" and case != "intermediate-commit":
             assert cs.qemu_read(os.path.join(dest, new_active)) == content
