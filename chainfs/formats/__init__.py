@@ -21,8 +21,8 @@ def probe(f: HostFile) -> str:
 
 
 def is_qcow2(path: str) -> bool:
-    """Whether the file at ``path`` starts with qcow2's magic (a complete header: it is
-    written last); raises ``OSError`` when it cannot be read."""
+    """Whether the file at ``path`` starts with qcow2's magic (an image chainfs made is
+    complete whenever it has its name); raises ``OSError`` when it cannot be read."""
     with open(path, "rb") as f:
         return f.read(4) == MAGIC
 

@@ -26,6 +26,7 @@ from chainfs.formats.qcow2 import (
     unfinished,
 )
 from chainfs.hostfile import HostFile, is_temporary, temporary_name
+from chainfs.jobs import recovery
 from chainfs.locks import holders, lock_image
 
 MiB = 1 << 20
@@ -158,3 +159,17 @@ def test_the_clean_up_removes_only_unlocked_files_of_our_own(tmp_path: Path) -> 
         os.close(holder)
     assert names(tmp_path) == sorted([*mine, busy.name, ".chainfs-new-01234567-dir"])
     assert remove_unfinished(str(tmp_path)) == [str(busy)]
+
+
+@pytest.mark.parametrize("readonly", [False, True], ids=["read-write", "read-only"])
+def test_a_mount_clears_what_a_crash_left_of_a_creation(tmp_path: Path, readonly: bool) -> None:
+    """At mount, with no job pending: the temporary file goes (a read-only mount only
+    names it), the images stay, and the scan serves only the real chain."""
+    create_overlay(str(tmp_path / "vm.qcow2"), size=MiB, backing=None, backing_format=None)
+    stray = tmp_path / ".chainfs-new-0123abcd-vm-snap.qcow2"
+    create_overlay(str(tmp_path / "x"), size=MiB, backing="vm.qcow2", backing_format="qcow2")
+    os.rename(tmp_path / "x", stray)
+    src, _ = recovery.recover(str(tmp_path), readonly=readonly)
+    assert [os.path.basename(c.active) for c in src.chains] == ["vm.qcow2"]
+    assert stray.exists() == readonly
+    assert "vm.qcow2" in names(tmp_path)
