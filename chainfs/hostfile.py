@@ -150,6 +150,7 @@ RENAME_NOREPLACE = 1
 
 
 def _renameat2() -> Any:
+    """glibc's ``renameat2`` (2.28 and later; Python has no binding), or None."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
@@ -182,10 +183,8 @@ def rename_noreplace(old: str, new: str) -> None:
     ``renameat2(RENAME_NOREPLACE)``, or ``link`` then ``unlink`` where the file system
     lacks it (a crash between the two leaves both names on the one file)."""
     if _renameat2_fn is not None:
-        if (
-            _renameat2_fn(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), RENAME_NOREPLACE)
-            == 0
-        ):
+        src, dst = os.fsencode(old), os.fsencode(new)
+        if _renameat2_fn(AT_FDCWD, src, AT_FDCWD, dst, RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):

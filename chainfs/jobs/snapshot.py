@@ -8,8 +8,8 @@ the overlay is created (whole under a temporary name, locked, flushed, then rena
 place: the file FILE is complete whenever it exists) and made active under the chain's
 lock, still on the descriptor that holds its lock, so a guest write lands either in the
 old active layer before the switch or in the new one after it; the flat content does not
-change.  No job runs alongside and there is no window between
-steps for a guest request to fall into.
+change.  No job runs alongside and there is no window between steps for a guest request
+to fall into.
 
 It is journalled so that the next mount can finish or undo it should chainfs die
 half-way (``settle``); a snapshot that fails while chainfs lives is undone at once.

@@ -29,15 +29,14 @@ from .entries import U64 as _U64
 from .refcounts import set_entry
 from .repoint import repoint
 
+log = logging.getLogger(__name__)
+
 
 def _log2(n: int) -> int:
     b = n.bit_length() - 1
     if n <= 0 or 1 << b != n:
         raise ImageError(f"{n} is not a power of two")
     return b
-
-
-log = logging.getLogger(__name__)
 
 
 def create_overlay(
