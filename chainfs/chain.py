@@ -39,7 +39,7 @@ from .buffers import zero_fill
 from .confine import Confinement
 from .engine import CopyEngine
 from .errors import ChainError, ChainfsError, ReadOnlyError, UnsupportedFeature
-from .formats import open_layer
+from .formats import open_file, open_layer
 from .formats.base import (
     COMPRESSED,
     DATA,
@@ -49,7 +49,8 @@ from .formats.base import (
     Extent,
     Layer,
 )
-from .locks import lock_image
+from .hostfile import HostFile
+from .locks import lock_image, unlock_image
 
 MAX_DEPTH = 1000
 REGION_BITS = 13  # granules per region: 8192
@@ -93,6 +94,18 @@ def _open(
             layer.close()
             raise
     return layer
+
+
+def _adopt(file: HostFile, *, lock: bool) -> Layer:
+    """A qcow2 layer on an image ``create_image`` made and handed over open, holding
+    the image locks of a written layer (given up when the chain takes none)."""
+    try:
+        if not lock:
+            unlock_image(file.fd)
+        return open_file(file, "qcow2")
+    except BaseException:
+        file.close()
+        raise
 
 
 class Chain:
@@ -557,14 +570,19 @@ class Chain:
             self._reset_granule()
             return new
 
-    def push_overlay(self, path: str) -> None:
-        """Make the new, empty overlay at ``path`` (backed by the active layer) active.
+    def push_overlay(self, path: str, file: HostFile | None = None) -> None:
+        """Make the new, empty overlay at ``path`` (backed by the active layer) active;
+        ``file``: that image as ``create_image`` returned it (the chain takes it over,
+        closing it on failure), so that its lock is never let go.
 
         Atomic with respect to writes: they hold the same lock; the flat content does not
         change, so nothing cached anywhere needs to be invalidated.
         """
         with self.lock:
-            new = self._open(path, "qcow2", writable=True)
+            if file is not None:
+                new = _adopt(file, lock=self.locked)  # created by chainfs in an allowed dir
+            else:
+                new = self._open(path, "qcow2", writable=True)
             old = self.layers[0]
             try:
                 old.flush()  # a failure leaves the old layer as it was, open and active
@@ -673,6 +691,11 @@ class Chain:
     def _open(self, path: str, fmt: str | None, *, writable: bool) -> Layer:
         """Open one of this chain's layers (again), locked and confined as the others."""
         return _open(path, fmt, writable=writable, lock=self.locked, confine=self.confine)
+
+    def adopt_layer(self, file: HostFile) -> Layer:
+        """A written layer on the new qcow2 image ``create_image`` returned (closed on
+        failure), with the image locks the chain's layers get."""
+        return _adopt(file, lock=self.locked)
 
     def replace_top(self, count: int, new: Layer | None) -> list[Layer]:
         """The pivot: drop ``layers[:count]`` and make ``new`` (None: ``layers[count]``)

@@ -6,6 +6,12 @@ and lets the crash-safety tests install an ``observer`` that records the exact s
 of writes and flushes an operation issues, to replay every prefix of it afterwards (or
 that raises ``OSError``, to fail that operation as the kernel would).
 
+A new image is made under a temporary name beside its final one (``temporary_name``:
+dot-prefixed, so no directory scan takes it for an image) and given its final name only
+once complete and durable (``publish``: a rename that never replaces an existing file,
+then a sync of the directory), so no crash leaves a half-written image under a name
+anyone uses.
+
 A failed flush fails every later flush of the file too, as QEMU's ``file-posix`` does:
 Linux marks the pages it could not write back clean, so a second ``fdatasync`` would
 succeed without writing them, and nothing written since the last good flush can be
@@ -25,13 +31,16 @@ import ctypes
 import errno
 import os
 import platform
+import re
+import secrets
 import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from .errors import ChainfsError, ImageError
 
-# observer(event, path, offset, data): event is "write", "flush", "truncate" or "create";
+# observer(event, path, offset, data): event is "write", "flush", "truncate", "create",
+# "rename" (data: the new path, encoded), "unlink" or "syncdir" (path: the directory);
 # for "truncate" the offset is the new size.
 Observer = Callable[[str, str, int, bytes], None]
 
@@ -132,6 +141,59 @@ class HostIOError(ChainfsError):
         self.reason = reason or os.strerror(err)  # the system's words, without the path
 
 
+# the names of images being made (``temporary_name``): chainfs's own, and only those
+TEMPORARY_PREFIX = ".chainfs-new-"
+_TEMPORARY = re.compile(r"\.chainfs-new-[0-9a-f]{8}-.*", re.DOTALL)
+NAME_MAX = 255
+
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+
+
+def _renameat2() -> Any:
+    """glibc's ``renameat2`` (2.28 and later; Python has no binding), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2_fn = _renameat2()
+
+
+def temporary_name(path: str) -> str:
+    """A fresh name, beside ``path``, for a file that is to become ``path`` once complete:
+    dot-prefixed (the directory scan and the state file ignore such names) and
+    recognisably chainfs's (``is_temporary``), with as much of the final name as fits."""
+    directory, base = os.path.split(os.path.abspath(path))
+    head = f"{TEMPORARY_PREFIX}{secrets.token_hex(4)}-"
+    tail = os.fsencode(base)[: NAME_MAX - len(head)]
+    return os.path.join(directory, head + os.fsdecode(tail))
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one ``temporary_name`` gives."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def rename_noreplace(old: str, new: str) -> None:
+    """Rename ``old`` to ``new`` unless ``new`` exists (``FileExistsError``), atomically:
+    ``renameat2(RENAME_NOREPLACE)``, or ``link`` then ``unlink`` where the file system
+    lacks it (a crash between the two leaves both names on the one file)."""
+    if _renameat2_fn is not None:
+        src, dst = os.fsencode(old), os.fsencode(new)
+        if _renameat2_fn(AT_FDCWD, src, AT_FDCWD, dst, RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), new)
+    os.link(old, new)
+    os.unlink(old)
+
+
 def sync_dir(path: str) -> None:
     """Make the directory ``path`` durable, so that a file created, renamed or removed in
     it survives a power loss (``fsync`` of the file itself does not cover its name).
@@ -179,6 +241,43 @@ class HostFile:
         err = e.errno or errno.EIO
         reason = e.strerror or os.strerror(err)
         return HostIOError(f"{what} {self.path!r} failed: {reason}", err, reason)
+
+    def publish(self, path: str) -> None:
+        """Give this file, made under a ``temporary_name`` and flushed, its final name
+        ``path`` in the same directory, and make the name durable.  Never replaces a file:
+        ``ChainfsError`` if ``path`` exists (this file keeps its temporary name).  A
+        failure after the rename leaves the file under ``path`` (``self.path``)."""
+        path = os.path.abspath(path)
+        try:
+            if HostFile.observer is not None:
+                HostFile.observer("rename", self.path, 0, os.fsencode(path))
+            rename_noreplace(self.path, path)
+        except FileExistsError:
+            raise ChainfsError(f"{path!r} already exists") from None
+        except OSError as e:
+            raise self._fail("naming", e) from None
+        self.path = path
+        directory = os.path.dirname(path)
+        try:
+            if HostFile.observer is not None:
+                HostFile.observer("syncdir", directory, 0, b"")
+            sync_dir(directory)
+        except OSError as e:
+            raise HostIOError(
+                f"syncing the directory {directory!r} failed: {e.strerror}", e.errno or errno.EIO
+            ) from None
+
+    def remove(self) -> None:
+        """Close the file and remove its name (a file this process made, that failed)."""
+        self.close()
+        try:
+            if HostFile.observer is not None:
+                HostFile.observer("unlink", self.path, 0, b"")
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise self._fail("removing", e) from None
 
     def pread(self, length: int, offset: int) -> bytes:
         """Read up to ``length`` bytes; the result is short only at end of file."""

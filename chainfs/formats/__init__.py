@@ -22,8 +22,8 @@ def probe(f: HostFile) -> str:
 
 
 def is_qcow2(path: str) -> bool:
-    """Whether the file at ``path`` starts with qcow2's magic (a complete header: it is
-    written last); raises ``OSError`` when it cannot be read."""
+    """Whether the file at ``path`` starts with qcow2's magic (an image chainfs made is
+    complete whenever it has its name); raises ``OSError`` when it cannot be read."""
     with open(path, "rb") as f:
         return f.read(4) == MAGIC
 
@@ -38,7 +38,11 @@ def open_layer(
     if fmt is not None and fmt not in FORMATS:
         raise ImageError(f"{path!r} has format {fmt!r}; chainfs handles qcow2 and raw")
     _check_file_type(path)
-    f = HostFile(path, writable)
+    return open_file(HostFile(path, writable), fmt)
+
+
+def open_file(f: HostFile, fmt: str | None) -> Layer:
+    """A layer on the open file ``f`` (closed on failure); ``fmt`` as for ``open_layer``."""
     try:
         if vet is not None:
             vet(f.fd)
@@ -62,4 +66,4 @@ def _check_file_type(path: str) -> None:
         raise ImageError(f"{os.path.abspath(path)!r} is not a regular file")
 
 
-__all__ = ["FORMATS", "Layer", "is_qcow2", "open_layer", "probe"]
+__all__ = ["FORMATS", "Layer", "is_qcow2", "open_file", "open_layer", "probe"]

@@ -15,7 +15,9 @@ chain's active layer and the layers it replaces as retired (they stay valid imag
 nothing changed them), and the chain continues on DEST.  The flat file, its name and its
 open descriptors do not change.
 
-What a crash leaves: before the pivot's state-file replace, the original chain,
+What a crash leaves: before DEST is complete as an empty image (it is written under a
+temporary name, then renamed into place), no DEST at all, at most a temporary file that
+the next mount removes; before the pivot's state-file replace, the original chain,
 untouched, and DEST as a partial copy (an ordinary file; in the source directory the
 next mount would serve it as a chain of its own, as it would any image it finds);
 after it, DEST as the active layer holding every acknowledged write (all were copied
@@ -32,10 +34,10 @@ import os
 
 from ..control import CopyCmd
 from ..formats.base import Layer
-from ..formats.qcow2 import create_overlay
+from ..formats.qcow2 import create_image
 from . import journal
 from .backing import backing_string
-from .journal import Pending, unfinished_overlay
+from .journal import Pending
 from .mirror import MirrorJob
 from .served import Served, check_target, launch, refuse_busy
 
@@ -101,14 +103,15 @@ class CopyJob(MirrorJob):
             below = chain.layers[1]
             fmt = below.format_name
             backing = backing_string(self.dest, below.path, (active.path, active.backing_string))
-        if self.previous is not None and unfinished_overlay(self.dest):
-            os.unlink(self.dest)  # this job's own creation, cut short by the crash
-        if self.previous is None or not os.path.exists(self.dest):
-            create_overlay(self.dest, size=chain.size, backing=backing, backing_format=fmt)
-        # else: resuming, on the partial copy of the interrupted job (the mirror's first
-        # pass copies everything again: what was copied after its last flush is unknown)
+        if self.previous is not None and os.path.lexists(self.dest):
+            # resuming, on the partial copy of the interrupted job (complete as an image:
+            # it got its name only then; the mirror's first pass copies everything
+            # again, as what was copied after its last flush is unknown)
+            self.created = True
+            return chain.open_layer(self.dest, "qcow2", writable=True)
+        image = create_image(self.dest, size=chain.size, backing=backing, backing_format=fmt)
         self.created = True
-        return chain.open_layer(self.dest, "qcow2", writable=True)
+        return chain.adopt_layer(image)  # on the descriptor that holds its lock
 
     def stop(self) -> int:
         layers = self.served.chain.layers

@@ -60,8 +60,6 @@ log = logging.getLogger(__name__)
 JOURNAL_NAME = ".chainfs.journal"
 # compact a journal with running jobs once it holds this many records it no longer needs
 COMPACT_AFTER = 4096
-# no overlay chainfs creates has more metadata before its header is written
-UNFINISHED_OVERLAY_MAX = 64 << 20
 
 Record = dict[str, Any]
 Action = dict[str, Any]
@@ -128,20 +126,6 @@ def retire(paths: list[str]) -> Action:
 
 def record_active(chain: str, path: str) -> Action:
     return {"do": "record-active", "chain": chain, "path": path}
-
-
-def unfinished_overlay(path: str) -> bool:
-    """Whether ``path`` is an overlay ``create_overlay`` began and never finished: it
-    writes the header (and the magic) last, so such a file starts with zeros."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-            size = os.fstat(f.fileno()).st_size
-    except FileNotFoundError:
-        return False
-    except OSError as e:
-        raise ChainfsError(f"cannot read {path!r}: {e.strerror}") from None
-    return head.count(0) == len(head) and size <= UNFINISHED_OVERLAY_MAX
 
 
 def redo(actions: list[Action], src: Source) -> None:

@@ -1,14 +1,17 @@
 """Recovery of interrupted jobs: what the journal says at mount, and what is done about it.
 
-At mount, before anything is served, the journal tells which jobs a crash (or an
-unmount) interrupted.  A job whose ``prepare`` had begun is finished from its recorded
-changes before the directory is scanned, so the scan already sees the chain the job was
-heading to; a snapshot is finished or undone the same way (``snapshot.settle``).  Every
-other job is started again from its journal record once its chain is open, by its own
-module's ``resume``: the new job keeps the interrupted one's id and starts from its
-checkpoint.  A job that cannot be resumed is rolled back (nothing of it shows in any
-chain; what it copied is harmless).  What was done goes to the log and to the chain's
-``events``.
+At mount, before anything is served, the temporary files of image creations a crash
+interrupted (a snapshot's overlay or a copy's DEST, written under a dot-prefixed name
+and renamed into place only once complete) are removed from the source directory and the
+directories of the interrupted jobs' targets; a read-only mount only names them in the
+log.  Then the journal tells which jobs a crash (or an unmount) interrupted.  A job
+whose ``prepare`` had begun is finished from its recorded changes before the directory
+is scanned, so the scan already sees the chain the job was heading to; a snapshot is
+finished or undone the same way (``snapshot.settle``).  Every other job is started again
+from its journal record once its chain is open, by its own module's ``resume``: the new
+job keeps the interrupted one's id and starts from its checkpoint.  A job that cannot be
+resumed is rolled back (nothing of it shows in any chain; what it copied is harmless).
+What was done goes to the log and to the chain's ``events``.
 
 Locking contract: ``recover`` runs before the mount serves anything; ``resume_jobs``
 on the trio thread.
@@ -17,11 +20,13 @@ on the trio thread.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .. import source as sources
 from ..errors import ChainfsError
+from ..formats.qcow2 import remove_unfinished, unfinished
 from . import commit, copy, snapshot, stream
 from .journal import Journal, Pending, redo, retire
 from .served import Served
@@ -58,6 +63,7 @@ def recover(source_path: str, *, readonly: bool) -> tuple[sources.Source, Recove
     journal = Journal.load(state.directory, writable=not readonly)
     rec = Recovery(journal)
     pending = journal.pending()
+    _clear_unfinished(state.directory, pending, readonly=readonly)
     if readonly:
         src = sources.load(source_path)
         for p in pending:
@@ -91,6 +97,28 @@ def recover(source_path: str, *, readonly: bool) -> tuple[sources.Source, Recove
     _exclude_targets(src, journal.pending())
     journal.compact()
     return src, rec
+
+
+def _clear_unfinished(directory: str, pending: list[Pending], *, readonly: bool) -> None:
+    """Remove (read-only: name) the temporary files of interrupted image creations in the
+    source directory and where the interrupted jobs create their files."""
+    places = {directory}
+    places.update(
+        os.path.dirname(str(p.params[k]))
+        for p in pending
+        for k in ("dest", "target")
+        if p.params.get(k)
+    )
+    for place in sorted(places):
+        if readonly:
+            for path in unfinished(place):
+                log.info("file=%s is an unfinished image; a read-write mount removes it", path)
+            continue
+        try:
+            for path in remove_unfinished(place):
+                log.info("file=%s removed: an image creation that was interrupted", path)
+        except ChainfsError as e:
+            log.error("directory=%s unfinished images cannot be removed: %s", place, e)
 
 
 def _exclude_targets(src: sources.Source, pending: list[Pending]) -> None:

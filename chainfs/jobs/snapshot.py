@@ -4,11 +4,12 @@ blockdev-snapshot-sync.
     [A] <- [B] <- [C] <- [D] <- [E]    snapshot F   ->  [A] <- ... <- [E] <- [F]
 
 One synchronous step, done when the ``write(2)`` returns: the active layer is flushed,
-the overlay is created (everything but its header first, the header last, so a torn
-creation is no qcow2 image) and made active under the chain's lock, so a guest write
-lands either in the old active layer before the switch or in the new one after it; the
-flat content does not change.  No job runs alongside and there is no window between
-steps for a guest request to fall into.
+the overlay is created (whole under a temporary name, locked, flushed, then renamed into
+place: the file FILE is complete whenever it exists) and made active under the chain's
+lock, still on the descriptor that holds its lock, so a guest write lands either in the
+old active layer before the switch or in the new one after it; the flat content does not
+change.  No job runs alongside and there is no window between steps for a guest request
+to fall into.
 
 It is journalled so that the next mount can finish or undo it should chainfs die
 half-way (``settle``); a snapshot that fails while chainfs lives is undone at once.
@@ -24,10 +25,10 @@ from ..chain import resolve_backing
 from ..control import CommandError, SnapshotCmd
 from ..errors import ChainfsError
 from ..formats import is_qcow2, open_layer
-from ..formats.qcow2 import create_overlay
+from ..formats.qcow2 import create_image
 from ..source import Source
 from .backing import backing_string
-from .journal import Pending, record_active, redo, unfinished_overlay
+from .journal import Pending, record_active, redo
 from .served import Served, chain_changed, check_target, refuse_busy
 
 
@@ -44,17 +45,17 @@ def take(served: Served, cmd: SnapshotCmd) -> None:
         chain.flush()
         if os.path.lexists(target):  # appeared since check_target: not ours to remove
             raise CommandError(errno.EEXIST, f"{target!r} already exists")
+        image = create_image(
+            target,
+            size=chain.size,
+            backing=backing_string(target, active.path),
+            backing_format=active.format_name,
+        )
         try:
-            create_overlay(
-                target,
-                size=chain.size,
-                backing=backing_string(target, active.path),
-                backing_format=active.format_name,
-            )
-            chain.push_overlay(target)
+            chain.push_overlay(target, image)
         except BaseException:
-            # a refused command changes nothing: the partial (or unused) overlay
-            # create_overlay made (O_EXCL: it is ours) goes
+            # a refused command changes nothing: the unused overlay (ours: create_image
+            # never replaces a file) goes
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
             raise
@@ -70,8 +71,9 @@ def take(served: Served, cmd: SnapshotCmd) -> None:
 
 
 def settle(p: Pending, src: Source) -> list[tuple[str, dict[str, object]]]:
-    """At mount: finish a snapshot whose overlay is complete, remove the torn start of
-    one; return the events that say which."""
+    """At mount: finish a snapshot whose overlay exists (it is complete: it got its name
+    only then), roll back one that never got there (recovery removed the temporary file
+    of its creation); return the events that say which."""
     target, below = str(p.params.get("target")), str(p.params.get("below"))
     try:
         complete = is_qcow2(target)
@@ -89,13 +91,8 @@ def settle(p: Pending, src: Source) -> list[tuple[str, dict[str, object]]]:
         if backing != os.path.normpath(below):
             reason = f"{target!r} is not an overlay of {below!r}; left alone"
             return [("JOB_ROLLED_BACK", {"file": target, "reason": reason})]
-        # the overlay is complete (its header is written last): the snapshot stands
+        # the overlay is complete (renamed into place once durable): the snapshot stands
         redo([record_active(p.chain, target)], src)
         return [("JOB_RESUMED", {"file": target}), ("SNAPSHOT_TAKEN", {"file": target})]
-    if unfinished_overlay(target):
-        # created by the snapshot (O_EXCL) and interrupted before its header was written
-        os.unlink(target)
-        reason = "the overlay was interrupted before its header was written; removed"
-    else:
-        reason = f"{target!r} is not an image chainfs made; left alone"
+    reason = f"{target!r} is not an image chainfs made; left alone"
     return [("JOB_ROLLED_BACK", {"file": target, "reason": reason})]

@@ -1,14 +1,17 @@
 """Crash simulation for the image engine: record an operation's I/O, replay crashed states.
 
-``recording`` installs ``HostFile.observer`` and collects every write, flush, truncate and
-create an operation issues.  ``crash_states`` turns that log into the states a power cut
-could leave on disk, applied to pristine copies of the files:
+``recording`` installs ``HostFile.observer`` and collects every write, flush, truncate,
+create, rename, unlink and directory sync an operation issues.  ``crash_states`` turns
+that log into the states a power cut could leave on disk, applied to pristine copies of
+the files:
 
 - ``all``: the first ``k`` events all reached the disk;
-- ``lost``: of those, every write issued after the file's last flush was lost;
+- ``lost``: of those, every write issued after the file's last flush was lost, and every
+  rename or unlink issued after its directory's last sync;
 - ``torn``: the last write was torn at a sector boundary (only its first part landed);
 - ``scatter``: every write after the file's last flush kept a random subset of its
-  512-byte sectors (the most general outcome a disk that only orders across flushes
+  512-byte sectors, and every rename or unlink after its directory's last sync happened
+  or not, at random (the most general outcome a disk that only orders across flushes
   allows; the other modes are special cases).
 
 ``run_states`` materialises each distinct state in a directory of its own (files the
@@ -42,17 +45,24 @@ DEFAULT_PREFIXES = 48
 
 
 class Event(NamedTuple):
-    kind: str  # "write", "flush", "truncate" or "create"
-    path: str  # relative to the recorded directory
+    kind: str  # "write", "flush", "truncate", "create", "rename", "unlink" or "syncdir"
+    path: str  # relative to the recorded directory (for "syncdir": the directory)
     offset: int  # the new size for "truncate"
-    data: bytes
+    data: bytes  # for "rename": the new path, relative and encoded
 
     def describe(self) -> str:
         if self.kind == "write":
             return f"write {self.path} [{self.offset:#x}, +{len(self.data):#x})"
         if self.kind == "truncate":
             return f"truncate {self.path} to {self.offset:#x}"
+        if self.kind == "rename":
+            return f"rename {self.path} to {self.data.decode()}"
         return f"{self.kind} {self.path}"
+
+    @property
+    def directory(self) -> str:
+        """The directory whose sync makes this rename or unlink durable."""
+        return os.path.dirname(self.path) or "."
 
 
 class Recorder:
@@ -63,10 +73,17 @@ class Recorder:
         self.events: list[Event] = []
 
     def __call__(self, event: str, path: str, offset: int, data: bytes) -> None:
-        rel = os.path.relpath(os.path.realpath(path), self.root)
+        rel = self._rel(path)
+        if event == "rename":
+            data = self._rel(os.fsdecode(data)).encode()
+        self.events.append(Event(event, rel, offset, bytes(data)))
+
+    def _rel(self, path: str) -> str:
+        full = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        rel = os.path.relpath(full, self.root)
         if rel.startswith(".."):
             raise AssertionError(f"the operation touched {path!r}, outside {self.root!r}")
-        self.events.append(Event(event, rel, offset, bytes(data)))
+        return rel
 
     def mark(self) -> int:
         return len(self.events)
@@ -132,13 +149,30 @@ def _apply(
     """Apply events; ``landing`` says, for some writes and truncates, whether (or which
     byte ranges of) them reached the disk; the others all did."""
     files: dict[str, bytearray | None] = {}
+
+    def load(path: str) -> None:
+        if path not in files:
+            old = pristine.get(path)
+            files[path] = None if old is None else bytearray(old)
+
     for i, e in enumerate(events):
-        if e.kind == "flush":
+        if e.kind in ("flush", "syncdir"):
             continue
-        if e.path not in files:
-            old = pristine.get(e.path)
-            files[e.path] = None if old is None else bytearray(old)
+        load(e.path)
         buf = files[e.path]
+        if e.kind in ("rename", "unlink"):
+            if landing.get(i, True) is False:
+                continue
+            if buf is None:
+                raise AssertionError(f"{e.describe()} of a file that does not exist")
+            if e.kind == "rename":
+                new = e.data.decode()
+                load(new)
+                if files[new] is not None:
+                    raise AssertionError(f"{e.describe()} replaces a file")
+                files[new] = buf
+            files[e.path] = None
+            continue
         if e.kind == "create":
             files[e.path] = bytearray() if buf is None else buf
             continue
@@ -162,12 +196,21 @@ def _apply(
 
 
 def _unflushed(events: Sequence[Event]) -> set[int]:
-    """Indices of writes/truncates not followed by a flush of their file."""
+    """Indices of writes/truncates not followed by a flush of their file, and of renames
+    and unlinks not followed by a sync of their directory."""
     out: set[int] = set()
     for i, e in enumerate(events):
         if e.kind == "flush":
-            out = {j for j in out if events[j].path != e.path}
-        elif e.kind in ("write", "truncate"):
+            out = {
+                j for j in out if events[j].kind in ("rename", "unlink") or events[j].path != e.path
+            }
+        elif e.kind == "syncdir":
+            out = {
+                j
+                for j in out
+                if events[j].kind not in ("rename", "unlink") or events[j].directory != e.path
+            }
+        elif e.kind in ("write", "truncate", "rename", "unlink"):
             out.add(i)
     return out
 

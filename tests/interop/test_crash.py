@@ -1,14 +1,14 @@
 """Crash safety of the image engine, proved by fault injection (QCOW2.md §1.7).
 
-Each test runs one operation on images QEMU made, recording every write and flush the
-engine issues (``crashsim.recording``).  Then it rebuilds, from pristine copies, the
-states a power cut could leave after every prefix of that log -- with everything
-applied, with the writes after the last flush lost, with the last write torn at a sector
-boundary, and with a random subset of the unflushed sectors landed -- and asks QEMU
-about each: ``qemu-img check`` must find no corruption (leaks are allowed), and the disk
-(read by ``qemu-img convert`` and by chainfs) must read, for every cluster (every
-sector when a write was torn), either its content before or after a guest operation
-that had started and not yet been made durable by a flush.
+Each test runs one operation on images QEMU made, recording every write, flush, rename
+and directory sync the engine issues (``crashsim.recording``).  Then it rebuilds, from
+pristine copies, the states a power cut could leave after every prefix of that log --
+with everything applied, with the writes after the last flush lost, with the last write
+torn at a sector boundary, and with a random subset of the unflushed sectors landed --
+and asks QEMU about each: ``qemu-img check`` must find no corruption (leaks are
+allowed), and the disk (read by ``qemu-img convert`` and by chainfs) must read, for
+every cluster (every sector when a write was torn), either its content before or after a
+guest operation that had started and not yet been made durable by a flush.
 
 By default long logs are sampled (both sides of every flush, plus random points); the
 ``slow`` variants try every prefix.
@@ -25,8 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from chainfs import hostfile
+from chainfs import source as sources
 from chainfs.chain import Chain
-from chainfs.formats.qcow2 import create_overlay, set_backing
+from chainfs.formats.qcow2 import create_overlay, remove_unfinished, set_backing
 
 from . import crashsim as cs
 from .crashsim import Crash, Guest
@@ -34,18 +36,6 @@ from .crashsim import Crash, Guest
 KiB = 1024
 MiB = 1024 * KiB
 DIRTY = 1
-
-# Engine bugs these tests found (remove the xfail marks once fixed):
-TORN_CREATE = (
-    "create_overlay writes header + backing name in one write; when that is longer than "
-    "a sector a torn write leaves the magic with a truncated backing name"
-)
-TORN_REWRITE = (
-    "rewrite_backing writes a header + extensions longer than a sector in one write; "
-    "when the extension layout changes (format extension added), a torn write mixes "
-    "the two layouts and QEMU cannot open the image"
-)
-
 
 # -- building images with QEMU -------------------------------------------------------------
 
@@ -431,19 +421,26 @@ def test_discard(tmp_path: Path, kind: str, exhaustive: bool) -> None:
 # -- 4. creating an overlay -------------------------------------------------------------------
 
 
+def unfinished_names(root: str) -> list[str]:
+    return sorted(n for n in os.listdir(root) if hostfile.is_temporary(n))
+
+
 @pytest.mark.parametrize(
     ("backing_kind", "cluster"),
     [
         ("short", 64 * KiB),
         ("raw", 64 * KiB),
         ("long-300", 64 * KiB),
-        pytest.param(
-            "long-700", 64 * KiB, marks=pytest.mark.xfail(strict=True, reason=TORN_CREATE)
-        ),
+        ("long-700", 64 * KiB),
+        ("long-1000", 4 * KiB),
+        ("short", 512),
         ("none", 512),
     ],
 )
 def test_create_overlay(tmp_path: Path, backing_kind: str, cluster: int, exhaustive: bool) -> None:
+    """A crash anywhere in a creation leaves, under the image's name, nothing or the
+    complete image; a temporary file at most, which no scan serves and the next mount
+    removes (and nothing else)."""
     scene = Scene(tmp_path)
     size = 3 * MiB
     data = pattern_data(size, 12)
@@ -469,110 +466,236 @@ def test_create_overlay(tmp_path: Path, backing_kind: str, cluster: int, exhaust
     with cs.recording(str(scene.root)) as rec:
         create_overlay(new, size=size, backing=backing, backing_format=fmt, cluster_size=cluster)
     assert cs.check(new)[0] == 0
-    assert rec.events[0].kind == "create"
+    assert unfinished_names(str(scene.root)) == []
+    kinds = [e.kind for e in rec.events]
+    assert kinds[0] == "create" and kinds[-2:] == ["rename", "syncdir"], kinds
+    assert rec.events[-2].data == b"new.qcow2"
 
     def judge(dest: str, crash: Crash) -> None:
         image = os.path.join(dest, "new.qcow2")
-        if not cs.has_magic(image):
-            return  # not a qcow2 image yet: nothing was promised
-        cs.assert_check_ok(image)
-        meta = cs.info(image)
-        got = (
-            meta["virtual-size"],
-            meta.get("backing-filename"),
-            meta.get("backing-filename-format"),
-        )
-        assert got == (size, backing, fmt), f"a half-made image: {got}"
-        disk = cs.qemu_read(image)
-        assert disk == expected, "a fresh overlay does not read as its backing file"
-        assert cs.chainfs_read(image) == disk
+        temporary = unfinished_names(dest)
+        assert len(temporary) <= 1, temporary
+        if os.path.exists(image):
+            # never a torn image under its name: complete, or not there at all
+            cs.assert_check_ok(image)
+            meta = cs.info(image)
+            got = (
+                meta["virtual-size"],
+                meta.get("backing-filename"),
+                meta.get("backing-filename-format"),
+            )
+            assert got == (size, backing, fmt), f"a half-made image: {got}"
+            disk = cs.qemu_read(image)
+            assert disk == expected, "a fresh overlay does not read as its backing file"
+            assert cs.chainfs_read(image) == disk
+        # the scan never serves the temporary file; the next mount removes it, only it
+        served = {os.path.basename(c.active) for c in sources.load(dest).chains}
+        assert not served & set(temporary), served
+        others = sorted(set(os.listdir(dest)) - set(temporary))
+        removed = remove_unfinished(dest)
+        assert [os.path.basename(p) for p in removed] == temporary
+        assert sorted(os.listdir(dest)) == others
 
-    scene.prove(before, rec, judge, exhaustive)
+    crashes = scene.prove(before, rec, judge, exhaustive)
+    # the crashes covered both sides of the rename
+    assert {os.path.exists(os.path.join(str(scene.root), "new.qcow2"))} == {True}
+    assert any(c.files.get("new.qcow2") is not None for c in crashes)
+    assert any(c.files.get("new.qcow2") is None for c in crashes)
 
 
 # -- 5. rewriting the backing file ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("compat", "old", "new"),
-    [
-        ("1.1", "short", "short2"),
-        ("1.1", "short", "long-300"),
-        ("1.1", "long-300", "short2"),
-        ("1.1", "long-300", "long-600"),
-        ("1.1", "short", "none"),
-        ("1.1", "none", "short"),
-        ("1.1", "short", "raw"),
-        # an image whose backing string has no format (older QEMU, or chainfs itself):
-        # adding the format extension moves the extensions across the sector boundary
-        pytest.param(
-            "1.1", "nofmt", "short2", marks=pytest.mark.xfail(strict=True, reason=TORN_REWRITE)
-        ),
-        ("0.10", "short", "long-300"),
-        ("0.10", "long-300", "none"),
-        ("0.10", "none", "short"),
-    ],
-)
-def test_set_backing(tmp_path: Path, compat: str, old: str, new: str, exhaustive: bool) -> None:
-    scene = Scene(tmp_path)
-    size = 2 * MiB
-    data = pattern_data(size, 13)
+BACKING_CASES = [
+    # (compat, old, new, bitmaps, header writes the re-point takes at offset 0)
+    ("1.1", "short", "short2", False, 1),
+    ("1.1", "short", "long-300", False, 1),
+    ("1.1", "long-300", "short2", False, 1),
+    ("1.1", "long-300", "long-600", False, 1),
+    ("1.1", "long-600", "long-900", False, 1),
+    ("1.1", "short", "none", False, 1),
+    ("1.1", "none", "short", False, 1),
+    ("1.1", "none", "long-700", False, 1),
+    ("1.1", "short", "raw", False, 1),
+    # an image whose backing string has no format (older QEMU, or chainfs itself):
+    # adding the format extension moves the extensions across the sector boundary
+    ("1.1", "nofmt", "short2", False, 2),
+    ("1.1", "nofmt", "long-600", False, 2),
+    # the bitmaps extension (qemu-img bitmap --add) takes the extension area past the
+    # first sector: adding or dropping the format extension goes through an
+    # intermediate header without the feature-name table
+    ("1.1", "short", "short2", True, 1),
+    ("1.1", "short", "long-600", True, 1),
+    ("1.1", "short", "none", True, 2),
+    ("1.1", "none", "short", True, 2),
+    ("1.1", "nofmt", "short2", True, 2),
+    ("1.1", "nofmt", "long-700", True, 2),
+    ("1.1", "long-300", "raw", True, 1),
+    ("0.10", "short", "long-300", False, 1),
+    ("0.10", "long-300", "none", False, 1),
+    ("0.10", "none", "short", False, 1),
+    ("0.10", "long-600", "long-900", False, 1),
+    ("0.10", "nofmt", "long-700", False, 1),
+]
 
-    def make(kind: str) -> tuple[str | None, str | None]:
+
+# (backing file, backing format, bitmaps as (name, granularity, flags))
+Identity = tuple[str | None, str | None, tuple[tuple[str, int, tuple[str, ...]], ...]]
+
+
+class BackingScene:
+    """A top image over one of several backing files that all hold the same ``data``."""
+
+    def __init__(self, tmp_path: Path, compat: str, bitmaps: bool, *opts: str) -> None:
+        self.scene = Scene(tmp_path)
+        self.size = 2 * MiB
+        self.data = pattern_data(self.size, 13)
+        self.compat, self.bitmaps, self.opts = compat, bitmaps, opts
+        self.top = self.scene.path("top.qcow2")
+        self.made: dict[str, tuple[str | None, str | None]] = {}
+
+    def backing(self, kind: str) -> tuple[str | None, str | None]:
         """A backing file holding ``data`` (each its own copy); its string and format."""
+        if kind not in self.made:
+            self.made[kind] = self._make(kind)
+        return self.made[kind]
+
+    def _make(self, kind: str) -> tuple[str | None, str | None]:
         if kind == "none":
             return None, None
         if kind == "raw":
-            with open(scene.path("base.img"), "wb") as f:
-                f.write(data)
+            with open(self.scene.path("base.img"), "wb") as f:
+                f.write(self.data)
             return "base.img", "raw"
         if kind == "nofmt":
             rel = "a-backing-file-with-a-long-name.qcow2"
-            raw_to_qcow2(scene.path(rel), data)
+            raw_to_qcow2(self.scene.path(rel), self.data)
             return rel, None
         name = "base2.qcow2" if kind == "short2" else "base.qcow2"
-        where = (
-            "" if kind.startswith("short") else long_dir(scene.root, int(kind.split("-")[1]) - 12)
-        )
+        length = 0 if kind.startswith("short") else int(kind.split("-")[1])
+        where = "" if not length else long_dir(self.scene.root, length - 12)
         rel = os.path.join(where, name)
-        raw_to_qcow2(scene.path(rel), data)
+        raw_to_qcow2(self.scene.path(rel), self.data)
         return rel, "qcow2"
 
-    old_backing, old_fmt = make(old)
-    new_backing, new_fmt = make(new)
-    top = scene.path("top.qcow2")
-    if old_backing is None or old_fmt is None:
-        overlay(top, None, "qcow2", f"compat={compat}", size=size)
-        if old_backing is not None:
-            set_backing(top, old_backing, None)  # QEMU no longer makes such images
-    else:
-        overlay(top, old_backing, old_fmt, f"compat={compat}")
-    qemu_io(top, "write -P 0x77 64k 100k", "write -z 1M 64k")
+    def make_top(self, kind: str) -> tuple[str | None, str | None]:
+        backing, fmt = self.backing(kind)
+        opts = (f"compat={self.compat}", *self.opts)
+        if backing is None or fmt is None:
+            overlay(self.top, None, "qcow2", *opts, size=self.size)
+            if backing is not None:
+                set_backing(self.top, backing, None)  # QEMU no longer makes such images
+        else:
+            overlay(self.top, backing, fmt, *opts)
+        qemu_io(self.top, "write -P 0x77 64k 100k", "write -z 1M 64k")
+        if self.bitmaps:
+            qemu_img("bitmap", "--add", self.top, "b1")
+            qemu_img("bitmap", "--add", "-g", "128k", self.top, "second-bitmap")
+        return backing, fmt
 
-    def identity(path: str) -> tuple[str | None, str | None]:
+    def identity(self, path: str) -> Identity:
+        """What must be exactly old or new: the backing file and format, and the
+        bitmaps (names, granularity, flags) QEMU sees."""
         meta = cs.info(path)
-        return meta.get("backing-filename"), meta.get("backing-filename-format")
+        bitmaps = (meta.get("format-specific", {}).get("data", {})).get("bitmaps", [])
+        return (
+            meta.get("backing-filename"),
+            meta.get("backing-filename-format"),
+            tuple(sorted((b["name"], b["granularity"], tuple(b["flags"])) for b in bitmaps)),
+        )
 
-    before_id, before_disk = identity(top), cs.qemu_read(top)
-    assert before_id[0] == old_backing
-    frozen = scene.freeze()
-    with cs.recording(str(scene.root)) as rec:
-        set_backing(top, new_backing, new_fmt)
-    after_id, after_disk = identity(top), cs.qemu_read(top)
-    assert after_id == (new_backing, new_fmt)
-    assert cs.check(top)[0] == 0
-    assert cs.chainfs_read(top) == after_disk
+    def prove(
+        self,
+        rec: cs.Recorder,
+        frozen: dict[str, bytes],
+        allowed: list[Identity],
+        disks: dict[Identity, bytes],
+        exhaustive: bool,
+    ) -> list[Crash]:
+        def judge(dest: str, crash: Crash) -> None:
+            image = os.path.join(dest, "top.qcow2")
+            cs.assert_check_ok(image)
+            got = self.identity(image)
+            assert got in allowed, f"{got}: none of {allowed}"
+            disk = cs.qemu_read(image)
+            assert disk == disks[got]
+            assert cs.chainfs_read(image) == disk
 
-    def judge(dest: str, crash: Crash) -> None:
-        image = os.path.join(dest, "top.qcow2")
-        cs.assert_check_ok(image)
-        got = identity(image)
-        assert got in (before_id, after_id), f"backing is {got}: neither old nor new"
-        disk = cs.qemu_read(image)
-        assert disk == (before_disk if got == before_id else after_disk)
-        assert cs.chainfs_read(image) == disk
+        return self.scene.prove(frozen, rec, judge, exhaustive)
 
-    scene.prove(frozen, rec, judge, exhaustive)
+
+def header_writes(rec: cs.Recorder) -> int:
+    """How many times the re-point switched the header (writes at offset 0)."""
+    return sum(1 for e in rec.events if e.kind == "write" and e.offset == 0)
+
+
+@pytest.mark.parametrize(("compat", "old", "new", "bitmaps", "steps"), BACKING_CASES)
+def test_set_backing(
+    tmp_path: Path, compat: str, old: str, new: str, bitmaps: bool, steps: int, exhaustive: bool
+) -> None:
+    """Every prefix of a re-point, every sector tear of its writes and every subset of
+    its unflushed sectors leave an image ``qemu-img check`` passes, with the old or the
+    new backing file (and its bitmaps, valid, either way)."""
+    b = BackingScene(tmp_path, compat, bitmaps)
+    b.make_top(old)
+    new_backing, new_fmt = b.backing(new)
+    before_id, before_disk = b.identity(b.top), cs.qemu_read(b.top)
+    frozen = b.scene.freeze()
+    with cs.recording(str(b.scene.root)) as rec:
+        set_backing(b.top, new_backing, new_fmt)
+    after_id, after_disk = b.identity(b.top), cs.qemu_read(b.top)
+    assert after_id[:2] == (new_backing, new_fmt)
+    assert after_id[2] == before_id[2] and len(after_id[2]) == (2 if bitmaps else 0)
+    assert cs.check(b.top)[0] == 0
+    assert cs.chainfs_read(b.top) == after_disk
+    assert header_writes(rec) == steps, [e.describe() for e in rec.events]
+    if steps == 1:
+        # one sector switches the header: every longer write is made durable before it
+        (switch,) = [i for i, e in enumerate(rec.events) if e.kind == "write" and e.offset == 0]
+        assert len(rec.events[switch].data) == min(cs.SECTOR, cluster_size(b.top))
+    b.prove(
+        rec,
+        frozen,
+        [before_id, after_id],
+        {before_id: before_disk, after_id: after_disk},
+        exhaustive,
+    )
+
+
+@pytest.mark.parametrize(
+    ("compat", "cluster", "bitmaps"),
+    [("1.1", 4096, True), ("1.1", 1024, False), ("0.10", 2048, False), ("1.1", 512, False)],
+)
+def test_set_backing_again_and_again(
+    tmp_path: Path, compat: str, cluster: int, bitmaps: bool, exhaustive: bool
+) -> None:
+    """Re-points one after the other, long names and short, with and without a format,
+    in small header clusters: the names take turns between low and high offsets, never
+    run out of room, and every crash leaves one of the identities along the way."""
+    b = BackingScene(tmp_path, compat, bitmaps, f"cluster_size={cluster}")
+    longest = 300 if cluster == 512 else 700 if cluster >= 2048 else 400
+    b.make_top("short")
+    before = ["long-150", "nofmt", f"long-{longest - 50}", "short2", "none"]
+    for kind in before * 4:  # the names walk through the cluster and back
+        backing, fmt = b.backing(kind)
+        set_backing(b.top, backing, fmt)
+        assert b.identity(b.top)[:2] == (backing, fmt)
+        assert cs.check(b.top)[0] == 0
+    recorded = ["long-100", "nofmt", f"long-{longest}", "raw", f"long-{longest - 100}", "short",
+                "none", "long-200"]  # fmt: skip
+    targets = [b.backing(k) for k in recorded]
+    allowed = [b.identity(b.top)]
+    disks = {allowed[0]: cs.qemu_read(b.top)}
+    frozen = b.scene.freeze()
+    with cs.recording(str(b.scene.root)) as rec:
+        for backing, fmt in targets:
+            set_backing(b.top, backing, fmt)
+            allowed.append(b.identity(b.top))
+            assert allowed[-1][2] == allowed[0][2]
+            disks[allowed[-1]] = cs.qemu_read(b.top)
+    if cluster > cs.SECTOR:  # names went past the first sector, written before the switch
+        assert any(e.kind == "write" and e.offset >= cs.SECTOR for e in rec.events)
+    b.prove(rec, frozen, allowed, disks, exhaustive)
 
 
 # -- 6. opening a dirty lazy-refcounts image writable ------------------------------------------

@@ -410,15 +410,17 @@ def test_a_partial_copy_is_never_a_chain(tmp_path: Path, seeds: Seeds, mounter: 
     again.unmount()
 
 
-@pytest.mark.parametrize("state", ["absent", "torn", "complete", "foreign"])
+@pytest.mark.parametrize("state", ["absent", "unfinished", "complete", "foreign"])
 def test_an_interrupted_snapshot_is_settled(
     tmp_path: Path, seeds: Seeds, mounter: Mounter, state: str
 ) -> None:
     seed = seeds(tmp_path / "src", size=SIZE)
     src = tmp_path / "src"
     s = src / "S.qcow2"
-    if state == "torn":  # create_overlay stopped before the header: no magic yet
-        with open(s, "wb") as f:
+    # the creation's temporary file: written up to the crash, never renamed into place
+    unfinished = src / ".chainfs-new-0123abcd-S.qcow2"
+    if state == "unfinished":
+        with open(unfinished, "wb") as f:
             f.truncate(65536)
             f.seek(65536)
             f.write(b"\x00\x00\x00\x00\x00\x02\x00\x00" + bytes(65528))
@@ -437,6 +439,7 @@ def test_an_interrupted_snapshot_is_settled(
         assert [e["event"] for e in mine] == ["JOB_ROLLED_BACK"], events
         assert m.layers(NAME) == START
     assert s.exists() == (state in ("complete", "foreign"))
+    assert not unfinished.exists()
     if state == "foreign":
         assert s.read_bytes() == b"my notes, not an image\n"
     finish(m, src, seed.content)

@@ -308,18 +308,3 @@ def test_redo_can_remove_a_backing_file(tmp_path: Path) -> None:
 def test_redo_refuses_an_unknown_action(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="unknown action"):
         jn.redo([{"do": "format-disk"}], sources.load(str(tmp_path)))
-
-
-def test_an_unfinished_overlay_is_told_from_images_and_other_files(tmp_path: Path) -> None:
-    done = tmp_path / "done.qcow2"
-    create_overlay(str(done), size=1 << 20, backing=None, backing_format=None)
-    cut = tmp_path / "cut.qcow2"
-    cut.write_bytes(bytes(65536) + done.read_bytes()[65536:])  # everything but the header
-    notes = tmp_path / "notes.txt"
-    notes.write_bytes(b"not an image")
-    empty = tmp_path / "empty"
-    empty.write_bytes(b"")
-    assert jn.unfinished_overlay(str(cut)) and jn.unfinished_overlay(str(empty))
-    assert not jn.unfinished_overlay(str(done))
-    assert not jn.unfinished_overlay(str(notes))
-    assert not jn.unfinished_overlay(str(tmp_path / "absent"))

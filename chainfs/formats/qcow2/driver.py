@@ -42,6 +42,7 @@ from .entries import COMPRESSED_BIT, COPIED, OFFSET_MASK, ZERO_FLAG
 from .entries import U64 as _U64
 from .layout import Layout
 from .refcounts import Refcounts, set_entry
+from .repoint import repoint
 from .tables import DEFAULT_L2_CACHE, Tables
 
 WRITEBACK_BYTES = 8 << 20  # new data clusters written before their write-back is started
@@ -542,7 +543,7 @@ class Qcow2Layer(Tables):
 
     def set_backing(self, backing: str | None, backing_format: str | None) -> None:
         """Point this (open, writable) image at another backing file, crash-safely."""
-        hdr.rewrite_backing(self.file, self.h, backing, backing_format)
+        repoint(self.file, self.h, backing, backing_format)
         self.backing_string, self.backing_format = backing, self.h.backing_format
 
     def grow(self, size: int, fill: Fill, *, backing_size: int) -> None:

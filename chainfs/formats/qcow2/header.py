@@ -2,9 +2,10 @@
 
 Cluster 0 holds the fixed header, the header extensions (starting at
 ``header_length``) and the backing file name.  Parsing refuses everything chainfs cannot
-handle safely, naming the feature and the file.  Rewriting keeps every field and
-extension it does not understand byte for byte, and changes the backing string in an
-order that leaves either the old or the new header valid after a crash at any point.
+handle safely, naming the feature and the file.  ``layout`` serialises a header for a
+new image; rewriting the backing file of an existing one, in an order that a crash
+(even a write torn at a sector boundary) cannot turn into an image QEMU refuses, is
+``repoint``'s.
 """
 
 from __future__ import annotations
@@ -349,7 +350,7 @@ def bitmap_directory(f: HostFile, h: Header) -> tuple[int, int, list[Bitmap] | N
 
 
 def layout(h: Header, backing: str | None, backing_format: str | None) -> tuple[bytes, bytes]:
-    """Return (header + extensions, backing name) for a header with a new backing."""
+    """Return (header + extensions, backing name) for a new image's header."""
     exts = [(k, d) for k, d in h.extensions if k != EXT_BACKING_FORMAT]
     if backing is not None and backing_format is not None:
         # first, so that a change of format keeps the other extensions where they were
@@ -359,40 +360,3 @@ def layout(h: Header, backing: str | None, backing_format: str | None) -> tuple[
     if len(name) > MAX_BACKING_NAME:
         raise ImageError(f"backing file name longer than {MAX_BACKING_NAME} bytes")
     return h.pack_fields() + h.pack_extensions(), name
-
-
-def rewrite_backing(
-    f: HostFile, h: Header, backing: str | None, backing_format: str | None
-) -> None:
-    """Point the image at a new backing file, crash-safely.
-
-    The new name is written first, beyond everything the old header references, and
-    made durable; then the header and extensions are written in one write.  A crash
-    before the second write leaves the old header intact; the name area it points at is
-    untouched.  The backing-format extension comes first, so the extensions after it
-    keep their place and a torn second write cannot mix two layouts of them.
-    """
-    cs = h.cluster_size
-    old_used = h.header_length + len(h.pack_extensions())
-    if h.backing_file_offset:
-        old_used = max(old_used, h.backing_file_offset + h.backing_file_size)
-    head, name = layout(h, backing, backing_format)
-    if name:
-        name_off = max(len(head), old_used)
-        if name_off + len(name) > cs:
-            name_off = len(head)
-            overlaps_old = (
-                h.backing_file_offset and name_off < h.backing_file_offset + h.backing_file_size
-            )
-            if name_off + len(name) > cs or overlaps_old:
-                raise ImageError(f"no room for the backing file name in {f.path!r}'s header")
-        f.pwrite(name, name_off)
-        f.flush()
-        h.backing_file_offset, h.backing_file_size = name_off, len(name)
-        h.backing_file = backing
-    else:
-        h.backing_file_offset, h.backing_file_size = 0, 0
-        h.backing_file = None
-    head = h.pack_fields() + h.pack_extensions()
-    f.pwrite(head, 0)
-    f.flush()
