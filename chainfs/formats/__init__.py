@@ -38,11 +38,12 @@ def open_layer(
     if fmt is not None and fmt not in FORMATS:
         raise ImageError(f"{path!r} has format {fmt!r}; chainfs handles qcow2 and raw")
     _check_file_type(path)
-    return open_file(HostFile(path, writable), fmt)
+    return open_file(HostFile(path, writable), fmt, vet=vet)
 
 
-def open_file(f: HostFile, fmt: str | None) -> Layer:
-    """A layer on the open file ``f`` (closed on failure); ``fmt`` as for ``open_layer``."""
+def open_file(f: HostFile, fmt: str | None, *, vet: Callable[[int], None] | None = None) -> Layer:
+    """A layer on the open file ``f`` (closed on failure); ``fmt`` and ``vet`` as for
+    ``open_layer``."""
     try:
         if vet is not None:
             vet(f.fd)
