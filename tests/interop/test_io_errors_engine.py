@@ -608,6 +608,9 @@ class FailingChain:
         if self.calls <= self.failures:
             raise HostIOError("flushing 'x.qcow2' failed: No space left on device", errno.ENOSPC)
 
+    def refresh_allocation(self) -> None:
+        """st_blocks' recount, which the write-back does after a flush."""
+
 
 @dataclass
 class FakeDisk:
