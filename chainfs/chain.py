@@ -32,6 +32,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from types import TracebackType
+from typing import Protocol
 
 from .buffers import zero_fill
 from .engine import CopyEngine
@@ -76,6 +77,21 @@ def _open(path: str, fmt: str | None, *, writable: bool, lock: bool) -> Layer:
     return layer
 
 
+class WriteHook(Protocol):
+    """What a job that mirrors the disk elsewhere (commit, copy) sees of guest writes.
+
+    Both are called under the chain's lock (not reentrant: a hook calls only the
+    ``..._locked`` methods and the engine's ``copy_step_locked``), on the trio thread.
+    """
+
+    def before_write(self, offset: int, length: int) -> None:
+        """The range is about to change (a failed write may have changed part of it)."""
+
+    def after_write(self, offset: int, length: int) -> None:
+        """The range changed: the active layer holds it and the map says so; the guest
+        has not been answered yet."""
+
+
 class Chain:
     """An open chain, active layer first."""
 
@@ -85,9 +101,9 @@ class Chain:
         self.locked = False
         self.lock = threading.Lock()  # metadata access; the copy engine takes it too
         self._regions: OrderedDict[int, array[int]] = OrderedDict()
-        # called as hook(offset, length) under the lock before every guest write: the
-        # dirty tracking of jobs that mirror the disk elsewhere (commit, copy)
-        self.write_hooks: list[Callable[[int, int], None]] = []
+        # around every guest write, under the lock (``WriteHook``): the dirty tracking
+        # and the write-blocking copies of jobs that mirror the disk elsewhere
+        self.write_hooks: list[WriteHook] = []
         self.engine = CopyEngine(self)  # stream, commit and copy steps
         self._reset_granule()
 
@@ -316,24 +332,30 @@ class Chain:
     def write(self, offset: int, data: Buffer) -> None:
         """Write into the active layer (copy-on-write through the chain)."""
         self._check_write(offset, len(data))
-        if not len(data):
-            return
-        with self.lock:
-            for hook in self.write_hooks:
-                hook(offset, len(data))
-            self.active.write(offset, data, self._fill)
-            self.claim(offset, len(data))
+        if len(data):
+            self._guest_write(
+                offset, len(data), lambda: self.active.write(offset, data, self._fill)
+            )
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zeros, as zero clusters where the format allows."""
         self._check_write(offset, length)
-        if not length:
-            return
+        if length:
+            self._guest_write(
+                offset, length, lambda: self.active.write_zeroes(offset, length, self._fill)
+            )
+
+    def _guest_write(self, offset: int, length: int, apply: Callable[[], None]) -> None:
+        """One guest request that changes ``[offset, offset+length)`` (``apply`` makes the
+        change in the active layer), between the write hooks, all under the lock: every
+        request that changes the disk (a future discard too) goes through here."""
         with self.lock:
             for hook in self.write_hooks:
-                hook(offset, length)
-            self.active.write_zeroes(offset, length, self._fill)
+                hook.before_write(offset, length)
+            apply()
             self.claim(offset, length)
+            for hook in self.write_hooks:
+                hook.after_write(offset, length)
 
     # -- changing the chain's shape ------------------------------------------------------
 

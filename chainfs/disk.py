@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from .chain import Chain
 from .control import (
     CancelCmd,
+    ChangeCmd,
     CommandError,
     CommitCmd,
     CompleteCmd,
@@ -154,6 +155,8 @@ class Disk:
                 self._find_job(cmd.job).user_pause()
             elif isinstance(cmd, ResumeCmd):
                 self._find_job(cmd.job).user_resume()
+            elif isinstance(cmd, ChangeCmd):
+                self._find_job(cmd.job).user_change(cmd.copy_mode)
         except CommandError as e:
             self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
             raise
