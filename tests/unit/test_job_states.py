@@ -213,14 +213,15 @@ def test_every_verb_in_every_state(
             refused |= verb == RESUME and state not in (PAUSED, STANDBY)
             refused |= verb == COMPLETE and state == STANDBY
             refused |= verb == CHANGE  # a job that is no mirror has no copy mode to change
-            send = {
+            sends: dict[str, Callable[[], None]] = {
                 CANCEL: job.user_cancel,
                 PAUSE: job.user_pause,
                 RESUME: job.user_resume,
                 SET_SPEED: lambda: job.set_speed(1 << 20),
                 COMPLETE: job.user_complete,
                 CHANGE: lambda: job.user_change("write-blocking"),
-            }[verb]
+            }
+            send = sends[verb]
             if refused:
                 with pytest.raises(JobStateError) as info:
                     send()
