@@ -29,6 +29,7 @@ Nothing here is timed: the waits are generous.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import random
@@ -40,7 +41,16 @@ from pathlib import Path
 import pytest
 from interop import images as im
 
-from .conftest import Mount, Mounter, assert_clean, first_difference, read_direct, run, wait_for
+from .conftest import (
+    Mount,
+    Mounter,
+    assert_clean,
+    expect_refusals,
+    first_difference,
+    read_direct,
+    run,
+    wait_for,
+)
 
 KiB, MiB = im.KiB, im.MiB
 SIZE = 16 * MiB
@@ -103,6 +113,11 @@ def served(tmp_path_factory: pytest.TempPathFactory, module_mounter: Mounter) ->
     d = tmp_path_factory.mktemp("mirror-load") / "images"
     d.mkdir()
     chains = {f"{job}-{way}": build(d, f"{job}-{way}") for job in JOBS for way in WAYS}
+    # the refusals: [R-base] <- [R-mid] <- [R]
+    im.create(str(d / "R-base.qcow2"), SIZE)
+    im.create(str(d / "R-mid.qcow2"), backing="R-base.qcow2", cwd=str(d))
+    im.create(str(d / "R.qcow2"), backing="R-mid.qcow2", cwd=str(d))
+    im.write(str(d / "R-mid.qcow2"), [(0, 8 * MiB, 0x31)])
     return Served(module_mounter(d), chains)
 
 
@@ -244,6 +259,38 @@ def test_the_job_pivots_under_a_guest_writing_faster_than_its_speed(
     finally:
         guest.stop()
     check_pivoted(served, chain, job, jid, tmp_path)
+
+
+@expect_refusals
+def test_copy_mode_refusals(served: Served) -> None:
+    m = served.mount
+    # an intermediate commit has no mirror, so no copy mode (QEMU's block-commit has none)
+    e = m.refuse("R", "commit", "top=R-mid.qcow2 copy-mode=write-blocking", errno.EINVAL)
+    assert "copy-mode applies to an active commit only" in e["reason"], e
+    e = m.refuse("R", "copy", "R-dest.qcow2 copy-mode=sync", errno.EINVAL)
+    assert "copy-mode must be 'background' or 'write-blocking'" in e["reason"], e
+    assert not (served.mount.source / "R-dest.qcow2").exists()
+    e = m.refuse("R", "change", "stream-1 copy-mode=write-blocking", errno.ENOENT)
+    assert e["reason"] == "no job 'stream-1' on chain 'R'", e
+    # a job that is no mirror: QEMU's "Job type does not support change"
+    jid = m.start_job("R", "stream", "node=R.qcow2 speed=64K")
+    e = m.refuse("R", "change", f"{jid} copy-mode=write-blocking", errno.EINVAL)
+    assert e["reason"] == (
+        f"job {jid!r} is a stream job: its type does not support change (only copy and "
+        "active commit have a copy mode)"
+    ), e
+    m.command("R", "cancel", jid)
+    m.wait_job("R", jid)
+    # write-blocking -> background is not implemented (nor in QEMU); the same mode is a no-op
+    jid = m.start_job("R", "commit", "speed=64K copy-mode=write-blocking wait=ready")
+    e = m.refuse("R", "change", f"{jid} copy-mode=background", errno.EINVAL)
+    assert "change to copy mode 'background' is not implemented" in e["reason"], e
+    m.command("R", "change", f"{jid} copy-mode=write-blocking")
+    line = job_line(m, "R")
+    assert line["copy-mode"] == "write-blocking" and line["status"] == "running", line
+    m.command("R", "cancel", jid)
+    assert m.wait_job("R", jid)["event"] == "JOB_CANCELLED"
+    assert m.layers("R") == ["R.qcow2", "R-mid.qcow2", "R-base.qcow2"]
 
 
 def test_every_image_is_clean_after_the_unmount(served: Served, tmp_path: Path) -> None:
