@@ -42,6 +42,7 @@ import pytest
 from interop import images as im
 
 from .conftest import (
+    CHAINFS,
     Mount,
     Mounter,
     assert_clean,
@@ -285,7 +286,7 @@ def test_copy_mode_refusals(served: Served) -> None:
     jid = m.start_job("R", "commit", "speed=64K copy-mode=write-blocking wait=ready")
     e = m.refuse("R", "change", f"{jid} copy-mode=background", errno.EINVAL)
     assert "change to copy mode 'background' is not implemented" in e["reason"], e
-    m.command("R", "change", f"{jid} copy-mode=write-blocking")
+    run(*CHAINFS, "change", m.mountpoint, "R", jid, "copy-mode=write-blocking")  # the CLI
     line = job_line(m, "R")
     assert line["copy-mode"] == "write-blocking" and line["status"] == "running", line
     m.command("R", "cancel", jid)
