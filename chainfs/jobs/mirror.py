@@ -10,16 +10,27 @@ will sit on ``layers[stop]`` (nothing for a full copy), so it must come to hold 
 layers above that show:
 
 1. a first pass over the disk copies into the target every cluster that a layer of
-   ``layers[:stop]`` holds (``CopyEngine.copy_step``), while a write hook on the chain marks
-   every granule the guest writes behind the pass as dirty;
-2. dirty granules are copied again until none is left: the target is in sync and the
-   job reports ``JOB_READY``;
+   ``layers[:stop]`` holds (``CopyEngine.copy_step``), while the job, as the chain's
+   write hook, marks every granule the guest writes behind the pass as dirty;
+2. the granules dirty at the end of the pass are copied once (not until none is left,
+   which a guest writing faster than ``speed`` would never allow) and the job reports
+   ``JOB_READY``;
 3. with ``wait=ready`` the job stays ``ready``, copying what the guest dirties, until
    ``complete JOB``; otherwise it goes on at once;
-4. the pivot (``prepare``), one synchronous step that no guest request can interleave
+4. from then on it mirrors actively (below), copies what is left at ``speed`` (the dirty
+   set only shrinks now: ``remaining / speed`` plus one step at most), and
+5. pivots (``prepare``), one synchronous step that no guest request can interleave
    with: the last dirty granules are copied, the target is flushed, the state file
    records the target as the active layer and the layers above it as retired (one
    atomic replace), and the chain switches to the target in memory.
+
+Mirroring actively (QEMU's ``copy-mode=write-blocking``, which a job may have from the
+start or switch to with ``change``, and every job from step 4 on): a guest write that
+lies behind the pass is copied into the target, the granules it touches read through
+the chain, in ``after_write``: under the chain's lock, before the guest is answered, not
+counted against ``speed``; its granules are clean then.  Writes ahead of the pass are
+left to it.  The copy is the engine's (``copy_step_locked``), with the same started
+writes as the job's own steps, which the target's flush at the pivot settles.
 
 A crash before the state file is replaced leaves the chain the job started from, on disk
 and in what it shows (an active commit writes into the base only what the layers above
@@ -28,7 +39,9 @@ crash after it leaves the target as the active layer, holding every write acknow
 so far (they were all copied and flushed before the state file changed).  Cancel or
 failure before the pivot changes no pointer and no record.
 
-Locking contract: everything runs on the trio thread; a copy step holds the chain's lock.
+Locking contract: everything runs on the trio thread; a copy step holds the chain's lock,
+and so does a guest write with its hooks (the lock is not reentrant: a hook copies with
+``copy_step_locked``).
 """
 
 from __future__ import annotations
@@ -121,12 +134,15 @@ class DirtyMap:
         self._dirty: set[int] = set()
         self._wake = wake
 
-    def mark(self, offset: int, length: int) -> None:
+    def mark(self, offset: int, length: int, *, wake: bool = True) -> None:
+        """Record a guest write; ``wake`` the job unless the caller is about to copy the
+        range itself (a write-blocking write: the job has nothing to do for it)."""
         g = self.granule
         end = min(offset + length, self.horizon)
         if offset < end:
             self._dirty.update(range(offset // g, -(-end // g)))
-            self._wake()
+            if wake:
+                self._wake()
 
     def discard(self, start: int, end: int) -> None:
         """The granules of ``[start, end)`` (granule-aligned) were copied: clean."""
@@ -273,8 +289,10 @@ class MirrorJob(Job):
     # -- the guest's writes (``chain.WriteHook``) --------------------------------------------
 
     def before_write(self, offset: int, length: int) -> None:
+        # marked even when ``after_write`` is to copy it: a write that fails half-way
+        # leaves its granules dirty for the job (or the pivot) to copy
         if self.dirty is not None:
-            self.dirty.mark(offset, length)
+            self.dirty.mark(offset, length, wake=not self.blocking or self._sync_error is not None)
 
     def after_write(self, offset: int, length: int) -> None:
         """While mirroring actively: copy the granules the write touched behind the first
