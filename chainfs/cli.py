@@ -287,6 +287,8 @@ def render_status(info: dict[str, Any]) -> str:
             off, length = int(j["offset"]), int(j["len"])
             speed = int(j.get("speed", 0))
             limit = f", speed limit {human_size(speed)}/s" if speed else ""
+            if "remaining" in j:  # a mirror: what it still has to copy, and how
+                limit += f", {human_size(int(j['remaining']))} left, {j.get('copy-mode')}"
             lines.append(
                 f"    job {j['id']}: {j['type']} {j['status']} {_percent(off, length)}% "
                 f"({human_size(off)} of {human_size(length)}{limit})"
