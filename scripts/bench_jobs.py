@@ -872,11 +872,14 @@ def main(argv: list[str] | None = None) -> int:
     res.wrong += warmup.wrong
 
     print()
-    print(
-        f"live jobs: chainfs against QEMU, seed chain of {size >> 20} MiB (five layers),"
-        f" best of {args.runs} run(s)"
-        + (f"; mirror part on {min(size, MIRROR_SIZE) >> 20} MiB" if "mirror" in parts else "")
-    )
+    mirror = f"mirror part on {min(size, MIRROR_SIZE) >> 20} MiB" if "mirror" in parts else ""
+    if parts == ["mirror"]:
+        print(f"live jobs under a writing guest: {mirror} (five layers), {args.runs} run(s)")
+    else:
+        print(
+            f"live jobs: chainfs against QEMU, seed chain of {size >> 20} MiB (five layers),"
+            f" best of {args.runs} run(s)" + (f"; {mirror}" if mirror else "")
+        )
     print()
     print_table(rows_of(res))
     print()
