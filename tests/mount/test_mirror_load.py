@@ -294,6 +294,27 @@ def test_copy_mode_refusals(served: Served) -> None:
     assert m.layers("R") == ["R.qcow2", "R-mid.qcow2", "R-base.qcow2"]
 
 
+@pytest.mark.parametrize("job", ["copy-full", "commit"])
+def test_a_resumed_job_keeps_its_copy_mode(tmp_path: Path, mounter: Mounter, job: str) -> None:
+    # the journal's intent holds the mode: the job the next mount resumes mirrors the same way
+    d = tmp_path / "images"
+    d.mkdir()
+    chain = build(d, "V")
+    m = mounter(d)
+    jid = m.start_job("V", *chain.command(job, "speed=64K copy-mode=write-blocking wait=ready"))
+    m.unmount()
+    m = mounter(d)
+    resumed = wait_for(
+        lambda: next((e for e in m.events("V") if e["event"] == "JOB_RESUMED"), None),
+        f"{jid} to be resumed",
+    )
+    assert resumed["job"] == jid, resumed
+    line = job_line(m, "V")
+    assert line["id"] == jid and line["copy-mode"] == "write-blocking", line
+    m.command("V", "cancel", jid)
+    assert m.wait_job("V", jid)["event"] == "JOB_CANCELLED"
+
+
 def test_every_image_is_clean_after_the_unmount(served: Served, tmp_path: Path) -> None:
     m = served.mount
     m.unmount()
