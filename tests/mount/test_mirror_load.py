@@ -25,6 +25,10 @@ new active layer, read by ``qemu-img compare -U`` (the guest's fsync flushed it)
 the model and ``qemu-img check -U`` is clean; after the module's unmount, ``qemu-img
 check`` is clean on every image and every chain's active layer shows its model.
 Nothing here is timed: the waits are generous.
+
+Besides: the refusals (``copy-mode`` on an intermediate commit, a bad mode, ``change`` of
+a job that is no mirror, write-blocking -> background) with their reasons, a no-op
+``change`` through the CLI, and a job resumed after an unmount keeping its mode.
 """
 
 from __future__ import annotations
