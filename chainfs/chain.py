@@ -34,6 +34,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Protocol
 
 from .buffers import zero_fill
 from .confine import Confinement
@@ -108,6 +109,21 @@ def _adopt(file: HostFile, *, lock: bool) -> Layer:
         raise
 
 
+class WriteHook(Protocol):
+    """What a job that mirrors the disk elsewhere (commit, copy) sees of guest writes.
+
+    Both are called under the chain's lock (not reentrant: a hook calls only the
+    ``..._locked`` methods and the engine's ``copy_step_locked``), on the trio thread.
+    """
+
+    def before_write(self, offset: int, length: int) -> None:
+        """The range is about to change (a failed write may have changed part of it)."""
+
+    def after_write(self, offset: int, length: int) -> None:
+        """The range changed: the active layer holds it and the map says so; the guest
+        has not been answered yet."""
+
+
 class Chain:
     """An open chain, active layer first."""
 
@@ -119,9 +135,9 @@ class Chain:
         self.confine: Confinement | None = None
         self.lock = threading.Lock()  # metadata access; the copy engine takes it too
         self._regions: OrderedDict[int, array[int]] = OrderedDict()
-        # called as hook(offset, length) under the lock before every guest write: the
-        # dirty tracking of jobs that mirror the disk elsewhere (commit, copy)
-        self.write_hooks: list[Callable[[int, int], None]] = []
+        # around every guest write, under the lock (``WriteHook``): the dirty tracking
+        # and the write-blocking copies of jobs that mirror the disk elsewhere
+        self.write_hooks: list[WriteHook] = []
         self.engine = CopyEngine(self)  # stream, commit and copy steps
         # st_blocks of the flat file: the data bytes as last counted, and whether a
         # write, discard or change of shape may have changed them since
@@ -377,26 +393,36 @@ class Chain:
     def write(self, offset: int, data: Buffer) -> None:
         """Write into the active layer (copy-on-write through the chain)."""
         self._check_write(offset, len(data))
-        if not len(data):
-            return
-        with self.lock:
-            for hook in self.write_hooks:
-                hook(offset, len(data))
-            self.active.write(offset, data, self._fill)
-            self.claim(offset, len(data))
-            self.allocation_stale = True
+        if len(data):
+            self._guest_write(
+                offset, len(data), lambda: self.active.write(offset, data, self._fill)
+            )
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zeros, as zero clusters where the format allows."""
         self._check_write(offset, length)
-        if not length:
-            return
+        if length:
+            self._guest_write(
+                offset, length, lambda: self.active.write_zeroes(offset, length, self._fill)
+            )
+
+    def _guest_write(
+        self, offset: int, length: int, apply: Callable[[], None], *, claim: bool = True
+    ) -> None:
+        """One guest request that changes ``[offset, offset+length)`` (``apply`` makes the
+        change in the active layer), between the write hooks, all under the lock: every
+        request that changes the disk (writes, zeroes, discards) goes through here.  With
+        ``claim`` the active layer now answers for the range in the map of who holds
+        what (a discard updates the map itself)."""
         with self.lock:
             for hook in self.write_hooks:
-                hook(offset, length)
-            self.active.write_zeroes(offset, length, self._fill)
-            self.claim(offset, length)
+                hook.before_write(offset, length)
+            apply()
+            if claim:
+                self.claim(offset, length)
             self.allocation_stale = True
+            for hook in self.write_hooks:
+                hook.after_write(offset, length)
 
     def discard(self, offset: int, length: int) -> None:
         """Make a range read as zeros and give back the space the active layer held
@@ -411,9 +437,8 @@ class Chain:
         self._check_write(offset, length)
         if not length:
             return
-        with self.lock:
-            for hook in self.write_hooks:
-                hook(offset, length)
+
+        def apply() -> None:
             active = self.active
             cs = active.cluster_size
             first = offset - offset % cs
@@ -421,7 +446,8 @@ class Chain:
             below = b"\x01" * count if self.write_hooks else self._data_below(first, count, cs)
             active.discard(offset, length, self._fill, below)
             self._forget_regions(offset, length)
-            self.allocation_stale = True
+
+        self._guest_write(offset, length, apply, claim=False)
 
     def _data_below(self, first: int, count: int, cs: int) -> bytes:
         """One byte per ``cs`` unit of ``count`` from ``first``: 1 where a layer below the

@@ -43,13 +43,17 @@ JOB_COMMANDS = COMMANDS  # one subcommand per control file that takes a command
 JOB_HELP = {
     "snapshot": "FILE: add an overlay on top of the chain",
     "stream": "[base=LAYER] [node=LAYER] [speed=RATE]: copy data up into a layer",
-    "commit": "[top=LAYER] [base=LAYER] [speed=RATE] [wait=ready]: merge layers down",
-    "copy": "DEST [sync=full|top] [speed=RATE] [wait=ready]: move the live disk to DEST",
+    "commit": "[top=LAYER] [base=LAYER] [speed=RATE] [wait=ready] [copy-mode=MODE]: "
+    "merge layers down",
+    "copy": "DEST [sync=full|top] [speed=RATE] [wait=ready] [copy-mode=MODE]: "
+    "move the live disk to DEST",
     "cancel": "JOB: stop a job; the chain stays as it was (job-cancel)",
     "complete": "JOB: pivot a job waiting in ready (job-complete)",
     "speed": "JOB RATE: change a running job's rate limit, 0 for none (block-job-set-speed)",
     "pause": "JOB: pause a job; it shows as paused in jobs (job-pause)",
     "resume": "JOB: resume a paused job (job-resume)",
+    "change": "JOB copy-mode=write-blocking: copy a copy's or active commit's guest writes "
+    "before they are acknowledged from now on (block-job-change)",
 }
 IMAGE_COMMANDS = ("info", "check", "digest")
 POLL_INTERVAL = 0.2  # how often --wait looks at the job
@@ -61,7 +65,9 @@ EXIT_BROKEN_PIPE = 141  # as a shell reports a command killed by SIGPIPE
 BAR_TAIL = 50  # columns kept for the numbers after the progress bar
 
 # keys of the control files that hold numbers (as numbers in ``status --json``)
-NUMERIC_KEYS = frozenset({"pid", "virtual-size", "allocated", "offset", "len", "speed", "copied"})
+NUMERIC_KEYS = frozenset(
+    {"pid", "virtual-size", "allocated", "offset", "len", "speed", "copied", "remaining"}
+)
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +314,8 @@ def render_status(info: dict[str, Any]) -> str:
             off, length = int(j["offset"]), int(j["len"])
             speed = int(j.get("speed", 0))
             limit = f", speed limit {human_size(speed)}/s" if speed else ""
+            if "remaining" in j:  # a mirror: what it still has to copy, and how
+                limit += f", {human_size(int(j['remaining']))} left, {j.get('copy-mode')}"
             lines.append(
                 f"    job {j['id']}: {j['type']} {j['status']} {_percent(off, length)}% "
                 f"({human_size(off)} of {human_size(length)}{limit})"
@@ -363,7 +371,7 @@ def cmd_job(ns: argparse.Namespace) -> int:
     if not ns.wait or ns.command in ("snapshot", "pause"):
         return 0  # (a paused job would be followed until someone resumes it)
     follower = Follower(ns.mountpoint, ns.chain, events, mark, sys.stderr)
-    if ns.command in ("cancel", "complete", "speed", "resume"):
+    if ns.command in ("cancel", "complete", "speed", "resume", "change"):
         follower.job_id = ns.args[0] if ns.args else None
         follower.cancelling = ns.command == "cancel"
     follower.until_ready = "wait=ready" in ns.args

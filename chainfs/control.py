@@ -31,10 +31,14 @@ COMMANDS: tuple[str, ...] = (
     "speed",
     "pause",
     "resume",
+    "change",
 )
 # the commands that act on a running job (QEMU's job verbs), each naming the job
-JOB_VERBS: tuple[str, ...] = ("cancel", "complete", "speed", "pause", "resume")
+JOB_VERBS: tuple[str, ...] = ("cancel", "complete", "speed", "pause", "resume", "change")
 SYNC_MODES: tuple[str, ...] = ("full", "top")
+# how a mirror (copy, active commit) treats guest writes (QEMU's MirrorCopyMode)
+BACKGROUND, WRITE_BLOCKING = "background", "write-blocking"
+COPY_MODES: tuple[str, ...] = (BACKGROUND, WRITE_BLOCKING)
 
 
 class CommandError(ChainfsError):
@@ -66,6 +70,7 @@ class CommitCmd:
     base: str | None = None
     speed: int = 0
     wait_ready: bool = False
+    copy_mode: str | None = None  # None: not given (background for an active commit)
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class CopyCmd:
     sync: str = "full"
     speed: int = 0
     wait_ready: bool = False
+    copy_mode: str = BACKGROUND
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,13 @@ class SpeedCmd(VerbCmd):
     speed: int
 
 
+@dataclass(frozen=True)
+class ChangeCmd(VerbCmd):
+    """``change JOB copy-mode=write-blocking``: QEMU's ``block-job-change``."""
+
+    copy_mode: str
+
+
 Command: TypeAlias = (
     SnapshotCmd
     | StreamCmd
@@ -116,19 +129,21 @@ Command: TypeAlias = (
     | SpeedCmd
     | PauseCmd
     | ResumeCmd
+    | ChangeCmd
 )
 
 # Per command: the keys it accepts, and what its bare word is called (None: it takes none).
 _KEYS: dict[str, frozenset[str]] = {
     "snapshot": frozenset(),
     "stream": frozenset({"base", "node", "speed"}),
-    "commit": frozenset({"top", "base", "speed", "wait"}),
-    "copy": frozenset({"sync", "speed", "wait"}),
+    "commit": frozenset({"top", "base", "speed", "wait", "copy-mode"}),
+    "copy": frozenset({"sync", "speed", "wait", "copy-mode"}),
     "cancel": frozenset(),
     "complete": frozenset(),
     "speed": frozenset(),
     "pause": frozenset(),
     "resume": frozenset(),
+    "change": frozenset({"copy-mode"}),
 }
 _MAIN: dict[str, str | None] = {
     "snapshot": "file",
@@ -140,6 +155,7 @@ _MAIN: dict[str, str | None] = {
     "speed": "job",
     "pause": "job",
     "resume": "job",
+    "change": "job",
 }
 _REQUIRED = frozenset({"snapshot", "copy", *JOB_VERBS})
 
@@ -405,6 +421,11 @@ def parse_command(kind: str, data: bytes) -> Command:
     if wait is not None and wait != "ready":
         raise _invalid(f"wait only accepts 'ready', got {_show(wait)}")
     wait_ready = wait is not None
+    copy_mode = keys.get("copy-mode")
+    if copy_mode is not None and copy_mode not in COPY_MODES:
+        raise _invalid(
+            f"copy-mode must be 'background' or 'write-blocking', got {_show(copy_mode)}"
+        )
 
     if kind == "snapshot":
         assert main is not None
@@ -416,14 +437,24 @@ def parse_command(kind: str, data: bytes) -> Command:
         return StreamCmd(base=base, node=keys.get("node"), speed=speed)
     if kind == "commit":
         return CommitCmd(
-            top=keys.get("top"), base=keys.get("base"), speed=speed, wait_ready=wait_ready
+            top=keys.get("top"),
+            base=keys.get("base"),
+            speed=speed,
+            wait_ready=wait_ready,
+            copy_mode=copy_mode,
         )
     if kind == "copy":
         assert main is not None
         sync = keys.get("sync", "full")
         if sync not in SYNC_MODES:
             raise _invalid(f"sync must be 'full' or 'top', got {_show(sync)}")
-        return CopyCmd(dest=main, sync=sync, speed=speed, wait_ready=wait_ready)
+        return CopyCmd(
+            dest=main,
+            sync=sync,
+            speed=speed,
+            wait_ready=wait_ready,
+            copy_mode=copy_mode or BACKGROUND,
+        )
     assert main is not None
     if kind == "cancel":
         return CancelCmd(job=main)
@@ -431,4 +462,9 @@ def parse_command(kind: str, data: bytes) -> Command:
         return PauseCmd(job=main)
     if kind == "resume":
         return ResumeCmd(job=main)
+    if kind == "change":
+        if copy_mode is None:
+            # the only option a job has to change, as QEMU's block-job-change for a mirror
+            raise _invalid("change needs copy-mode=write-blocking")
+        return ChangeCmd(job=main, copy_mode=copy_mode)
     return CompleteCmd(job=main)

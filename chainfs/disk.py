@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from .chain import Chain
 from .control import (
     CancelCmd,
+    ChangeCmd,
     CommandError,
     CommitCmd,
     CompleteCmd,
@@ -197,6 +198,8 @@ class Disk:
                 self._find_job(cmd.job).user_pause()
             elif isinstance(cmd, ResumeCmd):
                 self._find_job(cmd.job).user_resume()
+            elif isinstance(cmd, ChangeCmd):
+                self._find_job(cmd.job).user_change(cmd.copy_mode)
             if isinstance(cmd, StreamCmd | CommitCmd | CopyCmd) and self.job is not None:
                 w.job = self.job.id
             w.text = data

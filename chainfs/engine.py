@@ -223,33 +223,40 @@ class CopyEngine:
         until it landed), while the next piece is read; ``target.flush`` settles it.
         """
         with self.chain.lock:
-            tcs = target.cluster_size
-            end = min(offset + length, target.virtual_size)
-            if offset >= end:
-                return 0
-            first = offset - offset % tcs
-            last = min(-(-end // tcs) * tcs, target.virtual_size)
-            runs = self._held_runs(top, stop, first, last, tcs)
+            return self.copy_step_locked(target, top, stop, below, offset, length)
 
-            def fill(o: int, n: int) -> Buffer:
-                return self.chain.read_below(below, o, n)
+    def copy_step_locked(
+        self, target: Layer, top: int, stop: int, below: int, offset: int, length: int
+    ) -> int:
+        """``copy_step``, for a caller that holds the chain's lock (a write hook copying
+        a guest write into the target before the guest is answered)."""
+        tcs = target.cluster_size
+        end = min(offset + length, target.virtual_size)
+        if offset >= end:
+            return 0
+        first = offset - offset % tcs
+        last = min(-(-end // tcs) * tcs, target.virtual_size)
+        runs = self._held_runs(top, stop, first, last, tcs)
 
-            copied = 0
-            piece = max(COPY_PIECE, tcs)  # a multiple of the cluster size
-            for a, b in runs:
-                copied += b - a
-                while a < b:
-                    n = min(piece, b - a)
-                    i = 1 - self._copy_last  # not the buffer a write may be using
-                    if len(self._copy_bufs[i]) < n:
-                        self._copy_bufs[i] = bytearray(piece)
-                    buf = self._copy_bufs[i]
-                    data = memoryview(buf)[:n]
-                    self.chain.read_below_into(top - 1, a, data)
-                    if _put(target, a, buf, data, fill):
-                        self._copy_last = i
-                    a += n
-            return copied
+        def fill(o: int, n: int) -> Buffer:
+            return self.chain.read_below(below, o, n)
+
+        copied = 0
+        piece = max(COPY_PIECE, tcs)  # a multiple of the cluster size
+        for a, b in runs:
+            copied += b - a
+            while a < b:
+                n = min(piece, b - a)
+                i = 1 - self._copy_last  # not the buffer a write may be using
+                if len(self._copy_bufs[i]) < n:
+                    self._copy_bufs[i] = bytearray(piece)
+                buf = self._copy_bufs[i]
+                data = memoryview(buf)[:n]
+                self.chain.read_below_into(top - 1, a, data)
+                if _put(target, a, buf, data, fill):
+                    self._copy_last = i
+                a += n
+        return copied
 
     def drop_buffers(self) -> None:
         """Give back ``copy_step``'s two buffers (up to ``2 * COPY_PIECE``) when a job is

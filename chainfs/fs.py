@@ -4,7 +4,7 @@
     MOUNTPOINT/control/.status           the daemon and every chain, served or refused
     MOUNTPOINT/control/NAME/{chain,jobs,events}               read
     MOUNTPOINT/control/NAME/{snapshot,stream,commit,copy}                   write
-    MOUNTPOINT/control/NAME/{cancel,complete,speed,pause,resume}            write (job verbs)
+    MOUNTPOINT/control/NAME/{cancel,complete,speed,pause,resume,change}     write (job verbs)
 
 This class only translates: requests become calls on ``Disk``/``Chain``, and chainfs
 errors become ``FUSEError`` here and nowhere else.  Any other exception is logged and

@@ -15,7 +15,14 @@ first, after one warm-up round that does not count:
 - ``copy F.qcow2 sync=full`` against ``qemu-img convert -O qcow2`` of the chain;
 - the guest's 4 KiB random read IOPS on the flat file (fio, QD1, psync, ``direct=1``,
   fixed seed and run time) while a rate-limited ``copy sync=full`` runs, against the
-  mean of the same fio run with no job, before the job and after its cancel.
+  mean of the same fio run with no job, before the job and after its cancel;
+- ``mirror``: copy ``sync=full`` and active commit ``base=A`` in
+  ``copy-mode=write-blocking`` on a seed chain of at most 128 MiB, with a guest (a
+  thread here: 4 KiB O_DIRECT random writes, QD1) writing at twice the job's ``speed=``
+  (which is set to a quarter of what the guest writes with no job and no cap, so the
+  guest can keep its pace): the time from the command to the pivot (``JOB_COMPLETED``,
+  no ``wait=ready``), and the guest's write IOPS during the job against the same capped
+  guest with no job (target: the job pivots every time, ratio at least 0.5).
 
 Each side is timed twice: to the job's end as it reports it (QEMU's event, or
 qemu-img's exit), and to a durable result, which adds an ``fdatasync`` of every file in
@@ -37,7 +44,7 @@ The figures are a report, not a test: the exit status is non-zero only when some
 fails to run or a result differs.
 
     python scripts/bench_jobs.py [--size BYTES] [--runs N] [--rand-runtime S]
-                                 [--jobs commit,active,copy,iops]
+                                 [--jobs commit,active,copy,iops,mirror]
 
 It accepts (and ignores) bench.py's other options, since ``scripts/bench`` passes its
 arguments to both; ``--parts`` without ``jobs`` in it skips this benchmark.
@@ -47,10 +54,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
+import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,7 +84,10 @@ RAND_RUNTIME = 5  # seconds of each random-read run
 TIME_TARGET = 1.0  # QEMU time / chainfs time, at least
 IOPS_TARGET = 0.7  # IOPS during a job / without, at least
 IOPS_JOB_FACTOR = 4  # the rate-limited job would take this many fio run times at least
-PARTS = ("commit", "active", "copy", "iops")
+PARTS = ("commit", "active", "copy", "iops", "mirror")
+MIRROR_SIZE = 128 << 20  # the mirror part's seed chain, at most
+MIRROR_GUEST_SECONDS = 3.0  # each no-job run of the guest
+MIRROR_IOPS_TARGET = 0.5  # the guest's write IOPS during a write-blocking job / without
 
 
 def log(msg: str) -> None:
@@ -392,6 +405,7 @@ class Iops:
 class Results:
     timed: dict[str, Timed] = field(default_factory=dict)
     iops: Iops | None = None
+    mirrored: dict[str, Mirrored] = field(default_factory=dict)
     wrong: list[str] = field(default_factory=list)
     commands: dict[str, str] = field(default_factory=dict)
 
@@ -587,6 +601,148 @@ def bench_iops(seed: str, work: str, i: int, size: int, runtime: int, res: Resul
     shutil.rmtree(src)
 
 
+# --- write-blocking mirrors under a writing guest ---------------------------------------
+
+
+class Guest(threading.Thread):
+    """4 KiB O_DIRECT random writes at QD1 over a flat file, at most ``rate`` bytes a
+    second (0: as fast as it can), until ``stop()``; ``iops`` is what it achieved."""
+
+    def __init__(self, path: str, size: int, rate: int, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.path, self.size, self.rate = path, size, rate
+        self.rng = random.Random(seed)
+        self.count = 0
+        self.seconds = 0.0
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            buf = mmap.mmap(-1, 4096)
+            fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+            blocks = self.size // 4096
+            start = time.perf_counter()
+            try:
+                while not self._stop_event.is_set():
+                    buf[:8] = self.count.to_bytes(8, "little")
+                    os.pwritev(fd, [buf], self.rng.randrange(blocks) * 4096)
+                    self.count += 1
+                    if self.rate:
+                        ahead = start + self.count * 4096 / self.rate - time.perf_counter()
+                        if ahead > 0:
+                            time.sleep(ahead)
+            finally:
+                self.seconds = time.perf_counter() - start
+                os.close(fd)
+                buf.close()
+        except BaseException as e:
+            self.error = e
+
+    def stop(self) -> float:
+        self._stop_event.set()
+        self.join()
+        if self.error is not None:
+            sys.exit(f"bench_jobs: the guest failed: {self.error!r}")
+        return self.count / self.seconds
+
+    @classmethod
+    def measure(cls, path: str, size: int, rate: int, seconds: float) -> float:
+        guest = cls(path, size, rate, seed=1)
+        guest.start()
+        time.sleep(seconds)
+        return guest.stop()
+
+
+@dataclass
+class Mirrored:
+    """One write-blocking job under a guest at twice its speed, per run."""
+
+    pivot: list[float] = field(default_factory=list)  # seconds from the command
+    idle: list[float] = field(default_factory=list)  # the capped guest's IOPS, no job
+    busy: list[float] = field(default_factory=list)  # the same guest during the job
+    uncapped: list[float] = field(default_factory=list)  # the guest alone, no cap
+    speed: list[int] = field(default_factory=list)
+    pivoted: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return (sum(self.busy) / len(self.busy)) / (sum(self.idle) / len(self.idle))
+
+
+def bench_mirror(seed: str, work: str, i: int, res: Results) -> None:
+    for key, kind, text, result in (
+        ("copy sync=full", "copy", "F.qcow2 sync=full", "F.qcow2"),
+        ("active commit base=A", "commit", "base=A.qcow2", "A.qcow2"),
+    ):
+        m = res.mirrored.setdefault(key, Mirrored())
+        src = copy_chain(seed, os.path.join(work, f"mirror-{i}"))
+        with Chainfs(src, os.path.join(work, "mnt"), os.path.join(work, "chainfs.log")) as fs:
+            size = os.stat(fs.flat).st_size
+            log(f"{run_name(i)}: {key} copy-mode=write-blocking under a guest at 2x speed")
+            uncapped = Guest.measure(fs.flat, size, 0, MIRROR_GUEST_SECONDS)
+            speed = max(64 << 10, int(uncapped * 4096 / 4) >> 10 << 10)
+            idle = Guest.measure(fs.flat, size, 2 * speed, MIRROR_GUEST_SECONDS)
+            job = f"{text} speed={speed} copy-mode=write-blocking"
+            res.note(
+                f"chainfs: {key} under a guest",
+                f"echo '{job}' > {fs.control}/{kind} (speed: a quarter of the guest's"
+                " uncapped rate), the guest capped at 2x speed",
+            )
+            guest = Guest(fs.flat, size, 2 * speed, seed=2)
+            guest.start()
+            start = time.perf_counter()
+            seen = fs.command(kind, job)
+            line = fs.wait_event(("JOB_COMPLETED", "JOB_CANCELLED"), seen)
+            pivot = time.perf_counter() - start
+            busy = guest.stop()
+            ok = "event=JOB_COMPLETED" in line and "error=" not in line
+            m.pivoted += ok
+            res.expect(ok, f"{key} under a guest: {line}")
+            m.pivot.append(pivot)
+            m.idle.append(idle)
+            m.busy.append(busy)
+            m.uncapped.append(uncapped)
+            m.speed.append(speed)
+            log(
+                f"    pivot after {pivot:.2f} s at speed={speed >> 10}K; guest write IOPS"
+                f" {busy:.0f} during the job, {idle:.0f} without (cap 2x speed),"
+                f" {uncapped:.0f} uncapped"
+            )
+        res.expect(check_clean(os.path.join(src, result)), f"{key}: qemu-img check {result}")
+        shutil.rmtree(src)
+
+
+def mirror_rows(res: Results) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    runs = 0
+    for key, m in res.mirrored.items():
+        runs = len(m.pivot)
+        speeds = f"speed={min(m.speed) >> 10}K..{max(m.speed) >> 10}K"
+        rows.append(
+            (
+                f"{key} copy-mode=write-blocking, guest at 2x {speeds}: time to pivot (s), pivoted",
+                f"{min(m.pivot):.2f}..{max(m.pivot):.2f}",
+                f"{m.pivoted} of {runs}",
+                "-",
+                f"{runs} of {runs}",
+                "yes" if m.pivoted == runs else "NO",
+            )
+        )
+        rows.append(
+            (
+                f"{key}: guest 4 KiB write IOPS during the job (ratio = during / no job,"
+                f" guest capped at 2x speed; uncapped no job: {max(m.uncapped):.0f})",
+                f"{sum(m.busy) / len(m.busy):.0f}",
+                f"{sum(m.idle) / len(m.idle):.0f} (no job)",
+                f"{m.ratio:.2f}",
+                f">= {MIRROR_IOPS_TARGET}",
+                "yes" if m.ratio >= MIRROR_IOPS_TARGET else "NO",
+            )
+        )
+    return rows
+
+
 # --- the report ----------------------------------------------------------------------------
 
 
@@ -655,7 +811,7 @@ def rows_of(res: Results) -> list[tuple[str, ...]]:
                 "yes" if ratio >= IOPS_TARGET else "NO",
             )
         )
-    return rows
+    return rows + mirror_rows(res)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -688,9 +844,16 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
     load_before = load()
-    log(f"building the seed chain ({size >> 20} MiB) in {WORK}/seed")
     seed = os.path.join(WORK, "seed")
-    run([sys.executable, MAKE_SEED_CHAIN, seed, "--size", str(size)])
+    if set(parts) - {"mirror"}:
+        log(f"building the seed chain ({size >> 20} MiB) in {seed}")
+        run([sys.executable, MAKE_SEED_CHAIN, seed, "--size", str(size)])
+    mirror_seed = seed
+    if "mirror" in parts and (size > MIRROR_SIZE or parts == ["mirror"]):
+        mirror_seed = os.path.join(WORK, "seed-mirror")
+        mirror_size = min(size, MIRROR_SIZE)
+        log(f"building the mirror part's seed chain ({mirror_size >> 20} MiB)")
+        run([sys.executable, MAKE_SEED_CHAIN, mirror_seed, "--size", str(mirror_size)])
 
     res = Results()
     warmup = Results()  # the first round only warms up; its figures are dropped
@@ -704,20 +867,29 @@ def main(argv: list[str] | None = None) -> int:
             bench_copy(seed, WORK, i, into)
         if "iops" in parts and i >= 0:
             bench_iops(seed, WORK, i, size, args.rand_runtime, res)
+        if "mirror" in parts and i >= 0:
+            bench_mirror(mirror_seed, WORK, i, res)
     res.wrong += warmup.wrong
 
     print()
-    print(
-        f"live jobs: chainfs against QEMU, seed chain of {size >> 20} MiB (five layers),"
-        f" best of {args.runs} run(s)"
-    )
+    mirror = f"mirror part on {min(size, MIRROR_SIZE) >> 20} MiB" if "mirror" in parts else ""
+    if parts == ["mirror"]:
+        print(f"live jobs under a writing guest: {mirror} (five layers), {args.runs} run(s)")
+    else:
+        print(
+            f"live jobs: chainfs against QEMU, seed chain of {size >> 20} MiB (five layers),"
+            f" best of {args.runs} run(s)" + (f"; {mirror}" if mirror else "")
+        )
     print()
     print_table(rows_of(res))
     print()
     if res.wrong:
         print(f"WRONG RESULTS: {'; '.join(res.wrong)}")
     else:
-        print("every result equals the seed chain's disk (qemu-img compare) and checks clean")
+        print(
+            "every result equals the seed chain's disk (qemu-img compare) and checks clean"
+            " (the mirror part's, written by its guest: checked clean)"
+        )
     print("\ncommands used:")
     for key, text in res.commands.items():
         print(f"  {key}:\n    {text}")

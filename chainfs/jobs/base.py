@@ -15,9 +15,9 @@ last checkpoint, or completes its ``prepare`` from the recorded changes.
 
 A job's state is QEMU's (``states.py``): every change goes through the transition
 table (assigning ``status`` does), and every verb a user sends (``cancel``, ``pause``,
-``resume``, ``set-speed``, ``complete``) through the verb table first.  A paused job
-stops at its next checkpoint and waits there; a speed change wakes a job waiting out
-its rate limit, so the new rate holds from the next step on.
+``resume``, ``set-speed``, ``complete``, ``change``) through the verb table first.  A
+paused job stops at its next checkpoint and waits there; a speed change wakes a job
+waiting out its rate limit, so the new rate holds from the next step on.
 
 Locking contract: everything runs on the trio thread; the chain's own lock guards the
 chain against the (rare) callers on other threads.
@@ -39,6 +39,7 @@ from .journal import Action, Journal, Pending
 from .states import (
     ABORTING,
     CANCEL,
+    CHANGE,
     COMPLETE,
     CONCLUDED,
     CREATED,
@@ -217,6 +218,20 @@ class Job:
     def complete(self) -> None:
         """Leave ``ready`` and finish (jobs that have a ready state override this)."""
         raise JobStateError(errno.EINVAL, f"job {self.id!r} cannot be completed")
+
+    def user_change(self, copy_mode: str) -> None:
+        """QEMU's ``block-job-change``: a running job's options (the copy mode of a mirror)."""
+        apply_verb(self.id, self.status, CHANGE)
+        self.change(copy_mode)
+
+    def change(self, copy_mode: str) -> None:
+        """Switch to ``copy_mode`` (jobs that have one override this)."""
+        # QEMU: "Job type does not support change"
+        raise JobStateError(
+            errno.EINVAL,
+            f"job {self.id!r} is a {self.type} job: its type does not support change "
+            "(only copy and active commit have a copy mode)",
+        )
 
     def cancel(self) -> None:
         self._cancel = True

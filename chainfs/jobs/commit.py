@@ -33,7 +33,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ..control import CommandError, CommitCmd
+from ..control import BACKGROUND, CommandError, CommitCmd
 from ..formats.base import Layer
 from . import journal
 from .backing import backing_string
@@ -46,13 +46,15 @@ STEP = 1 << 20
 
 
 def start(served: Served, cmd: CommitCmd) -> None:
-    """``commit [top=T] [base=B] [speed=RATE] [wait=ready]``: the refusals of
-    qemu-iotests 040, then an intermediate or an active commit."""
+    """``commit [top=T] [base=B] [speed=RATE] [wait=ready] [copy-mode=MODE]``: the
+    refusals of qemu-iotests 040, then an intermediate or an active commit."""
     refuse_busy(served)
     layers = served.chain.layers
     top = layer_of(served, cmd.top) if cmd.top else layers[0]
     base = layer_of(served, cmd.base) if cmd.base else layers[-1]
-    job = _job(served, served.next_id("commit"), top, base, cmd.speed, cmd.wait_ready)
+    job = _job(
+        served, served.next_id("commit"), top, base, cmd.speed, cmd.wait_ready, cmd.copy_mode
+    )
     launch(served, job)
 
 
@@ -61,11 +63,21 @@ def resume(served: Served, p: Pending) -> None:
     top = layer_of(served, str(p.params.get("top")))
     base = layer_of(served, str(p.params.get("base")))
     speed = int(p.params.get("speed") or 0)
-    job = _job(served, p.id, top, base, speed, p.params.get("wait") == "ready")
+    mode = p.params.get("copy-mode")
+    wait_ready = p.params.get("wait") == "ready"
+    job = _job(served, p.id, top, base, speed, wait_ready, None if mode is None else str(mode))
     launch(served, job, resumes=p)
 
 
-def _job(served: Served, job_id: str, top: Layer, base: Layer, speed: int, wait_ready: bool) -> Job:
+def _job(
+    served: Served,
+    job_id: str,
+    top: Layer,
+    base: Layer,
+    speed: int,
+    wait_ready: bool,
+    copy_mode: str | None,
+) -> Job:
     chain = served.chain
     t, b = chain.index_of(top), chain.index_of(base)
     top_name, base_name = os.path.basename(top.path), os.path.basename(base.path)
@@ -81,8 +93,22 @@ def _job(served: Served, job_id: str, top: Layer, base: Layer, speed: int, wait_
         )
     # the base gets the data; an intermediate commit also rewrites the overlay above top
     refuse_shared(served, base, *([chain.layers[t - 1]] if t > 0 else []))
+    if t > 0 and copy_mode is not None:
+        # QEMU's block-commit has no copy mode: only the mirror of an active commit does
+        raise CommandError(
+            errno.EINVAL,
+            f"copy-mode applies to an active commit only: {top_name!r} is not the active "
+            f"layer of chain {served.name!r}, so guest writes never reach the commit",
+        )
     if t == 0:
-        return ActiveCommitJob(job_id, served, base, speed=speed, wait_ready=wait_ready)
+        return ActiveCommitJob(
+            job_id,
+            served,
+            base,
+            speed=speed,
+            wait_ready=wait_ready,
+            copy_mode=copy_mode or BACKGROUND,
+        )
     return CommitJob(job_id, served, top, base, speed=speed)
 
 
@@ -194,9 +220,16 @@ class ActiveCommitJob(MirrorJob):
     type = "commit"
 
     def __init__(
-        self, job_id: str, served: Served, base: Layer, *, speed: int, wait_ready: bool
+        self,
+        job_id: str,
+        served: Served,
+        base: Layer,
+        *,
+        speed: int,
+        wait_ready: bool,
+        copy_mode: str = BACKGROUND,
     ) -> None:
-        super().__init__(job_id, served, speed=speed, wait_ready=wait_ready)
+        super().__init__(job_id, served, speed=speed, wait_ready=wait_ready, copy_mode=copy_mode)
         self.top = served.chain.active
         self.base = base
         self.reopened = False
@@ -206,6 +239,7 @@ class ActiveCommitJob(MirrorJob):
         return [
             ("top", os.path.basename(self.top.path)),
             ("base", os.path.basename(self.base.path)),
+            *super().details(),
         ]
 
     def intent(self) -> dict[str, object]:
@@ -214,6 +248,7 @@ class ActiveCommitJob(MirrorJob):
             "base": self.base.path,
             "speed": self.speed,
             "wait": "ready" if self.wait_ready else None,
+            "copy-mode": self.copy_mode,
         }
 
     def open_target(self) -> Layer:

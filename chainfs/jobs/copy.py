@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 
-from ..control import CopyCmd
+from ..control import BACKGROUND, CopyCmd
 from ..formats.base import Layer
 from ..formats.qcow2 import create_image
 from . import journal
@@ -45,12 +45,19 @@ FULL, TOP = "full", "top"
 
 
 def start(served: Served, cmd: CopyCmd) -> None:
-    """``copy DEST [sync=full|top] [speed=RATE] [wait=ready]``: DEST must be new and in
-    a directory chainfs may write to; the job creates it when it starts."""
+    """``copy DEST [sync=full|top] [speed=RATE] [wait=ready] [copy-mode=MODE]``: DEST
+    must be new and in a directory chainfs may write to; the job creates it when it
+    starts."""
     refuse_busy(served)
     dest = check_target(served, cmd.dest)
     job = CopyJob(
-        served.next_id("copy"), served, dest, cmd.sync, speed=cmd.speed, wait_ready=cmd.wait_ready
+        served.next_id("copy"),
+        served,
+        dest,
+        cmd.sync,
+        speed=cmd.speed,
+        wait_ready=cmd.wait_ready,
+        copy_mode=cmd.copy_mode,
     )
     launch(served, job)
 
@@ -66,6 +73,7 @@ def resume(served: Served, p: Pending) -> None:
         str(p.params.get("sync") or FULL),
         speed=int(p.params.get("speed") or 0),
         wait_ready=p.params.get("wait") == "ready",
+        copy_mode=str(p.params.get("copy-mode") or BACKGROUND),
     )
     launch(served, job, resumes=p)
 
@@ -74,16 +82,24 @@ class CopyJob(MirrorJob):
     type = "copy"
 
     def __init__(
-        self, job_id: str, served: Served, dest: str, sync: str, *, speed: int, wait_ready: bool
+        self,
+        job_id: str,
+        served: Served,
+        dest: str,
+        sync: str,
+        *,
+        speed: int,
+        wait_ready: bool,
+        copy_mode: str = BACKGROUND,
     ) -> None:
-        super().__init__(job_id, served, speed=speed, wait_ready=wait_ready)
+        super().__init__(job_id, served, speed=speed, wait_ready=wait_ready, copy_mode=copy_mode)
         self.dest = dest
         self.sync = sync
         self.created = False
         self.len = served.chain.size
 
     def details(self) -> list[tuple[str, object]]:
-        return [("dest", self.dest), ("sync", self.sync)]
+        return [("dest", self.dest), ("sync", self.sync), *super().details()]
 
     def intent(self) -> dict[str, object]:
         return {
@@ -91,6 +107,7 @@ class CopyJob(MirrorJob):
             "sync": self.sync,
             "speed": self.speed,
             "wait": "ready" if self.wait_ready else None,
+            "copy-mode": self.copy_mode,
         }
 
     def open_target(self) -> Layer:

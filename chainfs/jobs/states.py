@@ -47,8 +47,9 @@ STATES: tuple[str, ...] = (
 # -- verbs (QEMU's JobVerb names) ---------------------------------------------------------
 
 CANCEL, PAUSE, RESUME, SET_SPEED, COMPLETE = "cancel", "pause", "resume", "set-speed", "complete"
+CHANGE = "change"
 
-VERB_NAMES: tuple[str, ...] = (CANCEL, PAUSE, RESUME, SET_SPEED, COMPLETE)
+VERB_NAMES: tuple[str, ...] = (CANCEL, PAUSE, RESUME, SET_SPEED, COMPLETE, CHANGE)
 
 # fmt: off
 # The state transition table (JobSTT): row = from, column = to.
@@ -71,9 +72,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     state: frozenset(to for to, ok in zip(STATES, row, strict=True) if ok)
     for state, row in _STT.items()
 }
-# The verb table (JobVerbTable), as the states that accept each verb: pause, resume and
-# set-speed act on a job that is alive; cancel until it is on its way out; complete
-# only a job that reported ready
+# The verb table (JobVerbTable), as the states that accept each verb: pause, resume,
+# set-speed and change (QEMU's block-job-change) act on a job that is alive; cancel until
+# it is on its way out; complete only a job that reported ready
 _ALIVE = frozenset({CREATED, RUNNING, PAUSED, READY, STANDBY})
 VERBS: dict[str, frozenset[str]] = {
     CANCEL: _ALIVE | {WAITING, PENDING},
@@ -81,6 +82,7 @@ VERBS: dict[str, frozenset[str]] = {
     RESUME: _ALIVE,
     SET_SPEED: _ALIVE,
     COMPLETE: frozenset({READY, STANDBY}),
+    CHANGE: _ALIVE,
 }
 
 # states a job only passes through on its way out

@@ -130,6 +130,7 @@ CONTROL_FILES = (
     "speed",
     "pause",
     "resume",
+    "change",
 )
 CHAINS = ["seed-E", "rawbase-E", "short-top", "mixed-top", "abs-top", "dd-top"]
 

@@ -30,6 +30,7 @@ from chainfs.jobs import states
 from chainfs.jobs.states import (
     ABORTING,
     CANCEL,
+    CHANGE,
     COMPLETE,
     CONCLUDED,
     CREATED,
@@ -53,6 +54,9 @@ JOBHOLD = Path(__file__).with_name("jobhold.py")
 # the control file of each verb, and what it is written with besides the job id
 FILES = {CANCEL: "cancel", PAUSE: "pause", RESUME: "resume", SET_SPEED: "speed"}
 FILES[COMPLETE] = "complete"
+FILES[CHANGE] = "change"
+# what each verb is written with after the job id
+ARGS = {SET_SPEED: " 2M", CHANGE: " copy-mode=write-blocking"}
 HELD = (CREATED, WAITING, PENDING, ABORTING)
 
 # every refused command is logged as a warning by the server
@@ -131,11 +135,11 @@ def start_copy(h: Held, state: str) -> str:
 
 
 def send(m: Mount, verb: str, job: str) -> None:
-    m.command(NAME, FILES[verb], f"{job} 2M" if verb == SET_SPEED else job)
+    m.command(NAME, FILES[verb], job + ARGS.get(verb, ""))
 
 
 def refused(m: Mount, verb: str, job: str, err: int) -> str:
-    return m.refuse(NAME, FILES[verb], f"{job} 2M" if verb == SET_SPEED else job, err)["reason"]
+    return m.refuse(NAME, FILES[verb], job + ARGS.get(verb, ""), err)["reason"]
 
 
 def finish(h: Held, job: str) -> None:
@@ -191,6 +195,10 @@ def test_every_verb_in_every_state(held: Held, state: str, verb: str) -> None:
             elif verb == SET_SPEED:
                 line = job_line(m)
                 assert line is not None and line["speed"] == str(2 * MiB)
+            elif verb == CHANGE:  # a copy is a mirror: it switches, in the state it is in
+                line = job_line(m)
+                assert line is not None and line["copy-mode"] == "write-blocking", line
+                assert line["status"] == state, line
             elif verb == COMPLETE:
                 end = m.wait_job(NAME, job)
                 assert end["event"] == "JOB_COMPLETED" and "error" not in end, end

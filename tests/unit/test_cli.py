@@ -526,6 +526,25 @@ def test_status_drawing() -> None:
     assert "vm2 (/srv/vm2.qcow2): '/srv/vm2.qcow2' is encrypted" in text
 
 
+def test_status_drawing_of_a_mirror_says_what_is_left() -> None:
+    job = {"id": "copy-2", "type": "copy", "status": "ready", "offset": 96 << 20}
+    job |= {"len": 96 << 20, "speed": 0, "copy-mode": "background", "remaining": 3 << 20}
+    info = {
+        "daemon": {"pid": 7, "source": "/srv", "mountpoint": "/mnt", "readonly": False},
+        "chains": [
+            {
+                "chain": "vm1",
+                "status": "served",
+                "active": "/srv/E.qcow2",
+                "layers": [layer("E.qcow2", "active", 1 << 20)],
+                "jobs": [job],
+            }
+        ],
+    }
+    text = cli.render_status(info)
+    assert "job copy-2: copy ready 100% (96 MiB of 96 MiB, 3 MiB left, background)" in text
+
+
 def test_typed_values() -> None:
     assert cli._typed({"pid": "12", "name": "7", "readonly": "true", "len": "x"}) == {
         "pid": 12,

@@ -13,6 +13,7 @@ from chainfs.control import (
     COMMANDS,
     MAX_COMMAND,
     CancelCmd,
+    ChangeCmd,
     Command,
     CommandError,
     CommitCmd,
@@ -77,6 +78,13 @@ ACCEPTED: list[tuple[str, bytes, Command]] = [
     ("speed", b'"stream-1" 512k', SpeedCmd("stream-1", 512 << 10)),
     ("pause", b"commit-2\n", PauseCmd("commit-2")),
     ("resume", b"commit-2", ResumeCmd("commit-2")),
+    # the copy mode of a mirror (QEMU's MirrorCopyMode) and block-job-change
+    ("copy", b"D copy-mode=write-blocking", CopyCmd("D", copy_mode="write-blocking")),
+    ("copy", b"copy-mode=background D", CopyCmd("D", copy_mode="background")),
+    ("commit", b"copy-mode=write-blocking", CommitCmd(copy_mode="write-blocking")),
+    ("commit", b"wait=ready", CommitCmd(wait_ready=True, copy_mode=None)),
+    ("change", b"copy-1 copy-mode=write-blocking\n", ChangeCmd("copy-1", "write-blocking")),
+    ("change", b"copy-mode=background commit-2", ChangeCmd("commit-2", "background")),
 ]
 
 
@@ -96,7 +104,7 @@ def test_all_defaults_must_be_spelled_out(kind: str) -> None:
 def test_commands_listed() -> None:
     assert set(COMMANDS) == {
         *("snapshot", "stream", "commit", "copy"),
-        *("cancel", "complete", "speed", "pause", "resume"),
+        *("cancel", "complete", "speed", "pause", "resume", "change"),
     }
 
 
@@ -125,6 +133,13 @@ REJECTED: list[tuple[str, bytes, str]] = [
     ("snapshot", b"F G", "snapshot takes one file, got 'F' and 'G'"),
     ("snapshot", b"file=F", "unknown key 'file' for snapshot"),
     ("copy", b"speed=1M wait=ready", "copy needs a destination"),
+    ("copy", b"D copy-mode=sync", "copy-mode must be 'background' or 'write-blocking', got 'sync'"),
+    ("commit", b"copy-mode=", "empty value for 'copy-mode'"),
+    ("stream", b"copy-mode=write-blocking", "unknown key 'copy-mode' for stream"),
+    ("change", b"copy-1", "change needs copy-mode=write-blocking"),
+    ("change", b"copy-mode=write-blocking", "change needs a job"),
+    ("change", b"copy-1 speed=1M", "unknown key 'speed' for change"),
+    ("change", b"copy-1 copy-mode=active", "copy-mode must be 'background' or 'write-blocking'"),
     ("stream", b"B C", "stream takes one layer, got 'B' and 'C'"),
     ("stream", b"sped=1M", "unknown key 'sped' for stream"),
     ("stream", b"wait=ready", "unknown key 'wait' for stream"),

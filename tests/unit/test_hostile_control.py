@@ -21,6 +21,7 @@ from chainfs.control import (
     COMMANDS,
     MAX_COMMAND,
     CancelCmd,
+    ChangeCmd,
     Command,
     CommandError,
     CommitCmd,
@@ -40,18 +41,19 @@ from chainfs.control import (
 GRAMMAR: dict[str, tuple[frozenset[str], bool, bool]] = {
     "snapshot": (frozenset(), True, True),
     "stream": (frozenset({"base", "node", "speed"}), True, False),
-    "commit": (frozenset({"top", "base", "speed", "wait"}), False, False),
-    "copy": (frozenset({"sync", "speed", "wait"}), True, True),
+    "commit": (frozenset({"top", "base", "speed", "wait", "copy-mode"}), False, False),
+    "copy": (frozenset({"sync", "speed", "wait", "copy-mode"}), True, True),
     "cancel": (frozenset(), True, True),
     "complete": (frozenset(), True, True),
     "speed": (frozenset(), True, True),  # two bare words: JOB RATE
     "pause": (frozenset(), True, True),
     "resume": (frozenset(), True, True),
+    "change": (frozenset({"copy-mode"}), True, True),  # copy-mode required
 }
-ALL_KEYS = ("base", "node", "top", "speed", "sync", "wait", "file", "job")
+ALL_KEYS = ("base", "node", "top", "speed", "sync", "wait", "file", "job", "copy-mode")
 GOOD = {"base": "A.qcow2", "node": "D.qcow2", "top": "C.qcow2", "speed": "10M", "sync": "top"}
-GOOD |= {"wait": "ready", "file": "F", "job": "stream-1"}
-BAD = {"speed": "fast", "sync": "mirror", "wait": "now"}
+GOOD |= {"wait": "ready", "file": "F", "job": "stream-1", "copy-mode": "write-blocking"}
+BAD = {"speed": "fast", "sync": "mirror", "wait": "now", "copy-mode": "sync"}
 
 
 def outcome(kind: str, data: bytes) -> Command | CommandError:
@@ -87,10 +89,22 @@ def expected(kind: str, keys: dict[str, str], bare: list[str]) -> Command | None
         if main is not None and "base" in keys:
             return None
         return StreamCmd(base=main or keys.get("base"), node=keys.get("node"), speed=speed)
+    mode = keys.get("copy-mode")
     if kind == "commit":
-        return CommitCmd(top=keys.get("top"), base=keys.get("base"), speed=speed, wait_ready=ready)
+        return CommitCmd(
+            top=keys.get("top"),
+            base=keys.get("base"),
+            speed=speed,
+            wait_ready=ready,
+            copy_mode=mode,
+        )
     if kind == "copy":
-        return CopyCmd(main or "", sync=keys.get("sync", "full"), speed=speed, wait_ready=ready)
+        sync = keys.get("sync", "full")
+        return CopyCmd(
+            main or "", sync=sync, speed=speed, wait_ready=ready, copy_mode=mode or "background"
+        )
+    if kind == "change":
+        return None if mode is None else ChangeCmd(main or "", mode)
     if kind == "cancel":
         return CancelCmd(main or "")
     if kind == "pause":

@@ -23,6 +23,7 @@ from chainfs.jobs.base import Job, JobCancelled
 from chainfs.jobs.states import (
     ABORTING,
     CANCEL,
+    CHANGE,
     COMPLETE,
     CONCLUDED,
     CREATED,
@@ -60,6 +61,7 @@ VERB_TABLE = {
     RESUME: "1 1 1 1 1 0 0 0 0",
     SET_SPEED: "1 1 1 1 1 0 0 0 0",
     COMPLETE: "0 0 0 1 1 0 0 0 0",
+    CHANGE: "1 1 1 1 1 0 0 0 0",
 }
 
 
@@ -210,13 +212,16 @@ def test_every_verb_in_every_state(
             refused |= verb == PAUSE and state in (PAUSED, STANDBY)
             refused |= verb == RESUME and state not in (PAUSED, STANDBY)
             refused |= verb == COMPLETE and state == STANDBY
-            send = {
+            refused |= verb == CHANGE  # a job that is no mirror has no copy mode to change
+            sends: dict[str, Callable[[], None]] = {
                 CANCEL: job.user_cancel,
                 PAUSE: job.user_pause,
                 RESUME: job.user_resume,
                 SET_SPEED: lambda: job.set_speed(1 << 20),
                 COMPLETE: job.user_complete,
-            }[verb]
+                CHANGE: lambda: job.user_change("write-blocking"),
+            }
+            send = sends[verb]
             if refused:
                 with pytest.raises(JobStateError) as info:
                     send()
@@ -384,3 +389,18 @@ def test_job_cancelled_is_what_checkpoint_raises() -> None:
             await job.checkpoint(0)
 
     trio.run(main)
+
+
+def test_change_is_refused_by_a_job_that_is_no_mirror() -> None:
+    # QEMU's block_job_change: the verb table first, then "Job type does not support change"
+    job = Looping()
+    with pytest.raises(JobStateError) as info:
+        job.user_change("write-blocking")
+    assert info.value.errno == errno.EINVAL
+    assert str(info.value) == (
+        "job 'loop-1' is a loop job: its type does not support change (only copy and "
+        "active commit have a copy mode)"
+    )
+    job._status = CONCLUDED  # the table refuses before the job is asked
+    with pytest.raises(JobStateError, match="in state 'concluded' cannot accept 'change'"):
+        job.user_change("write-blocking")
