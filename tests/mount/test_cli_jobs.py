@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from interop import images as im
 
+from chainfs import features
 from chainfs.control import parse_line
 
 from .conftest import (
@@ -90,6 +91,8 @@ def test_status_json(mount: Mount) -> None:
         "source": str(mount.source),
         "mountpoint": str(mount.mountpoint),
         "readonly": False,
+        "pyfuse3": features.pyfuse3_version(),
+        "holes": features.holes(),
     }
     served, refused = info["chains"]
     assert served["chain"] == "E" and served["status"] == "served" and served["jobs"] == []
