@@ -54,7 +54,13 @@ JOB_HELP = {
     "resume": "JOB: resume a paused job (job-resume)",
     "change": "JOB copy-mode=write-blocking: copy a copy's or active commit's guest writes "
     "before they are acknowledged from now on (block-job-change)",
+    "adopt": "[timeout=SECONDS]: take over a chain whose owner (another host or mount) "
+    "died: wait for its locks, then finish or resume its jobs here",
+    "inactivate": ": flush the chain and give it up for another host to activate (live "
+    "migration); refused while a job runs",
+    "activate": ": serve read-write a chain another host inactivated",
 }
+HOST_COMMANDS = ("adopt", "inactivate", "activate")
 IMAGE_COMMANDS = ("info", "check", "digest")
 POLL_INTERVAL = 0.2  # how often --wait looks at the job
 PLAIN_INTERVAL = 1.0  # how often --wait prints a progress line when not on a terminal
@@ -125,6 +131,7 @@ def cmd_mount(ns: argparse.Namespace) -> int:
     from .mount import parse_options, serve
 
     opts = parse_options(ns.options)
+    opts.adopt += ns.adopt
     if ns.foreground:
         logs.setup(debug=opts.debug, syslog=False)
         serve(ns.source, ns.mountpoint, opts)
@@ -298,6 +305,13 @@ def render_status(info: dict[str, Any]) -> str:
         size = human_size(int(layers[0]["virtual-size"])) if layers else "?"
         lines.append("")
         lines.append(f"{c['chain']}  {size}  {draw_chain(layers)}")
+        owner = c.get("owner")
+        if owner == "elsewhere":
+            lines.append(f"{c['chain']}: served read-only, owned by {c.get('holder', '?')}")
+        elif owner == "none" and d.get("readonly") is not True:
+            lines.append(f"{c['chain']}: served read-only, owned by nobody (activate or adopt it)")
+        elif owner == "lost":
+            lines.append(f"{c['chain']}: lost ownership: {c.get('reason', '?')}")
         width = max((len(str(x["name"])) for x in layers), default=0)
         for x in layers:
             lines.append(
@@ -354,7 +368,8 @@ def cmd_job(ns: argparse.Namespace) -> int:
         raise ChainfsError(f"no chain {ns.chain!r} under {os.path.abspath(ns.mountpoint)!r}")
     mark = os.path.getsize(events)
     args = list(ns.args)
-    if not args and ns.command in ("stream", "commit"):
+    if ns.command in HOST_COMMANDS:
+        args = [ns.chain, *args]  # the control file wants the chain's name
         # every argument has a default, but an empty write is refused (so that a stray
         # truncation of the file is no command): spell the default speed out instead
         args = ["speed=0"]
@@ -368,6 +383,8 @@ def cmd_job(ns: argparse.Namespace) -> int:
     except OSError as e:
         reason = _rejection(events, mark) or (e.strerror or str(e)).lower()
         raise ChainfsError(f"{ns.command} refused: {reason}") from None
+    if ns.command == "adopt":
+        return _wait_adopted(ns.mountpoint, ns.chain, events, mark, sys.stderr)
     if not ns.wait or ns.command in ("snapshot", "pause"):
         return 0  # (a paused job would be followed until someone resumes it)
     follower = Follower(ns.mountpoint, ns.chain, events, mark, sys.stderr)
@@ -376,6 +393,39 @@ def cmd_job(ns: argparse.Namespace) -> int:
         follower.cancelling = ns.command == "cancel"
     follower.until_ready = "wait=ready" in ns.args
     return follower.run()
+
+
+def _wait_adopted(mountpoint: str, chain: str, events: str, mark: int, out: TextIO) -> int:
+    """Follow an ``adopt`` until the chain is owned here or the daemon gives up,
+    saying every few seconds how long the wait may still last."""
+    started = time.monotonic()
+    timeout: float | None = None
+    said = 0.0
+    reader = EventReader(events, mark)
+    while True:
+        for e in reader.read():
+            if e.get("event") == "ADOPT_STARTED" and e.get("timeout", "").isdigit():
+                timeout = float(e["timeout"])
+            elif e.get("event") == "OWNERSHIP_TAKEN":
+                print(f"{chain}: adopted, served read-write", file=out)
+                return 0
+            elif e.get("event") == "ADOPT_FAILED":
+                raise ChainfsError(f"adopt failed: {e.get('reason', '?')}")
+        now = time.monotonic()
+        if now - said >= 5:
+            said = now
+            left = f", {max(0, timeout - (now - started)):.0f} s left" if timeout else ""
+            holder = next(
+                (c.get("holder") for c in _read_status(mountpoint) if c.get("chain") == chain),
+                None,
+            )
+            print(
+                f"{chain}: waiting for the owner's lock{left}"
+                + (f" (owned by {holder})" if holder else ""),
+                file=out,
+                flush=True,
+            )
+        time.sleep(POLL_INTERVAL)
 
 
 def _rejection(events: str, mark: int) -> str | None:
@@ -687,7 +737,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="ro, allow_other, debug, allow_dir=PATH, allow_backing=PATH (repeatable)",
+        help="ro, allow_other, debug, allow_dir=PATH, allow_backing=PATH, lease=SECONDS, "
+        "adopt=CHAIN (repeatable)",
+    )
+    mount.add_argument(
+        "--adopt",
+        action="append",
+        default=[],
+        metavar="CHAIN",
+        help="take over CHAIN from a dead owner: wait for its locks, then finish or resume "
+        "its jobs here (repeatable)",
     )
     umount = _subcommand(
         sub, cmd_umount, "umount MOUNTPOINT", "unmount cleanly and wait for the daemon"

@@ -32,7 +32,13 @@ COMMANDS: tuple[str, ...] = (
     "pause",
     "resume",
     "change",
+    "adopt",
+    "inactivate",
+    "activate",
 )
+# many hosts: a chain's ownership moves (adopt takes it from a dead owner, inactivate
+# gives it up for another host to activate)
+HOST_VERBS: tuple[str, ...] = ("adopt", "inactivate", "activate")
 # the commands that act on a running job (QEMU's job verbs), each naming the job
 JOB_VERBS: tuple[str, ...] = ("cancel", "complete", "speed", "pause", "resume", "change")
 SYNC_MODES: tuple[str, ...] = ("full", "top")
@@ -119,6 +125,17 @@ class ChangeCmd(VerbCmd):
     copy_mode: str
 
 
+@dataclass(frozen=True)
+class HostCmd:
+    """``adopt``, ``inactivate`` or ``activate``, naming the chain it is written for (a
+    stray write moves no chain); ``adopt`` also takes ``timeout=SECONDS``, how long to
+    wait for the owner's lock."""
+
+    kind: str
+    chain: str
+    timeout: float | None = None
+
+
 Command: TypeAlias = (
     SnapshotCmd
     | StreamCmd
@@ -130,6 +147,7 @@ Command: TypeAlias = (
     | PauseCmd
     | ResumeCmd
     | ChangeCmd
+    | HostCmd
 )
 
 # Per command: the keys it accepts, and what its bare word is called (None: it takes none).
@@ -366,6 +384,8 @@ def parse_command(kind: str, data: bytes) -> Command:
 
     Only the grammar is checked here: whether layers, files and jobs exist is the caller's.
     """
+    if kind in HOST_VERBS:
+        return _parse_host(kind, _decode(data))
     if kind not in _KEYS:
         raise _invalid(f"unknown control file {_show(kind)}")
     text = _decode(data)
@@ -468,3 +488,29 @@ def parse_command(kind: str, data: bytes) -> Command:
             raise _invalid("change needs copy-mode=write-blocking")
         return ChangeCmd(job=main, copy_mode=copy_mode)
     return CompleteCmd(job=main)
+
+
+def _parse_host(kind: str, text: str) -> HostCmd:
+    if not text.strip(_SEPARATORS):
+        raise _invalid(f"empty command; write the chain's name to {kind} it")
+    try:
+        tokens = _tokenize(text)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+    timeout: float | None = None
+    words = [t.text for t in tokens if t.eq is None]
+    if len(words) != 1:
+        raise _invalid(f"{kind} takes one word, the chain's name, got {len(words)}")
+    _check_value("chain", words[0])
+    for token in tokens:
+        if token.eq is None:
+            continue
+        key, value = token.text[: token.eq], token.text[token.eq + 1 :]
+        if kind != "adopt" or key != "timeout":
+            raise _invalid(f"unknown key {_show(key)} for {kind}")
+        if timeout is not None:
+            raise _invalid("repeated key 'timeout'")
+        if not value.isdigit() or len(value) > 9:
+            raise _invalid(f"timeout must be a number of seconds, got {_show(value)}")
+        timeout = float(value)
+    return HostCmd(kind=kind, chain=words[0], timeout=timeout)

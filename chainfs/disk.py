@@ -23,12 +23,14 @@ from dataclasses import dataclass
 
 from .chain import Chain
 from .control import (
+    HOST_VERBS,
     CancelCmd,
     ChangeCmd,
     CommandError,
     CommitCmd,
     CompleteCmd,
     CopyCmd,
+    HostCmd,
     PauseCmd,
     ResumeCmd,
     SnapshotCmd,
@@ -37,12 +39,14 @@ from .control import (
     format_line,
     parse_command,
 )
-from .errors import ChainfsError
+from .errors import ChainfsError, ReadOnlyError
 from .eventlog import EventLog
+from .hostfile import HostIOError
 from .jobs import commit, copy, snapshot, stream
 from .jobs.base import CONCLUDED, Job
 from .jobs.journal import Journal, Pending
 from .jobs.served import Spawn
+from .ownership import OWNER_SUFFIX, chain_file, describe_holder, is_locked
 from .source import Source
 
 log = logging.getLogger(__name__)
@@ -112,11 +116,73 @@ class Disk:
         self.spawn = spawn
         self.next_id = next_id if next_id is not None else self.events.next_id
         self.others = others  # the mount's disks (this one among them, or not)
+        # many hosts (``ownership``): whether this mount owns the chain (serves it
+        # read-write); who does when another mount does; why it was lost (fenced)
+        self.owned = not readonly
+        self.holder: str | None = None
+        self.fenced: str | None = None
+        # adopt, inactivate, activate: carried out by the mount (``hosts``)
+        self.hosts: Callable[[Disk, HostCmd], None] | None = None
         # the flat file's times start as those of the newest image file: they stay the
         # same from one mount to the next as long as nothing is written
         self.mtime_ns = self.ctime_ns = max(_mtime_ns(x.path) for x in chain.layers)
 
     # -- what the control files show ------------------------------------------------------
+
+    @property
+    def writable_here(self) -> bool:
+        return self.owned and self.fenced is None and not self.readonly
+
+    def owner_pairs(self) -> list[tuple[str, object]]:
+        """Who owns the chain, as ``chain`` and ``.status`` show it."""
+        if self.fenced is not None:
+            return [("owner", "lost"), ("reason", self.fenced)]
+        if self.owned:
+            return [("owner", "self")]
+        directory = self.source.directory
+        if is_locked(chain_file(directory, self.name, OWNER_SUFFIX)):
+            self.holder = describe_holder(directory, self.name)
+            return [("owner", "elsewhere"), ("holder", self.holder)]
+        self.holder = None
+        return [("owner", "none")]
+
+    def check_writable(self) -> None:
+        """Raise what a write to the flat file gets when this mount may not write."""
+        if self.fenced is not None:
+            raise HostIOError(f"lost ownership of {self.name}: {self.fenced}", errno.EIO)
+        if not self.owned and not self.readonly:
+            holder = self.holder or "nobody (activate or adopt it)"
+            raise ReadOnlyError(f"chain {self.name!r} is served read-only: owned by {holder}")
+
+    def check_owner(self, e: ChainfsError) -> None:
+        """After an error writing a locked file: an EIO may mean the lock is lost (the
+        storage took it away); if the owner file cannot be written either, fence."""
+        if e.errno != errno.EIO or not self.owned or self.fenced is not None:
+            return
+        ownership = self.source.owned.get(self.name)
+        if ownership is None:
+            return
+        try:
+            ownership.heartbeat()
+        except OSError as err:
+            self.fence(f"{e}; the owner file cannot be written either: {err.strerror}")
+
+    def fence(self, reason: str) -> None:
+        """Ownership is lost: from now on nothing is written (the guest gets EIO, the
+        job stops, no file is touched); chainfs never takes the chain again by itself."""
+        if self.fenced is not None:
+            return
+        self.fenced = reason
+        ownership = self.source.owned.get(self.name)
+        if ownership is not None:
+            ownership.fence(reason)
+        self.chain.writable = False  # no periodic write-back either
+        self.events.writable = False  # the history on disk belongs to the next owner
+        log.error("lost ownership of %s: %s", self.name, reason)
+        self.emit("OWNERSHIP_LOST", reason=reason)
+        job = self.job
+        if job is not None and job.status != CONCLUDED:
+            job.suspend()
 
     def chain_text(self) -> bytes:
         lines = []
@@ -137,6 +203,7 @@ class Disk:
                         ("virtual-size", layer.virtual_size),
                         ("allocated", layer.allocated_bytes()),
                         ("role", role),
+                        *self.owner_pairs(),
                     ]
                 )
             )
@@ -170,6 +237,27 @@ class Disk:
         try:
             if self.readonly:
                 raise CommandError(errno.EROFS, "the mount is read-only")
+            if kind in HOST_VERBS:
+                cmd = parse_command(kind, data)
+                assert isinstance(cmd, HostCmd)
+                if cmd.chain != self.name:
+                    raise CommandError(
+                        errno.EINVAL,
+                        f"{kind} names chain {cmd.chain!r}; write this chain's name "
+                        f"({self.name}) to {kind} it",
+                    )
+                if self.hosts is None:
+                    raise CommandError(errno.EOPNOTSUPP, f"{kind} is not available here")
+                self.hosts(self, cmd)
+                w.text = data
+                return
+            if self.fenced is not None:
+                raise CommandError(errno.EIO, f"lost ownership of {self.name}: {self.fenced}")
+            if not self.owned:
+                holder = self.holder or "nobody (activate or adopt it)"
+                raise CommandError(
+                    errno.EROFS, f"chain {self.name!r} is served read-only: owned by {holder}"
+                )
             if w.refused:
                 raise CommandError(
                     errno.EINVAL,

@@ -5,6 +5,7 @@
     MOUNTPOINT/control/NAME/{chain,jobs,events}               read
     MOUNTPOINT/control/NAME/{snapshot,stream,commit,copy}                   write
     MOUNTPOINT/control/NAME/{cancel,complete,speed,pause,resume,change}     write (job verbs)
+    MOUNTPOINT/control/NAME/{adopt,inactivate,activate}     write (ownership, many hosts)
 
 This class only translates: requests become calls on ``Disk``/``Chain``, and chainfs
 errors become ``FUSEError`` here and nowhere else.  Any other exception is logged and
@@ -46,7 +47,7 @@ ROOT = pyfuse3.ROOT_INODE
 CONTROL = 2
 STATUS = 3
 FIRST_CHAIN = 16
-PER_CHAIN = 16
+PER_CHAIN = 32
 IMG, DIR = 0, 1
 READ_FILES = ("chain", "jobs", "events")
 WRITE_FILES = COMMANDS  # snapshot stream commit copy, then the job verbs
@@ -154,7 +155,8 @@ class Operations(pyfuse3.Operations):
         disk, part = found
         a.st_nlink = 1
         if part == IMG:
-            a.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o400 if self.readonly else 0o600))
+            writable = not self.readonly and disk.writable_here
+            a.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o600 if writable else 0o400))
             a.st_size = disk.chain.size
             # the data SEEK_DATA finds, as last counted (never a walk per stat)
             a.st_blocks = -(-disk.chain.allocated() // 512)
@@ -195,7 +197,12 @@ class Operations(pyfuse3.Operations):
         for disk in self.disks:
             lines.append(
                 format_line(
-                    [("chain", disk.name), ("status", "served"), ("active", disk.chain.active.path)]
+                    [
+                        ("chain", disk.name),
+                        ("status", "served"),
+                        ("active", disk.chain.active.path),
+                        *disk.owner_pairs(),
+                    ]
                 )
             )
         for r in self.source.refused:
@@ -291,8 +298,11 @@ class Operations(pyfuse3.Operations):
         if part == IMG:
             if writing and self.readonly:
                 raise pyfuse3.FUSEError(errno.EROFS)
+            if writing:
+                disk.check_writable()
             self.handles[fh] = Handle(inode, disk, flat=disk.chain)
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            # a chain served for another host's writes: its page cache cannot be kept
+            return pyfuse3.FileInfo(fh=fh, keep_cache=disk.owned, direct_io=not disk.owned)
         name = CONTROL_FILES[part - 2]
         if name in READ_FILES:
             if writing:
@@ -309,6 +319,8 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
         if h.flat is not None:
+            if h.disk is not None and h.flat is not h.disk.chain:
+                h.flat = h.disk.chain  # reopened by a hand-over
             # pyfuse3 takes any contiguous buffer; a bytearray saves a copy
             return cast(bytes, h.flat.read(off, size))
         if h.data is not None:
@@ -329,8 +341,13 @@ class Operations(pyfuse3.Operations):
             if off >= size:
                 raise pyfuse3.FUSEError(errno.ENOSPC)
             n = min(len(buf), size - off)
+            disk.check_writable()
             disk.touch()  # before the host write, so the images' mtimes are never older
-            disk.chain.write(off, memoryview(buf)[:n])
+            try:
+                disk.chain.write(off, memoryview(buf)[:n])
+            except ChainfsError as e:
+                disk.check_owner(e)  # an EIO from a locked file may be a lost lock
+                raise
             return n
         try:
             disk.command(CONTROL_FILES[part - 2], bytes(buf), h.writer)
@@ -347,7 +364,8 @@ class Operations(pyfuse3.Operations):
         if whence not in (SEEK_DATA, SEEK_HOLE):
             raise pyfuse3.FUSEError(errno.EINVAL)
         if h.flat is not None:
-            found = h.flat.seek_data(off) if whence == SEEK_DATA else h.flat.seek_hole(off)
+            flat = h.disk.chain if h.disk is not None else h.flat
+            found = flat.seek_data(off) if whence == SEEK_DATA else flat.seek_hole(off)
             if found is None:
                 raise pyfuse3.FUSEError(errno.ENXIO)
             return found
@@ -372,9 +390,10 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         if self.readonly:
             raise pyfuse3.FUSEError(errno.EROFS)
+        h.disk.check_writable()
         if off < 0 or length <= 0:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        chain, size = h.flat, h.flat.size
+        chain, size = h.disk.chain, h.disk.chain.size
         keep = bool(mode & FALLOC_FL_KEEP_SIZE)
         op = mode & ~FALLOC_FL_KEEP_SIZE
         if op not in (0, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE) or (
@@ -395,7 +414,13 @@ class Operations(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handles.get(fh)
         if h is not None and h.disk is not None:
-            h.disk.chain.flush()
+            if h.disk.fenced is not None:
+                h.disk.check_writable()
+            try:
+                h.disk.chain.flush()
+            except ChainfsError as e:
+                h.disk.check_owner(e)
+                raise
             h.disk.chain.refresh_allocation()  # st_blocks, if writes changed the data
 
     async def flush(self, fh: int) -> None:

@@ -7,18 +7,28 @@ the jobs, a signal watcher (SIGTERM/SIGINT/SIGHUP end the mount cleanly) and a p
 metadata write-back.  Each resource pushes its own cleanup on an ``AsyncExitStack``, as
 s3ql's mount does; when the loop ends, for whatever reason, running jobs are stopped
 (their chains unchanged, for the next mount to resume), every image is flushed and
-closed clean, the journal is closed and the mountpoint released, in that order.
+closed clean, the journals are closed, the chains' locks released and the mountpoint
+released, in that order.
+
+Many hosts may mount one source directory (``ownership``): at bring-up this mount takes
+the owner lock of every chain nobody else owns and serves those read-write; a chain
+another mount owns is served read-only (its layers unlocked, as ``qemu-img -U`` reads,
+the flat file 0400, writes EROFS) and shown as owned elsewhere.  ``--adopt CHAIN`` waits
+for a dead owner's lock before that.  While serving, the owner file of each owned chain
+is rewritten every few seconds (its heartbeat); a heartbeat that fails, or takes more
+than half the storage's lease, fences the chain (``Disk.fence``).  ``adopt``,
+``inactivate`` and ``activate`` move a chain between mounts while serving (``Hosts``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,20 +40,25 @@ from . import features
 from . import source as sources
 from .chain import Chain
 from .confine import Confinement
+from .control import CommandError, HostCmd
 from .disk import Disk
 from .errors import ChainfsError
 from .eventlog import EventLog
 from .fs import Operations
+from .jobs.base import CONCLUDED
 from .jobs.journal import Journal
-from .jobs.recovery import recover, resume_jobs
+from .jobs.recovery import Recovery, recover, recover_chain, resume_jobs
 from .jobs.served import Spawn
 from .logs import Throttle
+from .ownership import OWNER_SUFFIX, OwnedElsewhere, Ownership, chain_file, is_locked
 from .source import Refused
 
 log = logging.getLogger(__name__)
 _throttle = Throttle(log)
 
 WRITE_BACK_INTERVAL = 5.0
+HEARTBEAT_INTERVAL = 5.0  # seconds between two writes of an owned chain's owner file
+LEASE = 90.0  # the storage's lease (NFSv4 servers' default), unless -o lease= says
 # fstab/mount(8) options that mean nothing to chainfs itself
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nofail", "_netdev", "rw"}
 PASSED_OPTIONS = {"nodev", "nosuid", "noexec", "exec", "dev", "suid", "noatime", "atime"}
@@ -57,6 +72,14 @@ class MountOptions:
     allow_dirs: list[str] = field(default_factory=list)
     allow_backing: list[str] = field(default_factory=list)
     fuse: set[str] = field(default_factory=set)
+    adopt: list[str] = field(default_factory=list)  # chains to take over at mount
+    lease: float = LEASE
+
+    @property
+    def adopt_timeout(self) -> float:
+        """How long ``adopt`` waits for a dead owner's locks: its lease, the server's
+        grace period after a restart (as long, by default) and a little more."""
+        return 2 * self.lease + 5
 
 
 def parse_options(values: list[str]) -> MountOptions:
@@ -75,6 +98,17 @@ def parse_options(values: list[str]) -> MountOptions:
                 if not arg or not os.path.isdir(arg):
                     raise ChainfsError(f"allow_dir={arg}: not a directory")
                 opts.allow_dirs.append(os.path.abspath(arg))
+            elif key == "lease":
+                try:
+                    opts.lease = float(arg)
+                except ValueError:
+                    opts.lease = 0.0
+                if not 0 < opts.lease <= 3600:
+                    raise ChainfsError(f"lease={arg}: not a number of seconds (1 to 3600)")
+            elif key == "adopt":
+                if not arg:
+                    raise ChainfsError("adopt= needs a chain name")
+                opts.adopt.append(arg)
             elif key == "allow_backing":
                 if not arg or not os.path.exists(arg):
                     raise ChainfsError(f"allow_backing={arg}: no such file or directory")
@@ -96,15 +130,26 @@ def open_disks(
     src: sources.Source,
     opts: MountOptions,
     spawn: Spawn = _no_nursery,
-    journal: Journal | None = None,
+    journals: dict[str, Journal] | None = None,
 ) -> list[Disk]:
+    """Open every chain of the source: read-write those this process owns (``journals``
+    gets their journals), read-only (unlocked) those owned elsewhere."""
+    journals = journals if journals is not None else {}
     disks: list[Disk] = []
     for spec in src.chains:
         # the chain's layers must lie in the directories the source gives for it or the
         # options allow, so that no flat file shows an arbitrary host file
         confine = Confinement.of([*spec.homes, *opts.allow_dirs, *opts.allow_backing])
+        owned = not opts.readonly and src.owns(spec.name)
+        elsewhere = not owned and is_locked(chain_file(src.directory, spec.name, OWNER_SUFFIX))
         try:
-            chain = Chain.open(spec.active, writable=not opts.readonly, confine=confine)
+            chain = Chain.open(
+                spec.active,
+                writable=owned,
+                # another host writes the chain: its layers are read as qemu-img -U does
+                lock=not elsewhere,
+                confine=confine,
+            )
         except ChainfsError as e:
             log.warning("chain=%s refused: %s", spec.name, e)
             src.refused.append(Refused(spec.name, spec.active, str(e)))
@@ -117,21 +162,26 @@ def open_disks(
         # what snapshot and copy create there joins the chain
         chain.confine = confine.widened(own)
         # the chain's events history and job-id counter, kept beside the state file
-        events = EventLog.open(src.directory, spec.name, writable=not opts.readonly)
-        disks.append(
-            Disk(
-                spec.name,
-                chain,
-                src,
-                allowed_dirs=[*own, *opts.allow_dirs],
-                readonly=opts.readonly,
-                spawn=spawn,
-                others=lambda: disks,
-                events=events,
-            )
+        events = EventLog.open(src.directory, spec.name, writable=owned)
+        disk = Disk(
+            spec.name,
+            chain,
+            src,
+            allowed_dirs=[*own, *opts.allow_dirs],
+            readonly=opts.readonly,
+            spawn=spawn,
+            others=lambda: disks,
+            events=events,
         )
-        if not opts.readonly:
-            disks[-1].journal = journal
+        disk.owned = owned
+        disk.holder = src.elsewhere.get(spec.name)
+        disks.append(disk)
+        if owned:
+            journal = journals.get(spec.name)
+            if journal is None:
+                journal = Journal.load(src.directory, spec.name, ownership=src.owned[spec.name])
+                journals[spec.name] = journal
+            disk.journal = journal
     return disks
 
 
@@ -148,7 +198,6 @@ def serve(
         raise ChainfsError(dead_mount_message(mountpoint))
     if not os.path.isdir(mountpoint):
         raise ChainfsError(f"mountpoint {mountpoint!r} is not a directory")
-    _lock_source(source_path, exclusive=not opts.readonly)
     trio.run(_serve, source_path, mountpoint, opts, ready)
 
 
@@ -175,16 +224,28 @@ async def _serve(
     """Bring-up, each resource pushing its own cleanup; shutdown runs them in reverse:
     jobs stopped (for the next mount to resume), the nursery's tasks ended, the chains
     flushed and closed clean, the journal closed, the mountpoint released."""
-    src, recovery = recover(source_path, readonly=opts.readonly)
-    if not opts.readonly:
-        src.save()
+    owned: dict[str, Ownership] = {}
+    try:
+        if opts.adopt and not opts.readonly:
+            directory = _directory_of(source_path)
+            for name in opts.adopt:
+                owned[name] = await wait_for_owner(directory, name, opts.adopt_timeout)
+        src, recovery = recover(source_path, readonly=opts.readonly, owned=owned)
+    except BaseException:
+        _release(owned)
+        raise
     disks: list[Disk] = []
     fuse = _Fuse(mountpoint)
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(fuse.close)
-        stack.callback(recovery.journal.close)
+        stack.callback(_release, src.owned)
+        stack.callback(recovery.close)
         stack.callback(_close_disks, disks)
-        disks += open_disks(src, opts, journal=recovery.journal)
+        if not opts.readonly:
+            own_chains(src)
+            src.save()
+            src.finish_migration()
+        disks += open_disks(src, opts, journals=recovery.journals)
         for disk in disks:  # (read-only: what waits for a read-write mount)
             disk.interrupted = [p for p in recovery.interrupted if p.chain == disk.name]
         fuse.init(Operations(disks, src, readonly=opts.readonly, mountpoint=mountpoint), opts)
@@ -192,8 +253,10 @@ async def _serve(
         # as it is, not inside an exception group
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.push_async_callback(_stop, disks, nursery)
+        hosts = Hosts(src, opts, disks, recovery, nursery)
         for disk in disks:
             disk.spawn = nursery.start_soon
+            disk.hosts = hosts
         log.info(
             "mounted source=%s mountpoint=%s chains=%d refused=%d pyfuse3=%s holes=%s",
             src.path,
@@ -208,6 +271,8 @@ async def _serve(
         resume_jobs(disks, recovery)
         nursery.start_soon(_watch_signals)
         nursery.start_soon(_write_back, disks)
+        if not opts.readonly:
+            nursery.start_soon(_heartbeat, disks, src, opts.lease)
         # one worker task: every handler runs to its end without waiting (the engine is
         # synchronous under the chain's lock), so more workers would only add a lock
         # hand-off and a task switch to every request (a handler that comes to await
@@ -260,28 +325,197 @@ def _close_disks(disks: list[Disk]) -> None:
             log.exception("chain=%s did not close cleanly", disk.name)
 
 
-def _lock_source(source_path: str, *, exclusive: bool) -> None:
-    """Hold the source's directory for as long as this process lives.
-
-    Its state file and journal belong to one read-write mount at a time: a second one
-    would take the first one's running jobs for interrupted ones and rewrite the files
-    under it.  Read-only mounts share the directory with each other only.  (Image locks
-    alone would merely refuse the second mount every chain.)
-    """
+def _directory_of(source_path: str) -> str:
     path = os.path.abspath(source_path)
-    directory = path if os.path.isdir(path) else os.path.dirname(path)
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return  # no such source: loading it says so
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise ChainfsError(
-            f"the images in {directory!r} are already served by another chainfs mount"
-        ) from None
-    # the descriptor stays open, and the lock held, until the process ends
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def _release(owned: dict[str, Ownership]) -> None:
+    for ownership in owned.values():
+        ownership.release()
+
+
+def own_chains(src: sources.Source) -> None:
+    """Take the owner lock of every chain found that nobody else holds."""
+    for spec in src.chains:
+        if src.owns(spec.name):
+            continue
+        try:
+            src.own(spec.name)
+        except OwnedElsewhere as e:
+            src.elsewhere[spec.name] = e.holder
+            log.info("chain=%s served read-only: owned by %s", spec.name, e.holder)
+
+
+async def wait_for_owner(
+    directory: str,
+    chain: str,
+    seconds: float,
+    progress: Callable[[str], None] | None = None,
+) -> Ownership:
+    """Take ``chain``'s locks, waiting up to ``timeout`` seconds for their holder to die
+    (``kill -9`` frees them at once, a cut-off host's go with its lease); the wait is
+    said every few seconds."""
+    deadline = time.monotonic() + seconds
+    said = 0.0
+    while True:
+        try:
+            return Ownership.acquire(directory, chain)
+        except OwnedElsewhere as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChainfsError(
+                    f"cannot adopt chain {chain!r}: still owned by {e.holder} after {seconds:.0f} s"
+                ) from None
+            if time.monotonic() - said >= 5:
+                said = time.monotonic()
+                message = f"waiting for the owner's lock, {left:.0f} s left ({e.holder})"
+                log.info("chain=%s %s", chain, message)
+                if progress is not None:
+                    progress(message)
+        await trio.sleep(0.2)
+
+
+class Hosts:
+    """``adopt``, ``inactivate`` and ``activate`` of the chains a mount serves.
+
+    Adopt waits (in the background: the write returns at once) for the owner's locks,
+    then runs the chain's journal as a mount's recovery does and serves the chain
+    read-write: what its dead owner's jobs left is finished or resumed here.  Activate
+    is adopt without waiting (the chain was inactivated: nobody holds it).  Inactivate
+    refuses while a job runs ("chain has active block job"); otherwise it flushes,
+    reopens the chain read-only without locks and releases the chain's locks, the flat
+    file staying open (for reading) through it all.
+    """
+
+    def __init__(
+        self,
+        src: sources.Source,
+        opts: MountOptions,
+        disks: list[Disk],
+        recovery: Recovery,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.src, self.opts, self.disks = src, opts, disks
+        self.recovery, self.nursery = recovery, nursery
+        self.adopting: set[str] = set()
+
+    def __call__(self, disk: Disk, cmd: HostCmd) -> None:
+        if cmd.kind == "inactivate":
+            self.inactivate(disk)
+            return
+        if disk.fenced is not None:
+            raise CommandError(
+                errno.EIO,
+                f"lost ownership of {disk.name} ({disk.fenced}): unmount and mount again "
+                "to take it back",
+            )
+        if disk.owned:
+            raise CommandError(errno.EEXIST, f"chain {disk.name!r} is already served read-write")
+        if disk.name in self.adopting:
+            raise CommandError(errno.EBUSY, f"chain {disk.name!r} is being adopted already")
+        if cmd.kind == "activate":
+            try:
+                ownership = Ownership.acquire(self.src.directory, disk.name)
+            except OwnedElsewhere as e:
+                disk.holder = e.holder
+                raise CommandError(
+                    errno.EBUSY, f"chain {disk.name!r} is owned by {e.holder}"
+                ) from None
+            self.take(disk, ownership, "activate")
+            return
+        timeout = cmd.timeout if cmd.timeout is not None else self.opts.adopt_timeout
+        self.adopting.add(disk.name)
+        disk.emit("ADOPT_STARTED", timeout=int(timeout))
+        self.nursery.start_soon(self._adopt, disk, timeout)
+
+    async def _adopt(self, disk: Disk, seconds: float) -> None:
+        try:
+            ownership = await wait_for_owner(self.src.directory, disk.name, seconds)
+            self.take(disk, ownership, "adopt")
+        except ChainfsError as e:
+            log.warning("chain=%s adopt failed: %s", disk.name, e)
+            disk.emit("ADOPT_FAILED", reason=str(e))
+        finally:
+            self.adopting.discard(disk.name)
+
+    def take(self, disk: Disk, ownership: Ownership, how: str) -> None:
+        """Serve ``disk`` read-write under ``ownership`` (just taken): recover its
+        journal, reopen every layer (no stale cache), resume its jobs."""
+        src, name = self.src, disk.name
+        try:
+            src.owned[name] = ownership
+            src._reload(name)  # the record as its last owner left it
+            journal = Journal.load(src.directory, name, ownership=ownership)
+            rec = Recovery(journals={name: journal})
+            recover_chain(src, name, journal, rec)
+            fresh = sources.load(src.path, src.owned)
+            spec = next((c for c in fresh.chains if c.name == name), None)
+            if spec is None:
+                raise ChainfsError(f"chain {name!r} is no longer found in {src.path!r}")
+            src.recorded[name] = spec.active
+            confine = Confinement.of([*spec.homes, *self.opts.allow_dirs, *self.opts.allow_backing])
+            chain = Chain.open(spec.active, writable=True, lock=True, confine=confine)
+        except BaseException:
+            src.owned.pop(name, None)
+            ownership.release()
+            raise
+        old = disk.chain
+        chain.confine = confine.widened(
+            [os.path.dirname(spec.active)] + ([src.directory] if os.path.isdir(src.path) else [])
+        )
+        disk.chain = chain
+        old.close()
+        disk.events.close()
+        history = EventLog.open(src.directory, name, writable=True)
+        disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
+        disk.owned, disk.holder, disk.journal = True, None, journal
+        self.recovery.journals[name] = journal
+        disk.touch()
+        log.info("chain=%s served read-write (%s)", name, how)
+        disk.emit("OWNERSHIP_TAKEN", how=how)
+        resume_jobs([disk], rec)
+
+    def inactivate(self, disk: Disk) -> None:
+        if not disk.owned or disk.fenced is not None:
+            raise CommandError(errno.EINVAL, f"chain {disk.name!r} is not served read-write here")
+        job = disk.job
+        if job is not None and job.status != CONCLUDED:
+            raise CommandError(errno.EBUSY, f"chain has active block job {job.id!r}")
+        name = disk.name
+        disk.chain.flush()
+        chain = Chain.open(disk.chain.active.path, writable=False, lock=False)
+        chain.confine = disk.chain.confine
+        old, disk.chain = disk.chain, chain
+        disk.emit("INACTIVATED")
+        old.close()  # flushed and closed clean; its image locks go
+        disk.events.close()
+        disk.events.writable = False
+        disk.owned, disk.journal, disk.holder = False, None, None
+        self.recovery.journals.pop(name, None)
+        self.src.disown(name)
+        log.info("chain=%s inactivated: served read-only, its locks released", name)
+
+
+async def _heartbeat(disks: list[Disk], src: sources.Source, lease: float) -> None:
+    """Rewrite each owned chain's owner file every few seconds; one that fails (a lost
+    lock: EIO), or does not return within half the lease, fences the chain."""
+    while True:
+        await trio.sleep(HEARTBEAT_INTERVAL)
+        for disk in list(disks):
+            ownership = src.owned.get(disk.name)
+            if not disk.owned or disk.fenced is not None or ownership is None:
+                continue
+            error: str | None = None
+            with trio.move_on_after(lease / 2) as scope:
+                try:
+                    await trio.to_thread.run_sync(ownership.heartbeat, abandon_on_cancel=True)
+                except OSError as e:
+                    error = f"the owner file cannot be written: {e.strerror or e}"
+            if scope.cancelled_caught:
+                error = f"the owner file could not be written for {lease / 2:.0f} s"
+            if error is not None:
+                disk.fence(error)
 
 
 def notify(message: str) -> None:

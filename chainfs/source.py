@@ -4,16 +4,24 @@ In a directory, every qcow2 image that is not the backing file of another image 
 is the active layer of one chain, named after its file without ``.qcow2``.  The name
 must survive snapshots (the active layer changes) and streams and commits (layers leave
 the chain and would otherwise look like chains of their own), so chainfs keeps a small
-state file beside the images, ``.chainfs.json``::
+state record per chain beside the images, ``.chainfs/NAME.state``::
 
-    {"version": 1,
-     "chains": {"vm1": "vm1-snap2.qcow2"},      # name -> active layer as last known
-     "retired": ["B.qcow2", "C.qcow2"]}          # layers that left a chain
+    {"version": 2, "chain": "vm1",
+     "active": "vm1-snap2.qcow2",               # the active layer as last known
+     "retired": ["B.qcow2", "C.qcow2"]}          # layers that left the chain
 
-Paths inside the source directory are stored relative to it.  The file is replaced
-atomically (write, fsync, rename, fsync the directory).  If chainfs stops after an
-overlay was created but before the state was updated, the name is still found: a
-chain's name is that of the nearest recorded active layer at or below its top.
+Paths inside the source directory are stored relative to it.  Several hosts may share
+the directory (``ownership``), so the record is written only by the chain's owner, under
+an OFD lock on the file, and in place: the file holds two slots, each checksummed and
+numbered (a generation); a save writes the slot not holding the newest record and syncs
+it; a reader takes the valid slot with the higher generation, so a torn save leaves the
+previous record.  No shared metadata is ever renamed.  If chainfs stops after an overlay
+was created but before the state was updated, the name is still found: a chain's name is
+that of the nearest recorded active layer at or below its top.
+
+The state of earlier versions, one file for all chains (``.chainfs.json``, version 1),
+is read where a chain has no record of its own yet; the first read-write mount that owns
+every chain it names writes their records and removes it.
 
 A TOML source names chains explicitly (``[chains.NAME] active = "path"``, relative
 paths against the TOML file's directory); its state file sits beside it.
@@ -27,23 +35,70 @@ the images, and whoever can write the images can write it).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import os
+import struct
 import tomllib
 from dataclasses import dataclass, field
+
+import xxhash
 
 from .chain import resolve_backing
 from .errors import ChainfsError
 from .formats import is_qcow2
 from .formats.qcow2 import read_backing
-from .hostfile import HostIOError, sync_dir
+from .hostfile import HostFile, HostIOError, sync_dir
+from .ownership import STATE_SUFFIX, Ownership, chain_file, own_dir
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = ".chainfs.json"
+LEGACY_STATE_NAME = ".chainfs.json"  # version 1: one file for all chains
+STATE_NAME = ".chainfs/NAME.state"  # (as the documentation names it)
+SLOT = 64 << 10  # bytes per slot of a state file
+_SLOT_HEAD = struct.Struct("<4sQIQ")  # magic, generation, length, xxh64 of the JSON
+_MAGIC = b"CFS2"
+
+
+def encode_slot(generation: int, record: dict[str, object]) -> bytes:
+    body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    if _SLOT_HEAD.size + len(body) > SLOT:
+        raise ChainfsError(f"the state record of {record.get('chain')!r} is too large")
+    digest = _digest(generation, body)
+    return _SLOT_HEAD.pack(_MAGIC, generation, len(body), digest) + body
+
+
+def _digest(generation: int, body: bytes) -> int:
+    """The checksum of a slot: its generation and length as well as its record (a torn
+    header must not lend a new generation to an old record)."""
+    return xxhash.xxh64_intdigest(struct.pack("<QI", generation, len(body)) + body)
+
+
+def decode_slot(data: bytes) -> tuple[int, dict[str, object]] | None:
+    """(generation, record) of one slot's bytes, or None if it is not a whole valid one."""
+    if len(data) < _SLOT_HEAD.size:
+        return None
+    magic, generation, length, digest = _SLOT_HEAD.unpack_from(data)
+    body = data[_SLOT_HEAD.size : _SLOT_HEAD.size + length]
+    if magic != _MAGIC or len(body) != length or _digest(generation, body) != digest:
+        return None
+    try:
+        record = json.loads(body)
+    except ValueError:
+        return None
+    return (generation, record) if isinstance(record, dict) else None
+
+
+def read_slots(data: bytes) -> tuple[int, dict[str, object] | None]:
+    """The newest valid record of a state file's content, and its generation (0, None:
+    none)."""
+    best: tuple[int, dict[str, object] | None] = (0, None)
+    for i in (0, 1):
+        found = decode_slot(data[i * SLOT : (i + 1) * SLOT])
+        if found is not None and (best[1] is None or found[0] > best[0]):
+            best = found
+    return best
 
 
 @dataclass
@@ -72,11 +127,22 @@ class Source:
     chains: list[ChainSpec] = field(default_factory=list)
     refused: list[Refused] = field(default_factory=list)
     recorded: dict[str, str] = field(default_factory=dict)
-    retired: set[str] = field(default_factory=set)
+    retired: set[str] = field(default_factory=set)  # of every chain
+    # each chain's retired layers, as its state record holds them
+    retired_by: dict[str, set[str]] = field(default_factory=dict)
+    # the chains this process owns (holds the locks of), and their records' generations
+    owned: dict[str, Ownership] = field(default_factory=dict)
+    generations: dict[str, int] = field(default_factory=dict)
+    legacy: set[str] = field(default_factory=set)  # chains the version-1 file names
+    elsewhere: dict[str, str] = field(default_factory=dict)  # chain -> who owns it
 
     @property
     def state_path(self) -> str:
-        return os.path.join(self.directory, STATE_NAME)
+        """The state of earlier versions (version 1, all chains in one file)."""
+        return os.path.join(self.directory, LEGACY_STATE_NAME)
+
+    def chain_state_path(self, chain: str) -> str:
+        return chain_file(self.directory, chain, STATE_SUFFIX)
 
     def _rel(self, path: str) -> str:
         rel = os.path.relpath(path, self.directory)
@@ -85,54 +151,156 @@ class Source:
     def _abs(self, path: str) -> str:
         return os.path.normpath(os.path.join(self.directory, path))
 
-    def save(self) -> None:
-        """Write the state file atomically.
+    def own(self, chain: str) -> Ownership:
+        """The locks of ``chain``, taken now if this process does not hold them yet
+        (``OwnedElsewhere`` if another does); never taken again once lost."""
+        ownership = self.owned.get(chain)
+        if ownership is None:
+            ownership = Ownership.acquire(self.directory, chain)
+            self.owned[chain] = ownership
+            self._reload(chain)
+        return ownership
 
-        When that fails (a full disk) the old file stays, and what changed in memory
-        is written by the next save that succeeds.
+    def disown(self, chain: str) -> None:
+        ownership = self.owned.pop(chain, None)
+        if ownership is not None:
+            ownership.release()
+
+    def owns(self, chain: str) -> bool:
+        ownership = self.owned.get(chain)
+        return ownership is not None and ownership.held
+
+    def save(self, chains: list[str] | None = None) -> None:
+        """Write the state records of ``chains`` (default: every chain this process
+        owns), each in place under its lock.
+
+        When that fails (a full disk) the previous record stays, and what changed in
+        memory is written by the next save that succeeds.
         """
-        state = {
-            "version": 1,
-            "chains": {name: self._rel(p) for name, p in sorted(self.recorded.items())},
-            "retired": sorted(self._rel(p) for p in self.retired),
+        names = sorted(self.owned) if chains is None else chains
+        for name in names:
+            if name in self.recorded:
+                self._save_one(name)
+
+    def _save_one(self, name: str) -> None:
+        ownership = self.own(name)
+        path = ownership.state_path
+        retired = self.retired_by.get(name, set())
+        record: dict[str, object] = {
+            "version": 2,
+            "chain": name,
+            "active": self._rel(self.recorded[name]),
+            "retired": sorted(self._rel(p) for p in retired),
         }
-        tmp = self.state_path + ".tmp"
+        generation = self.generations.get(name, 0) + 1
         try:
-            try:
-                with open(tmp, "w") as f:
-                    json.dump(state, f, indent=1)
-                    f.write("\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.state_path)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            sync_dir(self.directory)
+            slot = encode_slot(generation, record)
+        except ChainfsError:  # only layers still there can be taken for chains
+            retired = {p for p in retired if os.path.exists(p)}
+            self.retired_by[name] = retired
+            record["retired"] = sorted(self._rel(p) for p in retired)
+            slot = encode_slot(generation, record)
+        try:
+            if ownership.lost is not None:
+                raise OSError(errno.EIO, f"ownership of the chain was lost ({ownership.lost})")
+            if HostFile.observer is not None:
+                HostFile.observer("state", path, (generation % 2) * SLOT, slot)
+            created = os.fstat(ownership.state_fd).st_size == 0
+            os.pwrite(ownership.state_fd, slot, (generation % 2) * SLOT)
+            os.fdatasync(ownership.state_fd)
+            if created:
+                sync_dir(own_dir(self.directory))
         except OSError as e:
             raise HostIOError(
-                f"saving the state file {self.state_path!r} failed: {e.strerror}",
-                e.errno or errno.EIO,
+                f"saving the state file {path!r} failed: {e.strerror}", e.errno or errno.EIO
             ) from None
+        self.generations[name] = generation
+
+    def finish_migration(self) -> None:
+        """Remove the version-1 state file once every chain it names has its own record
+        (written by this process, which owns them all)."""
+        if not self.legacy or not all(self.generations.get(n) for n in self.legacy):
+            return
+        try:
+            os.unlink(self.state_path)
+            sync_dir(self.directory)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("state=%s cannot be removed after migration: %s", self.state_path, e)
+            return
+        log.info("state=%s migrated to %s", self.state_path, own_dir(self.directory))
+        self.legacy = set()
+
+    def _retire(self, chain: str, paths: set[str]) -> None:
+        self.retired |= paths
+        self.retired_by.setdefault(chain, set()).update(paths)
+
+    def _unretire(self, path: str) -> None:
+        self.retired.discard(path)
+        for retired in self.retired_by.values():
+            retired.discard(path)
 
     def record_active(self, name: str, path: str) -> None:
         self.recorded[name] = os.path.abspath(path)
-        self.save()
+        self.save([name])
 
-    def retire(self, paths: list[str]) -> None:
-        self.retired.update(os.path.abspath(p) for p in paths)
-        self.save()
+    def retire(self, paths: list[str], chain: str) -> None:
+        self._retire(chain, {os.path.abspath(p) for p in paths})
+        self.save([chain])
 
     def move_active(self, name: str, path: str, leaving: list[str]) -> None:
         """A pivot, in one atomic save: ``path`` is now the active layer of chain
         ``name``, and ``leaving`` left it."""
-        self.retired.update(os.path.abspath(p) for p in leaving)
-        self.retired.discard(os.path.abspath(path))
+        self._retire(name, {os.path.abspath(p) for p in leaving})
+        self._unretire(os.path.abspath(path))
         self.recorded[name] = os.path.abspath(path)
-        self.save()
+        self.save([name])
 
     def _load_state(self) -> None:
+        self._load_legacy()
+        try:
+            entries = sorted(os.listdir(own_dir(self.directory)))
+        except FileNotFoundError:
+            entries = []
+        except OSError as e:
+            raise ChainfsError(f"cannot read {own_dir(self.directory)!r}: {e.strerror}") from None
+        for entry in entries:
+            if entry.endswith(STATE_SUFFIX) and not entry.startswith("."):
+                self._load_record(os.path.join(own_dir(self.directory), entry))
+
+    def _reload(self, chain: str) -> None:
+        """Read ``chain``'s record again (another host may have written it)."""
+        path = self.chain_state_path(chain)
+        if os.path.exists(path):
+            self._load_record(path)
+
+    def _load_record(self, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(2 * SLOT)
+        except OSError as e:
+            raise ChainfsError(f"cannot read the state file {path!r}: {e.strerror}") from None
+        generation, record = read_slots(data)
+        if record is None:
+            if data.strip(b"\0"):
+                log.warning("state=%s holds no valid record; ignored", path)
+            return
+        chain, active, retired = record.get("chain"), record.get("active"), record.get("retired")
+        if (
+            record.get("version") != 2
+            or not isinstance(chain, str)
+            or not isinstance(active, str)
+            or not isinstance(retired, list)
+        ):
+            raise ChainfsError(f"the state file {path!r} is malformed")
+        self.recorded[chain] = self._abs(active)
+        mine = {self._abs(str(p)) for p in retired}
+        self.retired_by[chain] = mine
+        self.retired = set().union(*self.retired_by.values())
+        self.generations[chain] = generation
+
+    def _load_legacy(self) -> None:
         try:
             with open(self.state_path) as f:
                 state = json.load(f)
@@ -148,6 +316,9 @@ class Source:
             raise ChainfsError(f"the state file {self.state_path!r} is malformed")
         self.recorded = {str(k): self._abs(str(v)) for k, v in chains.items()}
         self.retired = {self._abs(str(p)) for p in retired}
+        # which chain a layer left is not known: each chain keeps them all
+        self.retired_by = {name: set(self.retired) for name in self.recorded}
+        self.legacy = set(self.recorded)
 
 
 def _stem(path: str) -> str:
@@ -163,16 +334,18 @@ def _backing_of(path: str) -> str | None:
     return os.path.normpath(resolve_backing(os.path.abspath(path), string))
 
 
-def load_state(path: str) -> Source:
-    """Only the state file of a directory or TOML source, without looking for chains:
-    what recovery of interrupted jobs changes before the chains are found."""
+def load_state(path: str, owned: dict[str, Ownership] | None = None) -> Source:
+    """Only the state of a directory or TOML source, without looking for chains: what
+    recovery of interrupted jobs changes before the chains are found.  ``owned``: the
+    chains this process already holds the locks of."""
     path = os.path.abspath(path)
     src = Source(path=path, directory=path if os.path.isdir(path) else os.path.dirname(path))
     src._load_state()
+    src.owned = owned if owned is not None else {}
     return src
 
 
-def load(path: str) -> Source:
+def load(path: str, owned: dict[str, Ownership] | None = None) -> Source:
     """Find the chains of a directory or TOML source (opening no chain yet)."""
     path = os.path.abspath(path)
     if os.path.isdir(path):
@@ -186,6 +359,7 @@ def load(path: str) -> Source:
         _read_toml(src)
     else:
         raise ChainfsError(f"source {path!r} is neither a directory nor a TOML file")
+    src.owned = owned if owned is not None else {}
     return src
 
 

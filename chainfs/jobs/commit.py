@@ -185,7 +185,7 @@ class CommitJob(Job):
         self.journal_phase(
             "prepare", [journal.retire(paths), journal.set_backing(over.path, backing, fmt)]
         )
-        self.served.source.retire(paths)
+        self.served.source.retire(paths, self.served.name)
         over.set_backing(backing, fmt)
         chain.splice(t - 1, b)
         self._restore()

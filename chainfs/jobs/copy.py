@@ -158,4 +158,4 @@ class CopyJob(MirrorJob):
                 # a copy suspended at unmount stays the target of the job the next
                 # mount resumes (the journal keeps it from being served meanwhile)
                 self._emit("COPY_ABANDONED", job=self.id, file=self.dest)
-                self.served.source.retire([self.dest])
+                self.served.source.retire([self.dest], self.served.name)

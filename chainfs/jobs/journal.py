@@ -1,18 +1,22 @@
 """The job journal: what each job means to do and how far it got, so a crash loses nothing.
 
-A small append-only file beside the images and the state file, ``.chainfs.journal``,
-one record per line::
+One small file per chain, ``.chainfs/CHAIN.journal`` in the source directory, written
+only by the chain's owner under an OFD lock on the file (``ownership``), one record per
+line::
 
     <xxh64 of the JSON text, 16 hex digits> <JSON object>\\n
 
     {"r": "intent", "key": K, "id": "stream-1", "type": "stream", "chain": "vm1",
-     "params": {"node": "/abs/E.qcow2", "base": "/abs/A.qcow2", "speed": 0}, "offset": 0}
+     "params": {"node": "E.qcow2", "base": "A.qcow2", "speed": 0}, "offset": 0}
     {"r": "progress", "key": K, "offset": N}   everything up to N is durable in the target
     {"r": "phase", "key": K, "phase": "prepare", "actions": [...]}   changes about to be made
     {"r": "end", "key": K, "how": "done"}       (or cancelled, failed, resumed, rolled-back)
+    {"r": "checkpoint", "key": "-", "jobs": [records]}   all that is known: forget the rest
 
 ``key`` names one run of one job, unique across mounts (a resumed job keeps its id, so
-one id may have several runs).
+one id may have several runs).  Paths (a job's layers, targets and an action's files) are
+stored relative to the source directory when they lie inside it, so another host that
+mounts the directory elsewhere reads the same files.
 
 Ordering is what makes it work.  An intent is durable before the job writes anything
 (or creates any file), a phase before any backing pointer or state-file change, an end
@@ -30,9 +34,19 @@ simply apply them again after a crash in the middle::
 
 Reading tolerates damage: a line whose checksum does not match, that is not a JSON
 object, or that lacks its newline (a torn tail) is ignored, and the records around it
-still count.  Before the first append the file is rewritten without such lines, so a
-torn tail can never swallow a new record; rewriting also drops every finished job
-(compaction), and with no job left the file is removed.
+still count.  Records are written at the end of the last whole line (``pwrite``, not
+``O_APPEND``, which NFS only emulates), so a torn tail is overwritten, never glued to.
+
+Compaction works in place, never renaming the shared file: a ``checkpoint`` record
+holding the records of every running job is appended and synced (a reader starts over
+from the last valid checkpoint), then written again at the start of the file, synced,
+and the file cut after it.  A crash at any point leaves a valid checkpoint that is the
+last one in the file: the one at the end until the cut, the one at the start after it.
+With no job left the file is cut to nothing (it stays, locked, while owned).
+
+The journal of earlier versions, one file for all chains (``.chainfs.journal``, absolute
+paths), is read at mount: its jobs move into their chains' journals (``take``), and the
+file is removed once none is left in it.
 
 Locking contract: used only from the trio thread (or before it starts).
 """
@@ -51,13 +65,17 @@ import xxhash
 
 from ..errors import ChainfsError
 from ..formats import open_layer
-from ..hostfile import HostIOError, sync_dir
+from ..hostfile import HostFile, HostIOError, sync_dir
 from ..locks import lock_image
+from ..ownership import JOURNAL_SUFFIX, Ownership, chain_file, own_dir
 from ..source import Source
 
 log = logging.getLogger(__name__)
 
-JOURNAL_NAME = ".chainfs.journal"
+LEGACY_JOURNAL_NAME = ".chainfs.journal"  # earlier versions: one for all chains
+JOURNAL_NAME = ".chainfs/CHAIN.journal"  # (as the documentation names it)
+# the keys of a job's parameters and of an action that hold paths of files
+PATH_PARAMS = ("node", "base", "top", "dest", "target", "below")
 # compact a journal with running jobs once it holds this many records it no longer needs
 COMPACT_AFTER = 4096
 
@@ -108,9 +126,39 @@ def _decode_line(line: bytes) -> Record | None:
         return None
     if not isinstance(record, dict) or not isinstance(record.get("key"), str):
         return None
-    if record.get("r") not in ("intent", "progress", "phase", "end"):
+    if record.get("r") not in ("intent", "progress", "phase", "end", "checkpoint"):
         return None
     return record
+
+
+def journal_path(directory: str, chain: str) -> str:
+    return chain_file(directory, chain, JOURNAL_SUFFIX)
+
+
+def map_paths(record: Record, f: Any) -> Record:
+    """A copy of ``record`` with ``f`` applied to every path it holds."""
+    out = dict(record)
+    params = record.get("params")
+    if isinstance(params, dict):
+        out["params"] = {
+            k: (f(v) if k in PATH_PARAMS and isinstance(v, str) else v) for k, v in params.items()
+        }
+    actions = record.get("actions")
+    if isinstance(actions, list):
+        mapped = []
+        for a in actions:
+            if isinstance(a, dict):
+                a = dict(a)
+                if isinstance(a.get("path"), str):
+                    a["path"] = f(a["path"])
+                if isinstance(a.get("paths"), list):
+                    a["paths"] = [f(x) if isinstance(x, str) else x for x in a["paths"]]
+            mapped.append(a)
+        out["actions"] = mapped
+    jobs = record.get("jobs")
+    if isinstance(jobs, list):
+        out["jobs"] = [map_paths(j, f) if isinstance(j, dict) else j for j in jobs]
+    return out
 
 
 # -- actions -------------------------------------------------------------------------------
@@ -128,7 +176,7 @@ def record_active(chain: str, path: str) -> Action:
     return {"do": "record-active", "chain": chain, "path": path}
 
 
-def redo(actions: list[Action], src: Source) -> None:
+def redo(actions: list[Action], src: Source, chain: str) -> None:
     """Apply a phase's actions again (each is idempotent), e.g. after a crash.
 
     Consecutive state-file actions are saved together, in one atomic replace (as a
@@ -139,27 +187,27 @@ def redo(actions: list[Action], src: Source) -> None:
         kind = action.get("do")
         if kind == "set-backing":
             if unsaved:
-                src.save()
+                src.save([chain])
                 unsaved = False
             _redo_set_backing(str(action["path"]), action.get("backing"), action.get("format"))
         elif kind == "retire":
             paths = {os.path.abspath(str(p)) for p in action.get("paths", [])}
-            if not paths <= src.retired:
-                src.retired |= paths
+            if not paths <= src.retired_by.get(chain, set()):
+                src._retire(chain, paths)
                 unsaved = True
         elif kind == "record-active":
-            chain, path = str(action["chain"]), os.path.abspath(str(action["path"]))
-            others = [n for n, p in src.recorded.items() if p == path and n != chain]
-            if src.recorded.get(chain) != path or others or path in src.retired:
-                for name in others:  # a scan may have named the new active layer itself
-                    del src.recorded[name]
-                src.recorded[chain] = path
-                src.retired.discard(path)
+            name, path = str(action["chain"]), os.path.abspath(str(action["path"]))
+            others = [n for n, p in src.recorded.items() if p == path and n != name]
+            if src.recorded.get(name) != path or others or path in src.retired:
+                for other in others:  # a scan may have named the new active layer itself
+                    del src.recorded[other]
+                src.recorded[name] = path
+                src._unretire(path)
                 unsaved = True
         else:
             raise ChainfsError(f"the journal asks for an unknown action {kind!r}")
     if unsaved:
-        src.save()
+        src.save([chain])
 
 
 def _redo_set_backing(path: str, backing: object, fmt: object) -> None:
@@ -251,50 +299,94 @@ class Pending:
 
 
 class Journal:
-    """The journal of one source directory."""
+    """The journal of one chain."""
 
-    def __init__(self, directory: str, *, writable: bool = True) -> None:
+    def __init__(
+        self,
+        directory: str,
+        chain: str,
+        *,
+        ownership: Ownership | None = None,
+        writable: bool = True,
+    ) -> None:
         self.directory = directory
-        self.path = os.path.join(directory, JOURNAL_NAME)
+        self.chain = chain
+        self.path = journal_path(directory, chain)
         self.writable = writable
+        self.ownership = ownership
+        self._own_lock = False  # this journal took the chain's locks itself
         self.live: dict[str, Pending] = {}
         self.ignored = 0  # damaged lines found when the journal was read
-        self._fd = -1
+        self._end = 0  # where the next record goes: after the last whole line
         self._records = 0  # records in the file now
         self._clean = True  # the file holds nothing but valid records
 
     @classmethod
-    def load(cls, directory: str, *, writable: bool = True) -> Journal:
-        """Read the journal of ``directory`` (an absent file is an empty journal)."""
-        journal = cls(directory, writable=writable)
-        try:
-            with open(journal.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return journal
-        except OSError as e:
-            raise ChainfsError(f"cannot read the journal {journal.path!r}: {e.strerror}") from None
+    def load(
+        cls,
+        directory: str,
+        chain: str,
+        *,
+        ownership: Ownership | None = None,
+        writable: bool = True,
+    ) -> Journal:
+        """Read the journal of ``chain`` (an absent file is an empty journal)."""
+        journal = cls(directory, chain, ownership=ownership, writable=writable)
+        data = journal._read()
         records, journal.ignored = decode(data)
         if journal.ignored:
             log.warning(
                 "journal=%s ignored=%d damaged or torn records", journal.path, journal.ignored
             )
+        journal._end = data.rfind(b"\n") + 1
         journal._records = len(records)
         journal._clean = not journal.ignored
         for record in records:
-            key = record["key"]
-            if record["r"] == "intent":
-                pending = Pending.from_intent(record)
-                if pending is not None:
-                    journal.live[key] = pending
-                    if pending.resumes is not None:
-                        # its end may not have made it to the disk: this job replaces it
-                        journal.live.pop(pending.resumes, None)
-            elif record["r"] == "end":
-                journal.live.pop(key, None)
-            elif key in journal.live:
-                journal.live[key].apply(record)
+            journal._replay(map_paths(record, journal._abs))
         return journal
+
+    def _read(self) -> bytes:
+        try:
+            if self.ownership is not None and self.ownership.journal_fd >= 0:
+                fd = self.ownership.journal_fd
+                size = os.fstat(fd).st_size
+                return os.pread(fd, size, 0) if size else b""
+            with open(self.path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return b""
+        except OSError as e:
+            raise ChainfsError(f"cannot read the journal {self.path!r}: {e.strerror}") from None
+
+    def _replay(self, record: Record) -> None:
+        key = record["key"]
+        if record["r"] == "checkpoint":
+            self.live = {}
+            for inner in record.get("jobs", []):
+                if (
+                    isinstance(inner, dict)
+                    and isinstance(inner.get("key"), str)
+                    and inner.get("r") in ("intent", "phase")
+                ):
+                    self._replay(inner)
+        elif record["r"] == "intent":
+            pending = Pending.from_intent(record)
+            if pending is not None:
+                self.live[key] = pending
+                if pending.resumes is not None:
+                    # its end may not have made it to the disk: this job replaces it
+                    self.live.pop(pending.resumes, None)
+        elif record["r"] == "end":
+            self.live.pop(key, None)
+        elif key in self.live:
+            self.live[key].apply(record)
+
+    def _rel(self, path: str) -> str:
+        rel = os.path.relpath(path, self.directory) if os.path.isabs(path) else path
+        return path if rel.startswith("..") else rel
+
+    def _abs(self, path: str) -> str:
+        return os.path.normpath(os.path.join(self.directory, path))
 
     def pending(self) -> list[Pending]:
         """Jobs begun and not ended, in the order they began."""
@@ -302,32 +394,50 @@ class Journal:
 
     # -- writing ---------------------------------------------------------------------------
 
+    def _fd(self) -> int:
+        """The journal's descriptor, under the chain's locks (taken now if this journal
+        has no owner, as tools and tests use it)."""
+        if self.ownership is None:
+            self.ownership = Ownership.acquire(self.directory, self.chain)
+            self._own_lock = True
+        if self.ownership.lost is not None:
+            raise OSError(errno.EIO, f"ownership of the chain was lost ({self.ownership.lost})")
+        return self.ownership.journal_fd
+
+    def locks(self) -> Ownership:
+        """The chain's locks this journal writes under (taken now if need be)."""
+        self._fd()
+        assert self.ownership is not None
+        return self.ownership
+
+    def _pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        if HostFile.observer is not None:
+            HostFile.observer("journal", self.path, offset, data)
+        n = os.pwrite(fd, data, offset)
+        if n != len(data):
+            # a short write (the disk filled up): what was written is a torn tail
+            raise OSError(errno.ENOSPC, "short write to the journal")
+
     def _append(self, record: Record, *, sync: bool) -> None:
         if not self.writable:
             raise ChainfsError(f"the journal {self.path!r} is read-only")
         if not self._clean or self._records > len(self.live) + COMPACT_AFTER:
             self.compact()
-        line = encode(record)
+        line = encode(map_paths(record, self._rel))
         try:
-            created = False
-            if self._fd < 0:
-                self._fd = os.open(
-                    self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
-                )
-                created = os.fstat(self._fd).st_size == 0
-            n = os.write(self._fd, line)
-            if n != len(line):
-                # a short append (the disk filled up): what was written is a torn tail
-                raise OSError(errno.ENOSPC, "short write to the journal")
+            fd = self._fd()
+            created = self._end == 0
+            self._pwrite(fd, line, self._end)
             if sync or created:
-                os.fdatasync(self._fd)
+                os.fdatasync(fd)
             if created:
-                sync_dir(self.directory)  # the file itself must survive a power loss
+                sync_dir(own_dir(self.directory))  # the file must survive a power loss
         except OSError as e:
             self._clean = False
             raise HostIOError(
                 f"writing the journal {self.path!r} failed: {e.strerror}", e.errno or errno.EIO
             ) from None
+        self._end += len(line)
         self._records += 1
 
     def begin(
@@ -374,34 +484,90 @@ class Journal:
             except HostIOError as e:  # the end is recorded; the next end compacts
                 log.warning("journal=%s cannot be compacted: %s", self.path, e)
 
+    def take(self, pending: Pending) -> None:
+        """Make an interrupted job of the journal of earlier versions one of this
+        journal's, durably (a job it already holds is left as it is)."""
+        if pending.key in self.live:
+            return
+        for record in pending.records():
+            self._append(record, sync=False)
+        self._sync()
+        self.live[pending.key] = pending
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self._fd())
+        except OSError as e:
+            raise HostIOError(
+                f"writing the journal {self.path!r} failed: {e.strerror}", e.errno or errno.EIO
+            ) from None
+
     def compact(self) -> None:
-        """Rewrite the file with only what the running jobs need (none: remove it)."""
+        """Rewrite the file, in place, with only what the running jobs need (none: cut
+        it to nothing)."""
         if not self.writable:
             return
-        self.close()
         try:
+            fd = self._fd()
             if not self.live:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
+                os.ftruncate(fd, 0)
+                os.fdatasync(fd)
+                self._end = 0
             else:
-                tmp = self.path + ".tmp"
-                data = b"".join(encode(r) for p in self.live.values() for r in p.records())
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            sync_dir(self.directory)
+                jobs = [r for p in self.live.values() for r in p.records()]
+                line = encode(map_paths({"r": "checkpoint", "key": "-", "jobs": jobs}, self._rel))
+                self._pwrite(fd, line, self._end)
+                os.fdatasync(fd)
+                if len(line) <= self._end:
+                    self._pwrite(fd, line, 0)
+                    os.fdatasync(fd)
+                    os.ftruncate(fd, len(line))
+                    os.fdatasync(fd)
+                    self._end = len(line)
+                else:
+                    self._end += len(line)
+                    os.ftruncate(fd, self._end)
         except OSError as e:
+            self._clean = False
             raise HostIOError(
                 f"compacting the journal {self.path!r} failed: {e.strerror}", e.errno or errno.EIO
             ) from None
-        self._records = sum(len(p.records()) for p in self.live.values())
+        self._records = 1 if self.live else 0
         self._clean = True
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Let go of the chain's locks if this journal took them itself."""
+        if self._own_lock and self.ownership is not None:
+            self.ownership.release()
+            self.ownership = None
+            self._own_lock = False
+
+
+def load_legacy(directory: str) -> list[Pending]:
+    """The jobs the journal of earlier versions (one for all chains) holds."""
+    path = os.path.join(directory, LEGACY_JOURNAL_NAME)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise ChainfsError(f"cannot read the journal {path!r}: {e.strerror}") from None
+    legacy = Journal(directory, "", writable=False)
+    records, legacy.ignored = decode(data)
+    for record in records:
+        legacy._replay(record)
+    return legacy.pending()
+
+
+def remove_legacy(directory: str) -> None:
+    path = os.path.join(directory, LEGACY_JOURNAL_NAME)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        log.warning("journal=%s cannot be removed after migration: %s", path, e.strerror)
+        return
+    sync_dir(directory)
+    log.info("journal=%s migrated to the chains' journals", path)

@@ -92,7 +92,7 @@ def settle(p: Pending, src: Source) -> list[tuple[str, dict[str, object]]]:
             reason = f"{target!r} is not an overlay of {below!r}; left alone"
             return [("JOB_ROLLED_BACK", {"file": target, "reason": reason})]
         # the overlay is complete (renamed into place once durable): the snapshot stands
-        redo([record_active(p.chain, target)], src)
+        redo([record_active(p.chain, target)], src, p.chain)
         return [("JOB_RESUMED", {"file": target}), ("SNAPSHOT_TAKEN", {"file": target})]
     reason = f"{target!r} is not an image chainfs made; left alone"
     return [("JOB_ROLLED_BACK", {"file": target, "reason": reason})]

@@ -142,7 +142,7 @@ class StreamJob(Job):
             [journal.retire(leaving), journal.set_backing(self.node.path, backing, fmt)],
         )
         if leaving:
-            self.served.source.retire(leaving)
+            self.served.source.retire(leaving, self.served.name)
         self.node.set_backing(backing, fmt)
         chain.splice(n, None if self.base is None else stop)
         self._restore()

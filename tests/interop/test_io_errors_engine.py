@@ -399,11 +399,12 @@ async def serve(directory: Path) -> AsyncIterator[Disk]:
     """The one chain of ``directory`` as a mount serves it (recovery from the journal
     first, the journal kept while it runs), without FUSE: its jobs run in this loop."""
     src, recovery = recoveries.recover(str(directory), readonly=False)
+    mount.own_chains(src)
     src.save()
     try:
         async with trio.open_nursery() as nursery:
             disks = mount.open_disks(
-                src, mount.MountOptions(), nursery.start_soon, recovery.journal
+                src, mount.MountOptions(), nursery.start_soon, recovery.journals
             )
             (disk,) = disks
             recoveries.resume_jobs(disks, recovery)
@@ -414,7 +415,9 @@ async def serve(directory: Path) -> AsyncIterator[Disk]:
                 with contextlib.suppress(HostIOError):
                     disk.close()  # raises when a flush failed: none can succeed on these files
     finally:
-        recovery.journal.close()
+        recovery.close()
+        for name in list(src.owned):
+            src.disown(name)
 
 
 def events(disk: Disk) -> list[dict[str, str]]:

@@ -35,7 +35,7 @@ from interop import images as im
 
 from chainfs import source as sources
 from chainfs.jobs import journal as jn
-from chainfs.jobs.journal import JOURNAL_NAME, Journal
+from chainfs.jobs.journal import Journal, journal_path
 
 from .conftest import (
     DEADLINE,
@@ -162,6 +162,10 @@ def assert_model(got: bytes, model: bytearray, inflight: tuple[int, bytes] | Non
     assert got == model, first_difference(got, model)
 
 
+def journal_of(src: Path) -> Path:
+    return Path(journal_path(str(src), NAME))
+
+
 def wait_recovered(m: Mount, pending: list[str]) -> list[dict[str, str]]:
     """Wait until every interrupted job was resumed and ended, or rolled back, and no job
     runs; return the events."""
@@ -204,7 +208,7 @@ def crash_once(tmp_path: Path, seeds: Seeds, mounter: Mounter, op: Operation, se
         raise AssertionError(f"the guest failed: {guest.error!r}") from guest.error
 
     check_images(src)
-    journal = Journal.load(str(src), writable=False)
+    journal = Journal.load(str(src), NAME, writable=False)
     pending = journal.pending()
     where = "+".join(p.phase or "running" for p in pending) or "no job"
 
@@ -219,7 +223,7 @@ def crash_once(tmp_path: Path, seeds: Seeds, mounter: Mounter, op: Operation, se
     for e in events:
         assert e.get("event") != "JOB_COMPLETED" or "error" not in e, events
     again.unmount()
-    assert not (src / JOURNAL_NAME).exists(), "a job was left in the journal"
+    assert not journal_of(src).read_bytes(), "a job was left in the journal"
     check_images(src)
     outcome = {e["event"] for e in events} & {"JOB_RESUMED", "JOB_ROLLED_BACK"}
     if any(int(e.get("offset", 0)) for e in events if e["event"] == "JOB_RESUMED"):
@@ -285,14 +289,15 @@ def interrupted(
     offset: int = 0,
 ) -> str:
     """Leave a journal as a job that stopped there would have; apply ``done`` actions."""
-    j = Journal(str(src))
+    j = Journal(str(src), NAME)
     p = j.begin(kind, f"{kind}-7", NAME, params)
     if offset:
         j.progress(p.key, offset)
     if phase is not None:
         assert actions is not None
         j.phase(p.key, phase, actions)
-        jn.redo(actions[:done], sources.load(str(src)))
+        state = sources.load(str(src), {NAME: j.locks()})
+        jn.redo(actions[:done], state, NAME)
     j.close()
     return p.id
 
@@ -324,7 +329,7 @@ def read_only_view(mounter: Mounter, src: Path, content: bytes, done: int) -> No
 def finish(m: Mount, src: Path, content: bytes) -> None:
     assert read_direct(m.img(NAME)) == content
     m.unmount()
-    assert not (src / JOURNAL_NAME).exists()
+    assert not journal_of(src).read_bytes()
     check_images(src)
 
 
@@ -456,7 +461,7 @@ def test_a_stream_resumes_from_its_checkpoint_past_a_torn_record(
     run("qemu-io", "-C", "-f", "qcow2", "-c", f"read 0 {4 * MiB}", e)
     params = {"node": str(e), "base": str(a), "speed": 0}
     job = interrupted(src, "stream", params, offset=4 * MiB)
-    with open(src / JOURNAL_NAME, "ab") as f:
+    with open(journal_of(src), "ab") as f:
         f.write(jn.encode({"r": "progress", "key": "x", "offset": 8 * MiB})[:-9])
     m = mounter(src)
     events = wait_recovered(m, [job])
@@ -477,7 +482,7 @@ def test_an_unmount_stops_a_job_for_the_next_mount_to_resume(
     job = m.start_job(NAME, op.kind, op.text.rsplit(" ", 1)[0] + " speed=1M")
     wait_for(lambda: int(m.lines(NAME, "jobs")[0]["offset"]), f"{job} to make progress")
     m.unmount()
-    [pending] = Journal.load(str(src), writable=False).pending()
+    [pending] = Journal.load(str(src), NAME, writable=False).pending()
     assert pending.id == job
     again = mounter(src)
     events = wait_recovered(again, [job])

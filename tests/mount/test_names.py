@@ -1,5 +1,5 @@
 """Chain names and sources: a chain keeps its name across snapshots, streams and remounts
-(the state file ``.chainfs.json`` beside the images remembers what changed), a TOML file
+(the state records ``.chainfs/NAME.state`` beside the images remember what changed), a TOML file
 names chains explicitly, and a broken chain is left out with its reason in ``chainfs
 status`` while the others are served.
 """
@@ -10,10 +10,12 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from interop import images as im
+
+from chainfs import source as sources
 
 from .conftest import (
     CHAINFS,
@@ -31,7 +33,15 @@ MiB = im.MiB
 
 
 def state(directory: Path) -> Any:
-    return json.loads((directory / ".chainfs.json").read_text())
+    """Every chain's state record, as one dict (the layout of version 1's single file)."""
+    chains: dict[str, str] = {}
+    retired: set[str] = set()
+    for path in sorted((directory / ".chainfs").glob("*.state")):
+        _, record = sources.read_slots(path.read_bytes())
+        assert record is not None
+        chains[str(record["chain"])] = str(record["active"])
+        retired.update(str(p) for p in cast(list[str], record["retired"]))
+    return {"version": 1, "chains": chains, "retired": sorted(retired)}
 
 
 def served(m: Any) -> dict[str, str]:
@@ -148,7 +158,10 @@ def test_toml_source(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
     assert m.lines("vm1", "chain")[0]["path"] == str(images / "snap.qcow2")
     m.run_job("vm2", "stream", "base=o-A.qcow2")
     m.unmount()
-    assert (conf / ".chainfs.json").exists()
+    assert sorted(p.name for p in (conf / ".chainfs").glob("*.state")) == [
+        "vm1.state",
+        "vm2.state",
+    ]
     m = mounter(toml)
     assert m.layers("vm1") == ["snap.qcow2", *(p.name for p in reversed(seed.layers))]
     assert m.layers("vm2") == ["o-E.qcow2", "o-A.qcow2"]

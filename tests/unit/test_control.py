@@ -19,6 +19,7 @@ from chainfs.control import (
     CommitCmd,
     CompleteCmd,
     CopyCmd,
+    HostCmd,
     PauseCmd,
     ResumeCmd,
     SnapshotCmd,
@@ -105,7 +106,24 @@ def test_commands_listed() -> None:
     assert set(COMMANDS) == {
         *("snapshot", "stream", "commit", "copy"),
         *("cancel", "complete", "speed", "pause", "resume", "change"),
+        *("adopt", "inactivate", "activate"),
     }
+
+
+@pytest.mark.parametrize("kind", ["adopt", "inactivate", "activate"])
+def test_host_verbs_take_the_chain_name(kind: str) -> None:
+    assert parse_command(kind, b"vm1\n") == HostCmd(kind, "vm1")
+    for bad in (b"", b" \n", b"vm1 vm2", b"speed=1"):
+        with pytest.raises(CommandError) as exc:
+            parse_command(kind, bad)
+        assert exc.value.errno == errno.EINVAL
+    if kind == "adopt":
+        assert parse_command(kind, b"vm1 timeout=30") == HostCmd(kind, "vm1", 30.0)
+        with pytest.raises(CommandError):
+            parse_command(kind, b"vm1 timeout=soon")
+    else:
+        with pytest.raises(CommandError):
+            parse_command(kind, b"vm1 timeout=30")
 
 
 REJECTED: list[tuple[str, bytes, str]] = [

@@ -14,7 +14,7 @@ from chainfs import source as sources
 from chainfs.formats import open_layer
 from chainfs.formats.qcow2 import create_overlay
 from chainfs.jobs import journal as jn
-from chainfs.jobs.journal import JOURNAL_NAME, Journal, decode, encode
+from chainfs.jobs.journal import Journal, decode, encode
 
 STREAM = {"node": "/images/E.qcow2", "base": "/images/A.qcow2", "speed": 0}
 
@@ -22,8 +22,15 @@ STREAM = {"node": "/images/E.qcow2", "base": "/images/A.qcow2", "speed": 0}
 torn = pytest.mark.expect_log(r"WARNING chainfs\.jobs\.journal: .* damaged or torn records$")
 
 
+def jpath(tmp_path: Path) -> Path:
+    """The journal of chain vm1 in the source directory ``tmp_path``."""
+    path = Path(jn.journal_path(str(tmp_path), "vm1"))
+    path.parent.mkdir(exist_ok=True)
+    return path
+
+
 def journal_bytes(tmp_path: Path) -> bytes:
-    return (tmp_path / JOURNAL_NAME).read_bytes()
+    return jpath(tmp_path).read_bytes()
 
 
 def test_a_record_is_a_checksummed_line() -> None:
@@ -41,44 +48,50 @@ def test_newlines_in_values_stay_inside_the_record() -> None:
 
 
 def test_a_job_is_pending_until_it_ends(tmp_path: Path) -> None:
-    j = Journal(str(tmp_path))
+    j = Journal(str(tmp_path), "vm1")
     p = j.begin("stream", "stream-1", "vm1", STREAM)
     j.progress(p.key, 1 << 20)
     j.progress(p.key, 2 << 20)
     j.close()
-    again = Journal.load(str(tmp_path))
+    again = Journal.load(str(tmp_path), "vm1")
     [pending] = again.pending()
     assert (pending.id, pending.type, pending.chain) == ("stream-1", "stream", "vm1")
     assert pending.params == STREAM and pending.offset == 2 << 20 and pending.phase is None
     actions = [jn.retire(["/images/B.qcow2"]), jn.set_backing("/images/E.qcow2", "A.qcow2", "raw")]
     j.phase(p.key, "prepare", actions)
     j.close()
-    [pending] = Journal.load(str(tmp_path)).pending()
+    [pending] = Journal.load(str(tmp_path), "vm1").pending()
     assert pending.phase == "prepare" and pending.actions == actions
     j.end(p.key, "done")
-    assert Journal.load(str(tmp_path)).pending() == []
+    assert Journal.load(str(tmp_path), "vm1").pending() == []
 
 
-def test_compaction_removes_the_file_when_no_job_is_left(tmp_path: Path) -> None:
-    j = Journal(str(tmp_path))
+def test_compaction_empties_the_file_in_place_when_no_job_is_left(tmp_path: Path) -> None:
+    j = Journal(str(tmp_path), "vm1")
     a = j.begin("stream", "stream-1", "vm1", STREAM)
-    b = j.begin("snapshot", "snapshot", "vm2", {"target": "/x", "below": "/y"})
+    b = j.begin("snapshot", "snapshot", "vm1", {"target": "/x", "below": "/y"})
+    inode = jpath(tmp_path).stat().st_ino
     j.end(a.key, "done")
-    assert (tmp_path / JOURNAL_NAME).exists()
+    assert jpath(tmp_path).stat().st_size > 0
     j.end(b.key, "failed")
-    assert not (tmp_path / JOURNAL_NAME).exists()
-    assert not (tmp_path / (JOURNAL_NAME + ".tmp")).exists()
+    # the same file (never renamed or removed: other hosts may hold it open), empty
+    assert jpath(tmp_path).stat().st_ino == inode and jpath(tmp_path).stat().st_size == 0
+    assert sorted(os.listdir(jpath(tmp_path).parent)) == [
+        "vm1.journal",
+        "vm1.owner",
+        "vm1.state",
+    ]
 
 
 def test_compaction_keeps_what_running_jobs_need(tmp_path: Path) -> None:
-    j = Journal(str(tmp_path))
+    j = Journal(str(tmp_path), "vm1")
     a = j.begin("stream", "stream-1", "vm1", STREAM)
     for i in range(jn.COMPACT_AFTER + 10):
         j.progress(a.key, i * 65536)
     j.close()
     # compacted on the way: far fewer lines than records written
     assert journal_bytes(tmp_path).count(b"\n") < jn.COMPACT_AFTER
-    [pending] = Journal.load(str(tmp_path)).pending()
+    [pending] = Journal.load(str(tmp_path), "vm1").pending()
     assert pending.offset == (jn.COMPACT_AFTER + 9) * 65536
     j.compact()
     assert journal_bytes(tmp_path).count(b"\n") == 1
@@ -86,29 +99,29 @@ def test_compaction_keeps_what_running_jobs_need(tmp_path: Path) -> None:
 
 @torn
 def test_every_torn_tail_is_ignored_and_then_cut_off(tmp_path: Path) -> None:
-    j = Journal(str(tmp_path))
+    j = Journal(str(tmp_path), "vm1")
     p = j.begin("stream", "stream-1", "vm1", STREAM)
     j.progress(p.key, 4096)
     j.close()
     whole = journal_bytes(tmp_path)
     last = encode({"r": "progress", "key": p.key, "offset": 8192})
     for cut in range(1, len(last)):
-        (tmp_path / JOURNAL_NAME).write_bytes(whole + last[:cut])
-        again = Journal.load(str(tmp_path))
+        jpath(tmp_path).write_bytes(whole + last[:cut])
+        again = Journal.load(str(tmp_path), "vm1")
         assert again.ignored == 1
         [pending] = again.pending()
         assert pending.offset == 4096
         # the next record lands after the valid ones, not glued to the torn one
         again.progress(p.key, 12288)
         again.close()
-        [pending] = Journal.load(str(tmp_path)).pending()
+        [pending] = Journal.load(str(tmp_path), "vm1").pending()
         assert pending.offset == 12288
-        assert Journal.load(str(tmp_path)).ignored == 0
+        assert Journal.load(str(tmp_path), "vm1").ignored == 0
 
 
 @torn
 def test_a_checksum_mismatch_drops_that_record_only(tmp_path: Path) -> None:
-    j = Journal(str(tmp_path))
+    j = Journal(str(tmp_path), "vm1")
     p = j.begin("stream", "stream-1", "vm1", STREAM)
     j.progress(p.key, 4096)
     j.progress(p.key, 8192)
@@ -116,8 +129,8 @@ def test_a_checksum_mismatch_drops_that_record_only(tmp_path: Path) -> None:
     lines = journal_bytes(tmp_path).split(b"\n")
     # a flipped digit in the last progress record's offset: the checksum catches it
     lines[2] = lines[2].replace(b"8192", b"8193")
-    (tmp_path / JOURNAL_NAME).write_bytes(b"\n".join(lines))
-    again = Journal.load(str(tmp_path))
+    jpath(tmp_path).write_bytes(b"\n".join(lines))
+    again = Journal.load(str(tmp_path), "vm1")
     assert again.ignored == 1
     assert again.pending()[0].offset == 4096
 
@@ -135,13 +148,13 @@ def test_a_checksum_mismatch_drops_that_record_only(tmp_path: Path) -> None:
     ],
 )
 def test_garbage_is_ignored(tmp_path: Path, garbage: bytes) -> None:
-    j = Journal(str(tmp_path))
+    j = Journal(str(tmp_path), "vm1")
     p = j.begin("stream", "stream-1", "vm1", STREAM)
     j.close()
-    with open(tmp_path / JOURNAL_NAME, "ab") as f:
+    with open(jpath(tmp_path), "ab") as f:
         f.write(garbage)
         f.write(encode({"r": "progress", "key": p.key, "offset": 65536}))
-    again = Journal.load(str(tmp_path))
+    again = Journal.load(str(tmp_path), "vm1")
     assert again.ignored >= 1
     [pending] = again.pending()
     assert pending.offset == 65536
@@ -155,42 +168,42 @@ def test_well_formed_records_of_the_wrong_shape_are_ignored(tmp_path: Path) -> N
         {"r": "bogus", "key": "c"},
         {"r": "progress", "key": "nobody", "offset": 5},
     ]
-    (tmp_path / JOURNAL_NAME).write_bytes(b"".join(encode(r) for r in records))
-    assert Journal.load(str(tmp_path)).pending() == []
+    jpath(tmp_path).write_bytes(b"".join(encode(r) for r in records))
+    assert Journal.load(str(tmp_path), "vm1").pending() == []
 
 
 def test_a_resumed_job_takes_the_place_of_the_interrupted_one(tmp_path: Path) -> None:
-    j = Journal(str(tmp_path))
+    j = Journal(str(tmp_path), "vm1")
     old = j.begin("stream", "stream-3", "vm1", STREAM)
     j.progress(old.key, 3 << 20)
     j.close()
-    j = Journal.load(str(tmp_path))
+    j = Journal.load(str(tmp_path), "vm1")
     [pending] = j.pending()
     other = j.begin("stream", "stream-1", "vm2", STREAM)  # not a resumption
     new = j.begin("stream", "stream-3", "vm1", STREAM, resumes=pending)
     assert other.offset == 0 and other.previous is None
     assert new.offset == 3 << 20 and new.previous == "stream-3"
-    assert {p.key for p in Journal.load(str(tmp_path)).pending()} == {other.key, new.key}
+    assert {p.key for p in Journal.load(str(tmp_path), "vm1").pending()} == {other.key, new.key}
 
 
 def test_a_resumption_whose_old_end_was_lost_still_replaces_it(tmp_path: Path) -> None:
-    j = Journal(str(tmp_path))
+    j = Journal(str(tmp_path), "vm1")
     old = j.begin("stream", "stream-3", "vm1", STREAM)
     j.close()
-    j = Journal.load(str(tmp_path))
+    j = Journal.load(str(tmp_path), "vm1")
     new = j.begin("stream", "stream-3", "vm1", STREAM, resumes=j.pending()[0])
     j.close()
     # drop the old job's end record, as if the crash came just before it was written
     lines = journal_bytes(tmp_path).splitlines(keepends=True)
     kept = [x for x in lines if b'"r":"end"' not in x]
     assert len(kept) == len(lines) - 1
-    (tmp_path / JOURNAL_NAME).write_bytes(b"".join(kept))
-    assert [p.key for p in Journal.load(str(tmp_path)).pending()] == [new.key]
+    jpath(tmp_path).write_bytes(b"".join(kept))
+    assert [p.key for p in Journal.load(str(tmp_path), "vm1").pending()] == [new.key]
     assert old.key != new.key
 
 
 def test_a_read_only_journal_refuses_to_write(tmp_path: Path) -> None:
-    j = Journal(str(tmp_path), writable=False)
+    j = Journal(str(tmp_path), "vm1", writable=False)
     with pytest.raises(Exception, match="read-only"):
         j.begin("stream", "stream-1", "vm1", STREAM)
 
@@ -215,10 +228,10 @@ def test_a_cut_anywhere_loses_only_the_torn_record(
     tmp_path: Path, ops: list[tuple[Any, ...]], cut: int, noise: bytes
 ) -> None:
     """Model: the state after the records wholly before the cut."""
-    path = tmp_path / JOURNAL_NAME
+    path = jpath(tmp_path)
     if path.exists():
         path.unlink()
-    j = Journal(str(tmp_path))
+    j = Journal(str(tmp_path), "vm1")
     keys: dict[int, str] = {}
     sizes: list[int] = []  # file size after each record
     states: list[dict[str, tuple[int, str | None]]] = []
@@ -251,13 +264,13 @@ def test_a_cut_anywhere_loses_only_the_torn_record(
         sizes.append(path.stat().st_size)
         states.append(dict(model))
     j.close()
-    if not path.exists():
+    if not sizes:
         return
     data = path.read_bytes()
     assert len(data) == sizes[-1]
     at = min(cut, len(data))
     path.write_bytes(data[:at] + noise.replace(b"\n", b""))
-    loaded = {p.key: (p.offset, p.phase) for p in Journal.load(str(tmp_path)).pending()}
+    loaded = {p.key: (p.offset, p.phase) for p in Journal.load(str(tmp_path), "vm1").pending()}
     whole = [s for s in sizes if s <= at]
     assert loaded == (states[len(whole) - 1] if whole else {})
 
@@ -281,6 +294,16 @@ def backing_of(path: str) -> tuple[str | None, str | None]:
         layer.close()
 
 
+def redo(directory: Path, actions: list[jn.Action]) -> None:
+    """Redo ``actions`` of chain vm1 on a freshly loaded source, then let go of its locks."""
+    src = sources.load(str(directory))
+    try:
+        jn.redo(actions, src, "vm1")
+    finally:
+        for name in list(src.owned):
+            src.disown(name)
+
+
 def test_redo_applies_a_phase_and_applying_it_again_changes_nothing(tmp_path: Path) -> None:
     _, b, c = make_chain(tmp_path)
     actions = [
@@ -289,22 +312,21 @@ def test_redo_applies_a_phase_and_applying_it_again_changes_nothing(tmp_path: Pa
         jn.record_active("vm1", c),
     ]
     for _ in range(2):
-        src = sources.load(str(tmp_path))
-        jn.redo(actions, src)
+        redo(tmp_path, actions)
         assert backing_of(c) == ("A.qcow2", "qcow2")
         src = sources.load(str(tmp_path))
         assert src.retired == {b} and src.recorded["vm1"] == c
     stat = os.stat(c)
-    jn.redo(actions, sources.load(str(tmp_path)))
+    redo(tmp_path, actions)
     assert os.stat(c).st_mtime_ns == stat.st_mtime_ns  # nothing rewritten the third time
 
 
 def test_redo_can_remove_a_backing_file(tmp_path: Path) -> None:
     _, _, c = make_chain(tmp_path)
-    jn.redo([jn.set_backing(c, None, None)], sources.load(str(tmp_path)))
+    redo(tmp_path, [jn.set_backing(c, None, None)])
     assert backing_of(c) == (None, None)
 
 
 def test_redo_refuses_an_unknown_action(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="unknown action"):
-        jn.redo([{"do": "format-disk"}], sources.load(str(tmp_path)))
+        redo(tmp_path, [{"do": "format-disk"}])

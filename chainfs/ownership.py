@@ -1,0 +1,212 @@
+"""Who serves a chain read-write: one owner per chain, by an OFD lock on its owner file.
+
+Several hosts may mount one source directory on shared storage (NFSv4); each chain has
+at most one owner, the mount holding an OFD write lock on ``.chainfs/CHAIN.owner``.  The
+lock is the truth: the file's content (host, mount id, pid, time of the last heartbeat)
+only tells the others who holds it.  The owner also holds OFD write locks on the chain's
+state file and journal (``.chainfs/CHAIN.state``, ``.chainfs/CHAIN.journal``) before it
+writes them, so that a host whose locks a server took away (its lease expired) has every
+later write to them refused (EIO) instead of landing over the new owner's.
+
+OFD locks belong to the open file description: two mounts of one directory on one
+machine are two holders, exactly as two hosts are; the locks go away when the process
+dies (``kill -9``) or, on NFSv4, when the host's lease expires.
+
+Locking contract: an ``Ownership`` is used from the trio thread (``heartbeat`` may run
+in a worker thread while the trio thread waits for it, nothing else then touching it).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+
+from .errors import ChainfsError
+from .eventlog import _stem
+from .hostfile import HostFile, HostIOError
+from .locks import F_OFD_GETLK, F_OFD_SETLK, F_UNLCK, F_WRLCK, _fcntl
+
+log = logging.getLogger(__name__)
+
+OWN_DIR = ".chainfs"
+OWNER_SUFFIX, STATE_SUFFIX, JOURNAL_SUFFIX = ".owner", ".state", ".journal"
+MOUNT_ID = "m-" + secrets.token_hex(3)  # this process's mount, as the owner files name it
+
+
+def own_dir(directory: str) -> str:
+    return os.path.join(directory, OWN_DIR)
+
+
+def chain_file(directory: str, chain: str, suffix: str) -> str:
+    """``.chainfs/CHAIN<suffix>`` in the source directory ``directory``."""
+    return os.path.join(own_dir(directory), _stem(chain) + suffix)
+
+
+class OwnedElsewhere(ChainfsError):
+    """The chain's owner lock is held by another mount (``holder`` says who, if known)."""
+
+    errno = errno.EBUSY
+
+    def __init__(self, chain: str, holder: str) -> None:
+        super().__init__(f"chain {chain!r} is owned by {holder}")
+        self.holder = holder
+
+
+def try_lock(fd: int) -> bool:
+    """Take an OFD write lock on the whole file; False if someone else holds one."""
+    try:
+        _fcntl(fd, F_OFD_SETLK, F_WRLCK, 0, 0)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def is_locked(path: str) -> bool:
+    """Whether anyone (another open file description) holds a lock on ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        return _fcntl(fd, F_OFD_GETLK, F_WRLCK, 0, 0) != F_UNLCK
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Holder:
+    """What an owner file says about its holder (diagnostics only)."""
+
+    host: str = "?"
+    mount: str = "?"
+    pid: int = 0
+    heartbeat: float = 0.0
+
+    def describe(self, now: float | None = None) -> str:
+        age = max(0, round((time.time() if now is None else now) - self.heartbeat))
+        return (
+            f"chainfs on host {self.host} (mount {self.mount}, pid {self.pid}, "
+            f"heartbeat {age} s ago)"
+        )
+
+
+def read_holder(path: str) -> Holder | None:
+    """The holder an owner file names (None: no file, or not written yet)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4096)
+    except OSError:
+        return None
+    try:
+        doc = json.loads(data.split(b"\n", 1)[0])
+        return Holder(str(doc["host"]), str(doc["mount"]), int(doc["pid"]), float(doc["time"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def describe_holder(directory: str, chain: str) -> str:
+    """Who holds ``chain``: the owner file's words, or what little is known."""
+    path = chain_file(directory, chain, OWNER_SUFFIX)
+    holder = read_holder(path)
+    if holder is not None and is_locked(path):
+        return holder.describe()
+    if is_locked(path):
+        return "another chainfs mount (its owner file names nobody)"
+    return "another process -- QEMU? -- possibly on another host"
+
+
+def _open_locked(path: str) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        if not try_lock(fd):
+            os.close(fd)
+            return -1
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Ownership:
+    """The locks a mount holds on one chain while it serves it read-write."""
+
+    def __init__(self, directory: str, chain: str) -> None:
+        self.directory = directory
+        self.chain = chain
+        self.owner_path = chain_file(directory, chain, OWNER_SUFFIX)
+        self.state_path = chain_file(directory, chain, STATE_SUFFIX)
+        self.journal_path = chain_file(directory, chain, JOURNAL_SUFFIX)
+        self.owner_fd = self.state_fd = self.journal_fd = -1
+        self.lost: str | None = None  # why ownership was lost (fenced): never re-locked
+
+    @classmethod
+    def acquire(cls, directory: str, chain: str) -> Ownership:
+        """Lock the chain's owner file, then its state file and journal, without waiting;
+        ``OwnedElsewhere`` if any is held by someone else."""
+        own = cls(directory, chain)
+        try:
+            os.makedirs(own_dir(directory), exist_ok=True)
+            own.owner_fd = _open_locked(own.owner_path)
+            if own.owner_fd < 0:
+                raise OwnedElsewhere(chain, describe_holder(directory, chain))
+            own.state_fd = _open_locked(own.state_path)
+            own.journal_fd = _open_locked(own.journal_path)
+            if own.state_fd < 0 or own.journal_fd < 0:
+                raise OwnedElsewhere(chain, "another chainfs mount (it holds the state or journal)")
+            own.heartbeat()
+        except OSError as e:
+            own.release()
+            raise HostIOError(
+                f"cannot lock the owner file of chain {chain!r}: {e.strerror}", e.errno or errno.EIO
+            ) from None
+        except BaseException:
+            own.release()
+            raise
+        log.info("chain=%s owned: mount=%s host=%s", chain, MOUNT_ID, socket.gethostname())
+        return own
+
+    @property
+    def held(self) -> bool:
+        return self.owner_fd >= 0 and self.lost is None
+
+    def heartbeat(self) -> None:
+        """Write the holder's diagnostics and the time into the owner file, durably;
+        OSError if the storage refuses (a lost lock: EIO)."""
+        if self.lost is not None:
+            raise OSError(errno.EIO, f"ownership lost: {self.lost}")
+        doc = {
+            "host": socket.gethostname(),
+            "mount": MOUNT_ID,
+            "pid": os.getpid(),
+            "time": round(time.time(), 3),
+        }
+        data = (json.dumps(doc, sort_keys=True) + "\n").ljust(256).encode()
+        if HostFile.observer is not None:
+            HostFile.observer("heartbeat", self.owner_path, 0, data)
+        os.pwrite(self.owner_fd, data, 0)
+        os.fdatasync(self.owner_fd)
+
+    def fence(self, reason: str) -> None:
+        """Ownership is lost: nothing is written under it any more (the descriptors stay
+        open: closing them would let this host believe it had given the chain up)."""
+        if self.lost is None:
+            self.lost = reason
+
+    def release(self) -> None:
+        """Give the chain up: the locks go with the descriptors."""
+        for name in ("journal_fd", "state_fd", "owner_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError as e:
+                    log.warning("chain=%s closing a lock file: %s", self.chain, e.strerror)
+                setattr(self, name, -1)

@@ -1,0 +1,171 @@
+"""Many hosts on one store, without a mount: the owner lock, the state record's two slots,
+the journal's in-place compaction under every crash, relative paths, and the migration
+of the single state file and journal of earlier versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from chainfs import source as sources
+from chainfs.formats.qcow2 import create_overlay
+from chainfs.jobs import journal as jn
+from chainfs.jobs import recovery
+from chainfs.jobs.journal import Journal
+from chainfs.ownership import MOUNT_ID, OwnedElsewhere, Ownership, describe_holder
+
+STREAM = {"node": "E.qcow2", "base": "A.qcow2", "speed": 0}
+
+
+def make_chain(d: Path) -> tuple[str, str, str]:
+    a, b, c = (str(d / n) for n in ("A.qcow2", "B.qcow2", "C.qcow2"))
+    create_overlay(a, size=1 << 20, backing=None, backing_format=None)
+    create_overlay(b, size=1 << 20, backing="A.qcow2", backing_format="qcow2")
+    create_overlay(c, size=1 << 20, backing="B.qcow2", backing_format="qcow2")
+    return a, b, c
+
+
+def test_one_owner_per_chain_and_the_refusal_names_it(tmp_path: Path) -> None:
+    """Two open file descriptions are two holders (as two hosts are): the second is
+    refused with the first one's diagnostics; another chain is free; release frees."""
+    first = Ownership.acquire(str(tmp_path), "vm1")
+    with pytest.raises(OwnedElsewhere) as exc:
+        Ownership.acquire(str(tmp_path), "vm1")
+    assert exc.value.holder.startswith(f"chainfs on host {socket.gethostname()} ")
+    assert f"mount {MOUNT_ID}, pid {os.getpid()}, heartbeat 0 s ago" in exc.value.holder
+    other = Ownership.acquire(str(tmp_path), "vm2")
+    first.release()
+    again = Ownership.acquire(str(tmp_path), "vm1")
+    assert describe_holder(str(tmp_path), "vm9").startswith("another process")
+    again.release()
+    other.release()
+
+
+def test_the_state_record_is_written_in_place_in_two_slots(tmp_path: Path) -> None:
+    _, b, c = make_chain(tmp_path)
+    src = sources.load(str(tmp_path))
+    src.record_active("C", c)
+    path = Path(src.chain_state_path("C"))
+    inode = path.stat().st_ino
+    src.retire([b], "C")
+    assert path.stat().st_ino == inode  # never replaced by a rename
+    gen, record = sources.read_slots(path.read_bytes())
+    assert gen == 2 and record == {
+        "version": 2,
+        "chain": "C",
+        "active": "C.qcow2",
+        "retired": ["B.qcow2"],
+    }
+    # a save torn anywhere in its slot leaves the record before it
+    data = path.read_bytes()
+    slot = (3 % 2) * sources.SLOT
+    src.retire([c], "C")
+    new = path.read_bytes()
+    for cut in range(0, len(new) - slot, 7):
+        torn = bytearray(data.ljust(len(new), b"\0"))
+        torn[slot : slot + cut] = new[slot : slot + cut]
+        assert sources.read_slots(bytes(torn)) == (gen, record)
+    assert sources.read_slots(new)[0] == 3
+    src.disown("C")
+
+
+def test_journal_paths_are_relative_to_the_source_directory(tmp_path: Path) -> None:
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    j = Journal(str(here), "vm1")
+    outside = str(tmp_path / "elsewhere.qcow2")
+    params = {"node": str(here / "E.qcow2"), "base": str(here / "A.qcow2"), "dest": outside}
+    p = j.begin("copy", "copy-1", "vm1", params)
+    j.phase(
+        p.key, "pivot", [jn.retire([str(here / "B.qcow2")]), jn.set_backing(outside, "x", None)]
+    )
+    j.close()
+    text = Path(jn.journal_path(str(here), "vm1")).read_text()
+    assert str(here) not in text and '"node":"E.qcow2"' in text and outside in text
+    shutil.copytree(here, there)  # another host mounts the store at another path
+    [q] = Journal.load(str(there), "vm1").pending()
+    assert q.params == {
+        "node": str(there / "E.qcow2"),
+        "base": str(there / "A.qcow2"),
+        "dest": outside,
+    }
+    assert q.actions[0]["paths"] == [str(there / "B.qcow2")]
+
+
+@pytest.mark.expect_log(r"WARNING chainfs\.jobs\.journal: .* damaged or torn records$")
+def test_a_crash_anywhere_in_a_compaction_keeps_the_journal(tmp_path: Path) -> None:
+    """Compaction appends a checkpoint, copies it to the front and cuts the file: the
+    file after any prefix of those writes (each torn at any byte) reads as before."""
+    j = Journal(str(tmp_path), "vm1")
+    a = j.begin("stream", "stream-1", "vm1", STREAM)
+    b = j.begin("stream", "stream-2", "vm1", STREAM)
+    for i in range(1, 40):
+        j.progress(a.key, i << 16)
+    j.phase(b.key, "prepare", [jn.retire([str(tmp_path / "B.qcow2")])])
+    path = Path(jn.journal_path(str(tmp_path), "vm1"))
+    before = path.read_bytes()
+
+    def state(data: bytes) -> dict[str, tuple[int, str | None]]:
+        path.write_bytes(data)
+        return {p.key: (p.offset, p.phase) for p in Journal.load(str(tmp_path), "vm1").pending()}
+
+    expected = {a.key: (39 << 16, None), b.key: (0, "prepare")}
+    j.compact()
+    cp = path.read_bytes()
+    assert cp.count(b"\n") == 1 and len(cp) < len(before)
+    assert state(cp) == expected
+    j.close()
+    step1 = before + cp
+    step2 = cp + step1[len(cp) :]
+    crashes = [before + cp[:n] for n in range(0, len(cp) + 1, 5)]
+    crashes += [cp[:n] + step1[n:] for n in range(0, len(cp) + 1, 5)]
+    crashes += [step2, cp]
+    for data in crashes:
+        assert state(data) == expected
+    # and the next append after such a crash lands after the last whole line
+    path.write_bytes(before + cp[:20])
+    again = Journal.load(str(tmp_path), "vm1")
+    again.progress(a.key, 99 << 16)
+    again.close()
+    assert state(path.read_bytes())[a.key] == (99 << 16, None)
+
+
+def test_the_files_of_earlier_versions_are_migrated(tmp_path: Path) -> None:
+    """``.chainfs.json`` and ``.chainfs.journal`` (absolute paths, all chains): the first
+    read-write recovery writes each chain's state record and journal, then removes them."""
+    a, b, c = make_chain(tmp_path)
+    (tmp_path / ".chainfs.json").write_text(
+        json.dumps({"version": 1, "chains": {"vm1": "C.qcow2"}, "retired": ["Z.qcow2"]})
+    )
+    legacy = Journal(str(tmp_path), "", writable=False)
+    stream = {"node": c, "base": a, "speed": 0}
+    intent = jn.Pending("k1", "stream-4", "stream", "vm1", stream, offset=1 << 16)
+    lines = b"".join(jn.encode(r) for r in intent.records())
+    (tmp_path / ".chainfs.journal").write_bytes(lines)
+    del legacy
+    src, rec = recovery.recover(str(tmp_path), readonly=False)
+    try:
+        assert [s.name for s in src.chains] == ["vm1"]
+        assert [p.id for p in rec.resume] == ["stream-4"] and rec.resume[0].offset == 1 << 16
+        assert not (tmp_path / ".chainfs.journal").exists()
+        [p] = Journal.load(str(tmp_path), "vm1", writable=False).pending()
+        assert (p.key, p.params, p.offset) == ("k1", stream, 1 << 16)
+        text = Path(jn.journal_path(str(tmp_path), "vm1")).read_text()
+        assert str(tmp_path) not in text
+        src.save()
+        src.finish_migration()
+        assert not (tmp_path / ".chainfs.json").exists()
+        _, record = sources.read_slots(Path(src.chain_state_path("vm1")).read_bytes())
+        assert record == {"version": 2, "chain": "vm1", "active": "C.qcow2", "retired": ["Z.qcow2"]}
+    finally:
+        rec.close()
+        for name in list(src.owned):
+            src.disown(name)
+    again = sources.load(str(tmp_path))
+    assert again.recorded == {"vm1": c} and again.retired == {str(tmp_path / "Z.qcow2")}
+    assert b not in again.retired
