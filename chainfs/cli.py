@@ -370,6 +370,7 @@ def cmd_job(ns: argparse.Namespace) -> int:
     args = list(ns.args)
     if ns.command in HOST_COMMANDS:
         args = [ns.chain, *args]  # the control file wants the chain's name
+    elif not args and ns.command in ("stream", "commit"):
         # every argument has a default, but an empty write is refused (so that a stray
         # truncation of the file is no command): spell the default speed out instead
         args = ["speed=0"]

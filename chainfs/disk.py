@@ -182,6 +182,7 @@ class Disk:
         self.emit("OWNERSHIP_LOST", reason=reason)
         job = self.job
         if job is not None and job.status != CONCLUDED:
+            job.journal = None  # it stops where it is: the next owner's journal says where
             job.suspend()
 
     def chain_text(self) -> bytes:
@@ -337,6 +338,7 @@ class Disk:
         """Stop a running job, for the next mount to resume, and wait for it (unmount)."""
         job = self.job
         if job is not None and job.status != CONCLUDED:
+            job.journal = None  # it stops where it is: the next owner's journal says where
             job.suspend()
             await job.done.wait()
 

@@ -179,7 +179,7 @@ class Source:
         """
         names = sorted(self.owned) if chains is None else chains
         for name in names:
-            if name in self.recorded:
+            if name in self.recorded or self.retired_by.get(name):
                 self._save_one(name)
 
     def _save_one(self, name: str) -> None:
@@ -189,7 +189,8 @@ class Source:
         record: dict[str, object] = {
             "version": 2,
             "chain": name,
-            "active": self._rel(self.recorded[name]),
+            # (none yet: a recovery that retired layers before the chain was found)
+            "active": self._rel(self.recorded[name]) if name in self.recorded else None,
             "retired": sorted(self._rel(p) for p in retired),
         }
         generation = self.generations.get(name, 0) + 1
@@ -290,11 +291,12 @@ class Source:
         if (
             record.get("version") != 2
             or not isinstance(chain, str)
-            or not isinstance(active, str)
+            or not isinstance(active, str | None)
             or not isinstance(retired, list)
         ):
             raise ChainfsError(f"the state file {path!r} is malformed")
-        self.recorded[chain] = self._abs(active)
+        if active is not None:
+            self.recorded[chain] = self._abs(active)
         mine = {self._abs(str(p)) for p in retired}
         self.retired_by[chain] = mine
         self.retired = set().union(*self.retired_by.values())

@@ -1,0 +1,272 @@
+"""Many hosts on one store, on one machine: two chainfs mounts of ONE source directory.
+
+OFD locks conflict between open file descriptions even within one host, so two mounts
+of a directory are two hosts to each other's owner locks, exactly as two NFSv4 clients
+are (the lab of many hosts under qemu is ``tests/lab``):
+
+- exclusion both ways: a chain is served read-write by one mount only, read-only and
+  shown owned elsewhere (with the holder's host, mount and pid) by the other;
+  ``inactivate`` / ``activate`` move one chain of the directory to the other mount;
+- ``kill -9`` of the owner in the middle of a rate-limited commit, then ``adopt`` on
+  the other mount (and ``mount --adopt``): the commit resumes there and ends exact;
+- hand-over round trips under a writer: the content stays exact;
+- fencing: an EIO from the owner file (injected, ``faultinject.py``) fences the chain:
+  OWNERSHIP_LOST, the guest gets EIO, and it is never taken again by itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from chainfs.jobs.journal import Journal
+
+from . import conftest
+from .conftest import (
+    CHAINFS,
+    Mount,
+    Mounter,
+    Seeds,
+    assert_clean,
+    assert_content,
+    read_direct,
+    run,
+    wait_for,
+)
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+FAULTINJECT = Path(__file__).with_name("faultinject.py")
+
+# a second mount's refusals of the chain it does not own, and adopt's wait
+read_only_refused = pytest.mark.expect_log(
+    r"WARNING chainfs\.fs: .*(served read-only: owned by|is owned by chainfs|active block job)"
+)
+
+
+def owner(m: Mount, chain: str) -> dict[str, str]:
+    [line] = [c for c in m.status() if c.get("chain") == chain]
+    return line
+
+
+def write(m: Mount, chain: str, model: bytearray, rng: random.Random, n: int = 8) -> None:
+    fd = os.open(m.img(chain), os.O_RDWR)
+    try:
+        for _ in range(n):
+            off = rng.randrange(len(model) - 65536) // 512 * 512
+            data = rng.randbytes(rng.randrange(1, 128) * 512)
+            assert os.pwrite(fd, data, off) == len(data)
+            model[off : off + len(data)] = data
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def refused_write(m: Mount, chain: str, err: int) -> None:
+    with pytest.raises(OSError) as exc:
+        fd = os.open(m.img(chain), os.O_RDWR)
+        try:
+            os.pwrite(fd, b"x" * 512, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    assert exc.value.errno == err, exc.value
+
+
+@read_only_refused
+def test_two_mounts_split_the_chains_of_one_directory(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds
+) -> None:
+    images = tmp_path / "images"
+    x, y = seeds(images, size=SIZE), seeds(images, "y", size=SIZE)
+    a = mounter(images)
+    b = mounter(images)
+    for chain in ("E", "yE"):
+        assert owner(a, chain)["owner"] == "self"
+        seen = owner(b, chain)
+        assert seen["owner"] == "elsewhere" and f"pid {a.pid}," in seen["holder"], seen
+        assert os.stat(b.img(chain)).st_mode & 0o777 == 0o400
+        refused_write(b, chain, errno.EROFS)
+    # chainfs status says it in words
+    out = run(*CHAINFS, "status", b.mountpoint).stdout
+    assert f"yE: served read-only, owned by chainfs on host {os.uname().nodename} (mount m-" in out
+    # hand chain yE over to the second mount
+    run(*CHAINFS, "inactivate", a.mountpoint, "yE")
+    assert owner(a, "yE")["owner"] == "none"
+    run(*CHAINFS, "activate", b.mountpoint, "yE")
+    assert owner(b, "yE")["owner"] == "self"
+    seen = owner(a, "yE")
+    assert seen["owner"] == "elsewhere" and f"pid {b.pid}," in seen["holder"], seen
+    # each writes its own chain, and neither the other's
+    rng = random.Random(5)
+    mx, my = bytearray(x.content), bytearray(y.content)
+    write(a, "E", mx, rng)
+    write(b, "yE", my, rng)
+    refused_write(a, "yE", errno.EROFS)
+    refused_write(b, "E", errno.EROFS)
+    a.refuse("yE", "snapshot", "S.qcow2", errno.EROFS)
+    b.refuse("E", "snapshot", "S.qcow2", errno.EROFS)
+    # activate refuses a chain another mount owns, naming it
+    with pytest.raises(OSError) as exc:
+        b.command("E", "activate", "E")
+    assert exc.value.errno == errno.EBUSY
+    assert b.events("E")[-1]["reason"].startswith("chain 'E' is owned by chainfs on host ")
+    # jobs run where the chain is owned
+    b.run_job("yE", "stream", "base=yA.qcow2")
+    assert read_direct(b.img("yE")) == my
+    a.unmount()
+    b.unmount()
+    assert_clean(x.layers + [y.active, y.layers[0]])
+    assert_content(x.active, mx, tmp_path / "cmp")
+    assert_content(y.active, my, tmp_path / "cmp")
+
+
+@read_only_refused
+@pytest.mark.parametrize("how", ["adopt", "mount --adopt"])
+def test_adopt_after_kill_resumes_the_commit(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, how: str
+) -> None:
+    """The owner dies (kill -9) in the middle of a rate-limited intermediate commit;
+    the other mount adopts the chain and the commit ends there, exact."""
+    images = tmp_path / "images"
+    seed = seeds(images, size=SIZE)
+    a = mounter(images)
+    model = bytearray(seed.content)
+    write(a, "E", model, random.Random(9))
+    job = a.start_job("E", "commit", "top=D.qcow2 base=B.qcow2 speed=256K")
+
+    def checkpoint() -> int | None:
+        pending = Journal.load(str(images), "E", writable=False).pending()
+        return pending[0].offset if pending and pending[0].offset else None
+
+    wait_for(checkpoint, "the commit to record a checkpoint")
+    if how == "adopt":
+        b = mounter(images)
+        assert owner(b, "E")["owner"] == "elsewhere"
+    a.kill()
+    a.wait_exit(None)
+    run("fusermount3", "-u", "-z", a.mountpoint)
+    if how == "adopt":
+        out = run(*CHAINFS, "adopt", b.mountpoint, "E", "timeout=30")
+        assert "E: adopted, served read-write" in out.stderr, out
+    else:
+        b = mounter(images, "adopt=E")
+    assert owner(b, "E")["owner"] == "self"
+
+    def ended() -> dict[str, str] | None:
+        done = [
+            e
+            for e in b.events("E")
+            if e.get("job") == job and e["event"] in ("JOB_COMPLETED", "JOB_ROLLED_BACK")
+        ]
+        return done[-1] if done else None
+
+    end = wait_for(ended, "the adopted commit to end")
+    assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    resumed = [e for e in b.events("E") if e.get("job") == job and e["event"] == "JOB_RESUMED"]
+    assert resumed and int(resumed[0]["offset"]) > 0, resumed  # from its checkpoint
+    assert b.layers("E") == ["E.qcow2", "B.qcow2", "A.qcow2"]
+    assert read_direct(b.img("E")) == model
+    b.unmount()
+    assert_clean([images / n for n in ("A.qcow2", "B.qcow2", "E.qcow2")])
+    assert_content(seed.active, model, tmp_path / "cmp")
+
+
+@read_only_refused
+def test_hand_over_round_trips_under_a_writer(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds
+) -> None:
+    """Ten inactivate/activate round trips between two mounts, each side writing while
+    it owns the chain (close-to-open: every layer reopened): the content stays exact;
+    a running job refuses the hand-over with libvirt's words."""
+    images = tmp_path / "images"
+    seed = seeds(images, size=SIZE)
+    a, b = mounter(images), mounter(images)
+    model = bytearray(seed.content)
+    rng = random.Random(3)
+    here, there = a, b
+    for _ in range(10):
+        write(here, "E", model, rng)
+        assert read_direct(here.img("E")) == model
+        here.command("E", "inactivate", "E")
+        assert read_direct(here.img("E")) == model  # still served, read-only
+        there.command("E", "activate", "E")
+        assert read_direct(there.img("E")) == model
+        here, there = there, here
+    job = here.start_job("E", "stream", "base=A.qcow2 speed=1M")
+    event = here.refuse("E", "inactivate", "E", errno.EBUSY)
+    assert event["reason"] == f"chain has active block job {job!r}"
+    here.command("E", "speed", f"{job} 0")
+    here.wait_job("E", job)
+    assert read_direct(here.img("E")) == model
+    a.unmount()
+    b.unmount()
+    assert_clean([seed.active, seed.layers[0]])
+    assert_content(seed.active, model, tmp_path / "cmp")
+
+
+@pytest.mark.expect_log(
+    r"ERROR chainfs\.disk: lost ownership of E: ",
+    r"(WARNING|ERROR) chainfs\.\S+: .*(Input/output error|ownership)",
+)
+@pytest.mark.parametrize("where", ["heartbeat", "guest write"])
+def test_an_eio_from_a_locked_file_fences_the_chain(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The storage refuses the owner file (as NFS does once the lease took the lock
+    away): the chain is fenced at once -- OWNERSHIP_LOST in events, the guest's writes
+    and fsyncs fail with EIO, the job stops -- and stays fenced when the storage works
+    again: chainfs never takes it back by itself."""
+    images = tmp_path / "images"
+    seed = seeds(images, size=SIZE)
+    rules = tmp_path / "faults"
+    monkeypatch.setattr(conftest, "CHAINFS", (sys.executable, str(FAULTINJECT), str(rules)))
+    a = mounter(images)
+    job = a.start_job("E", "stream", "base=A.qcow2 speed=64K")
+    fd = os.open(a.img("E"), os.O_RDWR)
+    try:
+        if where == "heartbeat":
+            rules.write_text("heartbeat EIO\n")
+        else:
+            rules.write_text("write EIO\nheartbeat EIO\n")
+            with pytest.raises(OSError) as exc:
+                os.pwrite(fd, b"x" * 4096, 0)
+                os.fsync(fd)
+            assert exc.value.errno == errno.EIO
+
+        def lost() -> dict[str, str] | None:
+            found = [e for e in a.events("E") if e["event"] == "OWNERSHIP_LOST"]
+            return found[0] if found else None
+
+        event = wait_for(lost, "the chain to be fenced")
+        assert event["chain"] == "E" and "owner file" in event["reason"], event
+        rules.unlink()  # the storage works again: the chain stays fenced
+        for _ in range(2):
+            with pytest.raises(OSError) as exc:
+                os.pwrite(fd, b"y" * 4096, 8192)
+            assert exc.value.errno == errno.EIO
+            with pytest.raises(OSError) as exc:
+                os.fsync(fd)
+            assert exc.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    seen = owner(a, "E")
+    assert seen["owner"] == "lost" and seen["reason"] == event["reason"], seen
+    a.refuse("E", "activate", "E", errno.EIO)
+    wait_for(lambda: not a.control("E", "jobs").read_text(), f"{job} to stop")
+    assert "lost ownership of E: " in a.log_text()
+    run("fusermount3", "-u", a.mountpoint)
+    assert a.wait_exit(None) == 0  # (its log has the ERROR of the loss)
+    monkeypatch.undo()
+    again = mounter(images)  # the next mount resumes the stopped job
+    wait_for(lambda: again.control("E", "jobs").read_text(), f"{job} to be resumed")
+    again.command("E", "speed", f"{job} 0")
+    again.wait_job("E", job)
+    assert again.layers("E") == ["E.qcow2", "A.qcow2"]
+    again.unmount()
+    assert_content(seed.active, seed.content, tmp_path / "cmp")
