@@ -218,6 +218,14 @@ class Operations(pyfuse3.Operations):
             )
         return ("\n".join(lines) + "\n").encode()
 
+    def forget_cache(self, disk: Disk) -> None:
+        """Drop the kernel's cached pages and attributes of ``disk``'s flat file (another
+        host may have written the chain: close-to-open)."""
+        try:
+            pyfuse3.invalidate_inode(pyfuse3.InodeT(self._inode(disk, IMG)), attr_only=False)
+        except (OSError, ValueError) as e:  # not cached, or not mounted yet
+            log.debug("chain=%s cache not invalidated: %s", disk.name, e)
+
     # -- lookups ---------------------------------------------------------------------------
 
     def _children(self, inode: int) -> list[tuple[bytes, int]]:

@@ -248,12 +248,13 @@ async def _serve(
         disks += open_disks(src, opts, journals=recovery.journals)
         for disk in disks:  # (read-only: what waits for a read-write mount)
             disk.interrupted = [p for p in recovery.interrupted if p.chain == disk.name]
-        fuse.init(Operations(disks, src, readonly=opts.readonly, mountpoint=mountpoint), opts)
+        ops = Operations(disks, src, readonly=opts.readonly, mountpoint=mountpoint)
+        fuse.init(ops, opts)
         # from here on jobs run in the nursery; what failed before it opened is raised
         # as it is, not inside an exception group
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.push_async_callback(_stop, disks, nursery)
-        hosts = Hosts(src, opts, disks, recovery, nursery)
+        hosts = Hosts(src, opts, disks, recovery, nursery, ops.forget_cache)
         for disk in disks:
             disk.spawn = nursery.start_soon
             disk.hosts = hosts
@@ -395,9 +396,11 @@ class Hosts:
         disks: list[Disk],
         recovery: Recovery,
         nursery: trio.Nursery,
+        forget_cache: Callable[[Disk], None] = lambda disk: None,
     ) -> None:
         self.src, self.opts, self.disks = src, opts, disks
         self.recovery, self.nursery = recovery, nursery
+        self.forget_cache = forget_cache  # the kernel's pages of a flat file
         self.adopting: set[str] = set()
 
     def __call__(self, disk: Disk, cmd: HostCmd) -> None:
@@ -454,6 +457,7 @@ class Hosts:
             if spec is None:
                 raise ChainfsError(f"chain {name!r} is no longer found in {src.path!r}")
             src.recorded[name] = spec.active
+            src.save([name])
             confine = Confinement.of([*spec.homes, *self.opts.allow_dirs, *self.opts.allow_backing])
             chain = Chain.open(spec.active, writable=True, lock=True, confine=confine)
         except BaseException:
@@ -472,6 +476,8 @@ class Hosts:
         disk.owned, disk.holder, disk.journal = True, None, journal
         self.recovery.journals[name] = journal
         disk.touch()
+        # what another host wrote meanwhile; in a thread: the kernel may call back
+        self.nursery.start_soon(trio.to_thread.run_sync, self.forget_cache, disk)
         log.info("chain=%s served read-write (%s)", name, how)
         disk.emit("OWNERSHIP_TAKEN", how=how)
         resume_jobs([disk], rec)
