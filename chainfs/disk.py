@@ -121,6 +121,7 @@ class Disk:
         self.owned = not readonly
         self.holder: str | None = None
         self.fenced: str | None = None
+        self.fencing = False  # shared storage: an EIO may be a lost lock (``check_owner``)
         # adopt, inactivate, activate: carried out by the mount (``hosts``)
         self.hosts: Callable[[Disk, HostCmd], None] | None = None
         # the flat file's times start as those of the newest image file: they stay the
@@ -157,7 +158,7 @@ class Disk:
     def check_owner(self, e: ChainfsError) -> None:
         """After an error writing a locked file: an EIO may mean the lock is lost (the
         storage took it away); if the owner file cannot be written either, fence."""
-        if e.errno != errno.EIO or not self.owned or self.fenced is not None:
+        if e.errno != errno.EIO or not self.fencing or not self.owned or self.fenced:
             return
         ownership = self.source.owned.get(self.name)
         if ownership is None:
@@ -338,7 +339,6 @@ class Disk:
         """Stop a running job, for the next mount to resume, and wait for it (unmount)."""
         job = self.job
         if job is not None and job.status != CONCLUDED:
-            job.journal = None  # it stops where it is: the next owner's journal says where
             job.suspend()
             await job.done.wait()
 

@@ -50,7 +50,14 @@ from .jobs.journal import Journal
 from .jobs.recovery import Recovery, recover, recover_chain, resume_jobs
 from .jobs.served import Spawn
 from .logs import Throttle
-from .ownership import OWNER_SUFFIX, OwnedElsewhere, Ownership, chain_file, is_locked
+from .ownership import (
+    OWNER_SUFFIX,
+    OwnedElsewhere,
+    Ownership,
+    chain_file,
+    is_locked,
+    is_shared,
+)
 from .source import Refused
 
 log = logging.getLogger(__name__)
@@ -74,6 +81,9 @@ class MountOptions:
     fuse: set[str] = field(default_factory=set)
     adopt: list[str] = field(default_factory=list)  # chains to take over at mount
     lease: float = LEASE
+    # fence a chain whose lock is lost: on shared storage (NFS, CephFS: found out at
+    # mount when not given), where an EIO may mean that; never on a local disk
+    shared: bool | None = None
 
     @property
     def adopt_timeout(self) -> float:
@@ -98,6 +108,8 @@ def parse_options(values: list[str]) -> MountOptions:
                 if not arg or not os.path.isdir(arg):
                     raise ChainfsError(f"allow_dir={arg}: not a directory")
                 opts.allow_dirs.append(os.path.abspath(arg))
+            elif opt == "shared":
+                opts.shared = True
             elif key == "lease":
                 try:
                     opts.lease = float(arg)
@@ -174,6 +186,7 @@ def open_disks(
             events=events,
         )
         disk.owned = owned
+        disk.fencing = bool(opts.shared)
         disk.holder = src.elsewhere.get(spec.name)
         disks.append(disk)
         if owned:
@@ -225,6 +238,8 @@ async def _serve(
     jobs stopped (for the next mount to resume), the nursery's tasks ended, the chains
     flushed and closed clean, the journal closed, the mountpoint released."""
     owned: dict[str, Ownership] = {}
+    if opts.shared is None:
+        opts.shared = is_shared(_directory_of(source_path))
     try:
         if opts.adopt and not opts.readonly:
             directory = _directory_of(source_path)
@@ -474,6 +489,7 @@ class Hosts:
         history = EventLog.open(src.directory, name, writable=True)
         disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
         disk.owned, disk.holder, disk.journal = True, None, journal
+        disk.fencing = bool(self.opts.shared)
         self.recovery.journals[name] = journal
         disk.touch()
         # what another host wrote meanwhile; in a thread: the kernel may call back
@@ -504,8 +520,9 @@ class Hosts:
 
 
 async def _heartbeat(disks: list[Disk], src: sources.Source, lease: float) -> None:
-    """Rewrite each owned chain's owner file every few seconds; one that fails (a lost
-    lock: EIO), or does not return within half the lease, fences the chain."""
+    """Rewrite each owned chain's owner file every few seconds; on shared storage one
+    that fails (a lost lock: EIO), or does not return within half the lease, fences the
+    chain."""
     while True:
         await trio.sleep(HEARTBEAT_INTERVAL)
         for disk in list(disks):
@@ -520,8 +537,10 @@ async def _heartbeat(disks: list[Disk], src: sources.Source, lease: float) -> No
                     error = f"the owner file cannot be written: {e.strerror or e}"
             if scope.cancelled_caught:
                 error = f"the owner file could not be written for {lease / 2:.0f} s"
-            if error is not None:
+            if error is not None and disk.fencing:
                 disk.fence(error)
+            elif error is not None:  # a local disk failing: its writes say so already
+                _throttle.warning(("heartbeat", disk.name), "chain=%s %s", disk.name, error)
 
 
 def notify(message: str) -> None:

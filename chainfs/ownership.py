@@ -39,6 +39,40 @@ OWNER_SUFFIX, STATE_SUFFIX, JOURNAL_SUFFIX = ".owner", ".state", ".journal"
 MOUNT_ID = "m-" + secrets.token_hex(3)  # this process's mount, as the owner files name it
 
 
+# file systems several hosts mount at once: a lost lock shows there as EIO
+SHARED_TYPES = frozenset(
+    {"nfs", "nfs4", "ceph", "fuse.ceph", "fuse.cephfs", "glusterfs", "fuse.glusterfs"}
+    | {"gfs2", "ocfs2", "gpfs", "lustre", "cifs", "smb3", "9p"}
+)
+
+
+def fs_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
+    """The type of the file system ``path`` lies on, as ``/proc/self/mountinfo`` says
+    ("" if it cannot be told)."""
+    real = os.path.realpath(path)
+    best, found = -1, ""
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        head, sep, tail = line.partition(" - ")
+        fields = head.split()
+        if not sep or len(fields) < 5:
+            continue
+        point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best:
+            best, found = len(point), tail.split()[0] if tail.split() else ""
+    return found
+
+
+def is_shared(path: str) -> bool:
+    """Whether ``path`` lies on a file system other hosts may mount too (NFS, CephFS...)."""
+    return fs_type(path) in SHARED_TYPES
+
+
 def own_dir(directory: str) -> str:
     return os.path.join(directory, OWN_DIR)
 

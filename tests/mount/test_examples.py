@@ -74,8 +74,9 @@ EXCUSED: dict[str, str] = {
     "systemd-analyze verify systemd/*.service systemd/*.mount": INSTALL,
     "chainfs mount SOURCE MOUNTPOINT [-f|--foreground] [-o OPT[,OPT...]]": SYNOPSIS,
     (
-        "chainfs mount SOURCE MOUNTPOINT [-f] "
-        "[-o ro,allow_other,debug,allow_dir=PATH,allow_backing=PATH]"
+        "chainfs mount SOURCE MOUNTPOINT [-f] [--adopt CHAIN]... "
+        "[-o ro,allow_other,debug,allow_dir=PATH,allow_backing=PATH,"
+        "lease=SECONDS,adopt=CHAIN,shared]"
     ): SYNOPSIS,
     "chainfs umount [--lazy] MOUNTPOINT": SYNOPSIS,
     "chainfs info IMAGE [--backing-chain] [--output=json]": SYNOPSIS,

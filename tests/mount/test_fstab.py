@@ -108,7 +108,12 @@ def test_mount_t_fuse_chainfs_and_fstab(tmp_path: Path, seeds: Seeds) -> None:
     assert list(out) == ["status", "findmnt", "chain", "read-only", "done"], proc.stdout
     daemon, chain = (parse_line(x) for x in out["status"])
     assert daemon["source"] == str(seed.active.parent) and daemon["readonly"] == "false"
-    assert chain == {"chain": "E", "status": "served", "active": str(seed.active)}
+    assert chain == {
+        "chain": "E",
+        "status": "served",
+        "active": str(seed.active),
+        "owner": "self",
+    }
     fstype, options = out["findmnt"][0].split()
     assert fstype == "fuse.chainfs" and "rw" in options.split(",")
     names = [parse_line(x)["name"] for x in out["chain"]]

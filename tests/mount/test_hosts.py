@@ -10,8 +10,9 @@ are (the lab of many hosts under qemu is ``tests/lab``):
 - ``kill -9`` of the owner in the middle of a rate-limited commit, then ``adopt`` on
   the other mount (and ``mount --adopt``): the commit resumes there and ends exact;
 - hand-over round trips under a writer: the content stays exact;
-- fencing: an EIO from the owner file (injected, ``faultinject.py``) fences the chain:
-  OWNERSHIP_LOST, the guest gets EIO, and it is never taken again by itself.
+- fencing (``-o shared``: as on NFS; a local disk is never fenced): an EIO from the owner
+  file (injected, ``faultinject.py``) fences the chain: OWNERSHIP_LOST, the guest gets
+  EIO, and it is never taken again by itself.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def test_an_eio_from_a_locked_file_fences_the_chain(
     seed = seeds(images, size=SIZE)
     rules = tmp_path / "faults"
     monkeypatch.setattr(conftest, "CHAINFS", (sys.executable, str(FAULTINJECT), str(rules)))
-    a = mounter(images)
+    a = mounter(images, "shared")  # a local disk is never fenced: act as on NFS
     job = a.start_job("E", "stream", "base=A.qcow2 speed=64K")
     fd = os.open(a.img("E"), os.O_RDWR)
     try:

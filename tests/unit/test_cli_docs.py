@@ -30,7 +30,16 @@ MAN = ROOT / "chainfs" / "chainfs.1"
 UNITS = ROOT / "systemd"
 SERVICE = UNITS / "chainfs@.service"
 MOUNT_UNIT = UNITS / "srv-chainfs.mount"
-MOUNT_OPTIONS = ("ro", "allow_other", "debug", "allow_dir=", "allow_backing=", "lease=", "adopt=")
+MOUNT_OPTIONS = (
+    "ro",
+    "allow_other",
+    "debug",
+    "allow_dir=",
+    "allow_backing=",
+    "lease=",
+    "adopt=",
+    "shared",
+)
 ERRNOS = ("EINVAL", "EBUSY", "EEXIST", "ENOENT", "EACCES", "EROFS", "ENOSPC", "EIO")
 # options that give a service its own mount namespace, where the FUSE mount would vanish
 NAMESPACING = (

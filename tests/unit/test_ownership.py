@@ -17,7 +17,7 @@ from chainfs.formats.qcow2 import create_overlay
 from chainfs.jobs import journal as jn
 from chainfs.jobs import recovery
 from chainfs.jobs.journal import Journal
-from chainfs.ownership import MOUNT_ID, OwnedElsewhere, Ownership, describe_holder
+from chainfs.ownership import MOUNT_ID, OwnedElsewhere, Ownership, describe_holder, fs_type
 
 STREAM = {"node": "E.qcow2", "base": "A.qcow2", "speed": 0}
 
@@ -169,3 +169,19 @@ def test_the_files_of_earlier_versions_are_migrated(tmp_path: Path) -> None:
     again = sources.load(str(tmp_path))
     assert again.recorded == {"vm1": c} and again.retired == {str(tmp_path / "Z.qcow2")}
     assert b not in again.retired
+
+
+def test_the_file_system_type_comes_from_mountinfo(tmp_path: Path) -> None:
+    """Fencing is for shared storage only: the source's file system type, by the
+    longest mount point above it."""
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "40 22 0:50 / /srv/images rw,relatime shared:9 - nfs4 srv:/export rw,vers=4.2\n"
+        "41 22 0:51 / /srv/my\\040disks rw - ceph 10.0.0.1:/ rw\n"
+    )
+    assert fs_type("/srv/images/vm1", str(info)) == "nfs4"
+    assert fs_type("/srv/images", str(info)) == "nfs4"
+    assert fs_type("/srv/imagesX", str(info)) == "ext4"
+    assert fs_type("/srv/my disks/x", str(info)) == "ceph"
+    assert fs_type("/x", str(tmp_path / "none")) == ""
