@@ -122,7 +122,12 @@ def test_mount_t_fuse_chainfs_and_fstab(tmp_path: Path, seeds: Seeds) -> None:
     # the chain's active layer lies in COPIES now: allow_backing reached chainfs
     ro_daemon, ro_chain = (parse_line(x) for x in out["read-only"][1:])
     assert ro_daemon["readonly"] == "true"
-    assert ro_chain == {"chain": "E", "status": "served", "active": str(copies / "S.qcow2")}
+    assert ro_chain == {
+        "chain": "E",
+        "status": "served",
+        "active": str(copies / "S.qcow2"),
+        "owner": "none",  # a read-only mount owns nothing, and nobody else does
+    }
     assert not (copies / "T.qcow2").exists()
     assert not mp.is_mount()
     snap = copies / "S.qcow2"
