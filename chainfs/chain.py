@@ -562,6 +562,16 @@ class Chain:
             return
         self._counted_at = now
         self.allocation_stale = False
+        try:
+            self._allocated = self._count_data()
+        except ChainfsError:
+            # damaged metadata (its reads and writes report it) or a failing disk: a
+            # stat must still answer, with what the layers take on the host
+            size = self.size
+            self._allocated = min(size, sum(layer.allocated_bytes() for layer in self.layers))
+
+    def _count_data(self) -> int:
+        """The bytes SEEK_DATA finds, walking the disk."""
         total, pos, size = 0, 0, self.size
         while pos < size:
             start = self.seek_data(pos)
@@ -571,7 +581,7 @@ class Chain:
             stop = size if stop is None else stop
             total += stop - start
             pos = stop
-        self._allocated = total
+        return total
 
     # -- changing the chain's shape ------------------------------------------------------
 
