@@ -51,8 +51,10 @@ guest's write (QEMU's ``on-cbw-error=break-snapshot``).
 
 A crash: what the guest overwrote after the point in time while its old content was on
 its way to DEST is not known afterwards, and the chain has moved on, so a resumed backup
-would give DEST mixed content.  The next mount rolls the backup back: DEST (which chainfs
-created) is removed, with ``BACKUP_ABANDONED removed=true`` saying why.  The chain's
+would give DEST mixed content.  The next mount rolls the backup back: DEST is removed, with
+``BACKUP_ABANDONED removed=true`` saying why -- only when the journal says chainfs
+created it (a checkpoint recorded right after the creation; without it, DEST stays as an
+ordinary file, never served).  The chain's
 images were never written by the backup, so they are exactly as the guest left them.
 
 Locking contract: everything runs on the trio thread; a pass step and a copy before a
@@ -77,7 +79,7 @@ from ..hostfile import HostFile, temporary_name
 from ..locks import lock_image
 from .backing import backing_string
 from .base import READY, Job
-from .journal import Pending
+from .journal import Pending, redo, retire
 from .served import Served, check_target
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ FULL, TOP, NONE = "full", "top", "none"
 QCOW2, RAW = "qcow2", "raw"
 UNIT = 64 << 10  # the smallest unit copied (at least DEST's cluster and the chain's granule)
 STEP = 1 << 20  # bytes per step of the background pass
+CREATED = 1  # the journal checkpoint of a backup whose DEST chainfs created
 
 
 class UnitSet:
@@ -180,10 +183,15 @@ def resume(served: Served, p: Pending) -> None:
     back, removing the DEST chainfs created."""
     dest = str(p.params.get("dest") or "")
     removed = False
-    if dest and os.path.lexists(dest):
+    if dest and os.path.lexists(dest) and p.offset < CREATED:
+        # a crash between the intent and the creation: DEST is not known to be ours
+        redo([retire([dest])], served.source)
+    elif dest and os.path.lexists(dest):
         try:
             os.unlink(dest)
             removed = True
+            served.source.retired.discard(os.path.abspath(dest))
+            served.source.save()
         except OSError as e:
             log.error("job=%s file=%s cannot be removed: %s", p.id, dest, e.strerror)
     journal = served.journal
@@ -247,6 +255,10 @@ class BackupJob(Job):
         the command returns, with no guest request in between (trio thread)."""
         chain = self.served.chain
         size = self._size
+        # retired before it exists: never a chain, not even to a mount after a crash
+        # (the scan would take DEST, backed by the active layer for sync=none, as the
+        # chain's new top)
+        self.served.source.retire([self.dest])
         if self.format == RAW:
             f = HostFile(temporary_name(self.dest), True, create=True)
             try:
@@ -273,6 +285,10 @@ class BackupJob(Job):
                 backing = backing_string(self.dest, active.path)
             image = create_image(self.dest, size=size, backing=backing, backing_format=fmt)
             self.target = chain.adopt_layer(image)
+        if self.journal is not None:
+            # the journal's checkpoint of a backup says only this: chainfs made DEST (a
+            # backup never resumes), so that the next mount removes it after a crash
+            self.journal.progress(self.journal_key, CREATED)
         unit = max(UNIT, chain.granule, self.target.cluster_size)
         self.pending = select(self.served, self.sync, unit, size)
         self.len = 0 if self.sync == NONE else self.pending.pending() * unit
@@ -284,8 +300,18 @@ class BackupJob(Job):
         self._untrack()
         if self.target is not None:
             self._close_target()
+        if not os.path.lexists(self.dest):
+            self._unretire()
         if self.journal is not None:
             self._journal_end("failed")
+
+    def _unretire(self) -> None:
+        source = self.served.source
+        source.retired.discard(os.path.abspath(self.dest))
+        try:
+            source.save()
+        except ChainfsError as e:  # a stale entry names no file: harmless
+            log.warning("job=%s cannot update the state file: %s", self.id, e)
 
     # -- copying ---------------------------------------------------------------------------
 
@@ -411,8 +437,7 @@ class BackupJob(Job):
             raise self._cbw_error
         assert self.target is not None
         self.target.flush()
-        self._close_target()
-        self.served.source.retire([self.dest])  # an ordinary file, never a chain
+        self._close_target()  # an ordinary file, retired (never a chain) from the start
         log.info("job=%s backup complete: %s", self.id, self.dest)
 
     def abort(self) -> None:
@@ -422,7 +447,6 @@ class BackupJob(Job):
                 self._close_target()
         finally:
             self._emit("BACKUP_ABANDONED", job=self.id, file=self.dest)
-            self.served.source.retire([self.dest])
 
     def _close_target(self) -> None:
         target, self.target = self.target, None
