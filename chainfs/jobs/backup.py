@@ -230,6 +230,7 @@ class BackupJob(Job):
         self._cbw_error: Exception | None = None
         self._buf = bytearray()
         self._completing = False
+        self.position = 0  # where the background pass got to (bytes)
 
     def details(self) -> list[tuple[str, object]]:
         return [
@@ -424,6 +425,7 @@ class BackupJob(Job):
                 j = units.run(i, per_step)
                 copied = self._copy_units(i, j)
             i = j
+            self.position = min(j * units.unit, self._size)
             await self.checkpoint(copied)
         await self.checkpoint(0)
 
