@@ -27,12 +27,15 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from interop import images as im
+
+from chainfs.control import parse_line
 
 from .conftest import (
     DEADLINE,
@@ -450,3 +453,32 @@ def test_kill9_during_backup_many(
     tmp_path: Path, mounter: Mounter, seeds: Seeds, seed: int
 ) -> None:
     kill_during_backup(tmp_path, mounter, seeds, seed)
+
+
+def test_backup_through_the_cli(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
+    """``chainfs backup MOUNTPOINT CHAIN DEST ... --wait`` follows the job with progress
+    lines; ``chainfs status`` shows it running; a ``sync=none`` backup's ``--wait`` ends
+    once it copies before writes, naming the ``complete`` that ends it."""
+    images = tmp_path / "images"
+    seed = seeds(images, size=SIZE)
+    m = mounter(images)
+    cli = (sys.executable, "-m", "chainfs")
+    run(*cli, "backup", m.mountpoint, "E", "S.qcow2", "speed=1M")
+    wait_for(lambda: m.lines("E", "jobs"), "the backup in jobs")
+    out = run(*cli, "status", m.mountpoint).stdout
+    (row,) = [x for x in out.splitlines() if x.strip().startswith("job backup-1:")]
+    assert "backup running" in row and "speed limit 1 MiB/s" in row, out
+    run(*cli, "cancel", m.mountpoint, "E", "backup-1", "--wait")
+    proc = run(*cli, "backup", m.mountpoint, "E", "F.qcow2", "speed=4M", "compress=on", "--wait")
+    lines = proc.stderr.splitlines()
+    assert lines[-1] == "job backup-2 completed", proc.stderr
+    assert [parse_line(x)["job"] for x in lines[:-1]], "no progress line before the end"
+    proc = run(*cli, "backup", m.mountpoint, "E", "G.qcow2", "sync=none", "--wait")
+    assert proc.stderr.splitlines()[-1] == (
+        f"job backup-3 copies before writes until 'chainfs complete {m.mountpoint} E backup-3'"
+    ), proc.stderr
+    run(*cli, "complete", m.mountpoint, "E", "backup-3", "--wait")
+    m.unmount()
+    compare(images / "F.qcow2", seed.content, tmp_path)
+    assert compressed_clusters(images / "F.qcow2") > 0
+    assert_clean([images / "F.qcow2", images / "G.qcow2", images / "S.qcow2"])
