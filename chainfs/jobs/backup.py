@@ -87,7 +87,7 @@ log = logging.getLogger(__name__)
 FULL, TOP, NONE = "full", "top", "none"
 QCOW2, RAW = "qcow2", "raw"
 UNIT = 64 << 10  # the smallest unit copied (at least DEST's cluster and the chain's granule)
-STEP = 1 << 20  # bytes per step of the background pass
+STEP = 4 << 20  # bytes per step of the background pass
 CREATED = 1  # the journal checkpoint of a backup whose DEST chainfs created
 
 
@@ -331,18 +331,24 @@ class BackupJob(Job):
         written = 0
         with_backing = self.sync != FULL
         cs = target.cluster_size
-        for pos in range(0, n, u):
-            piece = view[pos : min(pos + u, n)]
-            if zero_at(self._buf, pos, len(piece)):
+        pos = 0
+        while pos < n:  # runs of all-zero units and of data units, each in one go
+            zero = zero_at(self._buf, pos, min(u, n - pos))
+            j = pos + u
+            while j < n and zero_at(self._buf, j, min(u, n - j)) == zero:
+                j += u
+            j = min(j, n)
+            if zero:
                 if with_backing:
-                    target.write_zeroes(start + pos, len(piece), _zeros)
-                continue
-            if self.compress and isinstance(target, Qcow2Layer):
-                for p in range(0, len(piece), cs):
-                    target.write_compressed(start + pos + p, piece[p : p + cs], _zeros)
+                    target.write_zeroes(start + pos, j - pos, _zeros)
+            elif self.compress and isinstance(target, Qcow2Layer):
+                for p in range(pos, j, cs):
+                    target.write_compressed(start + p, view[p : min(p + cs, j)], _zeros)
             else:
-                target.write(start + pos, piece, _zeros)
-            written += len(piece)
+                target.write(start + pos, view[pos:j], _zeros)
+            if not zero:
+                written += j - pos
+            pos = j
         units.clear(a, b)
         self.offset += n
         return written
