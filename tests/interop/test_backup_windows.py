@@ -173,3 +173,52 @@ async def test_backup_none_windows(template: tuple[Path, bytes], tmp_path: Path,
         assert disk.chain.read(0, SIZE) == model
     check_all(d)
     im.assert_same_as(str(dest), point, str(tmp_path))  # nothing written since
+
+
+@pytest.mark.parametrize("options", ["sync=full compress=on", "sync=full format=raw", "sync=top"])
+async def test_backup_mixed_cluster_sizes(tmp_path: Path, options: str) -> None:
+    """Layers of 512 B, 2 MiB, 4 KiB and 64 KiB clusters over 6 MiB + 1536 B (the disk
+    ends inside a page and inside a cluster), a guest writing at every checkpoint."""
+    size = 6 * MiB + 1536
+    layers = [
+        {
+            "name": f"m{i}.qcow2",
+            "create": {"cluster_size": cs},
+            "writes": im.varied_writes(size, cs, 0x40 + i, salt=i),
+        }
+        for i, cs in enumerate([512, 2 * MiB, 4 * KiB, 64 * KiB])
+    ]
+    d = tmp_path / "images"
+    d.mkdir()
+    _, built = im.build_chain(str(d), layers, size=size)
+    point = bytes(built)
+    model = bytearray(point)
+    raw = "format=raw" in options
+    dest = d / ("F.raw" if raw else "F.qcow2")
+    rng = random.Random(options)
+    async with serve(d) as disk:
+
+        def between(job: Job) -> None:
+            for _ in range(3):
+                n = rng.randint(1, 9000)
+                at = rng.randrange(size - n)
+                data = rng.randbytes(n)
+                disk.chain.write(at, data)
+                model[at : at + n] = data
+            disk.chain.write(size - 700, b"\x77" * 700)  # the short last cluster
+            model[size - 700 :] = b"\x77" * 700
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Job, "between_steps", between)
+            disk.command("backup", f"{dest.name} speed=0 {options}".encode())
+            job = disk.job
+            assert isinstance(job, BackupJob)
+            await job.done.wait()
+        end = [e for e in events(disk) if e["event"] == "JOB_COMPLETED"]
+        assert end and "error" not in end[-1], end
+        assert disk.chain.read(0, size) == model
+    check_all(d)
+    if raw:
+        assert dest.read_bytes() == point
+    else:
+        im.assert_same_as(str(dest), point, str(tmp_path))
