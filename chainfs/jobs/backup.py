@@ -42,20 +42,27 @@ pace while the guest runs (QEMU's image fleecing).  Once the job ended, DEST kee
 old content of exactly the clusters overwritten during the job, over an active layer
 that moved on: no longer a view of anything but that.
 
-The end: a completed backup flushes and closes DEST, an ordinary file, recorded in the
-state file as retired (never served as a chain).  Cancel, failure, or an unmount (a
-backup cannot outlive the mount: the copy-before-write state is in memory) leave DEST
-behind as an ordinary file, recorded the same way, with ``BACKUP_ABANDONED`` in
-``events`` naming it.  A failure to copy before a guest write fails the job, never the
-guest's write (QEMU's ``on-cbw-error=break-snapshot``).
+For fleecing, DEST is flushed after each copy before a write, before the guest's write
+lands: another process reading DEST over the active layer from the disk sees the point
+in time at every moment (the active layer's own on-disk state lags behind its cache,
+never ahead of it).
+
+The end: a completed backup flushes and closes DEST, an ordinary file.  DEST is recorded
+in the state file as retired before it is even created, so no mount serves it as a
+chain, not even after a crash (the directory scan would otherwise take a sync=none DEST,
+whose backing file is the active layer, for the chain's new top).  Cancel, failure, or an
+unmount (a backup cannot outlive the mount: the copy-before-write state is in memory)
+leave DEST behind as an ordinary file, with ``BACKUP_ABANDONED`` in ``events`` naming
+it.  A failure to copy before a guest write fails the job, never the guest's write
+(QEMU's ``on-cbw-error=break-snapshot``).
 
 A crash: what the guest overwrote after the point in time while its old content was on
 its way to DEST is not known afterwards, and the chain has moved on, so a resumed backup
-would give DEST mixed content.  The next mount rolls the backup back: DEST is removed, with
-``BACKUP_ABANDONED removed=true`` saying why -- only when the journal says chainfs
-created it (a checkpoint recorded right after the creation; without it, DEST stays as an
-ordinary file, never served).  The chain's
-images were never written by the backup, so they are exactly as the guest left them.
+would give DEST mixed content.  The next mount rolls the backup back: DEST is removed,
+with ``BACKUP_ABANDONED removed=true`` saying why, only when the journal says chainfs
+created it (a checkpoint recorded right after the creation; without it DEST stays, an
+ordinary file, never served).  The chain's images were never written by the backup, so
+they are exactly as the guest left them.
 
 Locking contract: everything runs on the trio thread; a pass step and a copy before a
 write hold the chain's lock (the hook is called with it held).
@@ -80,7 +87,7 @@ from ..locks import lock_image
 from .backing import backing_string
 from .base import READY, Job
 from .journal import Pending, redo, retire
-from .served import Served, check_target
+from .served import Served, check_target, refuse_busy
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +158,7 @@ def start(served: Served, cmd: BackupCmd) -> None:
         raise CommandError(
             errno.EINVAL, f"sync={cmd.sync} needs format=qcow2 (DEST has a backing file)"
         )
-    job = served.job
-    if job is not None and job.status != "concluded":
-        raise CommandError(errno.EBUSY, f"chain {served.name!r} is busy: job {job.id!r} is running")
+    refuse_busy(served)
     dest = check_target(served, cmd.dest)
     job = BackupJob(
         served.next_id("backup"),
@@ -183,17 +188,19 @@ def resume(served: Served, p: Pending) -> None:
     back, removing the DEST chainfs created."""
     dest = str(p.params.get("dest") or "")
     removed = False
-    if dest and os.path.lexists(dest) and p.offset < CREATED:
+    gone = not dest or not os.path.lexists(dest)
+    if not gone and p.offset < CREATED:
         # a crash between the intent and the creation: DEST is not known to be ours
         redo([retire([dest])], served.source)
-    elif dest and os.path.lexists(dest):
+    elif not gone:
         try:
             os.unlink(dest)
-            removed = True
-            served.source.retired.discard(os.path.abspath(dest))
-            served.source.save()
+            removed = gone = True
         except OSError as e:
             log.error("job=%s file=%s cannot be removed: %s", p.id, dest, e.strerror)
+    if gone and dest:  # no file: nothing for the state file to keep from being served
+        served.source.retired.discard(os.path.abspath(dest))
+        served.source.save()
     journal = served.journal
     if journal is not None:
         journal.end(p.key, "rolled-back")
@@ -231,6 +238,7 @@ class BackupJob(Job):
         self._buf = bytearray()
         self._completing = False
         self.position = 0  # where the background pass got to (bytes)
+        self.created = False  # DEST is ours
 
     def details(self) -> list[tuple[str, object]]:
         return [
@@ -270,6 +278,7 @@ class BackupJob(Job):
             except BaseException:
                 f.remove()
                 raise
+            self.created = True
             self.target = RawLayer(f)
         else:
             backing: str | None = None
@@ -285,6 +294,7 @@ class BackupJob(Job):
                 fmt = active.format_name
                 backing = backing_string(self.dest, active.path)
             image = create_image(self.dest, size=size, backing=backing, backing_format=fmt)
+            self.created = True
             self.target = chain.adopt_layer(image)
         if self.journal is not None:
             # the journal's checkpoint of a backup says only this: chainfs made DEST (a
@@ -301,7 +311,7 @@ class BackupJob(Job):
         self._untrack()
         if self.target is not None:
             self._close_target()
-        if not os.path.lexists(self.dest):
+        if not self.created:
             self._unretire()
         if self.journal is not None:
             self._journal_end("failed")
@@ -373,6 +383,8 @@ class BackupJob(Job):
                 self._copy_units(i, j)
                 i = j
                 copied = True
+            if copied and self.sync != NONE and not units.pending():
+                self._wakeup.set()  # all copied before writes: the pass has nothing left
             if copied and self.sync == NONE:
                 # fleecing: another process reads DEST over the active layer; the old
                 # content is durable in DEST before the guest's write lands
@@ -421,14 +433,16 @@ class BackupJob(Job):
                 await self._wakeup.wait()
             await self.checkpoint(0)
             return
-        per_step = max(1, STEP // units.unit)
         i = 0
         while True:
             with chain.lock:  # the look and the copy in one stretch: no write between
                 i = units.next(i)
                 if i >= len(units):
                     break
-                j = units.run(i, per_step)
+                # a step is at most a second's worth of ``speed``: the pass stays
+                # responsive (to a speed change, to the end of the work)
+                step = min(STEP, self.speed) if self.speed > 0 else STEP
+                j = units.run(i, max(1, step // units.unit))
                 copied = self._copy_units(i, j)
             i = j
             self.position = min(j * units.unit, self._size)
