@@ -47,6 +47,8 @@ JOB_HELP = {
     "merge layers down",
     "copy": "DEST [sync=full|top] [speed=RATE] [wait=ready] [copy-mode=MODE]: "
     "move the live disk to DEST",
+    "backup": "DEST [sync=full|top|none] [speed=RATE] [format=qcow2|raw] [compress=on]: "
+    "a point-in-time copy of the live disk into DEST (blockdev-backup)",
     "cancel": "JOB: stop a job; the chain stays as it was (job-cancel)",
     "complete": "JOB: pivot a job waiting in ready (job-complete)",
     "speed": "JOB RATE: change a running job's rate limit, 0 for none (block-job-set-speed)",
@@ -374,7 +376,9 @@ def cmd_job(ns: argparse.Namespace) -> int:
     if ns.command in ("cancel", "complete", "speed", "resume", "change"):
         follower.job_id = ns.args[0] if ns.args else None
         follower.cancelling = ns.command == "cancel"
-    follower.until_ready = "wait=ready" in ns.args
+    # a sync=none backup (fleecing) runs until ``complete``: --wait ends at its ready
+    fleecing = ns.command == "backup" and "sync=none" in ns.args
+    follower.until_ready = "wait=ready" in ns.args or fleecing
     return follower.run()
 
 
@@ -569,6 +573,12 @@ class Follower:
                 self.say(f"job {self.job_id} completed before it could be cancelled")
             else:
                 self.say(f"job {self.job_id} completed")
+            return 0
+        if kind == "JOB_READY" and self.until_ready and e.get("type") == "backup":
+            self.say(
+                f"job {self.job_id} copies before writes until "
+                f"'chainfs complete {self.mountpoint} {self.chain} {self.job_id}'"
+            )
             return 0
         if kind == "JOB_READY" and self.until_ready:
             self.say(

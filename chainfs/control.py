@@ -26,6 +26,7 @@ COMMANDS: tuple[str, ...] = (
     "stream",
     "commit",
     "copy",
+    "backup",
     "cancel",
     "complete",
     "speed",
@@ -36,6 +37,8 @@ COMMANDS: tuple[str, ...] = (
 # the commands that act on a running job (QEMU's job verbs), each naming the job
 JOB_VERBS: tuple[str, ...] = ("cancel", "complete", "speed", "pause", "resume", "change")
 SYNC_MODES: tuple[str, ...] = ("full", "top")
+BACKUP_SYNC_MODES: tuple[str, ...] = ("full", "top", "none")
+BACKUP_FORMATS: tuple[str, ...] = ("qcow2", "raw")
 # how a mirror (copy, active commit) treats guest writes (QEMU's MirrorCopyMode)
 BACKGROUND, WRITE_BLOCKING = "background", "write-blocking"
 COPY_MODES: tuple[str, ...] = (BACKGROUND, WRITE_BLOCKING)
@@ -83,6 +86,15 @@ class CopyCmd:
 
 
 @dataclass(frozen=True)
+class BackupCmd:
+    dest: str
+    sync: str = "full"
+    speed: int = 0
+    format: str = "qcow2"
+    compress: bool = False
+
+
+@dataclass(frozen=True)
 class VerbCmd:
     """A verb applied to a running job: ``KIND JOB``."""
 
@@ -124,6 +136,7 @@ Command: TypeAlias = (
     | StreamCmd
     | CommitCmd
     | CopyCmd
+    | BackupCmd
     | CancelCmd
     | CompleteCmd
     | SpeedCmd
@@ -138,6 +151,7 @@ _KEYS: dict[str, frozenset[str]] = {
     "stream": frozenset({"base", "node", "speed"}),
     "commit": frozenset({"top", "base", "speed", "wait", "copy-mode"}),
     "copy": frozenset({"sync", "speed", "wait", "copy-mode"}),
+    "backup": frozenset({"sync", "speed", "format", "compress"}),
     "cancel": frozenset(),
     "complete": frozenset(),
     "speed": frozenset(),
@@ -150,6 +164,7 @@ _MAIN: dict[str, str | None] = {
     "stream": "layer",
     "commit": None,
     "copy": "destination",
+    "backup": "destination",
     "cancel": "job",
     "complete": "job",
     "speed": "job",
@@ -157,7 +172,7 @@ _MAIN: dict[str, str | None] = {
     "resume": "job",
     "change": "job",
 }
-_REQUIRED = frozenset({"snapshot", "copy", *JOB_VERBS})
+_REQUIRED = frozenset({"snapshot", "copy", "backup", *JOB_VERBS})
 
 _RATE = re.compile(r"([0-9]{1,30})([kmg]?)", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -455,6 +470,18 @@ def parse_command(kind: str, data: bytes) -> Command:
             wait_ready=wait_ready,
             copy_mode=copy_mode or BACKGROUND,
         )
+    if kind == "backup":
+        assert main is not None
+        sync = keys.get("sync", "full")
+        if sync not in BACKUP_SYNC_MODES:
+            raise _invalid(f"sync must be 'full', 'top' or 'none', got {_show(sync)}")
+        fmt = keys.get("format", "qcow2")
+        if fmt not in BACKUP_FORMATS:
+            raise _invalid(f"format must be 'qcow2' or 'raw', got {_show(fmt)}")
+        compress = keys.get("compress", "off")
+        if compress not in ("on", "off"):
+            raise _invalid(f"compress must be 'on' or 'off', got {_show(compress)}")
+        return BackupCmd(dest=main, sync=sync, speed=speed, format=fmt, compress=compress == "on")
     assert main is not None
     if kind == "cancel":
         return CancelCmd(job=main)

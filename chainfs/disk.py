@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from .chain import Chain
 from .control import (
+    BackupCmd,
     CancelCmd,
     ChangeCmd,
     CommandError,
@@ -39,7 +40,7 @@ from .control import (
 )
 from .errors import ChainfsError
 from .eventlog import EventLog
-from .jobs import commit, copy, snapshot, stream
+from .jobs import backup, commit, copy, snapshot, stream
 from .jobs.base import CONCLUDED, Job
 from .jobs.journal import Journal, Pending
 from .jobs.served import Spawn
@@ -188,6 +189,8 @@ class Disk:
                 commit.start(self, cmd)
             elif isinstance(cmd, CopyCmd):
                 copy.start(self, cmd)
+            elif isinstance(cmd, BackupCmd):
+                backup.start(self, cmd)
             elif isinstance(cmd, CancelCmd):
                 self._find_job(cmd.job).user_cancel()
             elif isinstance(cmd, CompleteCmd):
@@ -200,7 +203,10 @@ class Disk:
                 self._find_job(cmd.job).user_resume()
             elif isinstance(cmd, ChangeCmd):
                 self._find_job(cmd.job).user_change(cmd.copy_mode)
-            if isinstance(cmd, StreamCmd | CommitCmd | CopyCmd) and self.job is not None:
+            if (
+                isinstance(cmd, StreamCmd | CommitCmd | CopyCmd | BackupCmd)
+                and self.job is not None
+            ):
                 w.job = self.job.id
             w.text = data
         except CommandError as e:
@@ -226,7 +232,11 @@ class Disk:
             if getattr(first, f.name) != getattr(whole, f.name)
         ]
         job = w.job
-        if changed == ["speed"] and job and isinstance(whole, StreamCmd | CommitCmd | CopyCmd):
+        if (
+            changed == ["speed"]
+            and job
+            and isinstance(whole, StreamCmd | CommitCmd | CopyCmd | BackupCmd)
+        ):
             self._find_job(job).set_speed(whole.speed)
             changed = []
         if not changed:

@@ -3,7 +3,7 @@
     MOUNTPOINT/NAME.img                  flat disk (read-write)
     MOUNTPOINT/control/.status           the daemon and every chain, served or refused
     MOUNTPOINT/control/NAME/{chain,jobs,events}               read
-    MOUNTPOINT/control/NAME/{snapshot,stream,commit,copy}                   write
+    MOUNTPOINT/control/NAME/{snapshot,stream,commit,copy,backup}            write
     MOUNTPOINT/control/NAME/{cancel,complete,speed,pause,resume,change}     write (job verbs)
 
 This class only translates: requests become calls on ``Disk``/``Chain``, and chainfs
@@ -49,7 +49,7 @@ FIRST_CHAIN = 16
 PER_CHAIN = 16
 IMG, DIR = 0, 1
 READ_FILES = ("chain", "jobs", "events")
-WRITE_FILES = COMMANDS  # snapshot stream commit copy, then the job verbs
+WRITE_FILES = COMMANDS  # snapshot stream commit copy backup, then the job verbs
 CONTROL_FILES = READ_FILES + WRITE_FILES  # offsets 2.. within a chain's block
 SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10

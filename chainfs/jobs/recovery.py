@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from .. import source as sources
 from ..errors import ChainfsError
 from ..formats.qcow2 import remove_unfinished, unfinished
-from . import commit, copy, snapshot, stream
+from . import backup, commit, copy, snapshot, stream
 from .journal import Journal, Pending, redo, retire
 from .served import Served
 
@@ -38,6 +38,7 @@ RESUME: dict[str, Callable[[Served, Pending], None]] = {
     "stream": stream.resume,
     "commit": commit.resume,
     "copy": copy.resume,
+    "backup": backup.resume,  # rolls the backup back: its point in time is lost
 }
 
 

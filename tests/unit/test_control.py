@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from chainfs.control import (
     COMMANDS,
     MAX_COMMAND,
+    BackupCmd,
     CancelCmd,
     ChangeCmd,
     Command,
@@ -63,6 +64,14 @@ ACCEPTED: list[tuple[str, bytes, Command]] = [
     ("commit", b"wait=ready", CommitCmd(wait_ready=True)),
     ("commit", b'"top"=D', CommitCmd(top="D")),
     ("copy", b"/new/disk.qcow2", CopyCmd("/new/disk.qcow2")),
+    ("backup", b"/b/F.qcow2", BackupCmd("/b/F.qcow2")),
+    (
+        "backup",
+        b"F.raw sync=full format=raw speed=1M",
+        BackupCmd("F.raw", sync="full", format="raw", speed=1 << 20),
+    ),
+    ("backup", b"F sync=top compress=on", BackupCmd("F", sync="top", compress=True)),
+    ("backup", b"F sync=none compress=off", BackupCmd("F", sync="none")),
     ("copy", b"/new/disk.qcow2 sync=full", CopyCmd("/new/disk.qcow2", sync="full")),
     ("copy", b"sync=top /new/disk.qcow2", CopyCmd("/new/disk.qcow2", sync="top")),
     (
@@ -103,12 +112,18 @@ def test_all_defaults_must_be_spelled_out(kind: str) -> None:
 
 def test_commands_listed() -> None:
     assert set(COMMANDS) == {
-        *("snapshot", "stream", "commit", "copy"),
+        *("snapshot", "stream", "commit", "copy", "backup"),
         *("cancel", "complete", "speed", "pause", "resume", "change"),
     }
 
 
 REJECTED: list[tuple[str, bytes, str]] = [
+    ("backup", b"", "empty command"),
+    ("backup", b"sync=full", "backup needs a destination"),
+    ("backup", b"F sync=bitmap", "sync must be 'full', 'top' or 'none', got 'bitmap'"),
+    ("backup", b"F format=vmdk", "format must be 'qcow2' or 'raw', got 'vmdk'"),
+    ("backup", b"F compress=yes", "compress must be 'on' or 'off', got 'yes'"),
+    ("backup", b"F wait=ready", "unknown key 'wait' for backup"),
     ("resize", b"1G", "unknown control file 'resize'"),
     ("snapshot", b"", "empty command"),
     ("snapshot", b"\n", "empty command"),

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from chainfs.control import (
     COMMANDS,
     MAX_COMMAND,
+    BackupCmd,
     CancelCmd,
     ChangeCmd,
     Command,
@@ -43,6 +44,8 @@ GRAMMAR: dict[str, tuple[frozenset[str], bool, bool]] = {
     "stream": (frozenset({"base", "node", "speed"}), True, False),
     "commit": (frozenset({"top", "base", "speed", "wait", "copy-mode"}), False, False),
     "copy": (frozenset({"sync", "speed", "wait", "copy-mode"}), True, True),
+    # (format= and compress= are left to test_control.py: fewer combinations here)
+    "backup": (frozenset({"sync", "speed", "format", "compress"}), True, True),
     "cancel": (frozenset(), True, True),
     "complete": (frozenset(), True, True),
     "speed": (frozenset(), True, True),  # two bare words: JOB RATE
@@ -103,6 +106,8 @@ def expected(kind: str, keys: dict[str, str], bare: list[str]) -> Command | None
         return CopyCmd(
             main or "", sync=sync, speed=speed, wait_ready=ready, copy_mode=mode or "background"
         )
+    if kind == "backup":
+        return BackupCmd(main or "", sync=keys.get("sync", "full"), speed=speed)
     if kind == "change":
         return None if mode is None else ChangeCmd(main or "", mode)
     if kind == "cancel":

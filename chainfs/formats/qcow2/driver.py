@@ -61,6 +61,7 @@ class Qcow2Layer(Tables):
         self.backing_string = h.backing_file
         self.backing_format = h.backing_format
         self._zcache: tuple[int, int, bytes] | None = None
+        self._zfree = 0  # where the next compressed cluster may go (``write_compressed``)
         self._writeback_from = -1  # where the new clusters not yet written back start
         # a started write of new clusters (``write_started``) and a failure of one that
         # a reader settled, kept for the writer's next write, flush or close
@@ -257,6 +258,7 @@ class Qcow2Layer(Tables):
             # compressed clusters share keeps theirs and stays
             host, n = self._compressed_clusters(e)
             self.refs.defer_free(host, n, punch=punch)
+            self._zfree = 0  # its host cluster may be freed: pack no more into it
         elif e & OFFSET_MASK:
             self.refs.defer_free(e & OFFSET_MASK, 1, punch=punch)
 
@@ -427,6 +429,65 @@ class Qcow2Layer(Tables):
                 if e:
                     self._release(e)
                 i += 1
+
+    def write_compressed(self, offset: int, data: Buffer, fill: Fill) -> bool:
+        """Write one whole cluster at ``offset`` (cluster-aligned; the disk's last
+        cluster may be short and is padded with zeros) as a compressed cluster, as
+        QEMU's ``qcow2_co_pwritev_compressed``: raw deflate (zlib, no header), into an
+        unallocated cluster only.  An allocated cluster, or data that does not shrink
+        below a cluster, is written uncompressed (``write``).  Whether it was compressed.
+
+        Compressed clusters are packed byte by byte into host clusters, as QEMU's
+        ``qcow2_alloc_bytes``: the next one starts where the last one ended when it fits
+        in the rest of that host cluster (whose refcount then counts one more
+        reference), else in a newly allocated host cluster.  The entry gives the byte
+        offset and the 512-byte sectors the data touches (QCOW2.md, compressed cluster
+        descriptor); the data is written before the entry, which reaches the disk at
+        ``write_back`` as every new entry does.
+        """
+        self.settle()
+        cs = self.cluster_size
+        n = len(data)
+        if (
+            offset % cs
+            or offset + n > self.virtual_size
+            or (n != cs and offset + n != self.virtual_size)
+        ):
+            raise ImageError(f"compressed write of {n} bytes at {offset} in {self.path!r}")
+        c = offset // cs
+        if self._entry(c) != 0:
+            self.write(offset, data, fill)
+            return False
+        z = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+        raw = bytes(data) if n == cs else bytes(data) + bytes(cs - n)
+        out = z.compress(raw) + z.flush()
+        if len(out) >= cs - 1:  # QEMU's limit: it must fit in cluster_size - 1 bytes
+            self.write(offset, data, fill)
+            return False
+        assert self.refs is not None
+        self._l2_for_write(c)  # the table first: it is not to split a packed cluster
+        free = self._zfree
+        if free > 0 and free % cs and free % cs + len(out) <= cs and self.refs.get(free // cs):
+            host = free
+            self.refs.change(free - free % cs, 1, 1)
+            fresh = False
+        else:
+            host = self.refs.alloc(1)
+            self.file.reserve(host + cs)
+            fresh = True
+        try:
+            self.file.pwrite(out, host)
+        except BaseException:
+            if fresh:
+                self.refs.unalloc(host, 1)
+            else:
+                self.refs.change(host - host % cs, 1, -1)
+            raise
+        self._zfree = host + len(out)
+        self._zcache = None
+        extra = ((host + len(out) - 1) >> 9) - (host >> 9)  # sectors beyond the first
+        self._set_entry(c, COMPRESSED_BIT | (extra << self.csize_shift) | host)
+        return True
 
     def write_zeroes(self, offset: int, length: int, fill: Fill) -> None:
         self.settle()
