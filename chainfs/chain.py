@@ -417,6 +417,7 @@ class Chain:
         with self.lock:
             for hook in self.write_hooks:
                 hook.before_write(offset, length)
+            self.active.mark_dirty(offset, length)
             apply()
             if claim:
                 self.claim(offset, length)
