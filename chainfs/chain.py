@@ -34,7 +34,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .buffers import zero_fill
 from .confine import Confinement
@@ -52,6 +52,9 @@ from .formats.base import (
 )
 from .hostfile import HostFile
 from .locks import lock_image, unlock_image
+
+if TYPE_CHECKING:
+    from .formats.qcow2.bitmaps import Bitmaps
 
 MAX_DEPTH = 1000
 REGION_BITS = 13  # granules per region: 8192
@@ -742,6 +745,19 @@ class Chain:
             self._reset_granule()
         _close_all(removed)
         return removed
+
+    def dirty_bitmaps(self) -> Bitmaps:
+        """The persistent dirty bitmaps of the active layer (the caller holds the lock
+        for as long as it uses them)."""
+        bitmaps: Bitmaps | None = getattr(self.active, "bitmaps", None)
+        if bitmaps is None:
+            layer = self.active
+            if not self.writable:
+                raise ReadOnlyError(f"the chain of {layer.path!r} is open read-only")
+            raise UnsupportedFeature(
+                f"{layer.path!r} ({layer.format_name}) cannot hold persistent dirty bitmaps"
+            )
+        return bitmaps
 
     def flush(self) -> None:
         """Make every acknowledged write durable."""

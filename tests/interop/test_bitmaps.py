@@ -103,9 +103,7 @@ def our_dirty(path: str) -> dict[str, list[tuple[int, int]] | None]:
     try:
         layer = Qcow2Layer(f)
         found = bm.read_only(f, layer.h, layer.virtual_size)
-        return {
-            b.name: None if b.bits is None else b.ranges(layer.virtual_size) for b in found
-        }
+        return {b.name: None if b.bits is None else b.ranges(layer.virtual_size) for b in found}
     finally:
         f.close()
 
@@ -255,8 +253,9 @@ def _set_flags(path: str, name: str, flags: int) -> None:
         head = fh.read(65536)
         pos = int.from_bytes(head[100:104], "big")
         while True:
-            kind, length = int.from_bytes(head[pos : pos + 4], "big"), int.from_bytes(
-                head[pos + 4 : pos + 8], "big"
+            kind, length = (
+                int.from_bytes(head[pos : pos + 4], "big"),
+                int.from_bytes(head[pos + 4 : pos + 8], "big"),
             )
             if kind == 0x23852875:
                 break
@@ -323,7 +322,7 @@ def _crash_writes(tmp_path: Path, exhaustive: bool, seed: int) -> None:
         flags = {n: f for n, (_, f) in qemu_bitmaps(image).items()}
         assert flags == {"fine": ("auto",), "coarse": ("auto",)}, flags
         found = our_dirty(image)
-        for name, g in (("fine", 4096), ("coarse", 65536)):
+        for name in ("fine", "coarse"):
             ranges = found[name]
             assert ranges is not None
             for c in range(0, len(disk), 4096):

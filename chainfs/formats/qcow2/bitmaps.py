@@ -210,6 +210,12 @@ class Bitmaps:
 
     # -- lookups -----------------------------------------------------------------------
 
+    @property
+    def default_granularity(self) -> int:
+        """QEMU's (``bdrv_get_default_bitmap_granularity``): the cluster size, kept
+        between 4 KiB and 64 KiB."""
+        return min(65536, max(4096, self.cs))
+
     def get(self, name: str) -> Bitmap:
         for bm in self.list:
             if bm.name == name:
