@@ -50,6 +50,7 @@ from .formats.base import (
     Extent,
     Layer,
 )
+from .formats.qcow2 import bitmaps
 from .hostfile import HostFile
 from .locks import lock_image, unlock_image
 
@@ -615,6 +616,8 @@ class Chain:
                 new = self._open(path, "qcow2", writable=True)
             old = self.layers[0]
             try:
+                # the overlay takes over the enabled bitmaps (README, "Dirty bitmaps")
+                bitmaps.carry_to_overlay(old, new)
                 old.flush()  # a failure leaves the old layer as it was, open and active
                 old.close()
                 ro = self._open(old.path, old.format_name, writable=False)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...errors import ChainfsError, ImageError, UnsupportedFeature
@@ -308,7 +309,7 @@ class Bitmaps:
             bm.flags &= ~AUTO
             self._store_directory()
 
-    def merge(self, target: str, sources: list[Bitmap | str]) -> None:
+    def merge(self, target: str, sources: Sequence[Bitmap | str]) -> None:
         """OR the sources (names here, or bitmaps of another layer of the same size
         read with ``Bitmaps.read_only``) into ``target``."""
         bm = self._maintained(target)
@@ -498,8 +499,88 @@ def merge_bits(target: Bitmap, source: Bitmap, size: int) -> bool:
     changed = False
     g = target.gran_bits
     for a, b in source.ranges(size):
-        changed |= _set_bits(target.bits, a >> g, (b - 1) >> g)
+        b = min(b, size)
+        if a < b:
+            changed |= _set_bits(target.bits, a >> g, (b - 1) >> g)
     return changed
+
+
+# -- bitmaps across chain changes (the rules libvirt follows; README "Dirty bitmaps") --
+
+
+def of_layer(layer: object) -> list[Bitmap]:
+    """The bitmaps of any layer: a writable qcow2 layer's live ones, a read-only one's
+    read from disk, none for other formats."""
+    live: Bitmaps | None = getattr(layer, "bitmaps", None)
+    if live is not None:
+        return live.list
+    f, h = getattr(layer, "file", None), getattr(layer, "h", None)
+    if isinstance(f, HostFile) and isinstance(h, hdr.Header):
+        return read_only(f, h, int(getattr(layer, "virtual_size", 0)))
+    return []
+
+
+def carry_to_overlay(old: object, new: object) -> None:
+    """snapshot: the new overlay gets an empty enabled bitmap for each enabled one of
+    the old active layer (same name and granularity); then those are disabled, so
+    that the chain of same-named bitmaps down the layers is one bitmap."""
+    src: Bitmaps | None = getattr(old, "bitmaps", None)
+    dst: Bitmaps | None = getattr(new, "bitmaps", None)
+    if src is None or dst is None:
+        return
+    moving = [bm for bm in src.list if bm.enabled and bm.bits is not None]
+    for bm in moving:
+        if not any(b.name == bm.name for b in dst.list):
+            dst.add(bm.name, bm.granularity)
+    for bm in moving:
+        src.disable(bm.name)
+
+
+def merge_down(target: object, leaving: list[object], active: object | None) -> None:
+    """commit, stream and copy: ``target`` (writable) takes over from the ``leaving``
+    layers.  For every bitmap name ``target`` or a leaving layer has, ``target``'s
+    bitmap of that name (created, with the granularity of the topmost one, if it has
+    none) becomes the OR of all of them; with ``active`` (the layer that was active and
+    leaves: an active commit, a copy), a bitmap enabled there is enabled in ``target``.
+    Inconsistent (in-use) bitmaps are left out."""
+    dst: Bitmaps | None = getattr(target, "bitmaps", None)
+    if dst is None:
+        return
+    enabled = {bm.name for bm in of_layer(active) if bm.enabled} if active is not None else set()
+    sources: dict[str, list[Bitmap]] = {}
+    for layer in leaving:
+        for bm in of_layer(layer):
+            if bm.bits is not None:
+                sources.setdefault(bm.name, []).append(bm)
+    for name, found in sources.items():
+        have = next((b for b in dst.list if b.name == name), None)
+        if have is None:
+            dst.add(name, found[0].granularity, disabled=name not in enabled)
+        elif have.bits is None:
+            continue  # inconsistent in the target: only removal helps, as in QEMU
+        dst.merge(name, list(found))
+        if name in enabled:
+            dst.enable(name)
+
+
+def keep_merged(node: object, leaving: list[object]) -> None:
+    """stream: the node keeps its bitmaps; each takes in the same-named bitmaps of the
+    layers that leave below it (the same bitmap, split by snapshots); names the node
+    does not have are dropped with their layers."""
+    dst: Bitmaps | None = getattr(node, "bitmaps", None)
+    if dst is None:
+        return
+    for bm in dst.list:
+        if bm.bits is None:
+            continue
+        found = [
+            b
+            for layer in leaving
+            for b in of_layer(layer)
+            if b.name == bm.name and b.bits is not None
+        ]
+        if found:
+            dst.merge(bm.name, list(found))
 
 
 def _extension_offset(h: hdr.Header, kind: int) -> int | None:
