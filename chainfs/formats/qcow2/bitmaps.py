@@ -34,7 +34,7 @@ from __future__ import annotations
 import errno
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ...errors import ChainfsError, ImageError, UnsupportedFeature
@@ -231,6 +231,24 @@ class Bitmaps:
                 " try 'bitmap remove' to delete it"
             )
         return bm
+
+    def references(self) -> Iterator[tuple[int, int]]:
+        """Every (host offset, clusters) the directory references (for a refcount
+        rebuild): the directory, and each bitmap's table and data clusters."""
+        cs = self.cs
+        if self.dir_offset and self.list:
+            yield self.dir_offset, -(-self.dir_size // cs)
+        for bm in self.list:
+            yield bm.table_offset, max(1, -(-bm.table_size * 8 // cs))
+            table = bm.table
+            if table is None:  # in use: not loaded; its table is still referenced
+                raw = self.f.pread(bm.table_size * 8, bm.table_offset)
+                table = [
+                    U64.unpack_from(raw, i * 8)[0] & ENTRY_OFFSET_MASK for i in range(len(raw) // 8)
+                ]
+            for off in table:
+                if off:
+                    yield off, 1
 
     # -- guest writes --------------------------------------------------------------------
 

@@ -87,13 +87,13 @@ class Qcow2Layer(Tables):
             h.autoclear &= hdr.AUTOCLEAR_BITMAPS
             f.pwrite(struct.pack(">Q", h.autoclear), 88)
             f.flush()
-        # read (and refuse, as QEMU does, bitmaps of unknown types or flags) first
-        bitmaps = Bitmaps(f, h, self.virtual_size)
+        # read (and refuse, as QEMU does, bitmaps of unknown types or flags) first; a
+        # refcount rebuild counts their clusters too
+        self.bitmaps = bitmaps = Bitmaps(f, h, self.virtual_size)
         if dirty:
             self._rebuild_refcounts()
         self.refs = refs or Refcounts(f, h)
         bitmaps.refs = self.refs
-        self.bitmaps = bitmaps
         bitmaps.materialise_enabled()
 
     def _rebuild_refcounts(self) -> None:
@@ -164,6 +164,8 @@ class Qcow2Layer(Tables):
                     yield first, n
                 elif e & OFFSET_MASK:
                     yield e & OFFSET_MASK, 1
+        if self.bitmaps is not None:
+            yield from self.bitmaps.references()
 
     # -- lookups ---------------------------------------------------------------------------
 
