@@ -363,3 +363,30 @@ def test_refcount_rebuild_counts_bitmap_clusters(tmp_path: Path) -> None:
     assert cs.check(path)[0] == 0
     writes = [(0, MiB)] + [((5 + i) * MiB, 100) for i in range(8)]
     assert qemu_dirty(path, "b2") == granules(writes, 4096)
+
+
+@pytest.mark.parametrize("end", ["success", "failure", "crash"])
+def test_freeze_and_thaw_for_a_backup(image: str, end: str) -> None:
+    """``freeze`` hands a backup the bitmap as it is and restarts it; until ``thaw`` the
+    disk holds the union (a crash over-reports), on success only the later writes."""
+    before, later = [(0, 4096), (9 * MiB, 4096)], [(2 * MiB, 4096)]
+    chain = Chain.open(image, writable=True)
+    try:
+        layer = chain.active
+        assert isinstance(layer, Qcow2Layer) and layer.bitmaps is not None
+        b = layer.bitmaps
+        for offset, length in before:
+            chain.write(offset, b"p" * length)
+        frozen = b.freeze("b4k")
+        assert frozen.ranges(chain.size) == granules(before, 4096)
+        with pytest.raises(bm.BitmapBusy, match="in use by another operation"):
+            b.clear("b4k")
+        for offset, length in later:
+            chain.write(offset, b"q" * length)
+        assert b.get("b4k").ranges(chain.size) == granules(later, 4096)
+        if end != "crash":
+            b.thaw("b4k", success=end == "success")
+    finally:
+        chain.close()
+    want = later if end == "success" else before + later
+    assert qemu_dirty(image, "b4k") == granules(want, 4096)

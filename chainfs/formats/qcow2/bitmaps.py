@@ -66,6 +66,10 @@ class BitmapNotFound(BitmapError):
     errno = errno.ENOENT
 
 
+class BitmapBusy(BitmapError):
+    errno = errno.EBUSY
+
+
 class BitmapExists(BitmapError):
     errno = errno.EEXIST
 
@@ -83,6 +87,7 @@ class Bitmap:
     raw: bytes  # the directory entry as read (kept verbatim while not maintained)
     bits: bytearray | None = None
     table: list[int] | None = None  # data cluster offsets (0: none) once materialised
+    frozen: bytes | None = None  # a backup's bits (``freeze``): on disk ORed in
 
     @property
     def granularity(self) -> int:
@@ -278,7 +283,13 @@ class Bitmaps:
             stop = min(b, (i + 1) * cs)
             off = bm.table[i]
             assert off, "an enabled bitmap's data clusters are materialised"
-            self.f.pwrite(bm.bits[a:stop], off + a - i * cs)
+            piece: bytes | bytearray = bm.bits[a:stop]
+            if bm.frozen is not None:  # on disk: the union until the backup ends
+                n = stop - a
+                piece = (
+                    int.from_bytes(piece, "little") | int.from_bytes(bm.frozen[a:stop], "little")
+                ).to_bytes(n, "little")
+            self.f.pwrite(piece, off + a - i * cs)
             a = stop
 
     # -- commands (QEMU's block-dirty-bitmap-*) ------------------------------------------
@@ -304,6 +315,7 @@ class Bitmaps:
 
     def remove(self, name: str) -> None:
         bm = self.get(name)
+        self._check_idle(bm)
         self.list.remove(bm)
         self._store_directory()
         self._free(bm)
@@ -311,18 +323,21 @@ class Bitmaps:
     def clear(self, name: str) -> None:
         bm = self._maintained(name)
         self._check_writable(bm)
+        self._check_idle(bm)
         assert bm.bits is not None
         bm.bits[:] = bytes(len(bm.bits))
         self._rewrite(bm)
 
     def enable(self, name: str) -> None:
         bm = self._maintained(name)
+        self._check_idle(bm)
         if not bm.flags & AUTO:
             bm.flags |= AUTO
             self._store_directory()
 
     def disable(self, name: str) -> None:
         bm = self._maintained(name)
+        self._check_idle(bm)
         if bm.flags & AUTO:
             bm.flags &= ~AUTO
             self._store_directory()
@@ -332,6 +347,7 @@ class Bitmaps:
         read with ``Bitmaps.read_only``) into ``target``."""
         bm = self._maintained(target)
         self._check_writable(bm)
+        self._check_idle(bm)
         assert bm.bits is not None
         changed = False
         for s in sources:
@@ -342,21 +358,44 @@ class Bitmaps:
         if changed:
             self._rewrite(bm)
 
-    def restart(self, name: str) -> bytes:
-        """Clear ``name`` now and return what it held (``bits`` as they were), so a
-        backup can copy those clusters while later writes set bits again; ``restore``
-        merges them back if the backup fails (QEMU's frozen bitmap and successor)."""
-        bm = self._maintained(name)
-        assert bm.bits is not None
-        old = bytes(bm.bits)
-        self.clear(name)
-        return old
+    # -- for an incremental backup (QEMU's frozen bitmap and its successor) ---------------
 
-    def restore(self, name: str, old: bytes) -> None:
-        """OR bits ``restart`` returned back into ``name``."""
+    def freeze(self, name: str) -> Bitmap:
+        """Start a backup of ``name``: return a copy of it as it is now (its ``ranges``
+        are what the backup copies) and restart it empty in memory, so the writes from
+        now on mark it afresh.  On disk it stays the union of both until ``thaw``, so a
+        crash during the backup loses nothing (it over-reports).  The bitmap is busy
+        meanwhile: the commands that would change it are refused."""
         bm = self._maintained(name)
-        src = Bitmap(name, 0, bm.gran_bits, 0, 0, b"", bytearray(old))
-        self.merge(name, [src])
+        self._check_idle(bm)
+        assert bm.bits is not None
+        frozen = Bitmap(bm.name, bm.flags, bm.gran_bits, 0, 0, b"", bytearray(bm.bits))
+        bm.frozen = bytes(bm.bits)
+        bm.bits[:] = bytes(len(bm.bits))
+        return frozen
+
+    def thaw(self, name: str, *, success: bool) -> None:
+        """End the backup ``freeze`` started: on success the bitmap keeps only the
+        writes made since (rewritten on disk); on failure the frozen bits are merged
+        back (QEMU's ``bitmap-mode``: the caller decides which applies)."""
+        bm = self._maintained(name)
+        frozen, bm.frozen = bm.frozen, None
+        if frozen is None:
+            raise BitmapError(f"Bitmap '{name}' is not frozen")
+        assert bm.bits is not None
+        if success:
+            self._rewrite(bm)
+        else:
+            bm.bits[:] = (
+                int.from_bytes(bm.bits, "little") | int.from_bytes(frozen, "little")
+            ).to_bytes(len(bm.bits), "little")
+
+    @staticmethod
+    def _check_idle(bm: Bitmap) -> None:
+        if bm.frozen is not None:
+            raise BitmapBusy(
+                f"Bitmap '{bm.name}' is currently in use by another operation and cannot be used"
+            )
 
     @staticmethod
     def _check_writable(bm: Bitmap) -> None:
