@@ -390,3 +390,19 @@ def test_freeze_and_thaw_for_a_backup(image: str, end: str) -> None:
         chain.close()
     want = later if end == "success" else before + later
     assert qemu_dirty(image, "b4k") == granules(want, 4096)
+
+
+def test_no_bitmaps_in_v2_images(tmp_path: Path) -> None:
+    """As QEMU: "Cannot store dirty bitmaps in qcow2 v2 files"; the header is untouched."""
+    path = str(tmp_path / "v2.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", path, "16M")
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    with Chain.open(path, writable=True) as chain:
+        layer = chain.active
+        assert isinstance(layer, Qcow2Layer) and layer.bitmaps is not None
+        with pytest.raises(bm.BitmapUnsupported, match="Cannot store dirty bitmaps in qcow2 v2"):
+            layer.bitmaps.add("b", 65536)
+    with open(path, "rb") as fh:
+        assert fh.read(4096) == head
+    assert cs.check(path)[0] == 0

@@ -66,6 +66,10 @@ class BitmapNotFound(BitmapError):
     errno = errno.ENOENT
 
 
+class BitmapUnsupported(BitmapError):
+    errno = errno.EOPNOTSUPP
+
+
 class BitmapBusy(BitmapError):
     errno = errno.EBUSY
 
@@ -295,6 +299,8 @@ class Bitmaps:
     # -- commands (QEMU's block-dirty-bitmap-*) ------------------------------------------
 
     def add(self, name: str, granularity: int, *, disabled: bool = False) -> None:
+        if self.h.version < 3:
+            raise BitmapUnsupported("Cannot store dirty bitmaps in qcow2 v2 files")
         if not name:
             raise BitmapError("Bitmap name cannot be empty")
         if len(name.encode()) > MAX_NAME:
