@@ -31,6 +31,7 @@ from chainfs.hostfile import HostFile
 from . import crashsim as cs
 from .crashsim import Guest
 from .test_crash import Scene
+from .test_info_check import chainfs, qemu_info
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -194,6 +195,9 @@ def test_commands_leave_bitmaps_qemu_accepts(image: str) -> None:
         "new": (131072, ("auto",)),
         "cold": (65536, ("auto",)),
     }
+    # chainfs info lists them as qemu-img info does, and chainfs check passes them
+    assert chainfs("info", image).stdout == qemu_info(image, human=True)
+    assert chainfs("check", image).returncode == 0
     mib = [(m * MiB, 4096) for m in (5, 6, 7, 8)]
     assert qemu_dirty(image, "b4k") == granules(mib[1:], 4096)
     assert qemu_dirty(image, "new") == granules(mib, 128 * KiB)
