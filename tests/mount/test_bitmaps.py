@@ -94,7 +94,8 @@ def test_bitmaps_kept_marked_and_commanded(tmp_path: Path, mounter: Mounter, see
     m.command("E", "bitmap", "disable new")
     m.command("E", "bitmap", "remove b64k")
     assert [x["event"] for x in m.events("E")].count("BITMAP_CHANGED") == 6
-    m.unmount()
+    run(sys.executable, "-m", "chainfs", "umount", m.mountpoint)
+    m.wait_exit(0)
     run("qemu-img", "check", e)
     assert qemu_bitmaps(str(e)) == {
         "b4k": (4096, ("auto",)),

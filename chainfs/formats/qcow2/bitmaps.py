@@ -26,6 +26,11 @@ inconsistent by a crashed QEMU) is kept as it is, can only be removed, and is no
 updated, as in QEMU; one of an unknown type or with unknown flags makes QEMU refuse the
 image, and chainfs refuses to write to it too.
 
+For an incremental backup, ``freeze`` hands out a bitmap as it is and restarts it, the
+disk keeping the union until ``thaw`` (QEMU's frozen bitmap and its successor); the
+rules that carry bitmaps across snapshot, commit, stream and copy are the functions at
+the end (``carry_to_overlay``, ``merge_down``, ``keep_merged``).
+
 Locking contract: not thread-safe; the owning layer (and its chain's lock) serialises.
 """
 
