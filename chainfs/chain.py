@@ -34,7 +34,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .buffers import zero_fill
 from .confine import Confinement
@@ -50,8 +50,12 @@ from .formats.base import (
     Extent,
     Layer,
 )
+from .formats.qcow2 import bitmaps
 from .hostfile import HostFile
 from .locks import lock_image, unlock_image
+
+if TYPE_CHECKING:
+    from .formats.qcow2.bitmaps import Bitmaps
 
 MAX_DEPTH = 1000
 REGION_BITS = 13  # granules per region: 8192
@@ -417,6 +421,7 @@ class Chain:
         with self.lock:
             for hook in self.write_hooks:
                 hook.before_write(offset, length)
+            self.active.mark_dirty(offset, length)
             apply()
             if claim:
                 self.claim(offset, length)
@@ -621,6 +626,8 @@ class Chain:
                 new = self._open(path, "qcow2", writable=True)
             old = self.layers[0]
             try:
+                # the overlay takes over the enabled bitmaps (README, "Dirty bitmaps")
+                bitmaps.carry_to_overlay(old, new)
                 old.flush()  # a failure leaves the old layer as it was, open and active
                 old.close()
                 ro = self._open(old.path, old.format_name, writable=False)
@@ -751,6 +758,19 @@ class Chain:
             self._reset_granule()
         _close_all(removed)
         return removed
+
+    def dirty_bitmaps(self) -> Bitmaps:
+        """The persistent dirty bitmaps of the active layer (the caller holds the lock
+        for as long as it uses them)."""
+        bitmaps: Bitmaps | None = getattr(self.active, "bitmaps", None)
+        if bitmaps is None:
+            layer = self.active
+            if not self.writable:
+                raise ReadOnlyError(f"the chain of {layer.path!r} is open read-only")
+            raise UnsupportedFeature(
+                f"{layer.path!r} ({layer.format_name}) cannot hold persistent dirty bitmaps"
+            )
+        return bitmaps
 
     def flush(self) -> None:
         """Make every acknowledged write durable."""

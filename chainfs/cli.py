@@ -56,6 +56,9 @@ JOB_HELP = {
     "resume": "JOB: resume a paused job (job-resume)",
     "change": "JOB copy-mode=write-blocking: copy a copy's or active commit's guest writes "
     "before they are acknowledged from now on (block-job-change)",
+    "bitmap": "add NAME [granularity=SIZE] [disabled] | remove|clear|enable|disable NAME | "
+    "merge TARGET SOURCE...: persistent dirty bitmaps of the active layer "
+    "(block-dirty-bitmap-*)",
 }
 IMAGE_COMMANDS = ("info", "check", "digest")
 POLL_INTERVAL = 0.2  # how often --wait looks at the job
@@ -370,7 +373,7 @@ def cmd_job(ns: argparse.Namespace) -> int:
     except OSError as e:
         reason = _rejection(events, mark) or (e.strerror or str(e)).lower()
         raise ChainfsError(f"{ns.command} refused: {reason}") from None
-    if not ns.wait or ns.command in ("snapshot", "pause"):
+    if not ns.wait or ns.command in ("snapshot", "pause", "bitmap"):
         return 0  # (a paused job would be followed until someone resumes it)
     follower = Follower(ns.mountpoint, ns.chain, events, mark, sys.stderr)
     if ns.command in ("cancel", "complete", "speed", "resume", "change"):

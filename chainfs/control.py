@@ -33,6 +33,7 @@ COMMANDS: tuple[str, ...] = (
     "pause",
     "resume",
     "change",
+    "bitmap",
 )
 # the commands that act on a running job (QEMU's job verbs), each naming the job
 JOB_VERBS: tuple[str, ...] = ("cancel", "complete", "speed", "pause", "resume", "change")
@@ -131,6 +132,20 @@ class ChangeCmd(VerbCmd):
     copy_mode: str
 
 
+BITMAP_ACTIONS: tuple[str, ...] = ("add", "remove", "clear", "enable", "disable", "merge")
+
+
+@dataclass(frozen=True)
+class BitmapCmd:
+    """A persistent dirty bitmap command (QEMU's ``block-dirty-bitmap-*``): ``names`` is
+    the bitmap (merge: the target, then the sources)."""
+
+    action: str
+    names: tuple[str, ...]
+    granularity: int | None = None
+    disabled: bool = False
+
+
 Command: TypeAlias = (
     SnapshotCmd
     | StreamCmd
@@ -143,6 +158,7 @@ Command: TypeAlias = (
     | PauseCmd
     | ResumeCmd
     | ChangeCmd
+    | BitmapCmd
 )
 
 # Per command: the keys it accepts, and what its bare word is called (None: it takes none).
@@ -158,6 +174,7 @@ _KEYS: dict[str, frozenset[str]] = {
     "pause": frozenset(),
     "resume": frozenset(),
     "change": frozenset({"copy-mode"}),
+    "bitmap": frozenset({"granularity"}),
 }
 _MAIN: dict[str, str | None] = {
     "snapshot": "file",
@@ -171,8 +188,9 @@ _MAIN: dict[str, str | None] = {
     "pause": "job",
     "resume": "job",
     "change": "job",
+    "bitmap": "action",
 }
-_REQUIRED = frozenset({"snapshot", "copy", "backup", *JOB_VERBS})
+_REQUIRED = frozenset({"snapshot", "copy", "backup", "bitmap", *JOB_VERBS})
 
 _RATE = re.compile(r"([0-9]{1,30})([kmg]?)", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -420,6 +438,8 @@ def parse_command(kind: str, data: bytes) -> Command:
             raise _invalid(f"speed takes a job and a rate, got {len(bare)} words")
         _check_value("job", bare[0])
         return SpeedCmd(job=bare[0], speed=_parse_rate(bare[1], "rate"))
+    if kind == "bitmap":
+        return _bitmap_command(bare, keys)
     if name is None:
         if bare:
             raise _invalid(f"{kind} takes no bare argument, got {_show(bare[0])}")
@@ -495,3 +515,30 @@ def parse_command(kind: str, data: bytes) -> Command:
             raise _invalid("change needs copy-mode=write-blocking")
         return ChangeCmd(job=main, copy_mode=copy_mode)
     return CompleteCmd(job=main)
+
+
+def _bitmap_command(bare: list[str], keys: dict[str, str]) -> BitmapCmd:
+    """``add NAME [granularity=SIZE] [disabled]``, ``remove|clear|enable|disable NAME``,
+    ``merge TARGET SOURCE...``."""
+    if not bare or bare[0] not in BITMAP_ACTIONS:
+        got = f", got {_show(bare[0])}" if bare else ""
+        raise _invalid(f"bitmap needs one of {', '.join(BITMAP_ACTIONS)}{got}")
+    action, names = bare[0], bare[1:]
+    disabled = False
+    if action == "add" and names[1:] == ["disabled"]:
+        names, disabled = names[:1], True
+    if "granularity" in keys and action != "add":
+        raise _invalid(f"unknown key 'granularity' for bitmap {action}")
+    if not names:
+        raise _invalid(f"bitmap {action} needs a bitmap name")
+    if action == "merge":
+        if len(names) < 2:
+            raise _invalid("bitmap merge needs a target and at least one source")
+    elif len(names) > 1:
+        raise _invalid(
+            f"bitmap {action} takes one name, got {_show(names[0])} and {_show(names[1])}"
+        )
+    for n in names:
+        _check_value("bitmap name", n)
+    granularity = _parse_rate(keys["granularity"], "granularity") if "granularity" in keys else None
+    return BitmapCmd(action, tuple(names), granularity, disabled)

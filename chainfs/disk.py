@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from .chain import Chain
 from .control import (
     BackupCmd,
+    BitmapCmd,
     CancelCmd,
     ChangeCmd,
     CommandError,
@@ -203,6 +204,8 @@ class Disk:
                 self._find_job(cmd.job).user_resume()
             elif isinstance(cmd, ChangeCmd):
                 self._find_job(cmd.job).user_change(cmd.copy_mode)
+            elif isinstance(cmd, BitmapCmd):
+                self._bitmap(cmd)
             if (
                 isinstance(cmd, StreamCmd | CommitCmd | CopyCmd | BackupCmd)
                 and self.job is not None
@@ -217,6 +220,61 @@ class Disk:
             w.refused = True
             self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
             raise CommandError(e.errno, str(e)) from e
+
+    def _bitmap(self, cmd: BitmapCmd) -> None:
+        """A ``bitmap`` command on the active layer's persistent dirty bitmaps, durable
+        when this returns (QEMU's ``block-dirty-bitmap-*``)."""
+        chain = self.chain
+        with chain.lock:
+            b = chain.dirty_bitmaps()
+            name = cmd.names[0]
+            if cmd.action == "add":
+                b.add(name, cmd.granularity or b.default_granularity, disabled=cmd.disabled)
+            elif cmd.action == "remove":
+                b.remove(name)
+            elif cmd.action == "clear":
+                b.clear(name)
+            elif cmd.action == "enable":
+                b.enable(name)
+            elif cmd.action == "disable":
+                b.disable(name)
+            else:
+                b.merge(name, list(cmd.names[1:]))
+            chain.active.flush()
+        self.emit("BITMAP_CHANGED", action=cmd.action, bitmap=name)
+
+    def bitmaps_text(self) -> bytes:
+        """One line per persistent dirty bitmap of the active layer."""
+        with self.chain.lock:
+            found = getattr(self.chain.active, "bitmaps", None)
+            size = self.chain.size
+            lines = [
+                format_line(
+                    [
+                        ("name", bm.name),
+                        ("granularity", bm.granularity),
+                        ("count", bm.count(size)),
+                        ("enabled", "yes" if bm.enabled else "no"),
+                        ("persistent", "yes"),
+                        ("in-use", "yes" if bm.inconsistent else "no"),
+                        ("inconsistent", "yes" if bm.inconsistent else "no"),
+                    ]
+                )
+                for bm in (found.list if found is not None else [])
+            ]
+        return "".join(line + "\n" for line in lines).encode()
+
+    def dirty_text(self) -> bytes:
+        """One line per dirty extent of every bitmap: ``bitmap=NAME start=N length=N``."""
+        with self.chain.lock:
+            found = getattr(self.chain.active, "bitmaps", None)
+            size = self.chain.size
+            lines = [
+                format_line([("bitmap", bm.name), ("start", a), ("length", b - a)])
+                for bm in (found.list if found is not None else [])
+                for a, b in bm.ranges(size)
+            ]
+        return "".join(line + "\n" for line in lines).encode()
 
     def _continue(self, kind: str, w: Writer, data: bytes) -> None:
         """A later write through the open file whose first write was carried out

@@ -2,16 +2,17 @@
 
     MOUNTPOINT/NAME.img                  flat disk (read-write)
     MOUNTPOINT/control/.status           the daemon and every chain, served or refused
-    MOUNTPOINT/control/NAME/{chain,jobs,events}               read
+    MOUNTPOINT/control/NAME/{chain,jobs,events,bitmaps,dirty} read
     MOUNTPOINT/control/NAME/{snapshot,stream,commit,copy,backup}            write
     MOUNTPOINT/control/NAME/{cancel,complete,speed,pause,resume,change}     write (job verbs)
+    MOUNTPOINT/control/NAME/bitmap                                          write
 
 This class only translates: requests become calls on ``Disk``/``Chain``, and chainfs
 errors become ``FUSEError`` here and nowhere else.  Any other exception is logged and
 answered with EIO, because an exception escaping a handler would end the mount.
 
 Inode numbers are fixed at start: 1 root, 2 ``control``, 3 ``control/.status``, and a
-block of 16 per chain.  The flat files are opened with ``keep_cache``: live operations
+block of 32 per chain.  The flat files are opened with ``keep_cache``: live operations
 never change what the disk shows, so the kernel's page cache stays coherent.
 
 Locking contract: every handler runs on the trio thread.
@@ -46,9 +47,9 @@ ROOT = pyfuse3.ROOT_INODE
 CONTROL = 2
 STATUS = 3
 FIRST_CHAIN = 16
-PER_CHAIN = 16
+PER_CHAIN = 32
 IMG, DIR = 0, 1
-READ_FILES = ("chain", "jobs", "events")
+READ_FILES = ("chain", "jobs", "events", "bitmaps", "dirty")
 WRITE_FILES = COMMANDS  # snapshot stream commit copy backup, then the job verbs
 CONTROL_FILES = READ_FILES + WRITE_FILES  # offsets 2.. within a chain's block
 SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
@@ -177,6 +178,10 @@ class Operations(pyfuse3.Operations):
             return disk.chain_text()
         if name == "jobs":
             return disk.jobs_text()
+        if name == "bitmaps":
+            return disk.bitmaps_text()
+        if name == "dirty":
+            return disk.dirty_text()
         return bytes(disk.events)  # the history at mount and every line since
 
     def status_text(self) -> bytes:

@@ -27,6 +27,7 @@ import os
 
 from ..control import CommandError, StreamCmd
 from ..formats.base import Layer
+from ..formats.qcow2 import bitmaps
 from . import journal
 from .backing import backing_string
 from .base import Job
@@ -127,6 +128,8 @@ class StreamJob(Job):
     def prepare(self) -> None:
         chain = self.served.chain
         n, stop = self._indices()
+        with chain.lock:  # the node keeps its bitmaps, with the leaving layers' merged in
+            bitmaps.keep_merged(self.node, list(chain.layers[n + 1 : stop]))
         self.node.flush()  # the copied data and its metadata, durable first
         leaving = [layer.path for layer in chain.layers[n + 1 : stop]]
         if self.base is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 from typing import get_args
 
 import pytest
@@ -13,6 +14,7 @@ from chainfs.control import (
     COMMANDS,
     MAX_COMMAND,
     BackupCmd,
+    BitmapCmd,
     CancelCmd,
     ChangeCmd,
     Command,
@@ -114,7 +116,43 @@ def test_commands_listed() -> None:
     assert set(COMMANDS) == {
         *("snapshot", "stream", "commit", "copy", "backup"),
         *("cancel", "complete", "speed", "pause", "resume", "change"),
+        "bitmap",
     }
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        (b"add b1\n", BitmapCmd("add", ("b1",))),
+        (b"add b1 granularity=128k disabled", BitmapCmd("add", ("b1",), 131072, True)),
+        (b"remove b1", BitmapCmd("remove", ("b1",))),
+        (b"clear b1", BitmapCmd("clear", ("b1",))),
+        (b"enable b1", BitmapCmd("enable", ("b1",))),
+        (b"disable b1", BitmapCmd("disable", ("b1",))),
+        (b"merge t a b", BitmapCmd("merge", ("t", "a", "b"))),
+        (b'add "a name"', BitmapCmd("add", ("a name",))),
+    ],
+)
+def test_bitmap_commands(text: bytes, want: BitmapCmd) -> None:
+    assert parse_command("bitmap", text) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (b"", "empty command"),
+        (b"grow b1", "bitmap needs one of add, remove, clear, enable, disable, merge, got 'grow'"),
+        (b"add", "bitmap add needs a bitmap name"),
+        (b"merge t", "bitmap merge needs a target and at least one source"),
+        (b"clear a b", "bitmap clear takes one name, got 'a' and 'b'"),
+        (b"clear a granularity=4k", "unknown key 'granularity' for bitmap clear"),
+        (b"add a speed=1", "unknown key 'speed' for bitmap"),
+        (b"add a granularity=x", "granularity"),
+    ],
+)
+def test_bitmap_commands_refused(text: bytes, reason: str) -> None:
+    with pytest.raises(CommandError, match=re.escape(reason)):
+        parse_command("bitmap", text)
 
 
 REJECTED: list[tuple[str, bytes, str]] = [

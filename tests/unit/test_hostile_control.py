@@ -52,6 +52,7 @@ GRAMMAR: dict[str, tuple[frozenset[str], bool, bool]] = {
     "pause": (frozenset(), True, True),
     "resume": (frozenset(), True, True),
     "change": (frozenset({"copy-mode"}), True, True),  # copy-mode required
+    "bitmap": (frozenset({"granularity"}), True, True),  # first bare word: the action
 }
 ALL_KEYS = ("base", "node", "top", "speed", "sync", "wait", "file", "job", "copy-mode")
 GOOD = {"base": "A.qcow2", "node": "D.qcow2", "top": "C.qcow2", "speed": "10M", "sync": "top"}
@@ -75,6 +76,8 @@ def expected(kind: str, keys: dict[str, str], bare: list[str]) -> Command | None
     allowed, takes_bare, needs_bare = GRAMMAR[kind]
     if not keys and not bare:
         return None  # an empty write never defaults to anything
+    if kind == "bitmap":
+        return None  # no bare word here is an action, no key granularity (test_control)
     if set(keys) - allowed or any(BAD.get(k) == v for k, v in keys.items()):
         return None
     if kind == "speed":

@@ -38,6 +38,7 @@ from ...errors import ChainfsError, ImageError, UnsupportedFeature
 from ...hostfile import HostFile
 from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, FormatInfo
 from . import header as hdr
+from .bitmaps import Bitmaps
 from .entries import COMPRESSED_BIT, COPIED, OFFSET_MASK, ZERO_FLAG
 from .entries import U64 as _U64
 from .layout import Layout
@@ -67,6 +68,7 @@ class Qcow2Layer(Tables):
         # a reader settled, kept for the writer's next write, flush or close
         self._started: _Started | None = None
         self._unsettled: ChainfsError | None = None
+        self.bitmaps: Bitmaps | None = None  # the persistent dirty bitmaps (writable)
         if file.writable:
             self._open_for_writing()
 
@@ -80,15 +82,20 @@ class Qcow2Layer(Tables):
         self._layout = Layout(f.path, h, self.l1, f.size(), None if refs is None else refs.table)
         if refs is not None:
             self._layout.check_refcounts(refs.get)
-        if h.autoclear:
-            # we maintain none of the autoclear features (bitmaps): clear them before
-            # the first write, which tells QEMU those structures are stale, as intended
-            h.autoclear = 0
-            f.pwrite(struct.pack(">Q", 0), 88)
+        if h.autoclear & ~hdr.AUTOCLEAR_BITMAPS:
+            # the autoclear features other than bitmaps we do not maintain: clear them
+            # before the first write, which tells QEMU those structures are stale
+            h.autoclear &= hdr.AUTOCLEAR_BITMAPS
+            f.pwrite(struct.pack(">Q", h.autoclear), 88)
             f.flush()
+        # read (and refuse, as QEMU does, bitmaps of unknown types or flags) first; a
+        # refcount rebuild counts their clusters too
+        self.bitmaps = bitmaps = Bitmaps(f, h, self.virtual_size)
         if dirty:
             self._rebuild_refcounts()
         self.refs = refs or Refcounts(f, h)
+        bitmaps.refs = self.refs
+        bitmaps.materialise_enabled()
 
     def _rebuild_refcounts(self) -> None:
         """Recount every reference of a dirty (lazy-refcounts) image and start afresh."""
@@ -158,6 +165,8 @@ class Qcow2Layer(Tables):
                     yield first, n
                 elif e & OFFSET_MASK:
                     yield e & OFFSET_MASK, 1
+        if self.bitmaps is not None:
+            yield from self.bitmaps.references()
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -278,6 +287,24 @@ class Qcow2Layer(Tables):
         n = min(cs, self.virtual_size - start)
         below = fill(start, n)
         return bytes(below) + bytes(cs - len(below))
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Set the bits of the enabled bitmaps for a range about to change, durably
+        before the change can be (``bitmaps``): where a cluster of the range is
+        overwritten in place, the new bits are flushed before the data write."""
+        bm = self.bitmaps
+        if bm is None or not bm.list or not bm.mark(offset, length):
+            return
+        cb = self.cluster_bits
+        first, last = offset >> cb, (offset + max(length, 1) - 1) >> cb
+        if last - first > 64:  # a large range: not worth looking
+            self.file.flush()
+            return
+        for c in range(first, last + 1):
+            e = self._entry(c)
+            if e & COPIED and e & OFFSET_MASK and not e & (COMPRESSED_BIT | ZERO_FLAG):
+                self.file.flush()
+                return
 
     def write(self, offset: int, data: Buffer, fill: Fill) -> None:
         """Overwrite allocated clusters in place; give the others new clusters, allocated
