@@ -125,12 +125,16 @@ CONTROL_FILES = (
     "stream",
     "commit",
     "copy",
+    "backup",
     "cancel",
     "complete",
     "speed",
     "pause",
     "resume",
     "change",
+    "bitmap",
+    "bitmaps",
+    "dirty",
 )
 CHAINS = ["seed-E", "rawbase-E", "short-top", "mixed-top", "abs-top", "dd-top"]
 
