@@ -95,6 +95,7 @@ class Handle:
     data: bytes | None = None  # content snapshot of a read-only control file
     flat: Chain | None = None  # a flat file's chain (the short way for its reads)
     writer: Writer | None = None  # a command file's writes so far: one command
+    direct: bool = False  # a flat file opened with O_DIRECT (see ``write``)
 
 
 class Operations(pyfuse3.Operations):
@@ -291,7 +292,8 @@ class Operations(pyfuse3.Operations):
         if part == IMG:
             if writing and self.readonly:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            self.handles[fh] = Handle(inode, disk, flat=disk.chain)
+            direct = bool(flags & os.O_DIRECT)
+            self.handles[fh] = Handle(inode, disk, flat=disk.chain, direct=direct)
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         name = CONTROL_FILES[part - 2]
         if name in READ_FILES:
@@ -326,8 +328,12 @@ class Operations(pyfuse3.Operations):
         disk, part = found
         if part == IMG:
             size = disk.chain.size
-            if off >= size:
+            if off >= size or (h.direct and off + len(buf) > size):
+                # past the end, as a block device: ENOSPC.  A direct write that crosses
+                # the end is refused whole, before any byte is written: the kernel's
+                # asynchronous direct I/O would turn a short write into EIO
                 raise pyfuse3.FUSEError(errno.ENOSPC)
+            # a buffered one is cut short at the end: the kernel hands the count back
             n = min(len(buf), size - off)
             disk.touch()  # before the host write, so the images' mtimes are never older
             disk.chain.write(off, memoryview(buf)[:n])
