@@ -319,6 +319,8 @@ def render_status(info: dict[str, Any]) -> str:
         size = human_size(int(layers[0]["virtual-size"])) if layers else "?"
         lines.append("")
         lines.append(f"{c['chain']}  {size}  {draw_chain(layers)}")
+        if c.get("warning"):
+            lines.append(f"    warning: {c['warning']}")
         width = max((len(str(x["name"])) for x in layers), default=0)
         for x in layers:
             lines.append(

@@ -18,9 +18,8 @@ import os
 import resource
 from dataclasses import dataclass
 
-from .chain import MAX_DEPTH, resolve_backing
-from .errors import ChainfsError
-from .formats.qcow2 import read_backing
+from . import chain
+from .chain import MAX_READ_ONLY_DEPTH
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +57,8 @@ def open_count() -> int:
 
 
 def count_layers(active: str) -> int:
-    """How many layers the chain of ``active`` has, from the backing strings alone (a
-    file that cannot be read ends the count); for a refusal's figure."""
-    n, path, seen = 0, os.path.abspath(active), set()
-    while n <= MAX_DEPTH and path not in seen:
-        seen.add(path)
-        n += 1
-        try:
-            string = read_backing(path)
-        except (ChainfsError, OSError):
-            break  # raw, missing or unreadable: the count so far
-        if not string:
-            break
-        path = os.path.normpath(resolve_backing(path, string))
-    return n
+    """How many layers the chain of ``active`` has (for a refusal's figure)."""
+    return chain.count_layers(active, MAX_READ_ONLY_DEPTH)
 
 
 @dataclass

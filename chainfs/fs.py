@@ -155,7 +155,8 @@ class Operations(pyfuse3.Operations):
         disk, part = found
         a.st_nlink = 1
         if part == IMG:
-            a.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o400 if self.readonly else 0o600))
+            ro = self.readonly or disk.readonly
+            a.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o400 if ro else 0o600))
             a.st_size = disk.chain.size
             # the data SEEK_DATA finds, as last counted (never a walk per stat)
             a.st_blocks = -(-disk.chain.allocated() // 512)
@@ -194,11 +195,14 @@ class Operations(pyfuse3.Operations):
             )
         ]
         for disk in self.disks:
-            lines.append(
-                format_line(
-                    [("chain", disk.name), ("status", "served"), ("active", disk.chain.active.path)]
-                )
-            )
+            line: list[tuple[str, object]] = [
+                ("chain", disk.name),
+                ("status", "served"),
+                ("active", disk.chain.active.path),
+            ]
+            if disk.warning:
+                line.append(("warning", disk.warning))
+            lines.append(format_line(line))
         for r in self.source.refused:
             lines.append(
                 format_line(
@@ -290,7 +294,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR if found else errno.ENOENT)
         disk, part = found
         if part == IMG:
-            if writing and self.readonly:
+            if writing and (self.readonly or disk.readonly):  # (or a chain too deep)
                 raise pyfuse3.FUSEError(errno.EROFS)
             direct = bool(flags & os.O_DIRECT)
             self.handles[fh] = Handle(inode, disk, flat=disk.chain, direct=direct)
@@ -376,7 +380,7 @@ class Operations(pyfuse3.Operations):
         h = self.handles[fh]
         if h.flat is None or h.disk is None:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        if self.readonly:
+        if self.readonly or h.disk.readonly:
             raise pyfuse3.FUSEError(errno.EROFS)
         if off < 0 or length <= 0:
             raise pyfuse3.FUSEError(errno.EINVAL)

@@ -28,7 +28,7 @@ import trio
 
 from . import descriptors, features
 from . import source as sources
-from .chain import Chain
+from .chain import MAX_DEPTH, Chain
 from .confine import Confinement
 from .disk import Disk
 from .errors import ChainfsError
@@ -114,7 +114,9 @@ def open_disks(
         # options allow, so that no flat file shows an arbitrary host file
         confine = Confinement.of([*spec.homes, *opts.allow_dirs, *opts.allow_backing])
         try:
-            chain = Chain.open(spec.active, writable=not opts.readonly, confine=confine)
+            chain = Chain.open(
+                spec.active, writable=not opts.readonly, confine=confine, deep_read_only=True
+            )
         except ChainfsError as e:
             emfile = getattr(e, "errno", None) == errno.EMFILE
             refuse(
@@ -148,6 +150,13 @@ def open_disks(
         )
         if not opts.readonly:
             disks[-1].journal = journal
+        if chain.too_deep:  # served, read-only, never dropped
+            disks[-1].readonly = True
+            disks[-1].warning = (
+                f"served read-only: {len(chain.layers)} layers, deeper than the cap of "
+                f"{MAX_DEPTH}; stream or commit it with qemu-img to serve it read-write"
+            )
+            log.warning("chain=%s %s", spec.name, disks[-1].warning)
     budget.report()
     return disks
 
