@@ -50,14 +50,17 @@ from .formats.base import (
     Extent,
     Layer,
 )
-from .formats.qcow2 import bitmaps
+from .formats.qcow2 import bitmaps, read_backing
 from .hostfile import HostFile
 from .locks import lock_image, unlock_image
 
 if TYPE_CHECKING:
     from .formats.qcow2.bitmaps import Bitmaps
 
-MAX_DEPTH = 1000
+MAX_DEPTH = 1000  # layers: a snapshot that would pass it is refused (jobs/snapshot.py)
+# how deep a chain found deeper than MAX_DEPTH may be and still be served read-only: the
+# map of who holds what names a layer by 1 + its index in 16 bits
+MAX_READ_ONLY_DEPTH = 0xFFFF - 1
 REGION_BITS = 13  # granules per region: 8192
 REGION_CACHE = 256  # regions kept (16 KiB each)
 
@@ -113,6 +116,24 @@ def _adopt(file: HostFile, *, lock: bool) -> Layer:
         raise
 
 
+def count_layers(active: str, limit: int) -> int:
+    """How many layers the chain of ``active`` has, up to ``limit``, from the backing
+    strings in the headers alone (nothing locked or kept open); a file that cannot be
+    read as qcow2 (a raw base, a missing one) ends the count."""
+    n, path, seen = 0, os.path.abspath(active), set()
+    while n < limit and path not in seen:
+        seen.add(path)
+        n += 1
+        try:
+            string = read_backing(path)
+        except (ChainfsError, OSError):
+            break
+        if not string:
+            break
+        path = os.path.normpath(resolve_backing(path, string))
+    return n
+
+
 class WriteHook(Protocol):
     """What a job that mirrors the disk elsewhere (commit, copy) sees of guest writes.
 
@@ -148,6 +169,8 @@ class Chain:
         self._allocated: int | None = None
         self.allocation_stale = False
         self._counted_at = 0.0  # time.monotonic() of the last count
+        # set when a chain deeper than MAX_DEPTH was opened read-only instead (``open``)
+        self.too_deep = False
         self._reset_granule()
 
     @classmethod
@@ -159,8 +182,14 @@ class Chain:
         active_format: str | None = None,
         lock: bool = True,
         confine: Confinement | None = None,
+        deep_read_only: bool = False,
     ) -> Chain:
         """Open the chain whose active image is ``active_path``.
+
+        A chain deeper than ``MAX_DEPTH`` layers is refused, or with ``deep_read_only``
+        opened read-only (``too_deep`` set), whatever ``writable`` asked: its depth is
+        counted from the backing strings first, as opening the active layer for writing
+        may already write to it (stale bitmaps, a dirty image's refcounts).
 
         With ``lock`` every layer gets QEMU's image locks (write locks on the active layer
         when ``writable``), so QEMU refuses to write what chainfs serves and vice versa.
@@ -171,11 +200,16 @@ class Chain:
         layers: list[Layer] = []
         seen: set[str] = set()
         path, fmt = os.path.abspath(active_path), active_format
+        max_depth, too_deep = MAX_DEPTH, False
+        if deep_read_only:
+            max_depth = MAX_READ_ONLY_DEPTH
+            too_deep = count_layers(path, MAX_DEPTH + 1) > MAX_DEPTH
+            writable = writable and not too_deep
         try:
             while True:
-                if len(layers) >= MAX_DEPTH:
+                if len(layers) >= max_depth:
                     raise ChainError(
-                        f"the chain of {active_path!r} is deeper than {MAX_DEPTH} layers"
+                        f"the chain of {active_path!r} is deeper than {max_depth} layers"
                     )
                 if layers:
                     string = str(layers[-1].backing_string)
@@ -214,6 +248,10 @@ class Chain:
         chain = cls(layers, writable=writable)
         chain.locked = lock
         chain.confine = confine
+        chain.too_deep = len(layers) > MAX_DEPTH
+        if chain.too_deep and not too_deep:  # it grew between the count and the open
+            chain.close()
+            raise ChainError(f"the chain of {active_path!r} changed while it was opened")
         return chain
 
     def __enter__(self) -> Chain:

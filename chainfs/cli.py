@@ -143,7 +143,15 @@ def cmd_mount(ns: argparse.Namespace) -> int:
         with os.fdopen(r, "rb") as pipe:
             answer = pipe.read()
         if answer == b"ready":
-            return 0
+            if os.path.ismount(os.path.realpath(ns.mountpoint)):
+                return 0
+            # (it died right after: its reason is in its log)
+            print(
+                f"chainfs: the daemon (pid {pid}) said the mount was ready, but nothing "
+                f"is mounted on {ns.mountpoint!r}; see its log",
+                file=sys.stderr,
+            )
+            return 1
         os.waitpid(pid, 0)
         print(f"chainfs: {answer.decode(errors='replace') or 'the daemon died'}", file=sys.stderr)
         return 1
@@ -157,21 +165,34 @@ def cmd_mount(ns: argparse.Namespace) -> int:
         os.close(null)
         logs.setup(debug=opts.debug, syslog=True)
 
+        told: list[bool] = []  # the pipe said "ready" and was closed: its number is reused
+
         def ready() -> None:
             os.write(w, b"ready")
             os.close(w)
+            told.append(True)
 
         try:
             serve(ns.source, ns.mountpoint, opts, ready=ready)
             status = 0
         except ChainfsError as e:
             log.error("%s", e)
-            _tell(w, str(e))
+            if not told:
+                _tell(w, str(e))
         except BaseException as e:
             log.exception("the daemon failed")
-            _tell(w, f"the daemon failed: {e}")
+            if not told:
+                _tell(w, _failure(e))
     finally:
         os._exit(status)
+
+
+def _failure(e: BaseException) -> str:
+    """What to tell ``chainfs mount`` of the daemon's failure: the one exception inside
+    the trio nursery's group, not the group."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return str(e) if isinstance(e, ChainfsError) else f"the daemon failed: {e}"
 
 
 def _tell(fd: int, message: str) -> None:
@@ -303,6 +324,8 @@ def render_status(info: dict[str, Any]) -> str:
         size = human_size(int(layers[0]["virtual-size"])) if layers else "?"
         lines.append("")
         lines.append(f"{c['chain']}  {size}  {draw_chain(layers)}")
+        if c.get("warning"):
+            lines.append(f"    warning: {c['warning']}")
         width = max((len(str(x["name"])) for x in layers), default=0)
         for x in layers:
             lines.append(

@@ -103,6 +103,8 @@ class Disk:
         self.source = source
         self.allowed_dirs = [os.path.realpath(d) for d in allowed_dirs]
         self.readonly = readonly
+        # why the chain is served other than asked (a chain deeper than the cap: read-only)
+        self.warning: str | None = None
         self.job: Job | None = None
         self.journal: Journal | None = None  # set by the mount when it may write
         # a read-only mount's interrupted jobs: shown in jobs, resumed by a read-write mount
@@ -171,7 +173,12 @@ class Disk:
         w = writer if writer is not None else Writer()
         try:
             if self.readonly:
-                raise CommandError(errno.EROFS, "the mount is read-only")
+                raise CommandError(
+                    errno.EROFS,
+                    f"chain {self.name!r} is {self.warning}"
+                    if self.warning
+                    else "the mount is read-only",
+                )
             if w.refused:
                 raise CommandError(
                     errno.EINVAL,

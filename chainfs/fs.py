@@ -96,6 +96,7 @@ class Handle:
     data: bytes | None = None  # content snapshot of a read-only control file
     flat: Chain | None = None  # a flat file's chain (the short way for its reads)
     writer: Writer | None = None  # a command file's writes so far: one command
+    direct: bool = False  # a flat file opened with O_DIRECT (see ``write``)
 
 
 class Operations(pyfuse3.Operations):
@@ -155,7 +156,8 @@ class Operations(pyfuse3.Operations):
         disk, part = found
         a.st_nlink = 1
         if part == IMG:
-            a.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o400 if self.readonly else 0o600))
+            ro = self.readonly or disk.readonly
+            a.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o400 if ro else 0o600))
             a.st_size = disk.chain.size
             # the data SEEK_DATA finds, as last counted (never a walk per stat)
             a.st_blocks = -(-disk.chain.allocated() // 512)
@@ -198,11 +200,14 @@ class Operations(pyfuse3.Operations):
             )
         ]
         for disk in self.disks:
-            lines.append(
-                format_line(
-                    [("chain", disk.name), ("status", "served"), ("active", disk.chain.active.path)]
-                )
-            )
+            line: list[tuple[str, object]] = [
+                ("chain", disk.name),
+                ("status", "served"),
+                ("active", disk.chain.active.path),
+            ]
+            if disk.warning:
+                line.append(("warning", disk.warning))
+            lines.append(format_line(line))
         for r in self.source.refused:
             lines.append(
                 format_line(
@@ -294,9 +299,10 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR if found else errno.ENOENT)
         disk, part = found
         if part == IMG:
-            if writing and self.readonly:
+            if writing and (self.readonly or disk.readonly):  # (or a chain too deep)
                 raise pyfuse3.FUSEError(errno.EROFS)
-            self.handles[fh] = Handle(inode, disk, flat=disk.chain)
+            direct = bool(flags & os.O_DIRECT)
+            self.handles[fh] = Handle(inode, disk, flat=disk.chain, direct=direct)
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         name = CONTROL_FILES[part - 2]
         if name in READ_FILES:
@@ -331,8 +337,12 @@ class Operations(pyfuse3.Operations):
         disk, part = found
         if part == IMG:
             size = disk.chain.size
-            if off >= size:
+            if off >= size or (h.direct and off + len(buf) > size):
+                # past the end, as a block device: ENOSPC.  A direct write that crosses
+                # the end is refused whole, before any byte is written: the kernel's
+                # asynchronous direct I/O would turn a short write into EIO
                 raise pyfuse3.FUSEError(errno.ENOSPC)
+            # a buffered one is cut short at the end: the kernel hands the count back
             n = min(len(buf), size - off)
             disk.touch()  # before the host write, so the images' mtimes are never older
             disk.chain.write(off, memoryview(buf)[:n])
@@ -375,7 +385,7 @@ class Operations(pyfuse3.Operations):
         h = self.handles[fh]
         if h.flat is None or h.disk is None:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        if self.readonly:
+        if self.readonly or h.disk.readonly:
             raise pyfuse3.FUSEError(errno.EROFS)
         if off < 0 or length <= 0:
             raise pyfuse3.FUSEError(errno.EINVAL)

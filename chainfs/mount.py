@@ -26,9 +26,9 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import features
+from . import descriptors, features
 from . import source as sources
-from .chain import Chain
+from .chain import MAX_DEPTH, Chain
 from .confine import Confinement
 from .disk import Disk
 from .errors import ChainfsError
@@ -99,15 +99,33 @@ def open_disks(
     journal: Journal | None = None,
 ) -> list[Disk]:
     disks: list[Disk] = []
+    # descriptors: each chain takes what it needs while a reserve is left for the rest
+    budget = descriptors.Budget.now()
+
+    def refuse(spec: sources.ChainSpec, reason: str) -> None:
+        log.warning("chain=%s refused: %s", spec.name, reason)
+        src.refused.append(Refused(spec.name, spec.active, reason))
+
     for spec in src.chains:
+        if budget.room <= 0:  # no chain fits any more: say what each one would need
+            refuse(spec, budget.refusal(descriptors.count_layers(spec.active)))
+            continue
         # the chain's layers must lie in the directories the source gives for it or the
         # options allow, so that no flat file shows an arbitrary host file
         confine = Confinement.of([*spec.homes, *opts.allow_dirs, *opts.allow_backing])
         try:
-            chain = Chain.open(spec.active, writable=not opts.readonly, confine=confine)
+            chain = Chain.open(
+                spec.active, writable=not opts.readonly, confine=confine, deep_read_only=True
+            )
         except ChainfsError as e:
-            log.warning("chain=%s refused: %s", spec.name, e)
-            src.refused.append(Refused(spec.name, spec.active, str(e)))
+            emfile = getattr(e, "errno", None) == errno.EMFILE
+            refuse(
+                spec, budget.refusal(descriptors.count_layers(spec.active)) if emfile else str(e)
+            )
+            continue
+        if not budget.take(len(chain.layers)):
+            _close_unserved(chain, spec.name)
+            refuse(spec, budget.refusal(len(chain.layers)))
             continue
         # by default files are created beside the chain's images: the source directory,
         # and the active layer's own (a TOML source's chains live anywhere)
@@ -132,7 +150,23 @@ def open_disks(
         )
         if not opts.readonly:
             disks[-1].journal = journal
+        if chain.too_deep:  # served, read-only, never dropped
+            disks[-1].readonly = True
+            disks[-1].warning = (
+                f"served read-only: {len(chain.layers)} layers, deeper than the cap of "
+                f"{MAX_DEPTH}; stream or commit it with qemu-img to serve it read-write"
+            )
+            log.warning("chain=%s %s", spec.name, disks[-1].warning)
+    budget.report()
     return disks
+
+
+def _close_unserved(chain: Chain, name: str) -> None:
+    """Close a chain that will not be served after all (it wrote nothing)."""
+    try:
+        chain.close()
+    except ChainfsError as e:
+        log.error("chain=%s did not close cleanly: %s", name, e)
 
 
 def serve(
@@ -144,6 +178,7 @@ def serve(
 ) -> None:
     """Mount and serve until unmounted or signalled; raise ChainfsError if that fails."""
     mountpoint = os.path.abspath(mountpoint)
+    descriptors.raise_limit()  # a deep chain holds one per layer, every chain a few
     if is_dead_mount(mountpoint):
         raise ChainfsError(dead_mount_message(mountpoint))
     if not os.path.isdir(mountpoint):
@@ -180,6 +215,7 @@ async def _serve(
         src.save()
     disks: list[Disk] = []
     fuse = _Fuse(mountpoint)
+    failed: list[ChainfsError] = []  # the mount never answered (``_announce``)
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(fuse.close)
         stack.callback(recovery.journal.close)
@@ -203,8 +239,7 @@ async def _serve(
             features.pyfuse3_version(),
             "on" if features.holes() else "off",
         )
-        ready()
-        notify("READY=1")
+        nursery.start_soon(_announce, mountpoint, ready, failed)
         resume_jobs(disks, recovery)
         nursery.start_soon(_watch_signals)
         nursery.start_soon(_write_back, disks)
@@ -213,6 +248,23 @@ async def _serve(
         # hand-off and a task switch to every request (a handler that comes to await
         # something slow must raise this again)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
+    if failed:
+        raise failed[0]
+
+
+async def _announce(mountpoint: str, ready: Callable[[], None], failed: list[ChainfsError]) -> None:
+    """Report readiness (to ``chainfs mount`` and systemd) once the mount answers: a
+    ``stat`` of the mountpoint, from a thread, that this process's own FUSE loop must
+    serve.  Said before the loop ran, a daemon that died then left ``chainfs mount``
+    exiting 0 with nothing mounted; now that failure reaches it as the daemon's error."""
+    try:
+        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    except OSError as e:
+        failed.append(ChainfsError(f"the mount on {mountpoint!r} does not answer: {e.strerror}"))
+        pyfuse3.terminate()
+        return
+    ready()
+    notify("READY=1")
 
 
 class _Fuse:
