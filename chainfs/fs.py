@@ -293,7 +293,8 @@ class Operations(pyfuse3.Operations):
             disk, view = view_dir
             if view is not None:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
-            return [(v.name.encode(), self._view_inode(disk, v)) for v in disk.views.listing]
+            i = self.disks.index(disk)
+            return [(v.name.encode(), view_inode(i, v.slot)) for v in disk.views.listing]
         if inode == CONTROL:
             return [(b".status", STATUS)] + [
                 (d.name.encode(), self._inode(d, DIR)) for d in self.disks

@@ -114,6 +114,8 @@ class Views:
     def _reads(self, view: View, paths: set[str], reach: int) -> bool:
         """Whether ``view`` reads one of ``paths``, the deepest of which sits at level
         ``reach`` of the chain (-1: none in the chain)."""
+        if not paths:
+            return False
         if view.paths is not None:
             return any(p in paths for p in view.paths[view.level :])
         return self._level[view.path] <= reach
@@ -163,8 +165,12 @@ class Views:
             kept.append(view)
         self._paths, self._level, self._below = paths, level, None
         fresh: list[View] = []
+        names: set[str] = set()
         for p, layer in zip(paths, self.chain.layers, strict=True):
             name = view_name(p)
+            if name in names:
+                continue  # a file name an upper layer has too (another directory): no view
+            names.add(name)
             current = self.by_name.get(name)
             if current is None or current.path != p or current.retired:
                 if current is not None:  # a retired layer of the same name: the chain's wins
