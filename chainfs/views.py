@@ -180,6 +180,10 @@ class Views:
                 self.by_name[name] = self.by_slot[slot] = current
             current.size = layer.virtual_size  # kept for when the layer leaves
             fresh.append(current)
+        shown = set(fresh)
+        for view in kept:
+            if not view.retired and view not in shown:
+                self._end(view)  # now under a name an upper layer has
         self.listing = fresh + [v for v in kept if v.retired and v.alive]
 
     def _same_below(self, view: View, paths: list[str], level: dict[str, int]) -> bool:

@@ -195,9 +195,19 @@ def test_stream_keeps_the_removed_layers_views() -> None:
     assert not c.alive and "C.qcow2.img" not in views.by_name
 
 
-def test_a_listing_of_1000_layers_costs_no_work_per_pair() -> None:
+def test_a_chain_of_1000_layers_has_1000_views_found_by_name() -> None:
     chain = chain_of(*[f"L{i:04d}" for i in range(999, -1, -1)])
     views = Views("deep", chain)  # type: ignore[arg-type]
     assert len(views.listing) == 1000
     top = views.by_name["L0999.qcow2.img"]
     assert views.is_active(top) and views.level(views.by_name["L0000.qcow2.img"]) == 999
+
+
+def test_a_layer_whose_name_an_upper_layer_repeats_has_no_view() -> None:
+    chain, views = seed()
+    d = view(views, "D")
+    chain.layers.insert(0, FakeLayer("/other/D.qcow2"))  # a snapshot into another directory
+    views.refresh()
+    assert names(views) == [f"{x}.qcow2.img" for x in "DECBA"]
+    assert view(views, "D").path == "/other/D.qcow2" and view(views, "D").slot == d.slot
+    assert not d.alive
