@@ -294,7 +294,7 @@ class Operations(pyfuse3.Operations):
             if view is not None:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             i = self.disks.index(disk)
-            return [(v.name.encode(), view_inode(i, v.slot)) for v in disk.views.listing]
+            return [(os.fsencode(v.name), view_inode(i, v.slot)) for v in disk.views.listing]
         if inode == CONTROL:
             return [(b".status", STATUS)] + [
                 (d.name.encode(), self._inode(d, DIR)) for d in self.disks
