@@ -277,3 +277,30 @@ def test_a_chain_of_200_layers(tmp_path: Path, mounter: Mounter) -> None:
         assert os.stat(vdir / name).st_size == size
     for i in (199, 123, 100, 0):
         assert_cmp(converted(d / names[i], tmp_path), vdir / f"{names[i]}.img")
+
+
+@pytest.mark.expect_log(r"WARNING chainfs\.fs: open failed: layers/E/\w\.qcow2\.img is changing: ")
+def test_a_view_a_running_job_changes_cannot_be_opened(
+    tmp_path: Path, seeds: Seeds, mounter: Mounter
+) -> None:
+    """While a commit into B runs, the views reading B (B, C, D; the active layer's is the
+    flat file's) refuse to open (EBUSY), the others open; the commit cancelled, B keeps
+    part of what it copied, and the views show the layers' disks as they are now."""
+    seed = seeds(tmp_path / "images")
+    m = mounter(seed.active.parent)
+    mnt = m.mountpoint
+    job = m.start_job("E", "commit", "top=D.qcow2 base=B.qcow2 speed=64K")
+    try:
+        for name in ("B.qcow2", "C.qcow2", "D.qcow2"):
+            with pytest.raises(OSError) as e:
+                os.open(view(mnt, "E", name), os.O_RDONLY)
+            assert e.value.errno == errno.EBUSY, name
+        for name in ("A.qcow2", "E.qcow2"):
+            os.close(os.open(view(mnt, "E", name), os.O_RDONLY))
+    finally:
+        m.command("E", "cancel", job)
+    assert m.wait_job("E", job)["event"] == "JOB_CANCELLED"
+    assert m.layers("E") == [f"{x}.qcow2" for x in "EDCBA"]
+    for letter in "BCD":
+        layer = seed.layer(letter)
+        assert_cmp(converted(layer, tmp_path / "after"), view(mnt, "E", layer.name))
