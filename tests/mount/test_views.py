@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from interop import images as im
 
-from .conftest import Mounter, Seeds, expect_refusals, holes_only, run
+from .conftest import Mounter, Seeds, expect_refusals, holes_only, mixed_chain, run
 from .test_holes import build, data_granules, lseek_table, map_extents, qemu_map
 
 MiB = im.MiB
@@ -77,6 +77,23 @@ def test_every_view_is_its_layers_disk_as_qemu_shows_it(
         f.write(b"\x99" * 4096)
     assert view(mnt, "E", "E.qcow2").read_bytes() == m.img("E").read_bytes()
     assert view(mnt, "E", "D.qcow2").read_bytes()[:4096] != b"\x99" * 4096
+
+
+def test_views_of_mixed_clusters_short_layers_and_a_raw_base(
+    tmp_path: Path, mounter: Mounter
+) -> None:
+    """Cluster sizes 512 B to 2 MiB over a disk that ends inside a page; a sparse raw
+    base, a compressed layer shorter than the disk with zero clusters: every view as
+    ``qemu-img convert`` shows its layer, and its size the layer's."""
+    mixed = mixed_chain(tmp_path / "mixed")
+    top, _ = build(tmp_path / "holes")
+    holes = [top.parent / n for n in ("A.raw", "B.qcow2", "E.qcow2")]
+    for chain, layers in (("m3", mixed.layers), ("E", holes)):
+        m = mounter(layers[-1].parent)
+        for layer in layers:
+            v = view(m.mountpoint, chain, layer.name)
+            assert os.stat(v).st_size == virtual_size(layer), layer.name
+            assert_cmp(converted(layer, tmp_path / chain), v)
 
 
 def test_views_are_read_only(tmp_path: Path, seeds: Seeds, mounter: Mounter) -> None:
