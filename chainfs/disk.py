@@ -46,6 +46,7 @@ from .jobs.base import CONCLUDED, Job
 from .jobs.journal import Journal, Pending
 from .jobs.served import Spawn
 from .source import Source
+from .views import Views
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class Disk:
         self.spawn = spawn
         self.next_id = next_id if next_id is not None else self.events.next_id
         self.others = others  # the mount's disks (this one among them, or not)
+        self.views = Views(name, chain)  # layers/NAME/: every layer as a read-only disk
         # the flat file's times start as those of the newest image file: they stay the
         # same from one mount to the next as long as nothing is written
         self.mtime_ns = self.ctime_ns = max(_mtime_ns(x.path) for x in chain.layers)
@@ -328,5 +330,6 @@ class Disk:
             await job.done.wait()
 
     def close(self) -> None:
+        self.views.close()
         self.events.close()
         self.chain.close()

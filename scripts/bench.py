@@ -38,6 +38,18 @@ node names A..E), one server at a time, alternating, and measures through each:
   synced and deleted, then ``fstrim``: its wall time, and the image's allocated size
   before it and after everything was unmounted (the space given back).
 
+The views part (``--parts views``, not run by default) builds a chain of 1,000 empty
+qcow2 layers (``qemu-img create -b`` in a loop) and one of 5, mounts each with ``chainfs
+mount -f`` and times a listing of ``layers/CHAIN`` and a ``stat`` of every view in it
+(``ls -l``: one readdir, then a lookup per name), per entry, cold (first after the mount)
+and warm; target: an entry of the 1,000-layer listing costs at most twice one of the
+5-layer listing (nothing per pair of layers).  It also reads, on a read-only mount of the
+seed chain, the view of D (``layers/E/D.qcow2.img``, four layers deep), and the flat file
+of a copy of ``A <- B <- C <- D`` (the same disk, D active) on a second read-only mount,
+with O_DIRECT in 1 MiB requests (every read reaches the server), taking turns: a view
+reads as fast as the flat file of the same disk (target: at least 0.8 of its
+throughput).
+
 It prints a table with the targets and the commands used.  The figures are a report, not
 a test: the exit status is non-zero only when something fails to run or reads wrong bytes.
 """
@@ -1055,6 +1067,132 @@ def bitmaps_bench(runtime: int, runs: int) -> list[Row]:
     return rows
 
 
+VIEWS_DEPTH = 1000
+VIEWS_SHALLOW = 5
+VIEWS_TARGET = 2.0  # per-entry time at 1,000 layers / at 5, at most
+
+
+def build_flat_chain(directory: str, depth: int, size: int = 64 * MiB) -> str:
+    """``depth`` empty qcow2 layers, each backed by the one below: L0000 ... (active last)."""
+    os.makedirs(directory)
+    names = [f"L{i:04d}.qcow2" for i in range(depth)]
+    for i, name in enumerate(names):
+        args = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if i:
+            args += ["-u", "-b", names[i - 1], "-F", "qcow2"]  # -u: not opening the chain
+        subprocess.run([*args, name, str(size)], cwd=directory, check=True)
+    return os.path.join(directory, names[-1])
+
+
+def list_and_stat(directory: str) -> tuple[float, int]:
+    """``ls -l`` of a directory: its listing, then a stat of every entry."""
+    t = time.perf_counter()
+    names = os.listdir(directory)
+    for name in names:
+        os.stat(os.path.join(directory, name))
+    return time.perf_counter() - t, len(names)
+
+
+VIEWS_READ_TARGET = 0.8  # view / flat file throughput, at least
+
+
+def direct_read_seconds(path: str) -> float:
+    """Read a whole file with O_DIRECT in 1 MiB requests."""
+    import mmap
+
+    buf = mmap.mmap(-1, MiB)  # page aligned, as O_DIRECT wants
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        t = time.perf_counter()
+        pos = 0
+        while n := os.preadv(fd, [buf], pos):
+            pos += n
+        return time.perf_counter() - t
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def views_read_rows(size: int, runs: int) -> list[Row]:
+    log(f"views: building the seed chain ({size >> 20} MiB)")
+    seed = make_seed_chain(os.path.join(WORK, "views-seed"), size)
+    d = os.path.dirname(seed)
+    d4 = os.path.join(WORK, "views-seed-d")
+    os.makedirs(d4)
+    for name in ("A", "B", "C", "D"):
+        shutil.copyfile(os.path.join(d, f"{name}.qcow2"), os.path.join(d4, f"{name}.qcow2"))
+    mnt, mnt4 = os.path.join(WORK, "views-seed-mnt"), os.path.join(WORK, "views-seed-d-mnt")
+    times: dict[str, float] = {}
+    with (
+        chainfs_server(d, mnt, os.path.join(WORK, "views-seed.log"), readonly=True),
+        chainfs_server(d4, mnt4, os.path.join(WORK, "views-seed-d.log"), readonly=True),
+    ):
+        flat, view = os.path.join(mnt4, "D.img"), os.path.join(mnt, "layers/E/D.qcow2.img")
+        with open(flat, "rb") as f, open(view, "rb") as g:
+            if f.read() != g.read():
+                sys.exit("bench: the view of D and the flat file of D differ")
+        for _ in range(runs):  # taking turns
+            for name, path in (("flat", flat), ("view", view)):
+                t = direct_read_seconds(path)
+                times[name] = min(times.get(name, t), t)
+    log(f"    flat {times['flat']:.3f} s, view {times['view']:.3f} s")
+    flat_mibs, view_mibs = size / MiB / times["flat"], size / MiB / times["view"]
+    ratio = view_mibs / flat_mibs
+    return [
+        (
+            "O_DIRECT 1 MiB sequential read: view of D vs flat file of D",
+            f"{view_mibs:.0f} MiB/s",
+            f"{flat_mibs:.0f} MiB/s",
+            f"{ratio:.2f}",
+            f">= {VIEWS_READ_TARGET}",
+            fmt_ok(ratio >= VIEWS_READ_TARGET),
+        )
+    ]
+
+
+def views_bench(size: int, runs: int) -> list[Row]:
+    per_entry: dict[int, tuple[float, float]] = {}
+    for depth in (VIEWS_SHALLOW, VIEWS_DEPTH):
+        d = os.path.join(WORK, f"views-{depth}")
+        log(f"views: building a chain of {depth} layers (qemu-img create -b)")
+        active = build_flat_chain(d, depth)
+        chain = os.path.basename(active).removesuffix(".qcow2")
+        mnt = os.path.join(WORK, f"views-{depth}-mnt")
+        with chainfs_server(d, mnt, os.path.join(WORK, f"views-{depth}.log"), readonly=False):
+            vdir = os.path.join(mnt, "layers", chain)
+            cold, n = list_and_stat(vdir)
+            if n != depth:
+                sys.exit(f"bench: layers/{chain} lists {n} views, not {depth}")
+            warm = best_of(runs, lambda: list_and_stat(vdir)[0])  # noqa: B023
+        per_entry[depth] = (cold / depth, warm / depth)
+        log(f"    {depth} layers: cold {cold * 1e3:.1f} ms, warm {warm * 1e3:.1f} ms")
+    rows: list[Row] = []
+    for i, what in enumerate(("cold", "warm")):
+        deep, shallow = per_entry[VIEWS_DEPTH][i], per_entry[VIEWS_SHALLOW][i]
+        ratio = deep / shallow
+        rows.append(
+            (
+                f"ls -l layers/CHAIN per entry ({what}), {VIEWS_DEPTH} vs {VIEWS_SHALLOW} layers",
+                f"{deep * 1e6:.0f} us",
+                f"{shallow * 1e6:.0f} us",
+                f"{ratio:.2f}",
+                f"<= {VIEWS_TARGET}",
+                fmt_ok(ratio <= VIEWS_TARGET),
+            )
+        )
+        rows.append(
+            (
+                f"ls -l of all {VIEWS_DEPTH} views ({what})",
+                f"{deep * VIEWS_DEPTH * 1e3:.1f} ms",
+                "-",
+                "-",
+                "-",
+                "-",
+            )
+        )
+    return rows + views_read_rows(size, runs)
+
+
 def load() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -1073,7 +1211,8 @@ def main(argv: list[str] | None = None) -> int:
         "--parts",
         default="engine,fuse",
         help="comma-separated: engine (no FUSE), fuse (chainfs vs qemu-storage-daemon);"
-        " jobs is scripts/bench_jobs.py's; bitmaps alone: write IOPS with dirty bitmaps",
+        " jobs is scripts/bench_jobs.py's; bitmaps alone: write IOPS with dirty bitmaps;"
+        " views (listing 1,000 layer views) runs alone",
     )
     ap.add_argument(
         "--rand-runtime",
@@ -1094,8 +1233,14 @@ def main(argv: list[str] | None = None) -> int:
     size: int = args.size
     runs: int = args.runs
     parts = set(args.parts.split(","))
-    if not parts or parts - {"engine", "fuse", "jobs", "bitmaps"}:
+    if not parts or parts - {"engine", "fuse", "jobs", "bitmaps", "views"}:
         ap.error(f"--parts: unknown part in {args.parts!r}")
+    if parts == {"views"}:
+        shutil.rmtree(WORK, ignore_errors=True)
+        os.makedirs(WORK)
+        print_table(f"layer views: best of {runs} runs", views_bench(size, runs))
+        print(f"\nload average: {load()} (2 cores: other work skews)")
+        return 0
     if parts == {"bitmaps"}:
         shutil.rmtree(WORK, ignore_errors=True)
         os.makedirs(WORK)

@@ -132,6 +132,9 @@ class CommitJob(Job):
             ("base", os.path.basename(self.base.path)),
         ]
 
+    def writes(self) -> list[str]:
+        return [self.base.path]  # the overlay above the top reads it too
+
     def intent(self) -> dict[str, object]:
         return {"top": self.top.path, "base": self.base.path, "speed": self.speed}
 
@@ -244,6 +247,9 @@ class ActiveCommitJob(MirrorJob):
             ("base", os.path.basename(self.base.path)),
             *super().details(),
         ]
+
+    def writes(self) -> list[str]:
+        return [self.base.path]  # the overlay above the top reads it too
 
     def intent(self) -> dict[str, object]:
         return {

@@ -90,6 +90,9 @@ class StreamJob(Job):
         base = os.path.basename(self.base.path) if self.base else None
         return [("node", os.path.basename(self.node.path)), ("base", base)]
 
+    def writes(self) -> list[str]:
+        return [self.node.path]
+
     def intent(self) -> dict[str, object]:
         base = self.base.path if self.base else None
         return {"node": self.node.path, "base": base, "speed": self.speed}
