@@ -34,7 +34,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .buffers import zero_fill
 from .confine import Confinement
@@ -50,10 +50,17 @@ from .formats.base import (
     Extent,
     Layer,
 )
+from .formats.qcow2 import bitmaps, read_backing
 from .hostfile import HostFile
 from .locks import lock_image, unlock_image
 
-MAX_DEPTH = 1000
+if TYPE_CHECKING:
+    from .formats.qcow2.bitmaps import Bitmaps
+
+MAX_DEPTH = 1000  # layers: a snapshot that would pass it is refused (jobs/snapshot.py)
+# how deep a chain found deeper than MAX_DEPTH may be and still be served read-only: the
+# map of who holds what names a layer by 1 + its index in 16 bits
+MAX_READ_ONLY_DEPTH = 0xFFFF - 1
 REGION_BITS = 13  # granules per region: 8192
 REGION_CACHE = 256  # regions kept (16 KiB each)
 
@@ -109,6 +116,24 @@ def _adopt(file: HostFile, *, lock: bool) -> Layer:
         raise
 
 
+def count_layers(active: str, limit: int) -> int:
+    """How many layers the chain of ``active`` has, up to ``limit``, from the backing
+    strings in the headers alone (nothing locked or kept open); a file that cannot be
+    read as qcow2 (a raw base, a missing one) ends the count."""
+    n, path, seen = 0, os.path.abspath(active), set()
+    while n < limit and path not in seen:
+        seen.add(path)
+        n += 1
+        try:
+            string = read_backing(path)
+        except (ChainfsError, OSError):
+            break
+        if not string:
+            break
+        path = os.path.normpath(resolve_backing(path, string))
+    return n
+
+
 class WriteHook(Protocol):
     """What a job that mirrors the disk elsewhere (commit, copy) sees of guest writes.
 
@@ -135,6 +160,9 @@ class Chain:
         self.confine: Confinement | None = None
         self.lock = threading.Lock()  # metadata access; the copy engine takes it too
         self._regions: OrderedDict[int, array[int]] = OrderedDict()
+        # the same map from a backing layer down (a layer view's, ``level`` > 0), keyed
+        # by (level, region): guest writes never change it; a change of shape drops it
+        self._level_regions: OrderedDict[tuple[int, int], array[int]] = OrderedDict()
         # around every guest write, under the lock (``WriteHook``): the dirty tracking
         # and the write-blocking copies of jobs that mirror the disk elsewhere
         self.write_hooks: list[WriteHook] = []
@@ -144,6 +172,8 @@ class Chain:
         self._allocated: int | None = None
         self.allocation_stale = False
         self._counted_at = 0.0  # time.monotonic() of the last count
+        # set when a chain deeper than MAX_DEPTH was opened read-only instead (``open``)
+        self.too_deep = False
         self._reset_granule()
 
     @classmethod
@@ -155,8 +185,14 @@ class Chain:
         active_format: str | None = None,
         lock: bool = True,
         confine: Confinement | None = None,
+        deep_read_only: bool = False,
     ) -> Chain:
         """Open the chain whose active image is ``active_path``.
+
+        A chain deeper than ``MAX_DEPTH`` layers is refused, or with ``deep_read_only``
+        opened read-only (``too_deep`` set), whatever ``writable`` asked: its depth is
+        counted from the backing strings first, as opening the active layer for writing
+        may already write to it (stale bitmaps, a dirty image's refcounts).
 
         With ``lock`` every layer gets QEMU's image locks (write locks on the active layer
         when ``writable``), so QEMU refuses to write what chainfs serves and vice versa.
@@ -167,11 +203,16 @@ class Chain:
         layers: list[Layer] = []
         seen: set[str] = set()
         path, fmt = os.path.abspath(active_path), active_format
+        max_depth, too_deep = MAX_DEPTH, False
+        if deep_read_only:
+            max_depth = MAX_READ_ONLY_DEPTH
+            too_deep = count_layers(path, MAX_DEPTH + 1) > MAX_DEPTH
+            writable = writable and not too_deep
         try:
             while True:
-                if len(layers) >= MAX_DEPTH:
+                if len(layers) >= max_depth:
                     raise ChainError(
-                        f"the chain of {active_path!r} is deeper than {MAX_DEPTH} layers"
+                        f"the chain of {active_path!r} is deeper than {max_depth} layers"
                     )
                 if layers:
                     string = str(layers[-1].backing_string)
@@ -210,6 +251,10 @@ class Chain:
         chain = cls(layers, writable=writable)
         chain.locked = lock
         chain.confine = confine
+        chain.too_deep = len(layers) > MAX_DEPTH
+        if chain.too_deep and not too_deep:  # it grew between the count and the open
+            chain.close()
+            raise ChainError(f"the chain of {active_path!r} changed while it was opened")
         return chain
 
     def __enter__(self) -> Chain:
@@ -235,27 +280,35 @@ class Chain:
         sizes = [layer.cluster_size for layer in self.layers if layer.format_name != "raw"]
         self.granule = max(512, min(sizes, default=65536))
         self._regions.clear()
+        self._level_regions.clear()
         self.engine.forget()
         self.allocation_stale = True
 
     # -- the "who holds it" map ----------------------------------------------------------
 
-    def _holders(self, region: int) -> array[int]:
-        """For each granule of ``region``: 0 if no layer holds it, else 1 + layer index."""
-        hm = self._regions.get(region)
+    def size_at(self, level: int) -> int:
+        """The size of the disk ``layers[level]`` shows (a layer view's)."""
+        return self.layers[level].virtual_size
+
+    def _holders(self, region: int, level: int = 0) -> array[int]:
+        """For each granule of ``region``: 0 if no layer from ``layers[level]`` down holds
+        it, else 1 + the index of the first that does."""
+        cache: OrderedDict[Any, array[int]] = self._level_regions if level else self._regions
+        key: object = (level, region) if level else region
+        hm = cache.get(key)
         if hm is not None:
-            self._regions.move_to_end(region)
+            cache.move_to_end(key)
             return hm
         g = self.granule
         start = (region << REGION_BITS) * g
-        count = min(1 << REGION_BITS, -(-(self.size - start) // g))
+        count = min(1 << REGION_BITS, -(-(self.size_at(level) - start) // g))
         # one lane per granule holding 1 + the index of the first layer answering for it;
         # 8-bit lanes while the chain is short enough, 16-bit beyond
         wide = len(self.layers) >= 255
         unresolved = int.from_bytes(b"\x01\x00" * count if wide else b"\x01" * count, "little")
         acc = 0
         spread = bytearray(2 * count) if wide else None
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[level:], level):
             m = layer.allocation_map(start, count, g)
             if spread is not None:
                 spread[0::2] = m.to_bytes(count, "little")
@@ -273,9 +326,9 @@ class Chain:
                 hm.byteswap()
         else:
             hm = array("B", acc.to_bytes(count, "little"))
-        self._regions[region] = hm
-        if len(self._regions) > REGION_CACHE:
-            self._regions.popitem(last=False)
+        cache[key] = hm
+        if len(cache) > REGION_CACHE:
+            cache.popitem(last=False)
         return hm
 
     def claim(self, offset: int, length: int) -> None:
@@ -302,7 +355,7 @@ class Chain:
 
     # -- planning and reading --------------------------------------------------------------
 
-    def _plan(self, start: int, end: int) -> Plan:
+    def _plan(self, start: int, end: int, level: int = 0) -> Plan:
         plan: Plan = []
         g = self.granule
         mask = (1 << REGION_BITS) - 1
@@ -311,7 +364,7 @@ class Chain:
         while pos < end:
             gi = pos // g
             region = gi >> REGION_BITS
-            hm = self._holders(region)
+            hm = self._holders(region, level)
             i = gi & mask
             h = hm[i]
             stop = min(last, (region << REGION_BITS) + mask) - (region << REGION_BITS)
@@ -347,9 +400,11 @@ class Chain:
                 data = layer.read_compressed(ext.host, ext.clen)
                 buf[a : a + ext.length] = data[ext.skip : ext.skip + ext.length]
 
-    def read(self, offset: int, length: int) -> bytes | bytearray:
-        """The disk's bytes at ``[offset, offset+length)``, clipped at its end."""
-        end = min(offset + length, self.size)
+    def read(self, offset: int, length: int, level: int = 0) -> bytes | bytearray:
+        """The disk's bytes at ``[offset, offset+length)``, clipped at its end; with
+        ``level``, the disk ``layers[level]`` shows (it and the layers below: a layer
+        view), by the same map and plan."""
+        end = min(offset + length, self.size_at(level))
         if offset < 0 or length < 0:
             raise ChainfsError(f"invalid read of {length} bytes at {offset}")
         if offset >= end:
@@ -360,12 +415,12 @@ class Chain:
             if offset // g == (end - 1) // g:
                 # within one granule (a page the kernel asks for): one holder answers
                 gi = offset // g
-                h = self._holders(gi >> REGION_BITS)[gi & ((1 << REGION_BITS) - 1)]
+                h = self._holders(gi >> REGION_BITS, level)[gi & ((1 << REGION_BITS) - 1)]
                 plan: Plan = []
                 if h:
                     self._plan_from(h - 1, offset, end, plan)
             else:
-                plan = self._plan(offset, end)
+                plan = self._plan(offset, end, level)
         if not plan:
             return bytes(n)  # calloc'ed: the kernel hands out zero pages, nothing to fill
         if len(plan) == 1 and plan[0][1].kind == DATA and plan[0][1].length == n:
@@ -417,6 +472,7 @@ class Chain:
         with self.lock:
             for hook in self.write_hooks:
                 hook.before_write(offset, length)
+            self.active.mark_dirty(offset, length)
             apply()
             if claim:
                 self.claim(offset, length)
@@ -485,17 +541,18 @@ class Chain:
 
     # -- holes: SEEK_DATA, SEEK_HOLE, st_blocks ------------------------------------------
 
-    def seek_data(self, offset: int) -> int | None:
+    def seek_data(self, offset: int, level: int = 0) -> int | None:
         """The first offset at or after ``offset`` whose granule holds data, or None
-        (ENXIO) if none does: at or past the end, or only holes follow."""
-        return self._seek(offset, data=True)
+        (ENXIO) if none does: at or past the end, or only holes follow.  ``level``: in
+        the disk ``layers[level]`` shows, as ``read``."""
+        return self._seek(offset, data=True, level=level)
 
-    def seek_hole(self, offset: int) -> int | None:
+    def seek_hole(self, offset: int, level: int = 0) -> int | None:
         """The first offset at or after ``offset`` whose granule is a hole (the disk's
         end counts as one), or None (ENXIO) when ``offset`` is at or past the end."""
-        return self._seek(offset, data=False)
+        return self._seek(offset, data=False, level=level)
 
-    def _seek(self, offset: int, *, data: bool) -> int | None:
+    def _seek(self, offset: int, *, data: bool, level: int = 0) -> int | None:
         """SEEK_DATA/SEEK_HOLE at the granularity of the chain's granule: a granule is
         data when some layer shows data in it (below every zero cluster and layer end
         that masks it, raw files' holes counting as holes), else a hole.
@@ -503,7 +560,7 @@ class Chain:
         Runs of one holder come from the map of who holds what (one regex match per
         run, at C speed): nobody holds a granule -> a hole; else the holder's data
         extents (and those below it where it defers) decide."""
-        size = self.size
+        size = self.size_at(level)
         if offset < 0 or offset >= size:
             return None
         g = self.granule
@@ -512,7 +569,7 @@ class Chain:
             while gi < last:
                 region = gi >> REGION_BITS
                 base = region << REGION_BITS
-                hm = self._holders(region)
+                hm = self._holders(region, level)
                 for i, j, h in _runs(hm, gi - base):
                     a = (base + i) * g  # whole granules: ``offset``'s answers for it
                     b = min(size, (base + j) * g)
@@ -540,6 +597,27 @@ class Chain:
             pos = max(pos, e)
         return pos if pos < b else None
 
+    def host_estimate(self, level: int = 0) -> int:
+        """What ``layers[level:]`` take on the host, at most the size of the disk that
+        layer shows: ``st_blocks`` where the data cannot be counted (yet)."""
+        return min(
+            self.size_at(level), sum(layer.allocated_bytes() for layer in self.layers[level:])
+        )
+
+    def count_data(self, level: int = 0) -> int:
+        """The bytes SEEK_DATA finds in the disk ``layers[level]`` shows, counted now (a
+        walk of the map: a layer view's ``st_blocks``, counted once per view)."""
+        total, pos, size = 0, 0, self.size_at(level)
+        while pos < size:
+            start = self.seek_data(pos, level)
+            if start is None:
+                break
+            stop = self.seek_hole(start, level)
+            stop = size if stop is None else stop
+            total += stop - start
+            pos = stop
+        return total
+
     def allocated(self) -> int:
         """The bytes of the disk that hold data (what SEEK_DATA finds), as last counted:
         ``st_blocks`` of the flat file.  Counted on the first call and again by
@@ -562,16 +640,12 @@ class Chain:
             return
         self._counted_at = now
         self.allocation_stale = False
-        total, pos, size = 0, 0, self.size
-        while pos < size:
-            start = self.seek_data(pos)
-            if start is None:
-                break
-            stop = self.seek_hole(start)
-            stop = size if stop is None else stop
-            total += stop - start
-            pos = stop
-        self._allocated = total
+        try:
+            self._allocated = self.count_data()
+        except ChainfsError:
+            # damaged metadata (its reads and writes report it) or a failing disk: a
+            # stat must still answer, with what the layers take on the host
+            self._allocated = self.host_estimate()
 
     # -- changing the chain's shape ------------------------------------------------------
 
@@ -611,6 +685,8 @@ class Chain:
                 new = self._open(path, "qcow2", writable=True)
             old = self.layers[0]
             try:
+                # the overlay takes over the enabled bitmaps (README, "Dirty bitmaps")
+                bitmaps.carry_to_overlay(old, new)
                 old.flush()  # a failure leaves the old layer as it was, open and active
                 old.close()
                 ro = self._open(old.path, old.format_name, writable=False)
@@ -741,6 +817,19 @@ class Chain:
             self._reset_granule()
         _close_all(removed)
         return removed
+
+    def dirty_bitmaps(self) -> Bitmaps:
+        """The persistent dirty bitmaps of the active layer (the caller holds the lock
+        for as long as it uses them)."""
+        bitmaps: Bitmaps | None = getattr(self.active, "bitmaps", None)
+        if bitmaps is None:
+            layer = self.active
+            if not self.writable:
+                raise ReadOnlyError(f"the chain of {layer.path!r} is open read-only")
+            raise UnsupportedFeature(
+                f"{layer.path!r} ({layer.format_name}) cannot hold persistent dirty bitmaps"
+            )
+        return bitmaps
 
     def flush(self) -> None:
         """Make every acknowledged write durable."""

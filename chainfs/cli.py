@@ -47,6 +47,8 @@ JOB_HELP = {
     "merge layers down",
     "copy": "DEST [sync=full|top] [speed=RATE] [wait=ready] [copy-mode=MODE]: "
     "move the live disk to DEST",
+    "backup": "DEST [sync=full|top|none] [speed=RATE] [format=qcow2|raw] [compress=on]: "
+    "a point-in-time copy of the live disk into DEST (blockdev-backup)",
     "cancel": "JOB: stop a job; the chain stays as it was (job-cancel)",
     "complete": "JOB: pivot a job waiting in ready (job-complete)",
     "speed": "JOB RATE: change a running job's rate limit, 0 for none (block-job-set-speed)",
@@ -54,6 +56,9 @@ JOB_HELP = {
     "resume": "JOB: resume a paused job (job-resume)",
     "change": "JOB copy-mode=write-blocking: copy a copy's or active commit's guest writes "
     "before they are acknowledged from now on (block-job-change)",
+    "bitmap": "add NAME [granularity=SIZE] [disabled] | remove|clear|enable|disable NAME | "
+    "merge TARGET SOURCE...: persistent dirty bitmaps of the active layer "
+    "(block-dirty-bitmap-*)",
     "adopt": "[timeout=SECONDS]: take over a chain whose owner (another host or mount) "
     "died: wait for its locks, then finish or resume its jobs here",
     "inactivate": ": flush the chain and give it up for another host to activate (live "
@@ -145,7 +150,15 @@ def cmd_mount(ns: argparse.Namespace) -> int:
         with os.fdopen(r, "rb") as pipe:
             answer = pipe.read()
         if answer == b"ready":
-            return 0
+            if os.path.ismount(os.path.realpath(ns.mountpoint)):
+                return 0
+            # (it died right after: its reason is in its log)
+            print(
+                f"chainfs: the daemon (pid {pid}) said the mount was ready, but nothing "
+                f"is mounted on {ns.mountpoint!r}; see its log",
+                file=sys.stderr,
+            )
+            return 1
         os.waitpid(pid, 0)
         print(f"chainfs: {answer.decode(errors='replace') or 'the daemon died'}", file=sys.stderr)
         return 1
@@ -159,21 +172,34 @@ def cmd_mount(ns: argparse.Namespace) -> int:
         os.close(null)
         logs.setup(debug=opts.debug, syslog=True)
 
+        told: list[bool] = []  # the pipe said "ready" and was closed: its number is reused
+
         def ready() -> None:
             os.write(w, b"ready")
             os.close(w)
+            told.append(True)
 
         try:
             serve(ns.source, ns.mountpoint, opts, ready=ready)
             status = 0
         except ChainfsError as e:
             log.error("%s", e)
-            _tell(w, str(e))
+            if not told:
+                _tell(w, str(e))
         except BaseException as e:
             log.exception("the daemon failed")
-            _tell(w, f"the daemon failed: {e}")
+            if not told:
+                _tell(w, _failure(e))
     finally:
         os._exit(status)
+
+
+def _failure(e: BaseException) -> str:
+    """What to tell ``chainfs mount`` of the daemon's failure: the one exception inside
+    the trio nursery's group, not the group."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return str(e) if isinstance(e, ChainfsError) else f"the daemon failed: {e}"
 
 
 def _tell(fd: int, message: str) -> None:
@@ -312,6 +338,8 @@ def render_status(info: dict[str, Any]) -> str:
             lines.append(f"{c['chain']}: served read-only, owned by nobody (activate or adopt it)")
         elif owner == "lost":
             lines.append(f"{c['chain']}: lost ownership: {c.get('reason', '?')}")
+        if c.get("warning"):
+            lines.append(f"    warning: {c['warning']}")
         width = max((len(str(x["name"])) for x in layers), default=0)
         for x in layers:
             lines.append(
@@ -386,13 +414,15 @@ def cmd_job(ns: argparse.Namespace) -> int:
         raise ChainfsError(f"{ns.command} refused: {reason}") from None
     if ns.command == "adopt":
         return _wait_adopted(ns.mountpoint, ns.chain, events, mark, sys.stderr)
-    if not ns.wait or ns.command in ("snapshot", "pause"):
+    if not ns.wait or ns.command in ("snapshot", "pause", "bitmap"):
         return 0  # (a paused job would be followed until someone resumes it)
     follower = Follower(ns.mountpoint, ns.chain, events, mark, sys.stderr)
     if ns.command in ("cancel", "complete", "speed", "resume", "change"):
         follower.job_id = ns.args[0] if ns.args else None
         follower.cancelling = ns.command == "cancel"
-    follower.until_ready = "wait=ready" in ns.args
+    # a sync=none backup (fleecing) runs until ``complete``: --wait ends at its ready
+    fleecing = ns.command == "backup" and "sync=none" in ns.args
+    follower.until_ready = "wait=ready" in ns.args or fleecing
     return follower.run()
 
 
@@ -620,6 +650,12 @@ class Follower:
                 self.say(f"job {self.job_id} completed before it could be cancelled")
             else:
                 self.say(f"job {self.job_id} completed")
+            return 0
+        if kind == "JOB_READY" and self.until_ready and e.get("type") == "backup":
+            self.say(
+                f"job {self.job_id} copies before writes until "
+                f"'chainfs complete {self.mountpoint} {self.chain} {self.job_id}'"
+            )
             return 0
         if kind == "JOB_READY" and self.until_ready:
             self.say(

@@ -26,12 +26,14 @@ COMMANDS: tuple[str, ...] = (
     "stream",
     "commit",
     "copy",
+    "backup",
     "cancel",
     "complete",
     "speed",
     "pause",
     "resume",
     "change",
+    "bitmap",
     "adopt",
     "inactivate",
     "activate",
@@ -42,6 +44,8 @@ HOST_VERBS: tuple[str, ...] = ("adopt", "inactivate", "activate")
 # the commands that act on a running job (QEMU's job verbs), each naming the job
 JOB_VERBS: tuple[str, ...] = ("cancel", "complete", "speed", "pause", "resume", "change")
 SYNC_MODES: tuple[str, ...] = ("full", "top")
+BACKUP_SYNC_MODES: tuple[str, ...] = ("full", "top", "none")
+BACKUP_FORMATS: tuple[str, ...] = ("qcow2", "raw")
 # how a mirror (copy, active commit) treats guest writes (QEMU's MirrorCopyMode)
 BACKGROUND, WRITE_BLOCKING = "background", "write-blocking"
 COPY_MODES: tuple[str, ...] = (BACKGROUND, WRITE_BLOCKING)
@@ -86,6 +90,15 @@ class CopyCmd:
     speed: int = 0
     wait_ready: bool = False
     copy_mode: str = BACKGROUND
+
+
+@dataclass(frozen=True)
+class BackupCmd:
+    dest: str
+    sync: str = "full"
+    speed: int = 0
+    format: str = "qcow2"
+    compress: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,17 +149,33 @@ class HostCmd:
     timeout: float | None = None
 
 
+BITMAP_ACTIONS: tuple[str, ...] = ("add", "remove", "clear", "enable", "disable", "merge")
+
+
+@dataclass(frozen=True)
+class BitmapCmd:
+    """A persistent dirty bitmap command (QEMU's ``block-dirty-bitmap-*``): ``names`` is
+    the bitmap (merge: the target, then the sources)."""
+
+    action: str
+    names: tuple[str, ...]
+    granularity: int | None = None
+    disabled: bool = False
+
+
 Command: TypeAlias = (
     SnapshotCmd
     | StreamCmd
     | CommitCmd
     | CopyCmd
+    | BackupCmd
     | CancelCmd
     | CompleteCmd
     | SpeedCmd
     | PauseCmd
     | ResumeCmd
     | ChangeCmd
+    | BitmapCmd
     | HostCmd
 )
 
@@ -156,26 +185,30 @@ _KEYS: dict[str, frozenset[str]] = {
     "stream": frozenset({"base", "node", "speed"}),
     "commit": frozenset({"top", "base", "speed", "wait", "copy-mode"}),
     "copy": frozenset({"sync", "speed", "wait", "copy-mode"}),
+    "backup": frozenset({"sync", "speed", "format", "compress"}),
     "cancel": frozenset(),
     "complete": frozenset(),
     "speed": frozenset(),
     "pause": frozenset(),
     "resume": frozenset(),
     "change": frozenset({"copy-mode"}),
+    "bitmap": frozenset({"granularity"}),
 }
 _MAIN: dict[str, str | None] = {
     "snapshot": "file",
     "stream": "layer",
     "commit": None,
     "copy": "destination",
+    "backup": "destination",
     "cancel": "job",
     "complete": "job",
     "speed": "job",
     "pause": "job",
     "resume": "job",
     "change": "job",
+    "bitmap": "action",
 }
-_REQUIRED = frozenset({"snapshot", "copy", *JOB_VERBS})
+_REQUIRED = frozenset({"snapshot", "copy", "backup", "bitmap", *JOB_VERBS})
 
 _RATE = re.compile(r"([0-9]{1,30})([kmg]?)", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -425,6 +458,8 @@ def parse_command(kind: str, data: bytes) -> Command:
             raise _invalid(f"speed takes a job and a rate, got {len(bare)} words")
         _check_value("job", bare[0])
         return SpeedCmd(job=bare[0], speed=_parse_rate(bare[1], "rate"))
+    if kind == "bitmap":
+        return _bitmap_command(bare, keys)
     if name is None:
         if bare:
             raise _invalid(f"{kind} takes no bare argument, got {_show(bare[0])}")
@@ -475,6 +510,18 @@ def parse_command(kind: str, data: bytes) -> Command:
             wait_ready=wait_ready,
             copy_mode=copy_mode or BACKGROUND,
         )
+    if kind == "backup":
+        assert main is not None
+        sync = keys.get("sync", "full")
+        if sync not in BACKUP_SYNC_MODES:
+            raise _invalid(f"sync must be 'full', 'top' or 'none', got {_show(sync)}")
+        fmt = keys.get("format", "qcow2")
+        if fmt not in BACKUP_FORMATS:
+            raise _invalid(f"format must be 'qcow2' or 'raw', got {_show(fmt)}")
+        compress = keys.get("compress", "off")
+        if compress not in ("on", "off"):
+            raise _invalid(f"compress must be 'on' or 'off', got {_show(compress)}")
+        return BackupCmd(dest=main, sync=sync, speed=speed, format=fmt, compress=compress == "on")
     assert main is not None
     if kind == "cancel":
         return CancelCmd(job=main)
@@ -514,3 +561,30 @@ def _parse_host(kind: str, text: str) -> HostCmd:
             raise _invalid(f"timeout must be a number of seconds, got {_show(value)}")
         timeout = float(value)
     return HostCmd(kind=kind, chain=words[0], timeout=timeout)
+
+
+def _bitmap_command(bare: list[str], keys: dict[str, str]) -> BitmapCmd:
+    """``add NAME [granularity=SIZE] [disabled]``, ``remove|clear|enable|disable NAME``,
+    ``merge TARGET SOURCE...``."""
+    if not bare or bare[0] not in BITMAP_ACTIONS:
+        got = f", got {_show(bare[0])}" if bare else ""
+        raise _invalid(f"bitmap needs one of {', '.join(BITMAP_ACTIONS)}{got}")
+    action, names = bare[0], bare[1:]
+    disabled = False
+    if action == "add" and names[1:] == ["disabled"]:
+        names, disabled = names[:1], True
+    if "granularity" in keys and action != "add":
+        raise _invalid(f"unknown key 'granularity' for bitmap {action}")
+    if not names:
+        raise _invalid(f"bitmap {action} needs a bitmap name")
+    if action == "merge":
+        if len(names) < 2:
+            raise _invalid("bitmap merge needs a target and at least one source")
+    elif len(names) > 1:
+        raise _invalid(
+            f"bitmap {action} takes one name, got {_show(names[0])} and {_show(names[1])}"
+        )
+    for n in names:
+        _check_value("bitmap name", n)
+    granularity = _parse_rate(keys["granularity"], "granularity") if "granularity" in keys else None
+    return BitmapCmd(action, tuple(names), granularity, disabled)

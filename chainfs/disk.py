@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from .chain import Chain
 from .control import (
     HOST_VERBS,
+    BackupCmd,
+    BitmapCmd,
     CancelCmd,
     ChangeCmd,
     CommandError,
@@ -42,12 +44,13 @@ from .control import (
 from .errors import ChainfsError, ReadOnlyError
 from .eventlog import EventLog
 from .hostfile import HostIOError
-from .jobs import commit, copy, snapshot, stream
+from .jobs import backup, commit, copy, snapshot, stream
 from .jobs.base import CONCLUDED, Job
 from .jobs.journal import Journal, Pending
 from .jobs.served import Spawn
 from .ownership import OWNER_SUFFIX, chain_file, describe_holder, is_locked
 from .source import Source
+from .views import Views
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,8 @@ class Disk:
         self.source = source
         self.allowed_dirs = [os.path.realpath(d) for d in allowed_dirs]
         self.readonly = readonly
+        # why the chain is served other than asked (a chain deeper than the cap: read-only)
+        self.warning: str | None = None
         self.job: Job | None = None
         self.journal: Journal | None = None  # set by the mount when it may write
         # a read-only mount's interrupted jobs: shown in jobs, resumed by a read-write mount
@@ -124,6 +129,7 @@ class Disk:
         self.fencing = False  # shared storage: an EIO may be a lost lock (``check_owner``)
         # adopt, inactivate, activate: carried out by the mount (``hosts``)
         self.hosts: Callable[[Disk, HostCmd], None] | None = None
+        self.views = Views(name, chain)  # layers/NAME/: every layer as a read-only disk
         # the flat file's times start as those of the newest image file: they stay the
         # same from one mount to the next as long as nothing is written
         self.mtime_ns = self.ctime_ns = max(_mtime_ns(x.path) for x in chain.layers)
@@ -238,7 +244,12 @@ class Disk:
         w = writer if writer is not None else Writer()
         try:
             if self.readonly:
-                raise CommandError(errno.EROFS, "the mount is read-only")
+                raise CommandError(
+                    errno.EROFS,
+                    f"chain {self.name!r} is {self.warning}"
+                    if self.warning
+                    else "the mount is read-only",
+                )
             if kind in HOST_VERBS:
                 cmd = parse_command(kind, data)
                 assert isinstance(cmd, HostCmd)
@@ -278,6 +289,8 @@ class Disk:
                 commit.start(self, cmd)
             elif isinstance(cmd, CopyCmd):
                 copy.start(self, cmd)
+            elif isinstance(cmd, BackupCmd):
+                backup.start(self, cmd)
             elif isinstance(cmd, CancelCmd):
                 self._find_job(cmd.job).user_cancel()
             elif isinstance(cmd, CompleteCmd):
@@ -290,7 +303,12 @@ class Disk:
                 self._find_job(cmd.job).user_resume()
             elif isinstance(cmd, ChangeCmd):
                 self._find_job(cmd.job).user_change(cmd.copy_mode)
-            if isinstance(cmd, StreamCmd | CommitCmd | CopyCmd) and self.job is not None:
+            elif isinstance(cmd, BitmapCmd):
+                self._bitmap(cmd)
+            if (
+                isinstance(cmd, StreamCmd | CommitCmd | CopyCmd | BackupCmd)
+                and self.job is not None
+            ):
                 w.job = self.job.id
             w.text = data
         except CommandError as e:
@@ -301,6 +319,61 @@ class Disk:
             w.refused = True
             self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
             raise CommandError(e.errno, str(e)) from e
+
+    def _bitmap(self, cmd: BitmapCmd) -> None:
+        """A ``bitmap`` command on the active layer's persistent dirty bitmaps, durable
+        when this returns (QEMU's ``block-dirty-bitmap-*``)."""
+        chain = self.chain
+        with chain.lock:
+            b = chain.dirty_bitmaps()
+            name = cmd.names[0]
+            if cmd.action == "add":
+                b.add(name, cmd.granularity or b.default_granularity, disabled=cmd.disabled)
+            elif cmd.action == "remove":
+                b.remove(name)
+            elif cmd.action == "clear":
+                b.clear(name)
+            elif cmd.action == "enable":
+                b.enable(name)
+            elif cmd.action == "disable":
+                b.disable(name)
+            else:
+                b.merge(name, list(cmd.names[1:]))
+            chain.active.flush()
+        self.emit("BITMAP_CHANGED", action=cmd.action, bitmap=name)
+
+    def bitmaps_text(self) -> bytes:
+        """One line per persistent dirty bitmap of the active layer."""
+        with self.chain.lock:
+            found = getattr(self.chain.active, "bitmaps", None)
+            size = self.chain.size
+            lines = [
+                format_line(
+                    [
+                        ("name", bm.name),
+                        ("granularity", bm.granularity),
+                        ("count", bm.count(size)),
+                        ("enabled", "yes" if bm.enabled else "no"),
+                        ("persistent", "yes"),
+                        ("in-use", "yes" if bm.inconsistent else "no"),
+                        ("inconsistent", "yes" if bm.inconsistent else "no"),
+                    ]
+                )
+                for bm in (found.list if found is not None else [])
+            ]
+        return "".join(line + "\n" for line in lines).encode()
+
+    def dirty_text(self) -> bytes:
+        """One line per dirty extent of every bitmap: ``bitmap=NAME start=N length=N``."""
+        with self.chain.lock:
+            found = getattr(self.chain.active, "bitmaps", None)
+            size = self.chain.size
+            lines = [
+                format_line([("bitmap", bm.name), ("start", a), ("length", b - a)])
+                for bm in (found.list if found is not None else [])
+                for a, b in bm.ranges(size)
+            ]
+        return "".join(line + "\n" for line in lines).encode()
 
     def _continue(self, kind: str, w: Writer, data: bytes) -> None:
         """A later write through the open file whose first write was carried out
@@ -316,7 +389,11 @@ class Disk:
             if getattr(first, f.name) != getattr(whole, f.name)
         ]
         job = w.job
-        if changed == ["speed"] and job and isinstance(whole, StreamCmd | CommitCmd | CopyCmd):
+        if (
+            changed == ["speed"]
+            and job
+            and isinstance(whole, StreamCmd | CommitCmd | CopyCmd | BackupCmd)
+        ):
             self._find_job(job).set_speed(whole.speed)
             changed = []
         if not changed:
@@ -343,5 +420,6 @@ class Disk:
             await job.done.wait()
 
     def close(self) -> None:
+        self.views.close()
         self.events.close()
         self.chain.close()

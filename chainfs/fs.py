@@ -2,18 +2,26 @@
 
     MOUNTPOINT/NAME.img                  flat disk (read-write)
     MOUNTPOINT/control/.status           the daemon and every chain, served or refused
-    MOUNTPOINT/control/NAME/{chain,jobs,events}               read
-    MOUNTPOINT/control/NAME/{snapshot,stream,commit,copy}                   write
+    MOUNTPOINT/control/NAME/{chain,jobs,events,bitmaps,dirty} read
+    MOUNTPOINT/control/NAME/{snapshot,stream,commit,copy,backup}            write
     MOUNTPOINT/control/NAME/{cancel,complete,speed,pause,resume,change}     write (job verbs)
+    MOUNTPOINT/control/NAME/bitmap                                          write
+    MOUNTPOINT/layers/NAME/LAYER.img     each layer as a read-only disk (``views``)
     MOUNTPOINT/control/NAME/{adopt,inactivate,activate}     write (ownership, many hosts)
 
 This class only translates: requests become calls on ``Disk``/``Chain``, and chainfs
 errors become ``FUSEError`` here and nowhere else.  Any other exception is logged and
 answered with EIO, because an exception escaping a handler would end the mount.
 
-Inode numbers are fixed at start: 1 root, 2 ``control``, 3 ``control/.status``, and a
-block of 16 per chain.  The flat files are opened with ``keep_cache``: live operations
-never change what the disk shows, so the kernel's page cache stays coherent.
+Inode numbers are fixed at start: 1 root, 2 ``control``, 3 ``control/.status``, 4
+``layers``, and a block of 32 per chain.  Layer views live in a range of their own, from
+2**32 up, a block of 2**24 per chain (``view_inode``): the block's first inode is
+``layers/NAME``, then one per view slot (``Views``: a name keeps its slot for the
+mount's life).  The flat files are opened with ``keep_cache``: live operations never
+change what the disk shows, so the kernel's page cache stays coherent.  A view of a
+backing layer is fixed while open (jobs that would change it are refused), so it uses
+the page cache too, dropped at each open; the active layer's view changes with the flat
+file, under another inode, so it is read with ``direct_io``.
 
 Locking contract: every handler runs on the trio thread.
 """
@@ -39,6 +47,7 @@ from .disk import Disk, Writer
 from .errors import ChainfsError
 from .logs import Throttle, describe_call
 from .source import Source
+from .views import View
 
 log = logging.getLogger(__name__)
 _throttle = Throttle(log)
@@ -46,14 +55,35 @@ _throttle = Throttle(log)
 ROOT = pyfuse3.ROOT_INODE
 CONTROL = 2
 STATUS = 3
+LAYERS = 4
 FIRST_CHAIN = 16
 PER_CHAIN = 32
 IMG, DIR = 0, 1
-READ_FILES = ("chain", "jobs", "events")
-WRITE_FILES = COMMANDS  # snapshot stream commit copy, then the job verbs
+READ_FILES = ("chain", "jobs", "events", "bitmaps", "dirty")
+WRITE_FILES = COMMANDS  # snapshot stream commit copy backup, then the job verbs
 CONTROL_FILES = READ_FILES + WRITE_FILES  # offsets 2.. within a chain's block
 SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+FIRST_VIEW = 1 << 32  # layers/NAME and its views: above any chain block
+PER_CHAIN_VIEWS = 1 << 24  # layers/NAME, then up to 2**24 - 1 view slots
+
+
+def view_inode(index: int, slot: int | None) -> int:
+    """The inode of ``layers/NAME`` (``slot`` None) or of a view, for the chain at
+    ``index`` in the mount's list."""
+    k = 0 if slot is None else 1 + slot
+    if not 0 <= k < PER_CHAIN_VIEWS:
+        raise ChainfsError(f"view slot {slot} is past the {PER_CHAIN_VIEWS - 1} of a chain")
+    return FIRST_VIEW + index * PER_CHAIN_VIEWS + k
+
+
+def split_view_inode(inode: int) -> tuple[int, int | None] | None:
+    """``view_inode`` backwards: (chain index, slot or None), or None for other inodes."""
+    if inode < FIRST_VIEW:
+        return None
+    index, k = divmod(inode - FIRST_VIEW, PER_CHAIN_VIEWS)
+    return index, (None if k == 0 else k - 1)
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -96,6 +126,8 @@ class Handle:
     data: bytes | None = None  # content snapshot of a read-only control file
     flat: Chain | None = None  # a flat file's chain (the short way for its reads)
     writer: Writer | None = None  # a command file's writes so far: one command
+    direct: bool = False  # a flat file opened with O_DIRECT (see ``write``)
+    view: View | None = None  # a layer view (``disk.views`` serves it)
 
 
 class Operations(pyfuse3.Operations):
@@ -129,6 +161,20 @@ class Operations(pyfuse3.Operations):
     def _inode(self, disk: Disk, part: int) -> int:
         return FIRST_CHAIN + self.disks.index(disk) * PER_CHAIN + part
 
+    def _view_of(self, inode: int) -> tuple[Disk, View | None] | None:
+        """``layers/NAME`` (view None) or one of its views, by inode; None if none."""
+        found = split_view_inode(inode)
+        if found is None or found[0] >= len(self.disks):
+            return None
+        disk, slot = self.disks[found[0]], found[1]
+        if slot is None:
+            return disk, None
+        view = disk.views.by_slot.get(slot)
+        return None if view is None else (disk, view)
+
+    def _view_inode(self, disk: Disk, view: View | None) -> int:
+        return view_inode(self.disks.index(disk), None if view is None else view.slot)
+
     # -- attributes ------------------------------------------------------------------------
 
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
@@ -140,10 +186,12 @@ class Operations(pyfuse3.Operations):
         a.attr_timeout = 0.0
         t = self.started_ns
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = t
-        if inode in (ROOT, CONTROL):
+        if inode in (ROOT, CONTROL, LAYERS):
             a.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o755)
             a.st_nlink = 2
             return a
+        if inode >= FIRST_VIEW:
+            return self._view_attr(inode, a)
         if inode == STATUS:
             a.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o444)
             a.st_nlink = 1
@@ -174,11 +222,35 @@ class Operations(pyfuse3.Operations):
                 a.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o200)
         return a
 
+    def _view_attr(self, inode: int, a: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        found = self._view_of(inode)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        disk, view = found
+        if view is None:
+            a.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o755)
+            a.st_nlink = 2
+            return a
+        views = disk.views
+        # the disks' mode without write: other users never read a disk
+        a.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o400)
+        a.st_nlink = 1
+        a.st_size = views.size(view)
+        a.st_blocks = -(-views.allocated(view) // 512)
+        a.entry_timeout = 0.0  # a view a job ended is gone at once
+        if views.is_active(view):  # changing: the flat file's times
+            a.st_mtime_ns, a.st_ctime_ns = disk.mtime_ns, disk.ctime_ns
+        return a
+
     def _read_file(self, disk: Disk, name: str) -> bytes:
         if name == "chain":
             return disk.chain_text()
         if name == "jobs":
             return disk.jobs_text()
+        if name == "bitmaps":
+            return disk.bitmaps_text()
+        if name == "dirty":
+            return disk.dirty_text()
         return bytes(disk.events)  # the history at mount and every line since
 
     def status_text(self) -> bytes:
@@ -195,16 +267,15 @@ class Operations(pyfuse3.Operations):
             )
         ]
         for disk in self.disks:
-            lines.append(
-                format_line(
-                    [
-                        ("chain", disk.name),
-                        ("status", "served"),
-                        ("active", disk.chain.active.path),
-                        *disk.owner_pairs(),
-                    ]
-                )
-            )
+            line: list[tuple[str, object]] = [
+                ("chain", disk.name),
+                ("status", "served"),
+                ("active", disk.chain.active.path),
+                *disk.owner_pairs(),
+            ]
+            if disk.warning:
+                line.append(("warning", disk.warning))
+            lines.append(format_line(line))
         for r in self.source.refused:
             lines.append(
                 format_line(
@@ -230,9 +301,20 @@ class Operations(pyfuse3.Operations):
 
     def _children(self, inode: int) -> list[tuple[bytes, int]]:
         if inode == ROOT:
-            return [(b"control", CONTROL)] + [
+            return [(b"control", CONTROL), (b"layers", LAYERS)] + [
                 (f"{d.name}.img".encode(), self._inode(d, IMG)) for d in self.disks
             ]
+        if inode == LAYERS:
+            return [(d.name.encode(), self._view_inode(d, None)) for d in self.disks]
+        if inode >= FIRST_VIEW:
+            view_dir = self._view_of(inode)
+            if view_dir is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            disk, view = view_dir
+            if view is not None:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            i = self.disks.index(disk)
+            return [(os.fsencode(v.name), view_inode(i, v.slot)) for v in disk.views.listing]
         if inode == CONTROL:
             return [(b".status", STATUS)] + [
                 (d.name.encode(), self._inode(d, DIR)) for d in self.disks
@@ -247,6 +329,13 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
+        view_dir = self._view_of(parent_inode) if parent_inode >= FIRST_VIEW else None
+        if view_dir is not None and view_dir[1] is None:  # layers/NAME: by name, any depth
+            disk = view_dir[0]
+            view = disk.views.by_name.get(os.fsdecode(name))
+            if view is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attr(self._view_inode(disk, view))
         for child, inode in self._children(parent_inode):
             if child == name:
                 return self._attr(inode)
@@ -260,6 +349,8 @@ class Operations(pyfuse3.Operations):
     async def setattr(
         self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any
     ) -> pyfuse3.EntryAttributes:
+        if inode >= FIRST_VIEW or inode == LAYERS:
+            raise pyfuse3.FUSEError(errno.EROFS)  # the layer views are read-only
         found = self._disk_of(inode)
         # ``echo cmd > control/x/stream`` truncates first: harmless on a control file
         if fields.update_size and (
@@ -299,16 +390,19 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EACCES)
             self.handles[fh] = Handle(inode, None, self.status_text())
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        if inode >= FIRST_VIEW:
+            return self._open_view(fh, inode, writing)
         found = self._disk_of(inode)
         if found is None or found[1] == DIR:
             raise pyfuse3.FUSEError(errno.EISDIR if found else errno.ENOENT)
         disk, part = found
         if part == IMG:
-            if writing and self.readonly:
+            if writing and (self.readonly or disk.readonly):  # (or a chain too deep)
                 raise pyfuse3.FUSEError(errno.EROFS)
             if writing:
                 disk.check_writable()
-            self.handles[fh] = Handle(inode, disk, flat=disk.chain)
+            direct = bool(flags & os.O_DIRECT)
+            self.handles[fh] = Handle(inode, disk, flat=disk.chain, direct=direct)
             # a chain served for another host's writes: its page cache cannot be kept
             return pyfuse3.FileInfo(fh=fh, keep_cache=disk.owned, direct_io=not disk.owned)
         name = CONTROL_FILES[part - 2]
@@ -323,9 +417,27 @@ class Operations(pyfuse3.Operations):
             self.handles[fh] = Handle(inode, disk, writer=Writer())
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
+    def _open_view(self, fh: int, inode: int, writing: bool) -> pyfuse3.FileInfo:
+        found = self._view_of(inode)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        disk, view = found
+        if view is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if writing:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        disk.views.open(view)
+        self.handles[fh] = Handle(inode, disk, view=view)
+        # the active layer's view changes as the flat file is written: no page cache;
+        # another is fixed while open, and its cache dropped at each open
+        return pyfuse3.FileInfo(fh=fh, direct_io=disk.views.is_active(view))
+
     @translate_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
+        if h.view is not None:
+            assert h.disk is not None
+            return cast(bytes, h.disk.views.read(h.view, off, size))
         if h.flat is not None:
             if h.disk is not None and h.flat is not h.disk.chain:
                 h.flat = h.disk.chain  # reopened by a hand-over
@@ -341,13 +453,17 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self.handles[fh]
         found = self._disk_of(h.inode)
-        if found is None or h.disk is None:
+        if found is None or h.disk is None or h.view is not None:
             raise pyfuse3.FUSEError(errno.EBADF)
         disk, part = found
         if part == IMG:
             size = disk.chain.size
-            if off >= size:
+            if off >= size or (h.direct and off + len(buf) > size):
+                # past the end, as a block device: ENOSPC.  A direct write that crosses
+                # the end is refused whole, before any byte is written: the kernel's
+                # asynchronous direct I/O would turn a short write into EIO
                 raise pyfuse3.FUSEError(errno.ENOSPC)
+            # a buffered one is cut short at the end: the kernel hands the count back
             n = min(len(buf), size - off)
             disk.check_writable()
             disk.touch()  # before the host write, so the images' mtimes are never older
@@ -371,6 +487,12 @@ class Operations(pyfuse3.Operations):
         h = self.handles[fh]
         if whence not in (SEEK_DATA, SEEK_HOLE):
             raise pyfuse3.FUSEError(errno.EINVAL)
+        if h.view is not None:
+            assert h.disk is not None
+            found = h.disk.views.seek(h.view, off, data=whence == SEEK_DATA)
+            if found is None:
+                raise pyfuse3.FUSEError(errno.ENXIO)
+            return found
         if h.flat is not None:
             flat = h.disk.chain if h.disk is not None else h.flat
             found = flat.seek_data(off) if whence == SEEK_DATA else flat.seek_hole(off)
@@ -396,7 +518,7 @@ class Operations(pyfuse3.Operations):
         h = self.handles[fh]
         if h.flat is None or h.disk is None:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        if self.readonly:
+        if self.readonly or h.disk.readonly:
             raise pyfuse3.FUSEError(errno.EROFS)
         h.disk.check_writable()
         if off < 0 or length <= 0:
@@ -421,7 +543,7 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handles.get(fh)
-        if h is not None and h.disk is not None:
+        if h is not None and h.disk is not None and h.view is None:
             if h.disk.fenced is not None:
                 h.disk.check_writable()
             try:
@@ -435,7 +557,9 @@ class Operations(pyfuse3.Operations):
         return None
 
     async def release(self, fh: int) -> None:
-        self.handles.pop(fh, None)
+        h = self.handles.pop(fh, None)
+        if h is not None and h.view is not None and h.disk is not None:
+            h.disk.views.release(h.view)
 
     @translate_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:

@@ -36,15 +36,16 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import features
+from . import descriptors, features
 from . import source as sources
-from .chain import Chain
+from .chain import MAX_DEPTH, Chain
 from .confine import Confinement
 from .control import CommandError, HostCmd
 from .disk import Disk
 from .errors import ChainfsError
 from .eventlog import EventLog
 from .fs import Operations
+from .hostfile import HostIOError
 from .jobs.base import CONCLUDED
 from .jobs.journal import Journal
 from .jobs.recovery import Recovery, recover, recover_chain, resume_jobs
@@ -148,10 +149,26 @@ def open_disks(
     gets their journals), read-only (unlocked) those owned elsewhere."""
     journals = journals if journals is not None else {}
     disks: list[Disk] = []
+    # descriptors: each chain takes what it needs while a reserve is left for the rest
+    budget = descriptors.Budget.now()
+
+    def refuse(spec: sources.ChainSpec, reason: str) -> None:
+        log.warning("chain=%s refused: %s", spec.name, reason)
+        src.refused.append(Refused(spec.name, spec.active, reason))
+
     for spec in src.chains:
+        if budget.room <= 0:  # no chain fits any more: say what each one would need
+            refuse(spec, budget.refusal(descriptors.count_layers(spec.active)))
+            continue
         # the chain's layers must lie in the directories the source gives for it or the
         # options allow, so that no flat file shows an arbitrary host file
         confine = Confinement.of([*spec.homes, *opts.allow_dirs, *opts.allow_backing])
+        if not opts.readonly and not src.owns(spec.name):
+            try:
+                own_chain(src, spec.name)
+            except HostIOError as e:  # EMFILE, say: the chain cannot be served here
+                refuse(spec, str(e))
+                continue
         owned = not opts.readonly and src.owns(spec.name)
         elsewhere = not owned and is_locked(chain_file(src.directory, spec.name, OWNER_SUFFIX))
         try:
@@ -161,10 +178,21 @@ def open_disks(
                 # another host writes the chain: its layers are read as qemu-img -U does
                 lock=not elsewhere,
                 confine=confine,
+                deep_read_only=True,
             )
         except ChainfsError as e:
-            log.warning("chain=%s refused: %s", spec.name, e)
-            src.refused.append(Refused(spec.name, spec.active, str(e)))
+            if owned:
+                src.disown(spec.name)
+            emfile = getattr(e, "errno", None) == errno.EMFILE
+            refuse(
+                spec, budget.refusal(descriptors.count_layers(spec.active)) if emfile else str(e)
+            )
+            continue
+        if not budget.take(len(chain.layers)):
+            _close_unserved(chain, spec.name)
+            if owned:
+                src.disown(spec.name)
+            refuse(spec, budget.refusal(len(chain.layers)))
             continue
         # by default files are created beside the chain's images: the source directory,
         # and the active layer's own (a TOML source's chains live anywhere)
@@ -195,7 +223,23 @@ def open_disks(
                 journal = Journal.load(src.directory, spec.name, ownership=src.owned[spec.name])
                 journals[spec.name] = journal
             disk.journal = journal
+        if chain.too_deep:  # served, read-only, never dropped
+            disks[-1].readonly = True
+            disks[-1].warning = (
+                f"served read-only: {len(chain.layers)} layers, deeper than the cap of "
+                f"{MAX_DEPTH}; stream or commit it with qemu-img to serve it read-write"
+            )
+            log.warning("chain=%s %s", spec.name, disks[-1].warning)
+    budget.report()
     return disks
+
+
+def _close_unserved(chain: Chain, name: str) -> None:
+    """Close a chain that will not be served after all (it wrote nothing)."""
+    try:
+        chain.close()
+    except ChainfsError as e:
+        log.error("chain=%s did not close cleanly: %s", name, e)
 
 
 def serve(
@@ -207,6 +251,7 @@ def serve(
 ) -> None:
     """Mount and serve until unmounted or signalled; raise ChainfsError if that fails."""
     mountpoint = os.path.abspath(mountpoint)
+    descriptors.raise_limit()  # a deep chain holds one per layer, every chain a few
     if is_dead_mount(mountpoint):
         raise ChainfsError(dead_mount_message(mountpoint))
     if not os.path.isdir(mountpoint):
@@ -251,16 +296,16 @@ async def _serve(
         raise
     disks: list[Disk] = []
     fuse = _Fuse(mountpoint)
+    failed: list[ChainfsError] = []  # the mount never answered (``_announce``)
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(fuse.close)
         stack.callback(_release, src.owned)
         stack.callback(recovery.close)
         stack.callback(_close_disks, disks)
+        disks += open_disks(src, opts, journals=recovery.journals)  # (owning them)
         if not opts.readonly:
-            own_chains(src)
             src.save()
             src.finish_migration()
-        disks += open_disks(src, opts, journals=recovery.journals)
         for disk in disks:  # (read-only: what waits for a read-write mount)
             disk.interrupted = [p for p in recovery.interrupted if p.chain == disk.name]
         ops = Operations(disks, src, readonly=opts.readonly, mountpoint=mountpoint)
@@ -282,8 +327,7 @@ async def _serve(
             features.pyfuse3_version(),
             "on" if features.holes() else "off",
         )
-        ready()
-        notify("READY=1")
+        nursery.start_soon(_announce, mountpoint, ready, failed)
         resume_jobs(disks, recovery)
         nursery.start_soon(_watch_signals)
         nursery.start_soon(_write_back, disks)
@@ -294,6 +338,23 @@ async def _serve(
         # hand-off and a task switch to every request (a handler that comes to await
         # something slow must raise this again)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
+    if failed:
+        raise failed[0]
+
+
+async def _announce(mountpoint: str, ready: Callable[[], None], failed: list[ChainfsError]) -> None:
+    """Report readiness (to ``chainfs mount`` and systemd) once the mount answers: a
+    ``stat`` of the mountpoint, from a thread, that this process's own FUSE loop must
+    serve.  Said before the loop ran, a daemon that died then left ``chainfs mount``
+    exiting 0 with nothing mounted; now that failure reaches it as the daemon's error."""
+    try:
+        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    except OSError as e:
+        failed.append(ChainfsError(f"the mount on {mountpoint!r} does not answer: {e.strerror}"))
+        pyfuse3.terminate()
+        return
+    ready()
+    notify("READY=1")
 
 
 class _Fuse:
@@ -354,13 +415,18 @@ def _release(owned: dict[str, Ownership]) -> None:
 def own_chains(src: sources.Source) -> None:
     """Take the owner lock of every chain found that nobody else holds."""
     for spec in src.chains:
-        if src.owns(spec.name):
-            continue
-        try:
-            src.own(spec.name)
-        except OwnedElsewhere as e:
-            src.elsewhere[spec.name] = e.holder
-            log.info("chain=%s served read-only: owned by %s", spec.name, e.holder)
+        own_chain(src, spec.name)
+
+
+def own_chain(src: sources.Source, name: str) -> None:
+    """Take the owner lock of chain ``name`` unless another mount holds it."""
+    if src.owns(name):
+        return
+    try:
+        src.own(name)
+    except OwnedElsewhere as e:
+        src.elsewhere[name] = e.holder
+        log.info("chain=%s served read-only: owned by %s", name, e.holder)
 
 
 async def wait_for_owner(

@@ -38,6 +38,18 @@ node names A..E), one server at a time, alternating, and measures through each:
   synced and deleted, then ``fstrim``: its wall time, and the image's allocated size
   before it and after everything was unmounted (the space given back).
 
+The views part (``--parts views``, not run by default) builds a chain of 1,000 empty
+qcow2 layers (``qemu-img create -b`` in a loop) and one of 5, mounts each with ``chainfs
+mount -f`` and times a listing of ``layers/CHAIN`` and a ``stat`` of every view in it
+(``ls -l``: one readdir, then a lookup per name), per entry, cold (first after the mount)
+and warm; target: an entry of the 1,000-layer listing costs at most twice one of the
+5-layer listing (nothing per pair of layers).  It also reads, on a read-only mount of the
+seed chain, the view of D (``layers/E/D.qcow2.img``, four layers deep), and the flat file
+of a copy of ``A <- B <- C <- D`` (the same disk, D active) on a second read-only mount,
+with O_DIRECT in 1 MiB requests (every read reaches the server), taking turns: a view
+reads as fast as the flat file of the same disk (target: at least 0.8 of its
+throughput).
+
 It prints a table with the targets and the commands used.  The figures are a report, not
 a test: the exit status is non-zero only when something fails to run or reads wrong bytes.
 """
@@ -282,6 +294,7 @@ def fio(args: list[str]) -> dict[str, float]:
         "read_bw": job["read"]["bw_bytes"],
         "read_iops": job["read"]["iops"],
         "write_bw": job["write"]["bw_bytes"],
+        "write_iops": job["write"]["iops"],
         "wall": wall,
     }
 
@@ -963,6 +976,223 @@ def fuse_rows(r: FuseResults) -> list[Row]:
     ]
 
 
+BITMAP_DISK = 256 * MiB  # the disk of the bitmap measures, metadata preallocated
+
+
+def fio_rand_write(path: str, size: int, runtime: int) -> list[str]:
+    return [
+        *FIO,
+        f"--filename={path}",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--direct=1",
+        f"--size={size}",
+        f"--runtime={runtime}",
+        "--time_based",
+        f"--randseed={RANDOM_SEED}",
+    ]
+
+
+def bitmap_image(directory: str, bitmaps: int, *, saturated: bool) -> str:
+    """A fresh ``bm.qcow2`` of ``BITMAP_DISK`` bytes, every cluster allocated and written
+    (so 4 KiB writes go in place: chainfs's costliest bitmap case, a flush before the
+    data for each granule a write dirties first), with ``bitmaps`` enabled bitmaps of the
+    default granularity (64 KiB): added after QEMU wrote the disk (empty), or, when
+    ``saturated``, before (every bit set: no write sets a new one)."""
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    path = os.path.join(directory, "bm.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", path,
+         str(BITMAP_DISK)])  # fmt: skip
+    for step in ("bitmaps", "write") if saturated else ("write", "bitmaps"):
+        if step == "write":
+            run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x11 0 {BITMAP_DISK}", path])
+        else:
+            for i in range(bitmaps):
+                run(["qemu-img", "bitmap", "--add", path, f"b{i}"])
+    return path
+
+
+def bitmaps_bench(runtime: int, runs: int) -> list[Row]:
+    """4 KiB random write IOPS (QD1, direct=1) through the flat file of one layer with
+    0, 1 and 4 enabled bitmaps, and 1 bitmap already all dirty, against
+    qemu-storage-daemon's writable FUSE export of the same image (QEMU keeps the
+    bitmaps in memory and writes them at close; chainfs keeps them crash-consistent on
+    disk, so the difference between the fresh and the all-dirty bitmap is the cost of
+    that guarantee)."""
+    directory = os.path.join(WORK, "bitmaps")
+    rows: list[Row] = []
+    cases = [(0, False), (1, False), (4, False), (1, True), (4, True)]
+    for count, saturated in cases:
+        pair = Pair([], [])
+        for _ in range(runs):
+            for side in ("chainfs", "qemu"):
+                image = bitmap_image(os.path.join(directory, "img"), count, saturated=saturated)
+                log_path = os.path.join(WORK, f"bitmaps-{side}.log")
+                if side == "chainfs":
+                    mnt = os.path.join(directory, "mnt")
+                    server: Server = chainfs_server(
+                        os.path.dirname(image), mnt, log_path, readonly=False
+                    )
+                    flat = os.path.join(mnt, "bm.img")
+                else:
+                    flat = os.path.join(directory, "export.img")
+                    server = QemuServer(
+                        os.path.dirname(image), flat, log_path, export="bm", writable=True,
+                        layers=("bm",),
+                    )  # fmt: skip
+                with server:
+                    result = fio(fio_rand_write(flat, BITMAP_DISK, runtime))
+                (pair.chainfs if side == "chainfs" else pair.qemu).append(result["write_iops"])
+                check = subprocess.run(["qemu-img", "check", "-q", image], check=False)
+                if check.returncode not in (0, 3):
+                    sys.exit(f"bench: qemu-img check of {image} after {side} failed")
+                info = json.loads(run(["qemu-img", "info", "--output=json", image]))
+                got = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+                if len(got) != count or any("in-use" in b["flags"] for b in got):
+                    sys.exit(f"bench: bitmaps of {image} after {side}: {got}")
+        what = f"{count} enabled bitmap{'s' if count != 1 else ''}"
+        what += ", all bits set already" if saturated else ""
+        ratio = pair.ratio
+        rows.append(
+            (
+                f"4 KiB random write, QD1, direct=1, {what} (IOPS)",
+                format(pair.best(pair.chainfs), ".0f"),
+                format(pair.best(pair.qemu), ".0f"),
+                f"{ratio:.2f}",
+                "",
+                "",
+            )
+        )
+    return rows
+
+
+VIEWS_DEPTH = 1000
+VIEWS_SHALLOW = 5
+VIEWS_TARGET = 2.0  # per-entry time at 1,000 layers / at 5, at most
+
+
+def build_flat_chain(directory: str, depth: int, size: int = 64 * MiB) -> str:
+    """``depth`` empty qcow2 layers, each backed by the one below: L0000 ... (active last)."""
+    os.makedirs(directory)
+    names = [f"L{i:04d}.qcow2" for i in range(depth)]
+    for i, name in enumerate(names):
+        args = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if i:
+            args += ["-u", "-b", names[i - 1], "-F", "qcow2"]  # -u: not opening the chain
+        subprocess.run([*args, name, str(size)], cwd=directory, check=True)
+    return os.path.join(directory, names[-1])
+
+
+def list_and_stat(directory: str) -> tuple[float, int]:
+    """``ls -l`` of a directory: its listing, then a stat of every entry."""
+    t = time.perf_counter()
+    names = os.listdir(directory)
+    for name in names:
+        os.stat(os.path.join(directory, name))
+    return time.perf_counter() - t, len(names)
+
+
+VIEWS_READ_TARGET = 0.8  # view / flat file throughput, at least
+
+
+def direct_read_seconds(path: str) -> float:
+    """Read a whole file with O_DIRECT in 1 MiB requests."""
+    import mmap
+
+    buf = mmap.mmap(-1, MiB)  # page aligned, as O_DIRECT wants
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        t = time.perf_counter()
+        pos = 0
+        while n := os.preadv(fd, [buf], pos):
+            pos += n
+        return time.perf_counter() - t
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def views_read_rows(size: int, runs: int) -> list[Row]:
+    log(f"views: building the seed chain ({size >> 20} MiB)")
+    seed = make_seed_chain(os.path.join(WORK, "views-seed"), size)
+    d = os.path.dirname(seed)
+    d4 = os.path.join(WORK, "views-seed-d")
+    os.makedirs(d4)
+    for name in ("A", "B", "C", "D"):
+        shutil.copyfile(os.path.join(d, f"{name}.qcow2"), os.path.join(d4, f"{name}.qcow2"))
+    mnt, mnt4 = os.path.join(WORK, "views-seed-mnt"), os.path.join(WORK, "views-seed-d-mnt")
+    times: dict[str, float] = {}
+    with (
+        chainfs_server(d, mnt, os.path.join(WORK, "views-seed.log"), readonly=True),
+        chainfs_server(d4, mnt4, os.path.join(WORK, "views-seed-d.log"), readonly=True),
+    ):
+        flat, view = os.path.join(mnt4, "D.img"), os.path.join(mnt, "layers/E/D.qcow2.img")
+        with open(flat, "rb") as f, open(view, "rb") as g:
+            if f.read() != g.read():
+                sys.exit("bench: the view of D and the flat file of D differ")
+        for _ in range(runs):  # taking turns
+            for name, path in (("flat", flat), ("view", view)):
+                t = direct_read_seconds(path)
+                times[name] = min(times.get(name, t), t)
+    log(f"    flat {times['flat']:.3f} s, view {times['view']:.3f} s")
+    flat_mibs, view_mibs = size / MiB / times["flat"], size / MiB / times["view"]
+    ratio = view_mibs / flat_mibs
+    return [
+        (
+            "O_DIRECT 1 MiB sequential read: view of D vs flat file of D",
+            f"{view_mibs:.0f} MiB/s",
+            f"{flat_mibs:.0f} MiB/s",
+            f"{ratio:.2f}",
+            f">= {VIEWS_READ_TARGET}",
+            fmt_ok(ratio >= VIEWS_READ_TARGET),
+        )
+    ]
+
+
+def views_bench(size: int, runs: int) -> list[Row]:
+    per_entry: dict[int, tuple[float, float]] = {}
+    for depth in (VIEWS_SHALLOW, VIEWS_DEPTH):
+        d = os.path.join(WORK, f"views-{depth}")
+        log(f"views: building a chain of {depth} layers (qemu-img create -b)")
+        active = build_flat_chain(d, depth)
+        chain = os.path.basename(active).removesuffix(".qcow2")
+        mnt = os.path.join(WORK, f"views-{depth}-mnt")
+        with chainfs_server(d, mnt, os.path.join(WORK, f"views-{depth}.log"), readonly=False):
+            vdir = os.path.join(mnt, "layers", chain)
+            cold, n = list_and_stat(vdir)
+            if n != depth:
+                sys.exit(f"bench: layers/{chain} lists {n} views, not {depth}")
+            warm = best_of(runs, lambda: list_and_stat(vdir)[0])  # noqa: B023
+        per_entry[depth] = (cold / depth, warm / depth)
+        log(f"    {depth} layers: cold {cold * 1e3:.1f} ms, warm {warm * 1e3:.1f} ms")
+    rows: list[Row] = []
+    for i, what in enumerate(("cold", "warm")):
+        deep, shallow = per_entry[VIEWS_DEPTH][i], per_entry[VIEWS_SHALLOW][i]
+        ratio = deep / shallow
+        rows.append(
+            (
+                f"ls -l layers/CHAIN per entry ({what}), {VIEWS_DEPTH} vs {VIEWS_SHALLOW} layers",
+                f"{deep * 1e6:.0f} us",
+                f"{shallow * 1e6:.0f} us",
+                f"{ratio:.2f}",
+                f"<= {VIEWS_TARGET}",
+                fmt_ok(ratio <= VIEWS_TARGET),
+            )
+        )
+        rows.append(
+            (
+                f"ls -l of all {VIEWS_DEPTH} views ({what})",
+                f"{deep * VIEWS_DEPTH * 1e3:.1f} ms",
+                "-",
+                "-",
+                "-",
+                "-",
+            )
+        )
+    return rows + views_read_rows(size, runs)
+
+
 def load() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -981,7 +1211,8 @@ def main(argv: list[str] | None = None) -> int:
         "--parts",
         default="engine,fuse",
         help="comma-separated: engine (no FUSE), fuse (chainfs vs qemu-storage-daemon);"
-        " jobs is scripts/bench_jobs.py's",
+        " jobs is scripts/bench_jobs.py's; bitmaps alone: write IOPS with dirty bitmaps;"
+        " views (listing 1,000 layer views) runs alone",
     )
     ap.add_argument(
         "--rand-runtime",
@@ -1002,8 +1233,26 @@ def main(argv: list[str] | None = None) -> int:
     size: int = args.size
     runs: int = args.runs
     parts = set(args.parts.split(","))
-    if not parts or parts - {"engine", "fuse", "jobs"}:
+    if not parts or parts - {"engine", "fuse", "jobs", "bitmaps", "views"}:
         ap.error(f"--parts: unknown part in {args.parts!r}")
+    if parts == {"views"}:
+        shutil.rmtree(WORK, ignore_errors=True)
+        os.makedirs(WORK)
+        print_table(f"layer views: best of {runs} runs", views_bench(size, runs))
+        print(f"\nload average: {load()} (2 cores: other work skews)")
+        return 0
+    if parts == {"bitmaps"}:
+        shutil.rmtree(WORK, ignore_errors=True)
+        os.makedirs(WORK)
+        load_before = load()
+        rows = bitmaps_bench(args.rand_runtime, runs)
+        print_table(
+            f"persistent dirty bitmaps: chainfs against qemu-storage-daemon, one qcow2 layer"
+            f" of {BITMAP_DISK >> 20} MiB, clusters preallocated, best of {runs} runs",
+            rows,
+        )
+        print(f"\nload average before: {load_before}; after: {load()} (2 cores: other work skews)")
+        return 0
     if not parts & {"engine", "fuse"}:
         return 0  # jobs only: scripts/bench_jobs.py's part
     measures = set(args.measures.split(","))

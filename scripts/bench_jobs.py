@@ -22,7 +22,14 @@ first, after one warm-up round that does not count:
   (which is set to a quarter of what the guest writes with no job and no cap, so the
   guest can keep its pace): the time from the command to the pivot (``JOB_COMPLETED``,
   no ``wait=ready``), and the guest's write IOPS during the job against the same capped
-  guest with no job (target: the job pivots every time, ratio at least 0.5).
+  guest with no job (target: the job pivots every time, ratio at least 0.5);
+- ``backup``: ``backup F.qcow2 sync=full`` against QMP ``blockdev-backup`` (``sync=full``,
+  into a target made by ``qemu-img create`` and ``blockdev-add`` before the clock starts)
+  in qemu-storage-daemon, timed until ``BLOCK_JOB_COMPLETED``; and the guest's 4 KiB
+  O_DIRECT random write IOPS (QD1, uncapped, the ``mirror`` part's guest) during a
+  rate-limited ``backup sync=full`` (nearly every write lands on a cluster not yet
+  copied: a copy-before-write each) against the same guest with no job, before the
+  backup and after its cancel (target: at least 0.5).
 
 Each side is timed twice: to the job's end as it reports it (QEMU's event, or
 qemu-img's exit), and to a durable result, which adds an ``fdatasync`` of every file in
@@ -44,7 +51,7 @@ The figures are a report, not a test: the exit status is non-zero only when some
 fails to run or a result differs.
 
     python scripts/bench_jobs.py [--size BYTES] [--runs N] [--rand-runtime S]
-                                 [--jobs commit,active,copy,iops,mirror]
+                                 [--jobs commit,active,copy,iops,mirror,backup]
 
 It accepts (and ignores) bench.py's other options, since ``scripts/bench`` passes its
 arguments to both; ``--parts`` without ``jobs`` in it skips this benchmark.
@@ -84,10 +91,12 @@ RAND_RUNTIME = 5  # seconds of each random-read run
 TIME_TARGET = 1.0  # QEMU time / chainfs time, at least
 IOPS_TARGET = 0.7  # IOPS during a job / without, at least
 IOPS_JOB_FACTOR = 4  # the rate-limited job would take this many fio run times at least
-PARTS = ("commit", "active", "copy", "iops", "mirror")
+PARTS = ("commit", "active", "copy", "iops", "mirror", "backup")
 MIRROR_SIZE = 128 << 20  # the mirror part's seed chain, at most
 MIRROR_GUEST_SECONDS = 3.0  # each no-job run of the guest
 MIRROR_IOPS_TARGET = 0.5  # the guest's write IOPS during a write-blocking job / without
+BACKUP_GUEST_SECONDS = 5.0  # each run of the guest, with and without a backup
+BACKUP_IOPS_TARGET = 0.5  # the guest's write IOPS during a backup / without
 
 
 def log(msg: str) -> None:
@@ -334,6 +343,28 @@ class QemuDaemon:
             proc.kill()
             proc.wait()
 
+    def backup(self, target: str, size: int) -> float:
+        """Seconds from ``blockdev-backup`` (E -> a new qcow2 ``target``, created and
+        added before the clock starts) to ``BLOCK_JOB_COMPLETED``."""
+        qmp = self.qmp
+        assert qmp is not None
+        run(["qemu-img", "create", "-q", "-f", "qcow2", target, str(size)])
+        file_node = {"driver": "file", "node-name": "F-file", "filename": target}
+        qmp.execute("blockdev-add", **file_node)
+        qmp.execute("blockdev-add", driver="qcow2", **{"node-name": "F", "file": "F-file"})
+        start = time.perf_counter()
+        qmp.execute(
+            "blockdev-backup", **{"job-id": "backup0", "device": "E", "target": "F"}, sync="full"
+        )
+        event = qmp.wait_event("BLOCK_JOB_COMPLETED")
+        elapsed = time.perf_counter() - start
+        data = event.get("data")
+        if isinstance(data, dict) and data.get("error"):
+            sys.exit(f"bench_jobs: QEMU's blockdev-backup failed: {data['error']}")
+        qmp.execute("blockdev-del", **{"node-name": "F"})
+        qmp.execute("blockdev-del", **{"node-name": "F-file"})
+        return elapsed
+
     def commit(self, **cmd: object) -> float:
         """Seconds from ``block-commit`` to ``BLOCK_JOB_COMPLETED``; an active commit
         (no ``top-node``) is completed at ``BLOCK_JOB_READY``."""
@@ -408,6 +439,7 @@ class Results:
     mirrored: dict[str, Mirrored] = field(default_factory=dict)
     wrong: list[str] = field(default_factory=list)
     commands: dict[str, str] = field(default_factory=dict)
+    backup_iops: list[tuple[float, float, bool]] = field(default_factory=list)
 
     def note(self, key: str, text: str) -> None:
         self.commands.setdefault(key, short(text))
@@ -544,6 +576,71 @@ def bench_copy(seed: str, work: str, i: int, res: Results) -> None:
         res.expect(check_clean(path), f"{key}: qemu-img check {short(path)}")
     shutil.rmtree(csrc)
     shutil.rmtree(qsrc)
+
+
+def bench_backup(seed: str, work: str, i: int, res: Results) -> None:
+    key = "backup sync=full"
+    timed = res.timed.setdefault(key, Timed())
+    seed_disk = os.path.join(seed, "E.qcow2")
+    floor = floor_extents(seed, "E", range(len(LAYERS)))  # the whole disk's data
+    csrc = os.path.join(work, f"backup-chainfs-{i}")
+    qsrc = os.path.join(work, f"backup-qemu-{i}")
+
+    def chainfs_side() -> None:
+        title = f"{run_name(i)}: {key}"
+        chainfs_job(seed, csrc, work, title, res, timed, key, "backup", "F.qcow2", floor)
+
+    def qemu_side() -> None:
+        log(f"{run_name(i)}: {key}, qemu-storage-daemon (QMP blockdev-backup)")
+        copy_chain(seed, qsrc)
+        size = int(
+            json.loads(run(["qemu-img", "info", "--output=json", seed_disk]))["virtual-size"]
+        )
+        with QemuDaemon(qsrc, os.path.join(work, "qemu-storage-daemon.log")) as qsd:
+            res.note("qemu-storage-daemon", qemu_args_text(qsd))
+            res.note(
+                f"QMP: {key}",
+                "(qemu-img create -f qcow2 F.qcow2 SIZE; blockdev-add F) blockdev-backup"
+                ' {"job-id": "backup0", "device": "E", "target": "F", "sync": "full"}',
+            )
+            timed.add("qemu", qsd.backup(os.path.join(qsrc, "F.qcow2"), size), qsrc)
+
+    in_turn(i, [chainfs_side, qemu_side])
+    for side in (csrc, qsrc):
+        path = os.path.join(side, "F.qcow2")
+        res.expect(same_disk(seed_disk, path), f"{key}: {short(path)} differs from the seed")
+        res.expect(check_clean(path), f"{key}: qemu-img check {short(path)}")
+    shutil.rmtree(csrc)
+    shutil.rmtree(qsrc)
+    if i < 0:
+        return
+    # the guest's writes during a backup: nearly each one a copy-before-write
+    src = copy_chain(seed, os.path.join(work, f"backup-iops-{i}"))
+    with Chainfs(src, os.path.join(work, "mnt"), os.path.join(work, "chainfs.log")) as fs:
+        size = os.stat(fs.flat).st_size
+        log(f"{run_name(i)}: guest 4 KiB random writes, no job, then during a backup")
+        before = Guest.measure(fs.flat, size, 0, BACKUP_GUEST_SECONDS)
+        speed = 1 << 20  # the pass: slow, so that the backup outlasts the guest's run
+        text = f"F.qcow2 sync=full speed={speed}"
+        res.note(f"chainfs: {key} under a guest", f"echo '{text}' > {fs.control}/backup")
+        seen = fs.command("backup", text)
+        fs.wait_event(("JOB_STARTED",), seen)
+        busy = Guest.measure(fs.flat, size, 0, BACKUP_GUEST_SECONDS)
+        lasted = not any("event=JOB_COMPLETED" in x for x in fs.events()[seen:])
+        job = next(x for x in fs.events()[seen:] if "event=JOB_STARTED" in x)
+        job_id = job.split("job=")[1].split()[0]
+        if lasted:
+            fs.command("cancel", job_id)
+            fs.wait_event(("JOB_CANCELLED", "JOB_COMPLETED"), seen)
+        after = Guest.measure(fs.flat, size, 0, BACKUP_GUEST_SECONDS)
+        idle = (before + after) / 2  # no job: the mean of before and after
+        res.backup_iops.append((busy, idle, lasted))
+        log(
+            f"    guest write IOPS {busy:.0f} during the backup, {before:.0f} before and"
+            f" {after:.0f} after it"
+        )
+    res.expect(check_clean(os.path.join(src, "E.qcow2")), "backup: qemu-img check E.qcow2")
+    shutil.rmtree(src)
 
 
 def fio_iops(args: list[str]) -> float:
@@ -758,6 +855,7 @@ def rows_of(res: Results) -> list[tuple[str, ...]]:
         "intermediate commit top=D base=B": "QMP block-commit",
         "active commit base=A": "QMP block-commit + block-job-complete",
         "copy sync=full": "qemu-img convert -O qcow2",
+        "backup sync=full": "QMP blockdev-backup",
     }
     rows: list[tuple[str, ...]] = []
     for key, t in res.timed.items():
@@ -809,6 +907,21 @@ def rows_of(res: Results) -> list[tuple[str, ...]]:
                 f"{ratio:.2f}",
                 f">= {IOPS_TARGET}",
                 "yes" if ratio >= IOPS_TARGET else "NO",
+            )
+        )
+    if res.backup_iops:
+        busy = sum(b for b, _, _ in res.backup_iops) / len(res.backup_iops)
+        idle = sum(x for _, x, _ in res.backup_iops) / len(res.backup_iops)
+        lasted = "" if all(x for _, _, x in res.backup_iops) else ", JOB ENDED EARLY"
+        rows.append(
+            (
+                f"guest 4 KiB random write IOPS, QD1, during backup sync=full{lasted}"
+                " (ratio = during / no job)",
+                f"{busy:.0f}",
+                f"{idle:.0f} (no job: mean of before and after)",
+                f"{busy / idle:.2f}",
+                f">= {BACKUP_IOPS_TARGET}",
+                "yes" if busy / idle >= BACKUP_IOPS_TARGET else "NO",
             )
         )
     return rows + mirror_rows(res)
@@ -869,6 +982,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_iops(seed, WORK, i, size, args.rand_runtime, res)
         if "mirror" in parts and i >= 0:
             bench_mirror(mirror_seed, WORK, i, res)
+        if "backup" in parts:
+            bench_backup(seed, WORK, i, into)
     res.wrong += warmup.wrong
 
     print()

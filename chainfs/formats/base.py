@@ -156,6 +156,10 @@ class Layer(ABC):
         except OSError:
             return 0
 
+    def mark_dirty(self, offset: int, length: int) -> None:  # noqa: B027 (most keep none)
+        """A guest write is about to change the range: the layer's persistent dirty
+        bitmaps (if it keeps any) must say so, durably before the change can be."""
+
     def format_info(self) -> FormatInfo | None:
         """This format's own fields for ``chainfs info`` (None: it has none, as raw)."""
         return None

@@ -135,6 +135,11 @@ class Job:
         """Job-specific key=value pairs for the ``jobs`` file."""
         return []
 
+    def writes(self) -> list[str]:
+        """The paths of the chain's layers the job writes into (data or backing pointer
+        of a layer that stays readable below others): the layer views it would change."""
+        return []
+
     def line(self) -> list[tuple[str, object]]:
         """The job's line in ``jobs``: QEMU's fields, the bytes copied, then the job's own."""
         fields = ("id", "type", "status", "offset", "len", "speed", "copied")

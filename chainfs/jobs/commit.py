@@ -35,6 +35,7 @@ import os
 
 from ..control import BACKGROUND, CommandError, CommitCmd
 from ..formats.base import Layer
+from ..formats.qcow2 import bitmaps
 from . import journal
 from .backing import backing_string
 from .base import Job
@@ -131,6 +132,9 @@ class CommitJob(Job):
             ("base", os.path.basename(self.base.path)),
         ]
 
+    def writes(self) -> list[str]:
+        return [self.base.path]  # the overlay above the top reads it too
+
     def intent(self) -> dict[str, object]:
         return {"top": self.top.path, "base": self.base.path, "speed": self.speed}
 
@@ -174,8 +178,10 @@ class CommitJob(Job):
 
     def prepare(self) -> None:
         chain = self.served.chain
-        self.base.flush()  # the copied data and its metadata, durable first
         t, b = self._indices()
+        with chain.lock:  # the leaving layers' bitmaps go into the base's
+            bitmaps.merge_down(self.base, list(chain.layers[t:b]), None)
+        self.base.flush()  # the copied data and its metadata, durable first
         over = self._writable(chain.layers[t - 1])
         leaving = chain.layers[t:b]
         paths = [layer.path for layer in leaving]
@@ -242,6 +248,9 @@ class ActiveCommitJob(MirrorJob):
             *super().details(),
         ]
 
+    def writes(self) -> list[str]:
+        return [self.base.path]  # the overlay above the top reads it too
+
     def intent(self) -> dict[str, object]:
         return {
             "top": self.top.path,
@@ -271,6 +280,9 @@ class ActiveCommitJob(MirrorJob):
         chain, name = self.served.chain, self.served.name
         b = chain.index_of(self.base)
         paths = [layer.path for layer in chain.layers[:b]]
+        with chain.lock:  # the base takes over the bitmaps (enabled as in the active)
+            bitmaps.merge_down(self.base, list(chain.layers[:b]), chain.active)
+            self.base.flush()
         self.journal_phase(
             "pivot", [journal.retire(paths), journal.record_active(name, self.base.path)]
         )

@@ -34,7 +34,7 @@ import os
 
 from ..control import BACKGROUND, CopyCmd
 from ..formats.base import Layer
-from ..formats.qcow2 import create_image
+from ..formats.qcow2 import bitmaps, create_image
 from . import journal
 from .backing import backing_string
 from .journal import Pending
@@ -142,6 +142,10 @@ class CopyJob(MirrorJob):
         chain, name = self.served.chain, self.served.name
         count = self.stop()
         paths = [layer.path for layer in chain.layers[:count]]
+        assert self.target is not None
+        with chain.lock:  # DEST takes over the bitmaps (enabled as in the active)
+            bitmaps.merge_down(self.target, list(chain.layers[:count]), chain.active)
+            self.target.flush()
         self.journal_phase("pivot", [journal.retire(paths), journal.record_active(name, self.dest)])
         self.served.source.move_active(name, self.dest, paths)
         self.switch(count, self.target, [True] * count)

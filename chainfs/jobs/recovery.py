@@ -42,7 +42,7 @@ from ..ownership import (
     is_locked,
     own_dir,
 )
-from . import commit, copy, snapshot, stream
+from . import backup, commit, copy, snapshot, stream
 from .journal import Journal, Pending, load_legacy, redo, remove_legacy, retire
 from .served import Served
 
@@ -53,6 +53,7 @@ RESUME: dict[str, Callable[[Served, Pending], None]] = {
     "stream": stream.resume,
     "commit": commit.resume,
     "copy": copy.resume,
+    "backup": backup.resume,  # rolls the backup back: its point in time is lost
 }
 
 

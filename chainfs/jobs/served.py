@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ..chain import Chain
     from ..formats.base import Layer
     from ..source import Source
+    from ..views import Views
     from .base import Job
     from .journal import Journal, Pending
 
@@ -42,6 +43,7 @@ class Served(Protocol):
     job: Job | None  # the chain's job (the last one, maybe over)
     spawn: Spawn  # runs a job's task in the mount's nursery
     next_id: Callable[[str], str]  # a new job id of a kind, never used before
+    views: Views  # the chain's layer views (``layers/NAME/``)
 
     @property
     def others(self) -> Callable[[], Iterable[Served]]:
@@ -53,7 +55,9 @@ class Served(Protocol):
 
 
 def chain_changed(served: Served) -> None:
-    """Say in ``events`` that the chain's layers changed, and how they stand."""
+    """Say in ``events`` that the chain's layers changed, and how they stand; the layer
+    views follow."""
+    served.views.refresh()
     layers = served.chain.layers
     served.emit(
         "CHAIN_CHANGED",
@@ -120,8 +124,14 @@ def check_target(served: Served, target: str) -> str:
 
 def launch(served: Served, job: Job, resumes: Pending | None = None) -> None:
     """Journal a new job's intent (taking the place of the interrupted job it
-    ``resumes``), then run it in the background."""
-    job.attach(served.journal, served.name, resumes)
+    ``resumes``), then run it in the background; refused (EBUSY) while an open layer
+    view reads a layer the job would write into."""
+    served.views.refuse(job.id, job.writes())
+    try:
+        job.attach(served.journal, served.name, resumes)
+    except BaseException:
+        served.views.writing.clear()
+        raise
     served.job = job
 
     async def run() -> None:
@@ -129,5 +139,6 @@ def launch(served: Served, job: Job, resumes: Pending | None = None) -> None:
             await job.execute()
         finally:  # before any task waiting for the job runs again
             served.chain.engine.drop_buffers()
+            served.views.job_ended()
 
     served.spawn(run)

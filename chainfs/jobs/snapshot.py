@@ -21,7 +21,7 @@ import contextlib
 import errno
 import os
 
-from ..chain import resolve_backing
+from ..chain import MAX_DEPTH, resolve_backing
 from ..control import CommandError, SnapshotCmd
 from ..errors import ChainfsError
 from ..formats import is_qcow2, open_layer
@@ -35,8 +35,14 @@ from .served import Served, chain_changed, check_target, refuse_busy
 def take(served: Served, cmd: SnapshotCmd) -> None:
     """``snapshot FILE``: create FILE over the active layer and make it active."""
     refuse_busy(served)
-    target = check_target(served, cmd.target)
     chain = served.chain
+    if len(chain.layers) >= MAX_DEPTH:  # up front: nothing created, the chain unchanged
+        raise CommandError(
+            errno.EINVAL,
+            f"chain {served.name!r} has {len(chain.layers)} layers: a snapshot would pass "
+            f"the cap of {MAX_DEPTH} layers (stream or commit first)",
+        )
+    target = check_target(served, cmd.target)
     active = chain.active
     journal = served.journal
     params = {"target": target, "below": active.path}

@@ -27,6 +27,7 @@ import os
 
 from ..control import CommandError, StreamCmd
 from ..formats.base import Layer
+from ..formats.qcow2 import bitmaps
 from . import journal
 from .backing import backing_string
 from .base import Job
@@ -89,6 +90,9 @@ class StreamJob(Job):
         base = os.path.basename(self.base.path) if self.base else None
         return [("node", os.path.basename(self.node.path)), ("base", base)]
 
+    def writes(self) -> list[str]:
+        return [self.node.path]
+
     def intent(self) -> dict[str, object]:
         base = self.base.path if self.base else None
         return {"node": self.node.path, "base": base, "speed": self.speed}
@@ -127,6 +131,8 @@ class StreamJob(Job):
     def prepare(self) -> None:
         chain = self.served.chain
         n, stop = self._indices()
+        with chain.lock:  # the node keeps its bitmaps, with the leaving layers' merged in
+            bitmaps.keep_merged(self.node, list(chain.layers[n + 1 : stop]))
         self.node.flush()  # the copied data and its metadata, durable first
         leaving = [layer.path for layer in chain.layers[n + 1 : stop]]
         if self.base is None:

@@ -281,6 +281,18 @@ def test_chain_deeper_than_1000_is_refused(tmp_path: Path) -> None:
     assert any(n in str(err.value) for n in names), str(err.value)
 
 
+def test_a_mount_opens_a_chain_deeper_than_1000_read_only(tmp_path: Path) -> None:
+    """As a mount opens chains (``deep_read_only``): asked for writing, the chain is
+    opened read-only, its active layer never opened for writing (no byte of it changes)."""
+    top = deep_chain(tmp_path, 1001)
+    before = Path(top).read_bytes()
+    with Chain.open(top, writable=True, deep_read_only=True) as chain:
+        assert chain.too_deep and not chain.writable and len(chain.layers) == 1001
+        assert not chain.active.writable
+        assert chain.read(0, 513) == b"\x11" * 512 + b"\x00"
+    assert Path(top).read_bytes() == before
+
+
 @pytest.mark.slow
 def test_chain_of_exactly_1000_is_accepted(tmp_path: Path) -> None:
     top = deep_chain(tmp_path, 1000)

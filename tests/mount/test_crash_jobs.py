@@ -215,7 +215,7 @@ def crash_once(tmp_path: Path, seeds: Seeds, mounter: Mounter, op: Operation, se
     again = mounter(src)
     events = wait_recovered(again, [p.id for p in pending])
     names = sorted(os.listdir(again.mountpoint))
-    assert names == ["E.img", "control"], (names, events)
+    assert names == ["E.img", "control", "layers"], (names, events)
     layers = again.layers(NAME)
     assert layers in (START, op.target), (layers, events)
     got = read_direct(again.img(NAME))
@@ -308,7 +308,7 @@ def remount_finishes(mounter: Mounter, src: Path, job: str, layers: list[str]) -
     mine = [(e["event"], e.get("phase")) for e in events if e.get("job") == job]
     assert ("JOB_RESUMED", mine[0][1]) == mine[0] and mine[-1][0] == "JOB_COMPLETED", events
     assert m.layers(NAME) == layers, events
-    assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control"]
+    assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control", "layers"]
     return m
 
 
@@ -321,7 +321,7 @@ def read_only_view(mounter: Mounter, src: Path, content: bytes, done: int) -> No
     if done == 1:
         return
     ro = mounter(src, "ro")
-    assert sorted(os.listdir(ro.mountpoint)) == ["E.img", "control"]
+    assert sorted(os.listdir(ro.mountpoint)) == ["E.img", "control", "layers"]
     assert read_direct(ro.img(NAME)) == content
     ro.unmount()
 
@@ -403,15 +403,15 @@ def test_a_partial_copy_is_never_a_chain(tmp_path: Path, seeds: Seeds, mounter: 
     params = {"dest": str(f), "sync": "full", "speed": 0, "wait": None}
     job = interrupted(src, "copy", params)
     ro = mounter(src, "ro")
-    assert sorted(os.listdir(ro.mountpoint)) == ["E.img", "control"]
+    assert sorted(os.listdir(ro.mountpoint)) == ["E.img", "control", "layers"]
     ro.unmount()
     m = mounter(src)
     events = wait_recovered(m, [job])
     assert m.layers(NAME) in (START, ["F.qcow2"]), events
-    assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control"]
+    assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control", "layers"]
     finish(m, src, seed.content)
     again = mounter(src)
-    assert sorted(os.listdir(again.mountpoint)) == ["E.img", "control"]
+    assert sorted(os.listdir(again.mountpoint)) == ["E.img", "control", "layers"]
     again.unmount()
 
 

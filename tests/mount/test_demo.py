@@ -33,6 +33,12 @@ def stand_in_checkout(dest: Path) -> Path:
     for name in ("chainfs", "scripts"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    # scripts/setup reads the patched pyfuse3's version there (and finds it installed)
+    shutil.copytree(
+        ROOT / "third_party",
+        dest / "third_party",
+        ignore=shutil.ignore_patterns("__pycache__", "build", "downloads", "*.egg-info"),
+    )
     bin_dir = dest / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     for name, tail in (("python", '"$@"'), ("chainfs", '-m chainfs "$@"')):

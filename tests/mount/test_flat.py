@@ -125,21 +125,26 @@ CONTROL_FILES = (
     "stream",
     "commit",
     "copy",
+    "backup",
     "cancel",
     "complete",
     "speed",
     "pause",
     "resume",
     "change",
+    "bitmap",
+    "bitmaps",
+    "dirty",
 )
 CHAINS = ["seed-E", "rawbase-E", "short-top", "mixed-top", "abs-top", "dd-top"]
 
 
 def test_tree(mount: Mount) -> None:
     assert sorted(os.listdir(mount.mountpoint)) == sorted(
-        ["control", *(f"{c}.img" for c in CHAINS)]
+        ["control", "layers", *(f"{c}.img" for c in CHAINS)]
     )
     assert sorted(os.listdir(mount.mountpoint / "control")) == sorted([".status", *CHAINS])
+    assert sorted(os.listdir(mount.mountpoint / "layers")) == sorted(CHAINS)
     for chain in CHAINS:
         assert sorted(os.listdir(mount.mountpoint / "control" / chain)) == sorted(CONTROL_FILES)
     served = {e["chain"]: e["status"] for e in mount.status()[1:]}

@@ -65,7 +65,7 @@ def test_name_survives_snapshot_stream_and_remount(
     m = mounter(images)
     m.command("E", "snapshot", "F.qcow2")
     write_some(m.img("E"), model, 3 * MiB, b"\x77" * 70000)
-    assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control"]
+    assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control", "layers"]
     m.run_job("E", "stream", "base=A.qcow2")
     assert m.layers("E") == ["F.qcow2", "A.qcow2"]
     m.unmount()
@@ -76,7 +76,7 @@ def test_name_survives_snapshot_stream_and_remount(
     }
     m = mounter(images)
     assert served(m) == {"E": "served"}
-    assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control"]
+    assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control", "layers"]
     assert m.layers("E") == ["F.qcow2", "A.qcow2"]
     assert_flat(m.img("E"), model)
     m.command("E", "snapshot", "G.qcow2")
@@ -151,7 +151,7 @@ def test_toml_source(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
     )
     m = mounter(toml)
     assert served(m) == {"vm1": "served", "vm2": "served"}
-    assert sorted(os.listdir(m.mountpoint)) == ["control", "vm1.img", "vm2.img"]
+    assert sorted(os.listdir(m.mountpoint)) == ["control", "layers", "vm1.img", "vm2.img"]
     assert_flat(m.img("vm1"), seed.content)
     assert_flat(m.img("vm2"), other.content)
     m.command("vm1", "snapshot", "snap.qcow2")
@@ -201,7 +201,7 @@ def test_broken_chains_are_left_out(tmp_path: Path, mounter: Mounter, seeds: See
     assert "version" in status["badversion"]["reason"]
     assert "corrupt" in status["corrupt"]["reason"]
     assert "L1 table" in status["badl1"]["reason"]
-    assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control"]
+    assert sorted(os.listdir(m.mountpoint)) == ["E.img", "control", "layers"]
     assert_flat(m.img("E"), seed.content)
 
     proc = subprocess.run(
@@ -238,7 +238,7 @@ def test_names_with_spaces_and_unicode(tmp_path: Path, mounter: Mounter) -> None
     im.write(top, [(5000, 3000, 0x33)])
     content = im.reference(top)
     m = mounter(images)
-    assert sorted(os.listdir(m.mountpoint)) == ["control", "vm 1.img"]
+    assert sorted(os.listdir(m.mountpoint)) == ["control", "layers", "vm 1.img"]
     assert m.layers("vm 1") == ["vm 1.qcow2", 'mid "ü".qcow2', "base 1.qcow2"]
     text = m.control("vm 1", "chain").read_text()
     assert 'name="vm 1.qcow2"' in text and 'name="mid \\"ü\\".qcow2"' in text
@@ -248,7 +248,7 @@ def test_names_with_spaces_and_unicode(tmp_path: Path, mounter: Mounter) -> None
     assert_flat(m.img("vm 1"), content)
     m.unmount()
     m = mounter(images)
-    assert sorted(os.listdir(m.mountpoint)) == ["control", "vm 1.img"]
+    assert sorted(os.listdir(m.mountpoint)) == ["control", "layers", "vm 1.img"]
     assert m.layers("vm 1") == ["snap ü.qcow2", "base 1.qcow2"]
     m.unmount()
     assert backing_chain(images / "snap ü.qcow2") == ["snap ü.qcow2", "base 1.qcow2"]

@@ -7,6 +7,7 @@ must find the model, and the layers below the active one must be untouched.  Als
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import random
 from collections.abc import Callable
@@ -146,6 +147,51 @@ def test_writes_at_the_end_of_the_disk(tmp_path: Path, mounter: Mounter, seeds: 
         os.close(fd)
     # as on a block device, O_TRUNC (``> disk.img``) truncates nothing
     open(flat, "wb").close()
+    assert os.stat(flat).st_size == size
+    assert_flat(flat, model)
+    m.unmount()
+    assert_clean(chain.layers)
+    assert_content(chain.active, model, tmp_path / "cmp")
+
+
+def test_a_write_crossing_the_end_never_gives_eio(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds
+) -> None:
+    """An 8 KiB write whose second half lies past the end: buffered, a short write of
+    4096 (the kernel hands the count back); O_DIRECT, ENOSPC with nothing written (FUSE's
+    asynchronous direct I/O turned the short write into EIO after writing 4 KiB); also
+    with ``dd oflag=direct``.  Nothing past the end ever changes, nor does the file."""
+    chain = seeds(tmp_path / "images")
+    size = len(chain.content)
+    model = bytearray(chain.content)
+    m = mounter(tmp_path / "images")
+    flat = m.img(chain.name)
+    buf = mmap.mmap(-1, 8192)  # page-aligned, as O_DIRECT needs
+    buf.write(b"\xcc" * 8192)
+    fd = os.open(flat, os.O_RDWR | os.O_DIRECT)
+    try:
+        with pytest.raises(OSError) as exc:
+            os.pwritev(fd, [buf], size - 4096)
+        assert exc.value.errno == errno.ENOSPC
+        # a direct write that stays inside the disk still works, right up to the end
+        assert os.pwritev(fd, [memoryview(buf)[:4096]], size - 4096) == 4096
+        model[size - 4096 :] = b"\xcc" * 4096
+    finally:
+        os.close(fd)
+    assert_flat(flat, model)
+    proc = run(
+        "dd", "if=/dev/zero", f"of={flat}", "bs=8k", "count=1", f"seek={size - 4096}",
+        "oflag=direct,seek_bytes", "conv=notrunc", ok=(1,),
+    )  # fmt: skip
+    assert "No space left on device" in proc.stderr and "Input/output" not in proc.stderr
+    assert_flat(flat, model)
+    fd = os.open(flat, os.O_RDWR)
+    try:
+        assert os.pwrite(fd, b"\xdd" * 8192, size - 4096) == 4096
+        model[size - 4096 :] = b"\xdd" * 4096
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     assert os.stat(flat).st_size == size
     assert_flat(flat, model)
     m.unmount()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 from typing import get_args
 
 import pytest
@@ -12,6 +13,8 @@ from hypothesis import strategies as st
 from chainfs.control import (
     COMMANDS,
     MAX_COMMAND,
+    BackupCmd,
+    BitmapCmd,
     CancelCmd,
     ChangeCmd,
     Command,
@@ -64,6 +67,14 @@ ACCEPTED: list[tuple[str, bytes, Command]] = [
     ("commit", b"wait=ready", CommitCmd(wait_ready=True)),
     ("commit", b'"top"=D', CommitCmd(top="D")),
     ("copy", b"/new/disk.qcow2", CopyCmd("/new/disk.qcow2")),
+    ("backup", b"/b/F.qcow2", BackupCmd("/b/F.qcow2")),
+    (
+        "backup",
+        b"F.raw sync=full format=raw speed=1M",
+        BackupCmd("F.raw", sync="full", format="raw", speed=1 << 20),
+    ),
+    ("backup", b"F sync=top compress=on", BackupCmd("F", sync="top", compress=True)),
+    ("backup", b"F sync=none compress=off", BackupCmd("F", sync="none")),
     ("copy", b"/new/disk.qcow2 sync=full", CopyCmd("/new/disk.qcow2", sync="full")),
     ("copy", b"sync=top /new/disk.qcow2", CopyCmd("/new/disk.qcow2", sync="top")),
     (
@@ -104,10 +115,46 @@ def test_all_defaults_must_be_spelled_out(kind: str) -> None:
 
 def test_commands_listed() -> None:
     assert set(COMMANDS) == {
-        *("snapshot", "stream", "commit", "copy"),
+        *("snapshot", "stream", "commit", "copy", "backup"),
         *("cancel", "complete", "speed", "pause", "resume", "change"),
         *("adopt", "inactivate", "activate"),
+        "bitmap",
     }
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        (b"add b1\n", BitmapCmd("add", ("b1",))),
+        (b"add b1 granularity=128k disabled", BitmapCmd("add", ("b1",), 131072, True)),
+        (b"remove b1", BitmapCmd("remove", ("b1",))),
+        (b"clear b1", BitmapCmd("clear", ("b1",))),
+        (b"enable b1", BitmapCmd("enable", ("b1",))),
+        (b"disable b1", BitmapCmd("disable", ("b1",))),
+        (b"merge t a b", BitmapCmd("merge", ("t", "a", "b"))),
+        (b'add "a name"', BitmapCmd("add", ("a name",))),
+    ],
+)
+def test_bitmap_commands(text: bytes, want: BitmapCmd) -> None:
+    assert parse_command("bitmap", text) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (b"", "empty command"),
+        (b"grow b1", "bitmap needs one of add, remove, clear, enable, disable, merge, got 'grow'"),
+        (b"add", "bitmap add needs a bitmap name"),
+        (b"merge t", "bitmap merge needs a target and at least one source"),
+        (b"clear a b", "bitmap clear takes one name, got 'a' and 'b'"),
+        (b"clear a granularity=4k", "unknown key 'granularity' for bitmap clear"),
+        (b"add a speed=1", "unknown key 'speed' for bitmap"),
+        (b"add a granularity=x", "granularity"),
+    ],
+)
+def test_bitmap_commands_refused(text: bytes, reason: str) -> None:
+    with pytest.raises(CommandError, match=re.escape(reason)):
+        parse_command("bitmap", text)
 
 
 @pytest.mark.parametrize("kind", ["adopt", "inactivate", "activate"])
@@ -127,6 +174,12 @@ def test_host_verbs_take_the_chain_name(kind: str) -> None:
 
 
 REJECTED: list[tuple[str, bytes, str]] = [
+    ("backup", b"", "empty command"),
+    ("backup", b"sync=full", "backup needs a destination"),
+    ("backup", b"F sync=bitmap", "sync must be 'full', 'top' or 'none', got 'bitmap'"),
+    ("backup", b"F format=vmdk", "format must be 'qcow2' or 'raw', got 'vmdk'"),
+    ("backup", b"F compress=yes", "compress must be 'on' or 'off', got 'yes'"),
+    ("backup", b"F wait=ready", "unknown key 'wait' for backup"),
     ("resize", b"1G", "unknown control file 'resize'"),
     ("snapshot", b"", "empty command"),
     ("snapshot", b"\n", "empty command"),

@@ -8,6 +8,7 @@ import errno
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -18,7 +19,12 @@ from chainfs.source import Source
 
 
 @pytest.fixture(autouse=True)
-def _fresh_probe() -> None:
+def _fresh_probe() -> Iterator[None]:
+    """Each test probes its own (fake) pyfuse3, and leaves no answer cached behind it
+    for the tests that ask about the real one."""
+    features.pyfuse3_version.cache_clear()
+    features.holes.cache_clear()
+    yield
     features.pyfuse3_version.cache_clear()
     features.holes.cache_clear()
 

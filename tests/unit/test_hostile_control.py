@@ -21,6 +21,7 @@ from chainfs.control import (
     COMMANDS,
     HOST_VERBS,
     MAX_COMMAND,
+    BackupCmd,
     CancelCmd,
     ChangeCmd,
     Command,
@@ -44,12 +45,15 @@ GRAMMAR: dict[str, tuple[frozenset[str], bool, bool]] = {
     "stream": (frozenset({"base", "node", "speed"}), True, False),
     "commit": (frozenset({"top", "base", "speed", "wait", "copy-mode"}), False, False),
     "copy": (frozenset({"sync", "speed", "wait", "copy-mode"}), True, True),
+    # (format= and compress= are left to test_control.py: fewer combinations here)
+    "backup": (frozenset({"sync", "speed", "format", "compress"}), True, True),
     "cancel": (frozenset(), True, True),
     "complete": (frozenset(), True, True),
     "speed": (frozenset(), True, True),  # two bare words: JOB RATE
     "pause": (frozenset(), True, True),
     "resume": (frozenset(), True, True),
     "change": (frozenset({"copy-mode"}), True, True),  # copy-mode required
+    "bitmap": (frozenset({"granularity"}), True, True),  # first bare word: the action
 }
 ALL_KEYS = ("base", "node", "top", "speed", "sync", "wait", "file", "job", "copy-mode")
 GOOD = {"base": "A.qcow2", "node": "D.qcow2", "top": "C.qcow2", "speed": "10M", "sync": "top"}
@@ -73,6 +77,8 @@ def expected(kind: str, keys: dict[str, str], bare: list[str]) -> Command | None
     allowed, takes_bare, needs_bare = GRAMMAR[kind]
     if not keys and not bare:
         return None  # an empty write never defaults to anything
+    if kind == "bitmap":
+        return None  # no bare word here is an action, no key granularity (test_control)
     if set(keys) - allowed or any(BAD.get(k) == v for k, v in keys.items()):
         return None
     if kind == "speed":
@@ -104,6 +110,8 @@ def expected(kind: str, keys: dict[str, str], bare: list[str]) -> Command | None
         return CopyCmd(
             main or "", sync=sync, speed=speed, wait_ready=ready, copy_mode=mode or "background"
         )
+    if kind == "backup":
+        return BackupCmd(main or "", sync=keys.get("sync", "full"), speed=speed)
     if kind == "change":
         return None if mode is None else ChangeCmd(main or "", mode)
     if kind == "cancel":

@@ -38,6 +38,7 @@ from ...errors import ChainfsError, ImageError, UnsupportedFeature
 from ...hostfile import HostFile
 from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, FormatInfo
 from . import header as hdr
+from .bitmaps import Bitmaps
 from .entries import COMPRESSED_BIT, COPIED, OFFSET_MASK, ZERO_FLAG
 from .entries import U64 as _U64
 from .layout import Layout
@@ -61,11 +62,13 @@ class Qcow2Layer(Tables):
         self.backing_string = h.backing_file
         self.backing_format = h.backing_format
         self._zcache: tuple[int, int, bytes] | None = None
+        self._zfree = 0  # where the next compressed cluster may go (``write_compressed``)
         self._writeback_from = -1  # where the new clusters not yet written back start
         # a started write of new clusters (``write_started``) and a failure of one that
         # a reader settled, kept for the writer's next write, flush or close
         self._started: _Started | None = None
         self._unsettled: ChainfsError | None = None
+        self.bitmaps: Bitmaps | None = None  # the persistent dirty bitmaps (writable)
         if file.writable:
             self._open_for_writing()
 
@@ -79,15 +82,20 @@ class Qcow2Layer(Tables):
         self._layout = Layout(f.path, h, self.l1, f.size(), None if refs is None else refs.table)
         if refs is not None:
             self._layout.check_refcounts(refs.get)
-        if h.autoclear:
-            # we maintain none of the autoclear features (bitmaps): clear them before
-            # the first write, which tells QEMU those structures are stale, as intended
-            h.autoclear = 0
-            f.pwrite(struct.pack(">Q", 0), 88)
+        if h.autoclear & ~hdr.AUTOCLEAR_BITMAPS:
+            # the autoclear features other than bitmaps we do not maintain: clear them
+            # before the first write, which tells QEMU those structures are stale
+            h.autoclear &= hdr.AUTOCLEAR_BITMAPS
+            f.pwrite(struct.pack(">Q", h.autoclear), 88)
             f.flush()
+        # read (and refuse, as QEMU does, bitmaps of unknown types or flags) first; a
+        # refcount rebuild counts their clusters too
+        self.bitmaps = bitmaps = Bitmaps(f, h, self.virtual_size)
         if dirty:
             self._rebuild_refcounts()
         self.refs = refs or Refcounts(f, h)
+        bitmaps.refs = self.refs
+        bitmaps.materialise_enabled()
 
     def _rebuild_refcounts(self) -> None:
         """Recount every reference of a dirty (lazy-refcounts) image and start afresh."""
@@ -157,6 +165,8 @@ class Qcow2Layer(Tables):
                     yield first, n
                 elif e & OFFSET_MASK:
                     yield e & OFFSET_MASK, 1
+        if self.bitmaps is not None:
+            yield from self.bitmaps.references()
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -257,6 +267,7 @@ class Qcow2Layer(Tables):
             # compressed clusters share keeps theirs and stays
             host, n = self._compressed_clusters(e)
             self.refs.defer_free(host, n, punch=punch)
+            self._zfree = 0  # its host cluster may be freed: pack no more into it
         elif e & OFFSET_MASK:
             self.refs.defer_free(e & OFFSET_MASK, 1, punch=punch)
 
@@ -276,6 +287,24 @@ class Qcow2Layer(Tables):
         n = min(cs, self.virtual_size - start)
         below = fill(start, n)
         return bytes(below) + bytes(cs - len(below))
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Set the bits of the enabled bitmaps for a range about to change, durably
+        before the change can be (``bitmaps``): where a cluster of the range is
+        overwritten in place, the new bits are flushed before the data write."""
+        bm = self.bitmaps
+        if bm is None or not bm.list or not bm.mark(offset, length):
+            return
+        cb = self.cluster_bits
+        first, last = offset >> cb, (offset + max(length, 1) - 1) >> cb
+        if last - first > 64:  # a large range: not worth looking
+            self.file.flush()
+            return
+        for c in range(first, last + 1):
+            e = self._entry(c)
+            if e & COPIED and e & OFFSET_MASK and not e & (COMPRESSED_BIT | ZERO_FLAG):
+                self.file.flush()
+                return
 
     def write(self, offset: int, data: Buffer, fill: Fill) -> None:
         """Overwrite allocated clusters in place; give the others new clusters, allocated
@@ -427,6 +456,65 @@ class Qcow2Layer(Tables):
                 if e:
                     self._release(e)
                 i += 1
+
+    def write_compressed(self, offset: int, data: Buffer, fill: Fill) -> bool:
+        """Write one whole cluster at ``offset`` (cluster-aligned; the disk's last
+        cluster may be short and is padded with zeros) as a compressed cluster, as
+        QEMU's ``qcow2_co_pwritev_compressed``: raw deflate (zlib, no header), into an
+        unallocated cluster only.  An allocated cluster, or data that does not shrink
+        below a cluster, is written uncompressed (``write``).  Whether it was compressed.
+
+        Compressed clusters are packed byte by byte into host clusters, as QEMU's
+        ``qcow2_alloc_bytes``: the next one starts where the last one ended when it fits
+        in the rest of that host cluster (whose refcount then counts one more
+        reference), else in a newly allocated host cluster.  The entry gives the byte
+        offset and the 512-byte sectors the data touches (QCOW2.md, compressed cluster
+        descriptor); the data is written before the entry, which reaches the disk at
+        ``write_back`` as every new entry does.
+        """
+        self.settle()
+        cs = self.cluster_size
+        n = len(data)
+        if (
+            offset % cs
+            or offset + n > self.virtual_size
+            or (n != cs and offset + n != self.virtual_size)
+        ):
+            raise ImageError(f"compressed write of {n} bytes at {offset} in {self.path!r}")
+        c = offset // cs
+        if self._entry(c) != 0:
+            self.write(offset, data, fill)
+            return False
+        z = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+        raw = bytes(data) if n == cs else bytes(data) + bytes(cs - n)
+        out = z.compress(raw) + z.flush()
+        if len(out) >= cs - 1:  # QEMU's limit: it must fit in cluster_size - 1 bytes
+            self.write(offset, data, fill)
+            return False
+        assert self.refs is not None
+        self._l2_for_write(c)  # the table first: it is not to split a packed cluster
+        free = self._zfree
+        if free > 0 and free % cs and free % cs + len(out) <= cs and self.refs.get(free // cs):
+            host = free
+            self.refs.change(free - free % cs, 1, 1)
+            fresh = False
+        else:
+            host = self.refs.alloc(1)
+            self.file.reserve(host + cs)
+            fresh = True
+        try:
+            self.file.pwrite(out, host)
+        except BaseException:
+            if fresh:
+                self.refs.unalloc(host, 1)
+            else:
+                self.refs.change(host - host % cs, 1, -1)
+            raise
+        self._zfree = host + len(out)
+        self._zcache = None
+        extra = ((host + len(out) - 1) >> 9) - (host >> 9)  # sectors beyond the first
+        self._set_entry(c, COMPRESSED_BIT | (extra << self.csize_shift) | host)
+        return True
 
     def write_zeroes(self, offset: int, length: int, fill: Fill) -> None:
         self.settle()

@@ -1,0 +1,117 @@
+"""File descriptors: the soft ``RLIMIT_NOFILE`` raised to the hard limit at start, and
+the budget by which a mount opens its chains without starving what it needs later.
+
+A served chain holds one descriptor per layer, two more (its events log and job-id
+counter) from its first event on, and three while this mount owns it (its owner file,
+state record and journal, locked).  The mount keeps ``RESERVE`` descriptors back from the
+chains for what comes after them: ``/dev/fuse``, the journal, the state file, a job's
+target, a command's new overlay, the log.  A chain that does not fit in what is left is
+refused alone, with the reason (EMFILE, the descriptors it needs, how to raise the
+limit) in ``status`` and the log; the chains before it are served.
+
+Locking contract: used at bring-up only, on the trio thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from dataclasses import dataclass
+
+from . import chain
+from .chain import MAX_READ_ONLY_DEPTH
+
+log = logging.getLogger(__name__)
+
+RESERVE = 64  # kept back from the chains: /dev/fuse, journal, state file, jobs, commands
+EVENT_LOG = 2  # a chain's events log and job-id counter, open from its first event
+OWNER_FILES = 3  # an owned chain's owner file, state record and journal (``ownership``)
+NR_OPEN = "/proc/sys/fs/nr_open"  # the kernel's ceiling when the hard limit is "unlimited"
+RAISE_HINT = "LimitNOFILE= in the systemd unit, or ulimit -n before chainfs mount"
+
+
+def raise_limit() -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; return the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open(NR_OPEN) as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as e:
+            log.warning("descriptors: cannot raise the limit from %d to %d: %s", soft, target, e)
+            return soft
+        log.info("descriptors: limit=%d (raised from %d to the hard limit)", target, soft)
+        return target
+    log.info("descriptors: limit=%d (the hard limit)", soft)
+    return soft
+
+
+def open_count() -> int:
+    """The descriptors this process has open (the listing's own not counted)."""
+    return len(os.listdir("/proc/self/fd")) - 1
+
+
+def count_layers(active: str) -> int:
+    """How many layers the chain of ``active`` has (for a refusal's figure)."""
+    return chain.count_layers(active, MAX_READ_ONLY_DEPTH)
+
+
+@dataclass
+class Budget:
+    """The descriptors left for chains: the limit less what is open and the reserve."""
+
+    limit: int
+    in_use: int
+    reserve: int = RESERVE
+    refused: int = 0  # chains refused for want of descriptors
+    wanted: int = 0  # the descriptors those chains would need
+
+    @classmethod
+    def now(cls) -> Budget:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return cls(limit=soft, in_use=open_count())
+
+    @property
+    def room(self) -> int:
+        return self.limit - self.reserve - self.in_use
+
+    def take(self, layers: int) -> bool:
+        """Count a chain of ``layers`` layers as served, if it fits."""
+        need = layers + EVENT_LOG + OWNER_FILES
+        if need > self.room:
+            return False
+        self.in_use += need
+        return True
+
+    def refusal(self, layers: int) -> str:
+        """Why a chain of ``layers`` layers is not served, counting it as refused."""
+        need = layers + EVENT_LOG + OWNER_FILES
+        self.refused += 1
+        self.wanted += need
+        return (
+            f"too many open files (EMFILE): the chain needs {need} descriptors ({layers} "
+            f"layer{'s' if layers != 1 else ''}, its events log and its owner, state and "
+            f"journal files), and of this mount's "
+            f"limit of {self.limit} (RLIMIT_NOFILE) {self.in_use} are in use and "
+            f"{self.reserve} kept for requests, control files, jobs and the journal; "
+            f"raise the limit ({RAISE_HINT}) and mount again"
+        )
+
+    def report(self) -> None:
+        """After the chains were opened: say what serving all of them would take."""
+        if self.refused:
+            log.warning(
+                "descriptors: %d chains refused for want of descriptors (EMFILE); serving "
+                "every chain needs a limit of at least %d, this mount has %d: raise it (%s)",
+                self.refused,
+                self.in_use + self.wanted + self.reserve,
+                self.limit,
+                RAISE_HINT,
+            )
