@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -125,6 +126,10 @@ def count_layers(active: str, limit: int) -> int:
         seen.add(path)
         n += 1
         try:
+            # only regular files: opening a FIFO would block the mount forever (the
+            # layer's own open refuses it with a reason)
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                break
             string = read_backing(path)
         except (ChainfsError, OSError):
             break
