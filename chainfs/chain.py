@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -125,6 +126,10 @@ def count_layers(active: str, limit: int) -> int:
         seen.add(path)
         n += 1
         try:
+            # only regular files: opening a FIFO would block the mount forever (the
+            # layer's own open refuses it with a reason)
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                break
             string = read_backing(path)
         except (ChainfsError, OSError):
             break
@@ -379,16 +384,27 @@ class Chain:
 
     def _plan_from(self, level: int, start: int, end: int, plan: Plan) -> None:
         """Plan ``[start, end)`` from ``layers[level]`` down, ignoring the map."""
+        plan.extend(self._shown(level, start, end, data_only=False))
+
+    def _shown(
+        self, level: int, start: int, end: int, *, data_only: bool
+    ) -> Iterator[tuple[Layer, Extent]]:
+        """The extents of ``[start, end)`` that show something other than zeros from
+        ``layers[level]`` down, each with its layer, in no particular order: where a
+        layer does not answer, the one below does.  ``data_only``: a raw file's holes
+        count as zeros too (``Layer.data_extents``)."""
         work = [(level, start, end)]
         layers = self.layers
         while work:
-            level, start, end = work.pop()
-            for ext in layers[level].extents(start, end - start):
+            level, a, b = work.pop()
+            layer = layers[level]
+            found = layer.data_extents(a, b - a) if data_only else layer.extents(a, b - a)
+            for ext in found:
                 if ext.kind == UNALLOCATED:
                     if level + 1 < len(layers):
                         work.append((level + 1, ext.offset, ext.offset + ext.length))
                 elif ext.kind != ZERO:
-                    plan.append((layers[level], ext))
+                    yield layer, ext
 
     @staticmethod
     def _execute(plan: Plan, base: int, buf: memoryview) -> None:
@@ -519,18 +535,10 @@ class Chain:
     def _data_spans(self, level: int, start: int, end: int) -> list[tuple[int, int]]:
         """The ranges of ``[start, end)`` where ``layers[level]`` and those below it show
         data (not zeros by metadata, nor holes of a raw file), in no particular order."""
-        out: list[tuple[int, int]] = []
-        work = [(level, start, end)]
-        layers = self.layers
-        while work:
-            level, a, b = work.pop()
-            for ext in layers[level].data_extents(a, b - a):
-                if ext.kind == UNALLOCATED:
-                    if level + 1 < len(layers):
-                        work.append((level + 1, ext.offset, ext.offset + ext.length))
-                elif ext.kind != ZERO:
-                    out.append((ext.offset, ext.offset + ext.length))
-        return out
+        return [
+            (ext.offset, ext.offset + ext.length)
+            for _, ext in self._shown(level, start, end, data_only=True)
+        ]
 
     def _forget_regions(self, offset: int, length: int) -> None:
         """Drop the map's regions over a range where the active layer may have stopped

@@ -249,13 +249,7 @@ class BackupJob(Job):
         ]
 
     def intent(self) -> dict[str, object]:
-        return {
-            "dest": self.dest,
-            "sync": self.sync,
-            "format": self.format,
-            "compress": "on" if self.compress else None,
-            "speed": self.speed,
-        }
+        return {**dict(self.details()), "speed": self.speed}
 
     # -- the point in time -----------------------------------------------------------------
 
