@@ -26,7 +26,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import features
+from . import features, sharedfs
 from . import source as sources
 from .chain import Chain
 from .confine import Confinement
@@ -144,6 +144,7 @@ def serve(
 ) -> None:
     """Mount and serve until unmounted or signalled; raise ChainfsError if that fails."""
     mountpoint = os.path.abspath(mountpoint)
+    sharedfs.check_source(source_path, readonly=opts.readonly)
     if is_dead_mount(mountpoint):
         raise ChainfsError(dead_mount_message(mountpoint))
     if not os.path.isdir(mountpoint):

@@ -180,8 +180,7 @@ def _cpio(entries: Sequence[tuple[str, int, bytes]]) -> bytes:
     for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], 1):
         nb = name.encode() + b"\0"
         hdr = "070701" + "".join(
-            f"{v:08x}"
-            for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0)
+            f"{v:08x}" for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0)
         )
         out.write(hdr.encode() + nb)
         out.write(b"\0" * (-(110 + len(nb)) % 4))
@@ -316,9 +315,8 @@ class Lab:
             f"virtserialport,chardev=ctl,name={PORT_NAME}",
         ]
         t0 = time.monotonic()
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(workdir / "qemu.err", "wb")
-        )
+        with open(workdir / "qemu.err", "wb") as err:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         lab = cls(proc, workdir)
         lab._reader = threading.Thread(target=lab._read, daemon=True)
         lab._reader.start()
@@ -398,7 +396,9 @@ class Lab:
     def sh(self, host: str | None, script: str, **kw: Any) -> Result:
         return self.run(host, ["bash", "-euo", "pipefail", "-c", script], **kw)
 
-    def spawn(self, host: str | None, argv: Sequence[str], env: dict[str, str] | None = None) -> int:
+    def spawn(
+        self, host: str | None, argv: Sequence[str], env: dict[str, str] | None = None
+    ) -> int:
         a = self.request("spawn", argv=list(argv), host=host, env=env)
         if "pid" not in a:
             raise LabError(f"spawn {argv} failed: {a}")
