@@ -387,10 +387,13 @@ class Lab:
         check: bool = True,
     ) -> Result:
         """Run ``argv`` on ``host`` (``a``, ``b``; ``None``: the server) and wait."""
+        t0 = time.monotonic()
         a = self.request(
             "run", timeout, argv=list(argv), host=host, timeout=timeout, stdin=stdin, env=env
         )
         r = Result(argv, host, a.get("rc"), a.get("out", ""), a.get("err", ""))
+        if os.environ.get("CHAINFS_LAB_TRACE"):
+            print(f"lab: {time.monotonic() - t0:6.2f}s {host}: {' '.join(argv)[:150]} -> {r.rc}")
         return r.check() if check else r
 
     def sh(self, host: str | None, script: str, **kw: Any) -> Result:

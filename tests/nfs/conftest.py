@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from lab.lab import LEASE, Lab, LabError, LabUnavailable, python_env
+from lab.lab import LEASE, Lab, LabError, LabUnavailable, Result, python_env
 
 from chainfs.control import parse_line
 
@@ -34,9 +34,14 @@ T = TypeVar("T")
 KiB, MiB = 1024, 1024 * 1024
 DEADLINE = 120.0  # anything may take this long in the lab (TCG on a loaded machine)
 PY = sys.executable
+REPO_CHAINFS = Path(__file__).resolve().parents[2] / "chainfs"
 CHAINFS = [PY, "-m", "chainfs"]
 LOGS = "/run/chainfs-logs"  # the mounts' logs, in the guest
 _counter = itertools.count(1)
+WARM_UP = (
+    "import fcntl,os,struct,sys;fd=os.open(sys.argv[1],os.O_RDWR|os.O_CREAT);"
+    "fcntl.fcntl(fd,fcntl.F_OFD_SETLKW,struct.pack('hhqqi4x',fcntl.F_WRLCK,0,0,0,0))"
+)
 _MOUNTS: list[ChainfsMount] = []
 _LAB: list[Lab] = []
 
@@ -66,6 +71,8 @@ def lab() -> Iterator[Lab]:
         lab.run(None, ["mkdir", "-p", LOGS])
         for h in ("a", "b"):
             lab.mount_nfs(h)
+        for h in ("a", "b"):  # the first lock waits out the server's grace periods
+            lab.run(h, [PY, "-S", "-c", WARM_UP, f"/shared/.warm-up-{h}"])
         yield lab
     finally:
         _LAB.remove(lab)
@@ -125,10 +132,10 @@ class ChainfsMount:
         assert self.pid is not None
         self.lab.signal(self.pid, sig)
 
-    def sh(self, script: str, **kw: Any) -> Any:
+    def sh(self, script: str, **kw: Any) -> Result:
         return self.lab.sh(self.host, script, env=python_env(), **kw)
 
-    def chainfs(self, *args: str, check: bool = True, timeout: float = DEADLINE) -> Any:
+    def chainfs(self, *args: str, check: bool = True, timeout: float = DEADLINE) -> Result:
         return self.lab.run(
             self.host, [*CHAINFS, *args], env=python_env(), check=check, timeout=timeout
         )
@@ -149,16 +156,7 @@ class ChainfsMount:
     def events(self, chain: str) -> list[dict[str, str]]:
         return self.lines(chain, "events")
 
-    def status(self) -> dict[str, Any]:
-        out = self.chainfs("status", "--json", self.mountpoint).out
-        info: dict[str, Any] = json.loads(out)
-        return info
-
-    def chain_status(self, chain: str) -> dict[str, Any]:
-        (found,) = [c for c in self.status()["chains"] if c["chain"] == chain]
-        return found
-
-    def command(self, chain: str, kind: str, text: str, check: bool = True) -> Any:
+    def command(self, chain: str, kind: str, text: str, check: bool = True) -> Result:
         return self.sh(
             f"printf '%s\\n' {shlex.quote(text)} > {self.control(chain, kind)}", check=check
         )
@@ -178,9 +176,9 @@ class ChainfsMount:
     def wait_job(self, chain: str, job: str, timeout: float = DEADLINE) -> dict[str, str]:
         def ended() -> dict[str, str] | None:
             for e in self.events(chain):
-                if e.get("job") == job and e["event"] in ("JOB_COMPLETED", "JOB_CANCELLED"):
-                    if not e.get("reason", "").startswith("unmounted"):
-                        return e
+                over = e["event"] in ("JOB_COMPLETED", "JOB_CANCELLED")
+                if e.get("job") == job and over and not e.get("reason", "").startswith("unmounted"):
+                    return e
             return None
 
         return wait_for(ended, f"job {job} on {chain} to end", timeout)
@@ -234,7 +232,7 @@ class Site:
         self.mounts.append(m)
         return m.start(wait=wait)
 
-    def sh(self, host: str | None, script: str, **kw: Any) -> Any:
+    def sh(self, host: str | None, script: str, **kw: Any) -> Result:
         return self.lab.sh(host, f"cd {self.dir if host else self.server_dir} && {script}", **kw)
 
     def make_chain(self, chain: str, depth: int, size: int, model: Model) -> list[str]:
@@ -259,7 +257,7 @@ class Site:
         self.sh("a", " && ".join(script))
         return names
 
-    def check_images(self, names: Sequence[str]) -> None:
+    def check_images(self, names: Iterable[str]) -> None:
         """``qemu-img check`` clean for each image (on the server: no NFS cache)."""
         for name in names:
             r = self.sh(None, f"qemu-img check -U {name}", check=False)
@@ -309,4 +307,4 @@ def pytest_runtest_makereport(
     return report
 
 
-__all__ = ["DEADLINE", "KiB", "LEASE", "MiB", "ChainfsMount", "Model", "Site", "wait_for"]
+__all__ = ["DEADLINE", "LEASE", "ChainfsMount", "KiB", "MiB", "Model", "Site", "wait_for"]
