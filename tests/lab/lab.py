@@ -449,7 +449,13 @@ class Lab:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def code_tree() -> Path:
+    """The chainfs tree the guest runs: this checkout, or ``$CHAINFS_LAB_CODE`` (another
+    worktree, to try these tests on a branch that does not have them)."""
+    return Path(os.environ.get("CHAINFS_LAB_CODE") or REPO).resolve()
+
+
 def python_env() -> dict[str, str]:
-    """The environment a chainfs command in the guest needs: this checkout first on
-    the module path (the guest runs this machine's python over 9p)."""
-    return {"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    """The environment a chainfs command in the guest needs: the code tree first on the
+    module path (the guest runs this machine's python over 9p)."""
+    return {"PYTHONPATH": str(code_tree()), "PYTHONDONTWRITEBYTECODE": "1"}

@@ -22,11 +22,10 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from lab.lab import LEASE, Lab, LabError, LabUnavailable, Result, python_env
+from lab.lab import LEASE, Lab, LabError, LabUnavailable, Result, code_tree, python_env
 
 from chainfs.control import parse_line
 
@@ -34,7 +33,7 @@ T = TypeVar("T")
 KiB, MiB = 1024, 1024 * 1024
 DEADLINE = 120.0  # anything may take this long in the lab (TCG on a loaded machine)
 PY = sys.executable
-REPO_CHAINFS = Path(__file__).resolve().parents[2] / "chainfs"
+REPO_CHAINFS = code_tree() / "chainfs"
 CHAINFS = [PY, "-m", "chainfs"]
 LOGS = "/run/chainfs-logs"  # the mounts' logs, in the guest
 _counter = itertools.count(1)

@@ -5,9 +5,10 @@ no false fail-over, and hand-over (inactivate/activate).  Every image ends
 
 The interface under test (issue 21, items 2-8): a chain owned by another host is
 served read-only (``owner=elsewhere`` in ``control/.status``, its flat file refusing
-writes); ``control/CHAIN/adopt`` (``timeout=SECONDS``) takes a dead owner's chain and
+writes); ``control/CHAIN/adopt`` (``CHAIN timeout=SECONDS``) takes a dead owner's chain and
 runs its journal (events ``OWNERSHIP_TAKEN`` / ``ADOPT_FAILED``);
-``control/CHAIN/inactivate`` and ``control/CHAIN/activate`` hand a chain over; a host
+``control/CHAIN/inactivate`` and ``control/CHAIN/activate`` (``CHAIN``) hand a chain
+over; a host
 that lost ownership says ``event=OWNERSHIP_LOST`` and fails the guest's writes.
 """
 
@@ -38,6 +39,7 @@ MARKER_WRITER = (
     " time.sleep(0.2)\n"
 )
 SEED = 21
+LEASED = ("-o", f"lease={LEASE}")  # chainfs told the lab's lease, for its heartbeat
 KILL_INSTANTS = [0.5, 2.0] + [
     pytest.param(t, marks=pytest.mark.slow) for t in (0.0, 0.3, 1.0, 1.5, 2.5, 3.0, 3.5, 4.0)
 ]
@@ -69,7 +71,7 @@ def adopt(m: ChainfsMount, chain: str, timeout: float) -> dict[str, str]:
     """``adopt timeout=...`` on ``m``; the OWNERSHIP_TAKEN event (fails on ADOPT_FAILED:
     the daemon bounds the wait, not the test's clock)."""
     before = len(m.events(chain))
-    m.command(chain, "adopt", f"timeout={timeout:g}")
+    m.command(chain, "adopt", f"{chain} timeout={timeout:.0f}")
     e = wait_for(
         lambda: event_after(m, chain, before, "OWNERSHIP_TAKEN", "ADOPT_FAILED"),
         f"{m.host} to adopt {chain}",
@@ -139,13 +141,15 @@ def test_a_chain_owned_by_one_host_is_never_writable_on_the_other(lab: Lab, site
 # -- fail-over mid-job ---------------------------------------------------------------------------
 
 
-def start_commit(site: Site, model: Model) -> tuple[list[str], ChainfsMount, ChainfsMount, str]:
+def start_commit(
+    site: Site, model: Model, *options: str
+) -> tuple[list[str], ChainfsMount, ChainfsMount, str]:
     """Chain x (3 layers), A serving it with an intermediate commit running at speed=,
     B serving the directory (x read-only there)."""
     names = site.make_chain("x", 3, SIZE, model)
-    a = site.mount("a")
+    a = site.mount("a", *options)
     a.write("x", model, 6 * MiB, 64 * KiB, 0xA6)
-    b = site.mount("b")
+    b = site.mount("b", *options)
     job = a.start_job("x", "commit", f"top={names[1]} base={names[0]} {SPEED}")
     return names, a, b, job
 
@@ -174,7 +178,7 @@ def test_owner_cut_off_then_adopted_and_none_of_its_late_writes_land(
     lab: Lab, site: Site, instant: float
 ) -> None:
     model = Model(SIZE)
-    names, a, b, _job = start_commit(site, model)
+    names, a, b, _job = start_commit(site, model, *LEASED)
     time.sleep(instant)
     lab.cut("a")
     writer = lab.spawn(
@@ -210,7 +214,7 @@ def test_owner_cut_off_then_adopted_and_none_of_its_late_writes_land(
 @pytest.mark.slow
 def test_owner_cut_off_for_three_leases_goes_on_when_nobody_adopts(lab: Lab, site: Site) -> None:
     model = Model(SIZE)
-    names, a, b, _job = start_commit(site, model)
+    names, a, b, _job = start_commit(site, model, *LEASED)
     lab.cut("a")
     time.sleep(3 * LEASE)
     assert status_of(b, "x").get("owner") != "self"
@@ -256,9 +260,9 @@ def test_inactivate_activate_round_trips_while_a_stream_runs(
         off = rng.randrange(SIZE // (64 * KiB)) * 64 * KiB
         holder.write("x", model, off, 64 * KiB, 0x20 + i % 200)
         before = len(other.events("x"))
-        holder.command("x", "inactivate", "now")
+        holder.command("x", "inactivate", "x")
         wait_for(given_up(holder), "inactivate")
-        other.command("x", "activate", "now")
+        other.command("x", "activate", "x")
         wait_for(taken(other, before), "activate")
         assert other.digest("x") == model.digest(), f"after hand-over {i + 1}"
         holder, other = other, holder
