@@ -21,12 +21,14 @@ lease).  Lease and grace are 10 s.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import gzip
 import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -237,6 +239,13 @@ def build_initramfs(kernel: Kernel) -> Path:
         return target
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the test process dies, so that no guest
+    outlives a killed test run."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class Lab:
     """A running lab guest.  Use ``Lab.start()``; ``close()`` powers it off."""
@@ -316,7 +325,13 @@ class Lab:
         ]
         t0 = time.monotonic()
         with open(workdir / "qemu.err", "wb") as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                preexec_fn=_die_with_parent,
+            )
         lab = cls(proc, workdir)
         lab._reader = threading.Thread(target=lab._read, daemon=True)
         lab._reader.start()
