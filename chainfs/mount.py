@@ -36,7 +36,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import descriptors, features
+from . import descriptors, features, sharedfs
 from . import source as sources
 from .chain import MAX_DEPTH, Chain
 from .confine import Confinement
@@ -251,6 +251,7 @@ def serve(
 ) -> None:
     """Mount and serve until unmounted or signalled; raise ChainfsError if that fails."""
     mountpoint = os.path.abspath(mountpoint)
+    sharedfs.check_source(source_path, readonly=opts.readonly)
     descriptors.raise_limit()  # a deep chain holds one per layer, every chain a few
     if is_dead_mount(mountpoint):
         raise ChainfsError(dead_mount_message(mountpoint))

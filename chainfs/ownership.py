@@ -27,6 +27,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from . import sharedfs
 from .errors import ChainfsError
 from .eventlog import _stem
 from .hostfile import HostFile, HostIOError
@@ -46,26 +47,16 @@ SHARED_TYPES = frozenset(
 )
 
 
-def fs_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str:
+def fs_type(path: str, mountinfo: str = sharedfs.MOUNTINFO) -> str:
     """The type of the file system ``path`` lies on, as ``/proc/self/mountinfo`` says
     ("" if it cannot be told)."""
-    real = os.path.realpath(path)
-    best, found = -1, ""
     try:
         with open(mountinfo) as f:
-            lines = f.read().splitlines()
+            text = f.read()
     except OSError:
         return ""
-    for line in lines:
-        head, sep, tail = line.partition(" - ")
-        fields = head.split()
-        if not sep or len(fields) < 5:
-            continue
-        point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-        inside = real == point or real.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= best:
-            best, found = len(point), tail.split()[0] if tail.split() else ""
-    return found
+    entry = sharedfs.mount_of(os.path.realpath(path), text)
+    return entry.fstype if entry is not None else ""
 
 
 def is_shared(path: str) -> bool:

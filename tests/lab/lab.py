@@ -1,0 +1,476 @@
+"""The many-hosts lab on one machine: Debian's stock kernel under QEMU (TCG), serving
+NFSv4.2 from its kernel nfsd to two hosts, ``a`` and ``b``, each a network, UTS and
+mount namespace of the guest with its own host name (so its own NFSv4 client id and
+lease).  Lease and grace are 10 s.
+
+- The kernel: ``linux-image-amd64``'s versioned package, fetched with ``apt-get
+  download`` and unpacked with ``dpkg -x`` (not installed) under ``tests/lab/cache/``
+  (git-ignored), with ``depmod -b`` run over it once.
+- The guest's root is this machine's ``/``, shared read-only over 9p under a tmpfs
+  overlay: the guest runs this checkout's chainfs with this machine's python, and
+  nfs-kernel-server's, nfs-common's and QEMU's tools from this machine's Debian.  A
+  small initramfs (busybox, the virtio and 9p modules) mounts it and hands over to
+  ``guest-init``.
+- ``-nic none``: every byte of test traffic stays inside the guest.
+- The tests drive it through ``agent.py`` on a virtio-serial port (QEMU's stdio):
+  ``Lab.run(host, argv)`` runs a command on a host (``None``: the server).
+
+``Lab.start()`` raises ``LabUnavailable`` with the reason when the lab cannot start
+(no qemu-system-x86_64, no kernel package to fetch).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import gzip
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LAB_DIR = Path(__file__).resolve().parent
+REPO = LAB_DIR.parents[1]
+CACHE = LAB_DIR / "cache"
+KERNEL_META = "linux-image-amd64"
+PORT_NAME = "lab.ctl"
+HOSTS = ("a", "b")
+SERVER_IP = {"a": "10.0.1.1", "b": "10.0.2.1"}
+LEASE = 10  # seconds: nfsv4leasetime and nfsv4gracetime in the guest
+BOOT_TIMEOUT = 180.0
+# what the initramfs loads (with their dependencies) to reach the 9p root
+INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
+
+
+class LabUnavailable(Exception):
+    """The lab cannot start here; the message says why."""
+
+
+class LabError(AssertionError):
+    """A lab command failed or the guest stopped answering."""
+
+
+@dataclass
+class Kernel:
+    root: Path  # the unpacked package: boot/vmlinuz-VER, lib/modules/VER
+    version: str
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.root / "boot" / f"vmlinuz-{self.version}"
+
+    @property
+    def modules(self) -> Path:
+        return self.root / "lib" / "modules" / self.version
+
+
+@dataclass
+class Result:
+    argv: Sequence[str]
+    host: str | None
+    rc: int | None
+    out: str
+    err: str
+
+    def check(self) -> Result:
+        if self.rc != 0:
+            raise LabError(
+                f"on {self.host or 'server'}: {' '.join(self.argv)} -> {self.rc}\n"
+                f"stdout: {self.out[-3000:]}\nstderr: {self.err[-3000:]}"
+            )
+        return self
+
+
+@contextmanager
+def _cache_lock() -> Iterator[None]:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _apt_download(package: str, into: Path) -> Path:
+    before = set(into.glob("*.deb"))
+    p = subprocess.run(
+        ["apt-get", "download", package], cwd=into, capture_output=True, text=True, check=False
+    )
+    new = set(into.glob("*.deb")) - before
+    if p.returncode != 0 or not new:
+        raise LabUnavailable(f"apt-get download {package} failed: {p.stderr.strip()[-500:]}")
+    return new.pop()
+
+
+def prepare_kernel() -> Kernel:
+    """The unpacked stock kernel in the cache, fetched and unpacked the first time."""
+    for tool in ("apt-get", "dpkg", "dpkg-deb", "depmod"):
+        if shutil.which(tool) is None:
+            raise LabUnavailable(f"{tool} is not installed (the lab unpacks a Debian kernel)")
+    with _cache_lock():
+        done = CACHE / "kernel.json"
+        if done.exists():
+            info = json.loads(done.read_text())
+            kernel = Kernel(CACHE / info["root"], info["version"])
+            if kernel.vmlinuz.exists():
+                return kernel
+        debs = CACHE / "debs"
+        shutil.rmtree(debs, ignore_errors=True)
+        debs.mkdir()
+        meta = _apt_download(KERNEL_META, debs)
+        depends = subprocess.run(
+            ["dpkg-deb", "-f", str(meta), "Depends"], capture_output=True, text=True, check=True
+        ).stdout
+        image = next(
+            (d.split()[0] for d in depends.split(",") if d.strip().startswith("linux-image-")),
+            None,
+        )
+        if image is None:
+            raise LabUnavailable(f"{KERNEL_META} depends on no linux-image: {depends!r}")
+        deb = _apt_download(image, debs)
+        version = image.removeprefix("linux-image-")
+        root = CACHE / "root"
+        shutil.rmtree(root, ignore_errors=True)
+        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+        subprocess.run(["depmod", "-b", str(root), version], check=True)
+        shutil.rmtree(debs)
+        done.write_text(json.dumps({"root": "root", "version": version}))
+        return Kernel(root, version)
+
+
+def _modules_with_deps(kernel: Kernel, names: Sequence[str]) -> list[Path]:
+    """The module files for ``names`` and what they depend on, dependencies first."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in (kernel.modules / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+        by_name[Path(path).name.split(".ko")[0].replace("-", "_")] = path
+    builtin = {
+        Path(line).name.split(".ko")[0].replace("-", "_")
+        for line in (kernel.modules / "modules.builtin").read_text().split()
+    }
+    order: list[str] = []
+
+    def add(path: str) -> None:
+        if path in order:
+            return
+        for d in reversed(deps[path]):
+            add(d)
+        order.append(path)
+
+    for name in names:
+        key = name.replace("-", "_")
+        if key in builtin:
+            continue
+        add(by_name[key])
+    return [kernel.modules / p for p in order]
+
+
+def _cpio(entries: Sequence[tuple[str, int, bytes]]) -> bytes:
+    """A newc cpio archive of (name, mode, data) entries."""
+    out = io.BytesIO()
+    for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], 1):
+        nb = name.encode() + b"\0"
+        hdr = "070701" + "".join(
+            f"{v:08x}" for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0)
+        )
+        out.write(hdr.encode() + nb)
+        out.write(b"\0" * (-(110 + len(nb)) % 4))
+        out.write(data)
+        out.write(b"\0" * (-len(data) % 4))
+    return out.getvalue()
+
+
+INITRAMFS_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t devtmpfs dev /dev
+for m in $(cat /modules); do insmod "/lib/$m" || echo "initramfs: insmod $m failed"; done
+mkdir -p /host /rw /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 root /host \
+    || { echo "initramfs: no 9p root"; poweroff -f; }
+mount -t tmpfs tmpfs /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /newroot \
+    || { echo "initramfs: no overlay"; poweroff -f; }
+# the guest's own /proc, /sys, /dev and scratch dirs, mounted here with busybox (the
+# host's /proc, seen through 9p, would fool util-linux's mount)
+mount -t proc proc /newroot/proc
+mount -t sysfs sys /newroot/sys
+mount -t devtmpfs dev /newroot/dev
+for d in run tmp; do mount -t tmpfs tmpfs /newroot/$d; done
+umount /proc
+umount /dev
+exec switch_root /newroot "$labinit"
+"""
+
+
+def build_initramfs(kernel: Kernel) -> Path:
+    """The initramfs (cached next to the kernel): busybox, the modules for the 9p root,
+    and an init that mounts it and switches to ``guest-init``."""
+    target = CACHE / f"initramfs-{kernel.version}.gz"
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    if not Path(busybox).exists():
+        raise LabUnavailable("busybox is not installed (install busybox-static)")
+    with _cache_lock():
+        if target.exists():
+            return target
+        modules = _modules_with_deps(kernel, INITRAMFS_MODULES)
+        entries: list[tuple[str, int, bytes]] = [
+            (d, 0o040755, b"") for d in ("bin", "dev", "proc", "sys", "lib", "mnt")
+        ]
+        entries.append(("bin/busybox", 0o100755, Path(busybox).read_bytes()))
+        entries.append(("init", 0o100755, INITRAMFS_INIT.encode()))
+        entries.append(("modules", 0o100644, "\n".join(m.name for m in modules).encode()))
+        entries += [(f"lib/{m.name}", 0o100644, m.read_bytes()) for m in modules]
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(gzip.compress(_cpio(entries), compresslevel=1))
+        tmp.rename(target)
+        return target
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the test process dies, so that no guest
+    outlives a killed test run."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Lab:
+    """A running lab guest.  Use ``Lab.start()``; ``close()`` powers it off."""
+
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+    boot_seconds: float = 0.0
+    _next_id: int = 0
+    _answers: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _wlock: threading.Lock = field(default_factory=threading.Lock)
+    _reader: threading.Thread | None = None
+    _dead: str | None = None
+
+    @classmethod
+    def start(cls, *, python: str | None = None) -> Lab:
+        qemu = shutil.which("qemu-system-x86_64")
+        if qemu is None:
+            raise LabUnavailable("qemu-system-x86_64 is not installed (install qemu-system-x86)")
+        kernel = prepare_kernel()
+        initramfs = build_initramfs(kernel)
+        workdir = Path(tempfile.mkdtemp(prefix="chainfs-lab-"))
+        python = python or sys.executable
+        cmdline = " ".join(
+            [
+                "console=ttyS0",
+                "quiet",
+                "loglevel=4",
+                "panic=-1",
+                *(["labtrace=1"] if os.environ.get("CHAINFS_LAB_TRACE") else []),
+                "mitigations=off",
+                "tsc=reliable",
+                f"labinit={LAB_DIR / 'guest-init'}",
+                f"labkmod={kernel.root}",
+                f"labver={kernel.version}",
+                f"labpy={python}",
+                f"labagent={LAB_DIR / 'agent.py'}",
+                f"labport={PORT_NAME}",
+                f"lablease={LEASE}",
+            ]
+        )
+        argv = [
+            qemu,
+            "-accel",
+            "tcg,thread=multi",
+            "-machine",
+            "q35",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "2048",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-nic",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(kernel.vmlinuz),
+            "-initrd",
+            str(initramfs),
+            "-append",
+            cmdline,
+            "-serial",
+            f"file:{workdir / 'console.log'}",
+            "-virtfs",
+            "local,path=/,mount_tag=root,security_model=none,readonly=on,multidevs=remap",
+            "-device",
+            "virtio-serial-pci",
+            "-chardev",
+            "stdio,id=ctl,signal=off",
+            "-device",
+            f"virtserialport,chardev=ctl,name={PORT_NAME}",
+        ]
+        t0 = time.monotonic()
+        with open(workdir / "qemu.err", "wb") as err:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                preexec_fn=_die_with_parent,
+            )
+        lab = cls(proc, workdir)
+        lab._reader = threading.Thread(target=lab._read, daemon=True)
+        lab._reader.start()
+        with lab._cond:
+            ok = lab._cond.wait_for(lambda: -1 in lab._answers or lab._dead, BOOT_TIMEOUT)
+        if not ok or lab._dead:
+            console = lab.console()
+            lab.close()
+            raise LabError(f"the lab guest did not come up: {lab._dead}\n{console}")
+        lab.boot_seconds = time.monotonic() - t0
+        return lab
+
+    def console(self, tail: int = 20000) -> str:
+        try:
+            text = (self.workdir / "console.log").read_text(errors="replace")
+        except OSError:
+            text = ""
+        try:
+            text += (self.workdir / "qemu.err").read_text(errors="replace")
+        except OSError:
+            pass
+        return text[-tail:]
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue  # noise before the agent started
+            with self._cond:
+                self._answers[-1 if obj.get("ready") else obj["id"]] = obj
+                self._cond.notify_all()
+        with self._cond:
+            self._dead = f"qemu exited ({self.proc.wait()})"
+            self._cond.notify_all()
+
+    def request(self, op: str, limit: float | None = None, **kw: Any) -> dict[str, Any]:
+        with self._cond:
+            self._next_id += 1
+            rid = self._next_id
+        data = json.dumps({"id": rid, "op": op, **kw}).encode() + b"\n"
+        assert self.proc.stdin is not None
+        with self._wlock:
+            try:
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+            except OSError as e:
+                raise LabError(f"the lab guest is gone: {e}\n{self.console()}") from None
+        if limit is not None:
+            limit += 30  # the command's own timeout, then the agent's answer
+        with self._cond:
+            self._cond.wait_for(lambda: rid in self._answers or self._dead, limit)
+            if rid not in self._answers:
+                raise LabError(
+                    f"no answer to {op} {kw} ({self._dead or 'timeout'})\n{self.console()}"
+                )
+            return self._answers.pop(rid)
+
+    def run(
+        self,
+        host: str | None,
+        argv: Sequence[str],
+        *,
+        timeout: float = 120,
+        stdin: str = "",
+        env: dict[str, str] | None = None,
+        check: bool = True,
+    ) -> Result:
+        """Run ``argv`` on ``host`` (``a``, ``b``; ``None``: the server) and wait."""
+        t0 = time.monotonic()
+        a = self.request(
+            "run", timeout, argv=list(argv), host=host, timeout=timeout, stdin=stdin, env=env
+        )
+        r = Result(argv, host, a.get("rc"), a.get("out", ""), a.get("err", ""))
+        if os.environ.get("CHAINFS_LAB_TRACE"):
+            print(f"lab: {time.monotonic() - t0:6.2f}s {host}: {' '.join(argv)[:150]} -> {r.rc}")
+        return r.check() if check else r
+
+    def sh(self, host: str | None, script: str, **kw: Any) -> Result:
+        return self.run(host, ["bash", "-euo", "pipefail", "-c", script], **kw)
+
+    def spawn(
+        self, host: str | None, argv: Sequence[str], env: dict[str, str] | None = None
+    ) -> int:
+        a = self.request("spawn", argv=list(argv), host=host, env=env)
+        if "pid" not in a:
+            raise LabError(f"spawn {argv} failed: {a}")
+        return int(a["pid"])
+
+    def wait(self, pid: int, timeout: float = 120) -> Result:
+        a = self.request("wait", timeout, pid=pid, timeout=timeout)
+        return Result([str(pid)], None, a.get("rc"), a.get("out", ""), a.get("err", ""))
+
+    def signal(self, pid: int, sig: str = "SIGTERM", group: bool = False) -> None:
+        self.request("signal", pid=pid, sig=sig, group=group)
+
+    def cut(self, host: str) -> None:
+        """Cut ``host`` off the server (its veth's server end down)."""
+        self.run(None, ["ip", "link", "set", f"lab-{host}", "down"])
+
+    def heal(self, host: str) -> None:
+        self.run(None, ["ip", "link", "set", f"lab-{host}", "up"])
+
+    def mount_nfs(self, host: str, where: str = "/shared", options: str = "vers=4.2") -> Result:
+        """Mount the server's export on ``host`` at ``where`` (made if missing)."""
+        return self.sh(
+            host,
+            f"mkdir -p {where} && mount -t nfs4 -o {options} {SERVER_IP[host]}:/ {where}",
+        )
+
+    def umount(self, host: str, where: str = "/shared") -> Result:
+        return self.run(host, ["umount", "-l", where], check=False)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def code_tree() -> Path:
+    """The chainfs tree the guest runs: this checkout, or ``$CHAINFS_LAB_CODE`` (another
+    worktree, to try these tests on a branch that does not have them)."""
+    return Path(os.environ.get("CHAINFS_LAB_CODE") or REPO).resolve()
+
+
+def python_env() -> dict[str, str]:
+    """The environment a chainfs command in the guest needs: the code tree first on the
+    module path (the guest runs this machine's python over 9p)."""
+    return {"PYTHONPATH": str(code_tree()), "PYTHONDONTWRITEBYTECODE": "1"}

@@ -1,0 +1,309 @@
+"""Many hosts on one NFSv4.2 store, in the lab (``tests/lab``): one guest booted per
+session, its export mounted at ``/shared`` on hosts ``a`` and ``b``; each test works in
+a directory of its own there.
+
+The tests skip, saying why, when the lab cannot start (no qemu-system-x86_64, no
+kernel package to fetch), except in CI (``CI=true``), where that is a failure: CI's
+``scripts/test`` installs what the lab needs.
+
+A chainfs mount on a host is ``python -m chainfs mount -f`` run in that host's
+namespaces with this checkout first on the module path, logging to a file in the
+guest; a failing test gets the logs of its mounts and the guest's console attached.
+Contents are judged against a ``Model`` of every byte written, by digest, and every
+image by ``qemu-img check``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import pytest
+from lab.lab import LEASE, Lab, LabError, LabUnavailable, Result, code_tree, python_env
+
+from chainfs.control import parse_line
+
+T = TypeVar("T")
+KiB, MiB = 1024, 1024 * 1024
+DEADLINE = 120.0  # anything may take this long in the lab (TCG on a loaded machine)
+PY = sys.executable
+REPO_CHAINFS = code_tree() / "chainfs"
+CHAINFS = [PY, "-m", "chainfs"]
+LOGS = "/run/chainfs-logs"  # the mounts' logs, in the guest
+_counter = itertools.count(1)
+WARM_UP = (
+    "import fcntl,os,struct,sys;fd=os.open(sys.argv[1],os.O_RDWR|os.O_CREAT);"
+    "fcntl.fcntl(fd,fcntl.F_OFD_SETLKW,struct.pack('hhqqi4x',fcntl.F_WRLCK,0,0,0,0))"
+)
+_MOUNTS: list[ChainfsMount] = []
+_LAB: list[Lab] = []
+
+
+def wait_for(cond: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """The lab, booted once; both hosts have the export mounted at ``/shared``."""
+    try:
+        lab = Lab.start()
+    except LabUnavailable as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the NFS lab cannot start in CI: {e}")
+        pytest.skip(f"the NFS lab cannot start: {e}")
+    _LAB.append(lab)
+    try:
+        lab.run(None, ["mkdir", "-p", LOGS])
+        for h in ("a", "b"):
+            lab.mount_nfs(h)
+        for h in ("a", "b"):  # the first lock waits out the server's grace periods
+            lab.run(h, [PY, "-S", "-c", WARM_UP, f"/shared/.warm-up-{h}"])
+        yield lab
+    finally:
+        _LAB.remove(lab)
+        lab.close()
+
+
+class Model:
+    """What a disk must hold: every byte written, in order."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+
+    def write(self, offset: int, length: int, pattern: int) -> None:
+        self.data[offset : offset + length] = bytes([pattern]) * length
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+class ChainfsMount:
+    """One chainfs daemon on a lab host, and the ways a test talks to its mount."""
+
+    def __init__(self, lab: Lab, host: str, source: str, mountpoint: str, args: Sequence[str]):
+        self.lab, self.host, self.source, self.mountpoint = lab, host, source, mountpoint
+        self.args = list(args)
+        self.log = f"{LOGS}/{host}-{next(_counter)}.log"
+        self.pid: int | None = None
+        _MOUNTS.append(self)
+
+    def start(self, wait: bool = True) -> ChainfsMount:
+        cmd = [*CHAINFS, "mount", "-f", self.source, self.mountpoint, *self.args]
+        script = f"mkdir -p {self.mountpoint} && exec {shlex.join(cmd)} >>{self.log} 2>&1"
+        self.pid = self.lab.spawn(self.host, ["sh", "-c", script], env=python_env())
+        if wait:
+            self.wait_mounted()
+        return self
+
+    def wait_mounted(self) -> None:
+        def up() -> bool:
+            r = self.sh(f"test -e {self.mountpoint}/control/.status", check=False)
+            if r.rc == 0:
+                return True
+            if not self.alive():
+                raise AssertionError(f"chainfs on {self.host} exited:\n{self.log_text()}")
+            return False
+
+        wait_for(up, f"chainfs to mount on {self.host}")
+
+    def alive(self) -> bool:
+        return self.pid is not None and self.lab.wait(self.pid, timeout=0).rc is None
+
+    def exit_status(self, timeout: float = DEADLINE) -> int | None:
+        assert self.pid is not None
+        return self.lab.wait(self.pid, timeout=timeout).rc
+
+    def kill(self, sig: str = "SIGKILL") -> None:
+        assert self.pid is not None
+        self.lab.signal(self.pid, sig)
+
+    def sh(self, script: str, **kw: Any) -> Result:
+        return self.lab.sh(self.host, script, env=python_env(), **kw)
+
+    def chainfs(self, *args: str, check: bool = True, timeout: float = DEADLINE) -> Result:
+        return self.lab.run(
+            self.host, [*CHAINFS, *args], env=python_env(), check=check, timeout=timeout
+        )
+
+    def log_text(self) -> str:
+        return self.lab.run(None, ["cat", self.log], check=False).out
+
+    def img(self, chain: str) -> str:
+        return f"{self.mountpoint}/{chain}.img"
+
+    def control(self, chain: str, name: str) -> str:
+        return f"{self.mountpoint}/control/{chain}/{name}"
+
+    def lines(self, chain: str, name: str) -> list[dict[str, str]]:
+        text = self.sh(f"cat {self.control(chain, name)}").out
+        return [parse_line(line) for line in text.splitlines()]
+
+    def events(self, chain: str) -> list[dict[str, str]]:
+        return self.lines(chain, "events")
+
+    def command(self, chain: str, kind: str, text: str, check: bool = True) -> Result:
+        return self.sh(
+            f"printf '%s\\n' {shlex.quote(text)} > {self.control(chain, kind)}", check=check
+        )
+
+    def start_job(self, chain: str, kind: str, text: str) -> str:
+        before = len(self.events(chain))
+        self.command(chain, kind, text)
+
+        def started() -> str | None:
+            for e in self.events(chain)[before:]:
+                if e["event"] == "JOB_STARTED":
+                    return e["job"]
+            return None
+
+        return wait_for(started, f"{kind} {text!r} to start on {chain}")
+
+    def wait_job(self, chain: str, job: str, timeout: float = DEADLINE) -> dict[str, str]:
+        def ended() -> dict[str, str] | None:
+            for e in self.events(chain):
+                over = e["event"] in ("JOB_COMPLETED", "JOB_CANCELLED")
+                if e.get("job") == job and over and not e.get("reason", "").startswith("unmounted"):
+                    return e
+            return None
+
+        return wait_for(ended, f"job {job} on {chain} to end", timeout)
+
+    def write(self, chain: str, model: Model, offset: int, length: int, pattern: int) -> None:
+        """Write ``pattern`` bytes to the flat file (O_DIRECT, fsync'ed) and the model."""
+        self.sh(writer_script(self.img(chain), offset, length, pattern))
+        model.write(offset, length, pattern)
+
+    def digest(self, chain: str) -> str:
+        return self.sh(f"sha256sum < {self.img(chain)}").out.split()[0]
+
+    def unmount(self) -> None:
+        self.sh(f"fusermount3 -u {self.mountpoint}")
+        rc = self.exit_status()
+        assert rc == 0, f"chainfs on {self.host} exited {rc}:\n{self.log_text()}"
+
+    def cleanup(self) -> None:
+        self.lab.run(self.host, ["fusermount3", "-u", "-z", self.mountpoint], check=False)
+        if self.pid is not None and self.alive():
+            self.kill("SIGTERM")
+            if self.lab.wait(self.pid, timeout=10).rc is None:
+                self.kill("SIGKILL")
+                self.lab.wait(self.pid, timeout=10)
+
+
+def writer_script(path: str, offset: int, length: int, pattern: int) -> str:
+    """A shell line writing ``length`` bytes of ``pattern`` at ``offset`` of ``path``."""
+    return (
+        f"{PY} -S -c 'import os,sys;fd=os.open(sys.argv[1],os.O_WRONLY);"
+        f"os.pwrite(fd,bytes([{pattern}])*{length},{offset});os.fsync(fd);os.close(fd)' "
+        f"{shlex.quote(path)}"
+    )
+
+
+class Site:
+    """A test's directory on the store, seen from both hosts at ``/shared/NAME`` (and
+    from the server at ``/srv/NAME``), and the chainfs mounts the test started."""
+
+    def __init__(self, lab: Lab, name: str) -> None:
+        self.lab = lab
+        self.name = name
+        self.dir = f"/shared/{name}"
+        self.server_dir = f"/srv/{name}"
+        self.mounts: list[ChainfsMount] = []
+        lab.run("a", ["mkdir", "-p", self.dir])
+
+    def mount(self, host: str, *args: str, wait: bool = True) -> ChainfsMount:
+        mp = f"/run/mnt/{self.name}-{host}{len(self.mounts)}"
+        m = ChainfsMount(self.lab, host, self.dir, mp, args)
+        self.mounts.append(m)
+        return m.start(wait=wait)
+
+    def sh(self, host: str | None, script: str, **kw: Any) -> Result:
+        return self.lab.sh(host, f"cd {self.dir if host else self.server_dir} && {script}", **kw)
+
+    def make_chain(self, chain: str, depth: int, size: int, model: Model) -> list[str]:
+        """A chain ``CHAIN-0.qcow2 <- ... <- CHAIN.qcow2`` of ``depth`` layers, made on
+        host a by qemu-img/qemu-io, each layer with writes of its own (in the model)."""
+        names = [f"{chain}-{i}.qcow2" for i in range(depth - 1)] + [f"{chain}.qcow2"]
+        script = []
+        for i, name in enumerate(names):
+            if i == 0:
+                script.append(f"qemu-img create -q -f qcow2 {name} {size}")
+            else:
+                script.append(
+                    f"qemu-img create -q -f qcow2 -F qcow2 -b {names[i - 1]} {name} {size}"
+                )
+            writes = []
+            for k in range(4):
+                off = ((i * 7 + k * 13) % (size // (256 * KiB))) * 256 * KiB
+                pattern = 0x10 + i * 16 + k
+                writes.append(f"-c 'write -P {pattern} {off} {192 * KiB}'")
+                model.write(off, 192 * KiB, pattern)
+            script.append(f"qemu-io -f qcow2 {' '.join(writes)} {name} >/dev/null")
+        self.sh("a", " && ".join(script))
+        return names
+
+    def check_images(self, names: Iterable[str]) -> None:
+        """``qemu-img check`` clean for each image (on the server: no NFS cache)."""
+        for name in names:
+            r = self.sh(None, f"qemu-img check -U {name}", check=False)
+            assert r.rc == 0, f"qemu-img check {name}: {r.rc}\n{r.out}{r.err}"
+
+    def digest(self, active: str) -> str:
+        """The chain's content from QEMU's reading (on the server)."""
+        r = self.sh(
+            None,
+            f"qemu-img convert -U -O raw {active} /tmp/{self.name}.raw && "
+            f"sha256sum < /tmp/{self.name}.raw && rm /tmp/{self.name}.raw",
+        )
+        return str(r.out.split()[0])
+
+    def close(self) -> None:
+        for m in reversed(self.mounts):
+            m.cleanup()
+        for h in ("a", "b"):
+            self.lab.heal(h)
+        self.lab.run(None, ["rm", "-rf", self.server_dir], check=False)
+
+
+@pytest.fixture
+def site(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Site]:
+    name = "t" + str(next(_counter))
+    s = Site(lab, name)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and _LAB:
+        for m in _MOUNTS:
+            try:
+                tail = "\n".join(m.log_text().splitlines()[-150:])
+            except LabError:
+                break
+            report.sections.append((f"chainfs on {m.host} {m.log}", tail))
+        _MOUNTS.clear()
+        report.sections.append(("lab console", _LAB[0].console(8000)))
+    return report
+
+
+__all__ = ["DEADLINE", "LEASE", "ChainfsMount", "KiB", "MiB", "Model", "Site", "wait_for"]

@@ -1,0 +1,278 @@
+"""Two hosts serving one directory on NFSv4.2 (issue 21's "Done when", in the lab):
+exclusion, fail-over mid-job (kill -9 of the owner's daemon, and the owner cut off),
+no false fail-over, and hand-over (inactivate/activate).  Every image ends
+``qemu-img check`` clean and every flat content equal to its ``Model``.
+
+The interface under test (issue 21, items 2-8): a chain owned by another host is
+served read-only (``owner=elsewhere`` in ``control/.status``, its flat file refusing
+writes); ``control/CHAIN/adopt`` (``CHAIN timeout=SECONDS``) takes a dead owner's chain and
+runs its journal (events ``OWNERSHIP_TAKEN`` / ``ADOPT_FAILED``);
+``control/CHAIN/inactivate`` and ``control/CHAIN/activate`` (``CHAIN``) hand a chain
+over; a host
+that lost ownership says ``event=OWNERSHIP_LOST`` and fails the guest's writes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import pytest
+from lab.lab import LEASE, Lab
+
+from .conftest import PY, REPO_CHAINFS, ChainfsMount, KiB, MiB, Model, Site, wait_for, writer_script
+
+SIZE = 8 * MiB
+SPEED = "speed=1M"  # a commit of the 8 MiB chain lasts seconds: room for the instants
+MARKER = b"CHAINFS-MARKER-A"  # what host A writes after it was cut off
+MARKER_AT = 5 * MiB
+# writes MARKER blocks to the flat file until killed, going on after errors
+MARKER_WRITER = (
+    "import os,sys,time\n"
+    "blk=sys.argv[2].encode()*(64*1024//len(sys.argv[2]))\n"
+    "while True:\n"
+    " try:\n"
+    "  fd=os.open(sys.argv[1],os.O_WRONLY)\n"
+    "  os.pwrite(fd,blk,int(sys.argv[3]));os.fsync(fd);os.close(fd)\n"
+    "  print('written',flush=True)\n"
+    " except OSError as e: print(e,flush=True)\n"
+    " time.sleep(0.2)\n"
+)
+SEED = 21
+LEASED = ("-o", f"lease={LEASE}")  # chainfs told the lab's lease, for its heartbeat
+KILL_INSTANTS = [0.5, 2.0] + [
+    pytest.param(t, marks=pytest.mark.slow) for t in (0.0, 0.3, 1.0, 1.5, 2.5, 3.0, 3.5, 4.0)
+]
+CUT_INSTANTS = [1.0] + [
+    pytest.param(t, marks=pytest.mark.slow) for t in (0.0, 0.3, 0.5, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+]
+
+
+def status_of(m: ChainfsMount, chain: str) -> dict[str, str]:
+    """The chain's line of ``control/.status`` (owner=, holder=, ...)."""
+    from chainfs.control import parse_line
+
+    text = m.sh(f"cat {m.mountpoint}/control/.status").out
+    for line in text.splitlines():
+        entry = parse_line(line)
+        if entry.get("chain") == chain:
+            return entry
+    return {}
+
+
+def event_after(m: ChainfsMount, chain: str, before: int, *names: str) -> dict[str, str] | None:
+    for e in m.events(chain)[before:]:
+        if e["event"] in names:
+            return e
+    return None
+
+
+def adopt(m: ChainfsMount, chain: str, timeout: float) -> dict[str, str]:
+    """``adopt timeout=...`` on ``m``; the OWNERSHIP_TAKEN event (fails on ADOPT_FAILED:
+    the daemon bounds the wait, not the test's clock)."""
+    before = len(m.events(chain))
+    m.command(chain, "adopt", f"{chain} timeout={timeout:.0f}")
+    e = wait_for(
+        lambda: event_after(m, chain, before, "OWNERSHIP_TAKEN", "ADOPT_FAILED"),
+        f"{m.host} to adopt {chain}",
+        timeout + 120,
+    )
+    assert e["event"] == "OWNERSHIP_TAKEN", e
+    return e
+
+
+def completed(m: ChainfsMount, chain: str, before: int = 0) -> dict[str, str]:
+    """The chain's next JOB_COMPLETED (or a failure) in ``m``'s events."""
+    e = wait_for(
+        lambda: event_after(m, chain, before, "JOB_COMPLETED", "JOB_CANCELLED"),
+        f"the job on {chain} to end on {m.host}",
+        300,
+    )
+    assert e["event"] == "JOB_COMPLETED" and "error" not in e, e
+    return e
+
+
+def no_marker(site: Site) -> None:
+    """No byte of the marker anywhere in the directory (images, journals, state), as
+    the server's disk has it."""
+    r = site.sh(None, f"grep -ralF {MARKER.decode()} . || true")
+    assert r.out.strip() == "", f"host A's writes after the cut reached the server: {r.out}"
+    # (the search itself finds what is there: every qcow2 image has QEMU's magic)
+    assert "x.qcow2" in site.sh(None, "grep -ralF QFI .").out
+
+
+# -- exclusion -------------------------------------------------------------------------------
+
+
+def test_a_chain_owned_by_one_host_is_never_writable_on_the_other(lab: Lab, site: Site) -> None:
+    mx = Model(SIZE)
+    x = site.make_chain("x", 2, SIZE, mx)
+    a = site.mount("a")
+    a.write("x", mx, 1 * MiB, 64 * KiB, 0xA1)
+    my = Model(SIZE)
+    y = site.make_chain("y", 2, SIZE, my)  # after A's mount: nobody owns it yet
+    b = site.mount("b")
+    # B serves Y read-write, X read-only (or not at all), never writable
+    b.write("y", my, 2 * MiB, 64 * KiB, 0xB2)
+    r = b.sh(writer_script(b.img("x"), 0, 4 * KiB, 0xBB), check=False)
+    assert r.rc != 0, "host B wrote to the chain host A serves"
+    assert "Read-only file system" in r.err or "No such file" in r.err, r.err
+    # QEMU on B: refused with QEMU's words, for the active layer and its backing file
+    r = site.sh("b", f"qemu-img info {x[-1]}", check=False)
+    assert r.rc != 0 and 'Failed to get shared "write" lock' in r.err, r.err
+    for name in x:
+        r = site.sh("b", f"qemu-io -c 'write -P 0xbb 0 4k' {name}", check=False)
+        assert r.rc != 0 and 'Failed to get "write" lock' in r.err, (name, r.err)
+    # A goes on
+    a.write("x", mx, 3 * MiB, 64 * KiB, 0xA3)
+    assert a.digest("x") == mx.digest()
+    # status says who owns what
+    assert status_of(b, "y").get("owner") == "self", status_of(b, "y")
+    sx = status_of(b, "x")
+    assert sx.get("owner") == "elsewhere" and "host-a" in sx.get("holder", ""), sx
+    assert status_of(a, "x").get("owner") == "self", status_of(a, "x")
+    # the issue's finding: a directory flock is local to each NFS client
+    assert "fcntl.flock(" not in (REPO_CHAINFS / "mount.py").read_text()
+    a.unmount()
+    b.unmount()
+    site.check_images(x + y)
+    assert site.digest("x.qcow2") == mx.digest()
+    assert site.digest("y.qcow2") == my.digest()
+
+
+# -- fail-over mid-job ---------------------------------------------------------------------------
+
+
+def start_commit(
+    site: Site, model: Model, *options: str
+) -> tuple[list[str], ChainfsMount, ChainfsMount, str]:
+    """Chain x (3 layers), A serving it with an intermediate commit running at speed=,
+    B serving the directory (x read-only there)."""
+    names = site.make_chain("x", 3, SIZE, model)
+    a = site.mount("a", *options)
+    a.write("x", model, 6 * MiB, 64 * KiB, 0xA6)
+    b = site.mount("b", *options)
+    job = a.start_job("x", "commit", f"top={names[1]} base={names[0]} {SPEED}")
+    return names, a, b, job
+
+
+@pytest.mark.parametrize("instant", KILL_INSTANTS)
+def test_kill_9_of_the_owner_then_the_other_host_adopts_and_finishes(
+    lab: Lab, site: Site, instant: float
+) -> None:
+    model = Model(SIZE)
+    names, a, b, _job = start_commit(site, model)
+    time.sleep(instant)
+    a.kill("SIGKILL")
+    before = len(b.events("x"))
+    adopt(b, "x", 2)  # kill -9 frees the locks at once
+    completed(b, "x", before)
+    assert b.digest("x") == model.digest()
+    b.write("x", model, 7 * MiB, 64 * KiB, 0xB7)
+    b.unmount()
+    site.check_images(n for n in names if site.sh(None, f"test -e {n}", check=False).rc == 0)
+    assert site.digest("x.qcow2") == model.digest()
+
+
+@pytest.mark.parametrize("instant", CUT_INSTANTS)
+def test_owner_cut_off_then_adopted_and_none_of_its_late_writes_land(
+    lab: Lab, site: Site, instant: float
+) -> None:
+    model = Model(SIZE)
+    names, a, b, _job = start_commit(site, model, *LEASED)
+    time.sleep(instant)
+    lab.cut("a")
+    writer = lab.spawn(
+        "a", [PY, "-S", "-c", MARKER_WRITER, a.img("x"), MARKER.decode(), str(MARKER_AT)]
+    )
+    try:
+        before = len(b.events("x"))
+        adopt(b, "x", 2 * LEASE + 5)  # A's lease, then the server's grace
+        completed(b, "x", before)
+        lab.heal("a")
+        lost = wait_for(
+            lambda: event_after(a, "x", 0, "OWNERSHIP_LOST"), "host A to report lost ownership"
+        )
+        assert lost.get("reason"), lost
+        # A never takes it back by itself
+        time.sleep(2)
+        assert status_of(a, "x").get("owner") in ("lost", "elsewhere"), status_of(a, "x")
+    finally:
+        lab.heal("a")
+        lab.signal(writer, "SIGKILL")
+        tried = lab.wait(writer).out
+    # the guest's writes on A fail once A knows it lost the chain
+    assert "[Errno 5]" in tried, tried[-2000:]
+    assert b.digest("x") == model.digest()
+    b.unmount()
+    a.cleanup()
+    no_marker(site)
+    site.check_images(n for n in names if site.sh(None, f"test -e {n}", check=False).rc == 0)
+    assert site.digest("x.qcow2") == model.digest()
+
+
+# -- no false fail-over ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_owner_cut_off_for_three_leases_goes_on_when_nobody_adopts(lab: Lab, site: Site) -> None:
+    model = Model(SIZE)
+    names, a, b, _job = start_commit(site, model, *LEASED)
+    lab.cut("a")
+    time.sleep(3 * LEASE)
+    assert status_of(b, "x").get("owner") != "self"
+    lab.heal("a")
+    completed(a, "x")
+    a.write("x", model, 7 * MiB, 64 * KiB, 0xA7)
+    assert a.digest("x") == model.digest()
+    assert event_after(a, "x", 0, "OWNERSHIP_LOST") is None
+    assert status_of(b, "x").get("owner") == "elsewhere"
+    a.unmount()
+    b.unmount()
+    site.check_images(n for n in names if site.sh(None, f"test -e {n}", check=False).rc == 0)
+    assert site.digest("x.qcow2") == model.digest()
+
+
+def given_up(m: ChainfsMount) -> Callable[[], bool]:
+    return lambda: status_of(m, "x").get("owner") != "self"
+
+
+def taken(m: ChainfsMount, before: int) -> Callable[[], dict[str, str] | None]:
+    return lambda: event_after(m, "x", before, "OWNERSHIP_TAKEN")
+
+
+# -- hand-over ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "round_trips", [2, pytest.param(20, marks=pytest.mark.slow)], ids=["2", "20"]
+)
+def test_inactivate_activate_round_trips_while_a_stream_runs(
+    lab: Lab, site: Site, round_trips: int
+) -> None:
+    rng = random.Random(SEED)
+    model = Model(SIZE)
+    names = site.make_chain("x", 2, SIZE, model)
+    a = site.mount("a")
+    b = site.mount("b")
+    a.start_job("x", "stream", "speed=256K")
+    holder, other = a, b
+    for i in range(2 * round_trips):
+        # the verifying writer: a write on the holder, the whole disk verified on the
+        # next holder after the hand-over
+        off = rng.randrange(SIZE // (64 * KiB)) * 64 * KiB
+        holder.write("x", model, off, 64 * KiB, 0x20 + i % 200)
+        before = len(other.events("x"))
+        holder.command("x", "inactivate", "x")
+        wait_for(given_up(holder), "inactivate")
+        other.command("x", "activate", "x")
+        wait_for(taken(other, before), "activate")
+        assert other.digest("x") == model.digest(), f"after hand-over {i + 1}"
+        holder, other = other, holder
+    completed(holder, "x")
+    assert holder.digest("x") == model.digest()
+    a.unmount()
+    b.unmount()
+    site.check_images(names)
+    assert site.digest("x.qcow2") == model.digest()
