@@ -16,7 +16,7 @@ from chainfs.hostfile import HostFile
 TESTS_DIR = Path(__file__).parent
 INTEROP_DIR = TESTS_DIR / "interop"
 QEMU_TOOLS = ("qemu-img", "qemu-io")
-LAYERS = ("unit", "interop", "mount")  # the order they run in: lower layers fail first
+LAYERS = ("unit", "interop", "mount", "nfs")  # the order they run in: lower layers first
 
 pytest_plugins = ["checklogs", "pytester"]
 
