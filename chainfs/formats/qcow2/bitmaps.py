@@ -363,6 +363,8 @@ class Bitmaps:
         changed = False
         for s in sources:
             src = self._maintained(s) if isinstance(s, str) else s
+            if isinstance(s, str):
+                self._check_idle(src)  # frozen: its bits are split (QEMU: busy)
             if src.bits is None:
                 raise BitmapError(f"Bitmap '{src.name}' is inconsistent and cannot be used")
             changed |= merge_bits(bm, src, self.size)
@@ -370,6 +372,10 @@ class Bitmaps:
             self._rewrite(bm)
 
     # -- for an incremental backup (QEMU's frozen bitmap and its successor) ---------------
+
+    def check_usable(self, name: str) -> None:
+        """Refuse, as ``freeze`` would, a bitmap a backup cannot use."""
+        self._check_idle(self._maintained(name))
 
     def freeze(self, name: str) -> Bitmap:
         """Start a backup of ``name``: return a copy of it as it is now (its ``ranges``
