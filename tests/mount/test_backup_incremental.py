@@ -10,7 +10,8 @@ model is the flat file then).  Verdicts: ``qemu-img compare`` of each backup, re
 through the chain of backups below it, against the disk at its command; an incremental
 backup holds only the clusters written since the previous one's command (``qemu-img
 map``); after each, the bitmap marks exactly what was written since its command.  Then
-``bitmap-mode`` never/always/on-success on completed and cancelled backups, EBUSY for
+``bitmap-mode`` never/always/on-success on completed, cancelled and failed (DEST's
+disk full, ``faultinject.py``) backups, EBUSY for
 the commands on a frozen bitmap, and a kill -9 during an incremental backup: after the
 remount the bitmap still marks everything written since the previous backup.
 """
@@ -22,14 +23,18 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 from pathlib import Path
 
+import pytest
 from interop import images as im
 from interop.test_bitmaps import granules, qemu_dirty
 
+from . import conftest
 from .conftest import Mount, Mounter, Seeds, assert_clean, expect_refusals, run, wait_for
 from .test_backup import compare
+from .test_io_errors import FAULTINJECT
 
 MiB, KiB = im.MiB, im.KiB
 SIZE = 16 * MiB
@@ -258,3 +263,28 @@ def test_kill9_during_incremental_backup(tmp_path: Path, mounter: Mounter, seeds
     m.unmount()
     assert not (images / "i.qcow2").exists()
     assert qemu_dirty(str(seed.active), "b1") == granules(X + Z, G)
+
+
+@pytest.mark.expect_log(r"WARNING chainfs\.jobs\.base: job=backup-\d+ (abort )?failed: .*No space")
+def test_failed_incremental_backup_keeps_the_bits(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bitmap-mode=on-success``: a backup that fails (DEST's disk full) gives the
+    frozen bits back, and the bitmap keeps the writes made meanwhile too."""
+    images = tmp_path / "images"
+    seeds(images, size=SIZE)
+    rules = tmp_path / "faults"
+    monkeypatch.setattr(conftest, "CHAINFS", (sys.executable, str(FAULTINJECT), str(rules)))
+    m = mounter(images)
+    m.command("E", "bitmap", "add b1")
+    write(m, X, 1)
+    job = m.start_job("E", "backup", "f.qcow2 sync=bitmap bitmap=b1 speed=64K")
+    write(m, Y, 2)
+    rules.write_text("write ENOSPC /f.qcow2\n")  # DEST only: the chain's images work
+    end = m.wait_job("E", job)
+    assert end["event"] == "JOB_COMPLETED" and "No space left" in end.get("error", ""), end
+    rules.unlink()
+    assert dirty(m, "b1") == granules(X + Y, G)
+    kept = [e for e in m.events("E") if e["event"] == "BITMAP_CHANGED" and e.get("job") == job]
+    assert [e["action"] for e in kept] == ["kept"]
+    m.unmount()
