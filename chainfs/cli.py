@@ -47,7 +47,8 @@ JOB_HELP = {
     "merge layers down",
     "copy": "DEST [sync=full|top] [speed=RATE] [wait=ready] [copy-mode=MODE]: "
     "move the live disk to DEST",
-    "backup": "DEST [sync=full|top|none] [speed=RATE] [format=qcow2|raw] [compress=on]: "
+    "backup": "DEST [sync=full|top|none|bitmap] [bitmap=NAME] [bitmap-mode=MODE] "
+    "[base=PREV] [speed=RATE] [format=qcow2|raw] [compress=on]: "
     "a point-in-time copy of the live disk into DEST (blockdev-backup)",
     "cancel": "JOB: stop a job; the chain stays as it was (job-cancel)",
     "complete": "JOB: pivot a job waiting in ready (job-complete)",

@@ -44,7 +44,8 @@ HOST_VERBS: tuple[str, ...] = ("adopt", "inactivate", "activate")
 # the commands that act on a running job (QEMU's job verbs), each naming the job
 JOB_VERBS: tuple[str, ...] = ("cancel", "complete", "speed", "pause", "resume", "change")
 SYNC_MODES: tuple[str, ...] = ("full", "top")
-BACKUP_SYNC_MODES: tuple[str, ...] = ("full", "top", "none")
+BACKUP_SYNC_MODES: tuple[str, ...] = ("full", "top", "none", "bitmap")
+BITMAP_MODES: tuple[str, ...] = ("on-success", "always", "never")  # QEMU's BitmapSyncMode
 BACKUP_FORMATS: tuple[str, ...] = ("qcow2", "raw")
 # how a mirror (copy, active commit) treats guest writes (QEMU's MirrorCopyMode)
 BACKGROUND, WRITE_BLOCKING = "background", "write-blocking"
@@ -99,6 +100,9 @@ class BackupCmd:
     speed: int = 0
     format: str = "qcow2"
     compress: bool = False
+    bitmap: str | None = None  # sync=bitmap: the persistent dirty bitmap that says what
+    bitmap_mode: str = "on-success"  # when the bitmap restarts (QEMU's bitmap-mode)
+    base: str | None = None  # sync=bitmap: DEST's backing file (the previous backup)
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ _KEYS: dict[str, frozenset[str]] = {
     "stream": frozenset({"base", "node", "speed"}),
     "commit": frozenset({"top", "base", "speed", "wait", "copy-mode"}),
     "copy": frozenset({"sync", "speed", "wait", "copy-mode"}),
-    "backup": frozenset({"sync", "speed", "format", "compress"}),
+    "backup": frozenset({"sync", "speed", "format", "compress", "bitmap", "bitmap-mode", "base"}),
     "cancel": frozenset(),
     "complete": frozenset(),
     "speed": frozenset(),
@@ -514,14 +518,34 @@ def parse_command(kind: str, data: bytes) -> Command:
         assert main is not None
         sync = keys.get("sync", "full")
         if sync not in BACKUP_SYNC_MODES:
-            raise _invalid(f"sync must be 'full', 'top' or 'none', got {_show(sync)}")
+            raise _invalid(f"sync must be 'full', 'top', 'none' or 'bitmap', got {_show(sync)}")
         fmt = keys.get("format", "qcow2")
         if fmt not in BACKUP_FORMATS:
             raise _invalid(f"format must be 'qcow2' or 'raw', got {_show(fmt)}")
         compress = keys.get("compress", "off")
         if compress not in ("on", "off"):
             raise _invalid(f"compress must be 'on' or 'off', got {_show(compress)}")
-        return BackupCmd(dest=main, sync=sync, speed=speed, format=fmt, compress=compress == "on")
+        bitmap, mode = keys.get("bitmap"), keys.get("bitmap-mode")
+        if sync == "bitmap" and not bitmap:
+            raise _invalid("sync=bitmap needs bitmap=NAME")
+        if sync != "bitmap":
+            for key in ("bitmap", "bitmap-mode", "base"):
+                if key in keys:
+                    raise _invalid(f"{key}= needs sync=bitmap")
+        if mode is not None and mode not in BITMAP_MODES:
+            raise _invalid(
+                f"bitmap-mode must be 'on-success', 'always' or 'never', got {_show(mode)}"
+            )
+        return BackupCmd(
+            dest=main,
+            sync=sync,
+            speed=speed,
+            format=fmt,
+            compress=compress == "on",
+            bitmap=bitmap,
+            bitmap_mode=mode or "on-success",
+            base=keys.get("base"),
+        )
     assert main is not None
     if kind == "cancel":
         return CancelCmd(job=main)

@@ -5,6 +5,9 @@
     [A] <- [B] <- [E]    backup F sync=top    ->  F: E's clusters as they were, over B
     [A] <- [B] <- [E]    backup F sync=none   ->  F: the old content of what the guest
                                                   overwrites, over E (fleecing)
+    [A] <- [B] <- [E]    backup F sync=bitmap bitmap=b1 base=P
+                                              ->  F: the clusters b1 marks, as they
+                                                  were, over P (an incremental backup)
 
 DEST receives the disk as it was when the ``backup`` write(2) returned; the chain's
 images are never changed, and the guest's writes go on at full speed.  The command
@@ -25,9 +28,22 @@ write hook.  From then on:
 Which units are pending at the start (``select``): ``full`` every unit some layer holds
 (the rest reads zeros, as a DEST without backing already does: DEST stays sparse);
 ``top`` every unit the active layer holds (DEST's backing is the active layer's backing,
-which the guest never changes); ``none`` every unit.  A unit is 64 KiB (at least DEST's
-cluster and the chain's granule).  ``pending`` is a ``UnitSet``: ``sync=bitmap`` (a
-persistent dirty bitmap) is one more way of filling it.
+which the guest never changes); ``none`` every unit; ``bitmap`` every unit a granule of
+the persistent dirty bitmap overlaps.  A unit is 64 KiB (at least DEST's cluster and the
+chain's granule).
+
+sync=bitmap (QEMU's incremental backup): at the point in time the bitmap is frozen
+(``Bitmaps.freeze``: what it marked becomes the pending units, and it restarts empty, so
+the guest's writes from then on mark it afresh; on disk it stays the union of both until
+the end, so a crash loses no bit).  DEST is a qcow2 whose backing file is ``base=`` (the
+previous backup, named as ``qemu-img create -b`` would: relative to DEST's directory),
+or none.  At the end the bitmap is thawed per ``bitmap-mode`` (QEMU's
+``BitmapSyncMode``): ``on-success`` (the default) keeps only the writes since the point
+in time if the backup completed, and gives the frozen bits back if it failed or was
+cancelled; ``always`` keeps only the new writes either way; ``never`` always gives the
+frozen bits back (the bitmap goes on accumulating).  While frozen, the bitmap commands
+on it are refused with EBUSY (``Bitmaps._check_idle``); snapshot, commit, stream and copy
+are refused anyway while a job runs (``refuse_busy``).
 
 Zeros: a unit that reads zeros is not written into a DEST without backing (full, raw);
 into one with backing (top, none) it becomes a zero cluster, as the backing may show
@@ -81,6 +97,7 @@ from ..control import BackupCmd, CommandError
 from ..errors import ChainfsError
 from ..formats.base import Buffer, Layer
 from ..formats.qcow2 import Qcow2Layer, create_image
+from ..formats.qcow2.bitmaps import Bitmap, Bitmaps
 from ..formats.raw import RawLayer
 from ..hostfile import HostFile, temporary_name
 from ..locks import lock_image
@@ -91,7 +108,8 @@ from .served import Served, check_target, refuse_busy
 
 log = logging.getLogger(__name__)
 
-FULL, TOP, NONE = "full", "top", "none"
+FULL, TOP, NONE, BITMAP = "full", "top", "none", "bitmap"
+ON_SUCCESS, ALWAYS, NEVER = "on-success", "always", "never"
 QCOW2, RAW = "qcow2", "raw"
 UNIT = 64 << 10  # the smallest unit copied (at least DEST's cluster and the chain's granule)
 STEP = 4 << 20  # bytes per step of the background pass
@@ -129,18 +147,26 @@ class UnitSet:
         self.bits[a:b] = bytes(b - a)
 
 
-def select(served: Served, sync: str, unit: int, size: int) -> UnitSet:
-    """The units a backup copies, fixed at the point in time."""
+def select(
+    served: Served, sync: str, unit: int, size: int, marked: Bitmap | None = None
+) -> UnitSet:
+    """The units a backup copies, fixed at the point in time (``marked``: the frozen
+    bitmap of ``sync=bitmap``)."""
     chain = served.chain
     count = -(-size // unit)
     units = UnitSet(unit, count)
+    if sync == BITMAP:
+        assert marked is not None
+        for a, b in marked.ranges(size):
+            units.bits[a // unit : -(-b // unit)] = b"\x01" * (-(-b // unit) - a // unit)
+        return units
     if sync == NONE:
         units.bits[:] = b"\x01" * count
         return units
     g = chain.granule
     k = unit // g
     stop = len(chain.layers) if sync == FULL else 1
-    held = chain.held_map(0, stop, 0, count * k)
+    held = chain.held_map_locked(0, stop, 0, count * k)  # the caller holds the lock
     for i in range(count):  # a unit is pending if a layer answers for any of its granules
         if 1 in held[i * k : (i + 1) * k]:
             units.bits[i] = 1
@@ -160,6 +186,17 @@ def start(served: Served, cmd: BackupCmd) -> None:
         )
     refuse_busy(served)
     dest = check_target(served, cmd.dest)
+    base: tuple[str, str] | None = None
+    if cmd.sync == BITMAP:
+        assert cmd.bitmap is not None
+        chain = served.chain
+        try:
+            with chain.lock:  # exists, consistent, not frozen: refused before DEST exists
+                chain.dirty_bitmaps().check_usable(cmd.bitmap)
+        except ChainfsError as e:
+            raise CommandError(getattr(e, "errno", errno.EINVAL) or errno.EINVAL, str(e)) from e
+        if cmd.base is not None:
+            base = _previous_backup(served, dest, cmd.base)
     job = BackupJob(
         served.next_id("backup"),
         served,
@@ -168,6 +205,9 @@ def start(served: Served, cmd: BackupCmd) -> None:
         cmd.format,
         compress=cmd.compress,
         speed=cmd.speed,
+        bitmap=cmd.bitmap,
+        bitmap_mode=cmd.bitmap_mode,
+        base=base,
     )
     job.attach(served.journal, served.name)
     try:
@@ -181,6 +221,25 @@ def start(served: Served, cmd: BackupCmd) -> None:
         await job.execute()
 
     served.spawn(run)
+
+
+def _previous_backup(served: Served, dest: str, base: str) -> tuple[str, str]:
+    """``base=``: the path of an existing image in a directory chainfs may use (relative
+    names from DEST's directory, as ``qemu-img create -b``), and its format."""
+    path = os.path.normpath(os.path.join(os.path.dirname(dest), base))
+    real = os.path.realpath(path)
+    if not any(real == d or real.startswith(d + "/") for d in served.allowed_dirs):
+        raise CommandError(
+            errno.EACCES, f"{path!r} is outside the directories chainfs may write to"
+        )
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise CommandError(errno.ENOENT, f"base {path!r} does not exist") from None
+    except OSError as e:
+        raise CommandError(e.errno or errno.EIO, f"cannot read base {path!r}: {e.strerror}") from e
+    return path, QCOW2 if magic == b"QFI\xfb" else RAW
 
 
 def resume(served: Served, p: Pending) -> None:
@@ -224,8 +283,15 @@ class BackupJob(Job):
         *,
         compress: bool,
         speed: int,
+        bitmap: str | None = None,
+        bitmap_mode: str = ON_SUCCESS,
+        base: tuple[str, str] | None = None,
     ) -> None:
         super().__init__(job_id, speed=speed, emit=served.emit)
+        self.bitmap = bitmap
+        self.bitmap_mode = bitmap_mode
+        self.base = base  # sync=bitmap: DEST's backing file and its format
+        self._frozen: Bitmaps | None = None  # whose bitmap this backup froze
         self.served = served
         self.dest = dest
         self.sync = sync
@@ -246,6 +312,8 @@ class BackupJob(Job):
             ("sync", self.sync),
             ("format", self.format),
             ("compress", "on" if self.compress else None),
+            ("bitmap", self.bitmap),
+            ("bitmap-mode", self.bitmap_mode if self.bitmap else None),
         ]
 
     def intent(self) -> dict[str, object]:
@@ -287,6 +355,9 @@ class BackupJob(Job):
             elif self.sync == NONE:
                 fmt = active.format_name
                 backing = backing_string(self.dest, active.path)
+            elif self.sync == BITMAP and self.base is not None:
+                backing = backing_string(self.dest, self.base[0])
+                fmt = self.base[1]
             image = create_image(self.dest, size=size, backing=backing, backing_format=fmt)
             self.created = True
             self.target = chain.adopt_layer(image)
@@ -295,14 +366,22 @@ class BackupJob(Job):
             # backup never resumes), so that the next mount removes it after a crash
             self.journal.progress(self.journal_key, CREATED)
         unit = max(UNIT, chain.granule, self.target.cluster_size)
-        self.pending = select(self.served, self.sync, unit, size)
+        with chain.lock:  # the bitmap's point in time: between two guest requests
+            marked = None
+            if self.sync == BITMAP:
+                assert self.bitmap is not None
+                bitmaps = chain.dirty_bitmaps()
+                marked = bitmaps.freeze(self.bitmap)
+                self._frozen = bitmaps
+            self.pending = select(self.served, self.sync, unit, size, marked)
+            chain.write_hooks.append(self)
         self.len = 0 if self.sync == NONE else self.pending.pending() * unit
-        chain.write_hooks.append(self)
         log.info("job=%s backup of %d units into %s", self.id, self.pending.pending(), self.dest)
 
     def end_unstarted(self) -> None:
         """``begin`` failed: nothing to keep."""
         self._untrack()
+        self._thaw(success=False)
         if self.target is not None:
             self._close_target()
         if not self.created:
@@ -333,7 +412,7 @@ class BackupJob(Job):
         view = memoryview(self._buf)[:n]
         self.served.chain.read_below_into(-1, start, view)
         written = 0
-        with_backing = self.sync != FULL
+        with_backing = self.sync not in (FULL, BITMAP) or self.base is not None
         cs = target.cluster_size
         pos = 0
         while pos < n:  # runs of all-zero units and of data units, each in one go
@@ -454,15 +533,35 @@ class BackupJob(Job):
         assert self.target is not None
         self.target.flush()
         self._close_target()  # an ordinary file, retired (never a chain) from the start
+        # DEST is durable: the bitmap may restart from the point in time
+        self._thaw(success=self.bitmap_mode != NEVER)
         log.info("job=%s backup complete: %s", self.id, self.dest)
 
     def abort(self) -> None:
         self._untrack()
         try:
+            self._thaw(success=self.bitmap_mode == ALWAYS)
             if self.target is not None:
                 self._close_target()
         finally:
             self._emit("BACKUP_ABANDONED", job=self.id, file=self.dest)
+
+    def _thaw(self, *, success: bool) -> None:
+        """sync=bitmap's end (``bitmap-mode``): the bitmap restarts from the point in
+        time (``success``) or gets the frozen bits back; durable when this returns."""
+        bitmaps, self._frozen = self._frozen, None
+        if bitmaps is None or self.bitmap is None:
+            return
+        chain = self.served.chain
+        with chain.lock:
+            bitmaps.thaw(self.bitmap, success=success)
+            bitmaps.f.flush()
+        self._emit(
+            "BITMAP_CHANGED",
+            action="restarted" if success else "kept",
+            bitmap=self.bitmap,
+            job=self.id,
+        )
 
     def _close_target(self) -> None:
         target, self.target = self.target, None

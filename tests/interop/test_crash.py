@@ -698,6 +698,55 @@ def test_set_backing_again_and_again(
     b.prove(rec, frozen, allowed, disks, exhaustive)
 
 
+@pytest.mark.parametrize("change", ["add", "remove"])
+@pytest.mark.parametrize(
+    ("compat", "backing", "opts"),
+    [
+        ("1.1", "none", ()),
+        ("1.1", "short", ()),
+        ("1.1", "long-600", ()),
+        ("1.1", "nofmt", ()),
+        ("1.1", "raw", ()),
+        ("1.1", "long-300", ("cluster_size=1024",)),
+    ],
+)
+def test_bitmaps_extension_added_or_dropped(
+    tmp_path: Path,
+    compat: str,
+    backing: str,
+    opts: tuple[str, ...],
+    change: str,
+    exhaustive: bool,
+) -> None:
+    """The first bitmap of an image adds the bitmaps extension to its header, removing
+    the last one drops it (QEMU refuses an extension with no bitmaps): every prefix,
+    sector tear and subset of unflushed sectors leaves an image ``qemu-img check``
+    passes and QEMU opens, with the old or the new bitmaps (and the same backing file
+    and disk)."""
+    b = BackingScene(tmp_path, compat, change == "remove", *opts)
+    b.make_top(backing)
+    allowed = [b.identity(b.top)]
+    disk = cs.qemu_read(b.top)
+    frozen = b.scene.freeze()
+    with cs.recording(str(b.scene.root)) as rec, Chain.open(b.top, writable=True) as chain:
+        bitmaps = chain.dirty_bitmaps()
+        if change == "add":
+            bitmaps.add("first", 65536)
+        else:
+            bitmaps.remove("second-bitmap")  # a 24-byte switch
+            bitmaps.remove("b1")  # the last: the extension goes
+    if change == "remove":  # the identity between the two removals
+        first = allowed[0]
+        allowed.append((*first[:2], tuple(x for x in first[2] if x[0] != "second-bitmap")))
+    allowed.append(b.identity(b.top))
+    after = allowed[-1]
+    assert after[:2] == allowed[0][:2]
+    assert len(after[2]) == (1 if change == "add" else 0), after
+    assert cs.check(b.top)[0] == 0
+    assert cs.qemu_read(b.top) == disk
+    b.prove(rec, frozen, allowed, dict.fromkeys(allowed, disk), exhaustive)
+
+
 # -- 6. opening a dirty lazy-refcounts image writable ------------------------------------------
 
 

@@ -5,7 +5,8 @@
 runs ``chainfs`` with a ``HostFile.observer`` that, before every write and every flush
 of an image, reads ``RULES_FILE``: while it holds ``flush EIO`` every flush fails with
 EIO as a failing ``fdatasync`` would, ``write ENOSPC`` every write fails with ENOSPC,
-and so on (one ``EVENT ERRNO-NAME`` per line); without the file nothing fails.  The
+and so on (one ``EVENT ERRNO-NAME [FILE-SUFFIX]`` per line: with a suffix, only for
+files whose path ends with it); without the file nothing fails.  The
 failure is raised where the system call would fail, so chainfs handles it as it would a
 real one.  A test points the mount fixtures' ``CHAINFS`` at this script.
 """
@@ -21,15 +22,15 @@ from chainfs import cli
 from chainfs.hostfile import HostFile
 
 
-def rules(path: Path) -> dict[str, int]:
+def rules(path: Path) -> list[tuple[str, int, str]]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return {}
-    out: dict[str, int] = {}
+        return []
+    out: list[tuple[str, int, str]] = []
     for line in text.splitlines():
-        event, name = line.split()
-        out[event] = getattr(errno, name)
+        event, name, *suffix = line.split()
+        out.append((event, getattr(errno, name), suffix[0] if suffix else ""))
     return out
 
 
@@ -37,9 +38,9 @@ def main() -> int:
     path = Path(sys.argv[1])
 
     def observer(event: str, file: str, offset: int, data: bytes) -> None:
-        err = rules(path).get(event)
-        if err is not None:
-            raise OSError(err, os.strerror(err))
+        for kind, err, suffix in rules(path):
+            if kind == event and file.endswith(suffix):
+                raise OSError(err, os.strerror(err))
 
     HostFile.observer = observer
     return cli.main(sys.argv[2:])

@@ -75,6 +75,17 @@ ACCEPTED: list[tuple[str, bytes, Command]] = [
     ),
     ("backup", b"F sync=top compress=on", BackupCmd("F", sync="top", compress=True)),
     ("backup", b"F sync=none compress=off", BackupCmd("F", sync="none")),
+    ("backup", b"F sync=bitmap bitmap=b1", BackupCmd("F", sync="bitmap", bitmap="b1")),
+    (
+        "backup",
+        b"F sync=bitmap bitmap=b1 bitmap-mode=never base=full.qcow2",
+        BackupCmd("F", sync="bitmap", bitmap="b1", bitmap_mode="never", base="full.qcow2"),
+    ),
+    (
+        "backup",
+        b"F sync=bitmap bitmap=b1 bitmap-mode=always",
+        BackupCmd("F", sync="bitmap", bitmap="b1", bitmap_mode="always"),
+    ),
     ("copy", b"/new/disk.qcow2 sync=full", CopyCmd("/new/disk.qcow2", sync="full")),
     ("copy", b"sync=top /new/disk.qcow2", CopyCmd("/new/disk.qcow2", sync="top")),
     (
@@ -176,7 +187,16 @@ def test_host_verbs_take_the_chain_name(kind: str) -> None:
 REJECTED: list[tuple[str, bytes, str]] = [
     ("backup", b"", "empty command"),
     ("backup", b"sync=full", "backup needs a destination"),
-    ("backup", b"F sync=bitmap", "sync must be 'full', 'top' or 'none', got 'bitmap'"),
+    ("backup", b"F sync=mirror", "sync must be 'full', 'top', 'none' or 'bitmap', got 'mirror'"),
+    ("backup", b"F sync=bitmap", "sync=bitmap needs bitmap=NAME"),
+    ("backup", b"F bitmap=b1", "bitmap= needs sync=bitmap"),
+    ("backup", b"F sync=top base=A.qcow2", "base= needs sync=bitmap"),
+    ("backup", b"F sync=full bitmap-mode=never", "bitmap-mode= needs sync=bitmap"),
+    (
+        "backup",
+        b"F sync=bitmap bitmap=b1 bitmap-mode=sometimes",
+        "bitmap-mode must be 'on-success', 'always' or 'never', got 'sometimes'",
+    ),
     ("backup", b"F format=vmdk", "format must be 'qcow2' or 'raw', got 'vmdk'"),
     ("backup", b"F compress=yes", "compress must be 'on' or 'off', got 'yes'"),
     ("backup", b"F wait=ready", "unknown key 'wait' for backup"),

@@ -46,7 +46,12 @@ GRAMMAR: dict[str, tuple[frozenset[str], bool, bool]] = {
     "commit": (frozenset({"top", "base", "speed", "wait", "copy-mode"}), False, False),
     "copy": (frozenset({"sync", "speed", "wait", "copy-mode"}), True, True),
     # (format= and compress= are left to test_control.py: fewer combinations here)
-    "backup": (frozenset({"sync", "speed", "format", "compress"}), True, True),
+    # (sync=bitmap's keys too: base= here, with sync=top, is refused)
+    "backup": (
+        frozenset({"sync", "speed", "format", "compress", "bitmap", "bitmap-mode", "base"}),
+        True,
+        True,
+    ),
     "cancel": (frozenset(), True, True),
     "complete": (frozenset(), True, True),
     "speed": (frozenset(), True, True),  # two bare words: JOB RATE
@@ -111,6 +116,8 @@ def expected(kind: str, keys: dict[str, str], bare: list[str]) -> Command | None
             main or "", sync=sync, speed=speed, wait_ready=ready, copy_mode=mode or "background"
         )
     if kind == "backup":
+        if "base" in keys:
+            return None  # base= needs sync=bitmap (never drawn here)
         return BackupCmd(main or "", sync=keys.get("sync", "full"), speed=speed)
     if kind == "change":
         return None if mode is None else ChangeCmd(main or "", mode)

@@ -17,7 +17,10 @@ flag:
 - ``clear`` and ``merge`` rewrite the data in place (a torn rewrite leaves bits of
   the old content or of the union: over-reporting only); adding, removing, enabling,
   disabling and materialising write a new directory (and tables) elsewhere and switch
-  to it with one write of the 24-byte extension in cluster 0, after a flush;
+  to it with one write of the 24-byte extension in cluster 0, after a flush; the first
+  bitmap of an image adds the extension, and removing the last one drops it (QEMU
+  refuses an extension with no bitmaps), through ``repoint.change_extensions``, which
+  never leaves a torn header (the autoclear bit switches with the extension);
 - the autoclear bit 0 ("bitmaps consistent") stays set.
 
 So the bitmaps QEMU finds after an unmount, a kill -9 or a power cut are valid, not in
@@ -47,6 +50,7 @@ from ...hostfile import HostFile
 from . import header as hdr
 from .entries import U64
 from .refcounts import Refcounts
+from .repoint import change_extensions
 
 IN_USE = 1 << 0
 AUTO = 1 << 1
@@ -363,6 +367,8 @@ class Bitmaps:
         changed = False
         for s in sources:
             src = self._maintained(s) if isinstance(s, str) else s
+            if isinstance(s, str):
+                self._check_idle(src)  # frozen: its bits are split (QEMU: busy)
             if src.bits is None:
                 raise BitmapError(f"Bitmap '{src.name}' is inconsistent and cannot be used")
             changed |= merge_bits(bm, src, self.size)
@@ -370,6 +376,10 @@ class Bitmaps:
             self._rewrite(bm)
 
     # -- for an incremental backup (QEMU's frozen bitmap and its successor) ---------------
+
+    def check_usable(self, name: str) -> None:
+        """Refuse, as ``freeze`` would, a bitmap a backup cannot use."""
+        self._check_idle(self._maintained(name))
 
     def freeze(self, name: str) -> Bitmap:
         """Start a backup of ``name``: return a copy of it as it is now (its ``ranges``
@@ -508,21 +518,37 @@ class Bitmaps:
         self.dir_offset, self.dir_size = off, len(d)
 
     def _switch(self, count: int, size: int, offset: int) -> None:
+        """Point the header at the new directory: one write of the 24-byte extension
+        while there is one; adding the extension (the first bitmap) or dropping it (the
+        last one: QEMU refuses an extension with no bitmaps) changes the header's
+        extension area, crash-safely, as a re-point does (``repoint.change_extensions``),
+        the autoclear bit switched with it."""
         h, f = self.h, self.f
         ext = _EXT.pack(count, 0, size, offset)
         at = _extension_offset(h, hdr.EXT_BITMAPS)
-        if at is not None and h.autoclear & hdr.AUTOCLEAR_BITMAPS:
+        valid = at is not None and bool(h.autoclear & hdr.AUTOCLEAR_BITMAPS)
+        if count and valid:
+            assert at is not None
             f.pwrite(ext, at)
             f.flush()
             h.extensions = [(k, ext if k == hdr.EXT_BITMAPS else d) for k, d in h.extensions]
             return
-        # no (valid) extension yet: rewrite the header with one, then set the bit
-        exts = [(k, d) for k, d in h.extensions if k != hdr.EXT_BITMAPS]
-        exts.append((hdr.EXT_BITMAPS, ext))
-        _rewrite_extensions(f, h, exts)
-        h.autoclear |= hdr.AUTOCLEAR_BITMAPS
-        f.pwrite(struct.pack(">Q", h.autoclear), 88)
-        f.flush()
+        if count:  # a new extension, or one in place of a stale one
+            exts = [(k, ext if k == hdr.EXT_BITMAPS else d) for k, d in h.extensions]
+            if at is None:
+                exts.append((hdr.EXT_BITMAPS, ext))
+            autoclear = h.autoclear | hdr.AUTOCLEAR_BITMAPS
+        elif at is None and not h.autoclear & hdr.AUTOCLEAR_BITMAPS:
+            return  # nothing to drop
+        else:
+            exts = [(k, d) for k, d in h.extensions if k != hdr.EXT_BITMAPS]
+            autoclear = h.autoclear & ~hdr.AUTOCLEAR_BITMAPS
+        try:
+            change_extensions(f, h, exts, autoclear)
+        except ImageError as e:
+            raise ImageError(
+                f"no room for the bitmaps extension in the header of {f.path!r}: {e}"
+            ) from e
 
 
 def _trim(bits: bytearray, size: int, gran_bits: int) -> None:
@@ -659,33 +685,6 @@ def _extension_offset(h: hdr.Header, kind: int) -> int | None:
             return pos + 8
         pos += 8 + len(d) + (-len(d) % 8)
     return None
-
-
-def _rewrite_extensions(f: HostFile, h: hdr.Header, exts: list[tuple[int, bytes]]) -> None:
-    """Rewrite cluster 0 with these extensions and the backing name after them.
-
-    The bytes past the first sector are written and flushed before the first sector
-    (which holds the fields saying where the name lies), as ``repoint`` does; unlike
-    ``repoint`` the name may move into bytes the old header reads, so a write torn
-    inside the extension area can leave a header QEMU refuses (as QEMU's own header
-    update can).  Used once per image: when its first bitmap is added."""
-    cs = h.cluster_size
-    old = (h.extensions, h.backing_file_offset)
-    h.extensions = exts
-    head = h.pack_fields() + h.pack_extensions()
-    name = (h.backing_file or "").encode()
-    if len(head) + len(name) > cs:
-        h.extensions = old[0]
-        raise ImageError(f"no room for the bitmaps extension in the header of {f.path!r}")
-    if name:
-        h.backing_file_offset = len(head)
-        head = h.pack_fields() + h.pack_extensions()
-    cluster = head + name
-    if len(cluster) > 512:
-        f.pwrite(cluster[512:], 512)
-        f.flush()
-    f.pwrite(cluster[:512], 0)
-    f.flush()
 
 
 def read_only(f: HostFile, h: hdr.Header, size: int) -> list[Bitmap]:

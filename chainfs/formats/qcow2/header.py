@@ -37,6 +37,7 @@ KNOWN_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE
 KNOWN_INCOMPAT |= INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 AUTOCLEAR_BITMAPS = 1 << 0
+AUTOCLEAR_OFFSET = 88  # of the autoclear feature bits (v3), inside the first sector
 
 MAX_BACKING_NAME = 1023
 # QEMU's own ceilings for table sizes; anything larger is hostile or broken

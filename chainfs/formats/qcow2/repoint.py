@@ -1,6 +1,7 @@
-"""Re-pointing a qcow2 image at another backing file, so that a power loss at any instant,
-even one that tears a write at a 512-byte sector boundary, leaves an image QEMU opens
-with either the old or the new backing file (name and format).
+"""Re-pointing a qcow2 image at another backing file, or changing its set of header
+extensions, so that a power loss at any instant, even one that tears a write at a
+512-byte sector boundary, leaves an image QEMU opens with either the old or the new
+backing file (name and format) and either the old or the new extensions.
 
 What QEMU reads (``qcow2_do_open``, ``qcow2_read_extensions``; ``docs/interop/qcow2.txt``):
 
@@ -57,6 +58,12 @@ Bytes of the first cluster that no header reads any more (an old name, an old ex
 tail) are left as they are; QEMU and ``qemu-img check`` ignore them.  Every other header
 field, unknown fields and extensions included (the bitmaps extension keeps its bytes and
 the autoclear bit stays as it is), is kept byte for byte.
+
+Changing the extensions (``change_extensions``: the bitmaps extension added with the
+image's first bitmap, dropped with its last one, as QEMU's header update does) is the
+same problem with the backing file kept: the planner takes the new extension list and
+the new autoclear bits (in the first sector, switched with it), and everything above
+holds as written, the name moving out of the way of a longer extension area.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ class _Layout:
     name: bytes
     cluster: bytearray
     reads: Ranges
+    autoclear: int | None = None
 
 
 def _extensions(
@@ -131,22 +139,29 @@ def _place(low: int, n: int, avoid: Ranges, cs: int) -> int | None:
 
 
 def _layout(
-    disk: bytes, header_length: int, extensions: list[tuple[int, bytes]], name: bytes, at: int
+    disk: bytes,
+    header_length: int,
+    extensions: list[tuple[int, bytes]],
+    name: bytes,
+    at: int,
+    autoclear: int | None = None,
 ) -> _Layout:
     """The header cluster with these extensions and this name at ``at``: ``disk`` with
-    the backing fields, the extension area and the name replaced, and the rest of the
-    first sector zeroed."""
+    the backing fields, the extension area and the name replaced (and the autoclear
+    feature bits, on v3, when given), and the rest of the first sector zeroed."""
     packed = _pack(extensions)
     end = header_length + len(packed)
     cluster = bytearray(disk)
     head = min(SECTOR, len(cluster))
     cluster[end:head] = bytes(max(0, head - end))
     struct.pack_into(">QI", cluster, 8, at if name else 0, len(name))
+    if autoclear is not None:
+        struct.pack_into(">Q", cluster, hdr.AUTOCLEAR_OFFSET, autoclear)
     cluster[header_length:end] = packed
     if name:
         cluster[at : at + len(name)] = name
     reads = _past_sector(header_length, end) + (_past_sector(at, at + len(name)) if name else [])
-    return _Layout(extensions, at if name else 0, name, cluster, reads)
+    return _Layout(extensions, at if name else 0, name, cluster, reads, autoclear)
 
 
 def _writes(disk: bytes | bytearray, new: _Layout, reading: Ranges) -> Ranges | None:
@@ -174,36 +189,48 @@ def _reads(h: hdr.Header) -> Ranges:
 
 
 def plan(
-    disk: bytes, h: hdr.Header, backing: str | None, fmt: str | None, path: str
+    disk: bytes,
+    h: hdr.Header,
+    backing: str | None,
+    fmt: str | None,
+    path: str,
+    *,
+    extensions: list[tuple[int, bytes]] | None = None,
+    autoclear: int | None = None,
 ) -> list[_Layout]:
     """The headers to switch to, in order (one or two), from the header cluster ``disk``
-    whose parsed header is ``h``; ``ImageError`` if no crash-safe order exists."""
+    whose parsed header is ``h``, to one with this backing file and format, and
+    ``extensions`` (default: ``h``'s) and ``autoclear`` bits (default: unchanged), the
+    backing-format extension placed as the module says; ``ImageError`` if no
+    crash-safe order exists."""
     cs = h.cluster_size
     name = backing.encode() if backing else b""
     if len(name) > hdr.MAX_BACKING_NAME:
         raise ImageError(f"backing file name longer than {hdr.MAX_BACKING_NAME} bytes")
-    exts = _extensions(h.extensions, backing, fmt)
+    exts = _extensions(h.extensions if extensions is None else extensions, backing, fmt)
     end = h.header_length + len(_pack(exts))
     if end + len(name) > cs:
-        raise ImageError(f"no room for the backing file name in {path!r}'s header cluster")
+        what = "backing file name" if extensions is None else "header extensions"
+        raise ImageError(f"no room for the {what} in {path!r}'s header cluster")
     reading = _reads(h)
     at = _place(end, len(name), reading, cs)
     if at is not None:
-        direct = _layout(disk, h.header_length, exts, name, at)
+        direct = _layout(disk, h.header_length, exts, name, at, autoclear)
         if _writes(disk, direct, reading) is not None:
             return [direct]
     # two steps, through a header with the new backing file and no feature-name table
-    final = _layout(disk, h.header_length, exts, name, end)
+    final = _layout(disk, h.header_length, exts, name, end, autoclear)
     small = [(k, d) for k, d in exts if k != hdr.EXT_FEATURE_TABLE]
     small_end = h.header_length + len(_pack(small))
     between = None
     if small_end <= SECTOR:
         mid_at = _place(small_end, len(name), reading + final.reads, cs)
         if mid_at is not None:
-            between = _layout(disk, h.header_length, small, name, mid_at)
+            between = _layout(disk, h.header_length, small, name, mid_at, autoclear)
     if between is None or _writes(disk, between, reading) is None:
+        verb = "re-point" if extensions is None else "change the header extensions of"
         raise ImageError(
-            f"cannot re-point {path!r} crash-safely: its header extensions leave no room"
+            f"cannot {verb} {path!r} crash-safely: its header extensions leave no room"
         )
     return [between, final]
 
@@ -216,6 +243,32 @@ def repoint(f: HostFile, h: hdr.Header, backing: str | None, backing_format: str
     if (cur.backing_file, cur.backing_format) == (backing, backing_format if backing else None):
         return
     steps = plan(bytes(disk), cur, backing, backing_format, f.path)
+    _apply(f, disk, cur, steps)
+    last = steps[-1]
+    h.backing_file_offset, h.backing_file_size = last.name_offset, len(last.name)
+    h.backing_file = backing if last.name else None
+    h.extensions = list(last.extensions)
+
+
+def change_extensions(
+    f: HostFile, h: hdr.Header, extensions: list[tuple[int, bytes]], autoclear: int
+) -> None:
+    """Give the open, writable image ``f`` (parsed header ``h``, updated here) these
+    header extensions and autoclear feature bits, its backing file kept, crash-safely
+    (see the module's docstring); returns once it is durable."""
+    disk = bytearray(hdr.header_cluster(f))
+    cur = hdr.parse(bytes(disk), f.path, f.size())
+    backing, fmt = cur.backing_file, cur.backing_format
+    steps = plan(bytes(disk), cur, backing, fmt, f.path, extensions=extensions, autoclear=autoclear)
+    _apply(f, disk, cur, steps)
+    last = steps[-1]
+    h.backing_file_offset, h.backing_file_size = last.name_offset, len(last.name)
+    h.extensions = list(last.extensions)
+    h.autoclear = autoclear
+
+
+def _apply(f: HostFile, disk: bytearray, cur: hdr.Header, steps: list[_Layout]) -> None:
+    """Switch the header cluster ``disk`` (parsed: ``cur``) to each step in turn."""
     reading = _reads(cur)
     for step in steps:
         runs = _writes(disk, step, reading)
@@ -230,7 +283,3 @@ def repoint(f: HostFile, h: hdr.Header, backing: str | None, backing_format: str
         f.flush()
         disk[:head] = step.cluster[:head]
         reading = step.reads
-    last = steps[-1]
-    h.backing_file_offset, h.backing_file_size = last.name_offset, len(last.name)
-    h.backing_file = backing if last.name else None
-    h.extensions = list(last.extensions)
