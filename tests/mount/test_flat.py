@@ -135,6 +135,9 @@ CONTROL_FILES = (
     "bitmap",
     "bitmaps",
     "dirty",
+    "adopt",
+    "inactivate",
+    "activate",
 )
 CHAINS = ["seed-E", "rawbase-E", "short-top", "mixed-top", "abs-top", "dd-top"]
 
