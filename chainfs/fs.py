@@ -17,11 +17,13 @@ Inode numbers are fixed at start: 1 root, 2 ``control``, 3 ``control/.status``, 
 ``layers``, and a block of 32 per chain.  Layer views live in a range of their own, from
 2**32 up, a block of 2**24 per chain (``view_inode``): the block's first inode is
 ``layers/NAME``, then one per view slot (``Views``: a name keeps its slot for the
-mount's life).  The flat files are opened with ``keep_cache``: live operations never
-change what the disk shows, so the kernel's page cache stays coherent.  A view of a
-backing layer is fixed while open (jobs that would change it are refused), so it uses
-the page cache too, dropped at each open; the active layer's view changes with the flat
-file, under another inode, so it is read with ``direct_io``.
+mount's life).  A name or an inode is found by dicts (``_index``), never by a walk of
+the disks: a lookup costs the same for 10,000 chains as for one.  The flat files are
+opened with ``keep_cache``: live operations never change what the disk shows, so the
+kernel's page cache stays coherent.  A view of a backing layer is fixed while open (jobs
+that would change it are refused), so it uses the page cache too, dropped at each open;
+the active layer's view changes with the flat file, under another inode, so it is read
+with ``direct_io``.
 
 Locking contract: every handler runs on the trio thread.
 """
@@ -62,6 +64,7 @@ IMG, DIR = 0, 1
 READ_FILES = ("chain", "jobs", "events", "bitmaps", "dirty")
 WRITE_FILES = COMMANDS  # snapshot stream commit copy backup, then the job verbs
 CONTROL_FILES = READ_FILES + WRITE_FILES  # offsets 2.. within a chain's block
+_CONTROL_PART = {n.encode(): 2 + i for i, n in enumerate(CONTROL_FILES)}
 SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 FIRST_VIEW = 1 << 32  # layers/NAME and its views: above any chain block
@@ -147,8 +150,43 @@ class Operations(pyfuse3.Operations):
         self.started_ns = time.time_ns()
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
+        # lookups: a disk's place in ``disks`` (its inode blocks) and each fixed
+        # directory's entries, listed and by name, so that no request walks the disks.
+        # The disks are fixed for the mount's life and so are their names (jobs change
+        # a chain's layers, hence its views, never the chain's name); ``_indexed``
+        # still rebuilds them should the list ever grow.
+        self._place: dict[Disk, int] = {}
+        self._entries: dict[int, list[tuple[bytes, int]]] = {}
+        self._by_name: dict[int, dict[bytes, int]] = {}
+        self._indexed = -1
+        self._index()
 
     # -- inode arithmetic --------------------------------------------------------------
+
+    def _index(self) -> None:
+        """Build the lookup dicts if the list of disks changed (once, at start):
+        O(disks) then, O(1) per request after."""
+        if self._indexed == len(self.disks):
+            return
+        place: dict[Disk, int] = {}
+        for i, d in enumerate(self.disks):
+            place.setdefault(d, i)
+        self._place = place
+        self._indexed = len(self.disks)  # (before the entries: they use ``_place``)
+        self._entries = {
+            ROOT: [(b"control", CONTROL), (b"layers", LAYERS)]
+            + [(f"{d.name}.img".encode(), self._inode(d, IMG)) for d in self.disks],
+            LAYERS: [(d.name.encode(), self._view_inode(d, None)) for d in self.disks],
+            CONTROL: [(b".status", STATUS)]
+            + [(d.name.encode(), self._inode(d, DIR)) for d in self.disks],
+        }
+        by_name: dict[int, dict[bytes, int]] = {}
+        for parent, entries in self._entries.items():
+            names: dict[bytes, int] = {}
+            for name, inode in entries:
+                names.setdefault(name, inode)  # (a name twice: the first, as a walk found)
+            by_name[parent] = names
+        self._by_name = by_name
 
     def _disk_of(self, inode: int) -> tuple[Disk, int] | None:
         if inode < FIRST_CHAIN:
@@ -159,7 +197,8 @@ class Operations(pyfuse3.Operations):
         return self.disks[i], part
 
     def _inode(self, disk: Disk, part: int) -> int:
-        return FIRST_CHAIN + self.disks.index(disk) * PER_CHAIN + part
+        self._index()
+        return FIRST_CHAIN + self._place[disk] * PER_CHAIN + part
 
     def _view_of(self, inode: int) -> tuple[Disk, View | None] | None:
         """``layers/NAME`` (view None) or one of its views, by inode; None if none."""
@@ -173,7 +212,8 @@ class Operations(pyfuse3.Operations):
         return None if view is None else (disk, view)
 
     def _view_inode(self, disk: Disk, view: View | None) -> int:
-        return view_inode(self.disks.index(disk), None if view is None else view.slot)
+        self._index()
+        return view_inode(self._place[disk], None if view is None else view.slot)
 
     # -- attributes ------------------------------------------------------------------------
 
@@ -294,18 +334,16 @@ class Operations(pyfuse3.Operations):
         host may have written the chain: close-to-open)."""
         try:
             pyfuse3.invalidate_inode(pyfuse3.InodeT(self._inode(disk, IMG)), attr_only=False)
-        except (OSError, ValueError) as e:  # not cached, or not mounted yet
+        except (OSError, LookupError, ValueError) as e:  # not cached, not mounted yet, gone
             log.debug("chain=%s cache not invalidated: %s", disk.name, e)
 
     # -- lookups ---------------------------------------------------------------------------
 
     def _children(self, inode: int) -> list[tuple[bytes, int]]:
-        if inode == ROOT:
-            return [(b"control", CONTROL), (b"layers", LAYERS)] + [
-                (f"{d.name}.img".encode(), self._inode(d, IMG)) for d in self.disks
-            ]
-        if inode == LAYERS:
-            return [(d.name.encode(), self._view_inode(d, None)) for d in self.disks]
+        self._index()
+        fixed = self._entries.get(inode)
+        if fixed is not None:  # the root, ``control``, ``layers``: built once
+            return fixed
         if inode >= FIRST_VIEW:
             view_dir = self._view_of(inode)
             if view_dir is None:
@@ -313,12 +351,7 @@ class Operations(pyfuse3.Operations):
             disk, view = view_dir
             if view is not None:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
-            i = self.disks.index(disk)
-            return [(os.fsencode(v.name), view_inode(i, v.slot)) for v in disk.views.listing]
-        if inode == CONTROL:
-            return [(b".status", STATUS)] + [
-                (d.name.encode(), self._inode(d, DIR)) for d in self.disks
-            ]
+            return [(os.fsencode(v.name), self._view_inode(disk, v)) for v in disk.views.listing]
         found = self._disk_of(inode)
         if found is not None and found[1] == DIR:
             disk = found[0]
@@ -336,10 +369,20 @@ class Operations(pyfuse3.Operations):
             if view is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._attr(self._view_inode(disk, view))
-        for child, inode in self._children(parent_inode):
-            if child == name:
-                return self._attr(inode)
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        self._index()
+        names = self._by_name.get(parent_inode)
+        if names is not None:  # the root, ``control``, ``layers``: a dict, never a walk
+            inode = names.get(name)
+        else:
+            found = self._disk_of(parent_inode)
+            if found is None or found[1] != DIR:
+                self._children(parent_inode)  # ENOENT or ENOTDIR, as a listing says
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            part = _CONTROL_PART.get(name)
+            inode = None if part is None else self._inode(found[0], part)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(inode)
 
     @translate_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -371,7 +414,8 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         entries = self._children(fh)
-        for i, (name, inode) in enumerate(entries[start_id:], start_id):
+        for i in range(start_id, len(entries)):  # (no copy of the rest: O(n) a listing)
+            name, inode = entries[i]
             if not pyfuse3.readdir_reply(token, name, self._attr(inode), i + 1):
                 break
 

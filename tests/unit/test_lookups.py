@@ -1,0 +1,268 @@
+"""Name and inode lookups without FUSE: ``Operations`` finds a chain's files by dicts,
+never by a walk of the mount's disks (a disks list that refuses to be walked proves it),
+and the layer views' names and inodes follow the chains' layers through snapshot,
+stream, commit and copy (a hypothesis property test against a model)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pyfuse3
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chainfs.disk import Disk
+from chainfs.fs import CONTROL, CONTROL_FILES, LAYERS, ROOT, STATUS, Operations
+from chainfs.source import Source
+from chainfs.views import Views
+
+SIZE = 1 << 20
+
+
+@dataclass
+class FakeLayer:
+    path: str
+    virtual_size: int = SIZE
+
+
+@dataclass
+class FakeChain:
+    """What ``Operations`` and ``Views`` use of a chain for lookups and attributes."""
+
+    layers: list[FakeLayer]
+    size: int = SIZE
+    confine: Any = None
+
+    @property
+    def active(self) -> FakeLayer:
+        return self.layers[0]
+
+    def allocated(self) -> int:
+        return 4096
+
+
+@dataclass(eq=False)
+class FakeDisk:
+    """What ``Operations`` uses of a ``Disk`` to look up, stat and list (hashed by
+    identity, as ``Disk``)."""
+
+    name: str
+    chain: FakeChain
+    views: Views = field(init=False)
+    readonly: bool = False
+    writable_here: bool = True
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    warning: str | None = None
+
+    def __post_init__(self) -> None:
+        self.views = Views(self.name, self.chain)  # type: ignore[arg-type]
+
+    def owner_pairs(self) -> list[tuple[str, object]]:
+        return [("owner", "self")]
+
+
+class NoScan(list[FakeDisk]):
+    """The mount's disks, refusing every walk once ``armed``: indexing by position and
+    ``len`` only (what an inode's arithmetic needs)."""
+
+    armed = False
+    walks = 0
+
+    def _refuse(self) -> None:
+        self.walks += 1
+        if self.armed:
+            raise AssertionError("the request path walked the list of disks")
+
+    def __iter__(self) -> Iterator[FakeDisk]:
+        self._refuse()
+        return super().__iter__()
+
+    def index(self, *args: Any) -> int:
+        self._refuse()
+        return super().index(*args)
+
+    def __contains__(self, item: object) -> bool:
+        self._refuse()
+        return super().__contains__(item)
+
+    def count(self, item: Any) -> int:
+        self._refuse()
+        return super().count(item)
+
+
+def operations(disks: list[FakeDisk]) -> Operations:
+    return Operations(
+        cast(list[Disk], disks), Source("/srv", "/srv"), readonly=False, mountpoint="/mnt"
+    )
+
+
+def lookup(ops: Operations, parent: int, name: str | bytes) -> int | None:
+    raw = os.fsencode(name)
+    try:
+        return int(trio.run(ops.lookup, parent, raw).st_ino)
+    except pyfuse3.FUSEError as e:
+        assert e.errno == errno.ENOENT
+        return None
+
+
+def listing(ops: Operations, inode: int) -> list[tuple[bytes, int]]:
+    """``readdir`` from the start, a few entries per call (as the kernel's buffer fills),
+    each entry stat'ed as readdirplus does."""
+    out: list[tuple[bytes, int]] = []
+    room = [0]
+
+    def reply(token: Any, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        if room[0] == 0:
+            return False  # the buffer is full: not taken, asked for again
+        assert next_id == len(out) + 1
+        room[0] -= 1
+        out.append((name, int(attr.st_ino)))
+        return True
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pyfuse3, "readdir_reply", reply)
+        fh = trio.run(ops.opendir, inode, None)
+        while True:
+            before, room[0] = len(out), 7
+            trio.run(ops.readdir, fh, before, None)
+            if len(out) == before:
+                return out
+
+
+def test_lookups_and_listings_never_walk_the_disks() -> None:
+    n = 3000
+    disks = NoScan(
+        FakeDisk(f"vm{i}", FakeChain([FakeLayer(f"/img/vm{i}.qcow2")])) for i in range(n)
+    )
+    ops = operations(disks)
+    # (the dicts were built at start: O(n), once)
+    disks.armed = True
+    for i in (0, 1, n // 2, n - 1):
+        img = lookup(ops, ROOT, f"vm{i}.img")
+        assert img is not None and int(trio.run(ops.getattr, img, None).st_size) == SIZE
+        folder = lookup(ops, CONTROL, f"vm{i}")
+        assert folder is not None
+        assert lookup(ops, folder, "snapshot") == folder - 1 + 2 + CONTROL_FILES.index("snapshot")
+        assert lookup(ops, folder, "nothing") is None
+        layers = lookup(ops, LAYERS, f"vm{i}")
+        assert layers is not None
+        view = lookup(ops, layers, f"vm{i}.qcow2.img")
+        assert view is not None and trio.run(ops.getattr, view, None).st_size == SIZE
+        assert [name for name, _ in listing(ops, layers)] == [f"vm{i}.qcow2.img".encode()]
+    assert lookup(ops, ROOT, "vm3000.img") is None
+    # ``control/.status`` shows every chain: O(n) by nature, one walk, not n
+    disks.armed, disks.walks = False, 0
+    assert lookup(ops, CONTROL, ".status") == STATUS
+    assert disks.walks == 1
+    disks.armed = True
+    root = listing(ops, ROOT)
+    assert len(root) == n + 2 and len(set(root)) == n + 2
+    assert root[2] == (b"vm0.img", lookup(ops, ROOT, "vm0.img"))
+    disks.armed, disks.walks = False, 0
+    assert len(listing(ops, CONTROL)) == n + 1  # (its ``.status`` entry: one walk)
+    assert disks.walks == 1
+    disks.armed = True
+    assert len(listing(ops, LAYERS)) == n
+    img = lookup(ops, ROOT, "vm7.img")
+    assert img is not None
+    with pytest.raises(pyfuse3.FUSEError) as e:  # a file is no directory
+        trio.run(ops.lookup, img, b"x", None)
+    assert e.value.errno == errno.ENOTDIR
+
+
+# -- the layer views follow the jobs ----------------------------------------------------
+
+POOL = [f"L{i}" for i in range(8)]  # layer file names: a name can come back
+CHAINS = ("a", "b", "c")
+PROBES = ["base.qcow2.img"] + [f"{p}{n}.qcow2.img" for n in POOL for p in ("", "copy-")]
+
+layer_names = st.sampled_from(POOL)
+steps = st.one_of(
+    st.tuples(st.just("snapshot"), st.sampled_from(CHAINS), layer_names),
+    st.tuples(st.just("stream"), st.sampled_from(CHAINS), st.integers(0, 9)),
+    st.tuples(st.just("commit"), st.sampled_from(CHAINS), st.integers(0, 9)),
+    st.tuples(st.just("copy"), st.sampled_from(CHAINS), layer_names),
+)
+
+
+def apply(disk: FakeDisk, step: tuple[str, str, Any]) -> None:
+    """A job's effect on the chain's layers (active first), then the views follow it, as
+    ``launch``/``chain_changed``/``job_ended`` drive them."""
+    kind, _, arg = step
+    layers = disk.chain.layers
+    if kind == "snapshot":
+        new = [FakeLayer(f"/img/{disk.name}/{arg}.qcow2"), *layers]
+        writes: list[str] = []
+    elif kind == "stream":  # into the active layer from a base: the layers between go
+        base = 1 + arg % len(layers) if len(layers) > 1 else len(layers)
+        new = [layers[0], *layers[base:]]
+        writes = [layers[0].path]
+    elif kind == "commit":  # the layers above a base go into it (active commit: top too)
+        base = arg % len(layers)
+        new = layers[base:]
+        writes = [layers[base].path]
+    else:  # copy (full): a new file is the whole chain
+        new = [FakeLayer(f"/img/{disk.name}/copy-{arg}.qcow2")]
+        writes = []
+    disk.views.refuse("job", writes)
+    disk.chain.layers = new
+    disk.views.refresh()
+    disk.views.job_ended()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(steps, max_size=20))
+def test_view_names_and_inodes_follow_the_layers(ops_steps: list[tuple[str, str, Any]]) -> None:
+    disks = NoScan(FakeDisk(c, FakeChain([FakeLayer(f"/img/{c}/base.qcow2")])) for c in CHAINS)
+    ops = operations(disks)
+    by_name = {d.name: d for d in disks}
+    # the model: per chain, each view name's inode, given at its first sight for the
+    # mount's life (a name that comes back gets the inode it had)
+    model: dict[str, dict[str, int]] = {c: {} for c in CHAINS}
+    fixed = {
+        parent: listing(ops, parent) for parent in (ROOT, CONTROL, LAYERS)
+    }  # chain names never change: neither do these
+
+    def check() -> None:
+        seen: set[int] = set()
+        for c in CHAINS:
+            disk = by_name[c]
+            folder = lookup(ops, LAYERS, c)
+            assert folder is not None
+            shown = dict(listing(ops, folder))
+            assert len(shown) == len(listing(ops, folder))  # no name twice
+            # every layer of the chain has its view, under the model's inode
+            current = [os.path.basename(x.path) + ".img" for x in disk.chain.layers]
+            for name in current:
+                assert os.fsencode(name) in shown
+            for name in dict.fromkeys([*current, *PROBES]):
+                found = lookup(ops, folder, name)
+                assert found == shown.get(os.fsencode(name))  # a lookup agrees with readdir
+                if found is None:
+                    continue
+                inode = model[c].setdefault(name, found)
+                assert found == inode  # the name keeps its inode
+                assert found not in seen  # and no other view (of any chain) has it
+                seen.add(found)
+                assert int(trio.run(ops.getattr, found, None).st_ino) == found
+                view = ops._view_of(found)
+                assert view is not None and view[0] is cast(Disk, disk) and view[1] is not None
+                assert view[1].name == name
+            # retired views may stay, but only ones the chain had
+            assert {os.fsdecode(n) for n in shown} <= set(model[c])
+        for parent, entries in fixed.items():
+            assert listing(ops, parent) == entries
+            for entry, inode in entries:
+                assert lookup(ops, parent, entry) == inode
+
+    check()
+    for step in ops_steps:
+        apply(by_name[step[1]], step)
+        check()
