@@ -156,7 +156,9 @@ def _apply(
             files[path] = None if old is None else bytearray(old)
 
     for i, e in enumerate(events):
-        if e.kind in ("flush", "syncdir"):
+        # a heartbeat rewrites the owner file, whose content is diagnostics only (its
+        # lock is the truth): nothing a crash could leave there matters to the images
+        if e.kind in ("flush", "syncdir", "heartbeat"):
             continue
         load(e.path)
         buf = files[e.path]

@@ -89,6 +89,8 @@ async def serve(directory: Path, *allow: Path) -> AsyncIterator[Disk]:
             await disk.stop_jobs()
     finally:
         chain.close()
+        for name in list(src.owned):  # as the mount does at its end: the locks go
+            src.disown(name)
 
 
 def events(disk: Disk) -> list[dict[str, str]]:

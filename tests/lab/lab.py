@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -208,7 +209,8 @@ mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /
 mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
-for d in run tmp; do mount -t tmpfs tmpfs /newroot/$d; done
+# (/tmp stays the overlay's: the checkout under test may live in the host's /tmp)
+mount -t tmpfs tmpfs /newroot/run
 umount /proc
 umount /dev
 exec switch_root /newroot "$labinit"
@@ -218,7 +220,9 @@ exec switch_root /newroot "$labinit"
 def build_initramfs(kernel: Kernel) -> Path:
     """The initramfs (cached next to the kernel): busybox, the modules for the 9p root,
     and an init that mounts it and switches to ``guest-init``."""
-    target = CACHE / f"initramfs-{kernel.version}.gz"
+    # named by what goes in, so that a changed init is never served from the cache
+    digest = hashlib.sha256(INITRAMFS_INIT.encode()).hexdigest()[:12]
+    target = CACHE / f"initramfs-{kernel.version}-{digest}.gz"
     busybox = shutil.which("busybox") or "/bin/busybox"
     if not Path(busybox).exists():
         raise LabUnavailable("busybox is not installed (install busybox-static)")
