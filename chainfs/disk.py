@@ -165,6 +165,10 @@ class Disk:
         if self.fenced is not None:
             raise HostIOError(f"lost ownership of {self.name}: {self.fenced}", errno.EIO)
         if self.suspended is not None:
+            self.recheck()
+        if self.fenced is not None:
+            raise HostIOError(f"lost ownership of {self.name}: {self.fenced}", errno.EIO)
+        if self.suspended is not None:
             raise HostIOError(f"ownership of {self.name} suspended: {self.suspended}", errno.EIO)
         if not self.owned and not self.readonly:
             holder = self.holder or "nobody (activate or adopt it)"
@@ -188,10 +192,27 @@ class Disk:
             else:
                 self.suspend(reason)
 
+    def recheck(self) -> None:
+        """While suspended, before a guest request: write the heartbeat now (waiting for
+        the storage, as the request's own write would): written under the lock, resume;
+        refused (EIO), fence; failing otherwise, stay suspended."""
+        ownership = self.source.owned.get(self.name)
+        if ownership is None or self.fenced is not None:
+            return
+        try:
+            ownership.heartbeat()
+        except OSError as err:
+            reason = f"the owner file cannot be written: {err.strerror or err}"
+            if err.errno == errno.EIO:
+                self.fence(reason)
+            return
+        self.resume()
+
     def suspend(self, reason: str) -> None:
         """Ownership cannot be told (the owner file's heartbeat is blocked or failing,
         but not refused): until a heartbeat is written again under the lock, no guest
-        write or fsync is acknowledged (EIO) and the job waits at its next checkpoint."""
+        write or fsync is acknowledged (``recheck`` first) and the job waits at its next
+        checkpoint."""
         if self.suspended is not None or self.fenced is not None or not self.owned:
             return
         self.suspended = reason

@@ -22,6 +22,7 @@ import errno
 import os
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -311,12 +312,30 @@ def test_a_heartbeat_blocked_or_failing_suspends_the_chain_until_it_is_written_a
     assert "owner file" in event["reason"], event
     line = owner(a, "E")
     assert line["owner"] == "suspended" and line["reason"] == event["reason"], line
-    refused_write(a, "E", errno.EIO)  # not acknowledged while it cannot be told
     time.sleep(1)  # a step on its way ends; then the job waits
     held = a.job_offset("E")
     time.sleep(1.5)
     assert a.job_offset("E") == held
-    rules.unlink()  # the storage answers again, the lock still held
+    if fault == "STALL":
+        # a guest write waits for the heartbeat it brings about, as for the storage
+        failed: list[BaseException] = []
+
+        def guest() -> None:
+            try:
+                write(a, "E", model, rng, 1)
+            except BaseException as e:
+                failed.append(e)
+
+        waiting = threading.Thread(target=guest)
+        waiting.start()
+        waiting.join(1.0)
+        assert waiting.is_alive()  # not acknowledged while it cannot be told
+        rules.unlink()  # the storage answers again, the lock still held
+        waiting.join()
+        assert not failed, failed
+    else:
+        refused_write(a, "E", errno.EIO)  # not acknowledged while it cannot be told
+        rules.unlink()  # the storage answers again, the lock still held
     wait_for(seen("OWNERSHIP_RESUMED"), "the chain to resume")
     assert seen("OWNERSHIP_LOST")() is None
     assert owner(a, "E")["owner"] == "self"
