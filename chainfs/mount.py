@@ -558,6 +558,7 @@ class Hosts:
         history = EventLog.open(src.directory, name, writable=True)
         disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
         disk.owned, disk.holder, disk.journal = True, None, journal
+        disk.suspended = None
         disk.fencing = bool(self.opts.shared)
         self.recovery.journals[name] = journal
         disk.touch()
@@ -570,6 +571,8 @@ class Hosts:
     def inactivate(self, disk: Disk) -> None:
         if not disk.owned or disk.fenced is not None:
             raise CommandError(errno.EINVAL, f"chain {disk.name!r} is not served read-write here")
+        if disk.suspended is not None:
+            raise CommandError(errno.EIO, f"ownership of {disk.name} suspended: {disk.suspended}")
         job = disk.job
         if job is not None and job.status != CONCLUDED:
             raise CommandError(errno.EBUSY, f"chain has active block job {job.id!r}")

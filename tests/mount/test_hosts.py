@@ -316,6 +316,7 @@ def test_a_heartbeat_blocked_or_failing_suspends_the_chain_until_it_is_written_a
     held = a.job_offset("E")
     time.sleep(1.5)
     assert a.job_offset("E") == held
+    a.refuse("E", "inactivate", "E", errno.EIO)  # nor handed over
     if fault == "STALL":
         # a guest write waits for the heartbeat it brings about, as for the storage
         failed: list[BaseException] = []
