@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import trio
+
 from .chain import Chain
 from .control import (
     HOST_VERBS,
@@ -126,6 +128,9 @@ class Disk:
         self.owned = not readonly
         self.holder: str | None = None
         self.fenced: str | None = None
+        # why ownership cannot be told now (the owner file's heartbeat is blocked or
+        # failing, not refused): nothing is acknowledged until it is written again
+        self.suspended: str | None = None
         self.fencing = False  # shared storage: an EIO may be a lost lock (``check_owner``)
         # adopt, inactivate, activate: carried out by the mount (``hosts``)
         self.hosts: Callable[[Disk, HostCmd], None] | None = None
@@ -144,6 +149,8 @@ class Disk:
         """Who owns the chain, as ``chain`` and ``.status`` show it."""
         if self.fenced is not None:
             return [("owner", "lost"), ("reason", self.fenced)]
+        if self.owned and self.suspended is not None:
+            return [("owner", "suspended"), ("reason", self.suspended)]
         if self.owned:
             return [("owner", "self")]
         directory = self.source.directory
@@ -157,13 +164,20 @@ class Disk:
         """Raise what a write to the flat file gets when this mount may not write."""
         if self.fenced is not None:
             raise HostIOError(f"lost ownership of {self.name}: {self.fenced}", errno.EIO)
+        if self.suspended is not None:
+            self.recheck()
+        if self.fenced is not None:
+            raise HostIOError(f"lost ownership of {self.name}: {self.fenced}", errno.EIO)
+        if self.suspended is not None:
+            raise HostIOError(f"ownership of {self.name} suspended: {self.suspended}", errno.EIO)
         if not self.owned and not self.readonly:
             holder = self.holder or "nobody (activate or adopt it)"
             raise ReadOnlyError(f"chain {self.name!r} is served read-only: owned by {holder}")
 
     def check_owner(self, e: ChainfsError) -> None:
         """After an error writing a locked file: an EIO may mean the lock is lost (the
-        storage took it away); if the owner file cannot be written either, fence."""
+        storage took it away); if the owner file is refused too (EIO), fence; if it
+        fails otherwise, suspend (whether the lock is held cannot be told)."""
         if e.errno != errno.EIO or not self.fencing or not self.owned or self.fenced:
             return
         ownership = self.source.owned.get(self.name)
@@ -172,7 +186,56 @@ class Disk:
         try:
             ownership.heartbeat()
         except OSError as err:
-            self.fence(f"{e}; the owner file cannot be written either: {err.strerror}")
+            reason = f"{e}; the owner file cannot be written either: {err.strerror}"
+            if err.errno == errno.EIO:
+                self.fence(reason)
+            else:
+                self.suspend(reason)
+
+    def recheck(self) -> None:
+        """While suspended, before a guest request: write the heartbeat now (waiting for
+        the storage, as the request's own write would): written under the lock, resume;
+        refused (EIO), fence; failing otherwise, stay suspended."""
+        ownership = self.source.owned.get(self.name)
+        if ownership is None or self.fenced is not None:
+            return
+        try:
+            ownership.heartbeat()
+        except OSError as err:
+            reason = f"the owner file cannot be written: {err.strerror or err}"
+            if err.errno == errno.EIO:
+                self.fence(reason)
+            return
+        self.resume()
+
+    def suspend(self, reason: str) -> None:
+        """Ownership cannot be told (the owner file's heartbeat is blocked or failing,
+        but not refused): until a heartbeat is written again under the lock, no guest
+        write or fsync is acknowledged (``recheck`` first) and the job waits at its next
+        checkpoint."""
+        if self.suspended is not None or self.fenced is not None or not self.owned:
+            return
+        self.suspended = reason
+        log.warning("ownership of %s suspended: %s", self.name, reason)
+        self.emit("OWNERSHIP_SUSPENDED", reason=reason)
+        job = self.job
+        if job is not None and job.status != CONCLUDED:
+            job.hold = trio.Event()
+
+    def resume(self) -> None:
+        """A heartbeat was written under the lock again: the storage kept this mount's
+        locks (nobody took them), so serving goes on with nothing lost."""
+        if self.suspended is None or self.fenced is not None:
+            return
+        self.suspended = None
+        self._release_job()
+        log.info("ownership of %s resumed: the owner file is written again", self.name)
+        self.emit("OWNERSHIP_RESUMED")
+
+    def _release_job(self) -> None:
+        hold = self.job.hold if self.job is not None else None
+        if hold is not None:
+            hold.set()
 
     def fence(self, reason: str) -> None:
         """Ownership is lost: from now on nothing is written (the guest gets EIO, the
@@ -180,6 +243,8 @@ class Disk:
         if self.fenced is not None:
             return
         self.fenced = reason
+        self.suspended = None
+        self._release_job()  # a job held by a suspension goes on to stop
         ownership = self.source.owned.get(self.name)
         if ownership is not None:
             ownership.fence(reason)
@@ -266,6 +331,10 @@ class Disk:
                 return
             if self.fenced is not None:
                 raise CommandError(errno.EIO, f"lost ownership of {self.name}: {self.fenced}")
+            if self.suspended is not None:
+                raise CommandError(
+                    errno.EIO, f"ownership of {self.name} suspended: {self.suspended}"
+                )
             if not self.owned:
                 holder = self.holder or "nobody (activate or adopt it)"
                 raise CommandError(

@@ -588,7 +588,7 @@ class Operations(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handles.get(fh)
         if h is not None and h.disk is not None and h.view is None:
-            if h.disk.fenced is not None:
+            if h.disk.fenced is not None or h.disk.suspended is not None:
                 h.disk.check_writable()
             try:
                 h.disk.chain.flush()

@@ -15,8 +15,10 @@ the owner lock of every chain nobody else owns and serves those read-write; a ch
 another mount owns is served read-only (its layers unlocked, as ``qemu-img -U`` reads,
 the flat file 0400, writes EROFS) and shown as owned elsewhere.  ``--adopt CHAIN`` waits
 for a dead owner's lock before that.  While serving, the owner file of each owned chain
-is rewritten every few seconds (its heartbeat); a heartbeat that fails, or takes more
-than half the storage's lease, fences the chain (``Disk.fence``).  ``adopt``,
+is rewritten every few seconds (its heartbeat); a heartbeat refused with EIO (the lock
+is gone) fences the chain (``Disk.fence``), one that fails otherwise or takes more than
+half the storage's lease suspends it until a heartbeat is written again
+(``Disk.suspend``, ``Disk.resume``).  ``adopt``,
 ``inactivate`` and ``activate`` move a chain between mounts while serving (``Hosts``).
 """
 
@@ -556,6 +558,7 @@ class Hosts:
         history = EventLog.open(src.directory, name, writable=True)
         disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
         disk.owned, disk.holder, disk.journal = True, None, journal
+        disk.suspended = None
         disk.fencing = bool(self.opts.shared)
         self.recovery.journals[name] = journal
         disk.touch()
@@ -568,6 +571,8 @@ class Hosts:
     def inactivate(self, disk: Disk) -> None:
         if not disk.owned or disk.fenced is not None:
             raise CommandError(errno.EINVAL, f"chain {disk.name!r} is not served read-write here")
+        if disk.suspended is not None:
+            raise CommandError(errno.EIO, f"ownership of {disk.name} suspended: {disk.suspended}")
         job = disk.job
         if job is not None and job.status != CONCLUDED:
             raise CommandError(errno.EBUSY, f"chain has active block job {job.id!r}")
@@ -587,27 +592,60 @@ class Hosts:
 
 
 async def _heartbeat(disks: list[Disk], src: sources.Source, lease: float) -> None:
-    """Rewrite each owned chain's owner file every few seconds; on shared storage one
-    that fails (a lost lock: EIO), or does not return within half the lease, fences the
-    chain."""
-    while True:
-        await trio.sleep(HEARTBEAT_INTERVAL)
-        for disk in list(disks):
-            ownership = src.owned.get(disk.name)
-            if not disk.owned or disk.fenced is not None or ownership is None:
-                continue
-            error: str | None = None
-            with trio.move_on_after(lease / 2) as scope:
-                try:
-                    await trio.to_thread.run_sync(ownership.heartbeat, abandon_on_cancel=True)
-                except OSError as e:
-                    error = f"the owner file cannot be written: {e.strerror or e}"
-            if scope.cancelled_caught:
-                error = f"the owner file could not be written for {lease / 2:.0f} s"
-            if error is not None and disk.fencing:
-                disk.fence(error)
-            elif error is not None:  # a local disk failing: its writes say so already
-                _throttle.warning(("heartbeat", disk.name), "chain=%s %s", disk.name, error)
+    """Rewrite each owned chain's owner file every few seconds.  On shared storage a
+    heartbeat that is refused with EIO (the server revoked the lock: someone adopted the
+    chain, or the lock state was lost) fences the chain for good; one that fails
+    otherwise, or does not return within half the lease, only suspends it -- it cannot
+    be told whether the lock is still held -- until a heartbeat is written again under
+    the lock (the server kept it: nobody took the chain), which resumes it."""
+    beating: set[str] = set()  # chains whose heartbeat is still on its way
+    async with trio.open_nursery() as nursery:
+        while True:
+            await trio.sleep(HEARTBEAT_INTERVAL)
+            for disk in list(disks):
+                ownership = src.owned.get(disk.name)
+                if not disk.owned or disk.fenced is not None or ownership is None:
+                    continue
+                if disk.name in beating:
+                    continue  # still blocked: its end says whether the lock is held
+                beating.add(disk.name)
+                nursery.start_soon(_beat, disk, ownership, lease, beating)
+
+
+async def _beat(disk: Disk, ownership: Ownership, lease: float, beating: set[str]) -> None:
+    """One heartbeat of ``disk``'s owner file (``_heartbeat``)."""
+    stalled = f"the owner file could not be written for {lease / 2:.0f} s"
+    error: OSError | None = None
+
+    async def watch() -> None:
+        await trio.sleep(lease / 2)
+        if disk.fencing:
+            disk.suspend(stalled)
+        else:
+            _throttle.warning(("heartbeat", disk.name), "chain=%s %s", disk.name, stalled)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            try:
+                await trio.to_thread.run_sync(ownership.heartbeat, abandon_on_cancel=True)
+            except OSError as e:
+                error = e
+            nursery.cancel_scope.cancel()
+    finally:
+        beating.discard(disk.name)
+    if disk.fenced is not None or ownership.lost is not None:
+        return
+    if error is None:
+        disk.resume()  # written under the lock: the server kept it
+        return
+    reason = f"the owner file cannot be written: {error.strerror or error}"
+    if not disk.fencing:  # a local disk failing: its writes say so already
+        _throttle.warning(("heartbeat", disk.name), "chain=%s %s", disk.name, reason)
+    elif error.errno == errno.EIO:
+        disk.fence(reason)  # refused: the lock is gone
+    else:
+        disk.suspend(reason)
 
 
 def notify(message: str) -> None:
@@ -644,7 +682,7 @@ async def _write_back(disks: list[Disk]) -> None:
         await trio.sleep(WRITE_BACK_INTERVAL)
         for disk in disks:
             mtime = disk.mtime_ns
-            if disk.chain.writable and flushed.get(disk.name) != mtime:
+            if disk.chain.writable and disk.suspended is None and flushed.get(disk.name) != mtime:
                 try:
                     disk.chain.flush()
                 except ChainfsError as e:

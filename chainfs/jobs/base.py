@@ -115,6 +115,9 @@ class Job:
         self._cancel = False
         self._wakeup = trio.Event()  # set by cancel and by a speed change
         self._paused = False  # a user's pause is in force (QEMU's user_paused)
+        # set while the chain's ownership is suspended (``Disk.suspend``): the job waits
+        # at its next checkpoint until the event is set (resumed, or fenced: it stops)
+        self.hold: trio.Event | None = None
         self._unpaused = trio.Event()
         self.done = trio.Event()
         # rate limiting: bytes copied since ``_budget_start``
@@ -243,6 +246,8 @@ class Job:
         if self._paused:  # as QEMU's job_cancel_async: a paused job resumes to stop
             self._unpause()
         self._wakeup.set()
+        if self.hold is not None:
+            self.hold.set()
 
     def suspend(self) -> None:
         """Stop the job so that the next mount resumes it (at unmount)."""
@@ -268,6 +273,11 @@ class Job:
         self._copied += copied
         self.copied += copied
         await self._wait_budget()
+        while self.hold is not None and not self._cancel:
+            hold = self.hold
+            await hold.wait()
+            if self.hold is hold:
+                self.hold = None
         while self._paused and not self._cancel:
             if self.status == RUNNING:  # paused before it started
                 self.status = PAUSED

@@ -6,7 +6,9 @@ runs ``chainfs`` with a ``HostFile.observer`` that, before every write and every
 of an image, reads ``RULES_FILE``: while it holds ``flush EIO`` every flush fails with
 EIO as a failing ``fdatasync`` would, ``write ENOSPC`` every write fails with ENOSPC,
 and so on (one ``EVENT ERRNO-NAME [FILE-SUFFIX]`` per line: with a suffix, only for
-files whose path ends with it); without the file nothing fails.  The
+files whose path ends with it); ``STALL`` for the errno name blocks the call for as
+long as the line stays (as a write to a cut-off NFS server blocks), then lets it go
+on; without the file nothing fails.  The
 failure is raised where the system call would fail, so chainfs handles it as it would a
 real one.  A test points the mount fixtures' ``CHAINFS`` at this script.
 """
@@ -16,10 +18,13 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from pathlib import Path
 
 from chainfs import cli
 from chainfs.hostfile import HostFile
+
+STALL = -1  # not an errno: block while the rule stays
 
 
 def rules(path: Path) -> list[tuple[str, int, str]]:
@@ -30,7 +35,8 @@ def rules(path: Path) -> list[tuple[str, int, str]]:
     out: list[tuple[str, int, str]] = []
     for line in text.splitlines():
         event, name, *suffix = line.split()
-        out.append((event, getattr(errno, name), suffix[0] if suffix else ""))
+        err = STALL if name == "STALL" else getattr(errno, name)
+        out.append((event, err, suffix[0] if suffix else ""))
     return out
 
 
@@ -40,6 +46,10 @@ def main() -> int:
     def observer(event: str, file: str, offset: int, data: bytes) -> None:
         for kind, err, suffix in rules(path):
             if kind == event and file.endswith(suffix):
+                if err == STALL:
+                    while (kind, err, suffix) in rules(path):
+                        time.sleep(0.05)
+                    return
                 raise OSError(err, os.strerror(err))
 
     HostFile.observer = observer

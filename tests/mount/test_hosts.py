@@ -12,7 +12,8 @@ are (the lab of many hosts under qemu is ``tests/lab``):
 - hand-over round trips under a writer: the content stays exact;
 - fencing (``-o shared``: as on NFS; a local disk is never fenced): an EIO from the owner
   file (injected, ``faultinject.py``) fences the chain: OWNERSHIP_LOST, the guest gets
-  EIO, and it is never taken again by itself.
+  EIO, and it is never taken again by itself; a heartbeat blocked (injected stall) or
+  failing other than with EIO only suspends the chain until one is written again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import errno
 import os
 import random
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -271,3 +275,75 @@ def test_an_eio_from_a_locked_file_fences_the_chain(
     assert again.layers("E") == ["E.qcow2", "A.qcow2"]
     again.unmount()
     assert_content(seed.active, seed.content, tmp_path / "cmp")
+
+
+@pytest.mark.expect_log(
+    r"WARNING chainfs\.disk: ownership of E suspended: ",
+    r"WARNING chainfs\.\S+: .*(Input/output error|suspended)",
+)
+@pytest.mark.parametrize("fault", ["STALL", "ETIMEDOUT"], ids=["blocked", "failing"])
+def test_a_heartbeat_blocked_or_failing_suspends_the_chain_until_it_is_written_again(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """The owner file's heartbeat blocks for half the lease (as on a cut-off NFS client)
+    or fails other than with EIO: whether the lock is still held cannot be told, so the
+    chain is suspended -- OWNERSHIP_SUSPENDED, the guest's writes are not acknowledged
+    (EIO), the job waits -- not fenced; once a heartbeat is written again (the storage
+    kept the lock: nobody took the chain) it resumes and goes on with nothing lost."""
+    images = tmp_path / "images"
+    seed = seeds(images, size=SIZE)
+    model = bytearray(seed.content)
+    rng = random.Random(21)
+    rules = tmp_path / "faults"
+    monkeypatch.setattr(conftest, "CHAINFS", (sys.executable, str(FAULTINJECT), str(rules)))
+    a = mounter(images, "shared,lease=4")  # suspended after 2 s without a heartbeat
+    job = a.start_job("E", "stream", "base=A.qcow2 speed=64K")
+    write(a, "E", model, rng)
+
+    def seen(name: str) -> Callable[[], dict[str, str] | None]:
+        def find() -> dict[str, str] | None:
+            found = [e for e in a.events("E") if e["event"] == name]
+            return found[-1] if found else None
+
+        return find
+
+    rules.write_text(f"heartbeat {fault} .owner\n")
+    event = wait_for(seen("OWNERSHIP_SUSPENDED"), "the chain to be suspended")
+    assert "owner file" in event["reason"], event
+    line = owner(a, "E")
+    assert line["owner"] == "suspended" and line["reason"] == event["reason"], line
+    time.sleep(1)  # a step on its way ends; then the job waits
+    held = a.job_offset("E")
+    time.sleep(1.5)
+    assert a.job_offset("E") == held
+    a.refuse("E", "inactivate", "E", errno.EIO)  # nor handed over
+    if fault == "STALL":
+        # a guest write waits for the heartbeat it brings about, as for the storage
+        failed: list[BaseException] = []
+
+        def guest() -> None:
+            try:
+                write(a, "E", model, rng, 1)
+            except BaseException as e:
+                failed.append(e)
+
+        waiting = threading.Thread(target=guest)
+        waiting.start()
+        waiting.join(1.0)
+        assert waiting.is_alive()  # not acknowledged while it cannot be told
+        rules.unlink()  # the storage answers again, the lock still held
+        waiting.join()
+        assert not failed, failed
+    else:
+        refused_write(a, "E", errno.EIO)  # not acknowledged while it cannot be told
+        rules.unlink()  # the storage answers again, the lock still held
+    wait_for(seen("OWNERSHIP_RESUMED"), "the chain to resume")
+    assert seen("OWNERSHIP_LOST")() is None
+    assert owner(a, "E")["owner"] == "self"
+    write(a, "E", model, rng)  # the guest goes on
+    a.command("E", "speed", f"{job} 0")
+    a.wait_job("E", job)
+    assert read_direct(a.img("E")) == model
+    a.unmount()
+    assert_clean([seed.active])
+    assert_content(seed.active, model, tmp_path / "cmp")

@@ -1,17 +1,22 @@
 """Many hosts on one store, without a mount: the owner lock, the state record's two slots,
-the journal's in-place compaction under every crash, relative paths, and the migration
-of the single state file and journal of earlier versions."""
+the journal's in-place compaction under every crash, relative paths, the migration
+of the single state file and journal of earlier versions, and the heartbeat's verdicts
+(refused: fence; blocked or failing: suspend; written again: resume)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import socket
+import threading
 from pathlib import Path
 
 import pytest
+import trio
 
+from chainfs import mount
 from chainfs import source as sources
 from chainfs.formats.qcow2 import create_overlay
 from chainfs.jobs import journal as jn
@@ -185,3 +190,67 @@ def test_the_file_system_type_comes_from_mountinfo(tmp_path: Path) -> None:
     assert fs_type("/srv/imagesX", str(info)) == "ext4"
     assert fs_type("/srv/my disks/x", str(info)) == "ceph"
     assert fs_type("/x", str(tmp_path / "none")) == ""
+
+
+class BeatDisk:
+    """What ``mount._beat`` sees of a disk: the verdicts it gives, in order."""
+
+    name = "E"
+    fencing = True
+
+    def __init__(self) -> None:
+        self.fenced: str | None = None
+        self.calls: list[str] = []
+        self.suspended = trio.Event()
+
+    def suspend(self, reason: str) -> None:
+        self.calls.append("suspend")
+        self.suspended.set()
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+
+    def fence(self, reason: str) -> None:
+        self.fenced = reason
+        self.calls.append("fence")
+
+
+class BeatOwnership:
+    """An owner file whose heartbeat blocks until ``go`` is set, then raises ``error``."""
+
+    lost: str | None = None
+
+    def __init__(self, error: int | None, blocked: bool) -> None:
+        self.error = error
+        self.go = threading.Event()
+        if not blocked:
+            self.go.set()
+
+    def heartbeat(self) -> None:
+        self.go.wait()
+        if self.error is not None:
+            raise OSError(self.error, os.strerror(self.error))
+
+
+@pytest.mark.parametrize(
+    ("error", "blocked", "verdicts"),
+    [
+        (None, False, ["resume"]),  # written: goes on (a no-op unless suspended)
+        (errno.EIO, False, ["fence"]),  # refused: the server revoked the lock
+        (errno.ETIMEDOUT, False, ["suspend"]),  # failing otherwise: cannot be told
+        (None, True, ["suspend", "resume"]),  # blocked half the lease, then written
+        (errno.EIO, True, ["suspend", "fence"]),  # blocked, then refused: lost
+    ],
+)
+async def test_a_heartbeat_refused_fences_one_blocked_or_failing_suspends(
+    error: int | None, blocked: bool, verdicts: list[str]
+) -> None:
+    disk, own, beating = BeatDisk(), BeatOwnership(error, blocked), {"E"}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mount._beat, disk, own, 0.2, beating)  # type: ignore[arg-type]
+        if blocked:
+            await disk.suspended.wait()
+            assert beating == {"E"}  # no second heartbeat while this one is blocked
+            own.go.set()
+    assert disk.calls == verdicts
+    assert not beating
