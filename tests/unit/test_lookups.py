@@ -22,29 +22,7 @@ from chainfs.fs import CONTROL, CONTROL_FILES, LAYERS, ROOT, STATUS, Operations
 from chainfs.source import Source
 from chainfs.views import Views
 
-SIZE = 1 << 20
-
-
-@dataclass
-class FakeLayer:
-    path: str
-    virtual_size: int = SIZE
-
-
-@dataclass
-class FakeChain:
-    """What ``Operations`` and ``Views`` use of a chain for lookups and attributes."""
-
-    layers: list[FakeLayer]
-    size: int = SIZE
-    confine: Any = None
-
-    @property
-    def active(self) -> FakeLayer:
-        return self.layers[0]
-
-    def allocated(self) -> int:
-        return 4096
+from .fake_chain import SIZE, FakeChain, FakeLayer
 
 
 @dataclass(eq=False)

@@ -5,8 +5,6 @@ over a stand-in chain that only has layer paths."""
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
@@ -14,35 +12,7 @@ from chainfs import fs
 from chainfs.control import CommandError
 from chainfs.views import View, ViewError, Views, view_name
 
-SIZE = 1 << 20
-
-
-@dataclass
-class FakeLayer:
-    path: str
-    virtual_size: int = SIZE
-
-
-@dataclass
-class FakeChain:
-    """What ``Views`` uses of a chain: its layers' paths and sizes, and reads by level."""
-
-    layers: list[FakeLayer]
-    confine: Any = None
-    reads: list[tuple[int, int, int]] = field(default_factory=list)
-
-    def size_at(self, level: int) -> int:
-        return self.layers[level].virtual_size
-
-    def count_data(self, level: int = 0) -> int:
-        return 4096 * (len(self.layers) - level)
-
-    def allocated(self) -> int:
-        return 123
-
-    def read(self, offset: int, length: int, level: int = 0) -> bytes:
-        self.reads.append((offset, length, level))
-        return bytes(length)
+from .fake_chain import SIZE, FakeChain, FakeLayer
 
 
 def chain_of(*names: str) -> FakeChain:

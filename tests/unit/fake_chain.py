@@ -1,0 +1,43 @@
+"""A stand-in chain for the unit tests of ``Views`` and ``Operations``: layer paths and
+sizes, reads recorded by level, no image behind it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SIZE = 1 << 20
+
+
+@dataclass
+class FakeLayer:
+    path: str
+    virtual_size: int = SIZE
+
+
+@dataclass
+class FakeChain:
+    """What ``Operations`` and ``Views`` use of a chain: its layers' paths and sizes,
+    its attributes, and reads by level (recorded in ``reads``)."""
+
+    layers: list[FakeLayer]
+    size: int = SIZE
+    confine: Any = None
+    reads: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def active(self) -> FakeLayer:
+        return self.layers[0]
+
+    def size_at(self, level: int) -> int:
+        return self.layers[level].virtual_size
+
+    def count_data(self, level: int = 0) -> int:
+        return 4096 * (len(self.layers) - level)
+
+    def allocated(self) -> int:
+        return 4096
+
+    def read(self, offset: int, length: int, level: int = 0) -> bytes:
+        self.reads.append((offset, length, level))
+        return bytes(length)
