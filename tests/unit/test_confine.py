@@ -175,6 +175,26 @@ def test_a_symlinked_source_directory_still_works(tree: Path) -> None:
         assert chain.read(0, 4) == b"\x11" * 4
 
 
+def swap_link_to_secret(tree: Path) -> None:
+    """Points ``images/link.raw`` at ``outside/secret.raw`` in one atomic rename."""
+    images = tree / "images"
+    (images / "new").symlink_to(tree / "outside" / "secret.raw")
+    os.replace(images / "new", images / "link.raw")
+
+
+def swap_link_after_its_check(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check by path of ``link.raw`` passes, then the link is swapped to the secret
+    before the open."""
+    check_path = Confinement.check_path
+
+    def check_then_swap(self: Confinement, path: str, what: str, shown: str) -> None:
+        check_path(self, path, what, shown)
+        if path.endswith("link.raw"):
+            swap_link_to_secret(tree)
+
+    monkeypatch.setattr(Confinement, "check_path", check_then_swap)
+
+
 def test_a_symlink_swapped_after_the_check_is_caught_at_the_open(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -183,15 +203,7 @@ def test_a_symlink_swapped_after_the_check_is_caught_at_the_open(
     images = tree / "images"
     (images / "link.raw").symlink_to(images / "base.raw")
     top = overlay(images / "top.qcow2", "link.raw")
-    check_path = Confinement.check_path
-
-    def check_then_swap(self: Confinement, path: str, what: str, shown: str) -> None:
-        check_path(self, path, what, shown)
-        if path.endswith("link.raw"):
-            (images / "new").symlink_to(tree / "outside" / "secret.raw")
-            os.replace(images / "new", images / "link.raw")
-
-    monkeypatch.setattr(Confinement, "check_path", check_then_swap)
+    swap_link_after_its_check(tree, monkeypatch)
     with pytest.raises(OutsideError, match=r"resolves to .*/outside/secret\.raw'"):
         Chain.open(str(top), confine=confined_to(images))
 
@@ -203,8 +215,7 @@ def test_a_layer_reopened_later_is_checked_again(tree: Path) -> None:
     (images / "link.raw").symlink_to(images / "base.raw")
     top = overlay(images / "top.qcow2", "link.raw")
     with Chain.open(str(top), writable=True, confine=confined_to(images)) as chain:
-        (images / "new").symlink_to(tree / "outside" / "secret.raw")
-        os.replace(images / "new", images / "link.raw")
+        swap_link_to_secret(tree)
         with pytest.raises(OutsideError):
             chain.reopen(1, writable=True)
         with pytest.raises(OutsideError):
@@ -237,14 +248,6 @@ def test_without_proc_the_descriptor_must_be_the_file_checked(
     top = overlay(images / "top.qcow2", "link.raw")
     with Chain.open(str(top), confine=confined_to(images)) as chain:
         assert chain.read(0, 4) == b"\x11" * 4
-    check_path = Confinement.check_path
-
-    def check_then_swap(self: Confinement, path: str, what: str, shown: str) -> None:
-        check_path(self, path, what, shown)
-        if path.endswith("link.raw"):
-            (images / "new").symlink_to(tree / "outside" / "secret.raw")
-            os.replace(images / "new", images / "link.raw")
-
-    monkeypatch.setattr(Confinement, "check_path", check_then_swap)
+    swap_link_after_its_check(tree, monkeypatch)
     with pytest.raises(OutsideError, match=r"resolves to .*secret"):
         Chain.open(str(top), confine=confined_to(images))
