@@ -547,6 +547,16 @@ def bench_commit(seed: str, work: str, i: int, res: Results, *, active: bool) ->
     shutil.rmtree(qsrc)
 
 
+def check_copies(key: str, seed_disk: str, csrc: str, qsrc: str, res: Results) -> None:
+    """Both sides' ``F.qcow2`` show the seed's disk and are clean; both sides are removed."""
+    for side in (csrc, qsrc):
+        path = os.path.join(side, "F.qcow2")
+        res.expect(same_disk(seed_disk, path), f"{key}: {short(path)} differs from the seed")
+        res.expect(check_clean(path), f"{key}: qemu-img check {short(path)}")
+    shutil.rmtree(csrc)
+    shutil.rmtree(qsrc)
+
+
 def bench_copy(seed: str, work: str, i: int, res: Results) -> None:
     key = "copy sync=full"
     timed = res.timed.setdefault(key, Timed())
@@ -570,12 +580,7 @@ def bench_copy(seed: str, work: str, i: int, res: Results) -> None:
         timed.add("qemu", time.perf_counter() - start, qsrc)
 
     in_turn(i, [chainfs_side, qemu_side])
-    for side in (csrc, qsrc):
-        path = os.path.join(side, "F.qcow2")
-        res.expect(same_disk(seed_disk, path), f"{key}: {short(path)} differs from the seed")
-        res.expect(check_clean(path), f"{key}: qemu-img check {short(path)}")
-    shutil.rmtree(csrc)
-    shutil.rmtree(qsrc)
+    check_copies(key, seed_disk, csrc, qsrc, res)
 
 
 def bench_backup(seed: str, work: str, i: int, res: Results) -> None:
@@ -606,12 +611,7 @@ def bench_backup(seed: str, work: str, i: int, res: Results) -> None:
             timed.add("qemu", qsd.backup(os.path.join(qsrc, "F.qcow2"), size), qsrc)
 
     in_turn(i, [chainfs_side, qemu_side])
-    for side in (csrc, qsrc):
-        path = os.path.join(side, "F.qcow2")
-        res.expect(same_disk(seed_disk, path), f"{key}: {short(path)} differs from the seed")
-        res.expect(check_clean(path), f"{key}: qemu-img check {short(path)}")
-    shutil.rmtree(csrc)
-    shutil.rmtree(qsrc)
+    check_copies(key, seed_disk, csrc, qsrc, res)
     if i < 0:
         return
     # the guest's writes during a backup: nearly each one a copy-before-write
