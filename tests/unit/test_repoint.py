@@ -21,7 +21,7 @@ import itertools
 import os
 import random
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +172,27 @@ def recorded() -> Iterator[list[tuple[str, int, bytes]]]:
         HostFile.observer = saved
 
 
+def written_or_refused(
+    path: Path, cs: int, change: Callable[[HostFile, hdr.Header], None]
+) -> list[tuple[str, int, bytes]] | None:
+    """Run ``change`` on the image at ``path`` (header cluster ``cs`` bytes) and return
+    the writes and flushes it made, or None if it refused: then it wrote nothing, and
+    only in a cluster with no room to spare."""
+    f = HostFile(str(path), True)
+    try:
+        with recorded() as events:
+            try:
+                change(f, hdr.read_header(f))
+            except ImageError:
+                assert not events, "refused after writing"
+                assert cs < 8192, "refused in a cluster with room to spare"
+                event("refused")
+                return None
+    finally:
+        f.close()
+    return events
+
+
 def crashed(start: bytes, events: list[tuple[str, int, bytes]], seed: int) -> Iterator[bytes]:
     """Every state a power loss could leave: per flush interval, each subset of the
     sectors its writes touched (a random sample of them when there are many)."""
@@ -233,18 +254,9 @@ def test_every_crash_leaves_the_old_or_the_new_header(tmp_path: Path, scene: Sce
     cs = len(start)
     old_id, old_exts = qemu_reads(start)
     new_id: Identity = (name_of(scene.new[0], "n"), scene.new[1])
-    f = HostFile(str(path), True)
-    try:
-        with recorded() as events:
-            try:
-                repoint(f, hdr.read_header(f), *new_id)
-            except ImageError:
-                assert not events, "refused after writing"
-                assert cs < 8192, "refused in a cluster with room to spare"
-                event("refused")
-                return
-    finally:
-        f.close()
+    events = written_or_refused(path, cs, lambda f, h: repoint(f, h, *new_id))
+    if events is None:
+        return
     event(f"{sum(1 for k, o, _ in events if k == 'write' and o == 0)} header write(s)")
     final = path.read_bytes()[:cs]
     assert qemu_reads(final)[0] == new_id
@@ -306,18 +318,11 @@ def test_bitmaps_extension_added_or_dropped(tmp_path: Path, scene: Scene) -> Non
     else:
         new_exts = [*old_exts, (BM, struct.pack(">IIQQ", 1, 0, 512, cs))]
     event("dropped" if had else "added")
-    f = HostFile(str(path), True)
-    try:
-        with recorded() as events:
-            try:
-                change_extensions(f, hdr.read_header(f), new_exts, 0 if had else 1)
-            except ImageError:
-                assert not events, "refused after writing"
-                assert cs < 8192, "refused in a cluster with room to spare"
-                event("refused")
-                return
-    finally:
-        f.close()
+    events = written_or_refused(
+        path, cs, lambda f, h: change_extensions(f, h, new_exts, 0 if had else 1)
+    )
+    if events is None:
+        return
     final = path.read_bytes()[:cs]
     assert qemu_reads(final) == (old_id, new_exts)
     assert bitmaps_bit(final) == (not had)
