@@ -59,6 +59,16 @@ Y = [(2 * MiB, 4096), (20 * MiB, 128 * 1024)]
 Z = [(8 * MiB, 65536)]
 
 
+def b1_marked_at_z(image: Path, *others: str) -> None:
+    """Add bitmap ``b1`` (and ``others``) to ``image``, have QEMU mark ``Z`` in them, then
+    disable ``b1``."""
+    qemu_img("bitmap", "--add", image, "b1")
+    for name in others:
+        qemu_img("bitmap", "--add", image, name)
+    marked_by_qemu(image, "b1", Z)
+    qemu_img("bitmap", "--disable", image, "b1")
+
+
 @expect_refusals
 def test_bitmaps_kept_marked_and_commanded(tmp_path: Path, mounter: Mounter, seeds: Seeds) -> None:
     seed = seeds(tmp_path / "images")
@@ -150,9 +160,7 @@ def test_intermediate_commit_merges_into_the_base(
     """top=D base=C: C's bitmap of the name D's has becomes the OR of both."""
     seed = seeds(tmp_path / "images")
     c, d = seed.layer("C"), seed.layer("D")
-    qemu_img("bitmap", "--add", d, "b1")
-    marked_by_qemu(d, "b1", Z)
-    qemu_img("bitmap", "--disable", d, "b1")
+    b1_marked_at_z(d)
     qemu_img("bitmap", "--add", "--disable", c, "b1")
     m = mounter(tmp_path / "images")
     m.run_job("E", "commit", "top=D.qcow2 base=C.qcow2")
@@ -166,10 +174,7 @@ def test_stream_keeps_the_node_bitmaps(tmp_path: Path, mounter: Mounter, seeds: 
     bitmap only D had leaves with it."""
     seed = seeds(tmp_path / "images")
     d, e = seed.layer("D"), seed.layer("E")
-    qemu_img("bitmap", "--add", d, "b1")
-    qemu_img("bitmap", "--add", d, "donly")
-    marked_by_qemu(d, "b1", Z)
-    qemu_img("bitmap", "--disable", d, "b1")
+    b1_marked_at_z(d, "donly")
     qemu_img("bitmap", "--add", e, "b1")
     m = mounter(tmp_path / "images")
     write(m, "E", X)
@@ -184,9 +189,7 @@ def test_copy_carries_bitmaps_to_dest(tmp_path: Path, mounter: Mounter, seeds: S
     marks the writes after the pivot."""
     seed = seeds(tmp_path / "images")
     d, e = seed.layer("D"), seed.layer("E")
-    qemu_img("bitmap", "--add", d, "b1")
-    marked_by_qemu(d, "b1", Z)
-    qemu_img("bitmap", "--disable", d, "b1")
+    b1_marked_at_z(d)
     qemu_img("bitmap", "--add", e, "b1")
     m = mounter(tmp_path / "images")
     write(m, "E", X)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from interop import images as im
 
-from .conftest import Mounter, Seeds, expect_refusals, holes_only, mixed_chain, run
+from .conftest import Mount, Mounter, Seed, Seeds, expect_refusals, holes_only, mixed_chain, run
 from .test_holes import build, data_granules, lseek_table, map_extents, qemu_map
 
 MiB = im.MiB
@@ -33,6 +33,19 @@ gone = pytest.mark.expect_log(r"WARNING chainfs\.fs: read failed: layers/\S+ is 
 
 def view(mnt: Path, chain: str, layer: str) -> Path:
     return mnt / "layers" / chain / f"{layer}.img"
+
+
+def seeded(tmp_path: Path, seeds: Seeds, mounter: Mounter) -> tuple[Seed, Mount, Path]:
+    """The seed chain in ``tmp_path/images``, mounted: the seed, the mount, its mountpoint."""
+    seed = seeds(tmp_path / "images")
+    m = mounter(seed.active.parent)
+    return seed, m, m.mountpoint
+
+
+def assert_reads_eio(fd: int) -> None:
+    with pytest.raises(OSError) as e:
+        os.pread(fd, 4096, 0)
+    assert e.value.errno == errno.EIO
 
 
 def converted(layer: Path, tmp: Path) -> Path:
@@ -144,9 +157,7 @@ def test_seek_data_and_hole_on_views_as_qemu_maps_the_layers(
 def test_an_open_view_refuses_the_jobs_that_would_change_it(
     tmp_path: Path, seeds: Seeds, mounter: Mounter
 ) -> None:
-    seed = seeds(tmp_path / "images")
-    m = mounter(seed.active.parent)
-    mnt = m.mountpoint
+    seed, m, mnt = seeded(tmp_path, seeds, mounter)
     c_raw = converted(seed.layer("C"), tmp_path)
     fd = os.open(view(mnt, "E", "C.qcow2"), os.O_RDONLY)
     try:
@@ -188,9 +199,7 @@ def test_an_open_view_whose_layer_a_job_changed_reads_eio(
     try:
         assert os.pread(fd, 4096, 0) == seed.content[:4096]
         m.run_job("E", "stream", "base=B.qcow2")
-        with pytest.raises(OSError) as e:
-            os.pread(fd, 4096, 0)
-        assert e.value.errno == errno.EIO
+        assert_reads_eio(fd)
     finally:
         os.close(fd)
     assert v.read_bytes() == seed.content
@@ -200,15 +209,11 @@ def test_an_open_view_whose_layer_a_job_changed_reads_eio(
 def test_an_active_commit_ends_the_active_view(
     tmp_path: Path, seeds: Seeds, mounter: Mounter
 ) -> None:
-    seed = seeds(tmp_path / "images")
-    m = mounter(seed.active.parent)
-    mnt = m.mountpoint
+    seed, m, mnt = seeded(tmp_path, seeds, mounter)
     fd = os.open(view(mnt, "E", "E.qcow2"), os.O_RDONLY)
     try:
         m.run_job("E", "commit", "base=B.qcow2")
-        with pytest.raises(OSError) as e:
-            os.pread(fd, 4096, 0)
-        assert e.value.errno == errno.EIO
+        assert_reads_eio(fd)
     finally:
         os.close(fd)
     assert sorted(os.listdir(mnt / "layers" / "E")) == ["A.qcow2.img", "B.qcow2.img"]
@@ -218,9 +223,7 @@ def test_an_active_commit_ends_the_active_view(
 def test_stream_keeps_the_removed_layers_views(
     tmp_path: Path, seeds: Seeds, mounter: Mounter
 ) -> None:
-    seed = seeds(tmp_path / "images")
-    m = mounter(seed.active.parent)
-    mnt = m.mountpoint
+    seed, m, mnt = seeded(tmp_path, seeds, mounter)
     c_raw = converted(seed.layer("C"), tmp_path)
     fd = os.open(view(mnt, "E", "C.qcow2"), os.O_RDONLY)  # open across the stream
     try:
@@ -242,9 +245,7 @@ def test_stream_keeps_the_removed_layers_views(
 def test_a_snapshot_freezes_the_old_active_view(
     tmp_path: Path, seeds: Seeds, mounter: Mounter
 ) -> None:
-    seed = seeds(tmp_path / "images")
-    m = mounter(seed.active.parent)
-    mnt = m.mountpoint
+    seed, m, mnt = seeded(tmp_path, seeds, mounter)
     fd = os.open(view(mnt, "E", "E.qcow2"), os.O_RDONLY)
     try:
         m.command("E", "snapshot", "F.qcow2")
@@ -261,9 +262,7 @@ def test_a_snapshot_freezes_the_old_active_view(
 def test_copy_keeps_the_old_layers_views(tmp_path: Path, seeds: Seeds, mounter: Mounter) -> None:
     """A copy retires the old layers still valid: their views stay, and the old active
     one now shows the disk as it was at the pivot."""
-    seed = seeds(tmp_path / "images")
-    m = mounter(seed.active.parent)
-    mnt = m.mountpoint
+    seed, m, mnt = seeded(tmp_path, seeds, mounter)
     m.run_job("E", "copy", "new.qcow2 sync=full")
     with open(m.img("E"), "r+b") as f:
         f.write(b"\x55" * 4096)
@@ -303,9 +302,7 @@ def test_a_view_a_running_job_changes_cannot_be_opened(
     """While a commit into B runs, the views reading B (B, C, D; the active layer's is the
     flat file's) refuse to open (EBUSY), the others open; the commit cancelled, B keeps
     part of what it copied, and the views show the layers' disks as they are now."""
-    seed = seeds(tmp_path / "images")
-    m = mounter(seed.active.parent)
-    mnt = m.mountpoint
+    seed, m, mnt = seeded(tmp_path, seeds, mounter)
     job = m.start_job("E", "commit", "top=D.qcow2 base=B.qcow2 speed=64K")
     try:
         for name in ("B.qcow2", "C.qcow2", "D.qcow2"):
