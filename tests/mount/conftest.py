@@ -551,7 +551,73 @@ def assert_flat(path: Path, content: bytes | bytearray) -> None:
     assert got == content, first_difference(got, content)
 
 
+@dataclass
+class PivotChain:
+    """``NAME-base.qcow2 <- NAME.qcow2`` in ``directory``, for the tests of a job that
+    pivots (``commit``, ``copy-full``, ``copy-top``): how to start it, what it leaves."""
+
+    directory: Path
+    name: str
+
+    @property
+    def base(self) -> Path:
+        return self.directory / f"{self.name}-base.qcow2"
+
+    @property
+    def dest(self) -> Path:
+        """Where a copy goes."""
+        return self.directory / f"{self.name}-dest.qcow2"
+
+    def command(self, job: str, extra: str) -> tuple[str, str]:
+        """The control file and the text that start ``job`` on this chain."""
+        if job == "commit":
+            return "commit", f"base={self.base.name} {extra}"
+        sync = job.removeprefix("copy-")
+        return "copy", f"{self.dest.name} sync={sync} {extra}"
+
+    def after(self, job: str) -> tuple[Path, list[str]]:
+        """The new active layer after the pivot, and the chain's layers then."""
+        if job == "commit":
+            return self.base, [self.base.name]
+        if job == "copy-full":
+            return self.dest, [self.dest.name]
+        return self.dest, [self.dest.name, self.base.name]
+
+
 # -- a guest --------------------------------------------------------------------------------
+
+
+class GuestThread(threading.Thread):
+    """The base of the tests' guests: a daemon thread running ``_loop``, which counts its
+    writes in ``count``; what it raises is kept in ``error`` and re-raised by ``check()``
+    (and so by ``wait_writes``)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:
+            self.error = e
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise AssertionError(f"the guest failed: {self.error!r}") from self.error
+
+    def wait_writes(self, n: int) -> None:
+        target = self.count + n
+
+        def done() -> bool:
+            self.check()
+            return self.count >= target
+
+        wait_for(done, f"{n} more guest writes")
 
 
 class Writer(threading.Thread):

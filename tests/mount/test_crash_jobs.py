@@ -39,6 +39,7 @@ from chainfs.jobs.journal import Journal, journal_path
 
 from .conftest import (
     DEADLINE,
+    GuestThread,
     Mount,
     Mounter,
     Seeds,
@@ -82,26 +83,18 @@ OPERATIONS = {
 }
 
 
-class Guest(threading.Thread):
+class Guest(GuestThread):
     """Writes 4 KiB-aligned random data through the flat file and fsyncs after each write;
     ``model`` takes a write only once its fsync returned, ``inflight`` is the one that
     may or may not have landed when the server died."""
 
     def __init__(self, path: Path, model: bytearray, seed: int) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.path = path
         self.model = model
         self.rng = random.Random(seed)
         self.inflight: tuple[int, bytes] | None = None
-        self.count = 0
         self.killed = False  # set by the test just before it kills the server
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as e:
-            self.error = e
 
     def _loop(self) -> None:
         rng, blocks = self.rng, len(self.model) // BLOCK
@@ -128,16 +121,6 @@ class Guest(threading.Thread):
             except OSError:
                 if not self.killed:
                     raise
-
-    def wait_writes(self, n: int) -> None:
-        target = self.count + n
-
-        def done() -> bool:
-            if self.error is not None:
-                raise AssertionError(f"the guest failed: {self.error!r}") from self.error
-            return self.count >= target
-
-        wait_for(done, f"{n} guest writes")
 
 
 def check_images(directory: Path) -> None:
@@ -204,8 +187,7 @@ def crash_once(tmp_path: Path, seeds: Seeds, mounter: Mounter, op: Operation, se
     guest.join(DEADLINE)
     command.join(DEADLINE)
     assert not guest.is_alive() and not command.is_alive()
-    if guest.error is not None:
-        raise AssertionError(f"the guest failed: {guest.error!r}") from guest.error
+    guest.check()
 
     check_images(src)
     journal = Journal.load(str(src), NAME, writable=False)

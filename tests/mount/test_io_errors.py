@@ -41,6 +41,7 @@ from interop import images as im
 from . import conftest
 from .conftest import (
     DEADLINE,
+    GuestThread,
     Mount,
     Mounter,
     Seed,
@@ -130,7 +131,7 @@ def small_fs(tmp_path: Path) -> Iterator[SmallFs]:
 # -- a guest on a disk that may fail ---------------------------------------------------------
 
 
-class Guest(threading.Thread):
+class Guest(GuestThread):
     """Random writes through one descriptor of the flat file, an fsync every few.
 
     A write that fails must fail with one of ``errnos`` (or write fewer bytes than asked
@@ -148,30 +149,25 @@ class Guest(threading.Thread):
         errnos: set[int],
         stop_on_error: bool = False,
     ) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.path, self.model = path, model
         self.rng = random.Random(seed)
         self.errnos = errnos
         self.stop_on_error = stop_on_error
         self.failed: list[tuple[int, bytes]] = []
         self.seen: set[int] = set()  # the errnos met
-        self.count = 0
         # the disk as of the last good fsync, and after each write since (a failed one
         # as if it had landed): a crash may leave each sector as any of them
         self.since_sync = [bytes(model)]
-        self.error: BaseException | None = None
         self._halt = threading.Event()
 
-    def run(self) -> None:
+    def _loop(self) -> None:
+        fd = os.open(self.path, os.O_RDWR)
         try:
-            fd = os.open(self.path, os.O_RDWR)
-            try:
-                while not self._halt.is_set() and not (self.stop_on_error and self.seen):
-                    self._one(fd)
-            finally:
-                os.close(fd)
-        except BaseException as e:
-            self.error = e
+            while not self._halt.is_set() and not (self.stop_on_error and self.seen):
+                self._one(fd)
+        finally:
+            os.close(fd)
 
     def _fail(self, e: OSError) -> None:
         assert e.errno in self.errnos, f"unexpected {e!r}"
@@ -204,20 +200,9 @@ class Guest(threading.Thread):
                 if not self.failed:
                     self.since_sync = [bytes(self.model)]
 
-    def wait_writes(self, n: int) -> None:
-        target = self.count + n
-
-        def done() -> bool:
-            if self.error is not None:
-                raise AssertionError(f"the guest failed: {self.error!r}") from self.error
-            return self.count >= target
-
-        wait_for(done, f"{n} more guest writes")
-
     def wait_error(self, err: int) -> None:
         def seen() -> bool:
-            if self.error is not None:
-                raise AssertionError(f"the guest failed: {self.error!r}") from self.error
+            self.check()
             return err in self.seen
 
         wait_for(seen, f"a guest write to fail with {errno.errorcode[err]}")
@@ -226,8 +211,7 @@ class Guest(threading.Thread):
         self._halt.set()
         self.join(timeout=DEADLINE)
         assert not self.is_alive(), "the guest did not stop"
-        if self.error is not None:
-            raise AssertionError(f"the guest failed: {self.error!r}") from self.error
+        self.check()
 
     def again(self) -> None:
         """Write the failed ranges again (the disk works now) and fsync."""

@@ -47,8 +47,10 @@ from interop import images as im
 
 from .conftest import (
     CHAINFS,
+    GuestThread,
     Mount,
     Mounter,
+    PivotChain,
     assert_clean,
     expect_refusals,
     first_difference,
@@ -68,33 +70,10 @@ WAYS = ["write-blocking", "complete", "change", "auto"]
 
 
 @dataclass
-class Chain:
+class Chain(PivotChain):
     """``NAME-base.qcow2 <- NAME.qcow2``, 16 MiB, with data in both layers."""
 
-    directory: Path
-    name: str
     model: bytearray = field(repr=False)  # what the disk shows: as built, then the guest's
-
-    @property
-    def base(self) -> Path:
-        return self.directory / f"{self.name}-base.qcow2"
-
-    @property
-    def dest(self) -> Path:
-        return self.directory / f"{self.name}-dest.qcow2"
-
-    def command(self, job: str, extra: str) -> tuple[str, str]:
-        if job == "commit":
-            return "commit", f"base={self.base.name} {extra}"
-        return "copy", f"{self.dest.name} sync={job.removeprefix('copy-')} {extra}"
-
-    def after(self, job: str) -> tuple[Path, list[str]]:
-        """The new active layer after the pivot, and the chain's layers then."""
-        if job == "commit":
-            return self.base, [self.base.name]
-        if job == "copy-full":
-            return self.dest, [self.dest.name]
-        return self.dest, [self.dest.name, self.base.name]
 
 
 def build(directory: Path, name: str) -> Chain:
@@ -126,24 +105,16 @@ def served(tmp_path_factory: pytest.TempPathFactory, module_mounter: Mounter) ->
     return Served(module_mounter(d), chains)
 
 
-class Guest(threading.Thread):
+class Guest(GuestThread):
     """Random O_DIRECT writes of 4 KiB..64 KiB (4 KiB aligned, a tenth of them zeros)
     over the whole disk at ``rate`` bytes a second, each recorded in ``model`` once
     acknowledged; ``stop()`` fsyncs, closes and re-raises what the thread met."""
 
     def __init__(self, path: Path, model: bytearray, *, rate: int, seed: int) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.path, self.model, self.rate = path, model, rate
         self.rng = random.Random(seed)
-        self.count = 0
-        self.error: BaseException | None = None
         self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as e:
-            self.error = e
 
     def _loop(self) -> None:
         rng, size = self.rng, len(self.model)
@@ -168,22 +139,11 @@ class Guest(threading.Thread):
             os.close(fd)
             buf.close()
 
-    def wait_writes(self, n: int) -> None:
-        target = self.count + n
-
-        def done() -> bool:
-            if self.error is not None:
-                raise AssertionError(f"the guest failed: {self.error!r}") from self.error
-            return self.count >= target
-
-        wait_for(done, f"{n} more guest writes")
-
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=60)
         assert not self.is_alive(), "the guest did not stop"
-        if self.error is not None:
-            raise AssertionError(f"the guest failed: {self.error!r}") from self.error
+        self.check()
 
 
 def job_line(m: Mount, chain: str) -> dict[str, str]:

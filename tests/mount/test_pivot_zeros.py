@@ -51,6 +51,7 @@ from interop import images as im
 from .conftest import (
     Mount,
     Mounter,
+    PivotChain,
     assert_clean,
     assert_content,
     first_difference,
@@ -77,36 +78,10 @@ JOBS = ["copy-full", "copy-top", "commit"]
 
 
 @dataclass
-class Chain:
+class Chain(PivotChain):
     """One chain of the module's source directory: ``NAME-base.qcow2 <- NAME.qcow2``."""
 
-    directory: Path
-    name: str
     content: bytes = field(repr=False)  # what it shows as built (32 MiB: kept out of reports)
-
-    @property
-    def base(self) -> Path:
-        return self.directory / f"{self.name}-base.qcow2"
-
-    @property
-    def dest(self) -> Path:
-        """Where a copy goes."""
-        return self.directory / f"{self.name}-dest.qcow2"
-
-    def command(self, job: str, extra: str) -> tuple[str, str]:
-        """The control file and the text that start ``job`` on this chain."""
-        if job == "commit":
-            return "commit", f"base={self.base.name} {extra}"
-        sync = job.removeprefix("copy-")
-        return "copy", f"{self.dest.name} sync={sync} {extra}"
-
-    def after(self, job: str) -> tuple[Path, list[str]]:
-        """The new active layer after the pivot, and the chain's layers then."""
-        if job == "commit":
-            return self.base, [self.base.name]
-        if job == "copy-full":
-            return self.dest, [self.dest.name]
-        return self.dest, [self.dest.name, self.base.name]
 
 
 def build(directory: Path, name: str, *, masked: bool = False, first_pass: bool = False) -> Chain:
