@@ -620,6 +620,7 @@ class FakeDisk:
     name: str
     chain: Any
     mtime_ns: int = 1
+    suspended: str | None = None  # (many hosts: a suspended chain is not written back)
 
 
 @pytest.mark.expect_log(r"WARNING chainfs\.mount: chain=vm write-back failed: ")
