@@ -22,6 +22,10 @@ reading ``chain.py``, ``jobs/*.py`` and the qcow2 driver:
 - mirror drain steps in READY (``wait=ready``): the same, with the job ready.
 - mirror waiting in READY (blocked, no step running), the last drain's write still
   pending: a request wakes a drain; ``complete`` right after it pivots after that drain.
+- mirror in write-blocking mode (``copy-mode=write-blocking``, and every mirror after
+  ``complete``): a guest write behind the pass is copied into the target by the write
+  hook (``after_write``) before it is answered, with ``write_started``: the hook's own
+  copy may be pending when the next request comes, in the same window or the next.
 - the pivot (``prepare``: last dirty granules, flush, state file, switch): synchronous,
   no window; a request just before it (the READY wait) and just after it (into the new
   active layer) are tested.
@@ -194,11 +198,12 @@ class Guest:
         self.last = cluster
 
     def apply(self, reqs: list[Req], target: Layer | None) -> None:
-        on_way = pending(target)
-        for _, cluster, must in reqs:
+        """Each request in turn, checked just before it (a write-blocking job's hook
+        leaves a started write of its own pending between two requests of a window)."""
+        for kind, cluster, must in reqs:
             if must:
+                on_way = pending(target)
                 assert cluster in on_way, f"{cluster:#x} is not pending; pending: {on_way}"
-        for kind, cluster, _ in reqs:
             self.do(self.kind if kind == "K" else kind, cluster)
 
 
@@ -211,20 +216,25 @@ class Script:
         self.counts: dict[str, int] = {}
         self.seen: list[tuple[str, int]] = []
         self.errors: list[BaseException] = []
+        self.passed = False  # a mirror's first pass reached the end of the disk
 
     def __call__(self, job: Job) -> None:
         try:
             if isinstance(job, MirrorJob):
-                if job.target is None:
+                if job.target is None or job.dirty is None:
                     window = "start"
                 elif job.status == READY:
                     window = "ready"
-                else:  # the drain adds what it copies to ``len``
-                    window = "pass" if job.len == SIZE else "drain"
+                else:  # the pass's windows by its position (a write-blocking job's
+                    # hook copies add to ``offset`` too); the pass ends at SIZE, once
+                    window = "pass" if job.dirty.horizon < SIZE or not self.passed else "drain"
+                    self.passed = job.dirty.horizon == SIZE
             else:
                 window = "step"
             if window in ("drain", "ready"):
                 n = self.counts[window] = self.counts.get(window, 0) + 1
+            elif isinstance(job, MirrorJob) and job.dirty is not None:
+                n = job.dirty.horizon
             else:
                 n = job.offset
             self.seen.append((window, n))
@@ -245,6 +255,7 @@ async def run_case(
     plan: Plan,
     ready: list[Req] | None = None,
     wait: list[Req] | None = None,
+    mode: str = "",
 ) -> Script:
     """Run the job with ``plan`` in its windows (and, with ``wait=ready``, ``ready`` once
     it is ready and blocked, ``wait`` once it drained that and waits again, then
@@ -256,6 +267,7 @@ async def run_case(
         script = Script(guest, plan)
         monkeypatch.setattr(Job, "between_steps", script)
         waits = ready is not None
+        command += f" copy-mode={mode}" if mode else ""
         disk.command(control, (command + (" wait=ready" if waits else "")).encode())
         job = disk.job
         assert job is not None
@@ -349,6 +361,39 @@ async def test_mirror_windows(
 ) -> None:
     plan, ready, wait = mirror_plan(window)
     await run_case(chain_dir, tmp_path, monkeypatch, job_name, kind, plan, ready, wait)
+
+
+# the hook's own started write: behind the pass, a write-blocking job copies each guest
+# write into the target before answering it (``after_write``); where the target does not
+# hold the cluster yet (a hole), that copy may still be on its way when the next request
+# comes.  The request over the same bytes at once (one window) and in the next window
+# (the step over a hole writes nothing to the target), one beside it, and the in-place
+# case: the active layer's data the pass already copied (P(1), written in place)
+BLOCKING: Plan = {
+    ("pass", 6 * MiB): [
+        ("data", H(2), False),
+        ("K", H(2), True),
+        ("data", P(1), False),
+        ("K", P(1), False),
+        ("data", H(3), False),
+    ],
+    ("pass", 7 * MiB): [("K", H(3), True), ("K", H(3) + CS, False)],
+}
+
+
+@pytest.mark.usefixtures("late")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("job_name", ["active-commit", "copy-full", "copy-top"])
+async def test_write_blocking_windows(
+    chain_dir: tuple[Path, bytearray],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    job_name: str,
+    kind: str,
+) -> None:
+    await run_case(
+        chain_dir, tmp_path, monkeypatch, job_name, kind, dict(BLOCKING), mode="write-blocking"
+    )
 
 
 # -- intermediate commit and stream --------------------------------------------------------
