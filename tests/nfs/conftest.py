@@ -20,6 +20,7 @@ import itertools
 import os
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -56,22 +57,88 @@ def wait_for(cond: Callable[[], T | None], what: str, timeout: float = DEADLINE)
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="session")
-def lab() -> Iterator[Lab]:
-    """The lab, booted once; both hosts have the export mounted at ``/shared``."""
-    try:
-        lab = Lab.start()
-    except LabUnavailable as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the NFS lab cannot start in CI: {e}")
-        pytest.skip(f"the NFS lab cannot start: {e}")
-    _LAB.append(lab)
+class _Boot(threading.Thread):
+    """The lab coming up (booted, the export mounted on both hosts, the server's grace
+    period waited out: half a minute and more under TCG) while the layers before this
+    one run; the ``lab`` fixture takes what it made."""
+
+    def __init__(self) -> None:
+        super().__init__(name="nfs-lab-boot", daemon=True)
+        self.lab: Lab | None = None
+        self.error: BaseException | None = None
+        self.taken = False
+        self.ready = threading.Event()
+        self.over = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.lab = _bring_up()
+        except BaseException as e:  # the fixture raises it, in the test that asks
+            self.error = e
+        self.ready.set()
+        # the guest dies with the thread that started it (PR_SET_PDEATHSIG): this one
+        # lives until the session is over
+        self.over.wait()
+
+
+def _bring_up() -> Lab:
+    lab = Lab.start()
     try:
         lab.run(None, ["mkdir", "-p", LOGS])
         for h in ("a", "b"):
             lab.mount_nfs(h)
         for h in ("a", "b"):  # the first lock waits out the server's grace periods
             lab.run(h, [PY, "-S", "-c", WARM_UP, f"/shared/.warm-up-{h}"])
+    except BaseException:
+        lab.close()
+        raise
+    return lab
+
+
+_BOOTS: list[_Boot] = []
+
+
+def _boot() -> _Boot:
+    if not _BOOTS:
+        _BOOTS.append(_Boot())
+        _BOOTS[0].start()
+    return _BOOTS[0]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the lab now when a test of this layer is to run (the layers run in order,
+    this one last: it boots while the others run)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for item in session.items:
+        if str(item.path).startswith(here + os.sep) and not item.get_closest_marker("skip"):
+            _boot()
+            return
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Power off a lab that booted but no test took (a run stopped early)."""
+    for boot in _BOOTS:
+        boot.ready.wait()
+        if boot.lab is not None and not boot.taken:
+            boot.lab.close()
+        boot.over.set()
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """The lab, booted once; both hosts have the export mounted at ``/shared``."""
+    boot = _boot()
+    boot.ready.wait()
+    if isinstance(boot.error, LabUnavailable):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the NFS lab cannot start in CI: {boot.error}")
+        pytest.skip(f"the NFS lab cannot start: {boot.error}")
+    if boot.error is not None:
+        raise boot.error
+    assert boot.lab is not None
+    lab, boot.taken = boot.lab, True
+    _LAB.append(lab)
+    try:
         yield lab
     finally:
         _LAB.remove(lab)
