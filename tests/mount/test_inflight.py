@@ -1,0 +1,321 @@
+"""Many requests in flight at once during every live job: fio at queue depth 32 in four
+jobs, random reads and writes mixed, with a verify pattern, while the job runs.
+
+    [A] <- [B] <- [C] <- [D] <- [E]   (64 MiB; fio writes the flat file E.img)
+        stream node=D base=B   ->  [A] <- [B] <- [D] <- [E]
+        stream base=A          ->  [A] <- [E]
+        commit top=D base=B    ->  [A] <- [B] <- [E]
+        commit base=A          ->  [A]                       (active; both copy modes)
+        copy F sync=full       ->  [F]                       (both copy modes)
+        copy F sync=top        ->  [A] <- [B] <- [C] <- [D] <- [F]   (both copy modes)
+        backup F sync=full     ->  F: the disk at the command
+        backup F sync=top      ->  F over D: the disk at the command
+        snapshot S             ->  [A] <- ... <- [E] <- [S]
+
+The guest (``Fio``, a thread) runs fio rounds on the flat file with ``libaio``,
+``direct=1`` and ``iodepth=32``: four jobs, each in its own 12 MiB region (the last 4 MiB
+of each quarter is never written), ``rw=randrw`` in 4 KiB..64 KiB blocks, a crc32c
+verify header every 4 KiB (it holds the block's offset), ``norandommap`` so that blocks
+are overwritten (``serialize_overlap``: never two overlapping requests in flight).  Two
+of the jobs verify what they wrote while they run (``verify_backlog``), the other two
+all of it at the end of the round.  The job starts after the guest (a backup before it:
+its point in time is then the seed) at a ``speed=`` that makes it last a good part of a
+round, a job that waits to be ready is completed under load, and the guest stops at the
+end of the round during which the job ended, so that round's verify pass reads after the
+pivot.  Every round must end without an error (a lost, stale or misplaced block fails
+fio's verify).
+
+The model, once the guest stopped: every 4 KiB block fio never wrote (its ``write_iolog``)
+is the seed's, and every one it wrote holds a fio header naming its own offset (a lost
+write would leave the seed or an older block there, a misplaced one a header naming
+another offset); then, unmounted, ``qemu-img check`` is clean on every image in the
+directory and ``qemu-img compare`` finds the resulting chain equal to the flat file as
+read before; mounted again, the flat file reads the same.  A backup's DEST (read through
+the chain's lower layers for ``sync=top``) is the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from interop import images as im
+
+from .conftest import (
+    GuestThread,
+    Mount,
+    Mounter,
+    Seeds,
+    assert_clean,
+    assert_content,
+    assert_flat,
+    first_difference,
+    read_direct,
+    wait_for,
+)
+
+pytestmark = pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio")
+
+KiB, MiB = im.KiB, im.MiB
+SIZE = 64 * MiB
+BLOCK = 4 * KiB  # fio's block alignment and verify interval
+REGIONS = [(i * 16 * MiB, 12 * MiB) for i in range(4)]  # one per fio job
+ROUND_IO = "12m"  # what each fio job reads and writes in a round (a few seconds)
+SPEED = "8M"  # the job's rate: it lasts a good part of a round
+FIO_MAGIC = 0xACCA  # fio's verify_header: magic (u16) ... offset (u64 at byte 16)
+TIMEOUT = 240.0  # a job under fio on a loaded 2-core machine, with room to spare
+
+
+class Fio(GuestThread):
+    """fio rounds on ``flat`` until ``stop()``: the round running then (or the next one,
+    if none is) is the last.  ``count`` is the writes fio reported; ``written`` the 4 KiB
+    blocks any round wrote, from the rounds' ``write_iolog``."""
+
+    def __init__(self, flat: Path, workdir: Path) -> None:
+        super().__init__()
+        self.flat, self.workdir = flat, workdir
+        self.rounds = 0
+        self.written: set[int] = set()
+        self._stop_event = threading.Event()
+
+    def _loop(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        while True:
+            self._round(self.rounds)
+            self.rounds += 1
+            if self._stop_event.is_set():
+                return
+
+    def _round(self, n: int) -> None:
+        jobfile = self.workdir / f"round{n}.fio"
+        jobfile.write_text(self.jobfile(n))
+        proc = subprocess.run(
+            ["fio", "--output-format=json", jobfile.name],
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=TIMEOUT,
+        )
+        out = proc.stdout
+        report = json.loads(out[out.index("{") :]) if "{" in out else {"jobs": []}
+        errors = [(j["jobname"], j["error"]) for j in report["jobs"] if j["error"]]
+        if proc.returncode != 0 or errors or len(report["jobs"]) != len(REGIONS):
+            raise AssertionError(
+                f"fio round {n} exited {proc.returncode}, job errors {errors}:\n"
+                f"{proc.stderr}{out[: out.find('{')]}"
+            )
+        self.count += sum(int(j["write"]["total_ios"]) for j in report["jobs"])
+        for i in range(len(REGIONS)):
+            self.written |= written_blocks(self.workdir / f"round{n}-job{i}.iolog")
+
+    def jobfile(self, n: int) -> str:
+        lines = [
+            "[global]",
+            f"filename={self.flat}",
+            "ioengine=libaio",
+            "direct=1",
+            "iodepth=32",
+            "bsrange=4k-64k",
+            f"blockalign={BLOCK}",
+            "norandommap",
+            "serialize_overlap=1",
+            "verify=crc32c",
+            f"verify_interval={BLOCK}",
+            "verify_fatal=1",
+            "verify_dump=0",
+            "verify_state_save=0",
+            f"io_size={ROUND_IO}",
+            "randrepeat=0",
+        ]
+        for i, (offset, length) in enumerate(REGIONS):
+            lines += [
+                f"[job{i}]",
+                f"offset={offset}",
+                f"size={length}",
+                f"write_iolog=round{n}-job{i}.iolog",
+            ]
+            if i % 2 == 0:  # reads and writes, verified while the job runs
+                lines += ["rw=randrw", "verify_backlog=16"]
+            else:  # writes verified at the end of the round, after the job ended
+                # (fio 3.33 reports blocks of an earlier write there in a randrw job
+                # without a random map, on a plain file too: so writes only)
+                lines.append("rw=randwrite")
+        return "\n".join(lines) + "\n"
+
+    def iolog_bytes(self) -> tuple[int, int]:
+        """(round, how much of its ``write_iolog`` fio wrote so far: it grows with I/O)."""
+        n = self.rounds
+        total = 0
+        for i in range(len(REGIONS)):
+            try:
+                total += (self.workdir / f"round{n}-job{i}.iolog").stat().st_size
+            except FileNotFoundError:
+                pass
+        return n, total
+
+    def wait_io(self) -> None:
+        """Until fio logged more I/O (its log is written in 4 KiB pieces: tens of requests)."""
+        before = self.iolog_bytes()
+
+        def more() -> bool:
+            self.check()
+            now = self.iolog_bytes()
+            return now[0] > before[0] or now[1] > before[1]
+
+        wait_for(more, "more fio I/O", TIMEOUT)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=TIMEOUT)
+        assert not self.is_alive(), "fio did not stop"
+        self.check()
+
+
+def written_blocks(iolog: Path) -> set[int]:
+    """The 4 KiB blocks an fio ``write_iolog`` (version 3) says were written."""
+    blocks: set[int] = set()
+    for line in iolog.read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 5 and fields[2] == "write":
+            offset, length = int(fields[3]), int(fields[4])
+            assert offset % BLOCK == 0 and length % BLOCK == 0, line
+            blocks.update(range(offset // BLOCK, (offset + length) // BLOCK))
+    return blocks
+
+
+def assert_model(flat: bytes, seed: bytes, written: set[int]) -> None:
+    """Blocks fio never wrote are the seed's; each one it wrote has a fio verify header
+    naming its own offset (fio's verify checks the rest of it)."""
+    assert len(flat) == len(seed) == SIZE
+    regions = {o // BLOCK + k for o, n in REGIONS for k in range(n // BLOCK)}
+    assert written and written <= regions, "fio wrote outside its regions"
+    for b in range(SIZE // BLOCK):
+        at = b * BLOCK
+        got = flat[at : at + BLOCK]
+        if b not in written:
+            want = seed[at : at + BLOCK]
+            assert got == want, f"block at {at} (never written): " + first_difference(got, want)
+            continue
+        magic, offset = struct.unpack_from("<H", got)[0], struct.unpack_from("<Q", got, 16)[0]
+        assert magic == FIO_MAGIC, f"block at {at} (written by fio) has no fio header: {got[:8]!r}"
+        assert offset == at, f"block at {at} holds fio's block for offset {offset}"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One live job: its control file and text (``speed=`` added), and the chain after it
+    (active first)."""
+
+    kind: str
+    text: str
+    after: tuple[str, ...]
+
+    @property
+    def ready(self) -> bool:
+        return "wait=ready" in self.text
+
+
+SEED_LAYERS = ("E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2")
+
+
+def mirror(kind: str, text: str, after: tuple[str, ...], mode: str) -> Case:
+    return Case(kind, f"{text} copy-mode={mode} wait=ready", after)
+
+
+CASES = {
+    "stream-intermediate": Case(
+        "stream", "node=D.qcow2 base=B.qcow2", ("E.qcow2", "D.qcow2", "B.qcow2", "A.qcow2")
+    ),
+    "stream-base": Case("stream", "base=A.qcow2", ("E.qcow2", "A.qcow2")),
+    "commit-intermediate": Case(
+        "commit", "top=D.qcow2 base=B.qcow2", ("E.qcow2", "B.qcow2", "A.qcow2")
+    ),
+    **{
+        f"commit-active-{mode}": mirror("commit", "base=A.qcow2", ("A.qcow2",), mode)
+        for mode in ("background", "write-blocking")
+    },
+    **{
+        f"copy-full-{mode}": mirror("copy", "F.qcow2 sync=full", ("F.qcow2",), mode)
+        for mode in ("background", "write-blocking")
+    },
+    **{
+        f"copy-top-{mode}": mirror("copy", "F.qcow2 sync=top", ("F.qcow2", *SEED_LAYERS[1:]), mode)
+        for mode in ("background", "write-blocking")
+    },
+    "backup-full": Case("backup", "F.qcow2 sync=full", SEED_LAYERS),
+    "backup-top": Case("backup", "F.qcow2 sync=top", SEED_LAYERS),
+    "snapshot": Case("snapshot", "S.qcow2", ("S.qcow2", *SEED_LAYERS)),
+}
+# the default run (about 60 s on two cores): one of each job, the rest under --runslow
+FAST = {
+    "stream-base",
+    "commit-intermediate",
+    "commit-active-write-blocking",
+    "copy-full-background",
+    "backup-full",
+    "snapshot",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in CASES],
+)
+def test_fio_at_queue_depth_32_during_the_job(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, name: str
+) -> None:
+    case = CASES[name]
+    d = tmp_path / "images"
+    seed = seeds(d, size=SIZE)
+    m = mounter(d)
+    flat = m.img("E")
+    guest = Fio(flat, tmp_path / "fio")
+    try:
+        if case.kind == "snapshot":
+            guest.start()
+            guest.wait_io()
+            m.command("E", "snapshot", case.text)
+        else:
+            if case.kind != "backup":  # a backup's point in time is the seed: fio after it
+                guest.start()
+                guest.wait_io()
+            jid = m.start_job("E", case.kind, f"{case.text} speed={SPEED}")
+            if case.kind == "backup":
+                guest.start()
+            if case.ready:
+                wait_ready(m, jid, guest)
+                m.command("E", "speed", f"{jid} 0")  # the dirty data left, at full speed
+                m.command("E", "complete", jid)
+            end = m.wait_job("E", jid, TIMEOUT)
+            assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    finally:
+        guest.stop()
+    assert m.layers("E") == list(case.after)
+    got = read_direct(flat)
+    assert_model(got, seed.content, guest.written)
+    m.unmount()
+    assert_clean(sorted(d.glob("*.qcow2")))
+    assert_content(d / case.after[0], got, tmp_path / "compare")
+    if case.kind == "backup":
+        assert_content(d / "F.qcow2", seed.content, tmp_path / "compare")
+    m = mounter(d)
+    assert_flat(m.img("E"), got)
+    m.unmount()
+
+
+def wait_ready(m: Mount, jid: str, guest: Fio) -> None:
+    """JOB_READY of ``jid``, then more of fio's I/O: a ready job mirrors writes a while."""
+
+    def ready() -> bool:
+        guest.check()
+        return any(e.get("job") == jid and e["event"] == "JOB_READY" for e in m.events("E"))
+
+    wait_for(ready, f"{jid} to be ready", TIMEOUT)
+    guest.wait_io()
