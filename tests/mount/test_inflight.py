@@ -25,13 +25,15 @@ end of the round during which the job ended, so that round's verify pass reads a
 pivot.  Every round must end without an error (a lost, stale or misplaced block fails
 fio's verify).
 
-The model, once the guest stopped: every 4 KiB block fio never wrote (its ``write_iolog``)
-is the seed's, and every one it wrote holds a fio header naming its own offset (a lost
-write would leave the seed or an older block there, a misplaced one a header naming
-another offset); then, unmounted, ``qemu-img check`` is clean on every image in the
-directory and ``qemu-img compare`` finds the resulting chain equal to the flat file as
-read before; mounted again, the flat file reads the same.  A backup's DEST (read through
-the chain's lower layers for ``sync=top``) is the seed.
+The model, once the guest stopped, from the rounds' ``write_iolog`` (every write, in the
+order fio issued them): every 4 KiB block fio never wrote is the seed's, and every one it
+wrote starts with the verify header of its last write there (the header names the
+block's offset, the fio job and the write's number in the job): a lost write leaves the
+seed or an older write, a misplaced one a header naming another offset, even for a
+round that fio verified before the job ended.  Then, unmounted, ``qemu-img check`` is
+clean on every image in the directory and ``qemu-img compare`` finds the resulting chain
+equal to the flat file as read before; mounted again, the flat file reads the same.  A
+backup's DEST (read through the chain's lower layers for ``sync=top``) is the seed.
 """
 
 from __future__ import annotations
@@ -68,20 +70,20 @@ BLOCK = 4 * KiB  # fio's block alignment and verify interval
 REGIONS = [(i * 16 * MiB, 12 * MiB) for i in range(4)]  # one per fio job
 ROUND_IO = "12m"  # what each fio job reads and writes in a round (a few seconds)
 SPEED = "8M"  # the job's rate: it lasts a good part of a round
-FIO_MAGIC = 0xACCA  # fio's verify_header: magic (u16) ... offset (u64 at byte 16)
+FIO_MAGIC = 0xACCA  # the first two bytes of fio's verify header (little-endian)
 TIMEOUT = 240.0  # a job under fio on a loaded 2-core machine, with room to spare
 
 
 class Fio(GuestThread):
     """fio rounds on ``flat`` until ``stop()``: the round running then (or the next one,
-    if none is) is the last.  ``count`` is the writes fio reported; ``written`` the 4 KiB
-    blocks any round wrote, from the rounds' ``write_iolog``."""
+    if none is) is the last.  ``count`` is the writes fio reported; ``written`` the last
+    writer of each 4 KiB block any round wrote, from the rounds' ``write_iolog``."""
 
     def __init__(self, flat: Path, workdir: Path) -> None:
         super().__init__()
         self.flat, self.workdir = flat, workdir
         self.rounds = 0
-        self.written: set[int] = set()
+        self.written: dict[int, tuple[int, int]] = {}
         self._stop_event = threading.Event()
 
     def _loop(self) -> None:
@@ -113,7 +115,7 @@ class Fio(GuestThread):
             )
         self.count += sum(int(j["write"]["total_ios"]) for j in report["jobs"])
         for i in range(len(REGIONS)):
-            self.written |= written_blocks(self.workdir / f"round{n}-job{i}.iolog")
+            self.written |= last_writes(self.workdir / f"round{n}-job{i}.iolog", i)
 
     def jobfile(self, n: int) -> str:
         lines = [
@@ -178,24 +180,29 @@ class Fio(GuestThread):
         self.check()
 
 
-def written_blocks(iolog: Path) -> set[int]:
-    """The 4 KiB blocks an fio ``write_iolog`` (version 3) says were written."""
-    blocks: set[int] = set()
+def last_writes(iolog: Path, job: int) -> dict[int, tuple[int, int]]:
+    """For each 4 KiB block an fio ``write_iolog`` (version 3) says was written, its last
+    writer: (fio job, the write's number in the job), as fio's verify header names it."""
+    blocks: dict[int, tuple[int, int]] = {}
+    number = 0
     for line in iolog.read_text().splitlines()[1:]:
         fields = line.split()
         if len(fields) == 5 and fields[2] == "write":
             offset, length = int(fields[3]), int(fields[4])
             assert offset % BLOCK == 0 and length % BLOCK == 0, line
-            blocks.update(range(offset // BLOCK, (offset + length) // BLOCK))
+            for b in range(offset // BLOCK, (offset + length) // BLOCK):
+                blocks[b] = (job, number)
+            number += 1
     return blocks
 
 
-def assert_model(flat: bytes, seed: bytes, written: set[int]) -> None:
-    """Blocks fio never wrote are the seed's; each one it wrote has a fio verify header
-    naming its own offset (fio's verify checks the rest of it)."""
+def assert_model(flat: bytes, seed: bytes, written: dict[int, tuple[int, int]]) -> None:
+    """Blocks fio never wrote are the seed's; each one it wrote holds the verify header of
+    its last write (fio's verify checks the data behind it)."""
     assert len(flat) == len(seed) == SIZE
     regions = {o // BLOCK + k for o, n in REGIONS for k in range(n // BLOCK)}
-    assert written and written <= regions, "fio wrote outside its regions"
+    assert written and written.keys() <= regions, "fio wrote outside its regions"
+    bad: list[str] = []
     for b in range(SIZE // BLOCK):
         at = b * BLOCK
         got = flat[at : at + BLOCK]
@@ -203,9 +210,23 @@ def assert_model(flat: bytes, seed: bytes, written: set[int]) -> None:
             want = seed[at : at + BLOCK]
             assert got == want, f"block at {at} (never written): " + first_difference(got, want)
             continue
-        magic, offset = struct.unpack_from("<H", got)[0], struct.unpack_from("<Q", got, 16)[0]
-        assert magic == FIO_MAGIC, f"block at {at} (written by fio) has no fio header: {got[:8]!r}"
-        assert offset == at, f"block at {at} holds fio's block for offset {offset}"
+        magic, offset, thread, number = header(got)
+        job, k = written[b]
+        if magic != FIO_MAGIC:
+            bad.append(f"{at}: no fio header (a lost write): {got[:8].hex()}")
+        elif offset != at:
+            bad.append(f"{at}: fio's block for offset {offset} (a misplaced write)")
+        elif (thread, number) != (job + 1, k & 0xFFFF):
+            bad.append(f"{at}: write {number} of job {thread - 1}, not {k} of {job} (stale)")
+    assert not bad, f"{len(bad)} blocks are not fio's last write there: " + "; ".join(bad[:8])
+
+
+def header(block: bytes) -> tuple[int, int, int, int]:
+    """From fio's ``struct verify_header`` (verify.h): magic, offset, thread, numberio."""
+    (magic,) = struct.unpack_from("<H", block)
+    (offset,) = struct.unpack_from("<Q", block, 16)
+    thread, number = struct.unpack_from("<HH", block, 32)
+    return magic, offset, thread, number
 
 
 @dataclass(frozen=True)
