@@ -43,13 +43,14 @@ import shutil
 import struct
 import subprocess
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from interop import images as im
 
 from .conftest import (
+    SEED_SIZE,
     GuestThread,
     Mount,
     Mounter,
@@ -59,17 +60,18 @@ from .conftest import (
     assert_flat,
     first_difference,
     read_direct,
+    run,
     wait_for,
 )
 
 pytestmark = pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio")
 
 KiB, MiB = im.KiB, im.MiB
-SIZE = 64 * MiB
+SIZE = SEED_SIZE  # 32 MiB
 BLOCK = 4 * KiB  # fio's block alignment and verify interval
-REGIONS = [(i * 16 * MiB, 12 * MiB) for i in range(4)]  # one per fio job
+REGIONS = [(i * 8 * MiB, 6 * MiB) for i in range(4)]  # one per fio job
 ROUND_IO = "12m"  # what each fio job reads and writes in a round (a few seconds)
-SPEED = "8M"  # the job's rate: it lasts a good part of a round
+SPEED = "16M"  # the job's rate: it lasts a good part of a round
 FIO_MAGIC = 0xACCA  # the first two bytes of fio's verify header (little-endian)
 TIMEOUT = 240.0  # a job under fio on a loaded 2-core machine, with room to spare
 
@@ -231,8 +233,8 @@ def header(block: bytes) -> tuple[int, int, int, int]:
 
 @dataclass(frozen=True)
 class Case:
-    """One live job: its control file and text (``speed=`` added), and the chain after it
-    (active first)."""
+    """One live job on the chain ``NAME-E``: its control file and text (``speed=`` added),
+    and the chain's layers after it (active first), with ``NAME-`` left out of the names."""
 
     kind: str
     text: str
@@ -243,7 +245,7 @@ class Case:
         return "wait=ready" in self.text
 
 
-SEED_LAYERS = ("E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2")
+SEED_LAYERS = ("E", "D", "C", "B", "A")
 
 
 def mirror(kind: str, text: str, after: tuple[str, ...], mode: str) -> Case:
@@ -251,30 +253,26 @@ def mirror(kind: str, text: str, after: tuple[str, ...], mode: str) -> Case:
 
 
 CASES = {
-    "stream-intermediate": Case(
-        "stream", "node=D.qcow2 base=B.qcow2", ("E.qcow2", "D.qcow2", "B.qcow2", "A.qcow2")
-    ),
-    "stream-base": Case("stream", "base=A.qcow2", ("E.qcow2", "A.qcow2")),
-    "commit-intermediate": Case(
-        "commit", "top=D.qcow2 base=B.qcow2", ("E.qcow2", "B.qcow2", "A.qcow2")
-    ),
+    "stream-intermediate": Case("stream", "node=D base=B", ("E", "D", "B", "A")),
+    "stream-base": Case("stream", "base=A", ("E", "A")),
+    "commit-intermediate": Case("commit", "top=D base=B", ("E", "B", "A")),
     **{
-        f"commit-active-{mode}": mirror("commit", "base=A.qcow2", ("A.qcow2",), mode)
+        f"commit-active-{mode}": mirror("commit", "base=A", ("A",), mode)
         for mode in ("background", "write-blocking")
     },
     **{
-        f"copy-full-{mode}": mirror("copy", "F.qcow2 sync=full", ("F.qcow2",), mode)
+        f"copy-full-{mode}": mirror("copy", "F sync=full", ("F",), mode)
         for mode in ("background", "write-blocking")
     },
     **{
-        f"copy-top-{mode}": mirror("copy", "F.qcow2 sync=top", ("F.qcow2", *SEED_LAYERS[1:]), mode)
+        f"copy-top-{mode}": mirror("copy", "F sync=top", ("F", *SEED_LAYERS[1:]), mode)
         for mode in ("background", "write-blocking")
     },
-    "backup-full": Case("backup", "F.qcow2 sync=full", SEED_LAYERS),
-    "backup-top": Case("backup", "F.qcow2 sync=top", SEED_LAYERS),
-    "snapshot": Case("snapshot", "S.qcow2", ("S.qcow2", *SEED_LAYERS)),
+    "backup-full": Case("backup", "F sync=full", SEED_LAYERS),
+    "backup-top": Case("backup", "F sync=top", SEED_LAYERS),
+    "snapshot": Case("snapshot", "S", ("S", *SEED_LAYERS)),
 }
-# the default run (about 60 s on two cores): one of each job, the rest under --runslow
+# the default run (under a minute on two cores): one of each job, the rest under --runslow
 FAST = {
     "stream-base",
     "commit-intermediate",
@@ -285,58 +283,109 @@ FAST = {
 }
 
 
+def layer(name: str, letter: str) -> str:
+    """The file of layer (or DEST) ``letter`` of case ``name``'s chain."""
+    return f"{name}-{letter}.qcow2"
+
+
+def command(name: str, case: Case) -> str:
+    """The case's text with its layers' file names: ``base=A`` -> ``base=NAME-A.qcow2``."""
+    words = []
+    for word in case.text.split():
+        key, eq, value = word.rpartition("=")
+        if len(value) == 1:
+            value = layer(name, value)
+        words.append(f"{key}{eq}{value}")
+    return " ".join(words)
+
+
+@dataclass
+class Served:
+    """One mount for the module, one seed chain ``NAME-A.qcow2 <- ... <- NAME-E.qcow2`` per
+    case in its directory; ``done``: each finished case's new active layer and a raw file
+    of its flat file as read when the job and fio had ended (the model of that chain)."""
+
+    mount: Mount
+    seed: bytes
+    done: dict[str, tuple[Path, Path]] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def served(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    module_mounter: Mounter,
+    seeds: Seeds,
+) -> Served:
+    d = tmp_path_factory.mktemp("inflight") / "images"
+    runslow = request.config.getoption("--runslow")
+    for name in CASES if runslow else FAST:
+        seeds(d, f"{name}-")
+    return Served(module_mounter(d), seeds.template(SIZE, "qcow2").content)
+
+
 @pytest.mark.parametrize(
     "name",
     [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in CASES],
 )
-def test_fio_at_queue_depth_32_during_the_job(
-    tmp_path: Path, mounter: Mounter, seeds: Seeds, name: str
-) -> None:
-    case = CASES[name]
-    d = tmp_path / "images"
-    seed = seeds(d, size=SIZE)
-    m = mounter(d)
-    flat = m.img("E")
+def test_fio_at_queue_depth_32_during_the_job(served: Served, tmp_path: Path, name: str) -> None:
+    m, case, chain = served.mount, CASES[name], f"{name}-E"
+    flat = m.img(chain)
     guest = Fio(flat, tmp_path / "fio")
     try:
         if case.kind == "snapshot":
             guest.start()
             guest.wait_io()
-            m.command("E", "snapshot", case.text)
+            m.command(chain, "snapshot", command(name, case))
         else:
             if case.kind != "backup":  # a backup's point in time is the seed: fio after it
                 guest.start()
                 guest.wait_io()
-            jid = m.start_job("E", case.kind, f"{case.text} speed={SPEED}")
+            jid = m.start_job(chain, case.kind, f"{command(name, case)} speed={SPEED}")
             if case.kind == "backup":
                 guest.start()
             if case.ready:
-                wait_ready(m, jid, guest)
-                m.command("E", "speed", f"{jid} 0")  # the dirty data left, at full speed
-                m.command("E", "complete", jid)
-            end = m.wait_job("E", jid, TIMEOUT)
+                wait_ready(m, chain, jid, guest)
+                m.command(chain, "speed", f"{jid} 0")  # the dirty data left, at full speed
+                m.command(chain, "complete", jid)
+            end = m.wait_job(chain, jid, TIMEOUT)
             assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
     finally:
         guest.stop()
-    assert m.layers("E") == list(case.after)
+    after = [layer(name, x) for x in case.after]
+    assert m.layers(chain) == after
     got = read_direct(flat)
-    assert_model(got, seed.content, guest.written)
+    assert_model(got, served.seed, guest.written)
+    if case.kind == "backup":  # a finished DEST is an ordinary file: QEMU may read it now
+        assert_content(m.source / layer(name, "F"), served.seed, tmp_path)
+    model = tmp_path / "flat.raw"
+    model.write_bytes(got)
+    served.done[name] = (m.source / after[0], model)
+
+
+def test_every_image_is_clean_and_every_chain_its_model_after_the_unmount(
+    served: Served, mounter: Mounter
+) -> None:
+    # the chains as chainfs left them on disk: QEMU reads each one as its flat file was
+    m = served.mount
     m.unmount()
-    assert_clean(sorted(d.glob("*.qcow2")))
-    assert_content(d / case.after[0], got, tmp_path / "compare")
-    if case.kind == "backup":
-        assert_content(d / "F.qcow2", seed.content, tmp_path / "compare")
-    m = mounter(d)
-    assert_flat(m.img("E"), got)
+    assert_clean(sorted(m.source.glob("*.qcow2")))
+    for name, (active, model) in served.done.items():
+        cmp = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", active, model, ok=(0, 1))
+        assert cmp.returncode == 0, f"{name}: qemu-img compare {active}: {cmp.stdout}"
+    # and chainfs, mounting them again
+    m = mounter(m.source)
+    for name, (_, model) in served.done.items():
+        assert_flat(m.img(f"{name}-E"), model.read_bytes())
     m.unmount()
 
 
-def wait_ready(m: Mount, jid: str, guest: Fio) -> None:
+def wait_ready(m: Mount, chain: str, jid: str, guest: Fio) -> None:
     """JOB_READY of ``jid``, then more of fio's I/O: a ready job mirrors writes a while."""
 
     def ready() -> bool:
         guest.check()
-        return any(e.get("job") == jid and e["event"] == "JOB_READY" for e in m.events("E"))
+        return any(e.get("job") == jid and e["event"] == "JOB_READY" for e in m.events(chain))
 
     wait_for(ready, f"{jid} to be ready", TIMEOUT)
     guest.wait_io()
