@@ -1,7 +1,7 @@
 """Many requests in flight at once during every live job: fio at queue depth 32 in four
-jobs, random reads and writes mixed, with a verify pattern, while the job runs.
+jobs, reads and writes mixed, with a verify pattern, while the job runs.
 
-    [A] <- [B] <- [C] <- [D] <- [E]   (64 MiB; fio writes the flat file E.img)
+    [A] <- [B] <- [C] <- [D] <- [E]   (the 32 MiB seed; fio writes the flat file)
         stream node=D base=B   ->  [A] <- [B] <- [D] <- [E]
         stream base=A          ->  [A] <- [E]
         commit top=D base=B    ->  [A] <- [B] <- [E]
@@ -12,28 +12,31 @@ jobs, random reads and writes mixed, with a verify pattern, while the job runs.
         backup F sync=top      ->  F over D: the disk at the command
         snapshot S             ->  [A] <- ... <- [E] <- [S]
 
-The guest (``Fio``, a thread) runs fio rounds on the flat file with ``libaio``,
-``direct=1`` and ``iodepth=32``: four jobs, each in its own 12 MiB region (the last 4 MiB
-of each quarter is never written), ``rw=randrw`` in 4 KiB..64 KiB blocks, a crc32c
-verify header every 4 KiB (it holds the block's offset), ``norandommap`` so that blocks
-are overwritten (``serialize_overlap``: never two overlapping requests in flight).  Two
-of the jobs verify what they wrote while they run (``verify_backlog``), the other two
-all of it at the end of the round.  The job starts after the guest (a backup before it:
-its point in time is then the seed) at a ``speed=`` that makes it last a good part of a
-round, a job that waits to be ready is completed under load, and the guest stops at the
-end of the round during which the job ended, so that round's verify pass reads after the
-pivot.  Every round must end without an error (a lost, stale or misplaced block fails
-fio's verify).
+One mount for the module serves a seed chain per case (``NAME-A.qcow2`` ...
+``NAME-E.qcow2``).  The guest (``Fio``, a thread) runs fio rounds on the chain's flat
+file with ``ioengine=libaio``, ``direct=1`` and ``iodepth=32``: four jobs, each in its
+own 6 MiB region (the last 2 MiB of each quarter is never written), in 4 KiB..64 KiB
+blocks with a crc32c verify header every 4 KiB, ``norandommap`` so that blocks are
+overwritten (``serialize_overlap``: never two overlapping requests in flight at once).
+Two jobs mix random reads and writes (``rw=randrw``) and verify what they wrote while
+they run (``verify_backlog``); the other two write (``rw=randwrite``) and verify all of
+it at the end of the round.  The job starts once fio's requests are in flight (a backup
+before fio starts: its point in time is then the seed) at a ``speed=`` that makes it
+last about a round; a job that waits to be ready is completed under load; the guest
+stops at the end of the round during which the job ended, so that round's verify reads
+after the pivot.  Every round must end without an error.
 
-The model, once the guest stopped, from the rounds' ``write_iolog`` (every write, in the
-order fio issued them): every 4 KiB block fio never wrote is the seed's, and every one it
-wrote starts with the verify header of its last write there (the header names the
-block's offset, the fio job and the write's number in the job): a lost write leaves the
-seed or an older write, a misplaced one a header naming another offset, even for a
-round that fio verified before the job ended.  Then, unmounted, ``qemu-img check`` is
-clean on every image in the directory and ``qemu-img compare`` finds the resulting chain
-equal to the flat file as read before; mounted again, the flat file reads the same.  A
-backup's DEST (read through the chain's lower layers for ``sync=top``) is the seed.
+The model, from the rounds' ``write_iolog`` (every write, in the order fio issued them),
+on the flat file read once the job and fio ended: every 4 KiB block fio never wrote is
+the seed's, and every one it wrote starts with the verify header of its last write there
+(which names the block's offset, the fio job and the write's number in the job).  A lost
+write leaves the seed or an older write there, a misplaced one a header naming another
+offset: caught even in a round fio verified before the job ended, and in the parts of a
+write that fio's own verify skips (it drops a whole logged write that a later one
+overlaps).  A backup's DEST (read through the chain's lower layers for ``sync=top``) is
+the seed.  At the end of the module, unmounted: ``qemu-img check`` is clean on every
+image in the directory, and ``qemu-img compare`` finds each chain equal to its flat file
+as read; mounted again, each flat file reads the same.
 """
 
 from __future__ import annotations
@@ -71,7 +74,10 @@ SIZE = SEED_SIZE  # 32 MiB
 BLOCK = 4 * KiB  # fio's block alignment and verify interval
 REGIONS = [(i * 8 * MiB, 6 * MiB) for i in range(4)]  # one per fio job
 ROUND_IO = "12m"  # what each fio job reads and writes in a round (a few seconds)
-SPEED = "16M"  # the job's rate: it lasts a good part of a round
+# the jobs' rates: each lasts about a round, a first pass of a mirror (whose dirty data
+# fio keeps growing) a few rounds
+SPEED = "4M"
+MIRROR_SPEED = "16M"
 FIO_MAGIC = 0xACCA  # the first two bytes of fio's verify header (little-endian)
 TIMEOUT = 240.0  # a job under fio on a loaded 2-core machine, with room to spare
 
@@ -239,6 +245,7 @@ class Case:
     kind: str
     text: str
     after: tuple[str, ...]
+    speed: str = SPEED
 
     @property
     def ready(self) -> bool:
@@ -249,7 +256,7 @@ SEED_LAYERS = ("E", "D", "C", "B", "A")
 
 
 def mirror(kind: str, text: str, after: tuple[str, ...], mode: str) -> Case:
-    return Case(kind, f"{text} copy-mode={mode} wait=ready", after)
+    return Case(kind, f"{text} copy-mode={mode} wait=ready", after, MIRROR_SPEED)
 
 
 CASES = {
@@ -341,7 +348,7 @@ def test_fio_at_queue_depth_32_during_the_job(served: Served, tmp_path: Path, na
             if case.kind != "backup":  # a backup's point in time is the seed: fio after it
                 guest.start()
                 guest.wait_io()
-            jid = m.start_job(chain, case.kind, f"{command(name, case)} speed={SPEED}")
+            jid = m.start_job(chain, case.kind, f"{command(name, case)} speed={case.speed}")
             if case.kind == "backup":
                 guest.start()
             if case.ready:
