@@ -15,7 +15,7 @@ jobs, reads and writes mixed, with a verify pattern, while the job runs.
 One mount for the module serves a seed chain per case (``NAME-A.qcow2`` ...
 ``NAME-E.qcow2``).  The guest (``Fio``, a thread) runs fio rounds on the chain's flat
 file with ``ioengine=libaio``, ``direct=1`` and ``iodepth=32``: four jobs, each in its
-own 6 MiB region (the last 2 MiB of each quarter is never written), in 4 KiB..64 KiB
+own 6 MiB region (the first 2 MiB of each quarter is never written), in 4 KiB..64 KiB
 blocks with a crc32c verify header every 4 KiB, ``norandommap`` so that blocks are
 overwritten (``serialize_overlap``: never two overlapping requests in flight at once).
 Two jobs mix random reads and writes (``rw=randrw``) and verify what they wrote while
@@ -24,7 +24,10 @@ it at the end of the round.  The job starts once fio's requests are in flight (a
 before fio starts: its point in time is then the seed) at a ``speed=`` that makes it
 last about a round; a job that waits to be ready is completed under load; the guest
 stops at the end of the round during which the job ended, so that round's verify reads
-after the pivot.  Every round must end without an error.
+after the pivot.  Every round must end without an error.  Meanwhile two threads
+(``SeedReader``) read the parts fio never writes (2.6 MiB of the seed's data, from every
+layer: what a stream or commit moves) with O_DIRECT, each read checked against the seed
+as it returns.
 
 The model, from the rounds' ``write_iolog`` (every write, in the order fio issued them),
 on the flat file read once the job and fio ended: every 4 KiB block fio never wrote is
@@ -42,6 +45,9 @@ as read; mounted again, each flat file reads the same.
 from __future__ import annotations
 
 import json
+import mmap
+import os
+import random
 import shutil
 import struct
 import subprocess
@@ -72,7 +78,11 @@ pytestmark = pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio")
 KiB, MiB = im.KiB, im.MiB
 SIZE = SEED_SIZE  # 32 MiB
 BLOCK = 4 * KiB  # fio's block alignment and verify interval
-REGIONS = [(i * 8 * MiB, 6 * MiB) for i in range(4)]  # one per fio job
+# one region per fio job; the first 2 MiB of each quarter (2.6 MiB of the seed's data, from
+# every layer) fio never writes: ``SeedReader`` reads them
+REGIONS = [(i * 8 * MiB + 2 * MiB, 6 * MiB) for i in range(4)]
+GAPS = [(i * 8 * MiB, 2 * MiB) for i in range(4)]
+READERS = 2
 ROUND_IO = "12m"  # what each fio job reads and writes in a round (a few seconds)
 # the jobs' rates: each lasts about a round, a first pass of a mirror (whose dirty data
 # fio keeps growing) a few rounds
@@ -173,7 +183,8 @@ class Fio(GuestThread):
         return n, total
 
     def wait_io(self) -> None:
-        """Until fio logged more I/O (its log is written in 4 KiB pieces: tens of requests)."""
+        """Until fio logged more I/O (it writes its log in buffered pieces, many requests
+        each, so there are requests in flight by then) or started another round."""
         before = self.iolog_bytes()
 
         def more() -> bool:
@@ -188,6 +199,57 @@ class Fio(GuestThread):
         self.join(timeout=TIMEOUT)
         assert not self.is_alive(), "fio did not stop"
         self.check()
+
+
+class SeedReader(GuestThread):
+    """O_DIRECT reads of 4 KiB..64 KiB in the ``GAPS``, each checked against the seed as
+    it returns, until ``stop()``: reads among fio's, racing the job's copy of those
+    clusters from layer to layer.  ``count`` is the reads."""
+
+    def __init__(self, flat: Path, seed: bytes, n: int) -> None:
+        super().__init__()
+        self.flat, self.seed = flat, seed
+        self.rng = random.Random(n)
+        self._stop_event = threading.Event()
+
+    def _loop(self) -> None:
+        rng = self.rng
+        buf = mmap.mmap(-1, 64 * KiB)  # page aligned, as O_DIRECT wants
+        fd = os.open(self.flat, os.O_RDONLY | os.O_DIRECT)
+        try:
+            while not self._stop_event.is_set():
+                start, length = rng.choice(GAPS)
+                n = rng.randint(1, 16) * BLOCK
+                off = start + rng.randrange((length - n) // BLOCK + 1) * BLOCK
+                assert os.preadv(fd, [memoryview(buf)[:n]], off) == n
+                got, want = buf[:n], self.seed[off : off + n]
+                if got != want:
+                    raise AssertionError(
+                        f"read at {off} (never written): " + first_difference(got, want)
+                    )
+                self.count += 1
+        finally:
+            os.close(fd)
+            buf.close()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=TIMEOUT)
+        assert not self.is_alive(), "the reader did not stop"
+        self.check()
+        assert self.count, "the reader read nothing"
+
+
+def stop_all(threads: list[Fio | SeedReader]) -> None:
+    """Stop every one of them, then fail with the first one's failure."""
+    failures: list[AssertionError] = []
+    for t in threads:
+        try:
+            t.stop()
+        except AssertionError as e:
+            failures.append(e)
+    if failures:
+        raise failures[0]
 
 
 def last_writes(iolog: Path, job: int) -> dict[int, tuple[int, int]]:
@@ -341,6 +403,9 @@ def test_fio_at_queue_depth_32_during_the_job(served: Served, tmp_path: Path, na
     m, case, chain = served.mount, CASES[name], f"{name}-E"
     flat = m.img(chain)
     guest = Fio(flat, tmp_path / "fio")
+    readers = [SeedReader(flat, served.seed, i) for i in range(READERS)]
+    for r in readers:
+        r.start()
     try:
         if case.kind == "snapshot":
             guest.start()
@@ -360,7 +425,7 @@ def test_fio_at_queue_depth_32_during_the_job(served: Served, tmp_path: Path, na
             end = m.wait_job(chain, jid, TIMEOUT)
             assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
     finally:
-        guest.stop()
+        stop_all([guest, *readers])
     after = [layer(name, x) for x in case.after]
     assert m.layers(chain) == after
     got = read_direct(flat)
