@@ -83,7 +83,7 @@ BLOCK = 4 * KiB  # fio's block alignment and verify interval
 REGIONS = [(i * 8 * MiB + 2 * MiB, 6 * MiB) for i in range(4)]
 GAPS = [(i * 8 * MiB, 2 * MiB) for i in range(4)]
 READERS = 2
-ROUND_IO = "12m"  # what each fio job reads and writes in a round (a few seconds)
+ROUND_IO = "12m"  # what each fio job reads and writes in a round (about a second idle)
 # the jobs' rates: each lasts about a round, a first pass of a mirror (whose dirty data
 # fio keeps growing) a few rounds
 SPEED = "4M"
