@@ -335,6 +335,8 @@ def render_status(info: dict[str, Any]) -> str:
         owner = c.get("owner")
         if owner == "elsewhere":
             lines.append(f"{c['chain']}: served read-only, owned by {c.get('holder', '?')}")
+            if c.get("unstable"):  # what it serves may change under it: the owner's job
+                lines.append(f"{c['chain']}: unstable: {c['unstable']}")
         elif owner == "none" and d.get("readonly") is not True:
             lines.append(f"{c['chain']}: served read-only, owned by nobody (activate or adopt it)")
         elif owner == "lost":

@@ -48,10 +48,11 @@ from .eventlog import EventLog
 from .hostfile import HostIOError
 from .jobs import backup, commit, copy, snapshot, stream
 from .jobs.base import CONCLUDED, Job
-from .jobs.journal import Journal, Pending
+from .jobs.journal import Journal, Pending, decode, map_paths
 from .jobs.served import Spawn
-from .ownership import OWNER_SUFFIX, chain_file, describe_holder, is_locked
-from .source import Source
+from .locks import lock_image, unlock_image
+from .ownership import OWNER_SUFFIX, STATE_SUFFIX, chain_file, describe_holder, is_locked
+from .source import SLOT, Source, read_slots
 from .views import Views
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,12 @@ class Disk:
         # adopt, inactivate, activate: carried out by the mount (``hosts``)
         self.hosts: Callable[[Disk, HostCmd], None] | None = None
         self.views = Views(name, chain)  # layers/NAME/: every layer as a read-only disk
+        # a chain served read-only for another host's writes (``revalidate``): what was
+        # last seen of it, the flat-file handles reading it here (while any is open the
+        # backing layers hold QEMU's reader locks), and the owner's unfinished job
+        self.seen: Seen | None = None
+        self.readers = 0
+        self.unstable: str | None = None
         # the flat file's times start as those of the newest image file: they stay the
         # same from one mount to the next as long as nothing is written
         self.mtime_ns = self.ctime_ns = max(_mtime_ns(x.path) for x in chain.layers)
@@ -156,7 +163,8 @@ class Disk:
         directory = self.source.directory
         if is_locked(chain_file(directory, self.name, OWNER_SUFFIX)):
             self.holder = describe_holder(directory, self.name)
-            return [("owner", "elsewhere"), ("holder", self.holder)]
+            unstable = [("unstable", self.unstable)] if self.unstable else []
+            return [("owner", "elsewhere"), ("holder", self.holder), *unstable]
         self.holder = None
         return [("owner", "none")]
 
@@ -289,6 +297,46 @@ class Disk:
                 (format_line(_interrupted_line(p)) + "\n").encode() for p in self.interrupted
             )
         return (format_line(job.line()) + "\n").encode()
+
+    # -- a chain another host writes ---------------------------------------------------------
+
+    def open_reader(self) -> None:
+        """A flat-file handle opened while another host owns the chain: the first one
+        takes QEMU's reader locks on the backing layers (``lock_readers``)."""
+        self.readers += 1
+        if self.readers == 1 and not self.owned and not self.chain.locked:
+            lock_readers(self.name, self.chain)
+
+    def close_reader(self) -> None:
+        self.readers -= 1
+        if self.readers == 0 and not self.owned and not self.chain.locked:
+            unlock_readers(self.chain)
+
+    def probe(self) -> Seen:
+        """What the chain looks like now on the storage (blocking: call from a thread)."""
+        return Seen.of(self.source.directory, self.name, self.chain.active.path)
+
+    def revalidate(self, seen: Seen, fresh: Chain | None) -> bool:
+        """After ``probe`` (and, when it changed, ``fresh``: the chain reopened from the
+        owner's record): serve the fresh chain, dropping every cached byte of the old
+        one; True if the chain was replaced.  A chain taken over meanwhile is left
+        alone."""
+        self.unstable = seen.unstable
+        if self.owned or self.chain.locked or fresh is None:
+            if fresh is not None:
+                fresh.close()
+            return False
+        if self.readers:
+            lock_readers(self.name, fresh)
+        fresh.confine = self.chain.confine
+        old, self.chain = self.chain, fresh
+        self.seen = seen
+        self.views.chain = fresh
+        self.views.refresh()
+        self.mtime_ns = self.ctime_ns = max(self.mtime_ns, seen.mtime_ns)
+        old.close()  # (read-only: nothing to write)
+        log.debug("chain=%s revalidated: generation=%d", self.name, seen.generation)
+        return True
 
     # -- the flat disk ----------------------------------------------------------------------
 
@@ -492,3 +540,80 @@ class Disk:
         self.views.close()
         self.events.close()
         self.chain.close()
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A chain another host writes, as this host last saw it: the owner's state
+    record's generation and active layer, that layer's identity, size and times (a
+    fresh ``open`` revalidates them on NFS: close-to-open), and the owner's unfinished
+    job (``unstable``: what this host serves may change under it)."""
+
+    generation: int
+    active: str
+    stamp: tuple[int, int, int, int]  # inode, size, mtime, ctime of the active layer
+    unstable: str | None = dataclasses.field(compare=False, default=None)
+
+    @property
+    def mtime_ns(self) -> int:
+        return self.stamp[2]
+
+    @classmethod
+    def of(cls, directory: str, chain: str, active: str) -> Seen:
+        generation, record = 0, None
+        try:
+            with open(chain_file(directory, chain, STATE_SUFFIX), "rb") as f:
+                generation, record = read_slots(f.read(2 * SLOT))
+        except OSError:
+            pass
+        if record is not None and isinstance(record.get("active"), str):
+            active = os.path.normpath(os.path.join(directory, str(record["active"])))
+        stamp = (0, 0, 0, 0)
+        try:
+            fd = os.open(active, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            pass
+        return cls(generation, active, stamp, _unfinished(directory, chain))
+
+
+def _unfinished(directory: str, chain: str) -> str | None:
+    """The owner's job begun and not ended, as its journal says (whole lines only: the
+    owner may be appending one)."""
+    journal = Journal(directory, chain, writable=False)
+    try:
+        data = journal._read()
+    except ChainfsError:
+        return None
+    records, _ = decode(data[: data.rfind(b"\n") + 1])
+    for record in records:
+        journal._replay(map_paths(record, journal._abs))
+    pending = journal.pending()
+    if not pending:
+        return None
+    return f"the owner's {pending[-1].type} job {pending[-1].id!r} is not finished"
+
+
+def lock_readers(name: str, chain: Chain) -> None:
+    """QEMU's reader locks (as a read-only ``qemu-img`` takes them) on the backing layers
+    of a chain another host writes: while they are held, the owner cannot commit into
+    a layer this host reads.  A layer the owner writes already (its job commits into
+    it) is read unlocked, and the chain is unstable until the job ends.  The active
+    layer is never locked (the owner writes it: QEMU's ``-U``)."""
+    for layer in chain.layers[1:]:
+        try:
+            lock_image(layer.file.fd, layer.path, write=False)
+        except ChainfsError as e:
+            log.info("chain=%s %s read without a reader lock: %s", name, layer.path, e)
+
+
+def unlock_readers(chain: Chain) -> None:
+    for layer in chain.layers[1:]:
+        try:
+            unlock_image(layer.file.fd)
+        except ChainfsError as e:
+            log.info("%s: %s", layer.path, e)

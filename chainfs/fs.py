@@ -131,6 +131,7 @@ class Handle:
     writer: Writer | None = None  # a command file's writes so far: one command
     direct: bool = False  # a flat file opened with O_DIRECT (see ``write``)
     view: View | None = None  # a layer view (``disk.views`` serves it)
+    reader: bool = False  # a flat file of a chain another host owns (``Disk.open_reader``)
 
 
 class Operations(pyfuse3.Operations):
@@ -446,7 +447,10 @@ class Operations(pyfuse3.Operations):
             if writing:
                 disk.check_writable()
             direct = bool(flags & os.O_DIRECT)
-            self.handles[fh] = Handle(inode, disk, flat=disk.chain, direct=direct)
+            reader = not disk.owned
+            self.handles[fh] = Handle(inode, disk, flat=disk.chain, direct=direct, reader=reader)
+            if reader:
+                disk.open_reader()
             # a chain served for another host's writes: its page cache cannot be kept
             return pyfuse3.FileInfo(fh=fh, keep_cache=disk.owned, direct_io=not disk.owned)
         name = CONTROL_FILES[part - 2]
@@ -604,6 +608,8 @@ class Operations(pyfuse3.Operations):
         h = self.handles.pop(fh, None)
         if h is not None and h.view is not None and h.disk is not None:
             h.disk.views.release(h.view)
+        if h is not None and h.reader and h.disk is not None:
+            h.disk.close_reader()
 
     @translate_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:

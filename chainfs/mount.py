@@ -20,12 +20,17 @@ is gone) fences the chain (``Disk.fence``), one that fails otherwise or takes mo
 half the storage's lease suspends it until a heartbeat is written again
 (``Disk.suspend``, ``Disk.resume``).  ``adopt``,
 ``inactivate`` and ``activate`` move a chain between mounts while serving (``Hosts``).
+A chain served read-only for another host's writes is revalidated as often
+(``follow_owner``): reopened, every cached byte dropped, when the owner's state record or
+active layer changed (NFS is close-to-open: another host's writes show only to a fresh
+open or a lock), and marked unstable while the owner's journal has a job unfinished.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -43,7 +48,7 @@ from . import source as sources
 from .chain import MAX_DEPTH, Chain
 from .confine import Confinement
 from .control import CommandError, HostCmd
-from .disk import Disk
+from .disk import Disk, lock_readers, unlock_readers
 from .errors import ChainfsError
 from .eventlog import EventLog
 from .fs import Operations
@@ -334,6 +339,7 @@ async def _serve(
         resume_jobs(disks, recovery)
         nursery.start_soon(_watch_signals)
         nursery.start_soon(_write_back, disks)
+        nursery.start_soon(_follow_owners, disks, ops.forget_cache)
         if not opts.readonly:
             nursery.start_soon(_heartbeat, disks, src, opts.lease)
         # one worker task: every handler runs to its end without waiting (the engine is
@@ -530,6 +536,9 @@ class Hosts:
         """Serve ``disk`` read-write under ``ownership`` (just taken): recover its
         journal, reopen every layer (no stale cache), resume its jobs."""
         src, name = self.src, disk.name
+        readers = not disk.chain.locked  # (its reader locks would refuse a commit's base)
+        if readers:
+            unlock_readers(disk.chain)
         try:
             src.owned[name] = ownership
             src._reload(name)  # the record as its last owner left it
@@ -547,6 +556,8 @@ class Hosts:
         except BaseException:
             src.owned.pop(name, None)
             ownership.release()
+            if readers and disk.readers:
+                lock_readers(name, disk.chain)
             raise
         old = disk.chain
         chain.confine = confine.widened(
@@ -558,7 +569,7 @@ class Hosts:
         history = EventLog.open(src.directory, name, writable=True)
         disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
         disk.owned, disk.holder, disk.journal = True, None, journal
-        disk.suspended = None
+        disk.suspended = disk.seen = disk.unstable = None
         disk.fencing = bool(self.opts.shared)
         self.recovery.journals[name] = journal
         disk.touch()
@@ -585,7 +596,7 @@ class Hosts:
         old.close()  # flushed and closed clean; its image locks go
         disk.events.close()
         disk.events.writable = False
-        disk.owned, disk.journal, disk.holder = False, None, None
+        disk.owned, disk.journal, disk.holder, disk.seen = False, None, None, None
         self.recovery.journals.pop(name, None)
         self.src.disown(name)
         log.info("chain=%s inactivated: served read-only, its locks released", name)
@@ -646,6 +657,47 @@ async def _beat(disk: Disk, ownership: Ownership, lease: float, beating: set[str
         disk.fence(reason)  # refused: the lock is gone
     else:
         disk.suspend(reason)
+
+
+async def _follow_owners(disks: list[Disk], forget_cache: Callable[[Disk], None]) -> None:
+    """Every few seconds, revalidate each chain served read-only, unlocked, for another
+    host's writes (``follow_owner``)."""
+    while True:
+        await trio.sleep(HEARTBEAT_INTERVAL)
+        for disk in list(disks):
+            if not disk.owned and not disk.chain.locked:
+                await follow_owner(disk, forget_cache)
+
+
+async def follow_owner(disk: Disk, forget_cache: Callable[[Disk], None]) -> None:
+    """Look at the chain as the storage has it now (a fresh open: NFS close-to-open);
+    when the owner's state record (a snapshot, a stream's or commit's end) or its
+    active layer changed, reopen the chain from the record and serve that, the kernel's
+    cached pages dropped.  A chain the owner is changing right now (a layer not there
+    yet) is tried again at the next round.  The storage is read in threads: a
+    cut-off NFS client blocks there, not the mount."""
+    old = disk.chain
+    seen = await trio.to_thread.run_sync(disk.probe, abandon_on_cancel=True)
+    fresh: Chain | None = None
+    if seen != disk.seen:
+        reopen = functools.partial(
+            Chain.open,
+            seen.active,
+            writable=False,
+            lock=False,
+            confine=old.confine,
+            deep_read_only=True,
+        )
+        try:
+            fresh = await trio.to_thread.run_sync(reopen, abandon_on_cancel=True)
+        except ChainfsError as e:
+            log.info("chain=%s not revalidated yet: %s", disk.name, e)
+    if disk.chain is not old:  # taken over (or reopened) meanwhile
+        if fresh is not None:
+            fresh.close()
+        return
+    if disk.revalidate(seen, fresh):
+        await trio.to_thread.run_sync(forget_cache, disk)
 
 
 def notify(message: str) -> None:
