@@ -18,8 +18,9 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -64,6 +65,9 @@ def _mtime_ns(path: str) -> int:
         return os.stat(path).st_mtime_ns
     except OSError:
         return time.time_ns()
+
+
+Waiting = Coroutine[Any, Any, None]
 
 
 def _interrupted_line(p: Pending) -> list[tuple[str, object]]:
@@ -132,8 +136,10 @@ class Disk:
         # failing, not refused): nothing is acknowledged until it is written again
         self.suspended: str | None = None
         self.fencing = False  # shared storage: an EIO may be a lost lock (``check_owner``)
-        # adopt, inactivate, activate: carried out by the mount (``hosts``)
-        self.hosts: Callable[[Disk, HostCmd], None] | None = None
+        # adopt, inactivate, activate: carried out by the mount (``hosts``); what it
+        # returns is the rest of the command, for the write to wait for (a hand-over
+        # stopping the running job at its checkpoint)
+        self.hosts: Callable[[Disk, HostCmd], Waiting | None] | None = None
         self.views = Views(name, chain)  # layers/NAME/: every layer as a read-only disk
         # the flat file's times start as those of the newest image file: they stay the
         # same from one mount to the next as long as nothing is written
@@ -300,8 +306,10 @@ class Disk:
 
     # -- commands ---------------------------------------------------------------------------
 
-    def command(self, kind: str, data: bytes, writer: Writer | None = None) -> None:
+    def command(self, kind: str, data: bytes, writer: Writer | None = None) -> Waiting | None:
         """Carry out one control-file write; raise CommandError if it is refused.
+        What it returns (an ``inactivate`` of a chain with a running job) is the rest of
+        the command, which the write awaits: it may be refused too.
 
         ``writer`` holds what earlier writes through the same open file said: this
         write continues their command (``_continue``) instead of being one of its own.
@@ -326,9 +334,9 @@ class Disk:
                     )
                 if self.hosts is None:
                     raise CommandError(errno.EOPNOTSUPP, f"{kind} is not available here")
-                self.hosts(self, cmd)
+                rest = self.hosts(self, cmd)
                 w.text = data
-                return
+                return None if rest is None else self._rest(kind, rest)
             if self.fenced is not None:
                 raise CommandError(errno.EIO, f"lost ownership of {self.name}: {self.fenced}")
             if self.suspended is not None:
@@ -348,7 +356,7 @@ class Disk:
                 )
             if w.text:
                 self._continue(kind, w, data)
-                return
+                return None
             cmd = parse_command(kind, data)
             if isinstance(cmd, SnapshotCmd):
                 snapshot.take(self, cmd)
@@ -380,6 +388,7 @@ class Disk:
             ):
                 w.job = self.job.id
             w.text = data
+            return None
         except CommandError as e:
             w.refused = True
             self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
@@ -387,6 +396,16 @@ class Disk:
         except ChainfsError as e:
             w.refused = True
             self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
+            raise CommandError(e.errno, str(e)) from e
+
+    async def _rest(self, kind: str, rest: Waiting) -> None:
+        """The rest of a command that waits, refused as the command itself is."""
+        try:
+            await rest
+        except ChainfsError as e:
+            self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
+            if isinstance(e, CommandError):
+                raise
             raise CommandError(e.errno, str(e)) from e
 
     def _bitmap(self, cmd: BitmapCmd) -> None:
