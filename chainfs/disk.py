@@ -51,7 +51,7 @@ from .jobs import backup, commit, copy, snapshot, stream
 from .jobs.base import CONCLUDED, Job
 from .jobs.journal import Journal, Pending
 from .jobs.served import Spawn
-from .ownership import OWNER_SUFFIX, chain_file, describe_holder, is_locked
+from .ownership import judge_owner
 from .source import Source
 from .views import Views
 
@@ -159,11 +159,11 @@ class Disk:
             return [("owner", "suspended"), ("reason", self.suspended)]
         if self.owned:
             return [("owner", "self")]
-        directory = self.source.directory
-        if is_locked(chain_file(directory, self.name, OWNER_SUFFIX)):
-            self.holder = describe_holder(directory, self.name)
+        # judged by the owner file's content: a lock test would make an NFS server
+        # expire a cut-off owner's locks (``judge_owner``)
+        self.holder = judge_owner(self.source.directory, self.name)
+        if self.holder is not None:
             return [("owner", "elsewhere"), ("holder", self.holder)]
-        self.holder = None
         return [("owner", "none")]
 
     def check_writable(self) -> None:
