@@ -18,8 +18,9 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -51,7 +52,11 @@ from .jobs.base import CONCLUDED, Job
 from .jobs.journal import Journal, Pending, decode, map_paths
 from .jobs.served import Spawn
 from .locks import lock_image, unlock_image
-from .ownership import OWNER_SUFFIX, STATE_SUFFIX, chain_file, describe_holder, is_locked
+from .ownership import (
+    STATE_SUFFIX,
+    chain_file,
+    judge_owner,
+)
 from .source import SLOT, Source, read_slots
 from .views import Views
 
@@ -65,6 +70,9 @@ def _mtime_ns(path: str) -> int:
         return os.stat(path).st_mtime_ns
     except OSError:
         return time.time_ns()
+
+
+Waiting = Coroutine[Any, Any, None]
 
 
 def _interrupted_line(p: Pending) -> list[tuple[str, object]]:
@@ -133,8 +141,10 @@ class Disk:
         # failing, not refused): nothing is acknowledged until it is written again
         self.suspended: str | None = None
         self.fencing = False  # shared storage: an EIO may be a lost lock (``check_owner``)
-        # adopt, inactivate, activate: carried out by the mount (``hosts``)
-        self.hosts: Callable[[Disk, HostCmd], None] | None = None
+        # adopt, inactivate, activate: carried out by the mount (``hosts``); what it
+        # returns is the rest of the command, for the write to wait for (a hand-over
+        # stopping the running job at its checkpoint)
+        self.hosts: Callable[[Disk, HostCmd], Waiting | None] | None = None
         self.views = Views(name, chain)  # layers/NAME/: every layer as a read-only disk
         # a chain served read-only for another host's writes (``revalidate``): what was
         # last seen of it, the flat-file handles reading it here (while any is open the
@@ -160,12 +170,12 @@ class Disk:
             return [("owner", "suspended"), ("reason", self.suspended)]
         if self.owned:
             return [("owner", "self")]
-        directory = self.source.directory
-        if is_locked(chain_file(directory, self.name, OWNER_SUFFIX)):
-            self.holder = describe_holder(directory, self.name)
+        # judged by the owner file's content: a lock test would make an NFS server
+        # expire a cut-off owner's locks (``judge_owner``)
+        self.holder = judge_owner(self.source.directory, self.name)
+        if self.holder is not None:
             unstable = [("unstable", self.unstable)] if self.unstable else []
             return [("owner", "elsewhere"), ("holder", self.holder), *unstable]
-        self.holder = None
         return [("owner", "none")]
 
     def check_writable(self) -> None:
@@ -348,8 +358,10 @@ class Disk:
 
     # -- commands ---------------------------------------------------------------------------
 
-    def command(self, kind: str, data: bytes, writer: Writer | None = None) -> None:
+    def command(self, kind: str, data: bytes, writer: Writer | None = None) -> Waiting | None:
         """Carry out one control-file write; raise CommandError if it is refused.
+        What it returns (an ``inactivate`` of a chain with a running job) is the rest of
+        the command, which the write awaits: it may be refused too.
 
         ``writer`` holds what earlier writes through the same open file said: this
         write continues their command (``_continue``) instead of being one of its own.
@@ -374,9 +386,9 @@ class Disk:
                     )
                 if self.hosts is None:
                     raise CommandError(errno.EOPNOTSUPP, f"{kind} is not available here")
-                self.hosts(self, cmd)
+                rest = self.hosts(self, cmd)
                 w.text = data
-                return
+                return None if rest is None else self._rest(kind, rest)
             if self.fenced is not None:
                 raise CommandError(errno.EIO, f"lost ownership of {self.name}: {self.fenced}")
             if self.suspended is not None:
@@ -396,7 +408,7 @@ class Disk:
                 )
             if w.text:
                 self._continue(kind, w, data)
-                return
+                return None
             cmd = parse_command(kind, data)
             if isinstance(cmd, SnapshotCmd):
                 snapshot.take(self, cmd)
@@ -428,6 +440,7 @@ class Disk:
             ):
                 w.job = self.job.id
             w.text = data
+            return None
         except CommandError as e:
             w.refused = True
             self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
@@ -435,6 +448,16 @@ class Disk:
         except ChainfsError as e:
             w.refused = True
             self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
+            raise CommandError(e.errno, str(e)) from e
+
+    async def _rest(self, kind: str, rest: Waiting) -> None:
+        """The rest of a command that waits, refused as the command itself is."""
+        try:
+            await rest
+        except ChainfsError as e:
+            self.emit("COMMAND_REJECTED", command=kind, reason=str(e))
+            if isinstance(e, CommandError):
+                raise
             raise CommandError(e.errno, str(e)) from e
 
     def _bitmap(self, cmd: BitmapCmd) -> None:

@@ -3,11 +3,17 @@ the chain's job-id counter.
 
 The ``events`` file shows the history the last mount left (at most ``LIMIT`` lines)
 followed by every line since: it only grows while mounted, so ``tail -f`` follows it.
-On disk the history sits beside the state file, one directory for all chains::
+On disk the history sits with the chain's other files (owner, state, journal), written
+only by the chain's owner::
 
-    .chainfs.events/NAME.log      the current segment: key=value lines, as shown
-    .chainfs.events/NAME.log.1    the segment before it
-    .chainfs.events/NAME.ids      the last job number given out on the chain
+    .chainfs/NAME.events      the current segment: key=value lines, as shown
+    .chainfs/NAME.events.1    the segment before it
+    .chainfs/NAME.ids         the last job number given out on the chain
+
+Earlier versions kept them in one directory for all chains (``.chainfs.events/NAME.log``,
+``NAME.log.1``, ``NAME.ids``): the chain's owner moves each file (a rename, file by
+file: a crash between two leaves each in one place or the other, and a reader takes
+each from where it is), and the old directory goes once the last chain moved out.
 
 Bounded: a segment holds at most ``LIMIT / 2`` lines; the append that would pass that
 first renames the segment over ``.log.1`` (one atomic step: the older segment goes),
@@ -46,7 +52,8 @@ from .logs import Throttle
 log = logging.getLogger(__name__)
 _throttle = Throttle(log)
 
-EVENTS_DIR = ".chainfs.events"
+EVENTS_DIR = ".chainfs"  # (``ownership.OWN_DIR``: the chain's files)
+LEGACY_EVENTS_DIR = ".chainfs.events"  # earlier versions: the histories of every chain
 LIMIT = 10_000  # lines of history kept across mounts
 SEGMENT = LIMIT // 2  # lines per segment file
 _ID_WIDTH = 20  # digits of the counter file (an int64 fits)
@@ -98,9 +105,20 @@ class EventLog:
         self.writable = writable and directory is not None
         self.dir = os.path.join(directory, EVENTS_DIR) if directory is not None else None
         stem = _stem(chain)
-        self.path = os.path.join(self.dir, stem + ".log") if self.dir else ""
+        self.path = os.path.join(self.dir, stem + ".events") if self.dir else ""
         self.old_path = self.path + ".1" if self.dir else ""
         self.ids_path = os.path.join(self.dir, stem + ".ids") if self.dir else ""
+        # where earlier versions kept them: (old, new)
+        self.legacy_dir = os.path.join(directory, LEGACY_EVENTS_DIR) if directory else ""
+        self.legacy = (
+            [
+                (os.path.join(self.legacy_dir, stem + old), new)
+                for old, new in ((".log.1", self.old_path), (".ids", self.ids_path))
+                + ((".log", self.path),)
+            ]
+            if directory
+            else []
+        )
         self._view = bytearray()  # what the ``events`` file shows
         self._lines = 0  # lines in the current segment
         self._size = 0  # bytes of well-formed lines in the current segment
@@ -119,8 +137,12 @@ class EventLog:
     # -- reading ----------------------------------------------------------------------------
 
     def _load(self) -> None:
-        old, old_bad = _read_lines(self.old_path)
-        cur, cur_bad = _read_lines(self.path)
+        if self.writable:
+            self._migrate()
+        # (read-only: each file from where it is, the earlier versions' place or this one)
+        where = {new: new if os.path.lexists(new) else old for old, new in self.legacy}
+        old, old_bad = _read_lines(where.get(self.old_path, self.old_path))
+        cur, cur_bad = _read_lines(where.get(self.path, self.path))
         if old_bad or cur_bad:
             log.warning(
                 "chain=%s events: dropped %d torn or damaged lines of the history",
@@ -135,9 +157,37 @@ class EventLog:
         self._repair = cur_bad > 0
         self._last_id = max(self._read_counter(), *map(_job_number, history), 0)
 
-    def _read_counter(self) -> int:
+    def _migrate(self) -> None:
+        """Move the chain's history from where earlier versions kept it, file by file."""
+        moved = False
         try:
-            with open(self.ids_path, "rb") as f:
+            for old, new in self.legacy:
+                if os.path.lexists(old) and not os.path.lexists(new):
+                    assert self.dir is not None
+                    os.makedirs(self.dir, exist_ok=True)
+                    os.rename(old, new)
+                    moved = True
+            if not moved:
+                return
+            assert self.dir is not None
+            sync_dir(self.dir)
+            sync_dir(self.legacy_dir)
+        except OSError as e:
+            log.warning("chain=%s events: history not moved to %s: %s", self.chain, self.dir, e)
+            return
+        log.info("chain=%s events: history moved from %s", self.chain, self.legacy_dir)
+        try:
+            os.rmdir(self.legacy_dir)  # the last chain moved out
+        except OSError:
+            return  # (other chains' histories wait there for their owners)
+        sync_dir(os.path.dirname(self.legacy_dir))
+
+    def _read_counter(self) -> int:
+        ids_path = self.ids_path
+        if not os.path.lexists(ids_path):
+            ids_path = next((old for old, new in self.legacy if new == ids_path), ids_path)
+        try:
+            with open(ids_path, "rb") as f:
                 text = f.read(64)
         except FileNotFoundError:
             return 0

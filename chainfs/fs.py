@@ -522,7 +522,9 @@ class Operations(pyfuse3.Operations):
                 raise
             return n
         try:
-            disk.command(CONTROL_FILES[part - 2], bytes(buf), h.writer)
+            rest = disk.command(CONTROL_FILES[part - 2], bytes(buf), h.writer)
+            if rest is not None:  # a hand-over waiting for its job to stop
+                await rest
         except CommandError as e:
             log.warning("chain=%s command refused: %s", disk.name, e)
             raise pyfuse3.FUSEError(e.errno) from None

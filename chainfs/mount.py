@@ -48,17 +48,18 @@ from . import source as sources
 from .chain import MAX_DEPTH, Chain
 from .confine import Confinement
 from .control import CommandError, HostCmd
-from .disk import Disk, lock_readers, unlock_readers
+from .disk import Disk, Waiting, lock_readers, unlock_readers
 from .errors import ChainfsError
 from .eventlog import EventLog
 from .fs import Operations
 from .hostfile import HostIOError
-from .jobs.base import CONCLUDED
+from .jobs.base import CONCLUDED, Job
 from .jobs.journal import Journal
 from .jobs.recovery import Recovery, recover, recover_chain, resume_jobs
 from .jobs.served import Spawn
 from .logs import Throttle
 from .ownership import (
+    MOUNT_ID,
     OWNER_SUFFIX,
     OwnedElsewhere,
     Ownership,
@@ -492,11 +493,11 @@ class Hosts:
         self.recovery, self.nursery = recovery, nursery
         self.forget_cache = forget_cache  # the kernel's pages of a flat file
         self.adopting: set[str] = set()
+        self.handing_over: set[str] = set()  # inactivated, waiting for the job to stop
 
-    def __call__(self, disk: Disk, cmd: HostCmd) -> None:
+    def __call__(self, disk: Disk, cmd: HostCmd) -> Waiting | None:
         if cmd.kind == "inactivate":
-            self.inactivate(disk)
-            return
+            return self.inactivate(disk)
         if disk.fenced is not None:
             raise CommandError(
                 errno.EIO,
@@ -516,11 +517,12 @@ class Hosts:
                     errno.EBUSY, f"chain {disk.name!r} is owned by {e.holder}"
                 ) from None
             self.take(disk, ownership, "activate")
-            return
+            return None
         timeout = cmd.timeout if cmd.timeout is not None else self.opts.adopt_timeout
         self.adopting.add(disk.name)
         disk.emit("ADOPT_STARTED", timeout=int(timeout))
         self.nursery.start_soon(self._adopt, disk, timeout)
+        return None
 
     async def _adopt(self, disk: Disk, seconds: float) -> None:
         try:
@@ -579,20 +581,61 @@ class Hosts:
         disk.emit("OWNERSHIP_TAKEN", how=how)
         resume_jobs([disk], rec)
 
-    def inactivate(self, disk: Disk) -> None:
+    def inactivate(self, disk: Disk) -> Waiting | None:
+        """Give the chain up for another mount to ``activate``.  A running stream,
+        commit or copy travels with it (``TRAVELS``): it is stopped at its next
+        checkpoint as an unmount stops it, its journal left to the next owner, who
+        resumes it from there; what waits for the job to stop is returned for the
+        control-file write to await (it returns once the chain is released)."""
         if not disk.owned or disk.fenced is not None:
             raise CommandError(errno.EINVAL, f"chain {disk.name!r} is not served read-write here")
         if disk.suspended is not None:
             raise CommandError(errno.EIO, f"ownership of {disk.name} suspended: {disk.suspended}")
+        if disk.name in self.handing_over:
+            raise CommandError(errno.EBUSY, f"chain {disk.name!r} is being handed over already")
         job = disk.job
-        if job is not None and job.status != CONCLUDED:
-            raise CommandError(errno.EBUSY, f"chain has active block job {job.id!r}")
+        if job is None or job.status == CONCLUDED:
+            self._give_up(disk)
+            return None
+        refusal = _stays(job)
+        if refusal is not None:
+            raise CommandError(errno.EBUSY, f"chain has active block job {job.id!r}: {refusal}")
+        self.handing_over.add(disk.name)
+        return self._hand_over(disk, job)
+
+    async def _hand_over(self, disk: Disk, job: Job) -> None:
+        try:
+            job.suspend("handed over; the next owner resumes it")
+            await job.done.wait()
+            if disk.fenced is not None:
+                raise CommandError(errno.EIO, f"lost ownership of {disk.name}: {disk.fenced}")
+            if disk.suspended is not None:
+                # the job stopped, its journal kept: it resumes here when the storage answers
+                raise CommandError(
+                    errno.EIO, f"ownership of {disk.name} suspended: {disk.suspended}"
+                )
+            self._give_up(disk, job)
+        finally:
+            self.handing_over.discard(disk.name)
+
+    def _give_up(self, disk: Disk, job: Job | None = None) -> None:
+        """Flush the chain, reopen it read-only without locks, release its locks (the
+        flat file stays open for reading through it all); ``job`` stopped to travel:
+        the journal says so first, durably."""
         name = disk.name
+        travelling = job is not None and job.error is None and job.suspended
+        if travelling and disk.journal is not None:
+            assert job is not None
+            disk.journal.handover(socket.gethostname(), MOUNT_ID, [job.id])
         disk.chain.flush()
         chain = Chain.open(disk.chain.active.path, writable=False, lock=False)
         chain.confine = disk.chain.confine
         old, disk.chain = disk.chain, chain
-        disk.emit("INACTIVATED")
+        if travelling:
+            assert job is not None
+            disk.emit("INACTIVATED", job=job.id, offset=job.offset)
+        else:
+            disk.emit("INACTIVATED")
         old.close()  # flushed and closed clean; its image locks go
         disk.events.close()
         disk.events.writable = False
@@ -600,6 +643,27 @@ class Hosts:
         self.recovery.journals.pop(name, None)
         self.src.disown(name)
         log.info("chain=%s inactivated: served read-only, its locks released", name)
+
+
+# the jobs that travel with a hand-over, resumed by the next owner from the journal: a
+# stream and an intermediate commit from their last checkpoint, an active commit and a
+# copy from the start (the guest's writes they track are in memory; a copy's partial
+# DEST is copied over again)
+TRAVELS = ("stream", "commit", "copy")
+
+
+def _stays(job: Job) -> str | None:
+    """Why ``job`` cannot travel with a hand-over (None: it can)."""
+    if job.type not in TRAVELS:
+        return (
+            f"a {job.type} cannot be handed over (its point in time would be lost on "
+            "the other host): let it finish or cancel it first"
+        )
+    if job.paused:
+        return "it is paused: resume it (or cancel it) before handing the chain over"
+    if job.journal is None:
+        return "it has no journal record to be resumed from: let it finish or cancel it"
+    return None
 
 
 async def _heartbeat(disks: list[Disk], src: sources.Source, lease: float) -> None:

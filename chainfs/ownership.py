@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 OWN_DIR = ".chainfs"
 OWNER_SUFFIX, STATE_SUFFIX, JOURNAL_SUFFIX = ".owner", ".state", ".journal"
 MOUNT_ID = "m-" + secrets.token_hex(3)  # this process's mount, as the owner files name it
+# an owner file not rewritten for this long (three heartbeats) is overdue: its host may be
+# dead or cut off (only its lock, which ``status`` does not test, can tell)
+STALE_AFTER = 15.0
 
 
 # file systems several hosts mount at once: a lost lock shows there as EIO
@@ -114,12 +117,15 @@ class Holder:
     mount: str = "?"
     pid: int = 0
     heartbeat: float = 0.0
+    released: bool = False  # the holder gave the chain up (inactivate, unmount)
+
+    def age(self, now: float | None = None) -> float:
+        return max(0.0, (time.time() if now is None else now) - self.heartbeat)
 
     def describe(self, now: float | None = None) -> str:
-        age = max(0, round((time.time() if now is None else now) - self.heartbeat))
         return (
             f"chainfs on host {self.host} (mount {self.mount}, pid {self.pid}, "
-            f"heartbeat {age} s ago)"
+            f"heartbeat {round(self.age(now))} s ago)"
         )
 
 
@@ -132,9 +138,31 @@ def read_holder(path: str) -> Holder | None:
         return None
     try:
         doc = json.loads(data.split(b"\n", 1)[0])
-        return Holder(str(doc["host"]), str(doc["mount"]), int(doc["pid"]), float(doc["time"]))
-    except (ValueError, KeyError, TypeError):
+        return Holder(
+            str(doc["host"]),
+            str(doc["mount"]),
+            int(doc["pid"]),
+            float(doc["time"]),
+            doc.get("released") is True,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def judge_owner(directory: str, chain: str, now: float | None = None) -> str | None:
+    """Who owns ``chain``, judged by its owner file's content alone, for ``status`` on
+    a mount that does not own it: the holder's words (saying when its heartbeat is
+    overdue), or None when nobody does (no file, nothing written, or its last holder
+    released it).  Diagnostics only: the lock is the truth, and it is NOT tested here --
+    on NFS a lock test is a conflict for which Linux nfsd expires a cut-off owner's
+    courteous (lease-expired) lock state, fencing an owner nobody took the chain from."""
+    holder = read_holder(chain_file(directory, chain, OWNER_SUFFIX))
+    if holder is None or holder.released:
+        return None
+    words = holder.describe(now)
+    if holder.age(now) > STALE_AFTER:
+        words += "; overdue: that host may be dead or cut off (adopt waits for its lock)"
+    return words
 
 
 def describe_holder(directory: str, chain: str) -> str:
@@ -174,6 +202,7 @@ class Ownership:
         self.journal_path = chain_file(directory, chain, JOURNAL_SUFFIX)
         self.owner_fd = self.state_fd = self.journal_fd = -1
         self.lost: str | None = None  # why ownership was lost (fenced): never re-locked
+        self.beating = False  # this mount's words are in the owner file
 
     @classmethod
     def acquire(cls, directory: str, chain: str) -> Ownership:
@@ -205,22 +234,26 @@ class Ownership:
     def held(self) -> bool:
         return self.owner_fd >= 0 and self.lost is None
 
-    def heartbeat(self) -> None:
-        """Write the holder's diagnostics and the time into the owner file, durably;
-        OSError if the storage refuses (a lost lock: EIO)."""
+    def heartbeat(self, *, released: bool = False) -> None:
+        """Write the holder's diagnostics and the time into the owner file, durably
+        (``released``: the last words, giving the chain up); OSError if the storage
+        refuses (a lost lock: EIO)."""
         if self.lost is not None:
             raise OSError(errno.EIO, f"ownership lost: {self.lost}")
-        doc = {
+        doc: dict[str, object] = {
             "host": socket.gethostname(),
             "mount": MOUNT_ID,
             "pid": os.getpid(),
             "time": round(time.time(), 3),
         }
+        if released:
+            doc["released"] = True
         data = (json.dumps(doc, sort_keys=True) + "\n").ljust(256).encode()
         if HostFile.observer is not None:
             HostFile.observer("heartbeat", self.owner_path, 0, data)
         os.pwrite(self.owner_fd, data, 0)
         os.fdatasync(self.owner_fd)
+        self.beating = True
 
     def fence(self, reason: str) -> None:
         """Ownership is lost: nothing is written under it any more (the descriptors stay
@@ -229,7 +262,14 @@ class Ownership:
             self.lost = reason
 
     def release(self) -> None:
-        """Give the chain up: the locks go with the descriptors."""
+        """Give the chain up: the owner file says so (for the others' ``status``), then
+        the locks go with the descriptors."""
+        if self.beating and self.owner_fd >= 0 and self.lost is None:
+            try:
+                self.heartbeat(released=True)
+            except OSError as e:  # (only diagnostics: the lock goes all the same)
+                log.info("chain=%s owner file not marked released: %s", self.chain, e.strerror)
+            self.beating = False
         for name in ("journal_fd", "state_fd", "owner_fd"):
             fd = getattr(self, name)
             if fd >= 0:

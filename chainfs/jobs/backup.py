@@ -481,7 +481,7 @@ class BackupJob(Job):
         self._completing = True
         self._wakeup.set()
 
-    def suspend(self) -> None:
+    def suspend(self, reason: str = "") -> None:
         """An unmount ends a backup (its point in time lives in memory): as a cancel."""
         self.cancel()
 

@@ -129,6 +129,7 @@ class Job:
         self.start = 0  # 0, or the checkpoint of the interrupted job this one resumes
         self.previous: str | None = None  # its id (this job resumes it under that id)
         self._suspend = False
+        self._stopped_for = ""  # why a suspended job stopped (its JOB_CANCELLED reason)
         self._phase_begun = False
         self._reached = 0  # the job declared everything below this done
         self._logged_at = 0.0
@@ -249,10 +250,17 @@ class Job:
         if self.hold is not None:
             self.hold.set()
 
-    def suspend(self) -> None:
-        """Stop the job so that the next mount resumes it (at unmount)."""
+    def suspend(self, reason: str = "unmounted; the next mount resumes it") -> None:
+        """Stop the job at its next checkpoint so that the next mount (at unmount), or
+        the next owner (at a hand-over), resumes it from its journal record."""
         self._suspend = True
+        self._stopped_for = reason
         self.cancel()
+
+    @property
+    def paused(self) -> bool:
+        """A user's pause is in force."""
+        return self._paused
 
     @property
     def cancelled(self) -> bool:
@@ -421,7 +429,7 @@ class Job:
                     job=self.id,
                     type=self.type,
                     offset=self.offset,
-                    reason="unmounted; the next mount resumes it",
+                    reason=self._stopped_for,
                 )
             else:
                 self._journal_end("cancelled")

@@ -12,6 +12,7 @@ line::
     {"r": "phase", "key": K, "phase": "prepare", "actions": [...]}   changes about to be made
     {"r": "end", "key": K, "how": "done"}       (or cancelled, failed, resumed, rolled-back)
     {"r": "checkpoint", "key": "-", "jobs": [records]}   all that is known: forget the rest
+    {"r": "handover", "key": "-", "host": H, "mount": M, "ids": [ids]}   (below)
 
 ``key`` names one run of one job, unique across mounts (a resumed job keeps its id, so
 one id may have several runs).  Paths (a job's layers, targets and an action's files) are
@@ -43,6 +44,12 @@ from the last valid checkpoint), then written again at the start of the file, sy
 and the file cut after it.  A crash at any point leaves a valid checkpoint that is the
 last one in the file: the one at the end until the cut, the one at the start after it.
 With no job left the file is cut to nothing (it stays, locked, while owned).
+
+A hand-over (``inactivate`` of a chain whose job travels) stops the job at its next
+checkpoint as an unmount does, appends its progress, then a ``handover`` record naming
+the host and mount that gave the chain up and the jobs it left running, synced before
+the chain's locks are released; the next owner resumes those jobs from their records as
+recovery resumes interrupted ones.  The record is for diagnostics (replay skips it).
 
 The journal of earlier versions, one file for all chains (``.chainfs.journal``, absolute
 paths), is read at mount: its jobs move into their chains' journals (``take``), and the
@@ -126,7 +133,7 @@ def _decode_line(line: bytes) -> Record | None:
         return None
     if not isinstance(record, dict) or not isinstance(record.get("key"), str):
         return None
-    if record.get("r") not in ("intent", "progress", "phase", "end", "checkpoint"):
+    if record.get("r") not in ("intent", "progress", "phase", "end", "checkpoint", "handover"):
         return None
     return record
 
@@ -483,6 +490,12 @@ class Journal:
                 self.compact()
             except HostIOError as e:  # the end is recorded; the next end compacts
                 log.warning("journal=%s cannot be compacted: %s", self.path, e)
+
+    def handover(self, host: str, mount: str, jobs: list[str]) -> None:
+        """Record, durably, that this owner gives the chain up with ``jobs`` left for
+        the next owner to resume (their progress is recorded already)."""
+        record = {"r": "handover", "key": "-", "host": host, "mount": mount, "ids": jobs}
+        self._append(record, sync=True)
 
     def take(self, pending: Pending) -> None:
         """Make an interrupted job of the journal of earlier versions one of this

@@ -273,14 +273,15 @@ class Mount:
 
     def wait_job(self, chain: str, job: str, timeout: float = DEADLINE) -> dict[str, str]:
         """The JOB_COMPLETED or JOB_CANCELLED event of ``job``, once it is there (a job
-        stopped by an unmount is not over: the history it left says JOB_CANCELLED with
-        reason="unmounted; ...", and the job, under the same id, goes on)."""
+        stopped by an unmount or a hand-over is not over: the history it left says
+        JOB_CANCELLED with reason="unmounted; ..." or "handed over; ...", and the job,
+        under the same id, goes on)."""
 
         def ended() -> dict[str, str] | None:
             for e in self.events(chain):
                 if e.get("job") != job or e["event"] not in ("JOB_COMPLETED", "JOB_CANCELLED"):
                     continue
-                if not e.get("reason", "").startswith("unmounted"):
+                if not e.get("reason", "").startswith(("unmounted", "handed over")):
                     return e
             return None
 

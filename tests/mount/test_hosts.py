@@ -9,7 +9,9 @@ are (the lab of many hosts under qemu is ``tests/lab``):
   ``inactivate`` / ``activate`` move one chain of the directory to the other mount;
 - ``kill -9`` of the owner in the middle of a rate-limited commit, then ``adopt`` on
   the other mount (and ``mount --adopt``): the commit resumes there and ends exact;
-- hand-over round trips under a writer: the content stays exact;
+- hand-over round trips under a writer: the content stays exact; a running stream,
+  commit or copy travels with the chain (stopped at its checkpoint, resumed from its
+  journal by the other mount); a backup or a paused job refuses the hand-over;
 - fencing (``-o shared``: as on NFS; a local disk is never fenced): an EIO from the owner
   file (injected, ``faultinject.py``) fences the chain: OWNERSHIP_LOST, the guest gets
   EIO, and it is never taken again by itself; a heartbeat blocked (injected stall) or
@@ -187,8 +189,7 @@ def test_hand_over_round_trips_under_a_writer(
     tmp_path: Path, mounter: Mounter, seeds: Seeds
 ) -> None:
     """Ten inactivate/activate round trips between two mounts, each side writing while
-    it owns the chain (close-to-open: every layer reopened): the content stays exact;
-    a running job refuses the hand-over with libvirt's words."""
+    it owns the chain (close-to-open: every layer reopened): the content stays exact."""
     images = tmp_path / "images"
     seed = seeds(images, size=SIZE)
     a, b = mounter(images), mounter(images)
@@ -203,16 +204,105 @@ def test_hand_over_round_trips_under_a_writer(
         there.command("E", "activate", "E")
         assert read_direct(there.img("E")) == model
         here, there = there, here
-    job = here.start_job("E", "stream", "base=A.qcow2 speed=1M")
-    event = here.refuse("E", "inactivate", "E", errno.EBUSY)
-    assert event["reason"] == f"chain has active block job {job!r}"
-    here.command("E", "speed", f"{job} 0")
-    here.wait_job("E", job)
+    here.run_job("E", "stream", "base=A.qcow2")
     assert read_direct(here.img("E")) == model
     a.unmount()
     b.unmount()
     assert_clean([seed.active, seed.layers[0]])
     assert_content(seed.active, model, tmp_path / "cmp")
+
+
+# each kind of job that travels: its command, and the chain once it is done
+TRAVELLING = {
+    "stream": ("base=A.qcow2 speed=64K", ["E.qcow2", "A.qcow2"]),
+    "commit": ("top=D.qcow2 base=B.qcow2 speed=64K", ["E.qcow2", "B.qcow2", "A.qcow2"]),
+    "active commit": ("base=B.qcow2 speed=64K", ["B.qcow2", "A.qcow2"]),
+    "copy": ("F.qcow2 sync=full speed=64K", ["F.qcow2"]),
+}
+
+
+@read_only_refused
+@pytest.mark.parametrize("kind", list(TRAVELLING))
+def test_a_running_job_travels_with_the_chain_and_ends_where_it_is_held(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, kind: str
+) -> None:
+    """Six hand-overs while a rate-limited job runs, each side writing while it holds
+    the chain: ``inactivate`` stops the job at its checkpoint (its journal says where),
+    ``activate`` on the other mount resumes it from there under its id; it ends on
+    whichever mount holds the chain, and the content is exact."""
+    images = tmp_path / "images"
+    seed = seeds(images, size=SIZE)
+    a, b = mounter(images), mounter(images)
+    model = bytearray(seed.content)
+    rng = random.Random(11)
+    text, layers = TRAVELLING[kind]
+    job = a.start_job("E", kind.split()[-1], text)
+    here, there = a, b
+    for _ in range(6):
+        write(here, "E", model, rng)
+        assert here.job_offset("E") is not None, "the job ended before the hand-over"
+        here.command("E", "inactivate", "E")  # returns once the chain is released
+        assert owner(here, "E")["owner"] == "none"
+        assert here.job_offset("E") is None  # stopped here...
+        stopped = [e for e in here.events("E") if e["event"] == "JOB_CANCELLED"][-1]
+        assert stopped["job"] == job and stopped["reason"].startswith("handed over"), stopped
+        assert read_direct(here.img("E")) == model
+        there.command("E", "activate", "E")
+        # ...and resumed there, under its id (the events since it took the chain; its
+        # history was read again then, with the other mount's lines)
+        seen = there.events("E")
+        taken = max(i for i, e in enumerate(seen) if e["event"] == "OWNERSHIP_TAKEN")
+        resumed = [e for e in seen[taken:] if e["event"] == "JOB_RESUMED"]
+        assert [e["job"] for e in resumed] == [job], seen[taken:]
+        # from its checkpoint; a mirror (active commit, copy) from the start: the guest
+        # writes it tracks are in memory
+        start = int(stopped["offset"]) if kind in ("stream", "commit") else 0
+        assert int(resumed[0]["offset"]) == start, (resumed, stopped)
+        assert read_direct(there.img("E")) == model
+        here, there = there, here
+    here.command("E", "speed", f"{job} 0")
+    end = here.wait_job("E", job)
+    assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    assert not [e for e in there.events("E") if e["event"] == "JOB_COMPLETED"]
+    assert here.layers("E") == layers
+    write(here, "E", model, rng)
+    assert read_direct(here.img("E")) == model
+    a.unmount()
+    b.unmount()
+    active = images / layers[0]
+    assert_clean([active])
+    assert_content(active, model, tmp_path / "cmp")
+
+
+@read_only_refused
+def test_a_backup_or_a_paused_job_does_not_travel(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds
+) -> None:
+    """A backup's point in time lives in memory, and a paused job would come back
+    running on the other host: ``inactivate`` is refused in libvirt's words, saying
+    why, and the chain stays served here, the job going on."""
+    images = tmp_path / "images"
+    seeds(images, size=SIZE)
+    a = mounter(images)
+    job = a.start_job("E", "backup", "F.qcow2 speed=64K")
+    event = a.refuse("E", "inactivate", "E", errno.EBUSY)
+    assert event["reason"].startswith(f"chain has active block job {job!r}: a backup "), event
+    assert owner(a, "E")["owner"] == "self"
+    a.command("E", "speed", f"{job} 0")
+    a.wait_job("E", job)
+    job = a.start_job("E", "stream", "base=A.qcow2 speed=64K")
+    a.command("E", "pause", job)
+    event = a.refuse("E", "inactivate", "E", errno.EBUSY)
+    assert event["reason"] == (
+        f"chain has active block job {job!r}: it is paused: resume it (or cancel it) "
+        "before handing the chain over"
+    )
+    a.command("E", "resume", job)
+    a.command("E", "speed", f"{job} 0")
+    end = a.wait_job("E", job)
+    assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    assert owner(a, "E")["owner"] == "self"
+    a.unmount()
 
 
 @pytest.mark.expect_log(

@@ -243,7 +243,8 @@ class ChainfsMount:
         def ended() -> dict[str, str] | None:
             for e in self.events(chain):
                 over = e["event"] in ("JOB_COMPLETED", "JOB_CANCELLED")
-                if e.get("job") == job and over and not e.get("reason", "").startswith("unmounted"):
+                stopped = e.get("reason", "").startswith(("unmounted", "handed over"))
+                if e.get("job") == job and over and not stopped:
                     return e
             return None
 

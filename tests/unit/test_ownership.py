@@ -11,18 +11,30 @@ import os
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
 
-from chainfs import mount
+from chainfs import mount, ownership
 from chainfs import source as sources
+from chainfs.disk import Disk
 from chainfs.formats.qcow2 import create_overlay
 from chainfs.jobs import journal as jn
 from chainfs.jobs import recovery
 from chainfs.jobs.journal import Journal
-from chainfs.ownership import MOUNT_ID, OwnedElsewhere, Ownership, describe_holder, fs_type
+from chainfs.ownership import (
+    MOUNT_ID,
+    OWNER_SUFFIX,
+    OwnedElsewhere,
+    Ownership,
+    chain_file,
+    describe_holder,
+    fs_type,
+    judge_owner,
+)
 
 STREAM = {"node": "E.qcow2", "base": "A.qcow2", "speed": 0}
 
@@ -254,3 +266,49 @@ async def test_a_heartbeat_refused_fences_one_blocked_or_failing_suspends(
             own.go.set()
     assert disk.calls == verdicts
     assert not beating
+
+
+def test_status_judges_the_owner_by_the_owner_file_without_testing_its_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount that does not own a chain says who does from the owner file's heartbeat
+    alone (fresh, overdue, released): it never tests the lock -- on NFS a lock test
+    makes nfsd expire a cut-off owner's courteous locks, fencing an owner nobody took
+    the chain from.  The fake: every fcntl lock call fails the test."""
+    directory = str(tmp_path)
+    owner = Ownership.acquire(directory, "vm1")
+    path = chain_file(directory, "vm1", OWNER_SUFFIX)
+
+    def no_lock_test(*args: object) -> int:
+        raise AssertionError("the owner lock was tested")
+
+    monkeypatch.setattr(ownership, "_fcntl", no_lock_test)
+    # a Disk that does not own vm1, as status asks it (only what owner_pairs reads)
+    fake = SimpleNamespace(
+        name="vm1",
+        fenced=None,
+        suspended=None,
+        owned=False,
+        holder=None,
+        unstable=None,
+        source=SimpleNamespace(directory=directory),
+    )
+    pairs = dict(Disk.owner_pairs(fake))  # type: ignore[arg-type]
+    assert pairs["owner"] == "elsewhere", pairs
+    assert f"(mount {MOUNT_ID}, pid {os.getpid()}, heartbeat 0 s ago)" in str(pairs["holder"])
+    assert "overdue" not in str(pairs["holder"])
+    later = time.time() + ownership.STALE_AFTER + 5
+    words = judge_owner(directory, "vm1", now=later)
+    assert words is not None and words.endswith(
+        "; overdue: that host may be dead or cut off (adopt waits for its lock)"
+    ), words
+    owner.release()  # its last words: released
+    assert json.loads(Path(path).read_text())["released"] is True
+    assert dict(Disk.owner_pairs(fake)) == {"owner": "none"}  # type: ignore[arg-type]
+    assert fake.holder is None
+    # no file, an empty one, garbage: nobody
+    assert judge_owner(directory, "vm2") is None
+    Path(chain_file(directory, "vm2", OWNER_SUFFIX)).write_bytes(b"")
+    assert judge_owner(directory, "vm2") is None
+    Path(chain_file(directory, "vm2", OWNER_SUFFIX)).write_bytes(b"[1, 2]\n")
+    assert judge_owner(directory, "vm2") is None
