@@ -51,7 +51,7 @@ from .hostfile import HostIOError
 from .jobs.base import CONCLUDED
 from .jobs.journal import Journal
 from .jobs.recovery import Recovery, recover, recover_chain, resume_jobs
-from .jobs.served import Spawn
+from .jobs.served import Readers, Spawn
 from .logs import Throttle
 from .ownership import (
     OWNER_SUFFIX,
@@ -153,6 +153,7 @@ def open_disks(
     disks: list[Disk] = []
     # descriptors: each chain takes what it needs while a reserve is left for the rest
     budget = descriptors.Budget.now()
+    readers = Readers()  # who reads which layer (``refuse_shared``), shared by the disks
 
     def refuse(spec: sources.ChainSpec, reason: str) -> None:
         log.warning("chain=%s refused: %s", spec.name, reason)
@@ -212,7 +213,7 @@ def open_disks(
             allowed_dirs=[*own, *opts.allow_dirs],
             readonly=opts.readonly,
             spawn=spawn,
-            others=lambda: disks,
+            readers=readers,
             events=events,
         )
         disk.owned = owned
@@ -553,6 +554,7 @@ class Hosts:
             [os.path.dirname(spec.active)] + ([src.directory] if os.path.isdir(src.path) else [])
         )
         disk.chain = chain
+        disk.readers.add(disk)  # (its layers as this host finds them now)
         old.close()
         disk.events.close()
         history = EventLog.open(src.directory, name, writable=True)
