@@ -9,7 +9,7 @@ import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 import pytest
@@ -27,6 +27,8 @@ from chainfs.source import Source
 from chainfs.views import Views
 
 from .fake_chain import SIZE, FakeChain, FakeLayer
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -52,7 +54,7 @@ class FakeDisk:
         return [("owner", "self")]
 
 
-class NoScan(list[FakeDisk]):
+class NoScan(list[T]):
     """The mount's disks, refusing every walk once ``armed``: indexing by position and
     ``len`` only (what an inode's arithmetic needs)."""
 
@@ -64,7 +66,7 @@ class NoScan(list[FakeDisk]):
         if self.armed:
             raise AssertionError("the request path walked the list of disks")
 
-    def __iter__(self) -> Iterator[FakeDisk]:
+    def __iter__(self) -> Iterator[T]:
         self._refuse()
         return super().__iter__()
 
