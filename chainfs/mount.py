@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 _throttle = Throttle(log)
 
 WRITE_BACK_INTERVAL = 5.0
+# the periodic sweeps over every chain (write-back, heartbeat) let the guests' requests
+# in after this many chains: with thousands of chains a sweep is no stall of its own
+SWEEP_STEP = 64
 HEARTBEAT_INTERVAL = 5.0  # seconds between two writes of an owned chain's owner file
 LEASE = 90.0  # the storage's lease (NFSv4 servers' default), unless -o lease= says
 # fstab/mount(8) options that mean nothing to chainfs itself
@@ -604,7 +607,9 @@ async def _heartbeat(disks: list[Disk], src: sources.Source, lease: float) -> No
     async with trio.open_nursery() as nursery:
         while True:
             await trio.sleep(HEARTBEAT_INTERVAL)
-            for disk in list(disks):
+            for i, disk in enumerate(list(disks)):
+                if i % SWEEP_STEP == SWEEP_STEP - 1:
+                    await trio.sleep(0)  # the guests' requests between two steps
                 ownership = src.owned.get(disk.name)
                 if not disk.owned or disk.fenced is not None or ownership is None:
                     continue
@@ -682,7 +687,9 @@ async def _write_back(disks: list[Disk]) -> None:
     flushed: dict[str, int] = {}
     while True:
         await trio.sleep(WRITE_BACK_INTERVAL)
-        for disk in disks:
+        for i, disk in enumerate(list(disks)):
+            if i % SWEEP_STEP == SWEEP_STEP - 1:
+                await trio.sleep(0)  # the guests' requests between two steps
             mtime = disk.mtime_ns
             if disk.chain.writable and disk.suspended is None and flushed.get(disk.name) != mtime:
                 try:
