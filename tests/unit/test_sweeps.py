@@ -5,12 +5,13 @@ requests in as they go: with thousands of chains, one sweep is no stall of every
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
 
 from chainfs import mount
+from chainfs.disk import Disk
 
 
 @dataclass
@@ -41,7 +42,7 @@ async def test_the_write_back_sweep_lets_other_tasks_run(monkeypatch: pytest.Mon
     disks = [SweptDisk(f"vm{i}", CountingChain(flushed)) for i in range(n)]
     seen: list[int] = []  # how far the sweep was each time a request got its turn
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(mount._write_back, disks)
+        nursery.start_soon(mount._write_back, cast(list[Disk], disks))
         while len(flushed) < n:
             await trio.lowlevel.checkpoint()  # a guest's request, served between steps
             seen.append(len(flushed))
