@@ -530,12 +530,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         table(f"depth (load average {load()})", rows)
-    if "size" in parts:
-        rows = []
+    if "size" in parts:  # (a table each: a 1 PiB one may take long, see the README)
         for label in args.sizes.split(","):
             for layers in [int(x) for x in args.layers.split(",")]:
-                rows += size_part(SIZES[label], layers, label)
-        table(f"size (load average {load()})", rows)
+                rows = size_part(SIZES[label], layers, label)
+                table(f"size {label} x {layers} (load average {load()})", rows)
     print(f"load average at end: {load()}")
     return 0
 

@@ -67,17 +67,16 @@ class Readers:
     layer, not the mount's chains."""
 
     def __init__(self) -> None:
-        self._by_path: dict[str, list[Served]] = {}
+        # real path -> the chains by identity (a golden base of thousands: no scan to add)
+        self._by_path: dict[str, dict[int, Served]] = {}
 
     def add(self, served: Served) -> None:
         for layer in served.chain.layers:
-            readers = self._by_path.setdefault(os.path.realpath(layer.path), [])
-            if not any(r is served for r in readers):
-                readers.append(served)
+            self._by_path.setdefault(os.path.realpath(layer.path), {})[id(served)] = served
 
     def of(self, path: str) -> list[Served]:
         """The chains that read, or once read, the layer at real path ``path``."""
-        return self._by_path.get(path, [])
+        return list(self._by_path.get(path, {}).values())
 
 
 def chain_changed(served: Served) -> None:
