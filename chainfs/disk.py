@@ -18,7 +18,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,7 @@ from .hostfile import HostIOError
 from .jobs import backup, commit, copy, snapshot, stream
 from .jobs.base import CONCLUDED, Job
 from .jobs.journal import Journal, Pending, decode, map_paths
-from .jobs.served import Spawn
+from .jobs.served import Readers, Spawn
 from .locks import lock_image, unlock_image
 from .ownership import (
     STATE_SUFFIX,
@@ -98,6 +98,15 @@ class Writer:
     refused: bool = False  # a write was refused: the command is over
 
 
+# what ``control/.status`` shows of a chain besides its name: setting one of these calls
+# ``Disk.on_status`` (the mount keeps each chain's line until then)
+SHOWN_IN_STATUS = frozenset({"chain", "owned", "fenced", "suspended", "warning"})
+
+
+def _unwatched(disk: Disk) -> None:
+    return None
+
+
 class Disk:
     """One chain as the mount serves it."""
 
@@ -111,9 +120,13 @@ class Disk:
         readonly: bool,
         spawn: Spawn,
         next_id: Callable[[str], str] | None = None,
-        others: Callable[[], Iterable[Disk]] = tuple,
+        readers: Readers | None = None,
         events: EventLog | None = None,
     ) -> None:
+        # told when the chain's line of ``.status`` changes (a field of
+        # ``SHOWN_IN_STATUS`` set, the chain's layers changed: ``status_changed``); the
+        # mount's ``Operations`` sets it
+        self.on_status: Callable[[Disk], None] = _unwatched
         self.name = name
         self.chain = chain
         self.source = source
@@ -131,7 +144,9 @@ class Disk:
         self.emit = self.events.emit
         self.spawn = spawn
         self.next_id = next_id if next_id is not None else self.events.next_id
-        self.others = others  # the mount's disks (this one among them, or not)
+        # the mount's chains by the layers they read (``refuse_shared``), this one among them
+        self.readers = readers if readers is not None else Readers()
+        self.readers.add(self)
         # many hosts (``ownership``): whether this mount owns the chain (serves it
         # read-write); who does when another mount does; why it was lost (fenced)
         self.owned = not readonly
@@ -150,11 +165,22 @@ class Disk:
         # last seen of it, the flat-file handles reading it here (while any is open the
         # backing layers hold QEMU's reader locks), and the owner's unfinished job
         self.seen: Seen | None = None
-        self.readers = 0
+        self.handles = 0
         self.unstable: str | None = None
         # the flat file's times start as those of the newest image file: they stay the
         # same from one mount to the next as long as nothing is written
         self.mtime_ns = self.ctime_ns = max(_mtime_ns(x.path) for x in chain.layers)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name in SHOWN_IN_STATUS:
+            self.on_status(self)
+
+    def status_changed(self) -> None:
+        """The chain's layers changed (a job's ``chain_changed``): its active layer may
+        be another, and other chains may read its new layers."""
+        self.readers.add(self)
+        self.on_status(self)
 
     # -- what the control files show ------------------------------------------------------
 
@@ -313,13 +339,13 @@ class Disk:
     def open_reader(self) -> None:
         """A flat-file handle opened while another host owns the chain: the first one
         takes QEMU's reader locks on the backing layers (``lock_readers``)."""
-        self.readers += 1
-        if self.readers == 1 and not self.owned and not self.chain.locked:
+        self.handles += 1
+        if self.handles == 1 and not self.owned and not self.chain.locked:
             lock_readers(self.name, self.chain)
 
     def close_reader(self) -> None:
-        self.readers -= 1
-        if self.readers == 0 and not self.owned and not self.chain.locked:
+        self.handles -= 1
+        if self.handles == 0 and not self.owned and not self.chain.locked:
             unlock_readers(self.chain)
 
     def probe(self) -> Seen:
@@ -336,7 +362,7 @@ class Disk:
             if fresh is not None:
                 fresh.close()
             return False
-        if self.readers:
+        if self.handles:
             lock_readers(self.name, fresh)
         fresh.confine = self.chain.confine
         old, self.chain = self.chain, fresh

@@ -160,6 +160,29 @@ class Operations(pyfuse3.Operations):
         self._entries: dict[int, list[tuple[bytes, int]]] = {}
         self._by_name: dict[int, dict[bytes, int]] = {}
         self._indexed = -1
+        self._size = 0  # the disks' sizes summed (``statfs``: fixed, as each disk's is)
+        # ``.status``: the daemon's line, a line per disk (kept, by place), the refused
+        # chains' lines; the disks whose line must be rendered again, and those rendered
+        # at every read (not owned here: a lock probe); the text as last joined
+        self._status_head = (
+            format_line(
+                [
+                    ("pid", os.getpid()),
+                    ("source", source.path),
+                    ("mountpoint", mountpoint),
+                    ("readonly", readonly),
+                    ("pyfuse3", features.pyfuse3_version()),
+                    ("holes", features.holes()),
+                ]
+            ).encode()
+            + b"\n"
+        )
+        self._status_parts: list[bytes] = []
+        self._status_stale: set[Disk] = set()
+        self._status_live: set[Disk] = set()
+        self._status_refused = -1
+        self._status_refusals = b""
+        self._status: bytes | None = None
         self._index()
 
     # -- inode arithmetic --------------------------------------------------------------
@@ -188,6 +211,12 @@ class Operations(pyfuse3.Operations):
                 names.setdefault(name, inode)  # (a name twice: the first, as a walk found)
             by_name[parent] = names
         self._by_name = by_name
+        self._size = sum(d.chain.size for d in self.disks)
+        self._status_parts = [b""] * len(self.disks)
+        self._status_stale = set(self.disks)
+        self._status_live = set()
+        for d in self.disks:
+            d.on_status = self._status_changed
 
     def _disk_of(self, inode: int) -> tuple[Disk, int] | None:
         if inode < FIRST_CHAIN:
@@ -295,30 +324,29 @@ class Operations(pyfuse3.Operations):
         return bytes(disk.events)  # the history at mount and every line since
 
     def status_text(self) -> bytes:
-        lines = [
-            format_line(
-                [
-                    ("pid", os.getpid()),
-                    ("source", self.source.path),
-                    ("mountpoint", self.mountpoint),
-                    ("readonly", self.readonly),
-                    ("pyfuse3", features.pyfuse3_version()),
-                    ("holes", features.holes()),
-                ]
-            )
-        ]
-        for disk in self.disks:
-            line: list[tuple[str, object]] = [
-                ("chain", disk.name),
-                ("status", "served"),
-                ("active", disk.chain.active.path),
-                *disk.owner_pairs(),
-            ]
-            if disk.warning:
-                line.append(("warning", disk.warning))
-            lines.append(format_line(line))
-        for r in self.source.refused:
-            lines.append(
+        """``control/.status``: the daemon's line, one per served chain, one per refused
+        chain.  Each served chain's line is kept and rendered again only after it changed
+        (``Disk.on_status``: its active layer, ownership, warning) or, for a chain this
+        mount does not own, at every read (who holds it is a lock probe of the moment);
+        the text is joined again only then.  So a read costs O(changed + not owned)
+        renderings, not O(chains), and never stalls the other disks' requests for long."""
+        self._index()
+        refused = len(self.source.refused)
+        unchanged = not self._status_stale and not self._status_live
+        if self._status is not None and unchanged and refused == self._status_refused:
+            return self._status
+        parts = self._status_parts
+        for disk in (*self._status_stale, *self._status_live):
+            line = self._status_line(disk)
+            parts[self._place[disk]] = line
+            if disk.owned or disk.fenced is not None:
+                self._status_live.discard(disk)
+            else:
+                self._status_live.add(disk)
+        self._status_stale.clear()
+        if refused != self._status_refused:
+            self._status_refused = refused
+            self._status_refusals = b"".join(
                 format_line(
                     [
                         ("chain", r.name),
@@ -326,9 +354,27 @@ class Operations(pyfuse3.Operations):
                         ("path", r.path),
                         ("reason", r.reason),
                     ]
-                )
+                ).encode()
+                + b"\n"
+                for r in self.source.refused
             )
-        return ("\n".join(lines) + "\n").encode()
+        self._status = b"".join((self._status_head, *parts, self._status_refusals))
+        return self._status
+
+    def _status_line(self, disk: Disk) -> bytes:
+        line: list[tuple[str, object]] = [
+            ("chain", disk.name),
+            ("status", "served"),
+            ("active", disk.chain.active.path),
+            *disk.owner_pairs(),
+        ]
+        if disk.warning:
+            line.append(("warning", disk.warning))
+        return format_line(line).encode() + b"\n"
+
+    def _status_changed(self, disk: Disk) -> None:
+        """``disk``'s line of ``.status`` is out of date (``Disk.on_status``)."""
+        self._status_stale.add(disk)
 
     def forget_cache(self, disk: Disk) -> None:
         """Drop the kernel's cached pages and attributes of ``disk``'s flat file (another
@@ -616,9 +662,9 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
-        total = sum(d.chain.size for d in self.disks)
+        self._index()
         s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = total // 4096
+        s.f_blocks = self._size // 4096  # summed once: a disk's size never changes
         s.f_bfree = s.f_bavail = 0
         s.f_files = s.f_ffree = s.f_favail = 0
         s.f_namemax = 255

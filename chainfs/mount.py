@@ -56,7 +56,7 @@ from .hostfile import HostIOError
 from .jobs.base import CONCLUDED, Job
 from .jobs.journal import Journal
 from .jobs.recovery import Recovery, recover, recover_chain, resume_jobs
-from .jobs.served import Spawn
+from .jobs.served import Readers, Spawn
 from .logs import Throttle
 from .ownership import (
     MOUNT_ID,
@@ -73,6 +73,9 @@ log = logging.getLogger(__name__)
 _throttle = Throttle(log)
 
 WRITE_BACK_INTERVAL = 5.0
+# the periodic sweeps over every chain (write-back, heartbeat) let the guests' requests
+# in after this many chains: with thousands of chains a sweep is no stall of its own
+SWEEP_STEP = 64
 HEARTBEAT_INTERVAL = 5.0  # seconds between two writes of an owned chain's owner file
 LEASE = 90.0  # the storage's lease (NFSv4 servers' default), unless -o lease= says
 # fstab/mount(8) options that mean nothing to chainfs itself
@@ -159,6 +162,7 @@ def open_disks(
     disks: list[Disk] = []
     # descriptors: each chain takes what it needs while a reserve is left for the rest
     budget = descriptors.Budget.now()
+    readers = Readers()  # who reads which layer (``refuse_shared``), shared by the disks
 
     def refuse(spec: sources.ChainSpec, reason: str) -> None:
         log.warning("chain=%s refused: %s", spec.name, reason)
@@ -218,7 +222,7 @@ def open_disks(
             allowed_dirs=[*own, *opts.allow_dirs],
             readonly=opts.readonly,
             spawn=spawn,
-            others=lambda: disks,
+            readers=readers,
             events=events,
         )
         disk.owned = owned
@@ -558,7 +562,7 @@ class Hosts:
         except BaseException:
             src.owned.pop(name, None)
             ownership.release()
-            if readers and disk.readers:
+            if readers and disk.handles:
                 lock_readers(name, disk.chain)
             raise
         old = disk.chain
@@ -566,6 +570,7 @@ class Hosts:
             [os.path.dirname(spec.active)] + ([src.directory] if os.path.isdir(src.path) else [])
         )
         disk.chain = chain
+        disk.readers.add(disk)  # (its layers as this host finds them now)
         old.close()
         disk.events.close()
         history = EventLog.open(src.directory, name, writable=True)
@@ -677,7 +682,9 @@ async def _heartbeat(disks: list[Disk], src: sources.Source, lease: float) -> No
     async with trio.open_nursery() as nursery:
         while True:
             await trio.sleep(HEARTBEAT_INTERVAL)
-            for disk in list(disks):
+            for i, disk in enumerate(list(disks)):
+                if i % SWEEP_STEP == SWEEP_STEP - 1:
+                    await trio.lowlevel.checkpoint()  # guest requests between two steps
                 ownership = src.owned.get(disk.name)
                 if not disk.owned or disk.fenced is not None or ownership is None:
                     continue
@@ -796,7 +803,9 @@ async def _write_back(disks: list[Disk]) -> None:
     flushed: dict[str, int] = {}
     while True:
         await trio.sleep(WRITE_BACK_INTERVAL)
-        for disk in disks:
+        for i, disk in enumerate(list(disks)):
+            if i % SWEEP_STEP == SWEEP_STEP - 1:
+                await trio.lowlevel.checkpoint()  # guest requests between two steps
             mtime = disk.mtime_ns
             if disk.chain.writable and disk.suspended is None and flushed.get(disk.name) != mtime:
                 try:

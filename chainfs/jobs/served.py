@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..control import CommandError
@@ -45,19 +45,45 @@ class Served(Protocol):
     next_id: Callable[[str], str]  # a new job id of a kind, never used before
     views: Views  # the chain's layer views (``layers/NAME/``)
 
-    @property
-    def others(self) -> Callable[[], Iterable[Served]]:
-        """The mount's chains (this one among them)."""
+    readers: Readers  # the mount's chains by the layers they read
+
+    def status_changed(self) -> None:
+        """The chain's layers changed: what ``.status`` and ``readers`` know of it."""
 
     @property
     def emit(self) -> Callable[..., None]:
         """``emit(EVENT, key=value, ...)``: append one line to the chain's ``events``."""
 
 
+class Readers:
+    """The mount's chains by the real path of each layer file they read: who else reads
+    a layer, found without a walk of the mount's chains (``refuse_shared``).
+
+    A chain is added when it is served and again whenever its layers change
+    (``chain_changed``), and never taken out: a layer leaves a chain (stream, commit,
+    copy) but no job makes a chain read a file another one reads (what a job creates is
+    new), so the readers found are a superset, each then checked against its chain's
+    layers of the moment.  A check costs the layers of the chains that share the
+    layer, not the mount's chains."""
+
+    def __init__(self) -> None:
+        # real path -> the chains by identity (a golden base of thousands: no scan to add)
+        self._by_path: dict[str, dict[int, Served]] = {}
+
+    def add(self, served: Served) -> None:
+        for layer in served.chain.layers:
+            self._by_path.setdefault(os.path.realpath(layer.path), {})[id(served)] = served
+
+    def of(self, path: str) -> list[Served]:
+        """The chains that read, or once read, the layer at real path ``path``."""
+        return list(self._by_path.get(path, {}).values())
+
+
 def chain_changed(served: Served) -> None:
     """Say in ``events`` that the chain's layers changed, and how they stand; the layer
-    views follow."""
+    views, ``.status`` and the mount's ``readers`` follow."""
     served.views.refresh()
+    served.status_changed()
     layers = served.chain.layers
     served.emit(
         "CHAIN_CHANGED",
@@ -89,10 +115,11 @@ def layer_of(served: Served, ref: str) -> Layer:
 def refuse_shared(served: Served, *layers: Layer) -> None:
     """Refuse a job that would write into a layer another chain of the mount reads (a
     shared base): its image lock would refuse the job anyway, as QEMU's does, but in
-    words that blame another process."""
+    words that blame another process.  Only the chains that ever read the layer are
+    looked at (``Readers``), never every chain of the mount."""
     for layer in layers:
         path = os.path.realpath(layer.path)
-        for other in served.others():
+        for other in served.readers.of(path):
             if other is not served and any(
                 os.path.realpath(x.path) == path for x in other.chain.layers
             ):

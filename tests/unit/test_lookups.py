@@ -9,7 +9,7 @@ import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 import pytest
@@ -17,12 +17,18 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chainfs.chain import Chain
+from chainfs.control import CommandError
 from chainfs.disk import Disk
+from chainfs.formats.base import Layer
 from chainfs.fs import CONTROL, CONTROL_FILES, LAYERS, ROOT, STATUS, Operations
+from chainfs.jobs.served import Readers, chain_changed, refuse_shared
 from chainfs.source import Source
 from chainfs.views import Views
 
 from .fake_chain import SIZE, FakeChain, FakeLayer
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -38,6 +44,8 @@ class FakeDisk:
     mtime_ns: int = 0
     ctime_ns: int = 0
     warning: str | None = None
+    owned: bool = True
+    fenced: str | None = None
 
     def __post_init__(self) -> None:
         self.views = Views(self.name, self.chain)  # type: ignore[arg-type]
@@ -46,7 +54,7 @@ class FakeDisk:
         return [("owner", "self")]
 
 
-class NoScan(list[FakeDisk]):
+class NoScan(list[T]):
     """The mount's disks, refusing every walk once ``armed``: indexing by position and
     ``len`` only (what an inode's arithmetic needs)."""
 
@@ -58,7 +66,7 @@ class NoScan(list[FakeDisk]):
         if self.armed:
             raise AssertionError("the request path walked the list of disks")
 
-    def __iter__(self) -> Iterator[FakeDisk]:
+    def __iter__(self) -> Iterator[T]:
         self._refuse()
         return super().__iter__()
 
@@ -135,19 +143,14 @@ def test_lookups_and_listings_never_walk_the_disks() -> None:
         assert view is not None and trio.run(ops.getattr, view, None).st_size == SIZE
         assert [name for name, _ in listing(ops, layers)] == [f"vm{i}.qcow2.img".encode()]
     assert lookup(ops, ROOT, "vm3000.img") is None
-    # ``control/.status`` shows every chain: O(n) by nature, one walk, not n
-    disks.armed, disks.walks = False, 0
+    # ``control/.status`` shows every chain, from each chain's line kept (no walk)
     assert lookup(ops, CONTROL, ".status") == STATUS
-    assert disks.walks == 1
-    disks.armed = True
     root = listing(ops, ROOT)
     assert len(root) == n + 2 and len(set(root)) == n + 2
     assert root[2] == (b"vm0.img", lookup(ops, ROOT, "vm0.img"))
-    disks.armed, disks.walks = False, 0
-    assert len(listing(ops, CONTROL)) == n + 1  # (its ``.status`` entry: one walk)
-    assert disks.walks == 1
-    disks.armed = True
+    assert len(listing(ops, CONTROL)) == n + 1
     assert len(listing(ops, LAYERS)) == n
+    assert trio.run(ops.statfs, None).f_blocks == n * SIZE // 4096  # (summed at start)
     img = lookup(ops, ROOT, "vm7.img")
     assert img is not None
     with pytest.raises(pyfuse3.FUSEError) as e:  # a file is no directory
@@ -244,3 +247,86 @@ def test_view_names_and_inodes_follow_the_layers(ops_steps: list[tuple[str, str,
     for step in ops_steps:
         apply(by_name[step[1]], step)
         check()
+
+
+# -- .status and refuse_shared: only the chains concerned -------------------------------
+
+
+def served_disk(name: str, paths: list[str], readers: Readers) -> Disk:
+    """A real ``Disk`` over a fake chain (layers active first)."""
+    chain = FakeChain([FakeLayer(p) for p in paths])
+    return Disk(
+        name,
+        cast(Chain, chain),
+        Source("/srv", "/srv"),
+        allowed_dirs=[],
+        readonly=False,
+        spawn=lambda fn: None,
+        readers=readers,
+    )
+
+
+def test_status_renders_again_only_the_chains_that_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    n = 2000
+    readers = Readers()
+    disks = NoScan(served_disk(f"vm{i}", [f"/img/vm{i}.qcow2"], readers) for i in range(n))
+    ops = operations(cast(list[FakeDisk], disks))
+    rendered: list[str] = []
+    owner_pairs = Disk.owner_pairs
+
+    def counted(self: Disk) -> list[tuple[str, object]]:
+        rendered.append(self.name)
+        return owner_pairs(self)
+
+    monkeypatch.setattr(Disk, "owner_pairs", counted)
+    disks.armed = True  # no read of ``.status`` walks the disks
+    first = ops.status_text()
+    assert len(rendered) == n and first.count(b"status=served") == n
+    assert ops.status_text() == first and len(rendered) == n  # nothing changed: kept
+    assert trio.run(ops.getattr, STATUS, None).st_size == len(first)
+    assert len(rendered) == n
+
+    rendered.clear()
+    disks[5].warning = "served read-only: too deep"
+    snap = disks[7]  # a snapshot: a new active layer, then ``chain_changed``
+    snap.chain.layers.insert(0, cast(Layer, FakeLayer("/img/vm7-snap.qcow2")))
+    chain_changed(snap)
+    disks[9].fenced = "the lock is gone"
+    text = ops.status_text()
+    assert sorted(rendered) == ["vm5", "vm7", "vm9"]
+    lines = text.decode().splitlines()
+    assert "warning=" in lines[1 + 5] and "active=/img/vm7-snap.qcow2" in lines[1 + 7]
+    assert "owner=lost" in lines[1 + 9] and lines[1 + 8] == first.decode().splitlines()[1 + 8]
+
+    rendered.clear()
+    disks[11].owned = False  # owned elsewhere or by nobody: a lock probe at every read
+    ops.status_text()
+    text = ops.status_text()
+    assert rendered == ["vm11", "vm11"]
+    disks.armed = False
+    assert (
+        text
+        == Operations(  # what rendering every chain afresh gives
+            cast(list[Disk], list(disks)), ops.source, readonly=False, mountpoint="/mnt"
+        ).status_text()
+    )
+
+
+def test_refuse_shared_looks_only_at_the_chains_reading_the_layer() -> None:
+    readers = Readers()
+    a = served_disk("a", ["/img/a.qcow2", "/img/golden.qcow2"], readers)
+    b = served_disk("b", ["/img/b.qcow2", "/img/golden.qcow2"], readers)
+    c = served_disk("c", ["/img/c.qcow2", "/img/c-base.qcow2"], readers)
+    rest = [served_disk(f"vm{i}", [f"/img/vm{i}.qcow2"], readers) for i in range(1000)]
+    for d in rest:  # a chain that shares nothing with them is never looked at
+        d.chain = cast(Chain, None)
+    with pytest.raises(CommandError) as e:
+        refuse_shared(a, a.chain.layers[1])
+    assert e.value.errno == errno.EBUSY and "chain 'b'" in str(e.value)
+    refuse_shared(a, a.chain.layers[0])
+    refuse_shared(c, c.chain.layers[1])
+    b.chain.layers[1:] = []  # b streamed golden into its active layer: no longer shared
+    chain_changed(b)
+    refuse_shared(a, a.chain.layers[1])
