@@ -1046,7 +1046,8 @@ def qd_bench(seed_dir: str, size: int, runs: int, runtime: int) -> QdResults:
                 if side == "chainfs":
                     with open(os.path.join(mp, "control", "E", "snapshot"), "w") as f:
                         f.write("F.qcow2\n")
-                note(f"{server.name}: export for writes", server.args)
+                then = " (then `echo F.qcow2 > control/E/snapshot`)" if side == "chainfs" else ""
+                note(f"{server.name}: export for writes{then}", server.args)
                 # the fresh-overlay replays: each on its own half of the disk
                 half = size // len(QD_FRESH_DEPTHS)
                 for k, depth in enumerate(QD_FRESH_DEPTHS):
