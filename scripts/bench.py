@@ -36,7 +36,13 @@ node names A..E), one server at a time, alternating, and measures through each:
 - trim (measure ``trim``): ext4 on a loop device over the flat file of an empty 4 GiB
   image (qemu-storage-daemon: blockdevs with ``discard=unmap``), 1 GiB of files written,
   synced and deleted, then ``fstrim``: its wall time, and the image's allocated size
-  before it and after everything was unmounted (the space given back).
+  before it and after everything was unmounted (the space given back);
+- queue depth (measure ``qd``): fio ``direct=1`` random 4 KiB reads with libaio at QD 1,
+  4, 16, 32 and psync in 1, 2, 4 jobs, 64 KiB reads at QD 1 and 16 (the seed chain,
+  read-only), then 4 KiB writes into a fresh overlay F (a replayed log: every write
+  allocates a cluster) and random overwrites of its allocated clusters at QD 1 and 16,
+  each with the server's CPU time per request (utime+stime from ``/proc/PID/stat`` over
+  the run, divided by fio's request count).
 
 The views part (``--parts views``, not run by default) builds a chain of 1,000 empty
 qcow2 layers (``qemu-img create -b`` in a loop) and one of 5, mounts each with ``chainfs
