@@ -36,7 +36,13 @@ node names A..E), one server at a time, alternating, and measures through each:
 - trim (measure ``trim``): ext4 on a loop device over the flat file of an empty 4 GiB
   image (qemu-storage-daemon: blockdevs with ``discard=unmap``), 1 GiB of files written,
   synced and deleted, then ``fstrim``: its wall time, and the image's allocated size
-  before it and after everything was unmounted (the space given back).
+  before it and after everything was unmounted (the space given back);
+- queue depth (measure ``qd``): fio ``direct=1`` random 4 KiB reads with libaio at QD 1,
+  4, 16, 32 and psync in 1, 2, 4 jobs, 64 KiB reads at QD 1 and 16 (the seed chain,
+  read-only), then 4 KiB writes into a fresh overlay F (a replayed log: every write
+  allocates a cluster) and random overwrites of its allocated clusters at QD 1 and 16,
+  each with the server's CPU time per request (utime+stime from ``/proc/PID/stat`` over
+  the run, divided by fio's request count).
 
 The views part (``--parts views``, not run by default) builds a chain of 1,000 empty
 qcow2 layers (``qemu-img create -b`` in a loop) and one of 5, mounts each with ``chainfs
@@ -845,6 +851,260 @@ def fuse_bench(
     )
 
 
+# --- queue depth: many requests in flight, and the server's CPU per request --------------
+
+QD_RUNTIME = 5  # seconds of each time-based queue-depth measure
+
+
+def fio_qd(
+    path: str,
+    size: int,
+    runtime: int,
+    rw: str,
+    bs: str,
+    engine: str,
+    depth: int,
+    jobs: int,
+) -> list[str]:
+    """A time-based ``direct=1`` fio job: ``jobs`` processes, each ``depth`` in flight."""
+    args = [
+        "fio",
+        "--name=qd",
+        f"--ioengine={engine}",
+        f"--iodepth={depth}",
+        "--direct=1",
+        f"--rw={rw}",
+        f"--bs={bs}",
+        f"--filename={path}",
+        f"--size={size}",
+        f"--runtime={runtime}",
+        "--time_based",
+        f"--randseed={RANDOM_SEED}",
+        "--output-format=json",
+    ]
+    if jobs > 1:
+        args += [f"--numjobs={jobs}", "--group_reporting"]
+    return args
+
+
+def fresh_write_log(path: str, flat: str, start: int, end: int) -> str:
+    """A fio replay log (``read_iolog``) of one 4 KiB write into every 64 KiB cluster of
+    ``[start, end)``, at a random 4 KiB-aligned place inside it, clusters in random
+    order: every write of the replay allocates a cluster of a fresh overlay (fio's own
+    random offsets repeat clusters; ``blockalign`` does not stop that)."""
+    rng = random.Random(RANDOM_SEED + start)
+    clusters = list(range(start // (64 << 10), end // (64 << 10)))
+    rng.shuffle(clusters)
+    lines = ["fio version 2 iolog", f"{flat} add", f"{flat} open"]
+    lines += [f"{flat} write {c * (64 << 10) + rng.randrange(16) * 4096} 4096" for c in clusters]
+    lines.append(f"{flat} close")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def fio_replay(log_path: str, depth: int) -> list[str]:
+    return [
+        "fio",
+        "--name=qd",
+        "--ioengine=libaio",
+        f"--iodepth={depth}",
+        "--direct=1",
+        f"--read_iolog={log_path}",
+        "--replay_no_stall=1",
+        "--output-format=json",
+    ]
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process (all its threads), in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def fio_with_cpu(args: list[str], pid: int) -> tuple[float, float]:
+    """Run a fio job; its IOPS (reads and writes) and the server's CPU time per request
+    (µs): the server's utime+stime over the run divided by fio's request count."""
+    before = cpu_ticks(pid)
+    start = time.perf_counter()
+    out = run(args)
+    wall = time.perf_counter() - start
+    ticks = cpu_ticks(pid) - before
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    if job.get("error"):
+        sys.exit(f"bench: {' '.join(args)}: fio error {job['error']}")
+    ios = job["read"]["total_ios"] + job["write"]["total_ios"]
+    if not ios:
+        sys.exit(f"bench: {' '.join(args)}: fio did no I/O")
+    iops = job["read"]["iops"] + job["write"]["iops"]
+    if not job["read"]["runtime"] and not job["write"]["runtime"]:
+        iops = ios / wall  # (a replay too short for fio's own figure)
+    cpu_us = ticks / os.sysconf("SC_CLK_TCK") / ios * 1e6
+    return iops, cpu_us
+
+
+# (label, rw, bs, engine, depth, jobs)
+QdJob = tuple[str, str, str, str, int, int]
+QD_READS: list[QdJob] = [
+    *[
+        (f"4 KiB random read, libaio QD{d}", "randread", "4k", "libaio", d, 1)
+        for d in (1, 4, 16, 32)
+    ],
+    *[
+        (
+            f"4 KiB random read, psync, {j} job{'s' if j > 1 else ''}",
+            "randread",
+            "4k",
+            "psync",
+            1,
+            j,
+        )
+        for j in (1, 2, 4)
+    ],
+    *[(f"64 KiB random read, libaio QD{d}", "randread", "64k", "libaio", d, 1) for d in (1, 16)],
+]
+QD_OVERWRITES: list[QdJob] = [
+    (
+        f"4 KiB random overwrite of allocated clusters, libaio QD{d}",
+        "randwrite",
+        "4k",
+        "libaio",
+        d,
+        1,
+    )
+    for d in (1, 16)
+]
+QD_FRESH_DEPTHS = (1, 16)  # the fresh-overlay writes: one replay per depth
+
+
+@dataclass
+class QdResults:
+    """label -> (chainfs runs, qemu runs), each run (IOPS, CPU µs per request)."""
+
+    rows: dict[str, tuple[list[tuple[float, float]], list[tuple[float, float]]]] = field(
+        default_factory=dict
+    )
+    commands: dict[str, str] = field(default_factory=dict)
+
+    def add(self, label: str, side: str, figures: tuple[float, float]) -> None:
+        pair = self.rows.setdefault(label, ([], []))
+        (pair[0] if side == "chainfs" else pair[1]).append(figures)
+        log(f"    {side}: {label}: {figures[0]:.0f} IOPS, {figures[1]:.1f} us CPU/request")
+
+
+def qd_bench(seed_dir: str, size: int, runs: int, runtime: int) -> QdResults:
+    """The ``qd`` measure: reads on the seed chain (read-only for both), writes on a fresh
+    copy with an empty overlay F (chainfs: ``snapshot``; QEMU: a ``qemu-img create``
+    overlay exported writable), the servers taking turns in every run."""
+    work = os.path.join(WORK, "qd")
+    os.makedirs(work)
+    mp = os.path.join(work, "mnt")
+    export = os.path.join(work, "export.img")
+    clog = os.path.join(work, "chainfs.log")
+    qlog = os.path.join(work, "qemu-storage-daemon.log")
+    r = QdResults()
+
+    def note(key: str, args: list[str]) -> None:
+        r.commands.setdefault(key, shell_words(args))
+
+    for i in range(runs):
+        for side in ("chainfs", "qemu"):
+            log(f"(qd) run {i + 1}: reads, {side}")
+            server: Server
+            if side == "chainfs":
+                server = chainfs_server(seed_dir, mp, clog, readonly=True)
+                path = os.path.join(mp, "E.img")
+            else:
+                server = QemuServer(seed_dir, export, qlog, export="E", writable=False)
+                path = export
+            with server:
+                note(f"{server.name}: export for reads", server.args)
+                assert server.proc is not None
+                for label, rw, bs, engine, depth, jobs in QD_READS:
+                    args = fio_qd(path, size, runtime, rw, bs, engine, depth, jobs)
+                    note(label, args)
+                    r.add(label, side, fio_with_cpu(args, server.proc.pid))
+        for side in ("chainfs", "qemu"):
+            log(f"(qd) run {i + 1}: writes into a fresh overlay, {side}")
+            src = copy_chain(seed_dir, os.path.join(work, f"write-{side}-{i}"))
+            if side == "chainfs":
+                server = chainfs_server(src, mp, clog, readonly=False)
+                path = os.path.join(mp, "E.img")
+            else:
+                overlay = [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    "E.qcow2",
+                    "-F",
+                    "qcow2",
+                ]
+                run([*overlay, os.path.join(src, "F.qcow2")])
+                note("qemu-storage-daemon: overlay for writes", [*overlay, "F.qcow2"])
+                server = QemuServer(src, export, qlog, export="F", writable=True)
+                path = export
+            with server:
+                assert server.proc is not None
+                if side == "chainfs":
+                    with open(os.path.join(mp, "control", "E", "snapshot"), "w") as f:
+                        f.write("F.qcow2\n")
+                then = " (then `echo F.qcow2 > control/E/snapshot`)" if side == "chainfs" else ""
+                note(f"{server.name}: export for writes{then}", server.args)
+                # the fresh-overlay replays: each on its own half of the disk
+                half = size // len(QD_FRESH_DEPTHS)
+                for k, depth in enumerate(QD_FRESH_DEPTHS):
+                    label = f"4 KiB random write into a fresh overlay, libaio QD{depth}"
+                    replay = fresh_write_log(
+                        os.path.join(work, f"fresh-{k}.iolog"), path, k * half, (k + 1) * half
+                    )
+                    args = fio_replay(replay, depth)
+                    note(label, args)
+                    r.add(label, side, fio_with_cpu(args, server.proc.pid))
+                for label, rw, bs, engine, depth, jobs in QD_OVERWRITES:  # F: all allocated
+                    args = fio_qd(path, size, runtime, rw, bs, engine, depth, jobs)
+                    note(label, args)
+                    r.add(label, side, fio_with_cpu(args, server.proc.pid))
+            run(["qemu-img", "check", "-q", os.path.join(src, "F.qcow2")])
+            shutil.rmtree(src)
+    return r
+
+
+def qd_rows(r: QdResults) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for label, (c_runs, q_runs) in r.rows.items():
+        if not c_runs or not q_runs:
+            continue
+        c, q = max(c_runs), max(q_runs)  # the best run's IOPS, with its CPU per request
+        ratio = c[0] / q[0]
+        rows.append(
+            (
+                label,
+                f"{c[0]:.0f}",
+                f"{q[0]:.0f}",
+                f"{ratio:.2f}",
+                f"{c[1]:.1f}",
+                f"{q[1]:.1f}",
+                fmt_ok(ratio >= FUSE_TARGET),
+            )
+        )
+    return rows
+
+
+QD_HEADER = (
+    "fio, direct=1 (IOPS)",
+    "chainfs",
+    "qemu-storage-daemon",
+    "ratio",
+    "chainfs CPU us/req",
+    "qsd CPU us/req",
+    ">= 1.0",
+)
+
+
 # --- the report --------------------------------------------------------------------------
 
 
@@ -855,8 +1115,11 @@ def fmt_ok(ok: bool) -> str:
 Row = tuple[str, str, str, str, str, str]
 
 
-def print_table(title: str, rows: list[Row]) -> None:
-    header = ("measure", "chainfs", "reference", "ratio", "target", "met")
+def print_table(
+    title: str,
+    rows: list[Row] | list[tuple[str, ...]],
+    header: tuple[str, ...] = ("measure", "chainfs", "reference", "ratio", "target", "met"),
+) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print()
     print(title)
@@ -1222,9 +1485,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--measures",
-        default="read,write,stream,holes,trim",
+        default="read,write,stream,holes,trim,qd",
         help="comma-separated FUSE measures: read (sequential and random), write, stream,"
-        " holes (sparse copies of a 16 GiB chain), trim (fstrim through a loop device)",
+        " holes (sparse copies of a 16 GiB chain), trim (fstrim through a loop device),"
+        " qd (queue depth: libaio and psync jobs, IOPS and the servers' CPU per request)",
+    )
+    ap.add_argument(
+        "--qd-runtime",
+        type=int,
+        default=QD_RUNTIME,
+        help=f"seconds of each time-based queue-depth measure ({QD_RUNTIME})",
     )
     ap.add_argument("--tera-child", metavar="IMAGE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -1256,7 +1526,7 @@ def main(argv: list[str] | None = None) -> int:
     if not parts & {"engine", "fuse"}:
         return 0  # jobs only: scripts/bench_jobs.py's part
     measures = set(args.measures.split(","))
-    if not measures or measures - {"read", "write", "stream", "holes", "trim"}:
+    if not measures or measures - {"read", "write", "stream", "holes", "trim", "qd"}:
         ap.error(f"--measures: unknown measure in {args.measures!r}")
     missing = [t for t in ("fio", "qemu-storage-daemon", "fusermount3") if not shutil.which(t)]
     if "fuse" in parts and missing:
@@ -1272,7 +1542,12 @@ def main(argv: list[str] | None = None) -> int:
     engine = engine_bench(seed, size, runs) if "engine" in parts else None
     fuse = (
         fuse_bench(os.path.dirname(seed), size, runs, args.rand_runtime, measures)
-        if "fuse" in parts
+        if "fuse" in parts and measures - {"qd"}
+        else None
+    )
+    qd = (
+        qd_bench(os.path.dirname(seed), size, runs, args.qd_runtime)
+        if "fuse" in parts and "qd" in measures
         else None
     )
 
@@ -1309,6 +1584,17 @@ def main(argv: list[str] | None = None) -> int:
         print("\ncommands used:")
         for text in fuse.commands:
             print(f"  {text}")
+    if qd is not None:
+        print_table(
+            f"queue depth: chainfs against qemu-storage-daemon, seed chain of {size >> 20} MiB"
+            f" (five layers), best of {runs} runs; CPU = the server's utime+stime over the"
+            " run / requests",
+            qd_rows(qd),
+            QD_HEADER,
+        )
+        print("\ncommands used (queue depth):")
+        for key, text in qd.commands.items():
+            print(f"  {key}:\n    {text}")
     print(f"\nload average before: {load_before}; after: {load()} (2 cores: other work skews)")
     return status
 

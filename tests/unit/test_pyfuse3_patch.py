@@ -75,9 +75,11 @@ def test_refuses_another_tree(tmp_path: Path) -> None:
         backend().apply_patch(PATCH, root)
 
 
-def test_the_pinned_patch_is_one_the_applier_reads(tmp_path: Path) -> None:
-    # only changes to existing files, parsed to the end: what stops it here is the
+def test_the_pinned_patches_are_ones_the_applier_reads(tmp_path: Path) -> None:
+    # only changes to existing files, parsed to the end: what stops each here is the
     # missing pyfuse3 tree, at its first file
     b = backend()
-    with pytest.raises(FileNotFoundError, match=r"Changes\.rst"):
-        b.apply_patch(b.PATCH.read_text(), tmp_path)
+    assert [p.name for p in b.PATCHES] == ["lseek-fallocate.patch", "nonblocking-receive.patch"]
+    for patch in b.PATCHES:
+        with pytest.raises(FileNotFoundError, match=r"Changes\.rst"):
+            b.apply_patch(patch.read_text(), tmp_path)

@@ -1,14 +1,14 @@
-"""PEP 517 build backend: pyfuse3 3.5.0 from its PyPI sdist, with lseek-fallocate.patch.
+"""PEP 517 build backend: pyfuse3 3.5.0 from its PyPI sdist, with the patches in PATCHES.
 
 `pip install ./third_party/pyfuse3` (or `pip wheel`) runs this. It takes the pinned sdist
 (from $CHAINFS_PYFUSE3_SDIST when set, else from the download cache next to this file,
 else from PyPI into that cache), checks its sha256, unpacks it into a temporary
-directory, applies the patch, removes the C file Cython generated for the unpatched
+directory, applies the patches in order, removes the C file Cython generated for the unpatched
 sources, and hands the tree to pyfuse3's own build backend (util/build_backend.py), which
 cythonizes and compiles it against the system's libfuse 3. The wheel is `pyfuse3` with
 the version `3.5.0+chainfs.N`.
 
-When the patch changes, bump LOCAL, so that scripts/setup reinstalls it.
+When a patch changes (or one is added), bump LOCAL, so that scripts/setup reinstalls it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 UPSTREAM = "3.5.0"
-LOCAL = "chainfs.1"
+LOCAL = "chainfs.2"
 VERSION = f"{UPSTREAM}+{LOCAL}"
 SDIST = f"pyfuse3-{UPSTREAM}.tar.gz"
 SDIST_SHA256 = "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
@@ -38,7 +38,8 @@ SDIST_URL = (
 SDIST_ENV = "CHAINFS_PYFUSE3_SDIST"
 
 HERE = Path(__file__).resolve().parent
-PATCH = HERE / "lseek-fallocate.patch"
+# applied in this order, each against the tree the ones before it left
+PATCHES = [HERE / "lseek-fallocate.patch", HERE / "nonblocking-receive.patch"]
 CACHE = HERE / "downloads" / SDIST
 
 
@@ -152,8 +153,9 @@ def _prepare(workdir: Path) -> Path:
     with tarfile.open(sdist) as tar:
         tar.extractall(workdir, filter="data")
     tree = workdir / f"pyfuse3-{UPSTREAM}"
-    changed = apply_patch(PATCH.read_text(encoding="utf-8"), tree)
-    _say(f"applied {PATCH.name} to {len(changed)} files")
+    for patch in PATCHES:
+        changed = apply_patch(patch.read_text(encoding="utf-8"), tree)
+        _say(f"applied {patch.name} to {len(changed)} files")
     # The sdist ships the C that Cython made from the unpatched .pyx; without it, the
     # build cythonizes the patched sources.
     (tree / "src" / "pyfuse3" / "__init__.c").unlink()
