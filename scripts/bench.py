@@ -527,6 +527,16 @@ class QemuServer(Server):
             self.qmp = None
 
 
+def read_only_server(
+    side: str, directory: str, mp: str, export: str, clog: str, qlog: str
+) -> tuple[Server, str]:
+    """The seed chain in ``directory`` served read-only by ``side`` ("chainfs" or
+    "qemu"), and the path of its flat file."""
+    if side == "chainfs":
+        return chainfs_server(directory, mp, clog, readonly=True), os.path.join(mp, "E.img")
+    return QemuServer(directory, export, qlog, export="E", writable=False), export
+
+
 @dataclass
 class Pair:
     """One measure for both servers: the best of the runs (highest, or lowest for times)."""
@@ -612,13 +622,7 @@ def holes_bench(
         if "holes" in measures:
             for side in ("chainfs", "qemu"):
                 log(f"(d) run {i + 1}: cp --sparse=always and qemu-img convert, {side}")
-                server: Server
-                if side == "chainfs":
-                    server = chainfs_server(chain, mp, clog, readonly=True)
-                    flat = os.path.join(mp, "E.img")
-                else:
-                    server = QemuServer(chain, export, qlog, export="E", writable=False)
-                    flat = export
+                server, flat = read_only_server(side, chain, mp, export, clog, qlog)
                 with server:
                     note(f"{server.name}: export for holes", server.args)
                     os.makedirs(out, exist_ok=True)
@@ -1011,13 +1015,7 @@ def qd_bench(seed_dir: str, size: int, runs: int, runtime: int) -> QdResults:
     for i in range(runs):
         for side in ("chainfs", "qemu"):
             log(f"(qd) run {i + 1}: reads, {side}")
-            server: Server
-            if side == "chainfs":
-                server = chainfs_server(seed_dir, mp, clog, readonly=True)
-                path = os.path.join(mp, "E.img")
-            else:
-                server = QemuServer(seed_dir, export, qlog, export="E", writable=False)
-                path = export
+            server, path = read_only_server(side, seed_dir, mp, export, clog, qlog)
             with server:
                 note(f"{server.name}: export for reads", server.args)
                 assert server.proc is not None

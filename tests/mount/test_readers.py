@@ -19,22 +19,10 @@ from pathlib import Path
 import pytest
 
 from .conftest import CHAINFS, Mount, Mounter, Seeds, read_direct, run, wait_for
+from .test_hosts import write
 
 MiB = 1 << 20
 SIZE = 16 * MiB
-
-
-def write(m: Mount, chain: str, model: bytearray, rng: random.Random, n: int = 8) -> None:
-    fd = os.open(m.img(chain), os.O_RDWR)
-    try:
-        for _ in range(n):
-            off = rng.randrange(len(model) - 65536) // 512 * 512
-            data = rng.randbytes(rng.randrange(1, 128) * 512)
-            assert os.pwrite(fd, data, off) == len(data)
-            model[off : off + len(data)] = data
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def ended(m: Mount, kind: str, text: str) -> dict[str, str]:
