@@ -4,10 +4,11 @@ allocation map, and finding or allocating the L2 table a write needs (QEMU's
 
 Clean metadata lives in the mount's one cache (``cache.CACHE``: one byte budget, one LRU
 for every layer of every chain, ``cache_size=``).  A read-only layer (whose file cannot
-change while open) reads its L1 table and its L2 tables in 4 KiB slices through it
-(QEMU's l2-cache-entry-size: a random read in a deep chain costs 4 KiB per layer, not a
-whole table, and an all-zero slice is remembered as a marker, not kept); so an idle
-read-only layer holds no table at all, whatever its size.  A writable layer keeps its L1
+change while open) reads its L2 tables in 4 KiB slices through it (QEMU's
+l2-cache-entry-size: a random read in a deep chain costs 4 KiB per layer, not a whole
+table) and its L1 table in 64 KiB slices (8,192 entries: 4 TiB of disk at 64 KiB
+clusters); an all-zero slice is remembered as a marker, not kept.  So an idle read-only
+layer holds no table at all, whatever its size.  A writable layer keeps its L1
 table whole, as QEMU does, and caches whole L2 tables, each checked against the
 metadata layout the first time it is loaded.  A write first takes the table it changes
 out of the shared cache (``_pin``: nothing another chain's eviction could drop) and
@@ -44,7 +45,7 @@ DEFAULT_L2_CACHE = 4 << 20
 # read costs 4 KiB of cache, not a whole table, and a sparse table's all-zero slices
 # are never kept at all (a marker says they are zero)
 L2_SLICE = 4096
-L1_SLICE_BYTES = 4096  # bytes of a read-only layer's L1 table per cache entry
+L1_SLICE_BYTES = 65536  # bytes of a read-only layer's L1 table per cache entry
 _ZERO = b""  # the cached marker of an all-zero slice
 
 
@@ -106,7 +107,7 @@ class Tables(Layer):
         if piece is None:
             n = min(L1_SLICE_BYTES, self.h.l1_size * 8 - start)
             piece = bytes(self.file.pread_padded(n, self.h.l1_table_offset + start))
-            self.cache.put(key, _ZERO if not any(piece) else piece)
+            self.cache.put(key, _ZERO if piece == zeros(n) else piece)
         elif not piece:
             return 0
         e = _U64.unpack_from(piece, a - start)[0]
@@ -182,7 +183,7 @@ class Tables(Layer):
         if piece is None:
             self._check_aligned(l2_off)
             piece = bytes(self.file.pread_padded(s, off))
-            self.cache.put(key, piece if any(piece) else _ZERO)
+            self.cache.put(key, _ZERO if piece == zeros(s) else piece)
         elif not piece:
             return zeros(s)
         assert isinstance(piece, bytes)
