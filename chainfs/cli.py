@@ -778,7 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPT[,OPT...]",
         help="ro, allow_other, debug, allow_dir=PATH, allow_backing=PATH, lease=SECONDS, "
-        "adopt=CHAIN (repeatable)",
+        "adopt=CHAIN, cache_size=SIZE (repeatable)",
     )
     mount.add_argument(
         "--adopt",

@@ -51,6 +51,7 @@ from .control import CommandError, HostCmd
 from .disk import Disk, Waiting, lock_readers, unlock_readers
 from .errors import ChainfsError
 from .eventlog import EventLog
+from .formats.qcow2.cache import CACHE, DEFAULT_CACHE_SIZE, parse_size
 from .fs import Operations
 from .hostfile import HostIOError
 from .jobs.base import CONCLUDED, Job
@@ -96,6 +97,8 @@ class MountOptions:
     # fence a chain whose lock is lost: on shared storage (NFS, CephFS: found out at
     # mount when not given), where an EIO may mean that; never on a local disk
     shared: bool | None = None
+    # the mount's cache of clean qcow2 metadata, every chain's together (bytes)
+    cache_size: int = DEFAULT_CACHE_SIZE
 
     @property
     def adopt_timeout(self) -> float:
@@ -129,6 +132,13 @@ def parse_options(values: list[str]) -> MountOptions:
                     opts.lease = 0.0
                 if not 0 < opts.lease <= 3600:
                     raise ChainfsError(f"lease={arg}: not a number of seconds (1 to 3600)")
+            elif key == "cache_size":
+                try:
+                    opts.cache_size = parse_size(arg)
+                except ValueError:
+                    raise ChainfsError(
+                        f"cache_size={arg}: not a size (bytes, or a number with K, M or G)"
+                    ) from None
             elif key == "adopt":
                 if not arg:
                     raise ChainfsError("adopt= needs a chain name")
@@ -295,6 +305,7 @@ async def _serve(
     """Bring-up, each resource pushing its own cleanup; shutdown runs them in reverse:
     jobs stopped (for the next mount to resume), the nursery's tasks ended, the chains
     flushed and closed clean, the journal closed, the mountpoint released."""
+    CACHE.resize(opts.cache_size)
     owned: dict[str, Ownership] = {}
     if opts.shared is None:
         opts.shared = is_shared(_directory_of(source_path))

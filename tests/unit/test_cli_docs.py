@@ -39,6 +39,7 @@ MOUNT_OPTIONS = (
     "lease=",
     "adopt=",
     "shared",
+    "cache_size=",
 )
 ERRNOS = ("EINVAL", "EBUSY", "EEXIST", "ENOENT", "EACCES", "EROFS", "ENOSPC", "EIO")
 # options that give a service its own mount namespace, where the FUSE mount would vanish

@@ -4,8 +4,8 @@ A block just loaded to take a change must not be evicted before the change lands
 (it was: with every other cached block dirty, the new one was the only one ``_evict``
 could drop, and the change went into a block no longer cached, lost at the next lookup:
 a leak for a decrement, a corruption for an increment).  Writes and then a discard over
-clusters counted in many blocks, with a cache of 2 blocks, must leave an image that
-chainfs's own check finds clean.  No QEMU; images from ``create_overlay``.
+clusters counted in many blocks, with a shared cache of 2 blocks, must leave an image
+that chainfs's own check finds clean.  No QEMU; images from ``create_overlay``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 
 from chainfs.chain import Chain
-from chainfs.formats.qcow2 import create_overlay
+from chainfs.formats.qcow2 import cache, create_overlay
 from chainfs.formats.qcow2.check import check_image
-from chainfs.formats.qcow2.header import Header
-from chainfs.formats.qcow2.refcounts import Refcounts
 from chainfs.hostfile import HostFile
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -30,12 +28,7 @@ def test_changes_across_more_blocks_than_the_cache_holds(
     path = str(tmp_path / "E.qcow2")
     # 512 B clusters, 16-bit refcounts: a block counts 256 clusters (128 KiB)
     create_overlay(path, size=8 * MiB, backing=None, backing_format=None, cluster_size=512)
-    original = Refcounts.__init__
-
-    def small(self: Refcounts, f: HostFile, h: Header, *, cache_blocks: int = 64) -> None:
-        original(self, f, h, cache_blocks=2)
-
-    monkeypatch.setattr(Refcounts, "__init__", small)
+    monkeypatch.setattr(cache, "CACHE", cache.MetaCache(2 * (512 + cache.ENTRY_OVERHEAD)))
     with Chain.open(path, writable=True, lock=False) as chain:
         chain.write(0, b"\x5a" * (2 * MiB))  # ~16 blocks of refcounts
         chain.flush()

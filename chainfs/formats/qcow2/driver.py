@@ -78,7 +78,7 @@ class Qcow2Layer(Tables):
         h, f = self.h, self.file
         # before the first write: refuse metadata that writing could damage further
         dirty = bool(h.incompatible & hdr.INCOMPAT_DIRTY)
-        refs = None if dirty else Refcounts(f, h)
+        refs = None if dirty else self._refcounts()
         self._layout = Layout(f.path, h, self.l1, f.size(), None if refs is None else refs.table)
         if refs is not None:
             self._layout.check_refcounts(refs.get)
@@ -93,9 +93,13 @@ class Qcow2Layer(Tables):
         self.bitmaps = bitmaps = Bitmaps(f, h, self.virtual_size)
         if dirty:
             self._rebuild_refcounts()
-        self.refs = refs or Refcounts(f, h)
+        self.refs = refs or self._refcounts()
         bitmaps.refs = self.refs
         bitmaps.materialise_enabled()
+
+    def _refcounts(self) -> Refcounts:
+        """The refcounts of this (writable) layer, their clean blocks in the shared cache."""
+        return Refcounts(self.file, self.h, cache=self.cache, owner=self.owner)
 
     def _rebuild_refcounts(self) -> None:
         """Recount every reference of a dirty (lazy-refcounts) image and start afresh."""
@@ -584,8 +588,7 @@ class Qcow2Layer(Tables):
 
     def _has_table(self, cluster: int) -> bool:
         """Whether the L1 entry of ``cluster``'s L2 table points at one."""
-        i = cluster >> self.l2_bits
-        return i * 8 < len(self.l1) and bool(_U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK)
+        return bool(self._l1e(cluster >> self.l2_bits) & OFFSET_MASK)
 
     # -- write-back ------------------------------------------------------------------------
 
@@ -606,6 +609,7 @@ class Qcow2Layer(Tables):
                 for i in sorted(self.l1_dirty):
                     f.pwrite(self.l1[i * 8 : i * 8 + 8], self.h.l1_table_offset + i * 8)
                 self.l1_dirty.clear()
+        self._unpin()  # written: clean, back to the shared cache
         if refs.pending_free:
             f.flush()  # the metadata no longer referencing the clusters, then decrement
             punch = refs.apply_frees()
@@ -707,6 +711,7 @@ class Qcow2Layer(Tables):
                 self.write_back(sync=True)
         finally:
             self.file.close()
+            self.cache.forget(self.owner)
 
 
 class _Started(NamedTuple):

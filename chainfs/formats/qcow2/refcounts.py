@@ -12,6 +12,12 @@ read a cluster that was meanwhile given to other data.  The one exception is
 ``unalloc``: clusters whose data write failed were never referenced, so nobody can have
 planned a read of them, and handing them out again keeps a full disk from leaking.
 
+Memory: the refcount table is kept up to its last used entry (one entry for an image
+of up to 2 GiB with 64 KiB clusters, not the table's whole cluster); clean refcount
+blocks live in the mount's shared cache (``cache``), and a block is taken out of it
+(``_block_for_change``) before it is changed, kept dirty until ``write_back`` has
+written it, then handed back.
+
 Locking contract: not thread-safe; the owning driver serialises all calls.
 """
 
@@ -23,6 +29,8 @@ from collections import OrderedDict
 
 from ...errors import ImageError
 from ...hostfile import HostFile
+from . import cache as _cache
+from .cache import REFCOUNT_BLOCK, MetaCache
 from .entries import REFT_OFFSET_MASK
 from .entries import U64 as _U64
 from .header import MAX_REFTABLE_BYTES, Header
@@ -48,10 +56,18 @@ def set_entry(blk: bytearray, i: int, value: int, bits: int) -> None:
     blk[i // per] = byte | (value << shift)
 
 
+def _used(table: bytes | bytearray) -> bytearray:
+    """``table`` up to its last non-zero 8-byte entry."""
+    n = len(table.rstrip(b"\0"))
+    return bytearray(table[: -(-n // 8) * 8])
+
+
 class Refcounts:
     """The refcount table and a write-back cache of refcount blocks."""
 
-    def __init__(self, f: HostFile, h: Header, *, cache_blocks: int = 64) -> None:
+    def __init__(
+        self, f: HostFile, h: Header, *, cache: MetaCache | None = None, owner: int = 0
+    ) -> None:
         self.f = f
         self.h = h
         self.cs = h.cluster_size
@@ -59,17 +75,22 @@ class Refcounts:
         self.max_refcount = (1 << self.bits) - 1
         # entries per block, as a power of two
         self.rb_shift = h.cluster_bits + 3 - h.refcount_order
-        self.table = bytearray(
-            f.pread(h.refcount_table_clusters * self.cs, h.refcount_table_offset)
-        )
-        self.table += bytes(h.refcount_table_clusters * self.cs - len(self.table))
+        # the table up to its last non-zero entry (the rest reads as 0)
+        self.table = _used(f.pread(h.refcount_table_clusters * self.cs, h.refcount_table_offset))
+        self.shared = cache if cache is not None else _cache.CACHE
+        self.owner = owner or _cache.owner()
+        # the blocks taken out of the shared cache to be changed, until written back
         self.cache: OrderedDict[int, bytearray] = OrderedDict()
-        self.cache_blocks = cache_blocks
         self.dirty: set[int] = set()  # block offsets with unwritten changes
         self.new_entries: dict[int, int] = {}  # table index -> new block offset, unwritten
         # (host offset, clusters, punch: give the clusters' blocks back once free)
         self.pending_free: list[tuple[int, int, bool]] = []
         self.next_free = -(-f.size() // self.cs)
+
+    @property
+    def table_entries(self) -> int:
+        """How many entries the table on disk has room for."""
+        return self.h.refcount_table_clusters * self.cs // 8
 
     # -- lookup --------------------------------------------------------------------------
 
@@ -82,27 +103,35 @@ class Refcounts:
         return e & REFT_OFFSET_MASK
 
     def _block(self, off: int) -> bytearray:
+        """The block at ``off``, to look at (``_block_for_change`` to change it)."""
         blk = self.cache.get(off)
         if blk is not None:
-            self.cache.move_to_end(off)
             return blk
+        key = (self.owner, REFCOUNT_BLOCK, off)
+        cached = self.shared.get(key)
+        if cached is not None:
+            assert isinstance(cached, bytearray)
+            return cached
         if off % self.cs:
             raise ImageError(f"{self.f.path!r} has a misaligned refcount block")
         blk = self.f.pread_padded(self.cs, off)
-        self.cache[off] = blk
-        # never the block just loaded: the caller is about to change it, and a change
-        # to a block no longer cached would be lost (the next lookup reads it again)
-        self._evict(keep=off)
+        self.shared.put(key, blk)
         return blk
 
-    def _evict(self, keep: int = -1) -> None:
-        while len(self.cache) > self.cache_blocks:
-            for off in self.cache:
-                if off not in self.dirty and off != keep:
-                    del self.cache[off]
-                    break
-            else:
-                return  # everything dirty: grow until the next write-back
+    def _block_for_change(self, off: int) -> bytearray:
+        """The block at ``off``, taken out of the shared cache (no eviction can drop a
+        change): it stays here until ``write_back`` has written it."""
+        blk = self.cache.get(off)
+        if blk is None:
+            blk = self._block(off)
+            self.shared.take((self.owner, REFCOUNT_BLOCK, off))
+            self.cache[off] = blk
+        return blk
+
+    def _evict(self) -> None:
+        """Hand the clean blocks back to the shared cache."""
+        for off in [o for o in self.cache if o not in self.dirty]:
+            self.shared.put((self.owner, REFCOUNT_BLOCK, off), self.cache.pop(off))
 
     def get(self, cluster: int) -> int:
         blk_off = self._table_entry(cluster >> self.rb_shift)
@@ -147,7 +176,7 @@ class Refcounts:
     def _set(self, cluster: int, value: int) -> None:
         blk_off = self._table_entry(cluster >> self.rb_shift)
         assert blk_off, "refcount block must exist before setting a refcount"
-        self._set_in(self._block(blk_off), cluster & ((1 << self.rb_shift) - 1), value)
+        self._set_in(self._block_for_change(blk_off), cluster & ((1 << self.rb_shift) - 1), value)
         self.dirty.add(blk_off)
 
     def change(self, host: int, clusters: int, delta: int) -> None:
@@ -200,6 +229,9 @@ class Refcounts:
         n = clusters * width
         if blk.count(0, i, i + n) != n:
             return False
+        blk = self._block_for_change(off)
+        if blk.count(0, i, i + n) != n:
+            return False
         blk[i : i + n] = (1).to_bytes(width, "big") * clusters
         self.dirty.add(off)
         self.next_free = c + clusters
@@ -218,7 +250,7 @@ class Refcounts:
     def _make_block_for(self, cluster: int) -> None:
         """Create the (missing) refcount block covering ``cluster``."""
         idx = cluster >> self.rb_shift
-        if (idx + 1) * 8 > len(self.table):
+        if idx + 1 > self.table_entries:
             self._grow_table(idx + 1)
             if self._table_entry(idx):
                 return
@@ -250,7 +282,7 @@ class Refcounts:
         """
         self.write_back()  # start from a clean, fully written state
         cs, shift = self.cs, self.rb_shift
-        entries = max(min_entries, len(self.table) // 8 * 2)
+        entries = max(min_entries, self.table_entries * 2)
         start = self.next_free
         while True:
             t_clusters = -(-entries * 8 // cs)
@@ -314,7 +346,7 @@ class Refcounts:
         self.f.pwrite(struct.pack(">QI", table_off, t_clusters), 48)
         self.f.flush()
         self.h.refcount_table_offset, self.h.refcount_table_clusters = table_off, t_clusters
-        self.table = new_table
+        self.table = _used(new_table)
         self.next_free = start + nblocks + t_clusters
         self.defer_free(old_off, old_clusters)
 
@@ -354,6 +386,8 @@ class Refcounts:
                 or (off // self.cs) >> self.rb_shift == idx
             } or pending  # (no cycle can form; should one, hook them all in at once)
             for idx, off in sorted(ready.items()):
+                if len(self.table) < idx * 8 + 8:
+                    self.table += bytes(idx * 8 + 8 - len(self.table))
                 _U64.pack_into(self.table, idx * 8, off)
                 self.f.pwrite(
                     self.table[idx * 8 : idx * 8 + 8], self.h.refcount_table_offset + idx * 8

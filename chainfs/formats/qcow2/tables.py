@@ -2,14 +2,22 @@
 allocation map, and finding or allocating the L2 table a write needs (QEMU's
 ``qcow2-cluster.c`` and ``qcow2-cache.c``).
 
-The L1 table is kept whole in memory, as QEMU does.  L2 tables go through bounded LRU
-caches: of 4 KiB slices in a read-only layer (QEMU's l2-cache-entry-size, so a random
-read in a deep chain touches 4 KiB per layer, not a whole table), of whole tables in a
-writable one, each checked against the metadata layout the first time it is loaded.  A
-write changes the cached tables and marks them dirty; ``write_back`` (the driver's)
-brings them to the disk in crash-safe order.
+Clean metadata lives in the mount's one cache (``cache.CACHE``: one byte budget, one LRU
+for every layer of every chain, ``cache_size=``).  A read-only layer (whose file cannot
+change while open) reads its L2 tables in 4 KiB slices through it (QEMU's
+l2-cache-entry-size: a random read in a deep chain costs 4 KiB per layer, not a whole
+table) and its L1 table in 64 KiB slices (8,192 entries: 4 TiB of disk at 64 KiB
+clusters); an all-zero slice is remembered as a marker, not kept.  So an idle read-only
+layer holds no table at all, whatever its size.  A writable layer keeps its L1
+table whole, as QEMU does, and caches whole L2 tables, each checked against the
+metadata layout the first time it is loaded.  A write first takes the table it changes
+out of the shared cache (``_pin``: nothing another chain's eviction could drop) and
+marks it dirty; ``write_back`` (the driver's) brings the dirty tables to the disk in
+crash-safe order and only then hands them back to the shared cache (``_unpin``).  More
+than ``l2_cache_tables`` pinned tables start a write-back early.
 
-Locking contract: not thread-safe; the owning chain serialises calls.
+Locking contract: not thread-safe; the owning chain serialises calls (the shared cache
+is thread-safe).
 """
 
 from __future__ import annotations
@@ -22,24 +30,31 @@ from ...buffers import scratch, zeros
 from ...errors import ImageError, UnsupportedFeature
 from ...hostfile import HostFile
 from ..base import Layer, lane_ones
+from . import cache as _cache
 from . import header as hdr
+from .cache import L1_PIECE, L2_PIECE, L2_TABLE, MetaCache
 from .entries import COPIED, OFFSET_MASK
 from .entries import U64 as _U64
 from .layout import Layout
 from .refcounts import Refcounts
 
+# the L2 tables a writable layer may keep changed (dirty) before a write-back; clean
+# tables go to the mount's cache
 DEFAULT_L2_CACHE = 4 << 20
-ZERO_SLICES_MAX = 1 << 16  # all-zero L2 slices a read-only layer remembers (8 bytes each)
 # bytes of an L2 table per read-side cache entry (QEMU's l2-cache-entry-size): a random
 # read costs 4 KiB of cache, not a whole table, and a sparse table's all-zero slices
-# are never kept at all
+# are never kept at all (a marker says they are zero)
 L2_SLICE = 4096
+L1_SLICE_BYTES = 65536  # bytes of a read-only layer's L1 table per cache entry
+_ZERO = b""  # the cached marker of an all-zero slice
 
 
 class Tables(Layer):
     """A qcow2 layer's L1 table and L2 caches (the driver, ``Qcow2Layer``, is built on it)."""
 
-    def __init__(self, file: HostFile, h: hdr.Header, *, l2_cache_bytes: int) -> None:
+    def __init__(
+        self, file: HostFile, h: hdr.Header, *, l2_cache_bytes: int, cache: MetaCache | None = None
+    ) -> None:
         self.file = f = file
         self.h = h
         self.cluster_bits = cb = h.cluster_bits
@@ -52,17 +67,20 @@ class Tables(Layer):
         self.csize_shift = 62 - (cb - 8)
         self.coff_mask = (1 << self.csize_shift) - 1
         self.nsec_mask = (1 << (cb - 8)) - 1
-        self.l1 = f.pread_padded(h.l1_size * 8, h.l1_table_offset)
+        self.cache = cache if cache is not None else _cache.CACHE
+        self.owner = _cache.owner()  # this open's key in the shared cache
+        # a read-only layer looks its L1 table up in slices (none held while idle)
+        self.l1 = f.pread_padded(h.l1_size * 8, h.l1_table_offset) if f.writable else bytearray()
         self.l1_dirty: set[int] = set()
+        # writable: the L2 tables taken out of the shared cache to be changed (dirty,
+        # or about to be), until the write-back has written them
         self.l2_cache: OrderedDict[int, bytearray] = OrderedDict()
         self.l2_dirty: set[int] = set()
         self.l2_cache_tables = max(4, l2_cache_bytes // cs)
+        self._hold = -1  # a pinned table a write-back in progress must not hand back
         # a read-only layer (whose file cannot change while open) looks entries up in
         # slices of its tables; a writable one caches whole tables
         self.l2_slice = min(L2_SLICE, cs)
-        self.l2_slices: OrderedDict[int, bytes] = OrderedDict()
-        self.l2_slices_max = max(16, l2_cache_bytes // self.l2_slice)
-        self._zero_slices: set[int] = set()  # slices read and found all zero (not kept)
         self.refs: Refcounts | None = None
         # writable only: where the metadata lies, the L2 tables already checked, and
         # (while refcounts are rebuilt) the host clusters of entries marked COPIED
@@ -74,12 +92,39 @@ class Tables(Layer):
     def write_back(self, *, sync: bool) -> None:
         """Bring the on-disk metadata up to date (evicting a dirty table needs it)."""
 
+    def _l1e(self, i: int) -> int:
+        """L1 entry ``i`` (0 past the table): from the whole table of a writable layer,
+        from a cached slice of a read-only one."""
+        if i >= self.h.l1_size:
+            return 0
+        if self.file.writable:
+            e: int = _U64.unpack_from(self.l1, i * 8)[0]
+            return e
+        a = i * 8
+        start = a - a % L1_SLICE_BYTES
+        key = (self.owner, L1_PIECE, start)
+        piece = self.cache.get(key)
+        if piece is None:
+            n = min(L1_SLICE_BYTES, self.h.l1_size * 8 - start)
+            piece = bytes(self.file.pread_padded(n, self.h.l1_table_offset + start))
+            self.cache.put(key, _ZERO if piece == zeros(n) else piece)
+        elif not piece:
+            return 0
+        e = _U64.unpack_from(piece, a - start)[0]
+        return e
+
     def _l2(self, off: int) -> bytearray:
-        """The whole L2 table at ``off``, cached (writable layers; others use slices)."""
+        """The whole L2 table at ``off``, cached (writable layers; others use slices).
+
+        Not to be changed: ``_pin`` gives the table a write may change."""
         table = self.l2_cache.get(off)
         if table is not None:
-            self.l2_cache.move_to_end(off)
             return table
+        key = (self.owner, L2_TABLE, off)
+        cached = self.cache.get(key)
+        if cached is not None:
+            assert isinstance(cached, bytearray)
+            return cached
         self._check_aligned(off)
         table = self.file.pread_padded(self.cluster_size, off)
         layout = self._layout
@@ -94,46 +139,62 @@ class Tables(Layer):
                 copied=self._copied,
             )
             self._checked.add(off)
+        self.cache.put(key, table)
+        return table
+
+    def _pin(self, off: int) -> bytearray:
+        """The L2 table at ``off``, taken out of the shared cache to be changed: it
+        stays with this layer until a write-back has written it (``_unpin``)."""
+        table = self.l2_cache.get(off)
+        if table is not None:
+            self.l2_cache.move_to_end(off)
+            return table
+        table = self._l2(off)
+        self.cache.take((self.owner, L2_TABLE, off))
         self.l2_cache[off] = table
         if len(self.l2_cache) > self.l2_cache_tables:
             self._evict_l2(keep=off)
         return table
 
+    def _unpin(self, keep: int = -1) -> None:
+        """Hand the clean pinned tables other than ``keep`` back to the shared cache."""
+        for off in [o for o in self.l2_cache if o not in self.l2_dirty]:
+            if off != keep and off != self._hold:
+                self.cache.put((self.owner, L2_TABLE, off), self.l2_cache.pop(off))
+
     def _evict_l2(self, keep: int) -> None:
-        """Drop the least recently used clean table other than ``keep``."""
-        victim = next((o for o in self.l2_cache if o != keep and o not in self.l2_dirty), None)
-        if victim is None:
-            self.write_back(sync=False)
-            victim = next(o for o in self.l2_cache if o != keep)
-        del self.l2_cache[victim]
+        """Too many tables pinned: hand back the clean ones, and if all are dirty,
+        write them back first (``keep``, which the caller is about to change, stays)."""
+        self._unpin(keep)
+        if len(self.l2_cache) > self.l2_cache_tables:
+            self._hold = keep
+            try:
+                self.write_back(sync=False)
+            finally:
+                self._hold = -1
+            self._unpin(keep)
 
     def _slice(self, l2_off: int, a: int) -> bytes:
         """The cached slice of the on-disk L2 table at ``l2_off`` holding byte ``a``."""
         s = self.l2_slice
         off = l2_off + a - a % s
-        piece = self.l2_slices.get(off)
+        key = (self.owner, L2_PIECE, off)
+        piece = self.cache.get(key)
         if piece is None:
             self._check_aligned(l2_off)
             piece = bytes(self.file.pread_padded(s, off))
-            self._keep_slice(off, piece)
-        else:
-            self.l2_slices.move_to_end(off)
+            self.cache.put(key, _ZERO if piece == zeros(s) else piece)
+        elif not piece:
+            return zeros(s)
+        assert isinstance(piece, bytes)
         return piece
 
     def _check_aligned(self, l2_off: int) -> None:
         if l2_off % self.cluster_size:
             raise ImageError(f"{self.path!r} has a misaligned L2 table at {l2_off:#x}")
 
-    def _keep_slice(self, off: int, piece: bytes) -> None:
-        self.l2_slices[off] = piece
-        if len(self.l2_slices) > self.l2_slices_max:
-            self.l2_slices.popitem(last=False)
-
     def _entry(self, cluster: int) -> int:
-        i = cluster >> self.l2_bits
-        if i * 8 >= len(self.l1):
-            return 0
-        l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK
+        l2_off = self._l1e(cluster >> self.l2_bits) & OFFSET_MASK
         if not l2_off:
             return 0
         a = (cluster & self.l2_mask) * 8
@@ -168,7 +229,7 @@ class Tables(Layer):
                 break
             i = c >> l2b
             span_end = min((i + 1) << l2b, c_end, vclusters)
-            l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK if i < self.h.l1_size else 0
+            l2_off = self._l1e(i) & OFFSET_MASK
             if l2_off:
                 a = (c & self.l2_mask) * 8
                 x |= self._table_lanes(l2_off, a, a + (span_end - c) * 8) << (8 * (c - first))
@@ -209,26 +270,23 @@ class Tables(Layer):
         self._check_aligned(l2_off)
         lo, hi = a - a % s, -(-b // s) * s
         data = scratch(hi - lo, "l2")
-        known = self.l2_slices
-        zero = self._zero_slices
+        cache, owner = self.cache, self.owner
         offsets = range(l2_off + lo, l2_off + hi, s)
-        if all(o in known or o in zero for o in offsets):
+        known = [cache.get((owner, L2_PIECE, o)) for o in offsets]
+        if all(piece is not None for piece in known):
             pieces = []
-            for p, o in zip(range(0, hi - lo, s), offsets, strict=True):
-                piece = known.get(o)
-                if piece is not None:  # the others are all zero: not looked at
+            for p, piece in zip(range(0, hi - lo, s), known, strict=True):
+                if piece:  # the others are all zero: not looked at
                     data[p : p + s] = piece
                     pieces.append(p)
             return _allocated_lanes(data, a - lo, b - lo, s, pieces)
         with memoryview(data) as view:
             self.file.preadinto(view[: hi - lo], l2_off + lo)
             pieces = _nonzero_pieces(data, 0, hi - lo, s)
-            for p in pieces:
-                self._keep_slice(l2_off + lo + p, view[p : p + s].tobytes())
-        if len(zero) > ZERO_SLICES_MAX:
-            zero.clear()
-        kept = set(pieces)
-        zero.update(l2_off + lo + p for p in range(0, hi - lo, s) if p not in kept)
+            kept = set(pieces)
+            for p in range(0, hi - lo, s):
+                piece = view[p : p + s].tobytes() if p in kept else _ZERO
+                cache.put((owner, L2_PIECE, l2_off + lo + p), piece)
         return _allocated_lanes(data, a - lo, b - lo, s, pieces)
 
     def _entries(self, cluster: int) -> tuple[bytes | bytearray, int, int]:
@@ -237,7 +295,7 @@ class Tables(Layer):
         there).  An empty piece means no L2 table: that many entries read as 0."""
         i = cluster >> self.l2_bits
         a = (cluster & self.l2_mask) * 8
-        l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK if i * 8 < len(self.l1) else 0
+        l2_off = self._l1e(i) & OFFSET_MASK
         if not l2_off:
             return b"", 0, (self.cluster_size - a) // 8
         if self.file.writable:  # whole tables, checked as they are loaded
@@ -259,7 +317,7 @@ class Tables(Layer):
             _U64.pack_into(self.l1, i * 8, l2_off | COPIED)
             self.l1_dirty.add(i)
         if l2_off:
-            return self._l2(l2_off)
+            return self._pin(l2_off)
         l2_off = self.refs.alloc(1)
         table = bytearray(self.cluster_size)
         self.l2_cache[l2_off] = table
