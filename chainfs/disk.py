@@ -50,7 +50,7 @@ from .hostfile import HostIOError
 from .jobs import backup, commit, copy, snapshot, stream
 from .jobs.base import CONCLUDED, Job
 from .jobs.journal import Journal, Pending, decode, map_paths
-from .jobs.served import Readers, Spawn
+from .jobs.served import Readers, Spawn, Watched
 from .locks import lock_image, unlock_image
 from .ownership import (
     STATE_SUFFIX,
@@ -107,8 +107,10 @@ def _unwatched(disk: Disk) -> None:
     return None
 
 
-class Disk:
+class Disk(Watched):
     """One chain as the mount serves it."""
+
+    SHOWN = SHOWN_IN_STATUS
 
     def __init__(
         self,
@@ -170,17 +172,6 @@ class Disk:
         # the flat file's times start as those of the newest image file: they stay the
         # same from one mount to the next as long as nothing is written
         self.mtime_ns = self.ctime_ns = max(_mtime_ns(x.path) for x in chain.layers)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        super().__setattr__(name, value)
-        if name in SHOWN_IN_STATUS:
-            self.on_status(self)
-
-    def status_changed(self) -> None:
-        """The chain's layers changed (a job's ``chain_changed``): its active layer may
-        be another, and other chains may read its new layers."""
-        self.readers.add(self)
-        self.on_status(self)
 
     # -- what the control files show ------------------------------------------------------
 

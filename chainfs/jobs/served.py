@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 from ..control import CommandError
 from .base import CONCLUDED
@@ -77,6 +77,29 @@ class Readers:
     def of(self, path: str) -> list[Served]:
         """The chains that read, or once read, the layer at real path ``path``."""
         return list(self._by_path.get(path, {}).values())
+
+
+class Watched:
+    """The served chain's ``.status`` line kept up to date: setting a field of ``SHOWN``,
+    or a change of its layers (``status_changed``, from ``chain_changed``), tells
+    ``on_status`` (the mount then renders that chain's line again).  Here rather than in
+    the mount's ``Disk``, which inherits it: a job that changes the chain stays in the
+    job modules (``tests/interop/test_job_model.py``)."""
+
+    SHOWN: ClassVar[frozenset[str]] = frozenset()
+    on_status: Callable[[Any], None]
+    readers: Readers
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in self.SHOWN:
+            self.on_status(self)
+
+    def status_changed(self) -> None:
+        """The chain's layers changed: its active layer may be another, and other chains
+        may read its new layers."""
+        self.readers.add(cast("Served", self))
+        self.on_status(self)
 
 
 def chain_changed(served: Served) -> None:
