@@ -76,7 +76,7 @@ EXCUSED: dict[str, str] = {
     (
         "chainfs mount SOURCE MOUNTPOINT [-f] [--adopt CHAIN]... "
         "[-o ro,allow_other,debug,allow_dir=PATH,allow_backing=PATH,"
-        "lease=SECONDS,adopt=CHAIN,shared]"
+        "lease=SECONDS,adopt=CHAIN,shared,cache_size=SIZE]"
     ): SYNOPSIS,
     "chainfs umount [--lazy] MOUNTPOINT": SYNOPSIS,
     "chainfs info IMAGE [--backing-chain] [--output=json]": SYNOPSIS,
