@@ -236,6 +236,7 @@ def open_disks(
             events=events,
         )
         disk.owned = owned
+        disk.shown_changed()
         disk.fencing = bool(opts.shared)
         disk.holder = src.elsewhere.get(spec.name)
         disks.append(disk)
@@ -251,6 +252,7 @@ def open_disks(
                 f"served read-only: {len(chain.layers)} layers, deeper than the cap of "
                 f"{MAX_DEPTH}; stream or commit it with qemu-img to serve it read-write"
             )
+            disks[-1].shown_changed()
             log.warning("chain=%s %s", spec.name, disks[-1].warning)
     budget.report()
     return disks
@@ -588,6 +590,7 @@ class Hosts:
         disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
         disk.owned, disk.holder, disk.journal = True, None, journal
         disk.suspended = disk.seen = disk.unstable = None
+        disk.shown_changed()
         disk.fencing = bool(self.opts.shared)
         self.recovery.journals[name] = journal
         disk.touch()
@@ -656,6 +659,7 @@ class Hosts:
         disk.events.close()
         disk.events.writable = False
         disk.owned, disk.journal, disk.holder, disk.seen = False, None, None, None
+        disk.shown_changed()
         self.recovery.journals.pop(name, None)
         self.src.disown(name)
         log.info("chain=%s inactivated: served read-only, its locks released", name)

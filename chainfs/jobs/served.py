@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..control import CommandError
 from .base import CONCLUDED
@@ -80,20 +80,22 @@ class Readers:
 
 
 class Watched:
-    """The served chain's ``.status`` line kept up to date: setting a field of ``SHOWN``,
-    or a change of its layers (``status_changed``, from ``chain_changed``), tells
-    ``on_status`` (the mount then renders that chain's line again).  Here rather than in
-    the mount's ``Disk``, which inherits it: a job that changes the chain stays in the
-    job modules (``tests/interop/test_job_model.py``)."""
+    """The served chain's ``.status`` line kept up to date: whoever sets a field the line
+    shows (``SHOWN_IN_STATUS`` in ``disk.py``) says so, ``shown_changed``, and a change of
+    its layers is said by ``status_changed`` (from ``chain_changed``); either tells
+    ``on_status`` (the mount then renders that chain's line again).  Said, not watched: a
+    ``__setattr__`` would cost a Python call at every set of any attribute, the flat
+    file's times at each guest write among them.  Here rather than in the mount's
+    ``Disk``, which inherits it: a job that changes the chain stays in the job modules
+    (``tests/interop/test_job_model.py``)."""
 
-    SHOWN: ClassVar[frozenset[str]] = frozenset()
     on_status: Callable[[Any], None]
     readers: Readers
 
-    def __setattr__(self, name: str, value: object) -> None:
-        object.__setattr__(self, name, value)
-        if name in self.SHOWN:
-            self.on_status(self)
+    def shown_changed(self) -> None:
+        """A field of the chain's line of ``.status`` was set (its chain, ownership,
+        warning): the line is rendered again at the next read."""
+        self.on_status(self)
 
     def status_changed(self) -> None:
         """The chain's layers changed: its active layer may be another, and other chains
