@@ -28,7 +28,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any, TypeVar
 import pytest
 from checklogs import watch
 from interop import images as im
+from jobwait import JobWaits, poll
 
 from chainfs import features
 from chainfs.control import parse_line
@@ -45,6 +45,7 @@ KiB, MiB = im.KiB, im.MiB
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 CHAINFS = (sys.executable, "-m", "chainfs")
 DEADLINE = 60.0  # seconds anything may take on a loaded 2-core machine
+POLL = 0.02  # seconds between two looks at what a test waits for
 SEED_SIZE = 32 * MiB
 LOG_TAIL = 150  # lines of a server log attached to a failure report
 
@@ -66,14 +67,7 @@ holes_only = pytest.mark.skipif(
 
 def wait_for(cond: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
     """Poll ``cond`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.02)
+    return poll(cond, what, timeout, POLL)
 
 
 def run(*args: str | Path, ok: Sequence[int] = (0,), **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -91,8 +85,10 @@ _MOUNTS: list[Mount] = []  # every mount of the session, for failure reports
 _CURRENT_TEST = [""]
 
 
-class Mount:
+class Mount(JobWaits):
     """One ``chainfs mount -f`` server and the ways a test talks to its mount."""
+
+    deadline, interval = DEADLINE, POLL
 
     def __init__(self, source: Path, mountpoint: Path, log: Path, options: Sequence[str]) -> None:
         self.source = source
@@ -257,35 +253,6 @@ class Mount:
         assert [e["event"] for e in new] == ["COMMAND_REJECTED"], new
         assert new[0]["command"] == kind and new[0]["reason"], new
         return new[0]
-
-    def start_job(self, chain: str, kind: str, text: str) -> str:
-        """Start a job; return its id once ``events`` says it started."""
-        before = len(self.events(chain))
-        self.command(chain, kind, text)
-
-        def started() -> str | None:
-            for e in self.events(chain)[before:]:
-                if e["event"] == "JOB_STARTED":
-                    return e["job"]
-            return None
-
-        return wait_for(started, f"{kind} {text!r} to start on {chain}")
-
-    def wait_job(self, chain: str, job: str, timeout: float = DEADLINE) -> dict[str, str]:
-        """The JOB_COMPLETED or JOB_CANCELLED event of ``job``, once it is there (a job
-        stopped by an unmount or a hand-over is not over: the history it left says
-        JOB_CANCELLED with reason="unmounted; ..." or "handed over; ...", and the job,
-        under the same id, goes on)."""
-
-        def ended() -> dict[str, str] | None:
-            for e in self.events(chain):
-                if e.get("job") != job or e["event"] not in ("JOB_COMPLETED", "JOB_CANCELLED"):
-                    continue
-                if not e.get("reason", "").startswith(("unmounted", "handed over")):
-                    return e
-            return None
-
-        return wait_for(ended, f"job {job} on {chain} to end", timeout)
 
     def run_job(self, chain: str, kind: str, text: str) -> dict[str, str]:
         """Start a job and wait for it to complete without error; return its last event."""
@@ -621,7 +588,7 @@ class GuestThread(threading.Thread):
         wait_for(done, f"{n} more guest writes")
 
 
-class Writer(threading.Thread):
+class Writer(GuestThread):
     """A guest: random writes through one open descriptor of a flat file, mirrored in
     ``model``, with an fsync every ``fsync_every`` writes and, every few writes, an
     O_DIRECT read of a written range checked against the model.  With ``aim`` (say, a
@@ -642,23 +609,15 @@ class Writer(threading.Thread):
         fsync_every: int = 32,
         aim: Callable[[], int | None] | None = None,
     ) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.path = path
         self.model = model
         self.rng = random.Random(seed)
         self.max_len = max_len
         self.fsync_every = fsync_every
         self.aim = aim
-        self.count = 0
         self.synced = bytes(model)  # the model as of the last fsync
-        self.error: BaseException | None = None
         self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as e:
-            self.error = e
 
     def _loop(self) -> None:
         rng, size = self.rng, len(self.model)
