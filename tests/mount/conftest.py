@@ -267,10 +267,13 @@ _DROPPED_AT_UNMOUNT = re.compile(
 )
 
 
+_UNREAD: list[str] = []  # read ahead of ``checklogs`` (``Mounter.close``)
+
+
 def _server_lines() -> list[str]:
     """What the servers logged since the last call, for ``checklogs``; a server that
     exited has its log read one last time, until it is started again."""
-    lines: list[str] = []
+    lines, _UNREAD[:] = _UNREAD[:], []
     for m in _MOUNTS:
         if m.proc is None or m.log_done:
             continue
@@ -308,8 +311,12 @@ class Mounter:
         return m.start() if start else m
 
     def close(self) -> None:
+        """Tear every mount down, and read what their servers logged last (``checklogs``
+        reads it later, in the test's teardown: after a passed test's ``tmp_path``, where
+        the logs are, was removed)."""
         for m in reversed(self.mounts):
             m.cleanup()
+        _UNREAD.extend(_server_lines())
 
 
 @pytest.fixture
