@@ -227,6 +227,18 @@ class Mount(JobWaits):
         jobs = self.lines(chain, "jobs")
         return int(jobs[0]["offset"]) if jobs else None
 
+    def race_job(
+        self, chain: str, kind: str, text: str, speed: int | str, guest: GuestThread
+    ) -> str:
+        """Start a job that ``guest``'s writes race, however loaded the machine: at a
+        crawl (64 KiB/s) until the guest has made 20 writes with the job running, then
+        at ``speed`` (``speed JOB RATE``)."""
+        job = self.start_job(chain, kind, f"{text} speed=64K")
+        guest.wait_writes(20)
+        assert self.job_offset(chain) is not None, f"{job} ended before the guest wrote"
+        self.command(chain, "speed", f"{job} {speed}")
+        return job
+
     def status(self) -> list[dict[str, str]]:
         text = (self.mountpoint / "control" / ".status").read_text()
         return [parse_line(line) for line in text.splitlines()]
