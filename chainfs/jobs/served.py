@@ -44,6 +44,8 @@ class Served(Protocol):
     spawn: Spawn  # runs a job's task in the mount's nursery
     next_id: Callable[[str], str]  # a new job id of a kind, never used before
     views: Views  # the chain's layer views (``layers/NAME/``)
+    readonly: bool  # served read-only (the mount's option, or ``warning`` says why)
+    warning: str | None  # why, shown in ``status``
 
     readers: Readers  # the mount's chains by the layers they read
 
