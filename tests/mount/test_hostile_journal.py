@@ -374,3 +374,28 @@ def test_a_state_record_naming_a_path_for_a_chain_is_ignored(tree: Tree, mounter
     assert sorted(os.listdir(m.mountpoint)) == ["E.img", "X.img", "control", "layers"]
     m.unmount()
     assert fingerprint(tree.outside) == before
+
+
+@refused
+def test_a_genuine_record_refused_finishes_once_its_directory_is_allowed(
+    tree: Tree, mounter: Mounter
+) -> None:
+    """A copy into an ``allow_dir``, interrupted, then a mount without that option: the
+    record is refused (the chain read-only, nothing made there); a mount with it
+    resumes the copy, which completes."""
+    other = tree.root / "copies"
+    other.mkdir()
+    record_chains(tree, mounter)
+    dest = other / "F.qcow2"
+    forge(tree.src, intent("copy", {"dest": str(dest), "sync": "full", "speed": 0}))
+    m = mounter(tree.src)
+    wait_for(lambda: [e for e in m.events(NAME) if e["event"] == "JOB_REFUSED"], "the refusal")
+    assert "served read-only" in status_of(m, NAME)["warning"]
+    m.unmount()
+    assert not os.listdir(other)
+    again = mounter(tree.src, f"allow_dir={other}")
+    end = again.wait_job(NAME, "copy-9")
+    assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    assert "warning" not in status_of(again, NAME)
+    assert again.layers(NAME) == ["F.qcow2"]
+    assert read_direct(again.img(NAME)) == tree.content

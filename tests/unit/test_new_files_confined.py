@@ -7,7 +7,8 @@ starts).  A directory on the path swapped for a symlink to elsewhere in between 
 not make chainfs create the file there: ``create_image`` checks the new file's
 descriptor (``vet_new_file``) and removes a file that lies outside.  A backup's
 rollback removes its DEST relative to a descriptor of the directory it checked
-(``remove_inside``).
+(``remove_inside``).  chainfs's own files, in ``.chainfs``, are never opened through
+a symlink, and a chain's name never makes a path out of there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import pytest
 
 from chainfs.control import CommandError
 from chainfs.formats.qcow2 import create_image
+from chainfs.hostfile import open_meta
 from chainfs.jobs.served import Served, check_target, remove_inside, vet_new_file
+from chainfs.ownership import chain_file
+from chainfs.source import usable_name
 
 MiB = 1 << 20
 
@@ -80,3 +84,33 @@ def test_a_removal_through_a_symlinked_directory_is_refused(tree: Path) -> None:
     (tree / "images" / "mine.qcow2").write_bytes(b"")
     remove_inside(served, str(tree / "images" / "mine.qcow2"))
     assert not (tree / "images" / "mine.qcow2").exists()
+
+
+@pytest.mark.parametrize("name", ["../../etc/x", "a/b", "/etc/passwd", "..", "x\0y"])
+def test_a_chain_name_that_is_a_path_names_a_file_in_the_metadata_directory(
+    tmp_path: Path, name: str
+) -> None:
+    """A chain's files in ``.chainfs`` never lie elsewhere, whatever its name (a forged
+    state record's or a legacy journal's); such a name is no usable chain name."""
+    path = chain_file(str(tmp_path), name, ".journal")
+    assert os.path.dirname(path) == str(tmp_path / ".chainfs")
+    assert not usable_name(name)
+
+
+def test_chainfs_files_are_never_opened_through_a_symlink(tmp_path: Path) -> None:
+    own = tmp_path / ".chainfs"
+    own.mkdir()
+    (tmp_path / "victim").write_bytes(b"keep\n")
+    (own / "vm1.journal").symlink_to(tmp_path / "victim")
+    with pytest.raises(OSError) as e:
+        open_meta(str(own / "vm1.journal"), os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    assert e.value.errno == errno.ELOOP and "never follows" in str(e.value)
+    (own / "vm1.journal").unlink()
+    own.rmdir()
+    (tmp_path / ".chainfs").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(OSError) as e:
+        open_meta(str(own / "vm1.journal"), os.O_RDWR | os.O_CREAT)
+    assert e.value.errno == errno.ELOOP
+    assert not os.listdir(tmp_path / "elsewhere")
+    assert (tmp_path / "victim").read_bytes() == b"keep\n"
