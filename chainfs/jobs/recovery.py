@@ -261,8 +261,8 @@ def refuse(rec: Recovery, p: Pending, name: str, journal: str, reason: str) -> N
     rec.refused_keys.add(p.key)
     rec.refused[name] = (
         f"served read-only: the journal's record of job {p.id!r} ({p.type}) {reason}; "
-        f"the record is kept: mount with that directory allowed if it is genuine, or "
-        f"remove {journal!r}"
+        f"the record is kept: if it is genuine, a mount allowed the directory it names "
+        f"(-o allow_dir=) finishes the job; if not, remove {journal!r}"
     )
 
 
