@@ -399,3 +399,26 @@ def test_a_genuine_record_refused_finishes_once_its_directory_is_allowed(
     assert "warning" not in status_of(again, NAME)
     assert again.layers(NAME) == ["F.qcow2"]
     assert read_direct(again.img(NAME)) == tree.content
+
+
+@refused
+def test_a_forged_record_met_at_activate_changes_nothing_outside(
+    tree: Tree, mounter: Mounter
+) -> None:
+    """A chain handed over (``inactivate`` here, ``activate`` on another mount) with a
+    record forged into its journal meanwhile: the mount taking it refuses the record as
+    a mount does at start, and serves the chain read-only."""
+    a, b = mounter(tree.src), mounter(tree.src)
+    a.command(NAME, "inactivate", NAME)
+    forge(tree.src, *backup_removes_a_file_outside(tree))
+    before = fingerprint(tree.outside)
+    b.command(NAME, "activate", NAME)
+    events = wait_for(
+        lambda: [e for e in b.events(NAME) if e["event"] == "JOB_REFUSED"], "the refusal"
+    )
+    assert "outside the directories" in events[0]["reason"], events
+    assert status_of(b, NAME)["warning"].startswith("served read-only: the journal's record")
+    assert read_direct(b.img(NAME)) == tree.content
+    a.unmount()
+    b.unmount()
+    assert fingerprint(tree.outside) == before
