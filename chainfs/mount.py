@@ -56,7 +56,7 @@ from .fs import Operations
 from .hostfile import HostIOError
 from .jobs.base import CONCLUDED, Job
 from .jobs.journal import Journal
-from .jobs.recovery import Recovery, recover, recover_chain, resume_jobs
+from .jobs.recovery import Bounds, Recovery, recover, recover_chain, resume_jobs, serve_refused
 from .jobs.served import Readers, Spawn
 from .logs import Throttle
 from .ownership import (
@@ -316,7 +316,13 @@ async def _serve(
             directory = _directory_of(source_path)
             for name in opts.adopt:
                 owned[name] = await wait_for_owner(directory, name, opts.adopt_timeout)
-        src, recovery = recover(source_path, readonly=opts.readonly, owned=owned)
+        src, recovery = recover(
+            source_path,
+            readonly=opts.readonly,
+            owned=owned,
+            allow_dirs=opts.allow_dirs,
+            allow_backing=opts.allow_backing,
+        )
     except BaseException:
         _release(owned)
         raise
@@ -329,6 +335,7 @@ async def _serve(
         stack.callback(recovery.close)
         stack.callback(_close_disks, disks)
         disks += open_disks(src, opts, journals=recovery.journals)  # (owning them)
+        serve_refused(disks, recovery)
         if not opts.readonly:
             src.save()
             src.finish_migration()
@@ -563,7 +570,11 @@ class Hosts:
             src._reload(name)  # the record as its last owner left it
             journal = Journal.load(src.directory, name, ownership=ownership)
             rec = Recovery(journals={name: journal})
-            recover_chain(src, name, journal, rec)
+            scanned = sources.load(src.path)
+            recorded = src.recorded.get(name)
+            opts = self.opts
+            bounds = Bounds.of(scanned, name, recorded, opts.allow_dirs, opts.allow_backing)
+            recover_chain(src, name, journal, rec, bounds)
             fresh = sources.load(src.path, src.owned)
             spec = next((c for c in fresh.chains if c.name == name), None)
             if spec is None:
@@ -598,6 +609,7 @@ class Hosts:
         self.nursery.start_soon(trio.to_thread.run_sync, self.forget_cache, disk)
         log.info("chain=%s served read-write (%s)", name, how)
         disk.emit("OWNERSHIP_TAKEN", how=how)
+        serve_refused([disk], rec)
         resume_jobs([disk], rec)
 
     def inactivate(self, disk: Disk) -> Waiting | None:

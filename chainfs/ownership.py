@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from . import sharedfs
 from .errors import ChainfsError
 from .eventlog import _stem
-from .hostfile import HostFile, HostIOError
+from .hostfile import HostFile, HostIOError, open_meta
 from .locks import F_OFD_GETLK, F_OFD_SETLK, F_UNLCK, F_WRLCK, _fcntl
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,8 @@ def describe_holder(directory: str, chain: str) -> str:
 
 
 def _open_locked(path: str) -> int:
-    new = not os.path.exists(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    new = not os.path.lexists(path)
+    fd = open_meta(path, os.O_RDWR | os.O_CREAT)
     if new and HostFile.observer is not None:  # (the crash simulator sees it appear)
         HostFile.observer("create", path, 0, b"")
     try:
@@ -221,8 +221,9 @@ class Ownership:
             own.heartbeat()
         except OSError as e:
             own.release()
+            what = repr(e.filename) if e.errno == errno.ELOOP else "the owner file"
             raise HostIOError(
-                f"cannot lock the owner file of chain {chain!r}: {e.strerror}", e.errno or errno.EIO
+                f"cannot lock {what} of chain {chain!r}: {e.strerror}", e.errno or errno.EIO
             ) from None
         except BaseException:
             own.release()

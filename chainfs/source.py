@@ -295,6 +295,11 @@ class Source:
             or not isinstance(retired, list)
         ):
             raise ChainfsError(f"the state file {path!r} is malformed")
+        if chain_file(self.directory, chain, STATE_SUFFIX) != path:
+            # chainfs writes a chain's record into that chain's file only: a name that
+            # is not the file's (``../x``) would make a chain of a name it never served
+            log.warning("state=%s names chain %r, not the file's own; ignored", path, chain)
+            return
         if active is not None:
             self.recorded[chain] = self._abs(active)
         mine = {self._abs(str(p)) for p in retired}
@@ -316,11 +321,20 @@ class Source:
         retired = state.get("retired", [])
         if not isinstance(chains, dict) or not isinstance(retired, list):
             raise ChainfsError(f"the state file {self.state_path!r} is malformed")
-        self.recorded = {str(k): self._abs(str(v)) for k, v in chains.items()}
+        bad = [k for k in chains if not usable_name(str(k))]
+        if bad:
+            log.warning("state=%s names no chain %s; ignored", self.state_path, bad)
+        self.recorded = {str(k): self._abs(str(v)) for k, v in chains.items() if k not in bad}
         self.retired = {self._abs(str(p)) for p in retired}
         # which chain a layer left is not known: each chain keeps them all
         self.retired_by = {name: set(self.retired) for name in self.recorded}
         self.legacy = set(self.recorded)
+
+
+def usable_name(name: str) -> bool:
+    """Whether ``name`` can name a chain: its flat file's name, and its files' in
+    ``.chainfs`` (never a path)."""
+    return bool(name) and not name.startswith(".") and not {"/", "\0"} & set(name)
 
 
 def _stem(path: str) -> str:
@@ -461,7 +475,7 @@ def _read_toml(src: Source) -> None:
         if not isinstance(table, dict) or not isinstance(table.get("active"), str):
             src.refused.append(Refused(name, "", "no 'active' path given"))
             continue
-        if "/" in name or name.startswith(".") or not name:
+        if not usable_name(name):
             src.refused.append(Refused(name, "", f"{name!r} is not a usable chain name"))
             continue
         active = named = src._abs(table["active"])
