@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,8 +141,15 @@ class Mount(JobWaits):
         return self.proc.pid
 
     def unmount(self) -> None:
-        """Unmount cleanly (``fusermount3 -u``) and wait for the server to exit with 0."""
-        run("fusermount3", "-u", self.mountpoint)
+        """Unmount cleanly (``fusermount3 -u``) and wait for the server to exit with 0.
+        EBUSY is tried again for a while: on this shared machine another process (a
+        ``find`` or ``du`` over /tmp) may stand in the mount for a moment."""
+        for _ in range(50):
+            proc = run("fusermount3", "-u", self.mountpoint, ok=(0, 1))
+            if proc.returncode == 0 or "busy" not in proc.stderr:
+                break
+            time.sleep(0.1)
+        assert proc.returncode == 0, f"fusermount3 -u {self.mountpoint}: {proc.stderr}"
         self.wait_exit(0)
 
     def wait_exit(self, status: int | None = 0) -> int:
