@@ -275,22 +275,27 @@ class Qcow2Layer(Tables):
         elif e & OFFSET_MASK:
             self.refs.defer_free(e & OFFSET_MASK, 1, punch=punch)
 
-    def _old_content(self, cluster: int, e: int, fill: Fill) -> Buffer:
-        """What the whole cluster reads as now (for copy-on-write)."""
+    def _old_content(self, cluster: int, e: int, fill: Fill) -> bytearray:
+        """What the whole cluster reads as now (for copy-on-write), in a buffer of its
+        own for the caller to change: what ``fill`` or the host read gave, when that is
+        one already (no copy of a cluster the COW then copies again)."""
         cs = self.cluster_size
         start = cluster * cs
         if e & COMPRESSED_BIT:
             coff = e & self.coff_mask
             nsec = ((e >> self.csize_shift) & self.nsec_mask) + 1
-            return self.read_compressed(coff, nsec * 512 - (coff & 511))
+            return bytearray(self.read_compressed(coff, nsec * 512 - (coff & 511)))
         if e & ZERO_FLAG and self.v3:
-            return bytes(cs)
+            return bytearray(cs)
         if e & OFFSET_MASK:
-            data = self.file.pread(cs, e & OFFSET_MASK)
-            return data + bytes(cs - len(data))
+            return self.file.pread_padded(cs, e & OFFSET_MASK)
         n = min(cs, self.virtual_size - start)
         below = fill(start, n)
-        return bytes(below) + bytes(cs - len(below))
+        if len(below) == cs and type(below) is bytearray:
+            return below
+        out = bytearray(cs)
+        out[: len(below)] = below
+        return out
 
     def mark_dirty(self, offset: int, length: int) -> None:
         """Set the bits of the enabled bitmaps for a range about to change, durably
@@ -318,6 +323,36 @@ class Qcow2Layer(Tables):
         runs of in-place clusters that lie contiguously on the host.
         """
         self._write(offset, data, fill, started=False)
+
+    def write_in_place(self, offset: int, data: Buffer) -> bool:
+        """The common guest write on its own (``Layer.write_in_place``): within one
+        cluster this layer holds unshared (COPIED), one ``pwrite`` and nothing else —
+        no entry, refcount or map changes, so nothing to order.  False (nothing
+        written) for anything else, and while a started write or its failure waits to
+        be settled (``write`` settles first and raises it)."""
+        cb = self.cluster_bits
+        c = offset >> cb
+        n = len(data)
+        if (
+            not n
+            or (offset + n - 1) >> cb != c
+            or offset + n > self.virtual_size
+            or self._started is not None
+            or self._unsettled is not None
+            or self.refs is None  # (not writable)
+        ):
+            return False
+        i = c >> self.l2_bits
+        if i >= self.h.l1_size:
+            return False
+        l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK
+        if not l2_off:
+            return False
+        e = _U64.unpack_from(self._l2(l2_off), (c & self.l2_mask) * 8)[0]
+        if not e & COPIED or e & (COMPRESSED_BIT | ZERO_FLAG) or not e & OFFSET_MASK:
+            return False
+        self.file.pwrite(data, (e & OFFSET_MASK) + (offset & (self.cluster_size - 1)))
+        return True
 
     def write_started(self, offset: int, data: Buffer, fill: Fill) -> None:
         """``write``, with the data of new clusters written while this returns
@@ -400,7 +435,7 @@ class Qcow2Layer(Tables):
                     pieces.append(view[a : a + n])
                 merged_to = a + n
             else:
-                content = bytearray(self._old_content(c, e, fill))
+                content = self._old_content(c, e, fill)
                 content[in_off : in_off + n] = view[a : a + n]
                 fresh.append((c, e))
                 pieces.append(content)
