@@ -350,7 +350,10 @@ class Chain:
             if hm is not None:
                 i0 = ga - (r << REGION_BITS)
                 i1 = min(stop - (r << REGION_BITS), len(hm))
-                hm[i0:i1] = array(hm.typecode, [1]) * (i1 - i0)
+                if i1 - i0 == 1:  # one granule (a cluster of a write): no array to build
+                    hm[i0] = 1
+                elif i1 > i0:
+                    hm[i0:i1] = array(hm.typecode, [1]) * (i1 - i0)
             ga = stop
 
     def invalidate(self) -> None:
