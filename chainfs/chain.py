@@ -459,10 +459,13 @@ class Chain:
         """The content below the active layer (called under the lock, for COW), planned
         from the map of who holds what, as reads are: where the active layer does not
         answer (all a COW asks for), the disk shows what is below it, and the map names
-        the one layer that holds it instead of a walk down every layer's tables."""
+        the one layer that holds it instead of a walk down every layer's tables.  A range
+        no layer below shows data in gives b"" (``Fill``: zeros), with nothing allocated."""
+        plan = self._plan(offset, offset + length, below=True) if len(self.layers) > 1 else []
+        if not plan:
+            return b""
         buf = bytearray(length)
-        if len(self.layers) > 1:
-            self._execute(self._plan(offset, offset + length, below=True), offset, memoryview(buf))
+        self._execute(plan, offset, memoryview(buf))
         return buf
 
     # -- writing ---------------------------------------------------------------------------

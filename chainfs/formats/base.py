@@ -32,7 +32,8 @@ COMPRESSED = 3  # one compressed cluster at ``host``, ``clen`` bytes; ``skip`` i
 Buffer = bytes | bytearray | memoryview
 
 # fill(offset, length) -> the chain's content below the active layer for that range; a
-# bytearray it returns is the caller's (a driver may change it and write it as its COW)
+# shorter result reads as zeros past its end (b"": all zeros, known without comparing
+# bytes); a bytearray it returns is the caller's (a driver may change it and write it)
 Fill = Callable[[int, int], Buffer]
 
 

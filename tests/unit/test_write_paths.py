@@ -3,8 +3,10 @@
 An overwrite of a cluster the active layer holds is one host write and nothing else:
 no allocation, no copy-on-write, no change to the map of who holds what.  A write into
 a cluster the active layer does not hold copies the rest of the cluster from the one
-layer the map names as holding it, without asking the layers in between.  What both
-write is checked against a plain bytes model (``test_map`` covers random chains).
+layer the map names as holding it, without asking the layers in between; where nothing
+below shows data and the new cluster lies past the file's end, it writes its data
+alone.  What they write is checked against a plain bytes model (``test_map`` covers
+random chains, ``interop/test_crash`` the crash states).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ DEPTH = 6
 
 @pytest.fixture
 def deep_chain(tmp_path: Path) -> Iterator[tuple[str, bytearray]]:
-    """``DEPTH`` layers, data in the base and in one middle layer, the active one empty;
-    the active path and the disk's content."""
+    """``DEPTH`` layers, data in the first half of the base and in one middle layer, the
+    active one empty; the active path and the disk's content."""
     model = bytearray(SIZE)
     below: str | None = None
     for i in range(DEPTH):
@@ -45,7 +47,7 @@ def deep_chain(tmp_path: Path) -> Iterator[tuple[str, bytearray]]:
         )
         data = None
         if i == 0:
-            data = (0, bytes(range(256)) * (SIZE // 256))
+            data = (0, bytes(range(256)) * (SIZE // 512))  # the first half
         elif i == 2:
             data = (CLUSTER * 5, b"\xc2" * (3 * CLUSTER))
         if data is not None:
@@ -117,4 +119,39 @@ def test_copy_on_write_asks_only_the_holding_layer(
         model[offset : offset + 4 * KiB] = b"\x03" * (4 * KiB)
         # layers[] runs from the active one down: the holder L{holder} is DEPTH-1-holder
         assert asked == [DEPTH - 1 - holder]
+        assert chain.read(0, SIZE) == model
+
+
+@pytest.mark.parametrize("past_the_end", [True, False])
+def test_write_over_zeros_writes_the_data_alone_past_the_end(
+    deep_chain: tuple[str, bytearray], past_the_end: bool
+) -> None:
+    """Into a cluster nothing below shows data in, a partial write allocates a cluster
+    and writes only its data there when the cluster lies past the file's end (it reads as
+    zeros already); where the file might hold anything there (a failed write's clusters
+    handed out again), the whole cluster with its zeros."""
+    top, model = deep_chain
+    offset = 40 * CLUSTER + 12 * KiB  # past the data of every layer
+    writes: list[tuple[int, int]] = []
+
+    def observe(event: str, path: str, offset: int, data: bytes) -> None:
+        if event == "write":
+            writes.append((offset, len(data)))
+
+    with Chain.open(top, writable=True, lock=False) as chain:
+        size = HostFile.size
+        with (
+            mock.patch.object(HostFile, "observer", observe),
+            mock.patch.object(
+                HostFile, "size", lambda f: size(f) if past_the_end else size(f) + 1024 * MiB
+            ),
+        ):
+            chain.write(offset, b"\x04" * (4 * KiB))
+        model[offset : offset + 4 * KiB] = b"\x04" * (4 * KiB)
+        assert len(writes) == 1
+        host, n = writes[0]
+        assert (host % CLUSTER, n) == ((12 * KiB, 4 * KiB) if past_the_end else (0, CLUSTER))
+        assert chain.read(0, SIZE) == model
+        chain.flush()
+    with Chain.open(top, lock=False) as chain:
         assert chain.read(0, SIZE) == model

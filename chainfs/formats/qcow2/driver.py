@@ -275,10 +275,11 @@ class Qcow2Layer(Tables):
         elif e & OFFSET_MASK:
             self.refs.defer_free(e & OFFSET_MASK, 1, punch=punch)
 
-    def _old_content(self, cluster: int, e: int, fill: Fill) -> bytearray:
+    def _old_content(self, cluster: int, e: int, fill: Fill) -> bytearray | None:
         """What the whole cluster reads as now (for copy-on-write), in a buffer of its
         own for the caller to change: what ``fill`` or the host read gave, when that is
-        one already (no copy of a cluster the COW then copies again)."""
+        one already (no copy of a cluster the COW then copies again).  None when the
+        metadata says it reads as zeros (a zero cluster; nothing below shows data)."""
         cs = self.cluster_size
         start = cluster * cs
         if e & COMPRESSED_BIT:
@@ -286,11 +287,13 @@ class Qcow2Layer(Tables):
             nsec = ((e >> self.csize_shift) & self.nsec_mask) + 1
             return bytearray(self.read_compressed(coff, nsec * 512 - (coff & 511)))
         if e & ZERO_FLAG and self.v3:
-            return bytearray(cs)
+            return None
         if e & OFFSET_MASK:
             return self.file.pread_padded(cs, e & OFFSET_MASK)
         n = min(cs, self.virtual_size - start)
         below = fill(start, n)
+        if not len(below):
+            return None
         if len(below) == cs and type(below) is bytearray:
             return below
         out = bytearray(cs)
@@ -412,6 +415,9 @@ class Qcow2Layer(Tables):
         merged_to = -1  # where the last piece ends in ``view``, if it is a slice of it
         # in place: (host, start in view, end in view) of the pending contiguous run
         run_host = run_a = run_b = -1
+        # where in its cluster the data of a write lies that is the whole write, into one
+        # cluster that reads as zeros (then maybe written alone, below); -1: no such write
+        zero_cow = -1
         while pos < end:
             c = pos >> cb
             in_off = pos & (cs - 1)
@@ -436,9 +442,15 @@ class Qcow2Layer(Tables):
                 merged_to = a + n
             else:
                 content = self._old_content(c, e, fill)
-                content[in_off : in_off + n] = view[a : a + n]
                 fresh.append((c, e))
-                pieces.append(content)
+                if content is None and n == len(view):
+                    zero_cow = in_off
+                    pieces.append(view)
+                else:
+                    if content is None:
+                        content = bytearray(cs)
+                    content[in_off : in_off + n] = view[a : a + n]
+                    pieces.append(content)
                 merged_to = -1
             pos += n
         if run_b >= 0:
@@ -465,12 +477,33 @@ class Qcow2Layer(Tables):
             writeback = end_host - self._writeback_from
             self._writeback_from = end_host
         payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        at = host
+        if zero_cow >= 0:
+            # One cluster that reads as zeros, partly written.  The zeros of a COW need not
+            # be written where the new cluster lies wholly past the end of the file (as
+            # allocation from the end makes it, unless a failed write's clusters were
+            # taken back and handed out again over what it may have left): there the
+            # file reads as zeros already, the part of the cluster before the data as a
+            # hole once the data write extends the file, the part after it as the bytes
+            # past the end, which every reader pads with zeros (``HostFile.preadinto``,
+            # QEMU's file driver; ``qemu-img check`` accepts a last cluster partly past
+            # the end, and the next session allocates after it).  The order that keeps a
+            # crash safe is unchanged: the data is flushed before the L2 entry pointing
+            # at the cluster is written (``write_back``), and the zeros are zeros in
+            # every state the file can crash in.  QEMU saves the same write with a
+            # write-zeroes of the cluster (``handle_alloc_space``).
+            if host >= self.file.size():
+                at = host + zero_cow
+            else:
+                content = bytearray(cs)
+                content[zero_cow : zero_cow + len(payload)] = payload
+                payload = content
         try:
             if started:
-                self.file.pwrite_started(payload, host, writeback)
+                self.file.pwrite_started(payload, at, writeback)
                 self._started = _Started(host, fresh, fresh[0][0] * cs, (fresh[-1][0] + 1) * cs)
                 return
-            self.file.pwrite(payload, host)
+            self.file.pwrite(payload, at)
         except BaseException:
             # the data did not land (a full disk): no entry points at the new clusters,
             # so they go back, and the refcounts claim nothing the file does not hold
