@@ -350,7 +350,10 @@ class Chain:
             if hm is not None:
                 i0 = ga - (r << REGION_BITS)
                 i1 = min(stop - (r << REGION_BITS), len(hm))
-                hm[i0:i1] = array(hm.typecode, [1]) * (i1 - i0)
+                if i1 - i0 == 1:  # one granule (a cluster of a write): no array to build
+                    hm[i0] = 1
+                elif i1 > i0:
+                    hm[i0:i1] = array(hm.typecode, [1]) * (i1 - i0)
             ga = stop
 
     def invalidate(self) -> None:
@@ -360,7 +363,10 @@ class Chain:
 
     # -- planning and reading --------------------------------------------------------------
 
-    def _plan(self, start: int, end: int, level: int = 0) -> Plan:
+    def _plan(self, start: int, end: int, level: int = 0, *, below: bool = False) -> Plan:
+        """Where the bytes of ``[start, end)`` of the disk ``layers[level]`` shows are;
+        ``below``: of the disk below the active layer (a granule the active layer holds
+        is planned from the layer under it)."""
         plan: Plan = []
         g = self.granule
         mask = (1 << REGION_BITS) - 1
@@ -377,7 +383,9 @@ class Chain:
             while j <= stop and hm[j] == h:
                 j += 1
             run_end = min(end, ((region << REGION_BITS) + j) * g)
-            if h:
+            if h == 1 and below:
+                self._plan_from(1, pos, run_end, plan)
+            elif h:
                 self._plan_from(h - 1, pos, run_end, plan)
             pos = run_end
         return plan
@@ -448,8 +456,17 @@ class Chain:
         return buf
 
     def _fill(self, offset: int, length: int) -> Buffer:
-        """The content below the active layer (called under the lock, for COW)."""
-        return self.read_below(0, offset, length)
+        """The content below the active layer (called under the lock, for COW), planned
+        from the map of who holds what, as reads are: where the active layer does not
+        answer (all a COW asks for), the disk shows what is below it, and the map names
+        the one layer that holds it instead of a walk down every layer's tables.  A range
+        no layer below shows data in gives b"" (``Fill``: zeros), with nothing allocated."""
+        plan = self._plan(offset, offset + length, below=True) if len(self.layers) > 1 else []
+        if not plan:
+            return b""
+        buf = bytearray(length)
+        self._execute(plan, offset, memoryview(buf))
+        return buf
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -463,11 +480,21 @@ class Chain:
 
     def write(self, offset: int, data: Buffer) -> None:
         """Write into the active layer (copy-on-write through the chain)."""
-        self._check_write(offset, len(data))
-        if len(data):
-            self._guest_write(
-                offset, len(data), lambda: self.active.write(offset, data, self._fill)
-            )
+        n = len(data)
+        self._check_write(offset, n)
+        if not n:
+            return
+        active = self.active
+
+        def apply() -> bool:
+            # where the active layer holds the range already, one host write and done:
+            # the map of who holds what stays as it is
+            if active.write_in_place(offset, data):
+                return False
+            active.write(offset, data, self._fill)
+            return True
+
+        self._guest_write(offset, n, apply)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zeros, as zero clusters where the format allows."""
@@ -478,19 +505,19 @@ class Chain:
             )
 
     def _guest_write(
-        self, offset: int, length: int, apply: Callable[[], None], *, claim: bool = True
+        self, offset: int, length: int, apply: Callable[[], bool | None], *, claim: bool = True
     ) -> None:
         """One guest request that changes ``[offset, offset+length)`` (``apply`` makes the
         change in the active layer), between the write hooks, all under the lock: every
         request that changes the disk (writes, zeroes, discards) goes through here.  With
         ``claim`` the active layer now answers for the range in the map of who holds
-        what (a discard updates the map itself)."""
+        what (a discard updates the map itself), unless ``apply`` returned False (it
+        answered for all of it already)."""
         with self.lock:
             for hook in self.write_hooks:
                 hook.before_write(offset, length)
             self.active.mark_dirty(offset, length)
-            apply()
-            if claim:
+            if apply() is not False and claim:
                 self.claim(offset, length)
             self.allocation_stale = True
             for hook in self.write_hooks:

@@ -339,7 +339,12 @@ class HostFile:
                 HostFile.observer("write", self.path, offset, bytes(data))
         except OSError as e:
             raise self._fail("writing", e) from None
-        self._pwrite(memoryview(data), offset)
+        try:
+            n = os.pwrite(self.fd, data, offset)
+        except OSError as e:
+            raise self._fail("writing", e) from None
+        if n < len(data):  # (short: the rest as ``_pwrite`` does it)
+            self._pwrite(memoryview(data)[n:], offset + n)
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         try:
