@@ -374,11 +374,7 @@ class Disk(Watched):
         # The kernel stamps the image files from the coarse clock, which lags time_ns() by
         # up to a tick; the flat file's times come from the images' after a remount, so
         # they are taken from the same clock to never go backwards.
-        # Set in the instance's dict, past ``Watched.__setattr__``: neither time is shown
-        # in ``.status``, and this runs once per guest write.
-        t = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
-        fields = self.__dict__
-        fields["mtime_ns"] = fields["ctime_ns"] = t
+        self.mtime_ns = self.ctime_ns = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
 
     # -- commands ---------------------------------------------------------------------------
 
