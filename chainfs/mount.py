@@ -178,13 +178,24 @@ def open_disks(
         log.warning("chain=%s refused: %s", spec.name, reason)
         src.refused.append(Refused(spec.name, spec.active, reason))
 
+    # the chains of a directory share their directories: each list is resolved once
+    # (realpath) rather than once a chain
+    confinements: dict[tuple[str, ...], Confinement] = {}
+
+    def confinement(paths: list[str]) -> Confinement:
+        key = tuple(paths)
+        found = confinements.get(key)
+        if found is None:
+            found = confinements[key] = Confinement.of(paths)
+        return found
+
     for spec in src.chains:
         if budget.room <= 0:  # no chain fits any more: say what each one would need
             refuse(spec, budget.refusal(descriptors.count_layers(spec.active)))
             continue
         # the chain's layers must lie in the directories the source gives for it or the
         # options allow, so that no flat file shows an arbitrary host file
-        confine = Confinement.of([*spec.homes, *opts.allow_dirs, *opts.allow_backing])
+        confine = confinement([*spec.homes, *opts.allow_dirs, *opts.allow_backing])
         if not opts.readonly and not src.owns(spec.name):
             try:
                 own_chain(src, spec.name)
@@ -222,7 +233,7 @@ def open_disks(
         if os.path.isdir(src.path):
             own.append(src.directory)
         # what snapshot and copy create there joins the chain
-        chain.confine = confine.widened(own)
+        chain.confine = confinement([*confine.roots, *own])
         # the chain's events history and job-id counter, kept beside the state file
         events = EventLog.open(src.directory, spec.name, writable=owned)
         disk = Disk(
@@ -309,6 +320,7 @@ async def _serve(
     owned: dict[str, Ownership] = {}
     if opts.shared is None:
         opts.shared = is_shared(_directory_of(source_path))
+    Ownership.shared_storage = bool(opts.shared)  # (before any lock is taken)
     try:
         if opts.adopt and not opts.readonly:
             directory = _directory_of(source_path)
