@@ -605,8 +605,10 @@ class Hosts:
             journal = Journal.load(src.directory, name, ownership=ownership)
             rec = Recovery(journals={name: journal})
             recover_chain(src, name, journal, rec)
-            fresh = sources.load(src.path, src.owned)
-            spec = next((c for c in fresh.chains if c.name == name), None)
+            spec = src.spec(name)
+            if spec is None:  # no record to go by: the source as a mount finds it
+                fresh = sources.load(src.path, src.owned)
+                spec = next((c for c in fresh.chains if c.name == name), None)
             if spec is None:
                 raise ChainfsError(f"chain {name!r} is no longer found in {src.path!r}")
             src.recorded[name] = spec.active

@@ -168,6 +168,19 @@ class Source:
     def _abs(self, path: str) -> str:
         return os.path.normpath(os.path.join(self.directory, path))
 
+    def spec(self, name: str) -> ChainSpec | None:
+        """Chain ``name`` as its state record (read again, its journal's work redone)
+        says it is now, from that record alone: what ``activate`` and ``adopt`` serve,
+        without a scan of the source (which read every image's header, O(chains) a
+        command).  None when the record names no active layer that is there (the caller
+        scans then).  An overlay made over the recorded layer by another tool while the
+        chain was owned elsewhere is found by the next mount's scan, not here."""
+        active = self.recorded.get(name)
+        if active is None or active in self.retired or not os.path.isfile(active):
+            return None
+        homes = next((c.homes for c in self.chains if c.name == name), (self.directory,))
+        return ChainSpec(name, active, homes)
+
     def own(self, chain: str) -> Ownership:
         """The locks of ``chain``, taken now if this process does not hold them yet
         (``OwnedElsewhere`` if another does); never taken again once lost."""
@@ -378,8 +391,13 @@ class Source:
             self.recorded[chain] = self._abs(active)
         self.on_disk[chain] = record
         mine = {self._abs(str(p)) for p in retired}
+        before = self.retired_by.get(chain, set())
         self.retired_by[chain] = mine
-        self.retired = set().union(*self.retired_by.values())
+        if before <= mine:
+            self.retired |= mine
+        else:  # a layer left the record: the union again (not for every record read: a
+            # mount reading thousands of records made that quadratic)
+            self.retired = set().union(*self.retired_by.values())
         self.generations[chain] = generation
 
     def _load_legacy(self) -> None:

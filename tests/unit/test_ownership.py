@@ -386,3 +386,46 @@ def test_status_judges_the_owner_by_the_owner_file_without_testing_its_lock(
     assert judge_owner(directory, "vm2") is None
     Path(chain_file(directory, "vm2", OWNER_SUFFIX)).write_bytes(b"[1, 2]\n")
     assert judge_owner(directory, "vm2") is None
+
+
+async def test_activate_looks_at_its_chain_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``activate`` (and ``adopt``, which takes a chain the same way) serves the chain
+    its state record names, without a scan of the source directory (which read every
+    image's header: O(chains) a command on a mount of thousands)."""
+    names = ["vm1", "vm2", "vm3"]
+    for name in names:
+        base, top = tmp_path / f"{name}-base.qcow2", tmp_path / f"{name}.qcow2"
+        create_overlay(str(base), size=1 << 20, backing=None, backing_format=None)
+        create_overlay(str(top), size=1 << 20, backing=base.name, backing_format="qcow2")
+    src, rec = recovery.recover(str(tmp_path), readonly=False)
+    opts = mount.MountOptions()
+    disks = mount.open_disks(src, opts, journals=rec.journals)
+    src.save()
+    try:
+        async with trio.open_nursery() as nursery:
+            hosts = mount.Hosts(src, opts, disks, rec, nursery, lambda d: None)
+            vm2 = disks[1]
+            assert vm2.name == "vm2"
+            hosts.inactivate(vm2)
+            assert not vm2.owned and not vm2.chain.writable
+
+            def scan(*args: object, **kw: object) -> None:
+                raise AssertionError("the source directory was scanned")
+
+            monkeypatch.setattr(sources, "load", scan)
+            monkeypatch.setattr(sources, "_scan_directory", scan)
+            hosts.take(vm2, Ownership.acquire(str(tmp_path), "vm2"), "activate")
+            assert vm2.owned and vm2.chain.writable
+            assert [os.path.basename(x.path) for x in vm2.chain.layers] == [
+                "vm2.qcow2",
+                "vm2-base.qcow2",
+            ]
+            nursery.cancel_scope.cancel()
+    finally:
+        for disk in disks:
+            disk.close()
+        rec.close()
+        for name in list(src.owned):
+            src.disown(name)
