@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from chainfs import mount, ownership
+from chainfs import descriptors, mount, ownership
 from chainfs import source as sources
 from chainfs.disk import Disk
 from chainfs.formats.qcow2 import create_overlay
@@ -423,6 +423,40 @@ async def test_activate_looks_at_its_chain_alone(
                 "vm2-base.qcow2",
             ]
             nursery.cancel_scope.cancel()
+    finally:
+        for disk in disks:
+            disk.close()
+        rec.close()
+        for name in list(src.owned):
+            src.disown(name)
+
+
+@pytest.mark.expect_log(r"WARNING chainfs\.(mount|descriptors): .*(refused|want of descriptors)")
+def test_chains_past_the_descriptor_limit_are_neither_owned_nor_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once no chain fits in the descriptors left, the rest are refused as they come,
+    before their locks are taken and their layers opened (each of 7,000 chains past a
+    limit was owned, opened, closed and given up again: a third of the mount's time)."""
+    names = ["vm1", "vm2", "vm3"]
+    for name in names:
+        create_overlay(
+            str(tmp_path / f"{name}.qcow2"), size=1 << 20, backing=None, backing_format=None
+        )
+    # room for one chain of one layer (1 + events log + owner, state and journal files)
+    # and a few descriptors more, too few for another
+    room = 1 + descriptors.EVENT_LOG + descriptors.OWNER_FILES + 3
+    monkeypatch.setattr(
+        descriptors.Budget, "now", classmethod(lambda cls: cls(limit=room, in_use=0, reserve=0))
+    )
+    src, rec = recovery.recover(str(tmp_path), readonly=False)
+    disks = mount.open_disks(src, mount.MountOptions(), journals=rec.journals)
+    try:
+        assert [d.name for d in disks] == ["vm1"]
+        assert [r.name for r in src.refused] == ["vm2", "vm3"]
+        assert all("EMFILE" in r.reason for r in src.refused)
+        for name in ("vm2", "vm3"):  # never locked: no owner file was made
+            assert not os.path.exists(chain_file(str(tmp_path), name, OWNER_SUFFIX))
     finally:
         for disk in disks:
             disk.close()
