@@ -68,6 +68,10 @@ REGION_BITS = 13  # granules per region: 8192
 # 256 is a disk of 128 GiB in 64 KiB clusters, about a tenth of a second on one layer;
 # a 1 PiB one took about 15 minutes, every request of the mount waiting behind it
 INLINE_COUNT = 256
+# a count in the background that took t seconds is not begun again until BACKGROUND_PAUSE
+# times t after the last one began: a big disk written all the time costs its counting
+# thread a tenth of a core at most, not a whole one
+BACKGROUND_PAUSE = 10
 REGION_CACHE = 256  # regions kept (16 KiB each)
 
 Plan = list[tuple[Layer, Extent]]
@@ -188,6 +192,7 @@ class Chain:
         self.allocation_stale = False
         self._counted_at = 0.0  # time.monotonic() of the last count
         self._count_queued = False  # sent to ``background``, not begun yet
+        self._count_took = 0.0  # seconds the last count in the background took
         self._shape = 0  # changes of shape (``_reset_granule``): a count across one is void
         self._closed = False  # (a count in a worker thread stops at its next region)
         # set when a chain deeper than MAX_DEPTH was opened read-only instead (``open``)
@@ -702,7 +707,8 @@ class Chain:
         if background is not None and not self.count_is_cheap():
             if self._allocated is None:
                 self._allocated = self.host_estimate()
-            if not self._count_queued:
+            rested = now - self._counted_at >= BACKGROUND_PAUSE * self._count_took
+            if not self._count_queued and rested:  # (else asked again by the write-back)
                 self._count_queued = True
                 background(self)
             return
@@ -724,7 +730,7 @@ class Chain:
             if self._closed:
                 return
             self.allocation_stale = False
-            self._counted_at = time.monotonic()
+            self._counted_at = began = time.monotonic()
         try:
             total = self._count(0)
         except ChainfsError:  # damaged metadata or a failing disk, as above
@@ -732,6 +738,7 @@ class Chain:
                 if self._closed:
                     return
                 total = self.host_estimate()
+        self._count_took = time.monotonic() - began
         if total is None:  # changed meanwhile: counted again when next asked
             self.allocation_stale = True
             return

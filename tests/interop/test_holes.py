@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from chainfs import chain as chain_module
 from chainfs.chain import Chain
 
 from . import images as im
@@ -182,7 +183,8 @@ def test_a_big_disks_count_of_its_data_goes_to_the_background(
     than ``INLINE_COUNT`` regions (1 TiB: 2,048) is not counted by the stat that asks:
     it answers with what the layers take on the host and the count is sent once; the
     count then gives the data; a count of a closed chain stops, one across a change
-    of shape is void and asked again."""
+    of shape is void and asked again, not sooner than ``BACKGROUND_PAUSE`` times the
+    last count's time after it began."""
     top = im.create(str(tmp_path / "E.qcow2"), 1 << 40)
     im.write(top, [(0, MiB, 0x55), ((1 << 40) - 64 * KiB, 64 * KiB, 0x66)])
     sent: list[Chain] = []
@@ -205,6 +207,10 @@ def test_a_big_disks_count_of_its_data_goes_to_the_background(
 
         chain.write(4 * MiB, b"x" * 4096)
         chain.allocation_stale = True
+        monkeypatch.setattr(chain_module, "BACKGROUND_PAUSE", 1e9)
+        chain.refresh_allocation()
+        assert sent == [chain]  # not again so soon after a count (BACKGROUND_PAUSE)
+        monkeypatch.setattr(chain_module, "BACKGROUND_PAUSE", 0)
         chain.refresh_allocation()
         assert sent == [chain, chain]
         monkeypatch.setattr(chain, "_holders", reshape)
