@@ -35,7 +35,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from .buffers import zero_fill
 from .confine import Confinement
@@ -63,6 +63,15 @@ MAX_DEPTH = 1000  # layers: a snapshot that would pass it is refused (jobs/snaps
 # map of who holds what names a layer by 1 + its index in 16 bits
 MAX_READ_ONLY_DEPTH = 0xFFFF - 1
 REGION_BITS = 13  # granules per region: 8192
+# a count of the data (st_blocks) over more than this many regions of the map is not
+# done on the caller's thread where a background counter is set (``Chain.background``):
+# 256 is a disk of 128 GiB in 64 KiB clusters, about a tenth of a second on one layer;
+# a 1 PiB one took about 15 minutes, every request of the mount waiting behind it
+INLINE_COUNT = 256
+# a count in the background that took t seconds is not begun again until BACKGROUND_PAUSE
+# times t after the last one began: a big disk written all the time costs its counting
+# thread a tenth of a core at most, not a whole one
+BACKGROUND_PAUSE = 10
 REGION_CACHE = 256  # regions kept (16 KiB each)
 
 Plan = list[tuple[Layer, Extent]]
@@ -157,6 +166,11 @@ class WriteHook(Protocol):
 class Chain:
     """An open chain, active layer first."""
 
+    # where a count of the data too big for the caller's thread (``INLINE_COUNT``) is
+    # sent: a mount's counter, which runs ``count_in_background`` in a worker thread;
+    # None (tools, tests): counted on the spot
+    background: ClassVar[Callable[[Chain], None] | None] = None
+
     def __init__(self, layers: list[Layer], *, writable: bool) -> None:
         self.layers = layers
         self.writable = writable
@@ -177,6 +191,10 @@ class Chain:
         self._allocated: int | None = None
         self.allocation_stale = False
         self._counted_at = 0.0  # time.monotonic() of the last count
+        self._count_queued = False  # sent to ``background``, not begun yet
+        self._count_took = 0.0  # seconds the last count in the background took
+        self._shape = 0  # changes of shape (``_reset_granule``): a count across one is void
+        self._closed = False  # (a count in a worker thread stops at its next region)
         # set when a chain deeper than MAX_DEPTH was opened read-only instead (``open``)
         self.too_deep = False
         self._reset_granule()
@@ -288,6 +306,7 @@ class Chain:
         self._level_regions.clear()
         self.engine.forget()
         self.allocation_stale = True
+        self._shape += 1
 
     # -- the "who holds it" map ----------------------------------------------------------
 
@@ -642,21 +661,56 @@ class Chain:
     def count_data(self, level: int = 0) -> int:
         """The bytes SEEK_DATA finds in the disk ``layers[level]`` shows, counted now (a
         walk of the map: a layer view's ``st_blocks``, counted once per view)."""
-        total, pos, size = 0, 0, self.size_at(level)
-        while pos < size:
-            start = self.seek_data(pos, level)
-            if start is None:
-                break
-            stop = self.seek_hole(start, level)
-            stop = size if stop is None else stop
-            total += stop - start
-            pos = stop
+        while True:
+            found = self._count(level)
+            if found is not None:
+                return found
+            if self._closed:
+                raise ChainError("the chain was closed while its data was counted")
+
+    def _count(self, level: int) -> int | None:
+        """``count_data``, the lock taken a region of the map at a time, so that a count
+        in a worker thread holds the chain's other users up for one region at most;
+        None if the chain changed shape or closed meanwhile."""
+        total, region, shape = 0, 0, self._shape
+        while True:
+            with self.lock:
+                if self._closed or self._shape != shape:
+                    return None
+                size, g = self.size_at(level), self.granule
+                base = region << REGION_BITS
+                if base * g >= size:
+                    return total
+                hm = self._holders(region, level)
+                for i, j, h in _runs(hm, 0):
+                    if h:
+                        total += self._data_in(h - 1, (base + i) * g, min(size, (base + j) * g))
+            region += 1
+
+    def _data_in(self, level: int, a: int, b: int) -> int:
+        """The bytes of the granules in ``[a, b)`` (all answered for by ``layers[level]``
+        and below) that hold data: what ``_seek`` finds there, summed."""
+        g = self.granule
+        spans = sorted((s - s % g, -(-e // g) * g) for s, e in self._data_spans(level, a, b))
+        total, pos = 0, a
+        for s, e in spans:
+            s, e = max(s, pos), min(e, b)
+            if e > s:
+                total += e - s
+                pos = e
         return total
+
+    def count_is_cheap(self, level: int = 0) -> bool:
+        """Whether counting the data of the disk ``layers[level]`` shows may be done on
+        the caller's thread (``INLINE_COUNT``)."""
+        granules = -(-self.size_at(level) // self.granule)
+        return -(-granules >> REGION_BITS) <= INLINE_COUNT
 
     def allocated(self) -> int:
         """The bytes of the disk that hold data (what SEEK_DATA finds), as last counted:
         ``st_blocks`` of the flat file.  Counted on the first call and again by
-        ``refresh_allocation``; a stat never walks the chain."""
+        ``refresh_allocation``; a stat never walks the chain (a big disk's count runs in
+        the background: until it ends, what its layers take on the host)."""
         if self._allocated is None:
             self.refresh_allocation(force=True)
         assert self._allocated is not None
@@ -667,11 +721,23 @@ class Chain:
         it (``allocation_stale``), a region of the map at a time under the lock; with
         ``min_interval``, only if the last count is at least that many seconds old (a
         ``fstrim`` sends a discard per free extent: one count each would cost more than
-        the discards)."""
+        the discards).  A count too big for the caller's thread is sent to
+        ``background`` (once, however often asked before it begins); the figure stays
+        the last count (before the first, what the layers take on the host) until it
+        ends."""
         if not (force or self.allocation_stale):
             return
         now = time.monotonic()
         if not force and now - self._counted_at < min_interval:
+            return
+        background = Chain.background
+        if background is not None and not self.count_is_cheap():
+            if self._allocated is None:
+                self._allocated = self.host_estimate()
+            rested = now - self._counted_at >= BACKGROUND_PAUSE * self._count_took
+            if not self._count_queued and rested:  # (else asked again by the write-back)
+                self._count_queued = True
+                background(self)
             return
         self._counted_at = now
         self.allocation_stale = False
@@ -681,6 +747,29 @@ class Chain:
             # damaged metadata (its reads and writes report it) or a failing disk: a
             # stat must still answer, with what the layers take on the host
             self._allocated = self.host_estimate()
+
+    def count_in_background(self) -> None:
+        """``refresh_allocation``'s count, in a worker thread (``background``): the lock
+        is held a region at a time (``count_data``); a chain closed meanwhile is left
+        alone, one that changed shape is counted again when next asked."""
+        with self.lock:
+            self._count_queued = False
+            if self._closed:
+                return
+            self.allocation_stale = False
+            self._counted_at = began = time.monotonic()
+        try:
+            total = self._count(0)
+        except ChainfsError:  # damaged metadata or a failing disk, as above
+            with self.lock:
+                if self._closed:
+                    return
+                total = self.host_estimate()
+        self._count_took = time.monotonic() - began
+        if total is None:  # changed meanwhile: counted again when next asked
+            self.allocation_stale = True
+            return
+        self._allocated = total
 
     # -- changing the chain's shape ------------------------------------------------------
 
@@ -875,6 +964,7 @@ class Chain:
     def close(self) -> None:
         """Flush, mark clean and close every layer."""
         with self.lock:
+            self._closed = True
             _close_all(self.layers)
 
 

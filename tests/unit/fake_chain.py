@@ -36,6 +36,9 @@ class FakeChain:
     def count_data(self, level: int = 0) -> int:
         return 4096 * (len(self.layers) - level)
 
+    def count_is_cheap(self, level: int = 0) -> bool:
+        return True
+
     def allocated(self) -> int:
         return 4096
 
