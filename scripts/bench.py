@@ -42,7 +42,9 @@ node names A..E), one server at a time, alternating, and measures through each:
   read-only), then 4 KiB writes into a fresh overlay F (a replayed log: every write
   allocates a cluster) and random overwrites of its allocated clusters at QD 1 and 16,
   each with the server's CPU time per request (utime+stime from ``/proc/PID/stat`` over
-  the run, divided by fio's request count).
+  the run, divided by fio's request count) and the fractions of the run the server's
+  main thread ran and waited, runnable, for a CPU (``/proc/PID/schedstat``): on a loaded
+  machine a server that is not running is mostly waiting for a CPU, not for requests.
 
 The views part (``--parts views``, not run by default) builds a chain of 1,000 empty
 qcow2 layers (``qemu-img create -b`` in a loop) and one of 5, mounts each with ``chainfs
@@ -64,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -927,14 +930,46 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
 
 
-def fio_with_cpu(args: list[str], pid: int) -> tuple[float, float]:
-    """Run a fio job; its IOPS (reads and writes) and the server's CPU time per request
-    (µs): the server's utime+stime over the run divided by fio's request count."""
+def parse_schedstat(text: str) -> tuple[int, int]:
+    """The first two fields of ``/proc/PID/schedstat``: nanoseconds the thread ran on a
+    CPU, and nanoseconds it was runnable but waited on a run queue for one."""
+    ran, waited = text.split()[:2]
+    return int(ran), int(waited)
+
+
+def sched_ns(pid: int) -> tuple[int, int] | None:
+    """``parse_schedstat`` of the process's main thread (the one that serves FUSE, for
+    both servers: chainfs's trio thread, qemu-storage-daemon's main loop); None where the
+    kernel has no schedstat."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return parse_schedstat(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def sched_shares(
+    before: tuple[int, int] | None, after: tuple[int, int] | None, wall: float
+) -> tuple[float, float]:
+    """The fractions of ``wall`` (seconds) the main thread ran, and waited for a CPU while
+    runnable, between two ``sched_ns`` readings; the rest it slept (waited for work). NaN
+    where the readings are missing."""
+    if before is None or after is None or wall <= 0:
+        return math.nan, math.nan
+    return (after[0] - before[0]) / 1e9 / wall, (after[1] - before[1]) / 1e9 / wall
+
+
+def fio_with_cpu(args: list[str], pid: int) -> tuple[float, float, float, float]:
+    """Run a fio job; its IOPS (reads and writes), the server's CPU time per request
+    (µs): the server's utime+stime over the run divided by fio's request count, and the
+    fractions of the run its main thread ran and waited for a CPU (``sched_shares``)."""
     before = cpu_ticks(pid)
+    sched_before = sched_ns(pid)
     start = time.perf_counter()
     out = run(args)
     wall = time.perf_counter() - start
     ticks = cpu_ticks(pid) - before
+    ran, waited = sched_shares(sched_before, sched_ns(pid), wall)
     job = json.loads(out[out.index("{") :])["jobs"][0]
     if job.get("error"):
         sys.exit(f"bench: {' '.join(args)}: fio error {job['error']}")
@@ -945,7 +980,7 @@ def fio_with_cpu(args: list[str], pid: int) -> tuple[float, float]:
     if not job["read"]["runtime"] and not job["write"]["runtime"]:
         iops = ios / wall  # (a replay too short for fio's own figure)
     cpu_us = ticks / os.sysconf("SC_CLK_TCK") / ios * 1e6
-    return iops, cpu_us
+    return iops, cpu_us, ran, waited
 
 
 # (label, rw, bs, engine, depth, jobs)
@@ -981,21 +1016,34 @@ QD_OVERWRITES: list[QdJob] = [
 ]
 QD_FRESH_DEPTHS = (1, 16)  # the fresh-overlay writes: one replay per depth
 QD_ROWS = frozenset({"reads", "writes"})  # the groups of rows (``--qd-rows``)
+# one run of a row: IOPS, CPU µs per request, main thread's ran and waited fractions
+QdRun = tuple[float, float, float, float]
 
 
 @dataclass
 class QdResults:
-    """label -> (chainfs runs, qemu runs), each run (IOPS, CPU µs per request)."""
+    """label -> (chainfs runs, qemu runs), each run (IOPS, CPU µs per request, fraction
+    of the run the server's main thread ran, fraction it waited for a CPU)."""
 
-    rows: dict[str, tuple[list[tuple[float, float]], list[tuple[float, float]]]] = field(
-        default_factory=dict
-    )
+    rows: dict[str, tuple[list[QdRun], list[QdRun]]] = field(default_factory=dict)
     commands: dict[str, str] = field(default_factory=dict)
 
-    def add(self, label: str, side: str, figures: tuple[float, float]) -> None:
+    def add(self, label: str, side: str, figures: QdRun) -> None:
         pair = self.rows.setdefault(label, ([], []))
         (pair[0] if side == "chainfs" else pair[1]).append(figures)
-        log(f"    {side}: {label}: {figures[0]:.0f} IOPS, {figures[1]:.1f} us CPU/request")
+        log(
+            f"    {side}: {label}: {figures[0]:.0f} IOPS, {figures[1]:.1f} us CPU/request,"
+            f" main thread {fmt_sched(figures)}"
+        )
+
+
+def fmt_sched(figures: QdRun) -> str:
+    """``ran/waited`` (fractions of the run): the main thread on a CPU, and runnable but
+    waiting for one; ``-`` where the kernel gives no schedstat."""
+    ran, waited = figures[2], figures[3]
+    if math.isnan(ran) or math.isnan(waited):
+        return "-"
+    return f"{ran:.2f}/{waited:.2f}"
 
 
 def qd_bench(
@@ -1090,6 +1138,8 @@ def qd_rows(r: QdResults) -> list[tuple[str, ...]]:
                 f"{ratio:.2f}",
                 f"{c[1]:.1f}",
                 f"{q[1]:.1f}",
+                fmt_sched(c),
+                fmt_sched(q),
                 fmt_ok(ratio >= FUSE_TARGET),
             )
         )
@@ -1103,6 +1153,8 @@ QD_HEADER = (
     "ratio",
     "chainfs CPU us/req",
     "qsd CPU us/req",
+    "chainfs ran/waited",
+    "qsd ran/waited",
     ">= 1.0",
 )
 
@@ -1599,7 +1651,9 @@ def main(argv: list[str] | None = None) -> int:
         print_table(
             f"queue depth: chainfs against qemu-storage-daemon, seed chain of {size >> 20} MiB"
             f" (five layers), best of {runs} runs; CPU = the server's utime+stime over the"
-            " run / requests",
+            " run / requests; ran/waited = the fractions of the run the server's main thread"
+            " was on a CPU / runnable but waiting for one (/proc/PID/schedstat; the rest it"
+            " slept, waiting for requests)",
             qd_rows(qd),
             QD_HEADER,
         )
