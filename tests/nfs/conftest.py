@@ -324,11 +324,15 @@ class Site:
         self.sh("a", " && ".join(script))
         return names
 
-    def check_images(self, names: Iterable[str]) -> None:
-        """``qemu-img check`` clean for each image (on the server: no NFS cache)."""
+    def check_images(self, names: Iterable[str], leaks: bool = False) -> None:
+        """``qemu-img check`` clean for each image (on the server: no NFS cache);
+        ``leaks``: leaked clusters allowed (exit status 3, "no harm to data": what a
+        daemon killed in the middle of a cluster's allocation leaves), no corruption."""
         for name in names:
             r = self.sh(None, f"qemu-img check -U {name}", check=False)
-            assert r.rc == 0, f"qemu-img check {name}: {r.rc}\n{r.out}{r.err}"
+            assert r.rc == 0 or (leaks and r.rc == 3), (
+                f"qemu-img check {name}: {r.rc}\n{r.out}{r.err}"
+            )
 
     def digest(self, active: str) -> str:
         """The chain's content from QEMU's reading (on the server)."""
