@@ -35,7 +35,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from .buffers import zero_fill
 from .confine import Confinement
@@ -63,6 +63,15 @@ MAX_DEPTH = 1000  # layers: a snapshot that would pass it is refused (jobs/snaps
 # map of who holds what names a layer by 1 + its index in 16 bits
 MAX_READ_ONLY_DEPTH = 0xFFFF - 1
 REGION_BITS = 13  # granules per region: 8192
+# a count of the data (st_blocks) over more than this many regions of the map is not
+# done on the caller's thread where a background counter is set (``Chain.background``):
+# 256 is a disk of 128 GiB in 64 KiB clusters, about a tenth of a second on one layer;
+# a 1 PiB one took about 15 minutes, every request of the mount waiting behind it
+INLINE_COUNT = 256
+# a count in the background that took t seconds is not begun again until BACKGROUND_PAUSE
+# times t after the last one began: a big disk written all the time costs its counting
+# thread a tenth of a core at most, not a whole one
+BACKGROUND_PAUSE = 10
 REGION_CACHE = 256  # regions kept (16 KiB each)
 
 Plan = list[tuple[Layer, Extent]]
@@ -157,6 +166,11 @@ class WriteHook(Protocol):
 class Chain:
     """An open chain, active layer first."""
 
+    # where a count of the data too big for the caller's thread (``INLINE_COUNT``) is
+    # sent: a mount's counter, which runs ``count_in_background`` in a worker thread;
+    # None (tools, tests): counted on the spot
+    background: ClassVar[Callable[[Chain], None] | None] = None
+
     def __init__(self, layers: list[Layer], *, writable: bool) -> None:
         self.layers = layers
         self.writable = writable
@@ -177,6 +191,10 @@ class Chain:
         self._allocated: int | None = None
         self.allocation_stale = False
         self._counted_at = 0.0  # time.monotonic() of the last count
+        self._count_queued = False  # sent to ``background``, not begun yet
+        self._count_took = 0.0  # seconds the last count in the background took
+        self._shape = 0  # changes of shape (``_reset_granule``): a count across one is void
+        self._closed = False  # (a count in a worker thread stops at its next region)
         # set when a chain deeper than MAX_DEPTH was opened read-only instead (``open``)
         self.too_deep = False
         self._reset_granule()
@@ -288,6 +306,7 @@ class Chain:
         self._level_regions.clear()
         self.engine.forget()
         self.allocation_stale = True
+        self._shape += 1
 
     # -- the "who holds it" map ----------------------------------------------------------
 
@@ -350,7 +369,10 @@ class Chain:
             if hm is not None:
                 i0 = ga - (r << REGION_BITS)
                 i1 = min(stop - (r << REGION_BITS), len(hm))
-                hm[i0:i1] = array(hm.typecode, [1]) * (i1 - i0)
+                if i1 - i0 == 1:  # one granule (a cluster of a write): no array to build
+                    hm[i0] = 1
+                elif i1 > i0:
+                    hm[i0:i1] = array(hm.typecode, [1]) * (i1 - i0)
             ga = stop
 
     def invalidate(self) -> None:
@@ -360,7 +382,10 @@ class Chain:
 
     # -- planning and reading --------------------------------------------------------------
 
-    def _plan(self, start: int, end: int, level: int = 0) -> Plan:
+    def _plan(self, start: int, end: int, level: int = 0, *, below: bool = False) -> Plan:
+        """Where the bytes of ``[start, end)`` of the disk ``layers[level]`` shows are;
+        ``below``: of the disk below the active layer (a granule the active layer holds
+        is planned from the layer under it)."""
         plan: Plan = []
         g = self.granule
         mask = (1 << REGION_BITS) - 1
@@ -377,7 +402,9 @@ class Chain:
             while j <= stop and hm[j] == h:
                 j += 1
             run_end = min(end, ((region << REGION_BITS) + j) * g)
-            if h:
+            if h == 1 and below:
+                self._plan_from(1, pos, run_end, plan)
+            elif h:
                 self._plan_from(h - 1, pos, run_end, plan)
             pos = run_end
         return plan
@@ -448,8 +475,17 @@ class Chain:
         return buf
 
     def _fill(self, offset: int, length: int) -> Buffer:
-        """The content below the active layer (called under the lock, for COW)."""
-        return self.read_below(0, offset, length)
+        """The content below the active layer (called under the lock, for COW), planned
+        from the map of who holds what, as reads are: where the active layer does not
+        answer (all a COW asks for), the disk shows what is below it, and the map names
+        the one layer that holds it instead of a walk down every layer's tables.  A range
+        no layer below shows data in gives b"" (``Fill``: zeros), with nothing allocated."""
+        plan = self._plan(offset, offset + length, below=True) if len(self.layers) > 1 else []
+        if not plan:
+            return b""
+        buf = bytearray(length)
+        self._execute(plan, offset, memoryview(buf))
+        return buf
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -463,11 +499,21 @@ class Chain:
 
     def write(self, offset: int, data: Buffer) -> None:
         """Write into the active layer (copy-on-write through the chain)."""
-        self._check_write(offset, len(data))
-        if len(data):
-            self._guest_write(
-                offset, len(data), lambda: self.active.write(offset, data, self._fill)
-            )
+        n = len(data)
+        self._check_write(offset, n)
+        if not n:
+            return
+        active = self.active
+
+        def apply() -> bool:
+            # where the active layer holds the range already, one host write and done:
+            # the map of who holds what stays as it is
+            if active.write_in_place(offset, data):
+                return False
+            active.write(offset, data, self._fill)
+            return True
+
+        self._guest_write(offset, n, apply)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zeros, as zero clusters where the format allows."""
@@ -478,19 +524,19 @@ class Chain:
             )
 
     def _guest_write(
-        self, offset: int, length: int, apply: Callable[[], None], *, claim: bool = True
+        self, offset: int, length: int, apply: Callable[[], bool | None], *, claim: bool = True
     ) -> None:
         """One guest request that changes ``[offset, offset+length)`` (``apply`` makes the
         change in the active layer), between the write hooks, all under the lock: every
         request that changes the disk (writes, zeroes, discards) goes through here.  With
         ``claim`` the active layer now answers for the range in the map of who holds
-        what (a discard updates the map itself)."""
+        what (a discard updates the map itself), unless ``apply`` returned False (it
+        answered for all of it already)."""
         with self.lock:
             for hook in self.write_hooks:
                 hook.before_write(offset, length)
             self.active.mark_dirty(offset, length)
-            apply()
-            if claim:
+            if apply() is not False and claim:
                 self.claim(offset, length)
             self.allocation_stale = True
             for hook in self.write_hooks:
@@ -615,21 +661,56 @@ class Chain:
     def count_data(self, level: int = 0) -> int:
         """The bytes SEEK_DATA finds in the disk ``layers[level]`` shows, counted now (a
         walk of the map: a layer view's ``st_blocks``, counted once per view)."""
-        total, pos, size = 0, 0, self.size_at(level)
-        while pos < size:
-            start = self.seek_data(pos, level)
-            if start is None:
-                break
-            stop = self.seek_hole(start, level)
-            stop = size if stop is None else stop
-            total += stop - start
-            pos = stop
+        while True:
+            found = self._count(level)
+            if found is not None:
+                return found
+            if self._closed:
+                raise ChainError("the chain was closed while its data was counted")
+
+    def _count(self, level: int) -> int | None:
+        """``count_data``, the lock taken a region of the map at a time, so that a count
+        in a worker thread holds the chain's other users up for one region at most;
+        None if the chain changed shape or closed meanwhile."""
+        total, region, shape = 0, 0, self._shape
+        while True:
+            with self.lock:
+                if self._closed or self._shape != shape:
+                    return None
+                size, g = self.size_at(level), self.granule
+                base = region << REGION_BITS
+                if base * g >= size:
+                    return total
+                hm = self._holders(region, level)
+                for i, j, h in _runs(hm, 0):
+                    if h:
+                        total += self._data_in(h - 1, (base + i) * g, min(size, (base + j) * g))
+            region += 1
+
+    def _data_in(self, level: int, a: int, b: int) -> int:
+        """The bytes of the granules in ``[a, b)`` (all answered for by ``layers[level]``
+        and below) that hold data: what ``_seek`` finds there, summed."""
+        g = self.granule
+        spans = sorted((s - s % g, -(-e // g) * g) for s, e in self._data_spans(level, a, b))
+        total, pos = 0, a
+        for s, e in spans:
+            s, e = max(s, pos), min(e, b)
+            if e > s:
+                total += e - s
+                pos = e
         return total
+
+    def count_is_cheap(self, level: int = 0) -> bool:
+        """Whether counting the data of the disk ``layers[level]`` shows may be done on
+        the caller's thread (``INLINE_COUNT``)."""
+        granules = -(-self.size_at(level) // self.granule)
+        return -(-granules >> REGION_BITS) <= INLINE_COUNT
 
     def allocated(self) -> int:
         """The bytes of the disk that hold data (what SEEK_DATA finds), as last counted:
         ``st_blocks`` of the flat file.  Counted on the first call and again by
-        ``refresh_allocation``; a stat never walks the chain."""
+        ``refresh_allocation``; a stat never walks the chain (a big disk's count runs in
+        the background: until it ends, what its layers take on the host)."""
         if self._allocated is None:
             self.refresh_allocation(force=True)
         assert self._allocated is not None
@@ -640,11 +721,23 @@ class Chain:
         it (``allocation_stale``), a region of the map at a time under the lock; with
         ``min_interval``, only if the last count is at least that many seconds old (a
         ``fstrim`` sends a discard per free extent: one count each would cost more than
-        the discards)."""
+        the discards).  A count too big for the caller's thread is sent to
+        ``background`` (once, however often asked before it begins); the figure stays
+        the last count (before the first, what the layers take on the host) until it
+        ends."""
         if not (force or self.allocation_stale):
             return
         now = time.monotonic()
         if not force and now - self._counted_at < min_interval:
+            return
+        background = Chain.background
+        if background is not None and not self.count_is_cheap():
+            if self._allocated is None:
+                self._allocated = self.host_estimate()
+            rested = now - self._counted_at >= BACKGROUND_PAUSE * self._count_took
+            if not self._count_queued and rested:  # (else asked again by the write-back)
+                self._count_queued = True
+                background(self)
             return
         self._counted_at = now
         self.allocation_stale = False
@@ -654,6 +747,29 @@ class Chain:
             # damaged metadata (its reads and writes report it) or a failing disk: a
             # stat must still answer, with what the layers take on the host
             self._allocated = self.host_estimate()
+
+    def count_in_background(self) -> None:
+        """``refresh_allocation``'s count, in a worker thread (``background``): the lock
+        is held a region at a time (``count_data``); a chain closed meanwhile is left
+        alone, one that changed shape is counted again when next asked."""
+        with self.lock:
+            self._count_queued = False
+            if self._closed:
+                return
+            self.allocation_stale = False
+            self._counted_at = began = time.monotonic()
+        try:
+            total = self._count(0)
+        except ChainfsError:  # damaged metadata or a failing disk, as above
+            with self.lock:
+                if self._closed:
+                    return
+                total = self.host_estimate()
+        self._count_took = time.monotonic() - began
+        if total is None:  # changed meanwhile: counted again when next asked
+            self.allocation_stale = True
+            return
+        self._allocated = total
 
     # -- changing the chain's shape ------------------------------------------------------
 
@@ -848,6 +964,7 @@ class Chain:
     def close(self) -> None:
         """Flush, mark clean and close every layer."""
         with self.lock:
+            self._closed = True
             _close_all(self.layers)
 
 

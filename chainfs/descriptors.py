@@ -82,6 +82,10 @@ class Budget:
     def room(self) -> int:
         return self.limit - self.reserve - self.in_use
 
+    def fits(self, layers: int) -> bool:
+        """Whether a chain of ``layers`` layers would fit now."""
+        return layers + EVENT_LOG + OWNER_FILES <= self.room
+
     def take(self, layers: int) -> bool:
         """Count a chain of ``layers`` layers as served, if it fits."""
         need = layers + EVENT_LOG + OWNER_FILES

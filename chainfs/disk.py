@@ -115,8 +115,9 @@ class Writer:
     refused: bool = False  # a write was refused: the command is over
 
 
-# what ``control/.status`` shows of a chain besides its name: setting one of these calls
-# ``Disk.on_status`` (the mount keeps each chain's line until then)
+# what ``control/.status`` shows of a chain besides its name: whoever sets one of these
+# (after ``__init__``) calls ``shown_changed`` (the mount keeps each chain's line until
+# then); ``tests/unit/test_lookups.py`` checks that this module and ``mount.py`` do
 SHOWN_IN_STATUS = frozenset({"chain", "owned", "fenced", "suspended", "warning"})
 
 
@@ -126,8 +127,6 @@ def _unwatched(disk: Disk) -> None:
 
 class Disk(Watched):
     """One chain as the mount serves it."""
-
-    SHOWN = SHOWN_IN_STATUS
 
     def __init__(
         self,
@@ -143,8 +142,8 @@ class Disk(Watched):
         events: EventLog | None = None,
     ) -> None:
         # told when the chain's line of ``.status`` changes (a field of
-        # ``SHOWN_IN_STATUS`` set, the chain's layers changed: ``status_changed``); the
-        # mount's ``Operations`` sets it
+        # ``SHOWN_IN_STATUS`` set: ``shown_changed``; the chain's layers changed:
+        # ``status_changed``); the mount's ``Operations`` sets it
         self.on_status: Callable[[Disk], None] = _unwatched
         self.name = name
         self.chain = chain
@@ -269,6 +268,7 @@ class Disk(Watched):
         if self.suspended is not None or self.fenced is not None or not self.owned:
             return
         self.suspended = reason
+        self.shown_changed()
         log.warning("ownership of %s suspended: %s", self.name, reason)
         self.emit("OWNERSHIP_SUSPENDED", reason=reason)
         job = self.job
@@ -281,6 +281,7 @@ class Disk(Watched):
         if self.suspended is None or self.fenced is not None:
             return
         self.suspended = None
+        self.shown_changed()
         self._release_job()
         log.info("ownership of %s resumed: the owner file is written again", self.name)
         self.emit("OWNERSHIP_RESUMED")
@@ -297,6 +298,7 @@ class Disk(Watched):
             return
         self.fenced = reason
         self.suspended = None
+        self.shown_changed()
         self._release_job()  # a job held by a suspension goes on to stop
         ownership = self.source.owned.get(self.name)
         if ownership is not None:
@@ -377,6 +379,7 @@ class Disk(Watched):
             lock_readers(self.name, fresh)
         fresh.confine = self.chain.confine
         old, self.chain = self.chain, fresh
+        self.shown_changed()
         self.seen = seen
         self.views.chain = fresh
         self.views.refresh()

@@ -38,6 +38,7 @@ Locking contract: used only from the trio thread (or before it starts).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -46,7 +47,7 @@ import re
 from datetime import UTC, datetime
 
 from .control import format_line, parse_line
-from .hostfile import HostIOError, sync_dir
+from .hostfile import HostIOError, open_meta, sync_dir
 from .logs import Throttle
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,14 @@ _MAX_STEM = 200  # bytes of a chain name used as a file name as it is
 
 def _stem(chain: str) -> str:
     """The file-name stem of a chain's log: its name, or (too long for a file name with
-    a suffix) a prefix of it and a digest."""
+    a suffix, or no file name: a ``/`` in it, as a forged state record could give) a
+    prefix of it and a digest; never a path out of the directory."""
     raw = os.fsencode(chain)
-    if len(raw) <= _MAX_STEM and not chain.startswith("."):
+    if len(raw) <= _MAX_STEM and not chain.startswith(".") and not {"/", "\0"} & set(chain):
         return chain
     digest = hashlib.sha256(raw).hexdigest()[:16]
-    return os.fsdecode(raw[:100]).rstrip(".") + "~" + digest
+    head = raw[:100].replace(b"/", b"_").replace(b"\0", b"_")
+    return os.fsdecode(head).rstrip(".") + "~" + digest
 
 
 def _valid(line: bytes) -> bool:
@@ -160,6 +163,8 @@ class EventLog:
     def _migrate(self) -> None:
         """Move the chain's history from where earlier versions kept it, file by file."""
         moved = False
+        if os.path.islink(self.legacy_dir):  # not chainfs's: nothing is moved from there
+            return
         try:
             for old, new in self.legacy:
                 if os.path.lexists(old) and not os.path.lexists(new):
@@ -258,9 +263,7 @@ class EventLog:
             if not os.path.isdir(self.dir):
                 os.makedirs(self.dir, exist_ok=True)
                 sync_dir(os.path.dirname(self.dir))
-            self._fd = os.open(
-                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
-            )
+            self._fd = open_meta(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             if os.fstat(self._fd).st_size == 0:
                 os.fdatasync(self._fd)
                 sync_dir(self.dir)  # the new file itself must survive a power loss
@@ -280,7 +283,9 @@ class EventLog:
         self.close()
         good, _ = _read_lines(self.path)
         tmp = self.path + ".tmp"
-        with open(tmp, "wb") as f:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # (a file left by a crash, or planted: a new one is made)
+        with open(open_meta(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
             f.write(b"".join(x + b"\n" for x in good))
             f.flush()
             os.fsync(f.fileno())
@@ -310,7 +315,7 @@ class EventLog:
         if self._ids_fd < 0:
             assert self.dir is not None
             self._open()  # the directory
-            self._ids_fd = os.open(self.ids_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._ids_fd = open_meta(self.ids_path, os.O_RDWR | os.O_CREAT)
             created = os.fstat(self._ids_fd).st_size == 0
         else:
             created = False

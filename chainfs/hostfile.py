@@ -205,6 +205,33 @@ def sync_dir(path: str) -> None:
         os.close(fd)
 
 
+SYMLINK_REFUSED = "a symlink, which chainfs never follows among its own files"
+
+
+def open_meta(path: str, flags: int, mode: int = 0o644) -> int:
+    """Open one of chainfs's own files (``.chainfs/CHAIN.journal``, ``.state``,
+    ``.owner``, ``.events``...) by ``os.open`` ``flags``, never through a symlink: not
+    the file's name (``O_NOFOLLOW``), nor its directory's (opened first, ``O_NOFOLLOW``,
+    the file then opened relative to it).  Whoever can write the image directory can
+    plant a symlink there; followed, a journal compaction would truncate, a state save
+    overwrite, a file elsewhere on the host.  ``OSError`` (ELOOP for a symlink)."""
+    directory, name = os.path.split(path)
+    try:
+        dfd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(directory):
+            raise OSError(errno.ELOOP, SYMLINK_REFUSED, directory) from None
+        raise
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, SYMLINK_REFUSED, path) from None
+        raise
+    finally:
+        os.close(dfd)
+
+
 class HostFile:
     """An open image file with positional I/O."""
 
@@ -312,7 +339,12 @@ class HostFile:
                 HostFile.observer("write", self.path, offset, bytes(data))
         except OSError as e:
             raise self._fail("writing", e) from None
-        self._pwrite(memoryview(data), offset)
+        try:
+            n = os.pwrite(self.fd, data, offset)
+        except OSError as e:
+            raise self._fail("writing", e) from None
+        if n < len(data):  # (short: the rest as ``_pwrite`` does it)
+            self._pwrite(memoryview(data)[n:], offset + n)
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         try:

@@ -32,9 +32,11 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -56,7 +58,7 @@ from .fs import Operations
 from .hostfile import HostIOError
 from .jobs.base import CONCLUDED, Job
 from .jobs.journal import Journal
-from .jobs.recovery import Recovery, recover, recover_chain, resume_jobs
+from .jobs.recovery import Bounds, Recovery, recover, recover_chain, resume_jobs, serve_refused
 from .jobs.served import Readers, Spawn
 from .logs import Throttle
 from .ownership import (
@@ -178,13 +180,26 @@ def open_disks(
         log.warning("chain=%s refused: %s", spec.name, reason)
         src.refused.append(Refused(spec.name, spec.active, reason))
 
+    # the chains of a directory share their directories: each list is resolved once
+    # (realpath) rather than once a chain
+    confinements: dict[tuple[str, ...], Confinement] = {}
+
+    def confinement(paths: list[str]) -> Confinement:
+        key = tuple(paths)
+        found = confinements.get(key)
+        if found is None:
+            found = confinements[key] = Confinement.of(paths)
+        return found
+
     for spec in src.chains:
-        if budget.room <= 0:  # no chain fits any more: say what each one would need
+        if not budget.fits(1):  # no chain fits any more: say what each one would need
+            # (before it is owned and opened: each of 7,000 chains past a limit was
+            # owned, opened, closed and given up again, a third of a mount's time)
             refuse(spec, budget.refusal(descriptors.count_layers(spec.active)))
             continue
         # the chain's layers must lie in the directories the source gives for it or the
         # options allow, so that no flat file shows an arbitrary host file
-        confine = Confinement.of([*spec.homes, *opts.allow_dirs, *opts.allow_backing])
+        confine = confinement([*spec.homes, *opts.allow_dirs, *opts.allow_backing])
         if not opts.readonly and not src.owns(spec.name):
             try:
                 own_chain(src, spec.name)
@@ -222,7 +237,7 @@ def open_disks(
         if os.path.isdir(src.path):
             own.append(src.directory)
         # what snapshot and copy create there joins the chain
-        chain.confine = confine.widened(own)
+        chain.confine = confinement([*confine.roots, *own])
         # the chain's events history and job-id counter, kept beside the state file
         events = EventLog.open(src.directory, spec.name, writable=owned)
         disk = Disk(
@@ -236,6 +251,7 @@ def open_disks(
             events=events,
         )
         disk.owned = owned
+        disk.shown_changed()
         disk.fencing = bool(opts.shared)
         disk.holder = src.elsewhere.get(spec.name)
         disks.append(disk)
@@ -251,6 +267,7 @@ def open_disks(
                 f"served read-only: {len(chain.layers)} layers, deeper than the cap of "
                 f"{MAX_DEPTH}; stream or commit it with qemu-img to serve it read-write"
             )
+            disks[-1].shown_changed()
             log.warning("chain=%s %s", spec.name, disks[-1].warning)
     budget.report()
     return disks
@@ -309,12 +326,19 @@ async def _serve(
     owned: dict[str, Ownership] = {}
     if opts.shared is None:
         opts.shared = is_shared(_directory_of(source_path))
+    Ownership.shared_storage = bool(opts.shared)  # (before any lock is taken)
     try:
         if opts.adopt and not opts.readonly:
             directory = _directory_of(source_path)
             for name in opts.adopt:
                 owned[name] = await wait_for_owner(directory, name, opts.adopt_timeout)
-        src, recovery = recover(source_path, readonly=opts.readonly, owned=owned)
+        src, recovery = recover(
+            source_path,
+            readonly=opts.readonly,
+            owned=owned,
+            allow_dirs=opts.allow_dirs,
+            allow_backing=opts.allow_backing,
+        )
     except BaseException:
         _release(owned)
         raise
@@ -326,7 +350,11 @@ async def _serve(
         stack.callback(_release, src.owned)
         stack.callback(recovery.close)
         stack.callback(_close_disks, disks)
+        counter = Counter()  # st_blocks of big disks, in a worker thread
+        Chain.background = counter.want
+        stack.callback(setattr, Chain, "background", None)
         disks += open_disks(src, opts, journals=recovery.journals)  # (owning them)
+        serve_refused(disks, recovery)
         if not opts.readonly:
             src.save()
             src.finish_migration()
@@ -355,6 +383,7 @@ async def _serve(
         resume_jobs(disks, recovery)
         nursery.start_soon(_watch_signals)
         nursery.start_soon(_write_back, disks)
+        nursery.start_soon(counter.run)
         nursery.start_soon(_follow_owners, disks, ops.forget_cache)
         if not opts.readonly:
             nursery.start_soon(_heartbeat, disks, src, opts.lease)
@@ -380,6 +409,31 @@ async def _announce(mountpoint: str, ready: Callable[[], None], failed: list[Cha
         return
     ready()
     notify("READY=1")
+
+
+class Counter:
+    """Counts the data (``st_blocks``) of the disks too big to count on the event loop
+    (``Chain.background``), one at a time in a worker thread: the first ``stat`` of a
+    1 PiB disk held every request of the mount for about 15 minutes.  Until its count
+    ends, a disk's ``st_blocks`` is what its layers take on the host (or its last
+    count).  The chain's lock is taken a region of its map at a time; the thread is
+    abandoned at unmount, and stops at its next region once the chain is closed."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[Chain](math.inf)
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.get_ident()
+
+    def want(self, chain: Chain) -> None:
+        """Count ``chain``'s data soon (from any thread)."""
+        if threading.get_ident() == self._thread:
+            self._send.send_nowait(chain)
+        else:
+            self._token.run_sync_soon(self._send.send_nowait, chain)
+
+    async def run(self) -> None:
+        async for chain in self._receive:
+            await trio.to_thread.run_sync(chain.count_in_background, abandon_on_cancel=True)
 
 
 class _Fuse:
@@ -561,9 +615,16 @@ class Hosts:
             src._reload(name)  # the record as its last owner left it
             journal = Journal.load(src.directory, name, ownership=ownership)
             rec = Recovery(journals={name: journal})
-            recover_chain(src, name, journal, rec)
-            fresh = sources.load(src.path, src.owned)
-            spec = next((c for c in fresh.chains if c.name == name), None)
+            if journal.pending():  # what its records may name: the chain as it is now
+                scanned = sources.load(src.path)
+                recorded = src.recorded.get(name)
+                opts = self.opts
+                bounds = Bounds.of(scanned, name, recorded, opts.allow_dirs, opts.allow_backing)
+                recover_chain(src, name, journal, rec, bounds)
+            spec = src.spec(name)
+            if spec is None:  # no record to go by: the source as a mount finds it
+                fresh = sources.load(src.path, src.owned)
+                spec = next((c for c in fresh.chains if c.name == name), None)
             if spec is None:
                 raise ChainfsError(f"chain {name!r} is no longer found in {src.path!r}")
             src.recorded[name] = spec.active
@@ -587,7 +648,12 @@ class Hosts:
         history = EventLog.open(src.directory, name, writable=True)
         disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
         disk.owned, disk.holder, disk.journal = True, None, journal
+<<<<<<< HEAD
         disk.suspended = disk.seen = disk.unstable = disk.elsewhere = None
+=======
+        disk.suspended = disk.seen = disk.unstable = None
+        disk.shown_changed()
+>>>>>>> main
         disk.fencing = bool(self.opts.shared)
         self.recovery.journals[name] = journal
         disk.touch()
@@ -595,6 +661,7 @@ class Hosts:
         self.nursery.start_soon(trio.to_thread.run_sync, self.forget_cache, disk)
         log.info("chain=%s served read-write (%s)", name, how)
         disk.emit("OWNERSHIP_TAKEN", how=how)
+        serve_refused([disk], rec)
         resume_jobs([disk], rec)
 
     def inactivate(self, disk: Disk) -> Waiting | None:
@@ -660,6 +727,7 @@ class Hosts:
         disk.events.close()
         disk.events.writable = False
         disk.owned, disk.journal, disk.holder, disk.seen = False, None, None, None
+        disk.shown_changed()
         self.recovery.journals.pop(name, None)
         self.src.disown(name)
         log.info("chain=%s inactivated: served read-only, its locks released", name)

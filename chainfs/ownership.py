@@ -26,11 +26,12 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 from . import sharedfs
 from .errors import ChainfsError
 from .eventlog import _stem
-from .hostfile import HostFile, HostIOError
+from .hostfile import HostFile, HostIOError, open_meta
 from .locks import F_OFD_GETLK, F_OFD_SETLK, F_UNLCK, F_WRLCK, _fcntl
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,8 @@ def describe_holder(directory: str, chain: str) -> str:
 
 
 def _open_locked(path: str) -> int:
-    new = not os.path.exists(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    new = not os.path.lexists(path)
+    fd = open_meta(path, os.O_RDWR | os.O_CREAT)
     if new and HostFile.observer is not None:  # (the crash simulator sees it appear)
         HostFile.observer("create", path, 0, b"")
     try:
@@ -193,6 +194,18 @@ def _open_locked(path: str) -> int:
 
 class Ownership:
     """The locks a mount holds on one chain while it serves it read-write."""
+
+    # Whether the chains' files lie on storage other hosts share (a mount sets it from
+    # its ``shared``): there every heartbeat is made durable on its own (fdatasync),
+    # because that is where NFS finds a lost lock (the write-back to the server is
+    # refused with EIO: the fence rule, ``mount._beat``) and how the other hosts get to
+    # read it (close-to-open); and ``Source.save`` syncs each state record on its own.
+    # On a local file system the owner file's content is diagnostics only (its lock,
+    # which dies with the process, is the truth; other mounts read it through the same
+    # page cache), so a heartbeat is written and not synced: a crash may leave an older
+    # heartbeat there, which says nothing then anyway.  This took two fdatasyncs a
+    # chain at mount (and one every few seconds a chain while serving).
+    shared_storage: ClassVar[bool] = True
 
     def __init__(self, directory: str, chain: str) -> None:
         self.directory = directory
@@ -221,8 +234,9 @@ class Ownership:
             own.heartbeat()
         except OSError as e:
             own.release()
+            what = repr(e.filename) if e.errno == errno.ELOOP else "the owner file"
             raise HostIOError(
-                f"cannot lock the owner file of chain {chain!r}: {e.strerror}", e.errno or errno.EIO
+                f"cannot lock {what} of chain {chain!r}: {e.strerror}", e.errno or errno.EIO
             ) from None
         except BaseException:
             own.release()
@@ -235,9 +249,9 @@ class Ownership:
         return self.owner_fd >= 0 and self.lost is None
 
     def heartbeat(self, *, released: bool = False) -> None:
-        """Write the holder's diagnostics and the time into the owner file, durably
-        (``released``: the last words, giving the chain up); OSError if the storage
-        refuses (a lost lock: EIO)."""
+        """Write the holder's diagnostics and the time into the owner file, durably on
+        shared storage (``shared_storage``) (``released``: the last words, giving the
+        chain up); OSError if the storage refuses (a lost lock: EIO)."""
         if self.lost is not None:
             raise OSError(errno.EIO, f"ownership lost: {self.lost}")
         doc: dict[str, object] = {
@@ -252,7 +266,8 @@ class Ownership:
         if HostFile.observer is not None:
             HostFile.observer("heartbeat", self.owner_path, 0, data)
         os.pwrite(self.owner_fd, data, 0)
-        os.fdatasync(self.owner_fd)
+        if self.shared_storage:
+            os.fdatasync(self.owner_fd)
         self.beating = True
 
     def fence(self, reason: str) -> None:

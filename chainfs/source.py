@@ -41,7 +41,9 @@ import logging
 import os
 import struct
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import xxhash
 
@@ -49,7 +51,7 @@ from .chain import resolve_backing
 from .errors import ChainfsError
 from .formats import is_qcow2
 from .formats.qcow2 import read_backing
-from .hostfile import HostFile, HostIOError, sync_dir
+from .hostfile import HostFile, HostIOError, _libc, sync_dir
 from .ownership import STATE_SUFFIX, Ownership, chain_file, own_dir
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,17 @@ STATE_NAME = ".chainfs/NAME.state"  # (as the documentation names it)
 SLOT = 64 << 10  # bytes per slot of a state file
 _SLOT_HEAD = struct.Struct("<4sQIQ")  # magic, generation, length, xxh64 of the JSON
 _MAGIC = b"CFS2"
+
+
+def _kernel() -> tuple[int, ...]:
+    return tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2] if x.isdigit())
+
+
+# syncfs(fd): the whole file system under fd made durable (a batch of state records);
+# it reports write-back errors since Linux 5.8 (before: each record synced on its own)
+_syncfs = cast(
+    "Callable[[int], int] | None", _libc("syncfs", "c_int") if _kernel() >= (5, 8) else None
+)
 
 
 def encode_slot(generation: int, record: dict[str, object]) -> bytes:
@@ -135,6 +148,10 @@ class Source:
     generations: dict[str, int] = field(default_factory=dict)
     legacy: set[str] = field(default_factory=set)  # chains the version-1 file names
     elsewhere: dict[str, str] = field(default_factory=dict)  # chain -> who owns it
+    # each chain's record as its state file holds it (read or written by this process):
+    # a save that would write the same is skipped
+    on_disk: dict[str, dict[str, object]] = field(default_factory=dict)
+    _unsynced: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @property
     def state_path(self) -> str:
@@ -150,6 +167,19 @@ class Source:
 
     def _abs(self, path: str) -> str:
         return os.path.normpath(os.path.join(self.directory, path))
+
+    def spec(self, name: str) -> ChainSpec | None:
+        """Chain ``name`` as its state record (read again, its journal's work redone)
+        says it is now, from that record alone: what ``activate`` and ``adopt`` serve,
+        without a scan of the source (which read every image's header, O(chains) a
+        command).  None when the record names no active layer that is there (the caller
+        scans then).  An overlay made over the recorded layer by another tool while the
+        chain was owned elsewhere is found by the next mount's scan, not here."""
+        active = self.recorded.get(name)
+        if active is None or active in self.retired or not os.path.isfile(active):
+            return None
+        homes = next((c.homes for c in self.chains if c.name == name), (self.directory,))
+        return ChainSpec(name, active, homes)
 
     def own(self, chain: str) -> Ownership:
         """The locks of ``chain``, taken now if this process does not hold them yet
@@ -172,32 +202,50 @@ class Source:
 
     def save(self, chains: list[str] | None = None) -> None:
         """Write the state records of ``chains`` (default: every chain this process
-        owns), each in place under its lock.
+        owns), each in place under its lock; a record the chain's state file holds
+        already is not written again (a mount rewrote thousands of them, a sync each).
 
         When that fails (a full disk) the previous record stays, and what changed in
         memory is written by the next save that succeeds.
         """
         names = sorted(self.owned) if chains is None else chains
-        for name in names:
-            if name in self.recorded or self.retired_by.get(name):
-                self._save_one(name)
+        due = [n for n in names if n in self.recorded or self.retired_by.get(n)]
+        # several records on local storage (a mount's first save): written first, then
+        # made durable at once (``_sync_all``); on shared storage each is synced on its
+        # own (a lost lock shows there as that sync's EIO)
+        batch = len(due) > 1 and not Ownership.shared_storage and _syncfs is not None
+        written: list[tuple[str, int, bool]] = []
+        for name in due:
+            done = self._save_one(name, sync=not batch)
+            if done is not None:
+                written.append((name, *done))
+        if written and batch:
+            self._sync_all(written)
 
-    def _save_one(self, name: str) -> None:
-        ownership = self.own(name)
-        path = ownership.state_path
-        retired = self.retired_by.get(name, set())
-        record: dict[str, object] = {
+    def _record(self, name: str) -> dict[str, object]:
+        return {
             "version": 2,
             "chain": name,
             # (none yet: a recovery that retired layers before the chain was found)
             "active": self._rel(self.recorded[name]) if name in self.recorded else None,
-            "retired": sorted(self._rel(p) for p in retired),
+            "retired": sorted(self._rel(p) for p in self.retired_by.get(name, set())),
         }
+
+    def _save_one(self, name: str, *, sync: bool = True) -> tuple[int, bool] | None:
+        """Write ``name``'s record into the slot its newest record is not in; None if
+        the file holds that record already, else (the new generation, whether the file
+        was created); with ``sync`` made durable and its generation counted, else the
+        caller does both (``_sync_all``)."""
+        ownership = self.own(name)
+        path = ownership.state_path
+        record = self._record(name)
+        if self.on_disk.get(name) == record:
+            return None
         generation = self.generations.get(name, 0) + 1
         try:
             slot = encode_slot(generation, record)
         except ChainfsError:  # only layers still there can be taken for chains
-            retired = {p for p in retired if os.path.exists(p)}
+            retired = {p for p in self.retired_by.get(name, set()) if os.path.exists(p)}
             self.retired_by[name] = retired
             record["retired"] = sorted(self._rel(p) for p in retired)
             slot = encode_slot(generation, record)
@@ -208,14 +256,58 @@ class Source:
                 HostFile.observer("state", path, (generation % 2) * SLOT, slot)
             created = os.fstat(ownership.state_fd).st_size == 0
             os.pwrite(ownership.state_fd, slot, (generation % 2) * SLOT)
-            os.fdatasync(ownership.state_fd)
-            if created:
-                sync_dir(own_dir(self.directory))
+            if sync:
+                os.fdatasync(ownership.state_fd)
+                if created:
+                    sync_dir(own_dir(self.directory))
         except OSError as e:
             raise HostIOError(
                 f"saving the state file {path!r} failed: {e.strerror}", e.errno or errno.EIO
             ) from None
-        self.generations[name] = generation
+        if sync:
+            self.generations[name] = generation
+            self.on_disk[name] = record
+        else:
+            self._unsynced[name] = record
+        return generation, created
+
+    def _sync_all(self, written: list[tuple[str, int, bool]]) -> None:
+        """Make the records just written (not synced) durable with one ``syncfs`` of
+        the file system under ``.chainfs``, then count their generations.
+
+        As safe as a sync per record: each record went to the slot not holding the
+        chain's newest valid one, so until the sync returns a crash leaves each file
+        its previous record or the new one (a torn slot fails its checksum); the
+        generation moves on only once the sync returned, as after an fdatasync, so no
+        later save writes over a slot that is not durable yet; and nothing relies on a
+        record before ``save`` returns (a mount serves, and jobs start, after it).
+        ``syncfs`` also makes the new files' names durable (one journal commit for
+        them all), and since Linux 5.8 it reports a write-back error of the file
+        system; where it fails, each record is synced on its own, which names the
+        chain whose file failed."""
+        fd = os.open(own_dir(self.directory), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            assert _syncfs is not None
+            synced = _syncfs(fd) == 0
+        finally:
+            os.close(fd)
+        try:
+            for name, generation, created in written:
+                if not synced:
+                    ownership = self.owned[name]
+                    try:
+                        os.fdatasync(ownership.state_fd)
+                        if created:
+                            sync_dir(own_dir(self.directory))
+                    except OSError as e:
+                        raise HostIOError(
+                            f"saving the state file {ownership.state_path!r} failed: {e.strerror}",
+                            e.errno or errno.EIO,
+                        ) from None
+                self.generations[name] = generation
+                self.on_disk[name] = self._unsynced.pop(name)
+        finally:
+            self._unsynced.clear()
 
     def finish_migration(self) -> None:
         """Remove the version-1 state file once every chain it names has its own record
@@ -295,11 +387,22 @@ class Source:
             or not isinstance(retired, list)
         ):
             raise ChainfsError(f"the state file {path!r} is malformed")
+        if chain_file(self.directory, chain, STATE_SUFFIX) != path:
+            # chainfs writes a chain's record into that chain's file only: a name that
+            # is not the file's (``../x``) would make a chain of a name it never served
+            log.warning("state=%s names chain %r, not the file's own; ignored", path, chain)
+            return
         if active is not None:
             self.recorded[chain] = self._abs(active)
+        self.on_disk[chain] = record
         mine = {self._abs(str(p)) for p in retired}
+        before = self.retired_by.get(chain, set())
         self.retired_by[chain] = mine
-        self.retired = set().union(*self.retired_by.values())
+        if before <= mine:
+            self.retired |= mine
+        else:  # a layer left the record: the union again (not for every record read: a
+            # mount reading thousands of records made that quadratic)
+            self.retired = set().union(*self.retired_by.values())
         self.generations[chain] = generation
 
     def _load_legacy(self) -> None:
@@ -316,11 +419,20 @@ class Source:
         retired = state.get("retired", [])
         if not isinstance(chains, dict) or not isinstance(retired, list):
             raise ChainfsError(f"the state file {self.state_path!r} is malformed")
-        self.recorded = {str(k): self._abs(str(v)) for k, v in chains.items()}
+        bad = [k for k in chains if not usable_name(str(k))]
+        if bad:
+            log.warning("state=%s names no chain %s; ignored", self.state_path, bad)
+        self.recorded = {str(k): self._abs(str(v)) for k, v in chains.items() if k not in bad}
         self.retired = {self._abs(str(p)) for p in retired}
         # which chain a layer left is not known: each chain keeps them all
         self.retired_by = {name: set(self.retired) for name in self.recorded}
         self.legacy = set(self.recorded)
+
+
+def usable_name(name: str) -> bool:
+    """Whether ``name`` can name a chain: its flat file's name, and its files' in
+    ``.chainfs`` (never a path)."""
+    return bool(name) and not name.startswith(".") and not {"/", "\0"} & set(name)
 
 
 def _stem(path: str) -> str:
@@ -461,7 +573,7 @@ def _read_toml(src: Source) -> None:
         if not isinstance(table, dict) or not isinstance(table.get("active"), str):
             src.refused.append(Refused(name, "", "no 'active' path given"))
             continue
-        if "/" in name or name.startswith(".") or not name:
+        if not usable_name(name):
             src.refused.append(Refused(name, "", f"{name!r} is not a usable chain name"))
             continue
         active = named = src._abs(table["active"])

@@ -241,7 +241,9 @@ class Views:
                 errno.EBUSY, f"{self.shown(view)} is changing: job {self.writer!r} writes into it"
             )
         chain, level = self._where(view)
-        if view.counted is None and not self.is_active(view):
+        # (a big disk's view is not counted: its st_blocks stays what its layers take
+        # on the host, as the flat file's until its count in the background ends)
+        if view.counted is None and not self.is_active(view) and chain.count_is_cheap(level):
             try:
                 view.counted = chain.count_data(level)
             except ChainfsError:  # damaged metadata: its reads say so; a count must not

@@ -980,6 +980,7 @@ QD_OVERWRITES: list[QdJob] = [
     for d in (1, 16)
 ]
 QD_FRESH_DEPTHS = (1, 16)  # the fresh-overlay writes: one replay per depth
+QD_ROWS = frozenset({"reads", "writes"})  # the groups of rows (``--qd-rows``)
 
 
 @dataclass
@@ -997,10 +998,13 @@ class QdResults:
         log(f"    {side}: {label}: {figures[0]:.0f} IOPS, {figures[1]:.1f} us CPU/request")
 
 
-def qd_bench(seed_dir: str, size: int, runs: int, runtime: int) -> QdResults:
+def qd_bench(
+    seed_dir: str, size: int, runs: int, runtime: int, rows: frozenset[str] = QD_ROWS
+) -> QdResults:
     """The ``qd`` measure: reads on the seed chain (read-only for both), writes on a fresh
     copy with an empty overlay F (chainfs: ``snapshot``; QEMU: a ``qemu-img create``
-    overlay exported writable), the servers taking turns in every run."""
+    overlay exported writable), the servers taking turns in every run; ``rows``: which
+    of the two groups (``reads``, ``writes``)."""
     work = os.path.join(WORK, "qd")
     os.makedirs(work)
     mp = os.path.join(work, "mnt")
@@ -1013,7 +1017,7 @@ def qd_bench(seed_dir: str, size: int, runs: int, runtime: int) -> QdResults:
         r.commands.setdefault(key, shell_words(args))
 
     for i in range(runs):
-        for side in ("chainfs", "qemu"):
+        for side in ("chainfs", "qemu") if "reads" in rows else ():
             log(f"(qd) run {i + 1}: reads, {side}")
             server, path = read_only_server(side, seed_dir, mp, export, clog, qlog)
             with server:
@@ -1023,7 +1027,7 @@ def qd_bench(seed_dir: str, size: int, runs: int, runtime: int) -> QdResults:
                     args = fio_qd(path, size, runtime, rw, bs, engine, depth, jobs)
                     note(label, args)
                     r.add(label, side, fio_with_cpu(args, server.proc.pid))
-        for side in ("chainfs", "qemu"):
+        for side in ("chainfs", "qemu") if "writes" in rows else ():
             log(f"(qd) run {i + 1}: writes into a fresh overlay, {side}")
             src = copy_chain(seed_dir, os.path.join(work, f"write-{side}-{i}"))
             if side == "chainfs":
@@ -1494,6 +1498,12 @@ def main(argv: list[str] | None = None) -> int:
         default=QD_RUNTIME,
         help=f"seconds of each time-based queue-depth measure ({QD_RUNTIME})",
     )
+    ap.add_argument(
+        "--qd-rows",
+        default="reads,writes",
+        help="comma-separated groups of queue-depth rows: reads (the seed chain),"
+        " writes (into a fresh overlay, then overwrites)",
+    )
     ap.add_argument("--tera-child", metavar="IMAGE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.tera_child:
@@ -1526,6 +1536,9 @@ def main(argv: list[str] | None = None) -> int:
     measures = set(args.measures.split(","))
     if not measures or measures - {"read", "write", "stream", "holes", "trim", "qd"}:
         ap.error(f"--measures: unknown measure in {args.measures!r}")
+    qd_groups = frozenset(args.qd_rows.split(","))
+    if not qd_groups or qd_groups - QD_ROWS:
+        ap.error(f"--qd-rows: unknown group in {args.qd_rows!r}")
     missing = [t for t in ("fio", "qemu-storage-daemon", "fusermount3") if not shutil.which(t)]
     if "fuse" in parts and missing:
         sys.exit(f"bench: the FUSE part needs {', '.join(missing)}")
@@ -1544,7 +1557,7 @@ def main(argv: list[str] | None = None) -> int:
         else None
     )
     qd = (
-        qd_bench(os.path.dirname(seed), size, runs, args.qd_runtime)
+        qd_bench(os.path.dirname(seed), size, runs, args.qd_runtime, qd_groups)
         if "fuse" in parts and "qd" in measures
         else None
     )

@@ -31,7 +31,9 @@ COMPRESSED = 3  # one compressed cluster at ``host``, ``clen`` bytes; ``skip`` i
 
 Buffer = bytes | bytearray | memoryview
 
-# fill(offset, length) -> the chain's content below the active layer for that range
+# fill(offset, length) -> the chain's content below the active layer for that range; a
+# shorter result reads as zeros past its end (b"": all zeros, known without comparing
+# bytes); a bytearray it returns is the caller's (a driver may change it and write it)
 Fill = Callable[[int, int], Buffer]
 
 
@@ -103,6 +105,12 @@ class Layer(ABC):
     @abstractmethod
     def write(self, offset: int, data: Buffer, fill: Fill) -> None:
         """Write into this layer; ``fill`` supplies backing content for copy-on-write."""
+
+    def write_in_place(self, offset: int, data: Buffer) -> bool:
+        """Write ``data`` where this layer holds it already and return True, if that is
+        all the write takes (nothing allocated, no copy-on-write, no metadata changed);
+        else write nothing and return False (then ``write``).  By default, False."""
+        return False
 
     def write_started(self, offset: int, data: Buffer, fill: Fill) -> None:
         """``write``, allowed to return before the data landed; ``data`` must not change

@@ -104,7 +104,7 @@ from ..locks import lock_image
 from .backing import backing_string
 from .base import READY, Job
 from .journal import Pending, redo, retire
-from .served import Served, check_target, refuse_busy
+from .served import Served, check_target, refuse_busy, remove_inside, vet_new_file
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def resume(served: Served, p: Pending) -> None:
         redo([retire([dest])], served.source, served.name)
     elif not gone:
         try:
-            os.unlink(dest)
+            remove_inside(served, dest)
             removed = gone = True
         except OSError as e:
             log.error("job=%s file=%s cannot be removed: %s", p.id, dest, e.strerror)
@@ -331,12 +331,15 @@ class BackupJob(Job):
         # chain's new top)
         self.served.source.retire([self.dest], self.served.name)
         if self.format == RAW:
+            vet = vet_new_file(self.served, self.dest)
             f = HostFile(temporary_name(self.dest), True, create=True)
             try:
+                vet(f.fd)
                 lock_image(f.fd, self.dest, write=True)
                 f.truncate(size)
                 f.flush()
                 f.publish(self.dest)
+                vet(f.fd)
             except BaseException:
                 f.remove()
                 raise
@@ -358,7 +361,8 @@ class BackupJob(Job):
             elif self.sync == BITMAP and self.base is not None:
                 backing = backing_string(self.dest, self.base[0])
                 fmt = self.base[1]
-            image = create_image(self.dest, size=size, backing=backing, backing_format=fmt)
+            vet = vet_new_file(self.served, self.dest)
+            image = create_image(self.dest, size=size, backing=backing, backing_format=fmt, vet=vet)
             self.created = True
             self.target = chain.adopt_layer(image)
         if self.journal is not None:

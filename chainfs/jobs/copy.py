@@ -39,7 +39,7 @@ from . import journal
 from .backing import backing_string
 from .journal import Pending
 from .mirror import MirrorJob
-from .served import Served, check_target, launch, refuse_busy
+from .served import Served, check_target, launch, refuse_busy, vet_new_file
 
 FULL, TOP = "full", "top"
 
@@ -126,7 +126,10 @@ class CopyJob(MirrorJob):
             # again, as what was copied after its last flush is unknown)
             self.created = True
             return chain.open_layer(self.dest, "qcow2", writable=True)
-        image = create_image(self.dest, size=chain.size, backing=backing, backing_format=fmt)
+        vet = vet_new_file(self.served, self.dest)
+        image = create_image(
+            self.dest, size=chain.size, backing=backing, backing_format=fmt, vet=vet
+        )
         self.created = True
         return chain.adopt_layer(image)  # on the descriptor that holds its lock
 

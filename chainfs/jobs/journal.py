@@ -77,7 +77,7 @@ from ..formats import open_layer
 from ..hostfile import HostFile, HostIOError, sync_dir
 from ..locks import lock_image
 from ..ownership import JOURNAL_SUFFIX, Ownership, chain_file, own_dir
-from ..source import Source
+from ..source import Source, usable_name
 
 log = logging.getLogger(__name__)
 
@@ -586,7 +586,11 @@ def load_legacy(directory: str) -> list[Pending]:
     records, legacy.ignored = decode(data)
     for record in records:
         legacy._replay(record)
-    return legacy.pending()
+    jobs = legacy.pending()
+    for p in [p for p in jobs if not usable_name(p.chain)]:
+        log.warning("journal=%s job=%s names no chain (%r); ignored", path, p.id, p.chain)
+        jobs.remove(p)
+    return jobs
 
 
 def remove_legacy(directory: str) -> None:

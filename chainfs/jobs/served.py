@@ -16,8 +16,9 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from ..confine import _fd_path
 from ..control import CommandError
 from .base import CONCLUDED
 
@@ -44,6 +45,8 @@ class Served(Protocol):
     spawn: Spawn  # runs a job's task in the mount's nursery
     next_id: Callable[[str], str]  # a new job id of a kind, never used before
     views: Views  # the chain's layer views (``layers/NAME/``)
+    readonly: bool  # served read-only (the mount's option, or ``warning`` says why)
+    warning: str | None  # why, shown in ``status``
 
     readers: Readers  # the mount's chains by the layers they read
 
@@ -80,20 +83,22 @@ class Readers:
 
 
 class Watched:
-    """The served chain's ``.status`` line kept up to date: setting a field of ``SHOWN``,
-    or a change of its layers (``status_changed``, from ``chain_changed``), tells
-    ``on_status`` (the mount then renders that chain's line again).  Here rather than in
-    the mount's ``Disk``, which inherits it: a job that changes the chain stays in the
-    job modules (``tests/interop/test_job_model.py``)."""
+    """The served chain's ``.status`` line kept up to date: whoever sets a field the line
+    shows (``SHOWN_IN_STATUS`` in ``disk.py``) says so, ``shown_changed``, and a change of
+    its layers is said by ``status_changed`` (from ``chain_changed``); either tells
+    ``on_status`` (the mount then renders that chain's line again).  Said, not watched: a
+    ``__setattr__`` would cost a Python call at every set of any attribute, the flat
+    file's times at each guest write among them.  Here rather than in the mount's
+    ``Disk``, which inherits it: a job that changes the chain stays in the job modules
+    (``tests/interop/test_job_model.py``)."""
 
-    SHOWN: ClassVar[frozenset[str]] = frozenset()
     on_status: Callable[[Any], None]
     readers: Readers
 
-    def __setattr__(self, name: str, value: object) -> None:
-        object.__setattr__(self, name, value)
-        if name in self.SHOWN:
-            self.on_status(self)
+    def shown_changed(self) -> None:
+        """A field of the chain's line of ``.status`` was set (its chain, ownership,
+        warning): the line is rendered again at the next read."""
+        self.on_status(self)
 
     def status_changed(self) -> None:
         """The chain's layers changed: its active layer may be another, and other chains
@@ -163,13 +168,53 @@ def check_target(served: Served, target: str) -> str:
     if not os.path.isdir(parent):
         raise CommandError(errno.ENOENT, f"directory {parent!r} does not exist")
     real_parent = os.path.realpath(parent)
-    if not any(real_parent == d or real_parent.startswith(d + "/") for d in served.allowed_dirs):
+    if _outside(real_parent, served):
         raise CommandError(
             errno.EACCES, f"{target!r} is outside the directories chainfs may write to"
         )
     if os.path.lexists(target):
         raise CommandError(errno.EEXIST, f"{target!r} already exists")
     return target
+
+
+def _outside(real: str, served: Served) -> bool:
+    return not any(real == d or real.startswith(d + "/") for d in served.allowed_dirs)
+
+
+def vet_new_file(served: Served, target: str) -> Callable[[int], None]:
+    """What checks, by its open descriptor, that the file made at ``target`` (passed by
+    ``check_target``, by path, a while ago) lies in an allowed directory: the kernel's
+    path of the descriptor, after every symlink, not the one checked (``create_image``
+    removes it otherwise)."""
+
+    def vet(fd: int) -> None:
+        real = _fd_path(fd)
+        if real is not None and _outside(real, served):
+            raise CommandError(
+                errno.EACCES,
+                f"{target!r} is outside the directories chainfs may write to (it resolves "
+                f"to {real!r}: a directory on its path changed)",
+            )
+
+    return vet
+
+
+def remove_inside(served: Served, path: str) -> None:
+    """Remove the file ``path`` (``OSError``) if its directory, as the kernel finds it
+    now, is an allowed one (``CommandError`` otherwise): relative to a descriptor of the
+    directory, so that no symlink swapped in after the check sends the removal
+    elsewhere."""
+    parent, name = os.path.split(os.path.abspath(path))
+    dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        real = _fd_path(dfd) or os.path.realpath(parent)
+        if _outside(real, served):
+            raise CommandError(
+                errno.EACCES, f"{path!r} is outside the directories chainfs may write to"
+            )
+        os.unlink(name, dir_fd=dfd)
+    finally:
+        os.close(dfd)
 
 
 def launch(served: Served, job: Job, resumes: Pending | None = None) -> None:

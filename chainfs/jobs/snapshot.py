@@ -29,7 +29,7 @@ from ..formats.qcow2 import create_image
 from ..source import Source
 from .backing import backing_string
 from .journal import Pending, record_active, redo
-from .served import Served, chain_changed, check_target, refuse_busy
+from .served import Served, chain_changed, check_target, refuse_busy, vet_new_file
 
 
 def take(served: Served, cmd: SnapshotCmd) -> None:
@@ -56,6 +56,7 @@ def take(served: Served, cmd: SnapshotCmd) -> None:
             size=chain.size,
             backing=backing_string(target, active.path),
             backing_format=active.format_name,
+            vet=vet_new_file(served, target),
         )
         try:
             chain.push_overlay(target, image)

@@ -212,6 +212,39 @@ def test_allocating_writes(tmp_path: Path, cluster: int, compat: str, exhaustive
     prove_chain_op(scene, "top.qcow2", operation, exhaustive)
 
 
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_partial_writes_over_zeros(tmp_path: Path, compat: str, exhaustive: bool) -> None:
+    """A write into part of a cluster that reads as zeros, past the file's end, writes
+    only its data (the COW's zeros are the file's hole and its end): every crash still
+    leaves old or new content, and the cluster partly past the end passes QEMU's check."""
+    scene = Scene(tmp_path)
+    c = 64 * KiB
+    size = 2 * MiB + 1536  # a short last cluster
+    raw_to_qcow2(scene.path("base.qcow2"), pattern_data(MiB, 1) + bytes(size - MiB))
+    overlay(scene.path("top.qcow2"), "base.qcow2", "qcow2", f"compat={compat}")
+    if compat == "1.1":  # a zero cluster over data, then written in part
+        qemu_io(scene.path("top.qcow2"), f"write -z {3 * c} {c}")
+    rng = random.Random(3)
+
+    def operation(chain: Chain, guest: Guest) -> None:
+        guest.write(chain, 20 * c + 8 * KiB, rng.randbytes(4096))  # data in the middle
+        guest.write(chain, 22 * c, rng.randbytes(4096))  # at the cluster's start
+        guest.flush(chain)
+        guest.write(chain, 25 * c + c - 4096, rng.randbytes(4096))  # at its end
+        guest.write(chain, 20 * c + 40 * KiB, rng.randbytes(1000))  # in place, in the hole
+        guest.write(chain, 2 * c + 100, rng.randbytes(3000))  # over data: a whole COW
+        guest.write(chain, 3 * c + 512, rng.randbytes(512))  # a zero cluster (v3)
+        guest.flush(chain)
+        guest.write(chain, size - 1000, rng.randbytes(500))  # the disk's short last cluster
+        guest.write(chain, 27 * c + 4096, rng.randbytes(4096))  # last: partly past the end
+        guest.close(chain)
+
+    rec, _ = prove_chain_op(scene, "top.qcow2", operation, exhaustive)
+    # the data alone was written for the clusters over zeros (not whole clusters)
+    alone = [e for e in rec.events if e.kind == "write" and e.offset % c and len(e.data) < c]
+    assert len(alone) >= 5, [e.describe() for e in rec.events]
+
+
 # -- 2. new L2 tables, new refcount blocks, a growing refcount table -----------------------
 
 

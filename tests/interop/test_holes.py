@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from chainfs import chain as chain_module
 from chainfs.chain import Chain
 
 from . import images as im
@@ -173,6 +174,54 @@ def test_seek_empty_and_full(tmp_path: Path) -> None:
         assert chain.seek_data(123) == 123
         assert chain.seek_hole(0) == 4 * MiB
         assert chain.allocated() == 4 * MiB
+
+
+def test_a_big_disks_count_of_its_data_goes_to_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a mount counts in the background (``Chain.background``), a disk with more
+    than ``INLINE_COUNT`` regions (1 TiB: 2,048) is not counted by the stat that asks:
+    it answers with what the layers take on the host and the count is sent once; the
+    count then gives the data; a count of a closed chain stops, one across a change
+    of shape is void and asked again, not sooner than ``BACKGROUND_PAUSE`` times the
+    last count's time after it began."""
+    top = im.create(str(tmp_path / "E.qcow2"), 1 << 40)
+    im.write(top, [(0, MiB, 0x55), ((1 << 40) - 64 * KiB, 64 * KiB, 0x66)])
+    sent: list[Chain] = []
+    monkeypatch.setattr(Chain, "background", sent.append, raising=False)
+    with Chain.open(top, writable=True) as chain:
+        assert not chain.count_is_cheap()
+        estimate = chain.allocated()
+        assert sent == [chain] and estimate == chain.host_estimate()
+        chain.refresh_allocation(force=True)
+        chain.allocated()
+        assert sent == [chain]  # once until it begins
+        chain.count_in_background()
+        assert chain.allocated() == MiB + 64 * KiB == sum(b - a for a, b in seek_table(chain))
+        # a change of shape in the middle of a count voids it: asked again
+        real = chain._holders
+
+        def reshape(region: int, level: int = 0) -> Any:
+            chain._shape += 1
+            return real(region, level)
+
+        chain.write(4 * MiB, b"x" * 4096)
+        chain.allocation_stale = True
+        monkeypatch.setattr(chain_module, "BACKGROUND_PAUSE", 1e9)
+        chain.refresh_allocation()
+        assert sent == [chain]  # not again so soon after a count (BACKGROUND_PAUSE)
+        monkeypatch.setattr(chain_module, "BACKGROUND_PAUSE", 0)
+        chain.refresh_allocation()
+        assert sent == [chain, chain]
+        monkeypatch.setattr(chain, "_holders", reshape)
+        chain.count_in_background()
+        assert chain.allocated() == MiB + 64 * KiB and chain.allocation_stale
+        monkeypatch.setattr(chain, "_holders", real)
+        chain.refresh_allocation()
+        chain.count_in_background()
+        assert chain.allocated() == MiB + 128 * KiB  # (the write's whole granule)
+    chain.count_in_background()  # closed: nothing counted, nothing read
+    assert chain.allocated() == MiB + 128 * KiB
 
 
 # -- discard ---------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import pytest
 from checklogs import watch
 from interop import images as im
+from jobwait import JobWaits, poll
 
 from chainfs import features
 from chainfs.control import parse_line
@@ -45,6 +46,7 @@ KiB, MiB = im.KiB, im.MiB
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 CHAINFS = (sys.executable, "-m", "chainfs")
 DEADLINE = 60.0  # seconds anything may take on a loaded 2-core machine
+POLL = 0.02  # seconds between two looks at what a test waits for
 SEED_SIZE = 32 * MiB
 LOG_TAIL = 150  # lines of a server log attached to a failure report
 
@@ -66,14 +68,7 @@ holes_only = pytest.mark.skipif(
 
 def wait_for(cond: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
     """Poll ``cond`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.02)
+    return poll(cond, what, timeout, POLL)
 
 
 def run(*args: str | Path, ok: Sequence[int] = (0,), **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -91,8 +86,10 @@ _MOUNTS: list[Mount] = []  # every mount of the session, for failure reports
 _CURRENT_TEST = [""]
 
 
-class Mount:
+class Mount(JobWaits):
     """One ``chainfs mount -f`` server and the ways a test talks to its mount."""
+
+    deadline, interval = DEADLINE, POLL
 
     def __init__(self, source: Path, mountpoint: Path, log: Path, options: Sequence[str]) -> None:
         self.source = source
@@ -144,8 +141,15 @@ class Mount:
         return self.proc.pid
 
     def unmount(self) -> None:
-        """Unmount cleanly (``fusermount3 -u``) and wait for the server to exit with 0."""
-        run("fusermount3", "-u", self.mountpoint)
+        """Unmount cleanly (``fusermount3 -u``) and wait for the server to exit with 0.
+        EBUSY is tried again for a while: on this shared machine another process (a
+        ``find`` or ``du`` over /tmp) may stand in the mount for a moment."""
+        for _ in range(50):
+            proc = run("fusermount3", "-u", self.mountpoint, ok=(0, 1))
+            if proc.returncode == 0 or "busy" not in proc.stderr:
+                break
+            time.sleep(0.1)
+        assert proc.returncode == 0, f"fusermount3 -u {self.mountpoint}: {proc.stderr}"
         self.wait_exit(0)
 
     def wait_exit(self, status: int | None = 0) -> int:
@@ -231,6 +235,18 @@ class Mount:
         jobs = self.lines(chain, "jobs")
         return int(jobs[0]["offset"]) if jobs else None
 
+    def race_job(
+        self, chain: str, kind: str, text: str, speed: int | str, guest: GuestThread
+    ) -> str:
+        """Start a job that ``guest``'s writes race, however loaded the machine: at a
+        crawl (64 KiB/s) until the guest has made 20 writes with the job running, then
+        at ``speed`` (``speed JOB RATE``)."""
+        job = self.start_job(chain, kind, f"{text} speed=64K")
+        guest.wait_writes(20)
+        assert self.job_offset(chain) is not None, f"{job} ended before the guest wrote"
+        self.command(chain, "speed", f"{job} {speed}")
+        return job
+
     def status(self) -> list[dict[str, str]]:
         text = (self.mountpoint / "control" / ".status").read_text()
         return [parse_line(line) for line in text.splitlines()]
@@ -258,35 +274,6 @@ class Mount:
         assert new[0]["command"] == kind and new[0]["reason"], new
         return new[0]
 
-    def start_job(self, chain: str, kind: str, text: str) -> str:
-        """Start a job; return its id once ``events`` says it started."""
-        before = len(self.events(chain))
-        self.command(chain, kind, text)
-
-        def started() -> str | None:
-            for e in self.events(chain)[before:]:
-                if e["event"] == "JOB_STARTED":
-                    return e["job"]
-            return None
-
-        return wait_for(started, f"{kind} {text!r} to start on {chain}")
-
-    def wait_job(self, chain: str, job: str, timeout: float = DEADLINE) -> dict[str, str]:
-        """The JOB_COMPLETED or JOB_CANCELLED event of ``job``, once it is there (a job
-        stopped by an unmount or a hand-over is not over: the history it left says
-        JOB_CANCELLED with reason="unmounted; ..." or "handed over; ...", and the job,
-        under the same id, goes on)."""
-
-        def ended() -> dict[str, str] | None:
-            for e in self.events(chain):
-                if e.get("job") != job or e["event"] not in ("JOB_COMPLETED", "JOB_CANCELLED"):
-                    continue
-                if not e.get("reason", "").startswith(("unmounted", "handed over")):
-                    return e
-            return None
-
-        return wait_for(ended, f"job {job} on {chain} to end", timeout)
-
     def run_job(self, chain: str, kind: str, text: str) -> dict[str, str]:
         """Start a job and wait for it to complete without error; return its last event."""
         job = self.start_job(chain, kind, text)
@@ -300,10 +287,13 @@ _DROPPED_AT_UNMOUNT = re.compile(
 )
 
 
+_UNREAD: list[str] = []  # read ahead of ``checklogs`` (``Mounter.close``)
+
+
 def _server_lines() -> list[str]:
     """What the servers logged since the last call, for ``checklogs``; a server that
     exited has its log read one last time, until it is started again."""
-    lines: list[str] = []
+    lines, _UNREAD[:] = _UNREAD[:], []
     for m in _MOUNTS:
         if m.proc is None or m.log_done:
             continue
@@ -341,8 +331,12 @@ class Mounter:
         return m.start() if start else m
 
     def close(self) -> None:
+        """Tear every mount down, and read what their servers logged last (``checklogs``
+        reads it later, in the test's teardown: after a passed test's ``tmp_path``, where
+        the logs are, was removed)."""
         for m in reversed(self.mounts):
             m.cleanup()
+        _UNREAD.extend(_server_lines())
 
 
 @pytest.fixture
@@ -621,7 +615,7 @@ class GuestThread(threading.Thread):
         wait_for(done, f"{n} more guest writes")
 
 
-class Writer(threading.Thread):
+class Writer(GuestThread):
     """A guest: random writes through one open descriptor of a flat file, mirrored in
     ``model``, with an fsync every ``fsync_every`` writes and, every few writes, an
     O_DIRECT read of a written range checked against the model.  With ``aim`` (say, a
@@ -642,23 +636,15 @@ class Writer(threading.Thread):
         fsync_every: int = 32,
         aim: Callable[[], int | None] | None = None,
     ) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.path = path
         self.model = model
         self.rng = random.Random(seed)
         self.max_len = max_len
         self.fsync_every = fsync_every
         self.aim = aim
-        self.count = 0
         self.synced = bytes(model)  # the model as of the last fsync
-        self.error: BaseException | None = None
         self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as e:
-            self.error = e
 
     def _loop(self) -> None:
         rng, size = self.rng, len(self.model)

@@ -230,18 +230,21 @@ def test_ebusy_while_a_job_runs(setup: Setup) -> None:
     assert m.layers("E") == ["E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.raw"]
 
 
-def test_erofs_on_a_read_only_mount(tmp_path: Path, module_mounter: Mounter, seeds: Seeds) -> None:
+def test_erofs_on_a_read_only_mount(
+    tmp_path_factory: pytest.TempPathFactory, module_mounter: Mounter, seeds: Seeds
+) -> None:
     """The kernel refuses to open a control file for writing on a read-only mount, so
     the command never reaches chainfs (and ``events`` stays empty)."""
-    seeds(tmp_path / "images")
-    m = module_mounter(tmp_path / "images", "ro")
-    before = tree(tmp_path)
+    root = tmp_path_factory.mktemp("erofs")  # the module's mount outlives this test
+    seeds(root / "images")
+    m = module_mounter(root / "images", "ro")
+    before = tree(root)
     for kind, text in [("snapshot", "new.qcow2"), ("stream", "base=A.qcow2"), ("cancel", "x")]:
         with pytest.raises(OSError) as exc:
             m.command("E", kind, text)
         assert exc.value.errno == errno.EROFS
     assert m.events("E") == []
-    assert tree(tmp_path) == before
+    assert tree(root) == before
 
 
 @root_only

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,15 @@ from typing import Any
 import pytest
 from interop import images as im
 
-from .conftest import Mount, Mounter, Seeds, backing_chain, first_difference, read_direct
+from .conftest import (
+    Mount,
+    Mounter,
+    Seeds,
+    _server_lines,
+    backing_chain,
+    first_difference,
+    read_direct,
+)
 
 KiB, MiB = im.KiB, im.MiB
 
@@ -214,3 +223,21 @@ def test_a_server_that_dies_is_reported_at_once(tmp_path: Path, mounter: Mounter
     m = mounter(tmp_path / "empty")
     assert [e["status"] for e in m.status()[1:]] == ["refused"]
     m.unmount()
+
+
+def test_the_servers_last_lines_outlive_their_log(tmp_path: Path, seeds: Seeds) -> None:
+    """A passed test's ``tmp_path`` goes when it ends (``tmp_path_retention_policy``), its
+    servers' logs with it, before ``checklogs`` reads what they logged in the test's
+    teardown: tearing the mounts down reads it first."""
+    seeds(tmp_path / "images", size=4 * MiB)
+    mounter = Mounter(tmp_path / "mounts")
+    (tmp_path / "mounts").mkdir()
+    m = mounter(tmp_path / "images")
+    _server_lines()  # (what checklogs read during the test)
+    with pytest.raises(OSError):  # a line logged after that: a refusal
+        m.command("E", "stream", "foo=bar")
+    mounter.close()  # the fixture's teardown
+    shutil.rmtree(tmp_path / "mounts")  # then pytest's, of a passed test
+    lines = _server_lines()  # then checklogs'
+    warned = [x for x in lines if " WARNING " in x or " ERROR " in x]
+    assert len(warned) == 1 and "chainfs.fs: chain=E command refused: " in warned[0], lines

@@ -249,12 +249,18 @@ def test_a_running_job_travels_with_the_chain_and_ends_where_it_is_held(
         assert stopped["job"] == job and stopped["reason"].startswith("handed over"), stopped
         assert read_direct(here.img("E")) == model
         there.command("E", "activate", "E")
+
         # ...and resumed there, under its id (the events since it took the chain; its
         # history was read again then, with the other mount's lines)
-        seen = there.events("E")
-        taken = max(i for i, e in enumerate(seen) if e["event"] == "OWNERSHIP_TAKEN")
-        resumed = [e for e in seen[taken:] if e["event"] == "JOB_RESUMED"]
-        assert [e["job"] for e in resumed] == [job], seen[taken:]
+        # (``activate`` returns once the chain is taken; the job resumes just after)
+        def since_taken(there: Mount = there) -> list[dict[str, str]] | None:
+            seen = there.events("E")
+            taken = max(i for i, e in enumerate(seen) if e["event"] == "OWNERSHIP_TAKEN")
+            return seen[taken:] if any(e["event"] == "JOB_RESUMED" for e in seen[taken:]) else None
+
+        seen = wait_for(since_taken, "the job to resume on the other mount")
+        resumed = [e for e in seen if e["event"] == "JOB_RESUMED"]
+        assert [e["job"] for e in resumed] == [job], seen
         # from its checkpoint; a mirror (active commit, copy) from the start: the guest
         # writes it tracks are in memory
         start = int(stopped["offset"]) if kind in ("stream", "commit") else 0

@@ -374,10 +374,12 @@ def command(name: str, case: Case) -> str:
 class Served:
     """One mount for the module, one seed chain ``NAME-A.qcow2 <- ... <- NAME-E.qcow2`` per
     case in its directory; ``done``: each finished case's new active layer and a raw file
-    of its flat file as read when the job and fio had ended (the model of that chain)."""
+    of its flat file as read when the job and fio had ended (the model of that chain), in
+    ``models`` (the module's: a passed test's ``tmp_path`` is removed when it ends)."""
 
     mount: Mount
     seed: bytes
+    models: Path
     done: dict[str, tuple[Path, Path]] = field(default_factory=dict)
 
 
@@ -388,11 +390,13 @@ def served(
     module_mounter: Mounter,
     seeds: Seeds,
 ) -> Served:
-    d = tmp_path_factory.mktemp("inflight") / "images"
+    root = tmp_path_factory.mktemp("inflight")
+    d, models = root / "images", root / "models"
+    models.mkdir()
     runslow = request.config.getoption("--runslow")
     for name in CASES if runslow else FAST:
         seeds(d, f"{name}-")
-    return Served(module_mounter(d), seeds.template(SIZE, "qcow2").content)
+    return Served(module_mounter(d), seeds.template(SIZE, "qcow2").content, models)
 
 
 @pytest.mark.parametrize(
@@ -432,7 +436,7 @@ def test_fio_at_queue_depth_32_during_the_job(served: Served, tmp_path: Path, na
     assert_model(got, served.seed, guest.written)
     if case.kind == "backup":  # a finished DEST is an ordinary file: QEMU may read it now
         assert_content(m.source / layer(name, "F"), served.seed, tmp_path)
-    model = tmp_path / "flat.raw"
+    model = served.models / f"{name}.raw"
     model.write_bytes(got)
     served.done[name] = (m.source / after[0], model)
 

@@ -21,11 +21,11 @@ import os
 import shlex
 import sys
 import threading
-import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import pytest
+from jobwait import JobWaits, poll
 from lab.lab import LEASE, Lab, LabError, LabUnavailable, Result, code_tree, python_env
 
 from chainfs.control import parse_line
@@ -33,6 +33,7 @@ from chainfs.control import parse_line
 T = TypeVar("T")
 KiB, MiB = 1024, 1024 * 1024
 DEADLINE = 120.0  # anything may take this long in the lab (TCG on a loaded machine)
+POLL = 0.2  # seconds between two looks (each one a command run in the guest)
 PY = sys.executable
 REPO_CHAINFS = code_tree() / "chainfs"
 CHAINFS = [PY, "-m", "chainfs"]
@@ -47,14 +48,8 @@ _LAB: list[Lab] = []
 
 
 def wait_for(cond: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
+    """Poll ``cond`` until it returns something true; fail after ``timeout`` seconds."""
+    return poll(cond, what, timeout, POLL)
 
 
 class _Boot(threading.Thread):
@@ -171,8 +166,10 @@ class Model:
         return hashlib.sha256(self.data).hexdigest()
 
 
-class ChainfsMount:
+class ChainfsMount(JobWaits):
     """One chainfs daemon on a lab host, and the ways a test talks to its mount."""
+
+    deadline, interval = DEADLINE, POLL
 
     def __init__(self, lab: Lab, host: str, source: str, mountpoint: str, args: Sequence[str]):
         self.lab, self.host, self.source, self.mountpoint = lab, host, source, mountpoint
@@ -239,29 +236,6 @@ class ChainfsMount:
         return self.sh(
             f"printf '%s\\n' {shlex.quote(text)} > {self.control(chain, kind)}", check=check
         )
-
-    def start_job(self, chain: str, kind: str, text: str) -> str:
-        before = len(self.events(chain))
-        self.command(chain, kind, text)
-
-        def started() -> str | None:
-            for e in self.events(chain)[before:]:
-                if e["event"] == "JOB_STARTED":
-                    return e["job"]
-            return None
-
-        return wait_for(started, f"{kind} {text!r} to start on {chain}")
-
-    def wait_job(self, chain: str, job: str, timeout: float = DEADLINE) -> dict[str, str]:
-        def ended() -> dict[str, str] | None:
-            for e in self.events(chain):
-                over = e["event"] in ("JOB_COMPLETED", "JOB_CANCELLED")
-                stopped = e.get("reason", "").startswith(("unmounted", "handed over"))
-                if e.get("job") == job and over and not stopped:
-                    return e
-            return None
-
-        return wait_for(ended, f"job {job} on {chain} to end", timeout)
 
     def write(self, chain: str, model: Model, offset: int, length: int, pattern: int) -> None:
         """Write ``pattern`` bytes to the flat file (O_DIRECT, fsync'ed) and the model."""

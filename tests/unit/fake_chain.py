@@ -1,5 +1,5 @@
 """A stand-in chain for the unit tests of ``Views`` and ``Operations``: layer paths and
-sizes, reads recorded by level, no image behind it."""
+sizes, reads recorded by level, writes recorded, no image behind it."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class FakeChain:
     size: int = SIZE
     confine: Any = None
     reads: list[tuple[int, int, int]] = field(default_factory=list)
+    writes: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
 
     @property
     def active(self) -> FakeLayer:
@@ -35,9 +36,15 @@ class FakeChain:
     def count_data(self, level: int = 0) -> int:
         return 4096 * (len(self.layers) - level)
 
+    def count_is_cheap(self, level: int = 0) -> bool:
+        return True
+
     def allocated(self) -> int:
         return 4096
 
     def read(self, offset: int, length: int, level: int = 0) -> bytes:
         self.reads.append((offset, length, level))
         return bytes(length)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.writes.append((offset, len(data)))

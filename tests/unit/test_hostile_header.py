@@ -13,7 +13,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from chainfs.errors import ImageError
+from chainfs.formats.qcow2 import create_overlay
 from chainfs.formats.qcow2 import header as hdr
+from chainfs.hostfile import HostFile
 
 PATH = "/images/hostile.qcow2"
 CS = 4096
@@ -244,3 +246,48 @@ def test_truncated_headers() -> None:
     assert "not a qcow2 image" in refusal(raw[:71])
     assert "truncated header" in refusal(raw[:100])
     assert "truncated header" in refusal(raw[:110])
+
+
+def _outcome(raw: bytes, file_size: int) -> object:
+    try:
+        return hdr.parse(raw, PATH, file_size)
+    except ImageError as e:  # (UnsupportedFeature among them)
+        return (type(e), str(e))
+
+
+@pytest.fixture(scope="module")
+def real_clusters(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[bytes, int]]:
+    """Cluster 0 (64 KiB) of images chainfs makes: with and without a backing file."""
+    d = tmp_path_factory.mktemp("headers")
+    create_overlay(str(d / "A.qcow2"), size=1 << 30, backing=None, backing_format=None)
+    create_overlay(str(d / "B.qcow2"), size=1 << 30, backing="A.qcow2", backing_format="qcow2")
+    out = []
+    for name in ("A.qcow2", "B.qcow2"):
+        f = HostFile(str(d / name), False)
+        try:
+            out.append((bytes(hdr.header_cluster(f)), f.size()))
+            assert hdr._used_within(out[-1][0][: hdr.HEAD_READ])  # (the quick read)
+        finally:
+            f.close()
+    return out
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    which=st.integers(0, 1),
+    damage=st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), max_size=6),
+)
+def test_the_first_4_kib_parse_as_the_whole_cluster(
+    real_clusters: list[tuple[bytes, int]], which: int, damage: list[tuple[int, int]]
+) -> None:
+    """``read_header`` parses the first 4 KiB alone when ``_used_within`` says all that
+    ``parse`` reads lies there: the same header, or the same refusal, as from the whole
+    cluster, however the first 4 KiB are damaged."""
+    raw, size = real_clusters[which]
+    cluster = bytearray(raw)
+    for offset, value in damage:
+        cluster[offset] = value
+    head = bytes(cluster[: hdr.HEAD_READ])
+    if hdr._used_within(head):
+        event("quick")
+        assert _outcome(head, size) == _outcome(bytes(cluster), size)

@@ -1,14 +1,20 @@
 """Name and inode lookups without FUSE: ``Operations`` finds a chain's files by dicts,
 never by a walk of the mount's disks (a disks list that refuses to be walked proves it),
 and the layer views' names and inodes follow the chains' layers through snapshot,
-stream, commit and copy (a hypothesis property test against a model)."""
+stream, commit and copy (a hypothesis property test against a model).  ``.status`` lines
+are rendered again only for the chains whose shown fields were said to change, and a
+guest write pays nothing for it."""
 
 from __future__ import annotations
 
+import ast
 import errno
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar, cast
 
 import pyfuse3
@@ -17,9 +23,12 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import chainfs.disk
+import chainfs.jobs.served
+import chainfs.mount
 from chainfs.chain import Chain
 from chainfs.control import CommandError
-from chainfs.disk import Disk
+from chainfs.disk import SHOWN_IN_STATUS, Disk
 from chainfs.formats.base import Layer
 from chainfs.fs import CONTROL, CONTROL_FILES, LAYERS, ROOT, STATUS, Operations
 from chainfs.jobs.served import Readers, chain_changed, refuse_shared
@@ -290,10 +299,12 @@ def test_status_renders_again_only_the_chains_that_changed(
 
     rendered.clear()
     disks[5].warning = "served read-only: too deep"
+    disks[5].shown_changed()
     snap = disks[7]  # a snapshot: a new active layer, then ``chain_changed``
     snap.chain.layers.insert(0, cast(Layer, FakeLayer("/img/vm7-snap.qcow2")))
     chain_changed(snap)
     disks[9].fenced = "the lock is gone"
+    disks[9].shown_changed()
     text = ops.status_text()
     assert sorted(rendered) == ["vm5", "vm7", "vm9"]
     lines = text.decode().splitlines()
@@ -302,6 +313,7 @@ def test_status_renders_again_only_the_chains_that_changed(
 
     rendered.clear()
     disks[11].owned = False  # owned elsewhere or by nobody: a lock probe at every read
+    disks[11].shown_changed()
     ops.status_text()
     text = ops.status_text()
     assert rendered == ["vm11", "vm11"]
@@ -312,6 +324,74 @@ def test_status_renders_again_only_the_chains_that_changed(
             cast(list[Disk], list(disks)), ops.source, readonly=False, mountpoint="/mnt"
         ).status_text()
     )
+
+
+@pytest.mark.expect_log(r"WARNING chainfs\.disk: ownership of vm0 suspended: ")
+def test_a_guest_write_calls_nothing_of_the_status_watching() -> None:
+    disk = served_disk("vm0", ["/img/vm0.qcow2"], Readers())
+    ops = operations(cast(list[FakeDisk], [disk]))
+    img = lookup(ops, ROOT, "vm0.img")
+    assert img is not None and b"vm0" in ops.status_text()
+    told: list[Disk] = []
+    disk.on_status = told.append
+    fh = trio.run(ops.open, img, os.O_RDWR, None).fh
+    watching = chainfs.jobs.served.__file__
+    entered: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename == watching:
+            entered.append(frame.f_code.co_name)
+
+    before = disk.mtime_ns = disk.ctime_ns = 0
+    sys.setprofile(profile)
+    try:
+        assert trio.run(ops.write, fh, 4096, b"x" * 4096) == 4096
+    finally:
+        sys.setprofile(None)
+    fake = cast(FakeChain, disk.chain)
+    assert fake.writes == [(4096, 4096)] and disk.mtime_ns > before  # the times stamped
+    assert entered == [] and told == []  # ... and no status watching paid for it
+    disk.suspend("the owner file's heartbeat is blocked")  # a shown field set: said
+    assert told == [disk]
+    disk.resume()
+    assert told == [disk, disk]
+
+
+def shown_sets() -> Iterator[tuple[str, str, int, bool]]:
+    """Every set of a field of ``SHOWN_IN_STATUS`` in the modules that serve a chain,
+    outside an ``__init__``: (module, function, line, whether the function says so)."""
+    for module in (chainfs.disk, chainfs.mount):
+        tree = ast.parse(Path(str(module.__file__)).read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) or fn.name == "__init__":
+                continue
+            says = any(
+                isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Attribute)
+                and n.func.attr in ("shown_changed", "status_changed")
+                for n in ast.walk(fn)
+            )
+            for node in ast.walk(fn):
+                if not isinstance(node, ast.Assign):
+                    continue
+                for t in node.targets:
+                    for x in t.elts if isinstance(t, ast.Tuple) else [t]:
+                        # (``self.views.chain`` is the views' chain, not a shown field)
+                        if (
+                            isinstance(x, ast.Attribute)
+                            and x.attr in SHOWN_IN_STATUS
+                            and not isinstance(x.value, ast.Attribute)
+                        ):
+                            yield module.__name__, fn.name, node.lineno, says
+
+
+def test_every_set_of_a_shown_field_says_so() -> None:
+    sets = list(shown_sets())
+    assert {(m, f) for m, f, _, _ in sets} >= {
+        ("chainfs.disk", "fence"),
+        ("chainfs.mount", "take"),
+    }
+    assert [s for s in sets if not s[3]] == []
 
 
 def test_refuse_shared_looks_only_at_the_chains_reading_the_layer() -> None:

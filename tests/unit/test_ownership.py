@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from chainfs import mount, ownership
+from chainfs import descriptors, mount, ownership
 from chainfs import source as sources
 from chainfs.disk import Disk
 from chainfs.formats.qcow2 import create_overlay
@@ -89,6 +89,80 @@ def test_the_state_record_is_written_in_place_in_two_slots(tmp_path: Path) -> No
         assert sources.read_slots(bytes(torn)) == (gen, record)
     assert sources.read_slots(new)[0] == 3
     src.disown("C")
+
+
+def test_local_storage_syncs_no_heartbeat_and_no_unchanged_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount's bring-up on a local file system (issue #20: two fdatasyncs a chain made
+    10,000 chains mount in minutes): taking a chain's locks syncs nothing (the owner
+    file's heartbeat is diagnostics only there), the first save of many records is made
+    durable by one syncfs, and the next mount, whose records are unchanged, writes none.
+    On shared storage every heartbeat is synced (the fence rule needs its EIO)."""
+    names = ["vm1", "vm2", "vm3"]
+    for name in names:
+        create_overlay(
+            str(tmp_path / f"{name}.qcow2"), size=1 << 20, backing=None, backing_format=None
+        )
+    synced: list[int] = []
+    syncfs: list[int] = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append(fd)
+        real_fdatasync(fd)
+
+    def counted_syncfs(fd: int) -> int:
+        syncfs.append(fd)
+        return 0
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(sources, "_syncfs", counted_syncfs, raising=False)
+    monkeypatch.setattr(Ownership, "shared_storage", False, raising=False)
+
+    def mount_once() -> sources.Source:
+        src = sources.load(str(tmp_path))
+        assert [c.name for c in src.chains] == names
+        for name in names:
+            src.own(name)
+        src.save()
+        return src
+
+    src = mount_once()
+    assert synced == [] and len(syncfs) == 1
+    for name in names:
+        gen, record = sources.read_slots(Path(src.chain_state_path(name)).read_bytes())
+        assert gen == 1 and record is not None and record["active"] == f"{name}.qcow2"
+        assert ownership.read_holder(chain_file(str(tmp_path), name, OWNER_SUFFIX)) is not None
+        src.disown(name)
+    syncfs.clear()
+    src = mount_once()  # every record as the files hold it: nothing written
+    assert synced == [] and syncfs == []
+    assert all(src.generations[n] == 1 for n in names)
+    # a change is written (alone: synced on its own)
+    src.record_active("vm2", str(tmp_path / "vm2.qcow2"))
+    assert synced == [] and syncfs == []  # (the same active layer: unchanged)
+    src.retire([str(tmp_path / "gone.qcow2")], "vm2")
+    assert len(synced) == 1 and src.generations["vm2"] == 2
+    for name in names:
+        src.disown(name)
+    # where syncfs fails, each record is synced on its own (which names a failing file)
+    synced.clear()
+    monkeypatch.setattr(sources, "_syncfs", lambda fd: -1)
+    src = sources.load(str(tmp_path))
+    for name in names:
+        src.own(name)
+        src.retired_by[name] = {str(tmp_path / "old.qcow2")}
+    src.save()
+    assert len(synced) == 3 and all(src.generations[n] >= 2 for n in names)
+    for name in names:
+        src.disown(name)
+    # shared storage: the heartbeat is synced (a lost lock is that sync's EIO)
+    synced.clear()
+    monkeypatch.setattr(Ownership, "shared_storage", True)
+    own = Ownership.acquire(str(tmp_path), "vm1")
+    assert synced == [own.owner_fd]
+    own.release()
 
 
 def test_journal_paths_are_relative_to_the_source_directory(tmp_path: Path) -> None:
@@ -312,3 +386,80 @@ def test_status_judges_the_owner_by_the_owner_file_without_testing_its_lock(
     assert judge_owner(directory, "vm2") is None
     Path(chain_file(directory, "vm2", OWNER_SUFFIX)).write_bytes(b"[1, 2]\n")
     assert judge_owner(directory, "vm2") is None
+
+
+async def test_activate_looks_at_its_chain_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``activate`` (and ``adopt``, which takes a chain the same way) serves the chain
+    its state record names, without a scan of the source directory (which read every
+    image's header: O(chains) a command on a mount of thousands)."""
+    names = ["vm1", "vm2", "vm3"]
+    for name in names:
+        base, top = tmp_path / f"{name}-base.qcow2", tmp_path / f"{name}.qcow2"
+        create_overlay(str(base), size=1 << 20, backing=None, backing_format=None)
+        create_overlay(str(top), size=1 << 20, backing=base.name, backing_format="qcow2")
+    src, rec = recovery.recover(str(tmp_path), readonly=False)
+    opts = mount.MountOptions()
+    disks = mount.open_disks(src, opts, journals=rec.journals)
+    src.save()
+    try:
+        async with trio.open_nursery() as nursery:
+            hosts = mount.Hosts(src, opts, disks, rec, nursery, lambda d: None)
+            vm2 = disks[1]
+            assert vm2.name == "vm2"
+            hosts.inactivate(vm2)
+            assert not vm2.owned and not vm2.chain.writable
+
+            def scan(*args: object, **kw: object) -> None:
+                raise AssertionError("the source directory was scanned")
+
+            monkeypatch.setattr(sources, "load", scan)
+            monkeypatch.setattr(sources, "_scan_directory", scan)
+            hosts.take(vm2, Ownership.acquire(str(tmp_path), "vm2"), "activate")
+            assert vm2.owned and vm2.chain.writable
+            assert [os.path.basename(x.path) for x in vm2.chain.layers] == [
+                "vm2.qcow2",
+                "vm2-base.qcow2",
+            ]
+            nursery.cancel_scope.cancel()
+    finally:
+        for disk in disks:
+            disk.close()
+        rec.close()
+        for name in list(src.owned):
+            src.disown(name)
+
+
+@pytest.mark.expect_log(r"WARNING chainfs\.(mount|descriptors): .*(refused|want of descriptors)")
+def test_chains_past_the_descriptor_limit_are_neither_owned_nor_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once no chain fits in the descriptors left, the rest are refused as they come,
+    before their locks are taken and their layers opened (each of 7,000 chains past a
+    limit was owned, opened, closed and given up again: a third of the mount's time)."""
+    names = ["vm1", "vm2", "vm3"]
+    for name in names:
+        create_overlay(
+            str(tmp_path / f"{name}.qcow2"), size=1 << 20, backing=None, backing_format=None
+        )
+    # room for one chain of one layer (1 + events log + owner, state and journal files)
+    # and a few descriptors more, too few for another
+    room = 1 + descriptors.EVENT_LOG + descriptors.OWNER_FILES + 3
+    monkeypatch.setattr(
+        descriptors.Budget, "now", classmethod(lambda cls: cls(limit=room, in_use=0, reserve=0))
+    )
+    src, rec = recovery.recover(str(tmp_path), readonly=False)
+    disks = mount.open_disks(src, mount.MountOptions(), journals=rec.journals)
+    try:
+        assert [d.name for d in disks] == ["vm1"]
+        assert [r.name for r in src.refused] == ["vm2", "vm3"]
+        assert all("EMFILE" in r.reason for r in src.refused)
+        for name in ("vm2", "vm3"):  # never locked: no owner file was made
+            assert not os.path.exists(chain_file(str(tmp_path), name, OWNER_SUFFIX))
+    finally:
+        for disk in disks:
+            disk.close()
+        rec.close()
+        for name in list(src.owned):
+            src.disown(name)

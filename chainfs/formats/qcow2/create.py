@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 
 from ...errors import ChainfsError, ImageError
 from ...hostfile import HostFile, HostIOError, is_temporary, sync_dir, temporary_name
@@ -68,10 +69,14 @@ def create_image(
     backing_format: str | None,
     cluster_size: int = 65536,
     refcount_bits: int = 16,
+    vet: Callable[[int], None] | None = None,
 ) -> HostFile:
     """Create a new, empty qcow2 v3 image at ``path`` (``ChainfsError`` if it exists),
     complete and durable under that name, and return it open read-write, holding QEMU's
-    write locks (see the module's docstring)."""
+    write locks (see the module's docstring).  ``vet``, if given, is called with the
+    new file's descriptor once it is created and again once it has its name, and may
+    refuse it (raise): the file is removed then (the place a caller checked by path may
+    have changed since: a directory on it swapped for a symlink)."""
     cb = _log2(cluster_size)
     if not 9 <= cb <= 21:
         raise ImageError(f"cluster size {cluster_size} outside 512 B .. 2 MiB")
@@ -130,10 +135,14 @@ def create_image(
         raise ChainfsError(f"{path!r} already exists")
     f = HostFile(temporary_name(path), True, create=True)
     try:
+        if vet is not None:
+            vet(f.fd)
         lock_image(f.fd, path, write=True)  # before anybody could read a byte of it
         f.pwrite(first + meta, 0)
         f.flush()
         f.publish(path)
+        if vet is not None:
+            vet(f.fd)
     except BaseException:
         try:
             f.remove()  # ours: the temporary file, or the image under its new name

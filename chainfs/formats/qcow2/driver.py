@@ -275,22 +275,30 @@ class Qcow2Layer(Tables):
         elif e & OFFSET_MASK:
             self.refs.defer_free(e & OFFSET_MASK, 1, punch=punch)
 
-    def _old_content(self, cluster: int, e: int, fill: Fill) -> Buffer:
-        """What the whole cluster reads as now (for copy-on-write)."""
+    def _old_content(self, cluster: int, e: int, fill: Fill) -> bytearray | None:
+        """What the whole cluster reads as now (for copy-on-write), in a buffer of its
+        own for the caller to change: what ``fill`` or the host read gave, when that is
+        one already (no copy of a cluster the COW then copies again).  None when the
+        metadata says it reads as zeros (a zero cluster; nothing below shows data)."""
         cs = self.cluster_size
         start = cluster * cs
         if e & COMPRESSED_BIT:
             coff = e & self.coff_mask
             nsec = ((e >> self.csize_shift) & self.nsec_mask) + 1
-            return self.read_compressed(coff, nsec * 512 - (coff & 511))
+            return bytearray(self.read_compressed(coff, nsec * 512 - (coff & 511)))
         if e & ZERO_FLAG and self.v3:
-            return bytes(cs)
+            return None
         if e & OFFSET_MASK:
-            data = self.file.pread(cs, e & OFFSET_MASK)
-            return data + bytes(cs - len(data))
+            return self.file.pread_padded(cs, e & OFFSET_MASK)
         n = min(cs, self.virtual_size - start)
         below = fill(start, n)
-        return bytes(below) + bytes(cs - len(below))
+        if not len(below):
+            return None
+        if len(below) == cs and type(below) is bytearray:
+            return below
+        out = bytearray(cs)
+        out[: len(below)] = below
+        return out
 
     def mark_dirty(self, offset: int, length: int) -> None:
         """Set the bits of the enabled bitmaps for a range about to change, durably
@@ -318,6 +326,36 @@ class Qcow2Layer(Tables):
         runs of in-place clusters that lie contiguously on the host.
         """
         self._write(offset, data, fill, started=False)
+
+    def write_in_place(self, offset: int, data: Buffer) -> bool:
+        """The common guest write on its own (``Layer.write_in_place``): within one
+        cluster this layer holds unshared (COPIED), one ``pwrite`` and nothing else —
+        no entry, refcount or map changes, so nothing to order.  False (nothing
+        written) for anything else, and while a started write or its failure waits to
+        be settled (``write`` settles first and raises it)."""
+        cb = self.cluster_bits
+        c = offset >> cb
+        n = len(data)
+        if (
+            not n
+            or (offset + n - 1) >> cb != c
+            or offset + n > self.virtual_size
+            or self._started is not None
+            or self._unsettled is not None
+            or self.refs is None  # (not writable)
+        ):
+            return False
+        i = c >> self.l2_bits
+        if i >= self.h.l1_size:
+            return False
+        l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK
+        if not l2_off:
+            return False
+        e = _U64.unpack_from(self._l2(l2_off), (c & self.l2_mask) * 8)[0]
+        if not e & COPIED or e & (COMPRESSED_BIT | ZERO_FLAG) or not e & OFFSET_MASK:
+            return False
+        self.file.pwrite(data, (e & OFFSET_MASK) + (offset & (self.cluster_size - 1)))
+        return True
 
     def write_started(self, offset: int, data: Buffer, fill: Fill) -> None:
         """``write``, with the data of new clusters written while this returns
@@ -377,6 +415,9 @@ class Qcow2Layer(Tables):
         merged_to = -1  # where the last piece ends in ``view``, if it is a slice of it
         # in place: (host, start in view, end in view) of the pending contiguous run
         run_host = run_a = run_b = -1
+        # where in its cluster the data of a write lies that is the whole write, into one
+        # cluster that reads as zeros (then maybe written alone, below); -1: no such write
+        zero_cow = -1
         while pos < end:
             c = pos >> cb
             in_off = pos & (cs - 1)
@@ -400,10 +441,16 @@ class Qcow2Layer(Tables):
                     pieces.append(view[a : a + n])
                 merged_to = a + n
             else:
-                content = bytearray(self._old_content(c, e, fill))
-                content[in_off : in_off + n] = view[a : a + n]
+                content = self._old_content(c, e, fill)
                 fresh.append((c, e))
-                pieces.append(content)
+                if content is None and n == len(view):
+                    zero_cow = in_off
+                    pieces.append(view)
+                else:
+                    if content is None:
+                        content = bytearray(cs)
+                    content[in_off : in_off + n] = view[a : a + n]
+                    pieces.append(content)
                 merged_to = -1
             pos += n
         if run_b >= 0:
@@ -430,12 +477,33 @@ class Qcow2Layer(Tables):
             writeback = end_host - self._writeback_from
             self._writeback_from = end_host
         payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        at = host
+        if zero_cow >= 0:
+            # One cluster that reads as zeros, partly written.  The zeros of a COW need not
+            # be written where the new cluster lies wholly past the end of the file (as
+            # allocation from the end makes it, unless a failed write's clusters were
+            # taken back and handed out again over what it may have left): there the
+            # file reads as zeros already, the part of the cluster before the data as a
+            # hole once the data write extends the file, the part after it as the bytes
+            # past the end, which every reader pads with zeros (``HostFile.preadinto``,
+            # QEMU's file driver; ``qemu-img check`` accepts a last cluster partly past
+            # the end, and the next session allocates after it).  The order that keeps a
+            # crash safe is unchanged: the data is flushed before the L2 entry pointing
+            # at the cluster is written (``write_back``), and the zeros are zeros in
+            # every state the file can crash in.  QEMU saves the same write with a
+            # write-zeroes of the cluster (``handle_alloc_space``).
+            if host >= self.file.size():
+                at = host + zero_cow
+            else:
+                content = bytearray(cs)
+                content[zero_cow : zero_cow + len(payload)] = payload
+                payload = content
         try:
             if started:
-                self.file.pwrite_started(payload, host, writeback)
+                self.file.pwrite_started(payload, at, writeback)
                 self._started = _Started(host, fresh, fresh[0][0] * cs, (fresh[-1][0] + 1) * cs)
                 return
-            self.file.pwrite(payload, host)
+            self.file.pwrite(payload, at)
         except BaseException:
             # the data did not land (a full disk): no entry points at the new clusters,
             # so they go back, and the refcounts claim nothing the file does not hold

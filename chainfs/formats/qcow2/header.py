@@ -290,9 +290,41 @@ def header_cluster(f: HostFile) -> bytes:
     return f.pread(1 << bits, 0)
 
 
+HEAD_READ = 4096  # read_header's first read: the header's bytes in nearly every image
+
+
 def read_header(f: HostFile) -> Header:
-    """Read and parse cluster 0 of an open image."""
+    """Read and parse cluster 0 of an open image: its first 4 KiB alone when the header,
+    its extensions and the backing file name all lie there (parsed the same: ``parse``
+    reads nothing past them), else the whole cluster (64 KiB read for every image made
+    a mount's scan of thousands of images a third of its time)."""
+    head = f.pread(HEAD_READ, 0)
+    if _used_within(head):
+        return parse(head, f.path, f.size())
     return parse(header_cluster(f), f.path, f.size())
+
+
+def _used_within(raw: bytes) -> bool:
+    """Whether everything ``parse`` reads of a header cluster lies in ``raw``, its start
+    (shorter than the cluster): the header, the extensions up to the backing file name
+    (and that name) or, with no name, up to their end marker."""
+    if len(raw) < V3_HEADER_LENGTH or raw[:4] != MAGIC:
+        return False
+    _, version, backing_offset, backing_size, bits = struct.unpack_from(">4sIQII", raw, 0)
+    if version not in (2, 3) or not 9 <= bits <= 21 or 1 << bits <= len(raw):
+        return False
+    length = V2_HEADER_LENGTH if version == 2 else _V3.unpack_from(raw, 72)[4]
+    if not V2_HEADER_LENGTH <= length <= len(raw):
+        return False
+    if backing_offset:  # the extensions end where the name begins
+        return bool(length <= backing_offset and backing_offset + backing_size <= len(raw))
+    pos = length
+    while pos + 8 <= len(raw):
+        kind, size = struct.unpack_from(">II", raw, pos)
+        if kind == EXT_END:
+            return True
+        pos += 8 + size + (-size % 8)
+    return False
 
 
 def read_backing(path: str) -> str | None:
