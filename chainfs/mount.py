@@ -648,12 +648,8 @@ class Hosts:
         history = EventLog.open(src.directory, name, writable=True)
         disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
         disk.owned, disk.holder, disk.journal = True, None, journal
-<<<<<<< HEAD
         disk.suspended = disk.seen = disk.unstable = disk.elsewhere = None
-=======
-        disk.suspended = disk.seen = disk.unstable = None
         disk.shown_changed()
->>>>>>> main
         disk.fencing = bool(self.opts.shared)
         self.recovery.journals[name] = journal
         disk.touch()
