@@ -356,6 +356,12 @@ def render_status(info: dict[str, Any]) -> str:
                     f"{human_size(int(j['offset']))}, waits for {j.get('waits-for', '?')}"
                 )
                 continue
+            if j.get("status") == "running-elsewhere":  # the owner's, from its journal
+                lines.append(
+                    f"    job {j['id']}: {j['type']} running on another host "
+                    f"(owned by {j.get('owner', '?')}), at {human_size(int(j['offset']))}"
+                )
+                continue
             off, length = int(j["offset"]), int(j["len"])
             speed = int(j.get("speed", 0))
             limit = f", speed limit {human_size(speed)}/s" if speed else ""

@@ -89,6 +89,23 @@ def _interrupted_line(p: Pending) -> list[tuple[str, object]]:
     ]
 
 
+def _elsewhere_line(p: Pending, holder: str | None) -> list[tuple[str, object]]:
+    """The owner's job on a chain another host owns, as its journal says: running there
+    (``holder``: who owns the chain), or, the chain released with the job unfinished (a
+    hand-over not yet taken, or its owner unmounted), waiting for the next owner, who
+    resumes it.  ``offset`` is its last durable checkpoint."""
+    speed = p.params.get("speed")
+    where = [("owner", holder)] if holder else [("waits-for", "activate or adopt")]
+    return [
+        ("id", p.id),
+        ("type", p.type),
+        ("status", "running-elsewhere" if holder else "interrupted"),
+        ("offset", p.offset),
+        ("speed", speed if isinstance(speed, int) else 0),
+        *where,
+    ]
+
+
 @dataclass
 class Writer:
     """What the writes through one open control file said: together, one command."""
@@ -168,6 +185,7 @@ class Disk(Watched):
         self.seen: Seen | None = None
         self.handles = 0
         self.unstable: str | None = None
+        self.elsewhere: Pending | None = None  # that job, as the owner's journal says
         # the flat file's times start as those of the newest image file: they stay the
         # same from one mount to the next as long as nothing is written
         self.mtime_ns = self.ctime_ns = max(_mtime_ns(x.path) for x in chain.layers)
@@ -322,9 +340,11 @@ class Disk(Watched):
     def jobs_text(self) -> bytes:
         job = self.job
         if job is None or job.status == CONCLUDED:
-            return b"".join(
-                (format_line(_interrupted_line(p)) + "\n").encode() for p in self.interrupted
-            )
+            lines = [_interrupted_line(p) for p in self.interrupted]
+            if self.elsewhere is not None and not self.owned and self.fenced is None:
+                self.holder = judge_owner(self.source.directory, self.name)
+                lines.append(_elsewhere_line(self.elsewhere, self.holder))
+            return b"".join((format_line(line) + "\n").encode() for line in lines)
         return (format_line(job.line()) + "\n").encode()
 
     # -- a chain another host writes ---------------------------------------------------------
@@ -350,7 +370,7 @@ class Disk(Watched):
         owner's record): serve the fresh chain, dropping every cached byte of the old
         one; True if the chain was replaced.  A chain taken over meanwhile is left
         alone."""
-        self.unstable = seen.unstable
+        self.unstable, self.elsewhere = seen.unstable, seen.job
         if self.owned or self.chain.locked or fresh is None:
             if fresh is not None:
                 fresh.close()
@@ -596,6 +616,7 @@ class Seen:
     active: str
     stamp: tuple[int, int, int, int]  # inode, size, mtime, ctime of the active layer
     unstable: str | None = dataclasses.field(compare=False, default=None)
+    job: Pending | None = dataclasses.field(compare=False, default=None)
 
     @property
     def mtime_ns(self) -> int:
@@ -621,10 +642,12 @@ class Seen:
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         except OSError:
             pass
-        return cls(generation, active, stamp, _unfinished(directory, chain))
+        job = _unfinished(directory, chain)
+        unstable = None if job is None else f"the owner's {job.type} job {job.id!r} is not finished"
+        return cls(generation, active, stamp, unstable, job)
 
 
-def _unfinished(directory: str, chain: str) -> str | None:
+def _unfinished(directory: str, chain: str) -> Pending | None:
     """The owner's job begun and not ended, as its journal says (whole lines only: the
     owner may be appending one)."""
     journal = Journal(directory, chain, writable=False)
@@ -636,9 +659,7 @@ def _unfinished(directory: str, chain: str) -> str | None:
     for record in records:
         journal._replay(map_paths(record, journal._abs))
     pending = journal.pending()
-    if not pending:
-        return None
-    return f"the owner's {pending[-1].type} job {pending[-1].id!r} is not finished"
+    return pending[-1] if pending else None
 
 
 def lock_readers(name: str, chain: Chain) -> None:

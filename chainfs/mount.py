@@ -648,7 +648,7 @@ class Hosts:
         history = EventLog.open(src.directory, name, writable=True)
         disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
         disk.owned, disk.holder, disk.journal = True, None, journal
-        disk.suspended = disk.seen = disk.unstable = None
+        disk.suspended = disk.seen = disk.unstable = disk.elsewhere = None
         disk.shown_changed()
         disk.fencing = bool(self.opts.shared)
         self.recovery.journals[name] = journal
@@ -684,6 +684,7 @@ class Hosts:
 
     async def _hand_over(self, disk: Disk, job: Job) -> None:
         try:
+            paused = job.paused  # (the stop unpauses it)
             job.suspend("handed over; the next owner resumes it")
             await job.done.wait()
             if disk.fenced is not None:
@@ -693,26 +694,29 @@ class Hosts:
                 raise CommandError(
                     errno.EIO, f"ownership of {disk.name} suspended: {disk.suspended}"
                 )
-            self._give_up(disk, job)
+            self._give_up(disk, job, paused)
         finally:
             self.handing_over.discard(disk.name)
 
-    def _give_up(self, disk: Disk, job: Job | None = None) -> None:
+    def _give_up(self, disk: Disk, job: Job | None = None, paused: bool = False) -> None:
         """Flush the chain, reopen it read-only without locks, release its locks (the
-        flat file stays open for reading through it all); ``job`` stopped to travel:
-        the journal says so first, durably."""
+        flat file stays open for reading through it all); ``job`` stopped to travel
+        (``paused`` by a user: it travels paused): the journal says so first, durably."""
         name = disk.name
         travelling = job is not None and job.error is None and job.suspended
         if travelling and disk.journal is not None:
             assert job is not None
-            disk.journal.handover(socket.gethostname(), MOUNT_ID, [job.id])
+            disk.journal.handover(
+                socket.gethostname(), MOUNT_ID, [job.id], [job.id] if paused else None
+            )
         disk.chain.flush()
         chain = Chain.open(disk.chain.active.path, writable=False, lock=False)
         chain.confine = disk.chain.confine
         old, disk.chain = disk.chain, chain
         if travelling:
             assert job is not None
-            disk.emit("INACTIVATED", job=job.id, offset=job.offset)
+            more = {"paused": True} if paused else {}
+            disk.emit("INACTIVATED", job=job.id, offset=job.offset, **more)
         else:
             disk.emit("INACTIVATED")
         old.close()  # flushed and closed clean; its image locks go
@@ -728,7 +732,7 @@ class Hosts:
 # the jobs that travel with a hand-over, resumed by the next owner from the journal: a
 # stream and an intermediate commit from their last checkpoint, an active commit and a
 # copy from the start (the guest's writes they track are in memory; a copy's partial
-# DEST is copied over again)
+# DEST is copied over again); one a user paused is resumed paused
 TRAVELS = ("stream", "commit", "copy")
 
 
@@ -739,8 +743,6 @@ def _stays(job: Job) -> str | None:
             f"a {job.type} cannot be handed over (its point in time would be lost on "
             "the other host): let it finish or cancel it first"
         )
-    if job.paused:
-        return "it is paused: resume it (or cancel it) before handing the chain over"
     if job.journal is None:
         return "it has no journal record to be resumed from: let it finish or cancel it"
     return None

@@ -115,6 +115,8 @@ class Job:
         self._cancel = False
         self._wakeup = trio.Event()  # set by cancel and by a speed change
         self._paused = False  # a user's pause is in force (QEMU's user_paused)
+        # resumed from a hand-over of a paused job: paused before it copies anything
+        self.start_paused = False
         # set while the chain's ownership is suspended (``Disk.suspend``): the job waits
         # at its next checkpoint until the event is set (resumed, or fenced: it stops)
         self.hold: trio.Event | None = None
@@ -409,6 +411,9 @@ class Job:
         try:
             if self._cancel:
                 raise JobCancelled
+            if self.start_paused:
+                self.user_pause()
+                await self.checkpoint(0)  # until resume or cancel
             await self.run()
             await self._enter(WAITING)
             if self._cancel:

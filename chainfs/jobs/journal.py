@@ -12,7 +12,7 @@ line::
     {"r": "phase", "key": K, "phase": "prepare", "actions": [...]}   changes about to be made
     {"r": "end", "key": K, "how": "done"}       (or cancelled, failed, resumed, rolled-back)
     {"r": "checkpoint", "key": "-", "jobs": [records]}   all that is known: forget the rest
-    {"r": "handover", "key": "-", "host": H, "mount": M, "ids": [ids]}   (below)
+    {"r": "handover", "key": "-", "host": H, "mount": M, "ids": [ids], "paused": [ids]}
 
 ``key`` names one run of one job, unique across mounts (a resumed job keeps its id, so
 one id may have several runs).  Paths (a job's layers, targets and an action's files) are
@@ -49,7 +49,9 @@ A hand-over (``inactivate`` of a chain whose job travels) stops the job at its n
 checkpoint as an unmount does, appends its progress, then a ``handover`` record naming
 the host and mount that gave the chain up and the jobs it left running, synced before
 the chain's locks are released; the next owner resumes those jobs from their records as
-recovery resumes interrupted ones.  The record is for diagnostics (replay skips it).
+recovery resumes interrupted ones.  The record is for diagnostics, but for ``paused``:
+the jobs a user had paused, which the next owner resumes paused (replay marks them, and
+a compaction keeps the mark in their intents).
 
 The journal of earlier versions, one file for all chains (``.chainfs.journal``, absolute
 paths), is read at mount: its jobs move into their chains' journals (``take``), and the
@@ -249,6 +251,7 @@ class Pending:
     actions: list[Action] = field(default_factory=list)
     previous: str | None = None  # the id of the interrupted job this one resumes
     resumes: str | None = None  # and its key
+    paused: bool = False  # handed over paused: the next owner resumes it paused
 
     @classmethod
     def from_intent(cls, record: Record) -> Pending | None:
@@ -267,6 +270,7 @@ class Pending:
             offset=offset if isinstance(offset, int) and offset >= 0 else 0,
             previous=previous if isinstance(previous, str) else None,
             resumes=resumes if isinstance(resumes, str) else None,
+            paused=record.get("paused") is True,
         )
 
     def apply(self, record: Record) -> None:
@@ -294,6 +298,8 @@ class Pending:
         }
         if self.resumes is not None:
             intent["previous"], intent["resumes"] = self.previous, self.resumes
+        if self.paused:
+            intent["paused"] = True
         out = [intent]
         if self.phase is not None:
             out.append(
@@ -385,6 +391,11 @@ class Journal:
                     self.live.pop(pending.resumes, None)
         elif record["r"] == "end":
             self.live.pop(key, None)
+        elif record["r"] == "handover":
+            paused = record.get("paused")
+            for pending in self.live.values():
+                if isinstance(paused, list) and pending.id in paused:
+                    pending.paused = True
         elif key in self.live:
             self.live[key].apply(record)
 
@@ -491,10 +502,15 @@ class Journal:
             except HostIOError as e:  # the end is recorded; the next end compacts
                 log.warning("journal=%s cannot be compacted: %s", self.path, e)
 
-    def handover(self, host: str, mount: str, jobs: list[str]) -> None:
+    def handover(
+        self, host: str, mount: str, jobs: list[str], paused: list[str] | None = None
+    ) -> None:
         """Record, durably, that this owner gives the chain up with ``jobs`` left for
-        the next owner to resume (their progress is recorded already)."""
-        record = {"r": "handover", "key": "-", "host": host, "mount": mount, "ids": jobs}
+        the next owner to resume (their progress is recorded already), those in
+        ``paused`` paused by a user: the next owner resumes them paused."""
+        record: Record = {"r": "handover", "key": "-", "host": host, "mount": mount, "ids": jobs}
+        if paused:
+            record["paused"] = paused
         self._append(record, sync=True)
 
     def take(self, pending: Pending) -> None:

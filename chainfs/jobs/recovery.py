@@ -470,6 +470,9 @@ def resume_jobs(served: Iterable[Served], rec: Recovery) -> None:
             start(s, p)
         except ChainfsError as e:
             _roll_back(s, p, journal, str(e))
+            continue
+        if p.paused and s.job is not None:  # handed over paused: it stays paused here
+            s.job.start_paused = True
 
 
 def _roll_back(served: Served, p: Pending, journal: Journal, reason: str) -> None:

@@ -54,8 +54,8 @@ def wait_for(cond: Callable[[], T | None], what: str, timeout: float = DEADLINE)
 
 class _Boot(threading.Thread):
     """The lab coming up (booted, the export mounted on both hosts, the server's grace
-    period waited out: half a minute and more under TCG) while the layers before this
-    one run; the ``lab`` fixture takes what it made."""
+    period waited out: about 20 s under TCG) while the layers before this one run; the
+    ``lab`` fixture takes what it made."""
 
     def __init__(self) -> None:
         super().__init__(name="nfs-lab-boot", daemon=True)
@@ -78,12 +78,25 @@ class _Boot(threading.Thread):
 
 def _bring_up() -> Lab:
     lab = Lab.start()
+    errors: list[BaseException] = []
+
+    def host_up(h: str) -> None:
+        try:
+            lab.mount_nfs(h)
+            # the first lock waits out the server's grace periods
+            lab.run(h, [PY, "-S", "-c", WARM_UP, f"/shared/.warm-up-{h}"])
+        except BaseException as e:
+            errors.append(e)
+
     try:
         lab.run(None, ["mkdir", "-p", LOGS])
-        for h in ("a", "b"):
-            lab.mount_nfs(h)
-        for h in ("a", "b"):  # the first lock waits out the server's grace periods
-            lab.run(h, [PY, "-S", "-c", WARM_UP, f"/shared/.warm-up-{h}"])
+        both = [threading.Thread(target=host_up, args=(h,)) for h in ("a", "b")]
+        for t in both:  # the two hosts at once (the agent runs each request in a thread)
+            t.start()
+        for t in both:
+            t.join()
+        if errors:
+            raise errors[0]
     except BaseException:
         lab.close()
         raise
@@ -298,11 +311,15 @@ class Site:
         self.sh("a", " && ".join(script))
         return names
 
-    def check_images(self, names: Iterable[str]) -> None:
-        """``qemu-img check`` clean for each image (on the server: no NFS cache)."""
+    def check_images(self, names: Iterable[str], leaks: bool = False) -> None:
+        """``qemu-img check`` clean for each image (on the server: no NFS cache);
+        ``leaks``: leaked clusters allowed (exit status 3, "no harm to data": what a
+        daemon killed in the middle of a cluster's allocation leaves), no corruption."""
         for name in names:
             r = self.sh(None, f"qemu-img check -U {name}", check=False)
-            assert r.rc == 0, f"qemu-img check {name}: {r.rc}\n{r.out}{r.err}"
+            assert r.rc == 0 or (leaks and r.rc == 3), (
+                f"qemu-img check {name}: {r.rc}\n{r.out}{r.err}"
+            )
 
     def digest(self, active: str) -> str:
         """The chain's content from QEMU's reading (on the server)."""
