@@ -673,6 +673,7 @@ class Chain:
         in a worker thread holds the chain's other users up for one region at most;
         None if the chain changed shape or closed meanwhile."""
         total, region, shape = 0, 0, self._shape
+        ahead: list[int | None] = []  # per layer, as ``_next_mapped`` last found it
         while True:
             with self.lock:
                 if self._closed or self._shape != shape:
@@ -681,11 +682,38 @@ class Chain:
                 base = region << REGION_BITS
                 if base * g >= size:
                     return total
+                # what no layer maps holds no data: skipped without building its map
+                found = self._next_mapped(level, base * g, ahead)
+                if found is None or found >= size:
+                    return total
+                region = max(region, found // g >> REGION_BITS)
+                base = region << REGION_BITS
                 hm = self._holders(region, level)
                 for i, j, h in _runs(hm, 0):
                     if h:
                         total += self._data_in(h - 1, (base + i) * g, min(size, (base + j) * g))
             region += 1
+
+    def _next_mapped(self, level: int, offset: int, ahead: list[int | None]) -> int | None:
+        """The least ``Layer.next_mapped`` of ``layers[level:]`` from ``offset``: before
+        it no layer answers for anything of its own, so the disk shows no data there
+        (a layer's end masks what lies below with zeros, which are no data either).
+        ``ahead`` keeps each layer's last answer, still good while at or past
+        ``offset`` (None: nothing more), so each layer's L1 table is searched once per
+        count (the caller holds the lock; writes meanwhile make the count stale)."""
+        layers = self.layers[level:]
+        if not ahead:
+            ahead.extend([-1] * len(layers))
+        best: int | None = None
+        for k, layer in enumerate(layers):
+            found = ahead[k]
+            if found is not None and found < offset:
+                found = ahead[k] = layer.next_mapped(offset)
+            if found is not None and (best is None or found < best):
+                best = found
+                if best == offset:
+                    break
+        return best
 
     def _data_in(self, level: int, a: int, b: int) -> int:
         """The bytes of the granules in ``[a, b)`` (all answered for by ``layers[level]``

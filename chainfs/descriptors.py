@@ -6,8 +6,9 @@ counter) from its first event on, and three while this mount owns it (its owner 
 state record and journal, locked).  The mount keeps ``RESERVE`` descriptors back from the
 chains for what comes after them: ``/dev/fuse``, the journal, the state file, a job's
 target, a command's new overlay, the log.  A chain that does not fit in what is left is
-refused alone, with the reason (EMFILE, the descriptors it needs, how to raise the
-limit) in ``status`` and the log; the chains before it are served.
+refused alone, with the reason (EMFILE, the descriptors it needs, the limit, how to raise
+it: one short line) in ``status`` and the log, and one warning explains it in full and
+says what serving every chain needs; the chains before it are served.
 
 Locking contract: used at bring-up only, on the trio thread.
 """
@@ -29,6 +30,7 @@ EVENT_LOG = 2  # a chain's events log and job-id counter, open from its first ev
 OWNER_FILES = 3  # an owned chain's owner file, state record and journal (``ownership``)
 NR_OPEN = "/proc/sys/fs/nr_open"  # the kernel's ceiling when the hard limit is "unlimited"
 RAISE_HINT = "LimitNOFILE= in the systemd unit, or ulimit -n before chainfs mount"
+SHORT_HINT = "LimitNOFILE= or ulimit -n"  # (a refused chain's reason in ``status``)
 
 
 def raise_limit() -> int:
@@ -95,27 +97,34 @@ class Budget:
         return True
 
     def refusal(self, layers: int) -> str:
-        """Why a chain of ``layers`` layers is not served, counting it as refused."""
+        """Why a chain of ``layers`` layers is not served, counting it as refused: short
+        (one such line per chain in ``status``: 10,000 chains past a limit made a text
+        of 3.4 MB); ``report`` explains it once."""
         need = layers + EVENT_LOG + OWNER_FILES
         self.refused += 1
         self.wanted += need
         return (
-            f"too many open files (EMFILE): the chain needs {need} descriptors ({layers} "
-            f"layer{'s' if layers != 1 else ''}, its events log and its owner, state and "
-            f"journal files), and of this mount's "
-            f"limit of {self.limit} (RLIMIT_NOFILE) {self.in_use} are in use and "
-            f"{self.reserve} kept for requests, control files, jobs and the journal; "
-            f"raise the limit ({RAISE_HINT}) and mount again"
+            f"too many open files (EMFILE): needs {need} descriptors, limit {self.limit}"
+            f" reached; raise {SHORT_HINT} and mount again"
         )
 
     def report(self) -> None:
-        """After the chains were opened: say what serving all of them would take."""
+        """After the chains were opened: say, once, why chains were refused and what
+        serving all of them would take."""
         if self.refused:
             log.warning(
-                "descriptors: %d chains refused for want of descriptors (EMFILE); serving "
-                "every chain needs a limit of at least %d, this mount has %d: raise it (%s)",
+                "descriptors: %d chains refused for want of descriptors (EMFILE): a chain"
+                " needs one per layer, %d for its events log and %d for its owner, state"
+                " and journal files; of this mount's limit of %d (RLIMIT_NOFILE) %d are in"
+                " use and %d kept for requests, control files, jobs and the journal;"
+                " serving every chain needs a limit of at least %d: raise it (%s) and"
+                " mount again",
                 self.refused,
-                self.in_use + self.wanted + self.reserve,
+                EVENT_LOG,
+                OWNER_FILES,
                 self.limit,
+                self.in_use,
+                self.reserve,
+                self.in_use + self.wanted + self.reserve,
                 RAISE_HINT,
             )

@@ -94,6 +94,15 @@ class Layer(ABC):
         it read for the ``extents`` lookups that reads of those granules will make.
         """
 
+    def next_mapped(self, offset: int) -> int | None:
+        """A cheap lower bound of where, at or after ``offset``, this layer may itself
+        answer for a granule (hold data, zeros or a compressed cluster): everything in
+        between defers to the backing file or lies past this layer's end; None if
+        nothing from ``offset`` on does.  Lets a count of the chain's data skip, without
+        building the map, what no layer maps (``Chain.count_data``).  By default
+        ``offset`` itself: anything may be there."""
+        return offset
+
     @abstractmethod
     def extents(self, offset: int, length: int) -> list[Extent]:
         """Where the bytes of ``[offset, offset+length)`` are, in order, covering it all."""

@@ -23,6 +23,15 @@ class RawLayer(Layer):
     def allocation_map(self, start: int, count: int, granule: int) -> int:
         return lane_ones(count)
 
+    def next_mapped(self, offset: int) -> int | None:
+        """Where the file's data starts at or after ``offset`` (SEEK_DATA): its holes
+        hold nothing the count would find."""
+        size = self.file.size()
+        if offset >= size:
+            return None
+        data = self.file.next_data(offset)
+        return data if data < size else None
+
     def extents(self, offset: int, length: int) -> list[Extent]:
         end = offset + length
         out: list[Extent] = []

@@ -331,14 +331,14 @@ def recover(
     mine = [p for journal in rec.journals.values() for p in journal.pending()]
     bounds: dict[str, Bounds] = {}
     if mine:  # (the chains as they are now: what a record may name)
-        scanned = sources.load(source_path)
+        scanned = sources.load(source_path, state=state)
         for name, journal in rec.journals.items():
             if journal.pending():
                 recorded = state.recorded.get(name)
                 bounds[name] = Bounds.of(scanned, name, recorded, allow_dirs, allow_backing)
     _clear_unfinished(directory, mine, bounds, readonly=readonly)
     if readonly:
-        src = sources.load(source_path)
+        src = sources.load(source_path, state=state)
         # a job of a chain another mount owns is running there, not interrupted
         running = [p for p in every if is_locked(chain_file(directory, p.chain, OWNER_SUFFIX))]
         _exclude_targets(src, running)
@@ -356,7 +356,9 @@ def recover(
     for name, journal in rec.journals.items():
         if name in bounds:
             recover_chain(state, name, journal, rec, bounds[name])
-    src = sources.load(source_path, state.owned)
+    # the records as read above, unless a recovery changed some (one that failed half-way
+    # may have changed the state in memory only): each read once, not twice
+    src = sources.load(source_path, state.owned, state=None if bounds else state)
     _exclude_targets(src, [p for p in every if p not in mine])
     for journal in rec.journals.values():
         # (a refused record's target stays a chain: a forged one may name any chain)

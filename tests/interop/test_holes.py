@@ -224,6 +224,37 @@ def test_a_big_disks_count_of_its_data_goes_to_the_background(
     assert chain.allocated() == MiB + 128 * KiB
 
 
+@pytest.mark.parametrize("writable", [False, True])
+def test_counting_a_sparse_petabyte_disk_skips_what_no_layer_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writable: bool
+) -> None:
+    """A 1 PiB disk of two layers with a few writes far apart: ``count_data`` gives the
+    bytes written, and builds the map only of the regions some layer's L1 table maps
+    (a few), not of the 131,072 of 8 GiB the disk has (``Layer.next_mapped``)."""
+    PiB, TiB = 1 << 50, 1 << 40
+    base = im.create(str(tmp_path / "A.qcow2"), PiB)
+    im.write(base, [(0, MiB, 0x11), (300 * TiB, 64 * KiB, 0x12), (PiB - 64 * KiB, 64 * KiB, 0x13)])
+    top = im.create(
+        str(tmp_path / "B.qcow2"), PiB, backing="A.qcow2", backing_fmt="qcow2", cwd=str(tmp_path)
+    )
+    # one over the base's first MiB (counted once), one alone in a span of its own
+    im.write(top, [(512 * KiB, MiB, 0x21), (700 * TiB + 5 * MiB, 128 * KiB, 0x22)])
+    built: list[int] = []
+    with Chain.open(top, writable=writable) as chain:
+        real = chain._holders
+
+        def counted(region: int, level: int = 0) -> Any:
+            built.append(region)
+            assert len(built) <= 64, "the count walks unmapped regions"
+            return real(region, level)
+
+        monkeypatch.setattr(chain, "_holders", counted)
+        assert chain.count_data() == MiB + 512 * KiB + 64 * KiB + 64 * KiB + 128 * KiB
+        # each write's region, once (the base's first MiB and the top's overlap)
+        assert len(built) == len(set(built)) == 4
+        assert chain.count_data(1) == MiB + 128 * KiB
+
+
 # -- discard ---------------------------------------------------------------------------------
 
 

@@ -463,3 +463,53 @@ def test_chains_past_the_descriptor_limit_are_neither_owned_nor_opened(
         rec.close()
         for name in list(src.owned):
             src.disown(name)
+
+
+def test_a_mount_reads_each_state_record_once_before_it_owns_the_chain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery reads the state records, and the load that finds the chains takes its
+    state from there: each record is read once until the chain is owned (then once
+    more, after its lock is taken: another host may have written it meanwhile), not
+    twice (1.2 s of a mount of 10,000 chains)."""
+    names = ["vm1", "vm2", "vm3"]
+    for name in names:
+        create_overlay(
+            str(tmp_path / f"{name}.qcow2"), size=1 << 20, backing=None, backing_format=None
+        )
+
+    def mount_once() -> sources.Source:
+        src, rec = recovery.recover(str(tmp_path), readonly=False)
+        disks = mount.open_disks(src, mount.MountOptions(), journals=rec.journals)
+        src.save()
+        for disk in disks:
+            disk.close()
+        rec.close()
+        for name in list(src.owned):
+            src.disown(name)
+        return src
+
+    first = mount_once()
+    paths = sorted(first.chain_state_path(name) for name in names)
+    assert all(os.path.exists(p) for p in paths)
+    reads: list[str] = []
+    real = sources.Source._load_record
+
+    def counted(self: sources.Source, path: str) -> None:
+        reads.append(path)
+        real(self, path)
+
+    monkeypatch.setattr(sources.Source, "_load_record", counted)
+    for readonly in (False, True):
+        reads.clear()
+        src, rec = recovery.recover(str(tmp_path), readonly=readonly)
+        rec.close()
+        assert sorted(reads) == paths
+        assert src.generations == first.generations and src.on_disk == first.on_disk
+        assert sorted(src.recorded) == names and [c.name for c in src.chains] == names
+        for name in list(src.owned):
+            src.disown(name)
+    reads.clear()
+    again = mount_once()
+    assert sorted(reads) == sorted(paths * 2)  # (the second: each after its lock)
+    assert again.generations == first.generations  # nothing written again

@@ -178,6 +178,14 @@ class Qcow2Layer(Tables):
         self._settle_for_reader(start, start + count * granule)
         return self._map(start, count, granule)
 
+    def next_mapped(self, offset: int) -> int | None:
+        found = super().next_mapped(offset)
+        started = self._started  # a started write's clusters count as mapped
+        if started is not None and started.end > offset:
+            first = max(offset, started.first)
+            found = first if found is None else min(found, first)
+        return found
+
     def extents(self, offset: int, length: int) -> list[Extent]:
         self._settle_for_reader(offset, offset + length)
         out: list[Extent] = []
