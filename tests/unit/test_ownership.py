@@ -47,6 +47,15 @@ def make_chain(d: Path) -> tuple[str, str, str]:
     return a, b, c
 
 
+def close_all(disks: list[Disk], rec: recovery.Recovery, src: sources.Source) -> None:
+    """Close what a test opened: the disks, the journals, every chain's locks."""
+    for disk in disks:
+        disk.close()
+    rec.close()
+    for name in list(src.owned):
+        src.disown(name)
+
+
 def test_one_owner_per_chain_and_the_refusal_names_it(tmp_path: Path) -> None:
     """Two open file descriptions are two holders (as two hosts are): the second is
     refused with the first one's diagnostics; another chain is free; release frees."""
@@ -254,9 +263,7 @@ def test_the_files_of_earlier_versions_are_migrated(tmp_path: Path) -> None:
         _, record = sources.read_slots(Path(src.chain_state_path("vm1")).read_bytes())
         assert record == {"version": 2, "chain": "vm1", "active": "C.qcow2", "retired": ["Z.qcow2"]}
     finally:
-        rec.close()
-        for name in list(src.owned):
-            src.disown(name)
+        close_all([], rec, src)
     again = sources.load(str(tmp_path))
     assert again.recorded == {"vm1": c} and again.retired == {str(tmp_path / "Z.qcow2")}
     assert b not in again.retired
@@ -424,11 +431,7 @@ async def test_activate_looks_at_its_chain_alone(
             ]
             nursery.cancel_scope.cancel()
     finally:
-        for disk in disks:
-            disk.close()
-        rec.close()
-        for name in list(src.owned):
-            src.disown(name)
+        close_all(disks, rec, src)
 
 
 @pytest.mark.expect_log(r"WARNING chainfs\.(mount|descriptors): .*(refused|want of descriptors)")
@@ -458,11 +461,7 @@ def test_chains_past_the_descriptor_limit_are_neither_owned_nor_opened(
         for name in ("vm2", "vm3"):  # never locked: no owner file was made
             assert not os.path.exists(chain_file(str(tmp_path), name, OWNER_SUFFIX))
     finally:
-        for disk in disks:
-            disk.close()
-        rec.close()
-        for name in list(src.owned):
-            src.disown(name)
+        close_all(disks, rec, src)
 
 
 def test_a_mount_reads_each_state_record_once_before_it_owns_the_chain(
@@ -482,11 +481,7 @@ def test_a_mount_reads_each_state_record_once_before_it_owns_the_chain(
         src, rec = recovery.recover(str(tmp_path), readonly=False)
         disks = mount.open_disks(src, mount.MountOptions(), journals=rec.journals)
         src.save()
-        for disk in disks:
-            disk.close()
-        rec.close()
-        for name in list(src.owned):
-            src.disown(name)
+        close_all(disks, rec, src)
         return src
 
     first = mount_once()
