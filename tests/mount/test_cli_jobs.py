@@ -149,7 +149,7 @@ def test_status_shows_a_running_job(mount: Mount) -> None:
 
 def test_cancel_ends_a_wait_with_status_1(mount: Mount) -> None:
     before = mount.layers("E")
-    waiter = start("stream", mount.mountpoint, "E", "base=A.qcow2", "speed=1M", "--wait")
+    waiter = start("stream", mount.mountpoint, "E", "base=A.qcow2", "speed=64K", "--wait")
     wait_for(lambda: running_job(mount), "the stream to start")
     cancel = chainfs("cancel", mount.mountpoint, "E", "stream-1", "--wait")
     assert cancel.stderr == "job stream-1 cancelled\n"
@@ -159,7 +159,7 @@ def test_cancel_ends_a_wait_with_status_1(mount: Mount) -> None:
 
 
 def test_ctrl_c_stops_following_and_the_job_keeps_running(mount: Mount) -> None:
-    waiter = start("stream", mount.mountpoint, "E", "base=A.qcow2", "speed=1M", "--wait")
+    waiter = start("stream", mount.mountpoint, "E", "base=A.qcow2", "speed=64K", "--wait")
     assert waiter.stderr is not None
     first = waiter.stderr.readline()  # a progress line: it is following now
     assert parse_line(first)["job"] == "stream-1", first
