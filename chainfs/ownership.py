@@ -216,6 +216,9 @@ class Ownership:
         self.owner_fd = self.state_fd = self.journal_fd = -1
         self.lost: str | None = None  # why ownership was lost (fenced): never re-locked
         self.beating = False  # this mount's words are in the owner file
+        # the previous holder's words did not say it released the chain: it stopped
+        # uncleanly (kill -9, a crash, a cut-off host), and may have leaked clusters
+        self.unclean = False
 
     @classmethod
     def acquire(cls, directory: str, chain: str) -> Ownership:
@@ -231,6 +234,8 @@ class Ownership:
             own.journal_fd = _open_locked(own.journal_path)
             if own.state_fd < 0 or own.journal_fd < 0:
                 raise OwnedElsewhere(chain, "another chainfs mount (it holds the state or journal)")
+            previous = read_holder(own.owner_path)
+            own.unclean = previous is not None and not previous.released
             own.heartbeat()
         except OSError as e:
             own.release()
