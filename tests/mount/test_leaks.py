@@ -80,7 +80,7 @@ def test_leaks_repaired_after_kill9_and_not_after_a_clean_stop(
     assert_flat(m.img("E"), model)
     m.unmount()
     assert_clean(seed.layers)
-    im.assert_same_as(str(seed.active), model, str(tmp_path))
+    im.assert_same_as(str(seed.active), bytes(model), str(tmp_path))
 
     m = mounter(images)  # after a clean unmount: nothing to check
     assert_flat(m.img("E"), model)
