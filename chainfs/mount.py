@@ -253,7 +253,7 @@ def open_disks(
         )
         disk.owned = owned
         if owned and src.owned[spec.name].unclean:
-            _repair_leaks(disk)
+            _repair_leaks(disk, src.owned[spec.name])
         disk.shown_changed()
         disk.fencing = bool(opts.shared)
         disk.holder = src.elsewhere.get(spec.name)
@@ -276,12 +276,13 @@ def open_disks(
     return disks
 
 
-def _repair_leaks(disk: Disk) -> None:
+def _repair_leaks(disk: Disk, ownership: Ownership) -> None:
     """The chain's previous owner stopped uncleanly: repair the leaked clusters of every
     layer open writable now, and of each one a resumed job reopens writable (once)."""
     name = disk.name
     log.info("chain=%s its previous owner did not release it: checking for leaks", name)
     done = leaks.repair_writable(name, disk.chain.layers, disk.emit)
+    ownership.unclean = False  # (a chain given up unchecked leaves it to the next owner)
 
     def reopened(layer: Layer) -> None:
         if layer.path not in done:
@@ -667,7 +668,7 @@ class Hosts:
         disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
         disk.owned, disk.holder, disk.journal = True, None, journal
         if ownership.unclean:
-            _repair_leaks(disk)
+            _repair_leaks(disk, ownership)
         disk.suspended = disk.seen = disk.unstable = disk.elsewhere = None
         disk.shown_changed()
         disk.fencing = bool(self.opts.shared)
