@@ -197,6 +197,9 @@ class Chain:
         self._closed = False  # (a count in a worker thread stops at its next region)
         # set when a chain deeper than MAX_DEPTH was opened read-only instead (``open``)
         self.too_deep = False
+        # called with each layer ``reopen`` opens writable (a mount taking a chain after
+        # an unclean stop repairs the leaks of what a resumed job writes: ``leaks``)
+        self.on_writable: Callable[[Layer], None] | None = None
         self._reset_granule()
 
     @classmethod
@@ -820,6 +823,8 @@ class Chain:
             new = self._open(old.path, old.format_name, writable=writable)
             self.layers[index] = new
             self._reset_granule()
+            if writable and self.on_writable is not None:
+                self.on_writable(new)
             return new
 
     def push_overlay(self, path: str, file: HostFile | None = None) -> None:
@@ -940,7 +945,10 @@ class Chain:
 
     def open_layer(self, path: str, fmt: str | None, *, writable: bool) -> Layer:
         """Open an image that is to join the chain, with the image locks its layers get."""
-        return self._open(path, fmt, writable=writable)
+        layer = self._open(path, fmt, writable=writable)
+        if writable and self.on_writable is not None:
+            self.on_writable(layer)
+        return layer
 
     def _open(self, path: str, fmt: str | None, *, writable: bool) -> Layer:
         """Open one of this chain's layers (again), locked and confined as the others."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from .chain import Chain, resolve_backing
 from .errors import ChainfsError, LockError, UnsupportedFeature
-from .formats import open_layer
+from .formats import open_file, open_layer
 from .formats.base import Layer
 from .formats.qcow2 import CHECK_FAILED, CHECK_UNSUPPORTED, CheckResult, NotChecked, check_image
 from .hostfile import HostFile
@@ -166,6 +166,30 @@ def check(path: str, *, force_share: bool = False) -> CheckResult:
         return check_image(f, path)
     finally:
         f.close()
+
+
+def repair_leaks(path: str) -> tuple[CheckResult, CheckResult]:
+    """``qemu-img check -r leaks``: lower the refcount of every leaked cluster to its
+    reference count, under QEMU's write lock; nothing is repaired on an image the check
+    finds anything else wrong with.  Returns the check before the repair and the check
+    of the image as it is after it."""
+    from .formats.qcow2.check import repair_leaks as repair
+    from .formats.qcow2.driver import Qcow2Layer
+
+    f = HostFile(path, True)
+    try:
+        lock_image(f.fd, f.path, write=True)  # (before the driver reads or writes a byte)
+    except BaseException:
+        f.close()
+        raise
+    layer = open_file(f, None)
+    try:
+        if not isinstance(layer, Qcow2Layer) or layer.refs is None:
+            raise NotChecked(f"{path!r} is not a qcow2 image: a raw image has no metadata to check")
+        before = repair(f, layer.refs, path)
+        return before, check_image(f, path)
+    finally:
+        layer.close()
 
 
 def check_status(e: ChainfsError) -> int:

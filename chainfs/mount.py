@@ -45,7 +45,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import descriptors, features, sharedfs
+from . import descriptors, features, leaks, sharedfs
 from . import source as sources
 from .chain import MAX_DEPTH, Chain
 from .confine import Confinement
@@ -53,6 +53,7 @@ from .control import CommandError, HostCmd
 from .disk import Disk, Waiting, lock_readers, unlock_readers
 from .errors import ChainfsError
 from .eventlog import EventLog
+from .formats.base import Layer
 from .formats.qcow2.cache import CACHE, DEFAULT_CACHE_SIZE, parse_size
 from .fs import Operations
 from .hostfile import HostIOError
@@ -251,6 +252,8 @@ def open_disks(
             events=events,
         )
         disk.owned = owned
+        if owned and src.owned[spec.name].unclean:
+            _repair_leaks(disk, src.owned[spec.name])
         disk.shown_changed()
         disk.fencing = bool(opts.shared)
         disk.holder = src.elsewhere.get(spec.name)
@@ -271,6 +274,22 @@ def open_disks(
             log.warning("chain=%s %s", spec.name, disks[-1].warning)
     budget.report()
     return disks
+
+
+def _repair_leaks(disk: Disk, ownership: Ownership) -> None:
+    """The chain's previous owner stopped uncleanly: repair the leaked clusters of every
+    layer open writable now, and of each one a resumed job reopens writable (once)."""
+    name = disk.name
+    log.info("chain=%s its previous owner did not release it: checking for leaks", name)
+    done = leaks.repair_writable(name, disk.chain.layers, disk.emit)
+    ownership.unclean = False  # (a chain given up unchecked leaves it to the next owner)
+
+    def reopened(layer: Layer) -> None:
+        if layer.path not in done:
+            done.add(layer.path)
+            leaks.repair_layer(name, layer, disk.emit)
+
+    disk.chain.on_writable = reopened
 
 
 def _close_unserved(chain: Chain, name: str) -> None:
@@ -648,6 +667,8 @@ class Hosts:
         history = EventLog.open(src.directory, name, writable=True)
         disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
         disk.owned, disk.holder, disk.journal = True, None, journal
+        if ownership.unclean:
+            _repair_leaks(disk, ownership)
         disk.suspended = disk.seen = disk.unstable = disk.elsewhere = None
         disk.shown_changed()
         disk.fencing = bool(self.opts.shared)

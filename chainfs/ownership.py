@@ -119,6 +119,7 @@ class Holder:
     pid: int = 0
     heartbeat: float = 0.0
     released: bool = False  # the holder gave the chain up (inactivate, unmount)
+    unclean: bool = False  # it took the chain after an unclean stop, leaks not yet checked
 
     def age(self, now: float | None = None) -> float:
         return max(0.0, (time.time() if now is None else now) - self.heartbeat)
@@ -145,6 +146,7 @@ def read_holder(path: str) -> Holder | None:
             int(doc["pid"]),
             float(doc["time"]),
             doc.get("released") is True,
+            doc.get("unclean") is True,
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -216,6 +218,10 @@ class Ownership:
         self.owner_fd = self.state_fd = self.journal_fd = -1
         self.lost: str | None = None  # why ownership was lost (fenced): never re-locked
         self.beating = False  # this mount's words are in the owner file
+        # the previous holder's words did not say it released the chain: it stopped
+        # uncleanly (kill -9, a crash, a cut-off host), and may have leaked clusters;
+        # cleared once they were checked (``leaks``), said in the owner file until then
+        self.unclean = False
 
     @classmethod
     def acquire(cls, directory: str, chain: str) -> Ownership:
@@ -231,6 +237,8 @@ class Ownership:
             own.journal_fd = _open_locked(own.journal_path)
             if own.state_fd < 0 or own.journal_fd < 0:
                 raise OwnedElsewhere(chain, "another chainfs mount (it holds the state or journal)")
+            previous = read_holder(own.owner_path)
+            own.unclean = previous is not None and (previous.unclean or not previous.released)
             own.heartbeat()
         except OSError as e:
             own.release()
@@ -262,6 +270,8 @@ class Ownership:
         }
         if released:
             doc["released"] = True
+        if self.unclean:  # (given up before its leaks were checked: the next owner does)
+            doc["unclean"] = True
         data = (json.dumps(doc, sort_keys=True) + "\n").ljust(256).encode()
         if HostFile.observer is not None:
             HostFile.observer("heartbeat", self.owner_path, 0, data)

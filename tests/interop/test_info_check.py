@@ -353,3 +353,57 @@ def test_allocated_is_the_host_allocation_of_each_layer(tmp_path: Path) -> None:
             assert layer.allocated_bytes() == actual == os.stat(layer.path).st_blocks * 512
         raw = chain.layers[-1]
         assert 6 * MiB <= raw.allocated_bytes() < 8 * MiB
+
+
+def flat(path: str, tmp: Path) -> bytes:
+    raw = str(tmp / "flat.raw")
+    im.run(["qemu-img", "convert", "-U", "-O", "raw", path, raw])
+    return Path(raw).read_bytes()
+
+
+def leak_past_end(path: str, n: int) -> None:
+    """Clusters written past the end and counted, never referenced: as a crash leaves
+    the clusters of a write whose L2 entry it lost."""
+    bits = struct.unpack_from(">I", im.read_header(path, 104), 20)[0]
+    cs = 1 << bits
+    first = -(-os.path.getsize(path) // cs)
+    with open(path, "r+b") as f:
+        f.seek(first * cs)
+        f.write(b"\x5a" * (n * cs))
+    for i in range(n):
+        set_refcount(path, (first + i) * cs, 1)
+
+
+def test_check_repairs_leaks_as_qemu(tmp_path: Path) -> None:
+    """``chainfs check -r leaks``: the leaked clusters' refcounts lowered, the content
+    unchanged, qemu-img check clean afterwards."""
+    path = plain(str(tmp_path))
+    damage(path, "leak")
+    leak_past_end(path, 2)
+    assert qemu_check(path)[0] == 3 and qemu_check(path)[1]["leaks"] == 3
+    before = flat(path, tmp_path)
+    proc = chainfs("check", "-r", "leaks", path)
+    assert "3 leaked clusters" in proc.stdout and "No errors were found" in proc.stdout
+    assert qemu_check(path) == (0, qemu_check(path)[1])
+    assert "leaks" not in qemu_check(path)[1]
+    assert flat(path, tmp_path) == before
+    chainfs("check", "-r", "leaks", path)  # (nothing left to repair)
+
+
+def test_check_repairs_nothing_on_a_corrupt_image(tmp_path: Path) -> None:
+    path = plain(str(tmp_path))
+    damage(path, "refcount-zero")
+    leak_past_end(path, 1)
+    data = Path(path).read_bytes()
+    chainfs("check", "-r", "leaks", path, ok=(2,))
+    assert Path(path).read_bytes() == data
+
+
+def test_check_repair_takes_the_write_lock(tmp_path: Path) -> None:
+    path = plain(str(tmp_path))
+    damage(path, "leak")
+    with Chain.open(path, writable=False):  # (a reader: QEMU's shared read lock)
+        proc = chainfs("check", "-r", "leaks", path, ok=(1,))
+        assert "lock" in proc.stderr
+    assert "-U" in chainfs("check", "-U", "-r", "leaks", path, ok=(1,)).stderr
+    assert qemu_check(path)[0] == 3

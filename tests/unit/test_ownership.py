@@ -508,3 +508,27 @@ def test_a_mount_reads_each_state_record_once_before_it_owns_the_chain(
     again = mount_once()
     assert sorted(reads) == sorted(paths * 2)  # (the second: each after its lock)
     assert again.generations == first.generations  # nothing written again
+
+
+def test_an_unclean_stop_is_told_to_the_next_owner_until_its_leaks_are_checked(
+    tmp_path: Path,
+) -> None:
+    d = str(tmp_path)
+    first = ownership.Ownership.acquire(d, "E")
+    assert not first.unclean  # (no owner before it)
+    first.release()
+    clean = ownership.Ownership.acquire(d, "E")
+    assert not clean.unclean  # released: nothing to check
+    os.close(clean.owner_fd)  # kill -9: the lock goes, the owner file says nothing more
+    clean.owner_fd = -1
+    clean.release()
+    unclean = ownership.Ownership.acquire(d, "E")
+    assert unclean.unclean
+    unclean.release()  # given up before its leaks were checked (a refused chain)
+    again = ownership.Ownership.acquire(d, "E")
+    assert again.unclean
+    again.unclean = False  # checked (``leaks``)
+    again.release()
+    last = ownership.Ownership.acquire(d, "E")
+    assert not last.unclean
+    last.release()

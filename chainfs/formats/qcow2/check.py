@@ -8,7 +8,12 @@ also checks alignment, reserved bits and the COPIED flags.  Nothing here writes:
 never repairs.  Exit statuses follow qemu-img: 0 clean, 1 the check could not be
 completed, 2 corruptions, 3 leaks only, 63 the format has nothing to check (raw).
 
-Locking contract: none; the caller holds the image's read lock (or chose not to).
+``repair_leaks`` is the one writer: ``qemu-img check -r leaks``, lowering the refcount of
+each leaked cluster to its reference count, nothing else, and only on an image the check
+found no corruption in.
+
+Locking contract: none; the caller holds the image's read lock (or chose not to), its
+write lock for ``repair_leaks``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from .entries import (
     REFT_RESERVED,
     ZERO_FLAG,
 )
-from .refcounts import get_entry
+from .refcounts import Refcounts, get_entry
 
 # exit statuses of ``chainfs check``, as ``qemu-img check``
 CHECK_OK, CHECK_FAILED, CHECK_CORRUPT, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 1, 2, 3, 63
@@ -172,6 +177,7 @@ class _Checker:
         )
         self.rb_shift = self.cb + 3 - h.refcount_order
         self._blocks: OrderedDict[int, list[int] | None] = OrderedDict()
+        self.leaked: list[tuple[int, int]] = []  # (cluster, refcount minus references)
 
     def _u64s(self, offset: int, count: int) -> tuple[int, ...]:
         data = self.f.pread(count * 8, offset)
@@ -372,6 +378,7 @@ class _Checker:
                 self.r.corrupt(f"cluster {i} refcount={on_disk} reference={counted}")
             elif on_disk > counted:
                 self.r.leaks += 1
+                self.leaked.append((i, on_disk - counted))
                 self.r.note(f"Leaked cluster {i} refcount={on_disk} reference={counted}")
         return highest
 
@@ -429,4 +436,28 @@ def check_image(f: HostFile, filename: str) -> CheckResult:
     result = CheckResult(filename=filename)
     h = _read_header(f, result)
     _Checker(f, h, result).run()
+    return result
+
+
+def repair_leaks(f: HostFile, refs: Refcounts, filename: str) -> CheckResult:
+    """Check the image open writable as ``f`` and, if leaks are all it found, lower each
+    leaked cluster's refcount to its reference count through ``refs`` (the refcounts of
+    the layer open on ``f``, so that what it holds in memory stays true), then write
+    them back and flush.  The result is the check's before the repair (its ``leaks``:
+    the clusters repaired, if ``status`` was ``CHECK_LEAKS``); anything else it found
+    (a corruption, an image marked corrupt or dirty) leaves the image untouched.
+
+    Crash-safe in any order: nothing references a leaked cluster, so lowering its
+    refcount can never leave a reference with a refcount below it.  The caller has
+    written back what its layer held (``refs`` has nothing dirty)."""
+    result = CheckResult(filename=filename)
+    h = _read_header(f, result)
+    checker = _Checker(f, h, result)
+    checker.run()
+    if result.status != CHECK_LEAKS or result.marked_corrupt or result.marked_dirty:
+        return result
+    for cluster, excess in checker.leaked:
+        refs.change(cluster * h.cluster_size, 1, -excess)
+    refs.write_back()
+    f.flush()
     return result
