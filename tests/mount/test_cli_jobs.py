@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,8 +159,19 @@ def test_cancel_ends_a_wait_with_status_1(mount: Mount) -> None:
     assert mount.layers("E") == before
 
 
+# Ctrl-C at a terminal: SIGINT at its default disposition in the command, whatever this
+# run inherited (a shell's ``&`` without job control ignores SIGINT in what it starts, and
+# an ignored signal stays ignored across exec)
+AT_A_TERMINAL = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def test_ctrl_c_stops_following_and_the_job_keeps_running(mount: Mount) -> None:
-    waiter = start("stream", mount.mountpoint, "E", "base=A.qcow2", "speed=64K", "--wait")
+    argv = [sys.executable, "-c", AT_A_TERMINAL, *CHAINFS, "stream", str(mount.mountpoint)]
+    argv += ["E", "base=A.qcow2", "speed=64K", "--wait"]
+    waiter = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert waiter.stderr is not None
     first = waiter.stderr.readline()  # a progress line: it is following now
     assert parse_line(first)["job"] == "stream-1", first
