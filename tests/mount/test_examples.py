@@ -80,7 +80,7 @@ EXCUSED: dict[str, str] = {
     ): SYNOPSIS,
     "chainfs umount [--lazy] MOUNTPOINT": SYNOPSIS,
     "chainfs info IMAGE [--backing-chain] [--output=json]": SYNOPSIS,
-    "chainfs check IMAGE [-U] [--output=json]": SYNOPSIS,
+    "chainfs check IMAGE [-U | -r leaks] [--output=json]": SYNOPSIS,
     "tail -f MOUNTPOINT/control/E/events": (
         "follows the file forever; tests/mount/test_control.py::test_tail_follows_events"
     ),

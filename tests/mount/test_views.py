@@ -272,6 +272,7 @@ def test_copy_keeps_the_old_layers_views(tmp_path: Path, seeds: Seeds, mounter: 
     assert view(mnt, "E", "new.qcow2").read_bytes()[:4096] == b"\x55" * 4096
 
 
+@pytest.mark.slow  # (26 s; test_depth covers depth by default)
 def test_a_chain_of_200_layers(tmp_path: Path, mounter: Mounter) -> None:
     """Every view listed and stat'ed; the top, a middle and the bottom view against
     ``qemu-img convert`` (the 1,000-layer timing is in ``scripts/bench.py``)."""
