@@ -46,7 +46,7 @@ from .control import (
 )
 from .errors import ChainfsError, ReadOnlyError
 from .eventlog import EventLog
-from .hostfile import HostIOError
+from .hostfile import HostIOError, read_meta
 from .jobs import backup, commit, copy, snapshot, stream
 from .jobs.base import CONCLUDED, Job
 from .jobs.journal import Journal, Pending, decode, map_paths
@@ -626,15 +626,16 @@ class Seen:
     def of(cls, directory: str, chain: str, active: str) -> Seen:
         generation, record = 0, None
         try:
-            with open(chain_file(directory, chain, STATE_SUFFIX), "rb") as f:
-                generation, record = read_slots(f.read(2 * SLOT))
+            data = read_meta(chain_file(directory, chain, STATE_SUFFIX), 2 * SLOT)
+            generation, record = read_slots(data)
         except OSError:
             pass
         if record is not None and isinstance(record.get("active"), str):
             active = os.path.normpath(os.path.join(directory, str(record["active"])))
         stamp = (0, 0, 0, 0)
         try:
-            fd = os.open(active, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO planted as the active layer must not block this look
+            fd = os.open(active, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             try:
                 st = os.fstat(fd)
             finally:

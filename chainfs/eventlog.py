@@ -47,7 +47,7 @@ import re
 from datetime import UTC, datetime
 
 from .control import format_line, parse_line
-from .hostfile import HostIOError, open_meta, sync_dir
+from .hostfile import HostIOError, open_meta, read_meta, sync_dir
 from .logs import Throttle
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,7 @@ def _valid(line: bytes) -> bool:
 def _read_lines(path: str) -> tuple[list[bytes], int]:
     """The valid lines of a segment (without newlines), and how many were dropped."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_meta(path)
     except FileNotFoundError:
         return [], 0
     except OSError as e:
@@ -192,8 +191,7 @@ class EventLog:
         if not os.path.lexists(ids_path):
             ids_path = next((old for old, new in self.legacy if new == ids_path), ids_path)
         try:
-            with open(ids_path, "rb") as f:
-                text = f.read(64)
+            text = read_meta(ids_path, 64)
         except FileNotFoundError:
             return 0
         except OSError as e:

@@ -33,6 +33,7 @@ import os
 import platform
 import re
 import secrets
+import stat
 import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -206,6 +207,7 @@ def sync_dir(path: str) -> None:
 
 
 SYMLINK_REFUSED = "a symlink, which chainfs never follows among its own files"
+NOT_REGULAR = "not a regular file (a FIFO or device planted among chainfs's own files)"
 
 
 def open_meta(path: str, flags: int, mode: int = 0o644) -> int:
@@ -214,7 +216,8 @@ def open_meta(path: str, flags: int, mode: int = 0o644) -> int:
     the file's name (``O_NOFOLLOW``), nor its directory's (opened first, ``O_NOFOLLOW``,
     the file then opened relative to it).  Whoever can write the image directory can
     plant a symlink there; followed, a journal compaction would truncate, a state save
-    overwrite, a file elsewhere on the host.  ``OSError`` (ELOOP for a symlink)."""
+    overwrite, a file elsewhere on the host; a FIFO there would block the open forever.
+    ``OSError`` (ELOOP for a symlink, EINVAL for what is not a regular file)."""
     directory, name = os.path.split(path)
     try:
         dfd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -223,13 +226,32 @@ def open_meta(path: str, flags: int, mode: int = 0o644) -> int:
             raise OSError(errno.ELOOP, SYMLINK_REFUSED, directory) from None
         raise
     try:
-        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+        # O_NONBLOCK so that a FIFO planted under the name cannot block the open
+        # forever (a read-only mount opening a journal would hang); refused below
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode, dir_fd=dfd)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise OSError(errno.ELOOP, SYMLINK_REFUSED, path) from None
         raise
     finally:
         os.close(dfd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, NOT_REGULAR, path)
+        if not flags & os.O_NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_meta(path: str, limit: int = -1) -> bytes:
+    """The content (up to ``limit`` bytes; -1: all) of one of chainfs's own files,
+    opened as ``open_meta`` does: never through a symlink, never blocking on a FIFO.
+    ``OSError`` as ``open_meta``, ``FileNotFoundError`` when there is none."""
+    with open(open_meta(path, os.O_RDONLY), "rb") as f:
+        return f.read(limit)
 
 
 class HostFile:

@@ -31,7 +31,7 @@ from typing import ClassVar
 from . import sharedfs
 from .errors import ChainfsError
 from .eventlog import _stem
-from .hostfile import HostFile, HostIOError, open_meta
+from .hostfile import HostFile, HostIOError, open_meta, read_meta
 from .locks import F_OFD_GETLK, F_OFD_SETLK, F_UNLCK, F_WRLCK, _fcntl
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,13 @@ def try_lock(fd: int) -> bool:
 def is_locked(path: str) -> bool:
     """Whether anyone (another open file description) holds a lock on ``path``."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_meta(path, os.O_RDONLY)
     except FileNotFoundError:
         return False
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EINVAL):
+            return False  # a symlink or FIFO planted there: nobody's lock (never locked)
+        raise
     try:
         return _fcntl(fd, F_OFD_GETLK, F_WRLCK, 0, 0) != F_UNLCK
     finally:
@@ -134,8 +138,7 @@ class Holder:
 def read_holder(path: str) -> Holder | None:
     """The holder an owner file names (None: no file, or not written yet)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(4096)
+        data = read_meta(path, 4096)
     except OSError:
         return None
     try:

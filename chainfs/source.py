@@ -51,7 +51,7 @@ from .chain import resolve_backing
 from .errors import ChainfsError
 from .formats import is_qcow2
 from .formats.qcow2 import read_backing
-from .hostfile import HostFile, HostIOError, _libc, sync_dir
+from .hostfile import HostFile, HostIOError, _libc, read_meta, sync_dir
 from .ownership import STATE_SUFFIX, Ownership, chain_file, own_dir
 
 log = logging.getLogger(__name__)
@@ -383,8 +383,7 @@ class Source:
 
     def _load_record(self, path: str) -> None:
         try:
-            with open(path, "rb") as f:
-                data = f.read(2 * SLOT)
+            data = read_meta(path, 2 * SLOT)
         except OSError as e:
             raise ChainfsError(f"cannot read the state file {path!r}: {e.strerror}") from None
         generation, record = read_slots(data)

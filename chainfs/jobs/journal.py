@@ -74,7 +74,7 @@ import xxhash
 
 from ..errors import ChainfsError
 from ..formats import open_layer
-from ..hostfile import HostFile, HostIOError, sync_dir
+from ..hostfile import HostFile, HostIOError, read_meta, sync_dir
 from ..locks import lock_image
 from ..ownership import JOURNAL_SUFFIX, Ownership, chain_file, own_dir
 from ..source import Source, usable_name
@@ -364,8 +364,7 @@ class Journal:
                 fd = self.ownership.journal_fd
                 size = os.fstat(fd).st_size
                 return os.pread(fd, size, 0) if size else b""
-            with open(self.path, "rb") as f:
-                return f.read()
+            return read_meta(self.path)
         except FileNotFoundError:
             return b""
         except OSError as e:
@@ -576,8 +575,7 @@ def load_legacy(directory: str) -> list[Pending]:
     """The jobs the journal of earlier versions (one for all chains) holds."""
     path = os.path.join(directory, LEGACY_JOURNAL_NAME)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_meta(path)
     except FileNotFoundError:
         return []
     except OSError as e:

@@ -35,7 +35,7 @@ from chainfs import source as sources
 from chainfs.jobs import journal as jn
 from chainfs.jobs.journal import Journal, journal_path
 
-from .conftest import Mount, Mounter, Seeds, read_direct, run, wait_for
+from .conftest import CHAINFS, Mount, Mounter, Seeds, read_direct, run, wait_for
 
 MiB = im.MiB
 SIZE = 4 * MiB
@@ -422,3 +422,41 @@ def test_a_forged_record_met_at_activate_changes_nothing_outside(
     a.unmount()
     b.unmount()
     assert fingerprint(tree.outside) == before
+
+
+@pytest.mark.parametrize("ro", [False, True], ids=["rw", "ro"])
+@pytest.mark.parametrize("name", ["E.journal", "E.owner", "E.events", "E.ids"])
+@pytest.mark.expect_log(r"WARNING chainfs\.\S+: .*not a regular file")
+def test_a_fifo_planted_among_chainfs_files_never_hangs_the_mount(
+    tree: Tree, mounter: Mounter, name: str, ro: bool
+) -> None:
+    """A FIFO under one of chainfs's own names: opened as a file, it would block the
+    mount forever (a FIFO blocks an open until a writer comes).  It is refused as not a
+    regular file: chain E is refused (read-write: its owner file cannot be locked, its
+    journal read) or served without what the FIFO stood for (its events; read-only: the
+    owner file tells nobody's lock); the other chain is served."""
+    own = tree.src / ".chainfs"
+    own.mkdir()
+    os.mkfifo(own / name)
+    m = mounter(tree.src, *(["ro"] if ro else []))
+    assert "X.img" in os.listdir(m.mountpoint)
+    line = status_of(m, NAME)
+    if line["status"] == "refused":
+        assert "not a regular file" in line["reason"]
+    else:
+        assert Path(m.mountpoint, "E.img").read_bytes() == tree.content
+    m.unmount()
+
+
+@pytest.mark.parametrize("ro", [False, True], ids=["rw", "ro"])
+def test_a_fifo_planted_as_a_state_file_is_refused_not_waited_on(tree: Tree, ro: bool) -> None:
+    """A FIFO as a chain's state file: the mount refuses, as for a malformed one, with
+    the reason, instead of blocking forever."""
+    own = tree.src / ".chainfs"
+    own.mkdir()
+    os.mkfifo(own / "E.state")
+    mp = tree.root / "mnt"
+    mp.mkdir()
+    out = run(*CHAINFS, "mount", tree.src, mp, *(["-o", "ro"] if ro else []), ok=(1,))
+    assert "E.state': not a regular file" in out.stderr, out.stderr
+    assert not os.path.ismount(mp)
