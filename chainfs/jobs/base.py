@@ -336,7 +336,9 @@ class Job:
         """
         if resumes is not None:
             self.id = resumes.id  # a job keeps its id across remounts and crashes
-            self.start_paused = resumes.paused  # and a user's pause
+            if resumes.paused:  # and a user's pause, in force from now on (a resume
+                self.start_paused = True  # sent before the job begins lifts it)
+                self._pause()
         if journal is None:
             return
         pending = journal.begin(self.type, self.id, chain, self.intent(), resumes)
@@ -421,15 +423,13 @@ class Job:
         self._emit("JOB_STARTED", job=self.id, type=self.type)
         if self.previous is not None:
             # the interrupted job, under its own id, from its checkpoint
-            more = {"paused": True} if self.start_paused else {}
+            more = {"paused": True} if self._paused else {}
             self._emit("JOB_RESUMED", job=self.id, type=self.type, offset=self.start, **more)
         try:
             if self._cancel:
                 raise JobCancelled
-            if self.start_paused:  # (its journal record says so already)
-                apply_verb(self.id, self.status, PAUSE)
-                self._pause()
-                await self.checkpoint(0)  # until resume or cancel
+            if self.start_paused and self._paused:
+                await self.checkpoint(0)  # until resume or cancel, before any step
             await self.run()
             await self._enter(WAITING)
             if self._cancel:
