@@ -86,6 +86,7 @@ def _interrupted_line(p: Pending) -> list[tuple[str, object]]:
         ("offset", p.offset),
         ("speed", speed if isinstance(speed, int) else 0),
         ("waits-for", "a read-write mount"),
+        *([("paused", "true")] if p.paused else []),
     ]
 
 
@@ -103,6 +104,7 @@ def _elsewhere_line(p: Pending, holder: str | None) -> list[tuple[str, object]]:
         ("offset", p.offset),
         ("speed", speed if isinstance(speed, int) else 0),
         *where,
+        *([("paused", "true")] if p.paused else []),
     ]
 
 

@@ -722,14 +722,14 @@ class Hosts:
     def _give_up(self, disk: Disk, job: Job | None = None, paused: bool = False) -> None:
         """Flush the chain, reopen it read-only without locks, release its locks (the
         flat file stays open for reading through it all); ``job`` stopped to travel
-        (``paused`` by a user: it travels paused): the journal says so first, durably."""
+        (``paused`` by a user: it travels paused, as its journal says): the journal says
+        so first, durably."""
         name = disk.name
         travelling = job is not None and job.error is None and job.suspended
         if travelling and disk.journal is not None:
             assert job is not None
-            disk.journal.handover(
-                socket.gethostname(), MOUNT_ID, [job.id], [job.id] if paused else None
-            )
+            # (a user's pause is in the journal already: the next owner resumes it paused)
+            disk.journal.handover(socket.gethostname(), MOUNT_ID, [job.id])
         disk.chain.flush()
         chain = Chain.open(disk.chain.active.path, writable=False, lock=False)
         chain.confine = disk.chain.confine

@@ -11,7 +11,9 @@ starts, ``journal_progress`` records now and then how far it got (after
 ``flush_progress`` made that durable), ``journal_phase`` records the exact changes
 ``prepare`` is about to make, and the end is recorded when it is over.  A job stopped
 by ``suspend`` (at unmount) or by a crash has no end: the next mount resumes it from its
-last checkpoint, or completes its ``prepare`` from the recorded changes.
+last checkpoint, or completes its ``prepare`` from the recorded changes.  A user's
+``pause`` and ``resume`` are recorded (synced) before they take effect, so the job comes
+back paused from wherever it was paused last: an unmount, a crash, a hand-over.
 
 A job's state is QEMU's (``states.py``): every change goes through the transition
 table (assigning ``status`` does), and every verb a user sends (``cancel``, ``pause``,
@@ -115,7 +117,7 @@ class Job:
         self._cancel = False
         self._wakeup = trio.Event()  # set by cancel and by a speed change
         self._paused = False  # a user's pause is in force (QEMU's user_paused)
-        # resumed from a hand-over of a paused job: paused before it copies anything
+        # resumed from the record of a paused job: paused before it copies anything
         self.start_paused = False
         # set while the chain's ownership is suspended (``Disk.suspend``): the job waits
         # at its next checkpoint until the event is set (resumed, or fenced: it stops)
@@ -184,6 +186,10 @@ class Job:
         apply_verb(self.id, self.status, PAUSE)
         if self._paused:
             raise JobStateError(errno.EINVAL, f"job {self.id!r} is already paused")
+        self._journal_pause(True)
+        self._pause()
+
+    def _pause(self) -> None:
         self._paused = True
         self._unpaused = trio.Event()
         if self.status == RUNNING:
@@ -198,6 +204,7 @@ class Job:
         apply_verb(self.id, self.status, RESUME)
         if not self._paused:
             raise JobStateError(errno.EINVAL, f"job {self.id!r} is not paused: cannot resume it")
+        self._journal_pause(False)
         self._unpause()
 
     def _unpause(self) -> None:
@@ -329,12 +336,21 @@ class Job:
         """
         if resumes is not None:
             self.id = resumes.id  # a job keeps its id across remounts and crashes
+            if resumes.paused:  # and a user's pause, in force from now on (a resume
+                self.start_paused = True  # sent before the job begins lifts it)
+                self._pause()
         if journal is None:
             return
         pending = journal.begin(self.type, self.id, chain, self.intent(), resumes)
         self.journal, self.journal_key = journal, pending.key
         self.start = self.offset = self._reached = self._logged_offset = pending.offset
         self.previous = pending.previous
+
+    def _journal_pause(self, paused: bool) -> None:
+        """Record, durably, a user's pause or resume before it takes effect (a journal
+        that cannot be written refuses the verb: the job stays as it was)."""
+        if self.journal is not None:
+            self.journal.pause(self.journal_key, paused)
 
     def journal_progress(self, offset: int) -> None:
         """Everything the job does below ``offset`` is done; record it now and then.
@@ -407,13 +423,13 @@ class Job:
         self._emit("JOB_STARTED", job=self.id, type=self.type)
         if self.previous is not None:
             # the interrupted job, under its own id, from its checkpoint
-            self._emit("JOB_RESUMED", job=self.id, type=self.type, offset=self.start)
+            more = {"paused": True} if self._paused else {}
+            self._emit("JOB_RESUMED", job=self.id, type=self.type, offset=self.start, **more)
         try:
             if self._cancel:
                 raise JobCancelled
-            if self.start_paused:
-                self.user_pause()
-                await self.checkpoint(0)  # until resume or cancel
+            if self.start_paused and self._paused:
+                await self.checkpoint(0)  # until resume or cancel, before any step
             await self.run()
             await self._enter(WAITING)
             if self._cancel:

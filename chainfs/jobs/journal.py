@@ -10,9 +10,11 @@ line::
      "params": {"node": "E.qcow2", "base": "A.qcow2", "speed": 0}, "offset": 0}
     {"r": "progress", "key": K, "offset": N}   everything up to N is durable in the target
     {"r": "phase", "key": K, "phase": "prepare", "actions": [...]}   changes about to be made
+    {"r": "pause", "key": K}                    a user paused the job (``pause``)
+    {"r": "resume", "key": K}                   and resumed it (``resume``)
     {"r": "end", "key": K, "how": "done"}       (or cancelled, failed, resumed, rolled-back)
     {"r": "checkpoint", "key": "-", "jobs": [records]}   all that is known: forget the rest
-    {"r": "handover", "key": "-", "host": H, "mount": M, "ids": [ids], "paused": [ids]}
+    {"r": "handover", "key": "-", "host": H, "mount": M, "ids": [ids]}
 
 ``key`` names one run of one job, unique across mounts (a resumed job keeps its id, so
 one id may have several runs).  Paths (a job's layers, targets and an action's files) are
@@ -24,7 +26,11 @@ Ordering is what makes it work.  An intent is durable before the job writes anyt
 before the journal forgets the job.  A progress record is appended only after the data
 up to its offset was flushed into the receiving image, and at most about once a second
 (the job base rate-limits it); it is not fsync'ed, since losing one only means resuming
-from an earlier one.
+from an earlier one.  A pause or resume record is synced before the verb returns, and
+written before the job changes state: a crash leaves the job in the state the last
+synced record names, the one before the verb or the one after it.  A job resumed from
+its record (at mount, ``adopt``, ``activate``) comes back paused if it was paused, and
+its new intent says so (``"paused": true``), as a compaction's does.
 
 A phase's ``actions`` are a redo list, each action idempotent, so that recovery can
 simply apply them again after a crash in the middle::
@@ -49,9 +55,9 @@ A hand-over (``inactivate`` of a chain whose job travels) stops the job at its n
 checkpoint as an unmount does, appends its progress, then a ``handover`` record naming
 the host and mount that gave the chain up and the jobs it left running, synced before
 the chain's locks are released; the next owner resumes those jobs from their records as
-recovery resumes interrupted ones.  The record is for diagnostics, but for ``paused``:
-the jobs a user had paused, which the next owner resumes paused (replay marks them, and
-a compaction keeps the mark in their intents).
+recovery resumes interrupted ones (a paused one paused: its pause record says so).  The
+record is for diagnostics; journals of earlier versions name the paused jobs in it
+(``"paused": [ids]``), which replay still marks paused.
 
 The journal of earlier versions, one file for all chains (``.chainfs.journal``, absolute
 paths), is read at mount: its jobs move into their chains' journals (``take``), and the
@@ -90,6 +96,7 @@ COMPACT_AFTER = 4096
 
 Record = dict[str, Any]
 Action = dict[str, Any]
+RECORD_KINDS = ("intent", "progress", "phase", "pause", "resume", "end", "checkpoint", "handover")
 
 
 # -- the record format ---------------------------------------------------------------------
@@ -135,7 +142,7 @@ def _decode_line(line: bytes) -> Record | None:
         return None
     if not isinstance(record, dict) or not isinstance(record.get("key"), str):
         return None
-    if record.get("r") not in ("intent", "progress", "phase", "end", "checkpoint", "handover"):
+    if record.get("r") not in RECORD_KINDS:
         return None
     return record
 
@@ -251,7 +258,7 @@ class Pending:
     actions: list[Action] = field(default_factory=list)
     previous: str | None = None  # the id of the interrupted job this one resumes
     resumes: str | None = None  # and its key
-    paused: bool = False  # handed over paused: the next owner resumes it paused
+    paused: bool = False  # paused by a user: resumed (at mount, by the next owner) paused
 
     @classmethod
     def from_intent(cls, record: Record) -> Pending | None:
@@ -284,6 +291,8 @@ class Pending:
             if isinstance(phase, str) and isinstance(actions, list):
                 self.phase = phase
                 self.actions = [a for a in actions if isinstance(a, dict)]
+        elif record["r"] in ("pause", "resume"):
+            self.paused = record["r"] == "pause"
 
     def records(self) -> list[Record]:
         """The fewest records that say everything known about the job."""
@@ -397,6 +406,8 @@ class Journal:
                     pending.paused = True
         elif key in self.live:
             self.live[key].apply(record)
+        # (any other record of a job the journal has no intent of -- a pause of a job
+        # that does not exist, say -- is ignored)
 
     def _rel(self, path: str) -> str:
         rel = os.path.relpath(path, self.directory) if os.path.isabs(path) else path
@@ -468,12 +479,13 @@ class Journal:
         """Record a job's intent, durably, and return what the journal knows of it.
 
         A job that ``resumes`` an interrupted one (started again from its record) starts
-        from its checkpoint and takes its place.
+        from its checkpoint, paused if it was, and takes its place.
         """
         pending = Pending(secrets.token_hex(8), job_id, job_type, chain, params)
         if resumes is not None:
             pending.offset = resumes.offset
             pending.previous, pending.resumes = resumes.id, resumes.key
+            pending.paused = resumes.paused  # a paused job stays paused
         self._append(pending.records()[0], sync=True)
         self.live[pending.key] = pending
         if resumes is not None:
@@ -491,6 +503,13 @@ class Journal:
         pending = self.live[key]
         pending.phase, pending.actions = phase, actions
 
+    def pause(self, key: str, paused: bool) -> None:
+        """Record, durably, that a user paused (``paused``) or resumed the job ``key``."""
+        self._append({"r": "pause" if paused else "resume", "key": key}, sync=True)
+        pending = self.live.get(key)
+        if pending is not None:
+            pending.paused = paused
+
     def end(self, key: str, how: str) -> None:
         """The job ``key`` is over; with no job left the journal is compacted away."""
         self._append({"r": "end", "key": key, "how": how}, sync=True)
@@ -501,15 +520,10 @@ class Journal:
             except HostIOError as e:  # the end is recorded; the next end compacts
                 log.warning("journal=%s cannot be compacted: %s", self.path, e)
 
-    def handover(
-        self, host: str, mount: str, jobs: list[str], paused: list[str] | None = None
-    ) -> None:
+    def handover(self, host: str, mount: str, jobs: list[str]) -> None:
         """Record, durably, that this owner gives the chain up with ``jobs`` left for
-        the next owner to resume (their progress is recorded already), those in
-        ``paused`` paused by a user: the next owner resumes them paused."""
+        the next owner to resume (their progress, and a pause, are recorded already)."""
         record: Record = {"r": "handover", "key": "-", "host": host, "mount": mount, "ids": jobs}
-        if paused:
-            record["paused"] = paused
         self._append(record, sync=True)
 
     def take(self, pending: Pending) -> None:

@@ -473,8 +473,7 @@ def resume_jobs(served: Iterable[Served], rec: Recovery) -> None:
         except ChainfsError as e:
             _roll_back(s, p, journal, str(e))
             continue
-        if p.paused and s.job is not None:  # handed over paused: it stays paused here
-            s.job.start_paused = True
+        # (one a user paused resumes paused: ``Job.attach``)
 
 
 def _roll_back(served: Served, p: Pending, journal: Journal, reason: str) -> None:

@@ -460,3 +460,37 @@ def test_a_fifo_planted_as_a_state_file_is_refused_not_waited_on(tree: Tree, ro:
     out = run(*CHAINFS, "mount", tree.src, mp, *(["-o", "ro"] if ro else []), ok=(1,))
     assert "E.state': not a regular file" in out.stderr, out.stderr
     assert not os.path.ismount(mp)
+
+
+def test_a_forged_pause_of_a_job_that_does_not_exist_is_ignored(
+    tree: Tree, mounter: Mounter
+) -> None:
+    """A ``pause`` record holds nothing but a job's key: one naming no job the journal
+    holds (a forgery, or a job already over) pauses nothing and changes nothing; the
+    interrupted stream beside it resumes running, not paused, and ends exact."""
+    record_chains(tree, mounter)
+    a, e = tree.layers[0], tree.layers[-1]
+    over = {**intent("stream", {"node": str(e), "base": str(a), "speed": 0}), "key": "k0"}
+    forge(
+        tree.src,
+        over,
+        {"r": "end", "key": "k0", "how": "done"},
+        intent("stream", {"node": str(e), "base": str(a), "speed": 0}),
+        {"r": "pause", "key": "nobody"},
+        {"r": "pause", "key": "k0"},  # (after its end)
+        {"r": "pause", "key": "-"},
+    )
+    [pending] = Journal.load(str(tree.src), NAME, writable=False).pending()
+    assert pending.key == "k1" and not pending.paused
+    before = fingerprint(tree.outside)
+    m = mounter(tree.src)
+    end = m.wait_job(NAME, "stream-9")
+    assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    [resumed] = [x for x in m.events(NAME) if x["event"] == "JOB_RESUMED"]
+    assert resumed["job"] == "stream-9" and "paused" not in resumed, resumed
+    assert "warning" not in status_of(m, NAME)
+    assert m.layers(NAME) == ["E.qcow2", "A.qcow2"]
+    assert read_direct(m.img(NAME)) == tree.content
+    m.unmount()
+    assert fingerprint(tree.outside) == before
+    assert Journal.load(str(tree.src), NAME, writable=False).pending() == []

@@ -11,7 +11,8 @@ are (the lab of many hosts under qemu is ``tests/lab``):
   the other mount (and ``mount --adopt``): the commit resumes there and ends exact;
 - hand-over round trips under a writer: the content stays exact; a running stream,
   commit or copy travels with the chain (stopped at its checkpoint, resumed from its
-  journal by the other mount), a paused one paused; a backup refuses the hand-over;
+  journal by the other mount), a paused one paused (and stays paused when its host
+  dies and the other adopts it); a backup refuses the hand-over;
 - fencing (``-o shared``: as on NFS; a local disk is never fenced): an EIO from the owner
   file (injected, ``faultinject.py``) fences the chain: OWNERSHIP_LOST, the guest gets
   EIO, and it is never taken again by itself; a heartbeat blocked (injected stall) or
@@ -358,6 +359,43 @@ def test_a_backup_does_not_travel_and_a_paused_job_travels_paused(
     assert read_direct(b.img("E")) == seed.content
     a.unmount()
     b.unmount()
+
+
+@read_only_refused
+def test_a_paused_job_stays_paused_when_its_host_dies(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds
+) -> None:
+    """A job paused on A, then A killed (-9): B adopts the chain and resumes the job
+    paused (its pause is journalled), copying nothing until ``resume``; it then ends
+    on B, exact."""
+    images = tmp_path / "images"
+    seed = seeds(images, size=SIZE)
+    a = mounter(images)
+    model = bytearray(seed.content)
+    write(a, "E", model, random.Random(11))
+    job = a.start_job("E", "commit", "top=D.qcow2 base=B.qcow2 speed=256K")
+    a.command("E", "pause", job)
+    b = mounter(images)
+    a.kill()
+    a.wait_exit(None)
+    run("fusermount3", "-u", "-z", a.mountpoint)
+    out = run(*CHAINFS, "adopt", b.mountpoint, "E", "timeout=30")
+    assert "E: adopted, served read-write" in out.stderr, out
+    resumed = [e for e in b.events("E") if e.get("job") == job and e["event"] == "JOB_RESUMED"]
+    assert resumed and resumed[0].get("paused") == "true", resumed
+    [line] = b.lines("E", "jobs")
+    assert line["id"] == job and line["status"] == "paused", line
+    time.sleep(1)  # (a commit at 256K/s would have copied a step by now)
+    [again] = b.lines("E", "jobs")
+    assert again == {**line, "copied": "0"}, (line, again)
+    b.command("E", "resume", job)
+    b.command("E", "speed", f"{job} 0")
+    end = b.wait_job("E", job)
+    assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    assert b.layers("E") == ["E.qcow2", "B.qcow2", "A.qcow2"]
+    assert read_direct(b.img("E")) == model
+    b.unmount()
+    assert_clean([images / n for n in ("A.qcow2", "B.qcow2", "E.qcow2")])
 
 
 @pytest.mark.expect_log(

@@ -46,7 +46,7 @@ from chainfs.jobs.states import (
 )
 
 from . import conftest
-from .conftest import DEADLINE, Mount, Mounter, Seeds, run, wait_for
+from .conftest import DEADLINE, Mount, Mounter, Seeds, read_direct, run, wait_for
 
 MiB = 1 << 20
 NAME = "E"
@@ -341,3 +341,107 @@ def test_ids_and_events_survive(tmp_path: Path, seeds: Seeds, mounter: Mounter, 
     third = mounter(src)
     assert any(e["event"] == "JOB_CANCELLED" and e["job"] == new for e in third.events(NAME))
     assert any(e["event"] == "JOB_COMPLETED" and e["job"] == job for e in third.events(NAME))
+
+
+# -- a pause across unmount and crash ----------------------------------------------------------
+
+
+def stop(m: Mount, how: str) -> None:
+    """End the server: ``chainfs umount``, or SIGKILL."""
+    if how == "umount":
+        run(*conftest.CHAINFS, "umount", m.mountpoint)
+        m.wait_exit(0)
+    else:
+        m.kill(signal.SIGKILL)
+        m.wait_exit(None)
+        m.cleanup()
+
+
+def held_paused(m: Mount, job: str) -> dict[str, str]:
+    """The job is back paused, said so when it resumed, and copies nothing."""
+    resumed = wait_for(
+        lambda: [e for e in m.events(NAME) if e["event"] == "JOB_RESUMED" and e["job"] == job],
+        f"{job} to be resumed",
+    )
+    assert resumed[-1].get("paused") == "true", resumed
+    line = job_line(m)
+    assert line is not None and line["id"] == job and line["status"] == PAUSED, line
+    time.sleep(1)  # (at its speed it would have copied a step by now)
+    again = job_line(m)
+    assert again == {**line, "copied": "0"}, (line, again)
+    return line
+
+
+@pytest.mark.expect_log(r"ignored=\d+ damaged or torn records", r"events: dropped \d+ torn")
+@pytest.mark.parametrize(
+    ("kind", "how"), [("stream", "umount"), ("stream", "kill -9"), ("copy", "kill -9")]
+)
+def test_a_paused_job_comes_back_paused(
+    tmp_path: Path, seeds: Seeds, mounter: Mounter, kind: str, how: str
+) -> None:
+    """``pause`` is journalled (synced before the write returns): after an unmount or a
+    kill -9 the next mount resumes the job paused (a stream from its checkpoint; a copy,
+    whose dirty map died with the mount, from the start: ``paused``, not ``standby``),
+    it copies nothing until ``resume``, then ends exact; paused twice over (unmounted
+    again while held) it stays paused too."""
+    src = tmp_path / "src"
+    seed = seeds(src, size=16 * MiB)
+    m = mounter(src)
+    if kind == "stream":
+        job = m.start_job(NAME, "stream", "base=A.qcow2 speed=1M")
+        wait_for(lambda: int(m.lines(NAME, "jobs")[0]["offset"]), f"{job} to make progress")
+    else:
+        m.command(NAME, "copy", "F.qcow2 speed=0 wait=ready")
+        line = wait_status(m, READY)
+        job = line["id"]
+    m.command(NAME, "pause", job)
+    assert status_of(m) == (PAUSED if kind == "stream" else STANDBY)
+    stop(m, how)
+
+    again = mounter(src)
+    line = held_paused(again, job)
+    if how == "umount":
+        assert int(line["offset"]) > 0, line  # from its checkpoint
+        stop(again, "umount")  # held paused, stopped again: still paused
+        again = mounter(src)
+        assert held_paused(again, job)["offset"] == line["offset"]
+    again.command(NAME, "resume", job)
+    again.command(NAME, "speed", f"{job} 0")
+    if kind == "copy":
+        wait_status(again, READY)
+        again.command(NAME, "complete", job)
+    end = again.wait_job(NAME, job)
+    assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    assert again.layers(NAME) == (["E.qcow2", "A.qcow2"] if kind == "stream" else ["F.qcow2"])
+    assert read_direct(again.img(NAME)) == seed.content
+    again.unmount()
+
+
+@pytest.mark.expect_log(r"ignored=\d+ damaged or torn records", r"events: dropped \d+ torn")
+def test_a_resumed_job_comes_back_running_after_a_kill(
+    tmp_path: Path, seeds: Seeds, mounter: Mounter
+) -> None:
+    """``resume`` is journalled as well: paused, resumed, then kill -9: the next mount
+    resumes the job running, and it ends exact."""
+    src = tmp_path / "src"
+    seed = seeds(src, size=16 * MiB)
+    m = mounter(src)
+    job = m.start_job(NAME, "stream", "base=A.qcow2 speed=256K")
+    m.command(NAME, "pause", job)
+    m.command(NAME, "resume", job)
+    assert status_of(m) == RUNNING
+    stop(m, "kill -9")
+
+    again = mounter(src)
+    resumed = wait_for(
+        lambda: [e for e in again.events(NAME) if e["event"] == "JOB_RESUMED"], "the resumption"
+    )
+    assert resumed[0]["job"] == job and "paused" not in resumed[0], resumed
+    line = job_line(again)
+    assert line is None or line["status"] == RUNNING, line
+    again.command(NAME, "speed", f"{job} 0")
+    end = again.wait_job(NAME, job)
+    assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    assert again.layers(NAME) == ["E.qcow2", "A.qcow2"]
+    assert read_direct(again.img(NAME)) == seed.content
+    again.unmount()

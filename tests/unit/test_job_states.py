@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import re
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -20,6 +21,7 @@ import trio.testing
 from chainfs.errors import ChainfsError
 from chainfs.jobs import states
 from chainfs.jobs.base import Job, JobCancelled
+from chainfs.jobs.journal import Journal
 from chainfs.jobs.states import (
     ABORTING,
     CANCEL,
@@ -404,3 +406,45 @@ def test_change_is_refused_by_a_job_that_is_no_mirror() -> None:
     job._status = CONCLUDED  # the table refuses before the job is asked
     with pytest.raises(JobStateError, match="in state 'concluded' cannot accept 'change'"):
         job.user_change("write-blocking")
+
+
+@pytest.mark.parametrize("then", ["wait", "resume while created"])
+def test_a_job_resumed_from_the_record_of_a_paused_one_starts_paused(
+    tmp_path: Path, then: str
+) -> None:
+    """A pause is journalled: the job resumed from the record (after an unmount, a
+    crash, a hand-over) is paused from the moment it is attached -- ``resume`` before it
+    begins lifts it -- and copies nothing until resumed; a resume is journalled too."""
+    journal = Journal(str(tmp_path), "vm1")
+    first = Looping()
+    first.attach(journal, "vm1")
+    first.user_pause()
+    first.journal = None  # (stopped by a crash: no end)
+    journal.close()
+    journal = Journal.load(str(tmp_path), "vm1")
+    [pending] = journal.pending()
+    assert pending.paused
+
+    async def main() -> None:
+        job = Looping(steps=3)
+        job.attach(journal, "vm1", resumes=pending)
+        assert job.paused and job.status == CREATED
+        if then == "resume while created":
+            job.user_resume()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(job.execute)
+            if then == "wait":
+                await until(lambda: job.status == PAUSED)
+                await trio.sleep(0.05)
+                assert job.offset == 0 and job.copied == 0
+                [again] = Journal.load(str(tmp_path), "vm1", writable=False).pending()
+                assert again.paused and again.key == job.journal_key
+                job.user_resume()
+                [again] = Journal.load(str(tmp_path), "vm1", writable=False).pending()
+                assert not again.paused
+        assert job.status == CONCLUDED and job.offset == 3 * 1024
+        assert job.events[:2] == ["JOB_STARTED", "JOB_RESUMED"], job.events
+
+    trio.run(main)
+    assert Journal.load(str(tmp_path), "vm1").pending() == []
+    journal.close()

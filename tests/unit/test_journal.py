@@ -202,6 +202,88 @@ def test_a_resumption_whose_old_end_was_lost_still_replaces_it(tmp_path: Path) -
     assert old.key != new.key
 
 
+def paused_after_load(tmp_path: Path) -> list[tuple[str, bool]]:
+    return [(p.id, p.paused) for p in Journal.load(str(tmp_path), "vm1").pending()]
+
+
+def test_a_pause_and_a_resume_are_records_that_a_load_replays(tmp_path: Path) -> None:
+    j = Journal(str(tmp_path), "vm1")
+    a = j.begin("stream", "stream-1", "vm1", STREAM)
+    b = j.begin("commit", "commit-2", "vm2", STREAM)
+    j.pause(a.key, True)
+    lines = journal_bytes(tmp_path).splitlines(keepends=True)
+    assert decode(lines[-1]) == ([{"r": "pause", "key": a.key}], 0)  # synced as it returns
+    assert paused_after_load(tmp_path) == [("stream-1", True), ("commit-2", False)]
+    j.pause(a.key, False)
+    assert decode(journal_bytes(tmp_path).splitlines(keepends=True)[-1])[0] == [
+        {"r": "resume", "key": a.key}
+    ]
+    assert paused_after_load(tmp_path) == [("stream-1", False), ("commit-2", False)]
+    j.pause(b.key, True)
+    j.progress(b.key, 1 << 20)  # later records of the job keep the pause
+    assert paused_after_load(tmp_path) == [("stream-1", False), ("commit-2", True)]
+    # a compaction keeps it (in the job's intent), and forgets the records
+    j.compact()
+    assert journal_bytes(tmp_path).count(b"\n") == 1
+    assert paused_after_load(tmp_path) == [("stream-1", False), ("commit-2", True)]
+    # the job resumed from its record (a remount, adopt, activate) is paused, durably,
+    # from its intent on: its old record's end may follow or be lost
+    j.close()
+    j = Journal.load(str(tmp_path), "vm1")
+    old = next(p for p in j.pending() if p.id == "commit-2")
+    new = j.begin("commit", "commit-2", "vm2", STREAM, resumes=old)
+    assert new.paused and new.offset == 1 << 20
+    j.close()
+    assert paused_after_load(tmp_path) == [("stream-1", False), ("commit-2", True)]
+    intent = next(r for r in decode(journal_bytes(tmp_path))[0] if r.get("key") == new.key)
+    assert intent["r"] == "intent" and intent["paused"] is True, intent
+    j.end(new.key, "cancelled")  # a paused job cancelled is gone, pause and all
+    assert paused_after_load(tmp_path) == [("stream-1", False)]
+
+
+def test_a_pause_of_a_job_the_journal_does_not_hold_is_ignored(tmp_path: Path) -> None:
+    j = Journal(str(tmp_path), "vm1")
+    a = j.begin("stream", "stream-1", "vm1", STREAM)
+    j.end(a.key, "done")
+    b = j.begin("stream", "stream-2", "vm1", STREAM)
+    j.close()
+    forged = [{"r": "pause", "key": "nobody"}, {"r": "pause", "key": a.key}]
+    with open(jpath(tmp_path), "ab") as f:
+        f.write(b"".join(encode(r) for r in forged))
+    assert paused_after_load(tmp_path) == [("stream-2", False)]
+    assert [p.key for p in Journal.load(str(tmp_path), "vm1").pending()] == [b.key]
+
+
+def test_an_old_handover_record_naming_paused_jobs_still_pauses_them(tmp_path: Path) -> None:
+    """Journals of earlier versions carry a pause only in a hand-over record."""
+    j = Journal(str(tmp_path), "vm1")
+    a = j.begin("stream", "stream-1", "vm1", STREAM)
+    j.begin("commit", "commit-2", "vm1", STREAM)
+    j.progress(a.key, 65536)
+    j.close()
+    old = {"r": "handover", "key": "-", "host": "h", "mount": "m", "ids": ["stream-1"]}
+    with open(jpath(tmp_path), "ab") as f:
+        f.write(encode({**old, "paused": ["stream-1"]}))
+    assert paused_after_load(tmp_path) == [("stream-1", True), ("commit-2", False)]
+    j = Journal.load(str(tmp_path), "vm1")
+    j.compact()  # the mark moves into the intent
+    j.close()
+    assert b'"r":"handover"' not in journal_bytes(tmp_path)
+    assert paused_after_load(tmp_path) == [("stream-1", True), ("commit-2", False)]
+
+
+def test_a_handover_record_no_longer_names_the_paused_jobs(tmp_path: Path) -> None:
+    """The pause travels in its own record: a hand-over record is for diagnostics."""
+    j = Journal(str(tmp_path), "vm1")
+    a = j.begin("stream", "stream-1", "vm1", STREAM)
+    j.pause(a.key, True)
+    j.handover("h", "m", ["stream-1"])
+    j.close()
+    [record] = [r for r in decode(journal_bytes(tmp_path))[0] if r["r"] == "handover"]
+    assert "paused" not in record
+    assert paused_after_load(tmp_path) == [("stream-1", True)]
+
+
 def test_a_read_only_journal_refuses_to_write(tmp_path: Path) -> None:
     j = Journal(str(tmp_path), "vm1", writable=False)
     with pytest.raises(Exception, match="read-only"):
@@ -214,6 +296,7 @@ ops = st.lists(
         st.tuples(st.just("progress"), st.integers(0, 3), st.integers(0, 1 << 40)),
         st.tuples(st.just("phase"), st.integers(0, 3)),
         st.tuples(st.just("end"), st.integers(0, 3)),
+        st.tuples(st.just("pause"), st.integers(0, 3), st.booleans()),
     ),
     max_size=30,
 )
@@ -234,8 +317,8 @@ def test_a_cut_anywhere_loses_only_the_torn_record(
     j = Journal(str(tmp_path), "vm1")
     keys: dict[int, str] = {}
     sizes: list[int] = []  # file size after each record
-    states: list[dict[str, tuple[int, str | None]]] = []
-    model: dict[str, tuple[int, str | None]] = {}
+    states: list[dict[str, tuple[int, str | None, bool]]] = []
+    model: dict[str, tuple[int, str | None, bool]] = {}
     for op in ops:
         slot = op[1]
         key = keys.get(slot)
@@ -244,15 +327,18 @@ def test_a_cut_anywhere_loses_only_the_torn_record(
                 continue
             p = j.begin("stream", f"stream-{slot}", "vm1", {"slot": slot})
             keys[slot] = key = p.key
-            model[key] = (0, None)
+            model[key] = (0, None, False)
         elif key is None:
             continue
         elif op[0] == "progress":
             j.progress(key, op[2])
-            model[key] = (op[2], model[key][1])
+            model[key] = (op[2], *model[key][1:])
         elif op[0] == "phase":
             j.phase(key, "prepare", [jn.retire([f"/x/{slot}"])])
-            model[key] = (model[key][0], "prepare")
+            model[key] = (model[key][0], "prepare", model[key][2])
+        elif op[0] == "pause":  # (a crash on either side of it: paused, or as before)
+            j.pause(key, op[2])
+            model[key] = (*model[key][:2], op[2])
         else:
             j.end(key, "done")
             del keys[slot], model[key]
@@ -270,7 +356,8 @@ def test_a_cut_anywhere_loses_only_the_torn_record(
     assert len(data) == sizes[-1]
     at = min(cut, len(data))
     path.write_bytes(data[:at] + noise.replace(b"\n", b""))
-    loaded = {p.key: (p.offset, p.phase) for p in Journal.load(str(tmp_path), "vm1").pending()}
+    pending = Journal.load(str(tmp_path), "vm1").pending()
+    loaded = {p.key: (p.offset, p.phase, p.paused) for p in pending}
     whole = [s for s in sizes if s <= at]
     assert loaded == (states[len(whole) - 1] if whole else {})
 
