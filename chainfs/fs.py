@@ -148,14 +148,17 @@ class Handle:
 class StatusReader:
     """One open of ``control/.status``: the text, rendered as the reads reach it, a few
     chains' lines per read at most (``Operations.status_piece``): each line is as of
-    when a read reached it.  Reads at any offset (the text is rendered up to there)."""
+    when a read reached it.  Reads at any offset (the text is rendered up to there).
+    Once whole and unchanged since (``Operations._status_done``) it is shared by the
+    next opens, never appended to again."""
 
-    def __init__(self, head: bytes) -> None:
+    def __init__(self, head: bytes, changes: int) -> None:
         self.text = bytearray(head)
         self.next = 0  # the next disk, by place, whose line is to be added
         # the refused chains' lines, once every disk's line is in ``text`` (served from
         # there: not copied in, 1.6 MB at 7,000 refusals)
         self.tail: bytes | None = None
+        self.changes = changes  # ``Operations._status_changes`` at the open
 
 
 class Operations(pyfuse3.Operations):
@@ -207,6 +210,10 @@ class Operations(pyfuse3.Operations):
         self._status_refused = -1
         self._status_refusals = b""
         self._status: bytes | None = None
+        # the text as last read whole, while no line changed since (and no line is of a
+        # chain not owned here): the next opens read it as it is
+        self._status_done: StatusReader | None = None
+        self._status_changes = 0  # lines changed (``_status_changed``, refusals)
         # the text's size as last read to its end (``getattr``: no rendering there; the
         # file is ``direct_io``, its reads go on past an outdated size to the end)
         self._status_size = 0
@@ -242,7 +249,8 @@ class Operations(pyfuse3.Operations):
         self._status_parts = [b""] * len(self.disks)
         self._status_stale = set(self.disks)
         self._status_live = set()
-        self._status = None
+        self._status = self._status_done = None
+        self._status_changes += 1
         for d in self.disks:
             d.on_status = self._status_changed
 
@@ -364,9 +372,21 @@ class Operations(pyfuse3.Operations):
         if self._status is not None and not self._status_stale and not self._status_live:
             return self._status
         parts = [self._status_part(i)[0] for i in range(len(self.disks))]
-        self._status = b"".join((self._status_head, *parts, refusals))
-        self._status_size = len(self._status)
-        return self._status
+        text = b"".join((self._status_head, *parts, refusals))
+        self._status_size = len(text)
+        if not self._status_live:
+            self._status = text
+        return text
+
+    def _status_reader(self) -> StatusReader:
+        """An open of ``.status``: the text last read whole if no line changed since,
+        else one to render (nothing rendered yet)."""
+        self._index()
+        self._status_refusals_text()  # (their number changed: a change)
+        done = self._status_done
+        if done is not None and done.changes == self._status_changes:
+            return done
+        return StatusReader(self._status_head, self._status_changes)
 
     def status_piece(self, reader: StatusReader, off: int, size: int) -> bytes:
         """What a read of ``.status`` at ``off`` gets: at most ``TEXT_PIECE`` bytes (a
@@ -386,6 +406,8 @@ class Operations(pyfuse3.Operations):
             else:
                 reader.tail = self._status_refusals_text()
                 self._status_size = len(text) + len(reader.tail)
+                if reader.changes == self._status_changes and not self._status_live:
+                    self._status_done = reader  # whole, every line as it is now: kept
         n, tail = len(text), reader.tail
         if tail is None or want <= n:
             return bytes(memoryview(text)[off:want])
@@ -406,7 +428,7 @@ class Operations(pyfuse3.Operations):
             self._status_live.discard(disk)
         else:
             self._status_live.add(disk)
-        self._status = None  # (the whole text, if asked for again, is joined again)
+            self._status = None  # (rendered at every read: never kept whole)
         return line, True
 
     def _status_refusals_text(self) -> bytes:
@@ -414,7 +436,8 @@ class Operations(pyfuse3.Operations):
         refused = len(self.source.refused)
         if refused != self._status_refused:
             self._status_refused = refused
-            self._status = None
+            self._status = self._status_done = None
+            self._status_changes += 1
             self._status_refusals = b"".join(
                 format_line(
                     [
@@ -443,7 +466,8 @@ class Operations(pyfuse3.Operations):
     def _status_changed(self, disk: Disk) -> None:
         """``disk``'s line of ``.status`` is out of date (``Disk.on_status``)."""
         self._status_stale.add(disk)
-        self._status = None
+        self._status = self._status_done = None
+        self._status_changes += 1
 
     def forget_cache(self, disk: Disk) -> None:
         """Drop the kernel's cached pages and attributes of ``disk``'s flat file (another
@@ -548,7 +572,7 @@ class Operations(pyfuse3.Operations):
         if inode == STATUS:
             if writing:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            self.handles[fh] = Handle(inode, None, status=StatusReader(self._status_head))
+            self.handles[fh] = Handle(inode, None, status=self._status_reader())
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if inode >= FIRST_VIEW:
             return self._open_view(fh, inode, writing)

@@ -394,6 +394,21 @@ def test_a_read_of_status_renders_a_few_lines_and_gives_a_piece(
     assert trio.run(ops.read, fh, len(text) - 10, 4096) == text[-10:]
     assert trio.run(ops.read, fh, 0, 100) == text[:100]
     assert trio.run(ops.read, fh, len(text), 4096) == b""
+    # read whole and nothing changed since: the next opens share that text as it is
+    # (no line copied again), until a line changes
+    first, second = (trio.run(ops.open, STATUS, os.O_RDONLY, None).fh for _ in range(2))
+    assert ops.handles[first].status is ops.handles[second].status
+    assert read_status(ops)[0] == text
+    disks[3].warning = "served read-only: too deep"
+    disks[3].shown_changed()
+    third = trio.run(ops.open, STATUS, os.O_RDONLY, None).fh
+    assert ops.handles[third].status is not ops.handles[first].status
+    assert trio.run(ops.read, first, 0, 1 << 20) == text[:TEXT_PIECE]  # (as it was)
+    changed, _ = read_status(ops)
+    assert b"warning=" in changed and changed != text
+    disks[3].warning = None
+    disks[3].shown_changed()
+    text, _ = read_status(ops)
     disks.armed = False
     rendered.clear()
     assert text == ops.status_text() and rendered == []  # each line kept
