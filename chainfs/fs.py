@@ -67,7 +67,7 @@ TEXT_PIECE = 64 * 1024
 # copied): the first read after the mount, or a mount that owns none of 10,000 chains
 # (each not-owned line rendered afresh, an owner file read), would otherwise render
 # every line in one request
-STATUS_RENDERS = 8
+STATUS_RENDERS = 4
 FIRST_CHAIN = 16
 PER_CHAIN = 32
 IMG, DIR = 0, 1
@@ -395,19 +395,26 @@ class Operations(pyfuse3.Operations):
         self._index()
         want = off + min(size, TEXT_PIECE)
         text, renders = reader.text, 0
-        while reader.tail is None and len(text) < want:
-            if renders >= STATUS_RENDERS and len(text) > off:
+        lines: list[bytes] = []  # (joined once: an append a line cost more)
+        end = len(text)
+        while reader.tail is None and end < want:
+            if renders >= STATUS_RENDERS and end > off:
                 break
             if reader.next < len(self.disks):
                 line, rendered = self._status_part(reader.next)
-                text += line
+                lines.append(line)
+                end += len(line)
                 reader.next += 1
                 renders += rendered
             else:
+                text += b"".join(lines)
+                lines = []
                 reader.tail = self._status_refusals_text()
                 self._status_size = len(text) + len(reader.tail)
                 if reader.changes == self._status_changes and not self._status_live:
                     self._status_done = reader  # whole, every line as it is now: kept
+        if lines:
+            text += b"".join(lines)
         n, tail = len(text), reader.tail
         if tail is None or want <= n:
             return bytes(memoryview(text)[off:want])
