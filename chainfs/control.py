@@ -221,7 +221,9 @@ _SEPARATORS = " \t"
 # Characters that force a value into quotes, besides anything str.isprintable() rejects
 # (control and format characters, line separators, lone surrogates from undecodable
 # file names): a bare value then never confuses awk, splitlines() or a UTF-8 encoder.
-_SPECIAL = frozenset(' \t\n"\\=')
+# (A regex, with ``str.isprintable``: one C pass each, not a Python test a character; a
+# chain's line of ``.status`` is rendered at every read where the mount does not own it.)
+_SPECIAL_RE = re.compile('[ \t\n"\\\\=]')
 _ESCAPE_OUT = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 _ESCAPE_IN = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
 _HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
@@ -263,13 +265,13 @@ def _escape(char: str) -> str:
 def quote(value: object) -> str:
     """``value`` as it appears after ``key=``: bare when that is unambiguous, else quoted."""
     text = _text(value)
-    if text and all(c not in _SPECIAL and c.isprintable() for c in text):
+    if text and text.isprintable() and _SPECIAL_RE.search(text) is None:
         return text
     return '"' + "".join(_escape(c) for c in text) + '"'
 
 
 def _check_key(key: str) -> None:
-    if not key or any(c in _SPECIAL or not c.isprintable() for c in key):
+    if not key or not key.isprintable() or _SPECIAL_RE.search(key) is not None:
         raise ValueError(f"bad key {_show(key)}")
 
 

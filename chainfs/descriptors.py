@@ -3,7 +3,8 @@ the budget by which a mount opens its chains without starving what it needs late
 
 A served chain holds one descriptor per layer, two more (its events log and job-id
 counter) from its first event on, and three while this mount owns it (its owner file,
-state record and journal, locked).  The mount keeps ``RESERVE`` descriptors back from the
+state record and journal, locked); on a read-only mount only its layers (its events are
+kept in memory, nothing is owned).  The mount keeps ``RESERVE`` descriptors back from the
 chains for what comes after them: ``/dev/fuse``, the journal, the state file, a job's
 target, a command's new overlay, the log.  A chain that does not fit in what is left is
 refused alone, with the reason (EMFILE, the descriptors it needs, the limit, how to raise
@@ -72,6 +73,8 @@ class Budget:
     limit: int
     in_use: int
     reserve: int = RESERVE
+    # a chain's descriptors besides its layers: none on a read-only mount
+    per_chain: int = EVENT_LOG + OWNER_FILES
     refused: int = 0  # chains refused for want of descriptors
     wanted: int = 0  # the descriptors those chains would need
 
@@ -86,11 +89,11 @@ class Budget:
 
     def fits(self, layers: int) -> bool:
         """Whether a chain of ``layers`` layers would fit now."""
-        return layers + EVENT_LOG + OWNER_FILES <= self.room
+        return layers + self.per_chain <= self.room
 
     def take(self, layers: int) -> bool:
         """Count a chain of ``layers`` layers as served, if it fits."""
-        need = layers + EVENT_LOG + OWNER_FILES
+        need = layers + self.per_chain
         if need > self.room:
             return False
         self.in_use += need
@@ -100,7 +103,7 @@ class Budget:
         """Why a chain of ``layers`` layers is not served, counting it as refused: short
         (one such line per chain in ``status``: 10,000 chains past a limit made a text
         of 3.4 MB); ``report`` explains it once."""
-        need = layers + EVENT_LOG + OWNER_FILES
+        need = layers + self.per_chain
         self.refused += 1
         self.wanted += need
         return (
@@ -112,16 +115,20 @@ class Budget:
         """After the chains were opened: say, once, why chains were refused and what
         serving all of them would take."""
         if self.refused:
+            needs = (
+                f"one per layer, {EVENT_LOG} for its events log and {OWNER_FILES} for its"
+                " owner, state and journal files"
+                if self.per_chain
+                else "one per layer (a read-only mount)"
+            )
             log.warning(
                 "descriptors: %d chains refused for want of descriptors (EMFILE): a chain"
-                " needs one per layer, %d for its events log and %d for its owner, state"
-                " and journal files; of this mount's limit of %d (RLIMIT_NOFILE) %d are in"
+                " needs %s; of this mount's limit of %d (RLIMIT_NOFILE) %d are in"
                 " use and %d kept for requests, control files, jobs and the journal;"
                 " serving every chain needs a limit of at least %d: raise it (%s) and"
                 " mount again",
                 self.refused,
-                EVENT_LOG,
-                OWNER_FILES,
+                needs,
                 self.limit,
                 self.in_use,
                 self.reserve,

@@ -58,6 +58,16 @@ ROOT = pyfuse3.ROOT_INODE
 CONTROL = 2
 STATUS = 3
 LAYERS = 4
+# a read of a control file's text is answered with at most this much (a short read: the
+# files are ``direct_io``, so the reader asks again from there, as with /proc): the
+# kernel asks up to 1 MiB a request, and the one request worker copying that much of a
+# 1.7 MB ``.status`` (10,000 chains) held every disk's read behind it
+TEXT_PIECE = 64 * 1024
+# chains' lines of ``.status`` rendered for one read at most (kept lines are only
+# copied): the first read after the mount, or a mount that owns none of 10,000 chains
+# (each not-owned line rendered afresh, an owner file read), would otherwise render
+# every line in one request
+STATUS_RENDERS = 4
 FIRST_CHAIN = 16
 PER_CHAIN = 32
 IMG, DIR = 0, 1
@@ -132,6 +142,23 @@ class Handle:
     direct: bool = False  # a flat file opened with O_DIRECT (see ``write``)
     view: View | None = None  # a layer view (``disk.views`` serves it)
     reader: bool = False  # a flat file of a chain another host owns (``Disk.open_reader``)
+    status: StatusReader | None = None  # ``.status``: its text, rendered as reads reach it
+
+
+class StatusReader:
+    """One open of ``control/.status``: the text, rendered as the reads reach it, a few
+    chains' lines per read at most (``Operations.status_piece``): each line is as of
+    when a read reached it.  Reads at any offset (the text is rendered up to there).
+    Once whole and unchanged since (``Operations._status_done``) it is shared by the
+    next opens, never appended to again."""
+
+    def __init__(self, head: bytes, changes: int) -> None:
+        self.text = bytearray(head)
+        self.next = 0  # the next disk, by place, whose line is to be added
+        # the refused chains' lines, once every disk's line is in ``text`` (served from
+        # there: not copied in, 1.6 MB at 7,000 refusals)
+        self.tail: bytes | None = None
+        self.changes = changes  # ``Operations._status_changes`` at the open
 
 
 class Operations(pyfuse3.Operations):
@@ -183,6 +210,13 @@ class Operations(pyfuse3.Operations):
         self._status_refused = -1
         self._status_refusals = b""
         self._status: bytes | None = None
+        # the text as last read whole, while no line changed since (and no line is of a
+        # chain not owned here): the next opens read it as it is
+        self._status_done: StatusReader | None = None
+        self._status_changes = 0  # lines changed (``_status_changed``, refusals)
+        # the text's size as last read to its end (``getattr``: no rendering there; the
+        # file is ``direct_io``, its reads go on past an outdated size to the end)
+        self._status_size = 0
         self._index()
 
     # -- inode arithmetic --------------------------------------------------------------
@@ -215,6 +249,8 @@ class Operations(pyfuse3.Operations):
         self._status_parts = [b""] * len(self.disks)
         self._status_stale = set(self.disks)
         self._status_live = set()
+        self._status = self._status_done = None
+        self._status_changes += 1
         for d in self.disks:
             d.on_status = self._status_changed
 
@@ -265,7 +301,7 @@ class Operations(pyfuse3.Operations):
         if inode == STATUS:
             a.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o444)
             a.st_nlink = 1
-            a.st_size = len(self.status_text())
+            a.st_size = self._status_size
             return a
         found = self._disk_of(inode)
         if found is None:
@@ -324,28 +360,91 @@ class Operations(pyfuse3.Operations):
         return bytes(disk.events)  # the history at mount and every line since
 
     def status_text(self) -> bytes:
-        """``control/.status``: the daemon's line, one per served chain, one per refused
-        chain.  Each served chain's line is kept and rendered again only after it changed
-        (``Disk.on_status``: its active layer, ownership, warning) or, for a chain this
-        mount does not own, at every read (who holds it is a lock probe of the moment);
-        the text is joined again only then.  So a read costs O(changed + not owned)
-        renderings, not O(chains), and never stalls the other disks' requests for long."""
+        """``control/.status`` whole, at once: the daemon's line, one per served chain,
+        one per refused chain.  Each served chain's line is kept and rendered again only
+        after it changed (``Disk.on_status``: its active layer, ownership, warning) or,
+        for a chain this mount does not own, at every read (who holds it: its owner
+        file, read at that moment); the text is joined again only then.  The reads of the
+        file do not use this: they render a few lines each (``status_piece``), so that
+        none holds the other disks' requests for long."""
         self._index()
-        refused = len(self.source.refused)
-        unchanged = not self._status_stale and not self._status_live
-        if self._status is not None and unchanged and refused == self._status_refused:
+        refusals = self._status_refusals_text()
+        if self._status is not None and not self._status_stale and not self._status_live:
             return self._status
-        parts = self._status_parts
-        for disk in (*self._status_stale, *self._status_live):
-            line = self._status_line(disk)
-            parts[self._place[disk]] = line
-            if disk.owned or disk.fenced is not None:
-                self._status_live.discard(disk)
+        parts = [self._status_part(i)[0] for i in range(len(self.disks))]
+        text = b"".join((self._status_head, *parts, refusals))
+        self._status_size = len(text)
+        if not self._status_live:
+            self._status = text
+        return text
+
+    def _status_reader(self) -> StatusReader:
+        """An open of ``.status``: the text last read whole if no line changed since,
+        else one to render (nothing rendered yet)."""
+        self._index()
+        self._status_refusals_text()  # (their number changed: a change)
+        done = self._status_done
+        if done is not None and done.changes == self._status_changes:
+            return done
+        return StatusReader(self._status_head, self._status_changes)
+
+    def status_piece(self, reader: StatusReader, off: int, size: int) -> bytes:
+        """What a read of ``.status`` at ``off`` gets: at most ``TEXT_PIECE`` bytes (a
+        short read), the text rendered on to there, at most ``STATUS_RENDERS`` lines
+        rendered (kept ones are copied) unless that leaves nothing to give."""
+        self._index()
+        want = off + min(size, TEXT_PIECE)
+        text, renders = reader.text, 0
+        lines: list[bytes] = []  # (joined once: an append a line cost more)
+        end = len(text)
+        while reader.tail is None and end < want:
+            if renders >= STATUS_RENDERS and end > off:
+                break
+            if reader.next < len(self.disks):
+                line, rendered = self._status_part(reader.next)
+                lines.append(line)
+                end += len(line)
+                reader.next += 1
+                renders += rendered
             else:
-                self._status_live.add(disk)
-        self._status_stale.clear()
+                text += b"".join(lines)
+                lines = []
+                reader.tail = self._status_refusals_text()
+                self._status_size = len(text) + len(reader.tail)
+                if reader.changes == self._status_changes and not self._status_live:
+                    self._status_done = reader  # whole, every line as it is now: kept
+        if lines:
+            text += b"".join(lines)
+        n, tail = len(text), reader.tail
+        if tail is None or want <= n:
+            return bytes(memoryview(text)[off:want])
+        if off >= n:
+            return tail[off - n : want - n]
+        return bytes(memoryview(text)[off:]) + tail[: want - n]
+
+    def _status_part(self, i: int) -> tuple[bytes, bool]:
+        """The line of the disk at place ``i``: kept, or rendered (True) when it
+        changed or is not owned here."""
+        disk = self.disks[i]
+        if disk not in self._status_stale and disk not in self._status_live:
+            return self._status_parts[i], False
+        line = self._status_line(disk)
+        self._status_parts[i] = line
+        self._status_stale.discard(disk)
+        if disk.owned or disk.fenced is not None:
+            self._status_live.discard(disk)
+        else:
+            self._status_live.add(disk)
+            self._status = None  # (rendered at every read: never kept whole)
+        return line, True
+
+    def _status_refusals_text(self) -> bytes:
+        """The refused chains' lines (joined again only when their number changed)."""
+        refused = len(self.source.refused)
         if refused != self._status_refused:
             self._status_refused = refused
+            self._status = self._status_done = None
+            self._status_changes += 1
             self._status_refusals = b"".join(
                 format_line(
                     [
@@ -358,8 +457,7 @@ class Operations(pyfuse3.Operations):
                 + b"\n"
                 for r in self.source.refused
             )
-        self._status = b"".join((self._status_head, *parts, self._status_refusals))
-        return self._status
+        return self._status_refusals
 
     def _status_line(self, disk: Disk) -> bytes:
         line: list[tuple[str, object]] = [
@@ -375,6 +473,8 @@ class Operations(pyfuse3.Operations):
     def _status_changed(self, disk: Disk) -> None:
         """``disk``'s line of ``.status`` is out of date (``Disk.on_status``)."""
         self._status_stale.add(disk)
+        self._status = self._status_done = None
+        self._status_changes += 1
 
     def forget_cache(self, disk: Disk) -> None:
         """Drop the kernel's cached pages and attributes of ``disk``'s flat file (another
@@ -479,7 +579,7 @@ class Operations(pyfuse3.Operations):
         if inode == STATUS:
             if writing:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            self.handles[fh] = Handle(inode, None, self.status_text())
+            self.handles[fh] = Handle(inode, None, status=self._status_reader())
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if inode >= FIRST_VIEW:
             return self._open_view(fh, inode, writing)
@@ -537,8 +637,10 @@ class Operations(pyfuse3.Operations):
                 h.flat = h.disk.chain  # reopened by a hand-over
             # pyfuse3 takes any contiguous buffer; a bytearray saves a copy
             return cast(bytes, h.flat.read(off, size))
-        if h.data is not None:
-            return h.data[off : off + size]
+        if h.status is not None:
+            return self.status_piece(h.status, off, size)
+        if h.data is not None:  # (a short read past TEXT_PIECE: see there)
+            return h.data[off : off + min(size, TEXT_PIECE)]
         assert h.disk is not None
         # events: live, append-only, so ``tail -f`` follows it
         return h.disk.events.read(off, size)

@@ -175,6 +175,8 @@ def open_disks(
     disks: list[Disk] = []
     # descriptors: each chain takes what it needs while a reserve is left for the rest
     budget = descriptors.Budget.now()
+    if opts.readonly:  # a chain's layers only: no events log or owner files open
+        budget.per_chain = 0
     readers = Readers()  # who reads which layer (``refuse_shared``), shared by the disks
 
     def refuse(spec: sources.ChainSpec, reason: str) -> None:

@@ -6,9 +6,11 @@ mount at a time), as ``scripts/bench.py`` does (its server, wait and report help
 imported, not copied).
 
 - chains (``--chains``, default 1,100,1000,10000): a directory of N chains of two small
-  layers each (a 64 MiB qcow2 base and an empty overlay), made from two templates written
-  sparsely (the overlay's backing name patched in place, same length), not by N
-  ``qemu-img create``; the first chain's base holds 16 MiB of data (qemu-io).  Measured:
+  layers each (a 64 MiB qcow2 base and an empty overlay; ``--chain-layers 1``: the base
+  alone), made from two templates written sparsely (the overlay's backing name patched
+  in place, same length), not by N ``qemu-img create``; the first chain's base holds
+  16 MiB of data (qemu-io).  ``--ro`` mounts them read-only (``-o ro``: a chain then
+  keeps one descriptor a layer, none for owner, state, journal and events files).  Measured:
   the mount time (start of ``chainfs mount -f`` until the mountpoint answers), the
   server's RSS after the mount, ``stat`` of flat files never looked up before (or whose
   kernel attributes expired: rounds 1.1 s apart when there are few), median and p99,
@@ -145,8 +147,9 @@ def chain_name(i: int) -> str:
     return f"c{i:07d}"
 
 
-def build_chains(directory: str, n: int) -> None:
-    """``n`` chains ``cNNNNNNN`` = ``cNNNNNNN-base.qcow2 <- cNNNNNNN.qcow2``."""
+def build_chains(directory: str, n: int, layers: int = 2) -> None:
+    """``n`` chains ``cNNNNNNN`` = ``cNNNNNNN-base.qcow2 <- cNNNNNNN.qcow2`` (one layer:
+    ``cNNNNNNN.qcow2`` alone)."""
     os.makedirs(directory)
     scratch = os.path.join(directory, ".templates")
     os.makedirs(scratch)
@@ -163,9 +166,12 @@ def build_chains(directory: str, n: int) -> None:
     old = f"{first}-base.qcow2".encode()
     for i in range(n):
         name = chain_name(i)
+        if layers == 1:
+            base.write(os.path.join(directory, f"{name}.qcow2"))
+            continue
         base.write(os.path.join(directory, f"{name}-base.qcow2"))
         top.write(os.path.join(directory, f"{name}.qcow2"), old, f"{name}-base.qcow2".encode())
-    first_base = os.path.join(directory, f"{first}-base.qcow2")
+    first_base = os.path.join(directory, f"{first}{'-base' if layers > 1 else ''}.qcow2")
     run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {DATA}", first_base])
     os.sync()
 
@@ -199,10 +205,10 @@ def build_deep(directory: str, depth: int, size: int, *, data: int = DATA) -> st
 # --- measuring ---------------------------------------------------------------------------
 
 
-def mount(source: str, name: str) -> tuple[Server, float]:
+def mount(source: str, name: str, *, readonly: bool = False) -> tuple[Server, float]:
     mnt = os.path.join(WORK, f"mnt-{name}")
     os.makedirs(mnt, exist_ok=True)
-    server = chainfs_server(source, mnt, os.path.join(WORK, f"{name}.log"), readonly=False)
+    server = chainfs_server(source, mnt, os.path.join(WORK, f"{name}.log"), readonly=readonly)
     t = time.perf_counter()
     server.__enter__()
     os.stat(mnt)  # answered by the mount itself
@@ -296,15 +302,15 @@ def reads_beside(path: str, size: int, script: str, args: list[str]) -> tuple[li
     return times, out.strip()
 
 
-def chains_part(n: int, run_no: int) -> list[Row]:
+def chains_part(n: int, run_no: int, layers: int = 2, readonly: bool = False) -> list[Row]:
     directory = os.path.join(WORK, f"chains-{n}")
     if not os.path.isdir(directory):
-        log(f"chains: building {n} chains of 2 layers")
+        log(f"chains: building {n} chains of {layers} layers")
         t = time.perf_counter()
-        build_chains(directory, n)
+        build_chains(directory, n, layers)
         log(f"chains: built in {time.perf_counter() - t:.1f} s")
-    log(f"chains: mounting {n} chains (run {run_no})")
-    server, mount_s = mount(directory, f"chains-{n}")
+    log(f"chains: mounting {n} chains (run {run_no}{', read-only' if readonly else ''})")
+    server, mount_s = mount(directory, f"chains-{n}", readonly=readonly)
     rows: list[Row] = []
     try:
         mnt = server.mountpoint
@@ -333,7 +339,7 @@ def chains_part(n: int, run_no: int) -> list[Row]:
         peak = hwm_mib(server)
     finally:
         unmount(server)
-    k = f"{n} chains"
+    k = f"{n} chains" + (f" of {layers} layer" if layers == 1 else "") + (" ro" if readonly else "")
     if len(names) < n:
         k = f"{n} chains ({len(names)} served)"
     rss_target = RSS_BASE_MIB + RSS_PER_CHAIN_MIB * len(names)  # (the chains served)
@@ -487,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1G,16T,1P", help="disk sizes (1G,16T,1P)")
     ap.add_argument("--layers", default="1,64", help="layer counts for the sizes (1,64)")
     ap.add_argument("--parts", default="chains,depth,size", help="chains,depth,size")
+    ap.add_argument(
+        "--chain-layers", type=int, choices=(1, 2), default=2, help="layers a chain (2)"
+    )
+    ap.add_argument("--ro", action="store_true", help="mount the chains read-only (-o ro)")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     # 10,000 chains take minutes to mount and 7 descriptors each (layers, events, owner,
@@ -509,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     if "chains" in parts:
         for n in [int(x) for x in args.chains.split(",")]:
             for r in range(args.runs):
-                rows = chains_part(n, r + 1)
+                rows = chains_part(n, r + 1, args.chain_layers, args.ro)
                 table(f"chains: {n}, run {r + 1} (load average {load()})", rows)
             shutil.rmtree(os.path.join(WORK, f"chains-{n}"))
     if "depth" in parts:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from chainfs.formats.qcow2 import create_overlay
+from chainfs.fs import TEXT_PIECE
+
 from . import conftest
 from .conftest import DEADLINE, Mounter, read_direct, run, wait_for
 
@@ -63,4 +66,32 @@ def test_counting_a_huge_disks_data_stalls_no_request(
     finally:
         hold.unlink(missing_ok=True)
     wait_for(lambda: os.stat(m.img("big")).st_blocks == MiB // 512, "the count to end")
+    m.unmount()
+
+
+def test_status_is_read_in_pieces_and_whole(tmp_path: Path, mounter: Mounter) -> None:
+    """``control/.status`` of 600 chains (about 100 KB) answers a 1 MiB read with 64 KiB
+    at most (a short read: no request of it holds the mount's other disks for long), and
+    a reader that goes on to the end (``cat``, Python's ``read``) gets the whole text,
+    every chain in it; its size is known once it was read whole.  Before, the first read
+    got the whole text."""
+    images = tmp_path / "images"
+    images.mkdir()
+    names = [f"vm{i:03d}" for i in range(600)]
+    for name in names:
+        create_overlay(str(images / f"{name}.qcow2"), size=MiB, backing=None, backing_format=None)
+    m = mounter(images)
+    path = m.mountpoint / "control" / ".status"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        first = os.read(fd, MiB)
+    finally:
+        os.close(fd)
+    assert 0 < len(first) <= TEXT_PIECE
+    text = path.read_bytes()
+    assert len(text) > len(first) and text.startswith(first)
+    served = [line.split()[0] for line in text.decode().splitlines() if "status=served" in line]
+    assert served == [f"chain={x}" for x in names]
+    assert run("cat", path).stdout.encode() == text
+    assert os.stat(path).st_size == len(text)
     m.unmount()

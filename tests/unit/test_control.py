@@ -443,6 +443,14 @@ def test_quoted_value_is_one_token(value: str) -> None:
     quoted.encode("utf-8")  # even lone surrogates come out escaped
 
 
+@given(st.text() | st.text(alphabet=' \t\n"\\=ab/\x7f\xa0\u2028'))
+def test_a_value_is_bare_exactly_when_no_character_needs_quoting(value: str) -> None:
+    """The one-pass test of a bare value (``str.isprintable`` and a regex) says what the
+    test of each character said."""
+    bare = bool(value) and all(c not in ' \t\n"\\=' and c.isprintable() for c in value)
+    assert (quote(value) == value) == bare
+
+
 @given(st.text().filter(lambda v: v and "\x00" not in v))
 def test_quoted_path_round_trips_through_snapshot(value: str) -> None:
     # A value copied from a `chain` line can be pasted into a command.

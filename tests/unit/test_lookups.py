@@ -30,9 +30,18 @@ from chainfs.chain import Chain
 from chainfs.control import CommandError
 from chainfs.disk import SHOWN_IN_STATUS, Disk
 from chainfs.formats.base import Layer
-from chainfs.fs import CONTROL, CONTROL_FILES, LAYERS, ROOT, STATUS, Operations
+from chainfs.fs import (
+    CONTROL,
+    CONTROL_FILES,
+    LAYERS,
+    ROOT,
+    STATUS,
+    STATUS_RENDERS,
+    TEXT_PIECE,
+    Operations,
+)
 from chainfs.jobs.served import Readers, chain_changed, refuse_shared
-from chainfs.source import Source
+from chainfs.source import Refused, Source
 from chainfs.views import Views
 
 from .fake_chain import SIZE, FakeChain, FakeLayer
@@ -324,6 +333,145 @@ def test_status_renders_again_only_the_chains_that_changed(
             cast(list[Disk], list(disks)), ops.source, readonly=False, mountpoint="/mnt"
         ).status_text()
     )
+
+
+def read_status(ops: Operations, size: int = 1 << 20) -> tuple[bytes, list[int]]:
+    """``.status`` opened and read to its end as the kernel asks (1 MiB a request):
+    the text and each reply's length."""
+    fh = trio.run(ops.open, STATUS, os.O_RDONLY, None).fh
+    text, replies = b"", []
+    while piece := trio.run(ops.read, fh, len(text), size):
+        replies.append(len(piece))
+        text += piece
+    trio.run(ops.release, fh)
+    return text, replies
+
+
+def counted_renders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the chains whose line is rendered from now on."""
+    rendered: list[str] = []
+    owner_pairs = Disk.owner_pairs
+
+    def counted(self: Disk) -> list[tuple[str, object]]:
+        rendered.append(self.name)
+        return owner_pairs(self)
+
+    monkeypatch.setattr(Disk, "owner_pairs", counted)
+    return rendered
+
+
+def test_a_read_of_status_renders_a_few_lines_and_gives_a_piece(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No read of ``.status`` holds the request worker for long: each reply is at most
+    ``TEXT_PIECE`` bytes (the kernel asks 1 MiB) and renders at most ``STATUS_RENDERS``
+    lines, on the first read after the mount (every line to render) and on a mount that
+    owns none of its chains (every line rendered at each read) alike."""
+    n = 2000
+    readers = Readers()
+    disks = NoScan(served_disk(f"vm{i}", [f"/img/vm{i}.qcow2"], readers) for i in range(n))
+    ops = operations(cast(list[FakeDisk], disks))
+    ops.source.refused += [Refused(f"r{i}", f"/img/r{i}.qcow2", "EMFILE " * 30) for i in range(900)]
+    rendered = counted_renders(monkeypatch)
+    disks.armed = True  # (and no walk of the disks)
+    per_read: list[int] = []
+    fh = trio.run(ops.open, STATUS, os.O_RDONLY, None).fh
+    assert rendered == []  # the open renders nothing
+    text = b""
+    while True:
+        before = len(rendered)
+        piece = trio.run(ops.read, fh, len(text), 1 << 20)
+        per_read.append(len(rendered) - before)
+        if not piece:
+            break
+        assert len(piece) <= TEXT_PIECE
+        text += piece
+    assert max(per_read) == STATUS_RENDERS and len(rendered) == n
+    assert len(text) > 4 * TEXT_PIECE and text.count(b"status=refused") == 900
+    assert trio.run(ops.getattr, STATUS, None).st_size == len(text)
+    # a read that starts past what was rendered: rendered on to there
+    fh = trio.run(ops.open, STATUS, os.O_RDONLY, None).fh
+    assert trio.run(ops.read, fh, len(text) - 10, 4096) == text[-10:]
+    assert trio.run(ops.read, fh, 0, 100) == text[:100]
+    assert trio.run(ops.read, fh, len(text), 4096) == b""
+    # read whole and nothing changed since: the next opens share that text as it is
+    # (no line copied again), until a line changes
+    first, second = (trio.run(ops.open, STATUS, os.O_RDONLY, None).fh for _ in range(2))
+    assert ops.handles[first].status is ops.handles[second].status
+    assert read_status(ops)[0] == text
+    disks[3].warning = "served read-only: too deep"
+    disks[3].shown_changed()
+    third = trio.run(ops.open, STATUS, os.O_RDONLY, None).fh
+    assert ops.handles[third].status is not ops.handles[first].status
+    assert trio.run(ops.read, first, 0, 1 << 20) == text[:TEXT_PIECE]  # (as it was)
+    changed, _ = read_status(ops)
+    assert b"warning=" in changed and changed != text
+    disks[3].warning = None
+    disks[3].shown_changed()
+    text, _ = read_status(ops)
+    disks.armed = False
+    rendered.clear()
+    assert text == ops.status_text() and rendered == []  # each line kept
+
+    # a mount that owns none of them: every line rendered at each read, a few a reply
+    for d in disks:
+        d.owned = False
+        d.shown_changed()
+    rendered.clear()
+    again, replies = read_status(ops)
+    assert len(rendered) == n and len(replies) >= n // STATUS_RENDERS
+    assert again.count(b" owner=none") == n
+    assert (
+        again
+        == Operations(  # what rendering every chain afresh gives
+            cast(list[Disk], list(disks)), ops.source, readonly=False, mountpoint="/mnt"
+        ).status_text()
+    )
+
+
+SHOWN_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["warning", "fence", "disown", "own", "snapshot", "read", "partial"]),
+        st.integers(0, 11),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=SHOWN_STEPS)
+def test_status_read_in_pieces_equals_a_full_rendering(steps: list[tuple[str, int]]) -> None:
+    """After any changes of the shown fields, with reads of ``.status`` (whole, or cut
+    short) between them, the text a read gives is the text rendered afresh."""
+    readers = Readers()
+    disks = [served_disk(f"vm{i}", [f"/img/vm{i}.qcow2"], readers) for i in range(12)]
+    ops = operations(cast(list[FakeDisk], disks))
+    ops.source.refused.append(Refused("gone", "/img/gone.qcow2", "not a qcow2 image"))
+    sizes = iter([5, 70, 4096, 1 << 20] * 10)
+    for kind, i in steps:
+        disk = disks[i]
+        if kind == "warning":
+            disk.warning = f"served read-only: step {len(disk.name)}"
+            disk.shown_changed()
+        elif kind == "fence":
+            disk.fenced = "the lock is gone"
+            disk.shown_changed()
+        elif kind in ("disown", "own"):
+            disk.owned = kind == "own"
+            disk.shown_changed()
+        elif kind == "snapshot":
+            disk.chain.layers.insert(0, cast(Layer, FakeLayer(f"/img/{disk.name}-s{i}.qcow2")))
+            chain_changed(disk)
+        elif kind == "read":
+            read_status(ops, next(sizes))
+        else:  # a reader that stops after a piece
+            fh = trio.run(ops.open, STATUS, os.O_RDONLY, None).fh
+            trio.run(ops.read, fh, 0, next(sizes))
+            trio.run(ops.release, fh)
+    fresh = Operations(disks, ops.source, readonly=False, mountpoint="/mnt")
+    whole = fresh.status_text()
+    assert read_status(ops, next(sizes))[0] == whole
+    assert ops.status_text() == whole
 
 
 @pytest.mark.expect_log(r"WARNING chainfs\.disk: ownership of vm0 suspended: ")

@@ -464,6 +464,31 @@ def test_chains_past_the_descriptor_limit_are_neither_owned_nor_opened(
         close_all(disks, rec, src)
 
 
+def test_a_read_only_mount_counts_only_the_layers_of_a_chain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only mount owns nothing and keeps its chains' events in memory: a chain
+    takes one descriptor a layer, and the budget counts that, not the six of a
+    read-write mount's one-layer chain (10,000 one-layer chains fit a limit of 20,000
+    there, 3,300 of them did)."""
+    names = ["vm1", "vm2", "vm3"]
+    for name in names:
+        create_overlay(
+            str(tmp_path / f"{name}.qcow2"), size=1 << 20, backing=None, backing_format=None
+        )
+    monkeypatch.setattr(
+        descriptors.Budget, "now", classmethod(lambda cls: cls(limit=3, in_use=0, reserve=0))
+    )
+    src, rec = recovery.recover(str(tmp_path), readonly=True)
+    before = descriptors.open_count()
+    disks = mount.open_disks(src, mount.MountOptions(readonly=True), journals=rec.journals)
+    try:
+        assert [d.name for d in disks] == names and src.refused == []
+        assert descriptors.open_count() - before == len(names)  # the budget is right
+    finally:
+        close_all(disks, rec, src)
+
+
 def test_a_mount_reads_each_state_record_once_before_it_owns_the_chain(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
