@@ -165,13 +165,14 @@ class WriteHook(Protocol):
 
 class ReadMap(Protocol):
     """Where pyfuse3 answers the flat file's reads itself (``fastread.ReadMap``): per
-    granule, unmapped or a range of a host file descriptor.  Filled by ``read``; cleared
-    (under the lock, on the thread that serves requests) wherever a granule may stop
-    showing those host bytes, and before a descriptor it names is closed."""
+    granule, unmapped, zeros (fd None) or a range of a host file descriptor.  Filled by
+    ``read``; cleared (under the lock, on the thread that serves requests) wherever a
+    granule may stop showing what the map says, and before a descriptor it names is
+    closed."""
 
     def take(self, chain: Chain) -> None: ...
     def reset(self, size: int, granule: int) -> None: ...
-    def set(self, offset: int, fd: int, host: int) -> None: ...
+    def set(self, offset: int, fd: int | None, host: int = 0) -> None: ...
     def clear(self, offset: int = 0, length: int | None = None) -> None: ...
     def release(self) -> None: ...
 
@@ -515,10 +516,13 @@ class Chain:
                 gi = offset // g
                 h = self._holders(gi >> REGION_BITS, level)[gi & ((1 << REGION_BITS) - 1)]
                 plan: Plan = []
-                if h and not level and self.read_map is not None:
-                    mapped = self._map_granule(h - 1, gi * g, offset, n)
-                    if mapped is not None:
-                        return mapped
+                if not level and self.read_map is not None:
+                    if not h:
+                        self.read_map.set(gi * g, None)  # a hole of the whole chain
+                    else:
+                        mapped = self._map_granule(h - 1, gi * g, offset, n)
+                        if mapped is not None:
+                            return mapped
                 if h:
                     self._plan_from(h - 1, offset, end, plan)
             else:
@@ -560,14 +564,20 @@ class Chain:
             h = self._holders(gi >> REGION_BITS)[gi & mask]
             if h:
                 self._map_one(h - 1, gi * g)
+            else:
+                self.read_map.set(gi * g, None)
 
     def _map_one(self, level: int, start: int) -> tuple[Layer, int] | None:
         """The layer and host offset of the granule at ``start`` if ``layers[level]``
-        (its holder) shows it as one data extent, now in the read map; else None."""
+        (its holder) shows it as one data extent, now in the read map; else None (if it
+        shows zeros alone, it is in the map as zeros)."""
         assert self.read_map is not None
         end = min(start + self.granule, self.size)
         whole: Plan = []
         self._plan_from(level, start, end, whole)
+        if not whole:  # zero clusters, a layer's end: zeros
+            self.read_map.set(start, None)
+            return None
         if len(whole) != 1:
             return None
         layer, ext = whole[0]

@@ -7,8 +7,9 @@ from them, in its C callback, without a coroutine or any of chainfs's code.  Eve
 else reaches ``Operations.read`` as before.
 
 The flat file's extents are the chain's granules.  The chain fills its map from its
-read path (``Chain.read``: a granule whose holder shows it as one data extent, after it
-planned it under its lock) and clears it wherever what a granule shows may stop being
+read path (``Chain.read``: a granule whose holder shows it as one data extent, or that
+reads as zeros — a hole of the whole chain, zero clusters — after it planned it under
+its lock) and clears it wherever what a granule shows may stop being
 those host bytes: the claim of a guest write (copy-on-write or allocation), a discard, a
 failed write, every step of a job, every change of the chain's shape, and before any of
 its file descriptors is closed (their numbers get reused).  ``Disk`` drops the map when
@@ -50,7 +51,8 @@ class ReadMap:
         """Empty, for a disk of ``size`` bytes in granules of ``granule``."""
         pyfuse3.read_map_create(self.inode, size, granule)
 
-    def set(self, offset: int, fd: int, host: int) -> None:
+    def set(self, offset: int, fd: int | None, host: int = 0) -> None:
+        """The granule at ``offset`` shows ``fd``'s bytes from ``host`` (None: zeros)."""
         pyfuse3.read_map_set(self.inode, offset, fd, host)
 
     def clear(self, offset: int = 0, length: int | None = None) -> None:

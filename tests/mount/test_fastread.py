@@ -1,12 +1,13 @@
 """Reads pyfuse3 answers from the flat file's read map (``chainfs/fastread.py``).
 
-Data clusters are read twice with O_DIRECT (the first read fills the map, the second
-is answered by pyfuse3 alone); then something changes what they show or where it lies
-on the host — guest writes that copy on write, discard, stream, commit and its pivot, a
-snapshot opening new files after layers were closed — and every cluster must read the
-model's content again: a map that was not cleared would answer from a host cluster
-that moved or was freed, or from a closed file descriptor whose number was reused.  The
-server's log at unmount says how many reads the map answered; it must be many.
+Clusters of data and of zeros are read twice with O_DIRECT (the first read fills the
+map, the second is answered by pyfuse3 alone); then something changes what they show or
+where it lies on the host — guest writes that copy on write or allocate, discard,
+stream, commit and its pivot, a snapshot opening new files after layers were closed —
+and every cluster must read the model's content again: a map that was not cleared would
+answer from a host cluster that moved or was freed, from a closed file descriptor whose
+number was reused, or with zeros where data now is.  The server's log at unmount says
+how many reads the map answered; it must be many.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ PAGE = 4 * KiB
 CLUSTER = 64 * KiB
 
 
-def _data_clusters(content: bytes, limit: int = 64) -> list[int]:
-    """Offsets of clusters whose first page is not all zeros."""
-    found = [
-        off for off in range(0, len(content), CLUSTER) if content[off : off + PAGE].count(0) != PAGE
-    ]
-    assert len(found) >= 8
-    return found[:: max(1, len(found) // limit)]
+def _clusters(content: bytes, limit: int = 48) -> list[int]:
+    """Offsets of clusters whose first page holds data, and of as many that read as
+    zeros (holes of the whole chain, zero clusters), mixed."""
+    data, zeros = [], []
+    for off in range(0, len(content), CLUSTER):
+        (zeros if content[off : off + PAGE].count(0) == PAGE else data).append(off)
+    assert len(data) >= 8 and len(zeros) >= 8
+    data = data[:: max(1, len(data) // limit)]
+    zeros = zeros[:: max(1, len(zeros) // limit)][: len(data)]
+    return sorted(data + zeros)
 
 
 def _read_pages(img: Path, offsets: list[int]) -> dict[int, bytes]:
@@ -86,9 +90,9 @@ def _warm(m: Mount, offsets: list[int], model: bytes | bytearray) -> None:
 
 def test_read_map_answers_reads(mounter: Mounter, seeds: Seeds, tmp_path: Path) -> None:
     """A read-only mount (as the benchmark's) and a read-write one: the second reads of
-    data clusters are answered by pyfuse3, with the right bytes."""
+    data clusters and holes are answered by pyfuse3, with the right bytes."""
     seed = seeds(tmp_path / "src")
-    offsets = _data_clusters(seed.content)
+    offsets = _clusters(seed.content)
     for options in (("ro",), ()):
         m = mounter(tmp_path / "src", *options)
         _warm(m, offsets, seed.content)
@@ -143,7 +147,7 @@ def test_read_after_change(
 ) -> None:
     seed = seeds(tmp_path / "src")
     model = bytearray(seed.content)
-    offsets = _data_clusters(seed.content)
+    offsets = _clusters(seed.content)
     m = mounter(tmp_path / "src")
     _warm(m, offsets, model)
     change(m, offsets, model)
