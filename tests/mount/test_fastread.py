@@ -31,7 +31,8 @@ CLUSTER = 64 * KiB
 def _clusters(content: bytes, limit: int = 48) -> list[int]:
     """Offsets of clusters whose first page holds data, and of as many that read as
     zeros (holes of the whole chain, zero clusters), mixed."""
-    data, zeros = [], []
+    data: list[int] = []
+    zeros: list[int] = []
     for off in range(0, len(content), CLUSTER):
         (zeros if content[off : off + PAGE].count(0) == PAGE else data).append(off)
     assert len(data) >= 8 and len(zeros) >= 8
