@@ -163,6 +163,20 @@ class WriteHook(Protocol):
         has not been answered yet."""
 
 
+class ReadMap(Protocol):
+    """Where pyfuse3 answers the flat file's reads itself (``fastread.ReadMap``): per
+    granule, unmapped, zeros (fd None) or a range of a host file descriptor.  Filled by
+    ``read``; cleared (under the lock, on the thread that serves requests) wherever a
+    granule may stop showing what the map says, and before a descriptor it names is
+    closed."""
+
+    def take(self, chain: Chain) -> None: ...
+    def reset(self, size: int, granule: int) -> None: ...
+    def set(self, offset: int, fd: int | None, host: int = 0) -> None: ...
+    def clear(self, offset: int = 0, length: int | None = None) -> None: ...
+    def release(self) -> None: ...
+
+
 class Chain:
     """An open chain, active layer first."""
 
@@ -200,6 +214,8 @@ class Chain:
         # called with each layer ``reopen`` opens writable (a mount taking a chain after
         # an unclean stop repairs the leaks of what a resumed job writes: ``leaks``)
         self.on_writable: Callable[[Layer], None] | None = None
+        # the flat file's reads pyfuse3 answers without chainfs (``attach_read_map``)
+        self.read_map: ReadMap | None = None
         self._reset_granule()
 
     @classmethod
@@ -310,6 +326,42 @@ class Chain:
         self.engine.forget()
         self.allocation_stale = True
         self._shape += 1
+        if self.read_map is not None:
+            self.read_map.reset(self.size, self.granule)
+
+    def attach_read_map(self, read_map: ReadMap) -> None:
+        """Let pyfuse3 answer the flat file's reads of data clusters from ``read_map``,
+        which this chain fills (``read``) and clears (``unmap``) from now on."""
+        with self.lock:
+            if self._closed:
+                return
+            read_map.take(self)
+            self.read_map = read_map
+            read_map.reset(self.size, self.granule)
+
+    def release_read_map(self) -> None:
+        """Every read of the flat file through chainfs again (a suspended or lost
+        ownership, a close)."""
+        with self.lock:
+            self._release_read_map()
+
+    def _release_read_map(self) -> None:
+        if self.read_map is not None:
+            self.read_map.release()
+        self.read_map = None
+
+    def unmap(self, offset: int, length: int) -> None:
+        """The granules of ``[offset, offset+length)`` may stop showing the host bytes
+        the read map names (the caller holds the lock): pyfuse3 no longer answers them."""
+        if self.read_map is not None and length > 0:
+            self.read_map.clear(offset, length)
+
+    def _unmap_clusters(self, offset: int, length: int) -> None:
+        """``unmap`` of the active layer's whole clusters around a range."""
+        if self.read_map is not None:
+            cs = self.active.cluster_size
+            a = offset - offset % cs
+            self.read_map.clear(a, -(-(offset + length) // cs) * cs - a)
 
     # -- the "who holds it" map ----------------------------------------------------------
 
@@ -364,6 +416,7 @@ class Chain:
         cs, g = self.active.cluster_size, self.granule
         a = offset // cs * cs
         b = min(-(-(offset + length) // cs) * cs, self.size)
+        self.unmap(a, b - a)
         ga, gb = a // g, -(-b // g)
         while ga < gb:
             r = ga >> REGION_BITS
@@ -463,10 +516,19 @@ class Chain:
                 gi = offset // g
                 h = self._holders(gi >> REGION_BITS, level)[gi & ((1 << REGION_BITS) - 1)]
                 plan: Plan = []
+                if not level and self.read_map is not None:
+                    if not h:
+                        self.read_map.set(gi * g, None)  # a hole of the whole chain
+                    else:
+                        mapped = self._map_granule(h - 1, gi * g, offset, n)
+                        if mapped is not None:
+                            return mapped
                 if h:
                     self._plan_from(h - 1, offset, end, plan)
             else:
                 plan = self._plan(offset, end, level)
+                if not level and self.read_map is not None:
+                    self._map_granules(offset, end)
         if not plan:
             return bytes(n)  # calloc'ed: the kernel hands out zero pages, nothing to fill
         if len(plan) == 1 and plan[0][1].kind == DATA and plan[0][1].length == n:
@@ -476,6 +538,53 @@ class Chain:
         buf = bytearray(n)
         self._execute(plan, offset, memoryview(buf))
         return buf
+
+    def _map_granule(self, level: int, start: int, offset: int, n: int) -> bytes | None:
+        """A read of ``n`` bytes at ``offset`` within the granule at ``start``, which
+        ``layers[level]`` answers for (the caller holds the lock): where that granule
+        shows one data extent of a layer, it goes into the read map (later reads of it
+        are pyfuse3's) and its bytes are read here; else None (read it as usual)."""
+        found = self._map_one(level, start)
+        if found is None:
+            return None
+        layer, host = found
+        data = layer.file.pread(n, host + offset - start)
+        return data if len(data) == n else data + bytes(n - len(data))
+
+    def _map_granules(self, offset: int, end: int) -> None:
+        """Put the granules of ``[offset, end)`` that show one data extent of a layer
+        into the read map (a read over more than one granule; the caller holds the
+        lock), up to the 64 a read pyfuse3 answers may span."""
+        assert self.read_map is not None
+        g, mask = self.granule, (1 << REGION_BITS) - 1
+        first, last = offset // g, (end - 1) // g
+        if last - first >= 64:
+            return
+        for gi in range(first, last + 1):
+            h = self._holders(gi >> REGION_BITS)[gi & mask]
+            if h:
+                self._map_one(h - 1, gi * g)
+            else:
+                self.read_map.set(gi * g, None)
+
+    def _map_one(self, level: int, start: int) -> tuple[Layer, int] | None:
+        """The layer and host offset of the granule at ``start`` if ``layers[level]``
+        (its holder) shows it as one data extent, now in the read map; else None (if it
+        shows zeros alone, it is in the map as zeros)."""
+        assert self.read_map is not None
+        end = min(start + self.granule, self.size)
+        whole: Plan = []
+        self._plan_from(level, start, end, whole)
+        if not whole:  # zero clusters, a layer's end: zeros
+            self.read_map.set(start, None)
+            return None
+        if len(whole) != 1:
+            return None
+        layer, ext = whole[0]
+        if ext.kind != DATA or ext.offset != start or ext.length != end - start:
+            return None
+        self.read_map.set(start, layer.file.fd, ext.host)
+        return layer, ext.host
 
     def _fill(self, offset: int, length: int) -> Buffer:
         """The content below the active layer (called under the lock, for COW), planned
@@ -539,7 +648,12 @@ class Chain:
             for hook in self.write_hooks:
                 hook.before_write(offset, length)
             self.active.mark_dirty(offset, length)
-            if apply() is not False and claim:
+            try:
+                changed = apply()
+            except BaseException:
+                self._unmap_clusters(offset, length)  # part of it may have changed
+                raise
+            if changed is not False and claim:
                 self.claim(offset, length)
             self.allocation_stale = True
             for hook in self.write_hooks:
@@ -566,6 +680,7 @@ class Chain:
             count = -(-(offset + length - first) // cs)
             below = b"\x01" * count if self.write_hooks else self._data_below(first, count, cs)
             active.discard(offset, length, self._fill, below)
+            self._unmap_clusters(offset, length)
             self._forget_regions(offset, length)
 
         self._guest_write(offset, length, apply, claim=False)
@@ -819,6 +934,7 @@ class Chain:
                 return old
             if old.writable:
                 old.flush()  # a failure leaves the layer as it was, open and usable
+            self.unmap(0, self.size)  # before its descriptor is closed (numbers get reused)
             old.close()
             new = self._open(old.path, old.format_name, writable=writable)
             self.layers[index] = new
@@ -845,6 +961,7 @@ class Chain:
                 # the overlay takes over the enabled bitmaps (README, "Dirty bitmaps")
                 bitmaps.carry_to_overlay(old, new)
                 old.flush()  # a failure leaves the old layer as it was, open and active
+                self.unmap(0, self.size)  # before its descriptor is closed
                 old.close()
                 ro = self._open(old.path, old.format_name, writable=False)
             except BaseException:
@@ -1001,6 +1118,7 @@ class Chain:
         """Flush, mark clean and close every layer."""
         with self.lock:
             self._closed = True
+            self._release_read_map()
             _close_all(self.layers)
 
 

@@ -270,6 +270,7 @@ class Disk(Watched):
         if self.suspended is not None or self.fenced is not None or not self.owned:
             return
         self.suspended = reason
+        self.chain.release_read_map()  # until resumed, every read through chainfs
         self.shown_changed()
         log.warning("ownership of %s suspended: %s", self.name, reason)
         self.emit("OWNERSHIP_SUSPENDED", reason=reason)
@@ -300,6 +301,7 @@ class Disk(Watched):
             return
         self.fenced = reason
         self.suspended = None
+        self.chain.release_read_map()  # another host may write the layers from now on
         self.shown_changed()
         self._release_job()  # a job held by a suspension goes on to stop
         ownership = self.source.owned.get(self.name)

@@ -35,6 +35,7 @@ class Chain(Protocol):
     lock: threading.Lock
 
     def claim(self, offset: int, length: int) -> None: ...
+    def unmap(self, offset: int, length: int) -> None: ...
     def read_below(self, level: int, offset: int, length: int) -> bytearray: ...
     def read_below_into(self, level: int, offset: int, buf: memoryview) -> None: ...
     def held_map_locked(self, top: int, stop: int, start: int, count: int) -> bytes: ...
@@ -80,6 +81,8 @@ class CopyEngine:
             first = offset - offset % cs
             if first >= end:
                 return 0
+            # what a step writes may move clusters the flat file's read map names
+            self.chain.unmap(first, end - first)
 
             def fill(o: int, n: int) -> Buffer:
                 return self.chain.read_below(node, o, n)
@@ -236,6 +239,7 @@ class CopyEngine:
             return 0
         first = offset - offset % tcs
         last = min(-(-end // tcs) * tcs, target.virtual_size)
+        self.chain.unmap(first, last - first)  # (as stream_step)
         runs = self._held_runs(top, stop, first, last, tcs)
 
         def fill(o: int, n: int) -> Buffer:

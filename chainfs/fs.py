@@ -42,7 +42,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 
-from . import features
+from . import fastread, features
 from .chain import Chain
 from .control import COMMANDS, CommandError, format_line
 from .disk import Disk, Writer
@@ -161,6 +161,16 @@ class StatusReader:
         self.changes = changes  # ``Operations._status_changes`` at the open
 
 
+def _unshared(disk: Disk) -> bool:
+    """Whether nobody but this mount may change the chain's layers now, so that pyfuse3
+    may answer reads of its flat file from the host clusters it last saw (``fastread``):
+    owned here and neither suspended nor fenced, or served read-only under QEMU's
+    locks."""
+    if disk.fenced is not None or disk.suspended is not None:
+        return False
+    return disk.owned or disk.chain.locked
+
+
 class Operations(pyfuse3.Operations):
     """pyfuse3 operations for one mount."""
 
@@ -177,6 +187,7 @@ class Operations(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self.started_ns = time.time_ns()
         self.handles: dict[int, Handle] = {}
+        self._read_maps: dict[int, fastread.ReadMap] = {}  # by a flat file's inode
         self._next_fh = 1
         # lookups: a disk's place in ``disks`` (its inode blocks) and each fixed
         # directory's entries, listed and by name, so that no request walks the disks.
@@ -633,8 +644,12 @@ class Operations(pyfuse3.Operations):
             assert h.disk is not None
             return cast(bytes, h.disk.views.read(h.view, off, size))
         if h.flat is not None:
-            if h.disk is not None and h.flat is not h.disk.chain:
-                h.flat = h.disk.chain  # reopened by a hand-over
+            disk = h.disk
+            if disk is not None:
+                if h.flat is not disk.chain:
+                    h.flat = disk.chain  # reopened by a hand-over
+                if h.flat.read_map is None and fastread.AVAILABLE and _unshared(disk):
+                    h.flat.attach_read_map(self._read_map(h.inode))
             # pyfuse3 takes any contiguous buffer; a bytearray saves a copy
             return cast(bytes, h.flat.read(off, size))
         if h.status is not None:
@@ -644,6 +659,13 @@ class Operations(pyfuse3.Operations):
         assert h.disk is not None
         # events: live, append-only, so ``tail -f`` follows it
         return h.disk.events.read(off, size)
+
+    def _read_map(self, inode: int) -> fastread.ReadMap:
+        """The read map of a flat file's inode (``fastread``), one per inode."""
+        found = self._read_maps.get(inode)
+        if found is None:
+            found = self._read_maps[inode] = fastread.ReadMap(inode)
+        return found
 
     @translate_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -25,6 +25,8 @@ class FakeChain:
     confine: Any = None
     reads: list[tuple[int, int, int]] = field(default_factory=list)
     writes: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
+    locked: bool = False
+    read_map: Any = None  # what ``attach_read_map`` was given (nothing calls pyfuse3)
 
     @property
     def active(self) -> FakeLayer:
@@ -48,3 +50,9 @@ class FakeChain:
 
     def write(self, offset: int, data: memoryview) -> None:
         self.writes.append((offset, len(data)))
+
+    def attach_read_map(self, read_map: Any) -> None:
+        self.read_map = read_map
+
+    def release_read_map(self) -> None:
+        self.read_map = None

@@ -79,7 +79,11 @@ def test_the_pinned_patches_are_ones_the_applier_reads(tmp_path: Path) -> None:
     # only changes to existing files, parsed to the end: what stops each here is the
     # missing pyfuse3 tree, at its first file
     b = backend()
-    assert [p.name for p in b.PATCHES] == ["lseek-fallocate.patch", "nonblocking-receive.patch"]
+    assert [p.name for p in b.PATCHES] == [
+        "lseek-fallocate.patch",
+        "nonblocking-receive.patch",
+        "read-map.patch",
+    ]
     for patch in b.PATCHES:
         with pytest.raises(FileNotFoundError, match=r"Changes\.rst"):
             b.apply_patch(patch.read_text(), tmp_path)
