@@ -589,7 +589,9 @@ def load_legacy(directory: str) -> list[Pending]:
     """The jobs the journal of earlier versions (one for all chains) holds."""
     path = os.path.join(directory, LEGACY_JOURNAL_NAME)
     try:
-        data = read_meta(path)
+        # the source directory may be named through a symlink (the user's); the
+        # journal in it never is
+        data = read_meta(os.path.join(os.path.realpath(directory), LEGACY_JOURNAL_NAME))
     except FileNotFoundError:
         return []
     except OSError as e:
