@@ -285,11 +285,17 @@ def _repair_leaks(disk: Disk, ownership: Ownership) -> None:
     log.info("chain=%s its previous owner did not release it: checking for leaks", name)
     done = leaks.repair_writable(name, disk.chain.layers, disk.emit)
     ownership.unclean = False  # (a chain given up unchecked leaves it to the next owner)
+    _repair_reopened(disk, done)
+
+
+def _repair_reopened(disk: Disk, done: set[str]) -> None:
+    """Repair the leaks of each layer of ``disk`` a resumed job reopens writable (once;
+    ``done``: the layers checked already)."""
 
     def reopened(layer: Layer) -> None:
         if layer.path not in done:
             done.add(layer.path)
-            leaks.repair_layer(name, layer, disk.emit)
+            leaks.repair_layer(disk.name, layer, disk.emit)
 
     disk.chain.on_writable = reopened
 
@@ -351,8 +357,7 @@ async def _serve(
     try:
         if opts.adopt and not opts.readonly:
             directory = _directory_of(source_path)
-            for name in opts.adopt:
-                owned[name] = await wait_for_owner(directory, name, opts.adopt_timeout)
+            await wait_for_owners(directory, opts.adopt, opts.adopt_timeout, owned)
         src, recovery = recover(
             source_path,
             readonly=opts.readonly,
@@ -405,7 +410,7 @@ async def _serve(
         nursery.start_soon(_watch_signals)
         nursery.start_soon(_write_back, disks)
         nursery.start_soon(counter.run)
-        nursery.start_soon(_follow_owners, disks, ops.forget_cache)
+        nursery.start_soon(_follow_owners, disks, ops.forget_cache, hosts.adopting)
         if not opts.readonly:
             nursery.start_soon(_heartbeat, disks, src, opts.lease)
         # one worker task: every handler runs to its end without waiting (the engine is
@@ -532,6 +537,33 @@ def own_chain(src: sources.Source, name: str) -> None:
         log.info("chain=%s served read-only: owned by %s", name, e.holder)
 
 
+POLL = 0.2  # seconds between two tries of a lock held by another owner
+
+
+async def wait_for_owners(
+    directory: str, chains: list[str], seconds: float, owned: dict[str, Ownership]
+) -> None:
+    """Take the locks of every chain of ``chains`` into ``owned``, their waits side by
+    side (the tenth chain does not wait for the nine before it); the first chain (in
+    the order given) whose wait fails raises its error, the others waited to their end
+    (the caller releases what ``owned`` holds)."""
+    failed: dict[str, ChainfsError] = {}
+
+    async def one(name: str) -> None:
+        try:
+            owned[name] = await wait_for_owner(directory, name, seconds)
+        except ChainfsError as e:
+            failed[name] = e
+
+    names = list(dict.fromkeys(chains))
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            nursery.start_soon(one, name)
+    for name in names:
+        if name in failed:
+            raise failed[name]
+
+
 async def wait_for_owner(
     directory: str,
     chain: str,
@@ -558,7 +590,9 @@ async def wait_for_owner(
                 log.info("chain=%s %s", chain, message)
                 if progress is not None:
                     progress(message)
-        await trio.sleep(0.2)
+        # every waiter tries again at the same instants: the locks a dead owner held
+        # all go at once, and the chains it held are then taken over side by side
+        await trio.sleep_until(math.floor(trio.current_time() / POLL + 1) * POLL)
 
 
 class Hosts:
@@ -613,14 +647,15 @@ class Hosts:
             return None
         timeout = cmd.timeout if cmd.timeout is not None else self.opts.adopt_timeout
         self.adopting.add(disk.name)
+        shown = len(disk.events)  # (what the chain's events show from here on is kept)
         disk.emit("ADOPT_STARTED", timeout=int(timeout))
-        self.nursery.start_soon(self._adopt, disk, timeout)
+        self.nursery.start_soon(self._adopt, disk, timeout, shown)
         return None
 
-    async def _adopt(self, disk: Disk, seconds: float) -> None:
+    async def _adopt(self, disk: Disk, seconds: float, shown: int) -> None:
         try:
             ownership = await wait_for_owner(self.src.directory, disk.name, seconds)
-            self.take(disk, ownership, "adopt")
+            await self.take_async(disk, ownership, "adopt", shown)
         except ChainfsError as e:
             log.warning("chain=%s adopt failed: %s", disk.name, e)
             disk.emit("ADOPT_FAILED", reason=str(e))
@@ -629,62 +664,42 @@ class Hosts:
 
     def take(self, disk: Disk, ownership: Ownership, how: str) -> None:
         """Serve ``disk`` read-write under ``ownership`` (just taken): recover its
-        journal, reopen every layer (no stale cache), resume its jobs."""
-        src, name = self.src, disk.name
-        readers = not disk.chain.locked  # (its reader locks would refuse a commit's base)
-        if readers:
-            unlock_readers(disk.chain)
+        journal, reopen every layer (no stale cache), resume its jobs -- all of it on
+        the event loop (``activate``: its owner let it go cleanly, nothing to repair)."""
+        taking = _Taking(self, disk, ownership, how)
         try:
-            src.owned[name] = ownership
-            src._reload(name)  # the record as its last owner left it
-            journal = Journal.load(src.directory, name, ownership=ownership)
-            rec = Recovery(journals={name: journal})
-            if journal.pending():  # what its records may name: the chain as it is now
-                scanned = sources.load(src.path)
-                recorded = src.recorded.get(name)
-                opts = self.opts
-                bounds = Bounds.of(scanned, name, recorded, opts.allow_dirs, opts.allow_backing)
-                recover_chain(src, name, journal, rec, bounds)
-            spec = src.spec(name)
-            if spec is None:  # no record to go by: the source as a mount finds it
-                fresh = sources.load(src.path, src.owned)
-                spec = next((c for c in fresh.chains if c.name == name), None)
-            if spec is None:
-                raise ChainfsError(f"chain {name!r} is no longer found in {src.path!r}")
-            src.recorded[name] = spec.active
-            src.save([name])
-            confine = Confinement.of([*spec.homes, *self.opts.allow_dirs, *self.opts.allow_backing])
-            chain = Chain.open(spec.active, writable=True, lock=True, confine=confine)
+            taking.recover(sources.load(self.src.path) if taking.pending else None)
+            taking.open(taking.opener()())
+            taking.repair()
         except BaseException:
-            src.owned.pop(name, None)
-            ownership.release()
-            if readers and disk.handles:
-                lock_readers(name, disk.chain)
+            taking.undo()
             raise
-        old = disk.chain
-        chain.confine = confine.widened(
-            [os.path.dirname(spec.active)] + ([src.directory] if os.path.isdir(src.path) else [])
-        )
-        disk.chain = chain
-        disk.readers.add(disk)  # (its layers as this host finds them now)
-        old.close()
-        disk.events.close()
-        history = EventLog.open(src.directory, name, writable=True)
-        disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
-        disk.owned, disk.holder, disk.journal = True, None, journal
-        if ownership.unclean:
-            _repair_leaks(disk, ownership)
-        disk.suspended = disk.seen = disk.unstable = disk.elsewhere = None
-        disk.shown_changed()
-        disk.fencing = bool(self.opts.shared)
-        self.recovery.journals[name] = journal
-        disk.touch()
-        # what another host wrote meanwhile; in a thread: the kernel may call back
-        self.nursery.start_soon(trio.to_thread.run_sync, self.forget_cache, disk)
-        log.info("chain=%s served read-write (%s)", name, how)
-        disk.emit("OWNERSHIP_TAKEN", how=how)
-        serve_refused([disk], rec)
-        resume_jobs([disk], rec)
+        taking.serve()
+
+    async def take_async(
+        self, disk: Disk, ownership: Ownership, how: str, shown: int | None = None
+    ) -> None:
+        """``take`` for ``adopt``: what only reads or writes this chain's own files --
+        the scan of the source for the journal's bounds, the opening of its layers, the
+        leak repair after an unclean stop -- runs in worker threads, so that the guest's
+        requests to other chains and other chains' take-overs go on meanwhile.  The
+        chain stays served read-only, as it was, until its repair has ended: nothing
+        writes its layers before.  ``shown``: where the events the chain showed
+        read-only since the adopt began (kept in memory only) start: they are written
+        to its history, which the events file shows from now on (``chainfs adopt``
+        follows that file from where it was)."""
+        taking = _Taking(self, disk, ownership, how, shown)
+        try:
+            scanned = None
+            if taking.pending:
+                scanned = await trio.to_thread.run_sync(sources.load, self.src.path)
+            taking.recover(scanned)
+            taking.open(await trio.to_thread.run_sync(taking.opener()))
+            await trio.to_thread.run_sync(taking.repair)
+        except BaseException:
+            taking.undo()
+            raise
+        taking.serve()
 
     def inactivate(self, disk: Disk) -> Waiting | None:
         """Give the chain up for another mount to ``activate``.  A running stream,
@@ -753,6 +768,122 @@ class Hosts:
         self.recovery.journals.pop(name, None)
         self.src.disown(name)
         log.info("chain=%s inactivated: served read-only, its locks released", name)
+
+
+class _Taking:
+    """One chain's take-over (``Hosts.take``), step by step: ``recover`` its journal
+    (on the event loop: it changes the source's records), ``open`` its layers writable
+    and ``repair`` their leaks (neither touches anything but this chain's files: a
+    worker thread may run them), then ``serve`` it read-write -- or ``undo`` it all."""
+
+    def __init__(
+        self, hosts: Hosts, disk: Disk, ownership: Ownership, how: str, shown: int | None = None
+    ) -> None:
+        self.hosts, self.disk, self.ownership, self.how = hosts, disk, ownership, how
+        self.shown = shown
+        self.src, self.name = hosts.src, disk.name
+        self.chain: Chain | None = None
+        self.repaired: list[tuple[str, int]] = []  # (layer, clusters): emitted at serve
+        self.checked: set[str] = set()
+        log.info("chain=%s taking over (%s)", self.name, how)
+        # (its reader locks would refuse a commit's base)
+        self.readers = not disk.chain.locked
+        if self.readers:
+            unlock_readers(disk.chain)
+        self.src.owned[self.name] = ownership
+        try:
+            self.src._reload(self.name)  # the record as its last owner left it
+            self.journal = Journal.load(self.src.directory, self.name, ownership=ownership)
+        except BaseException:
+            self.undo()
+            raise
+        self.rec = Recovery(journals={self.name: self.journal})
+        self.pending = bool(self.journal.pending())
+
+    def recover(self, scanned: sources.Source | None) -> None:
+        """Run the journal (``scanned``: the source as it is now, what its records may
+        name), and record the chain as it then is."""
+        src, name, opts = self.src, self.name, self.hosts.opts
+        if scanned is not None:
+            recorded = src.recorded.get(name)
+            bounds = Bounds.of(scanned, name, recorded, opts.allow_dirs, opts.allow_backing)
+            recover_chain(src, name, self.journal, self.rec, bounds)
+        spec = src.spec(name)
+        if spec is None:  # no record to go by: the source as a mount finds it
+            fresh = sources.load(src.path, src.owned)
+            spec = next((c for c in fresh.chains if c.name == name), None)
+        if spec is None:
+            raise ChainfsError(f"chain {name!r} is no longer found in {src.path!r}")
+        src.recorded[name] = spec.active
+        src.save([name])
+        self.spec = spec
+        self.confine = Confinement.of([*spec.homes, *opts.allow_dirs, *opts.allow_backing])
+
+    def opener(self) -> Callable[[], Chain]:
+        return functools.partial(
+            Chain.open, self.spec.active, writable=True, lock=True, confine=self.confine
+        )
+
+    def open(self, chain: Chain) -> None:
+        self.chain = chain
+
+    def repair(self) -> None:
+        """The previous owner stopped uncleanly: repair the leaks of every layer open
+        writable (``leaks``), before anything is served or resumed on them."""
+        assert self.chain is not None
+        if not self.ownership.unclean:
+            return
+        log.info("chain=%s its previous owner did not release it: checking for leaks", self.name)
+
+        def emit(event: str, *, layer: str, clusters: int) -> None:
+            self.repaired.append((layer, clusters))
+
+        self.checked = leaks.repair_writable(self.name, self.chain.layers, emit)
+
+    def undo(self) -> None:
+        if self.chain is not None:
+            _close_unserved(self.chain, self.name)
+        self.src.owned.pop(self.name, None)
+        self.ownership.release()
+        if self.readers and self.disk.handles:
+            lock_readers(self.name, self.disk.chain)
+
+    def serve(self) -> None:
+        hosts, src, disk, name, chain = self.hosts, self.src, self.disk, self.name, self.chain
+        assert chain is not None
+        chain.confine = self.confine.widened(
+            [os.path.dirname(self.spec.active)]
+            + ([src.directory] if os.path.isdir(src.path) else [])
+        )
+        old = disk.chain
+        disk.chain = chain
+        disk.readers.add(disk)  # (its layers as this host finds them now)
+        old.close()
+        since = b""
+        if self.shown is not None:
+            since = disk.events.read(self.shown, len(disk.events) - self.shown)
+        disk.events.close()
+        history = EventLog.open(src.directory, name, writable=True)
+        for line in since.decode(errors="replace").splitlines():
+            history.append(line)
+        disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
+        disk.owned, disk.holder, disk.journal = True, None, self.journal
+        if self.ownership.unclean:
+            for layer, clusters in self.repaired:
+                disk.emit("LEAKS_REPAIRED", layer=layer, clusters=clusters)
+            _repair_reopened(disk, self.checked)
+            self.ownership.unclean = False  # (a chain given up unchecked leaves it to the next)
+        disk.suspended = disk.seen = disk.unstable = disk.elsewhere = None
+        disk.shown_changed()
+        disk.fencing = bool(hosts.opts.shared)
+        hosts.recovery.journals[name] = self.journal
+        disk.touch()
+        # what another host wrote meanwhile; in a thread: the kernel may call back
+        hosts.nursery.start_soon(trio.to_thread.run_sync, hosts.forget_cache, disk)
+        log.info("chain=%s served read-write (%s)", name, self.how)
+        disk.emit("OWNERSHIP_TAKEN", how=self.how)
+        serve_refused([disk], self.rec)
+        resume_jobs([disk], self.rec)
 
 
 # the jobs that travel with a hand-over, resumed by the next owner from the journal: a
@@ -833,13 +964,15 @@ async def _beat(disk: Disk, ownership: Ownership, lease: float, beating: set[str
         disk.suspend(reason)
 
 
-async def _follow_owners(disks: list[Disk], forget_cache: Callable[[Disk], None]) -> None:
+async def _follow_owners(
+    disks: list[Disk], forget_cache: Callable[[Disk], None], adopting: set[str]
+) -> None:
     """Every few seconds, revalidate each chain served read-only, unlocked, for another
-    host's writes (``follow_owner``)."""
+    host's writes (``follow_owner``); not one being taken over (``adopting``)."""
     while True:
         await trio.sleep(HEARTBEAT_INTERVAL)
         for disk in list(disks):
-            if not disk.owned and not disk.chain.locked:
+            if not disk.owned and not disk.chain.locked and disk.name not in adopting:
                 await follow_owner(disk, forget_cache)
 
 
