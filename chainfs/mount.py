@@ -782,7 +782,7 @@ class _Taking:
         self.hosts, self.disk, self.ownership, self.how = hosts, disk, ownership, how
         self.shown = shown
         self.src, self.name = hosts.src, disk.name
-        self.chain: Chain | None = None
+        self.fresh: Chain | None = None  # its layers opened writable
         self.repaired: list[tuple[str, int]] = []  # (layer, clusters): emitted at serve
         self.checked: set[str] = set()
         log.info("chain=%s taking over (%s)", self.name, how)
@@ -825,12 +825,12 @@ class _Taking:
         )
 
     def open(self, chain: Chain) -> None:
-        self.chain = chain
+        self.fresh = chain
 
     def repair(self) -> None:
         """The previous owner stopped uncleanly: repair the leaks of every layer open
         writable (``leaks``), before anything is served or resumed on them."""
-        assert self.chain is not None
+        assert self.fresh is not None
         if not self.ownership.unclean:
             return
         log.info("chain=%s its previous owner did not release it: checking for leaks", self.name)
@@ -838,18 +838,18 @@ class _Taking:
         def emit(event: str, *, layer: str, clusters: int) -> None:
             self.repaired.append((layer, clusters))
 
-        self.checked = leaks.repair_writable(self.name, self.chain.layers, emit)
+        self.checked = leaks.repair_writable(self.name, self.fresh.layers, emit)
 
     def undo(self) -> None:
-        if self.chain is not None:
-            _close_unserved(self.chain, self.name)
+        if self.fresh is not None:
+            _close_unserved(self.fresh, self.name)
         self.src.owned.pop(self.name, None)
         self.ownership.release()
         if self.readers and self.disk.handles:
             lock_readers(self.name, self.disk.chain)
 
     def serve(self) -> None:
-        hosts, src, disk, name, chain = self.hosts, self.src, self.disk, self.name, self.chain
+        hosts, src, disk, name, chain = self.hosts, self.src, self.disk, self.name, self.fresh
         assert chain is not None
         chain.confine = self.confine.widened(
             [os.path.dirname(self.spec.active)]

@@ -1,6 +1,6 @@
 """Adopting many chains at once: ``adopt`` written for ten chains whose owner is in the
 middle of a rate-limited commit on each, then that owner killed (kill -9): the ten
-take-overs run side by side, not one after another (the server log's "taking over" and
+take-overs run side by side, not one after another (the server log's "owned: mount=" and
 "served read-write" lines: a chain's take-over starts before another's ends); each
 commit ends exact on the adopting mount, every layer clean."""
 
@@ -22,7 +22,8 @@ MiB = 1 << 20
 SIZE = 16 * MiB
 PREFIXES = [f"c{i}" for i in range(10)]
 
-_LINE = re.compile(r"^(\S+ \S+) INFO chainfs\.\S+: chain=(\S+) (taking over|served read-write)")
+# a take-over starts with the owner lock taken ("owned: mount=...") and ends served
+_LINE = re.compile(r"^(\S+ \S+) INFO chainfs\.\S+: chain=(\S+) (owned: mount=|served read-write)")
 
 
 def take_overs(m: Mount) -> dict[str, tuple[datetime, datetime]]:
@@ -34,7 +35,7 @@ def take_overs(m: Mount) -> dict[str, tuple[datetime, datetime]]:
         if found is None:
             continue
         when = datetime.strptime(found[1], "%Y-%m-%d %H:%M:%S,%f")
-        if found[3] == "taking over":
+        if found[3] != "served read-write":
             start[found[2]] = when
         elif found[2] in start:
             spans[found[2]] = (start[found[2]], when)

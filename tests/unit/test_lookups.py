@@ -537,7 +537,7 @@ def test_every_set_of_a_shown_field_says_so() -> None:
     sets = list(shown_sets())
     assert {(m, f) for m, f, _, _ in sets} >= {
         ("chainfs.disk", "fence"),
-        ("chainfs.mount", "take"),
+        ("chainfs.mount", "serve"),  # (a take-over, ``_Taking``)
     }
     assert [s for s in sets if not s[3]] == []
 
