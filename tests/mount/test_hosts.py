@@ -344,6 +344,12 @@ def test_a_backup_does_not_travel_and_a_paused_job_travels_paused(
     stopped = [e for e in a.events("E") if e["event"] == "INACTIVATED"][-1]
     assert stopped["job"] == job and stopped["paused"] == "true", stopped
     b.command("E", "activate", "E")
+    # (activate returns once the chain is taken; the job is resumed just after it:
+    # ``created`` for a moment, then paused)
+    wait_for(
+        lambda: [x for x in b.lines("E", "jobs") if x.get("status") not in (None, "created")],
+        f"{job} resumed on b",
+    )
     [line] = b.lines("E", "jobs")
     assert line["id"] == job and line["status"] == "paused", line
     held = line["offset"]
