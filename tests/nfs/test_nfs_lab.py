@@ -14,7 +14,9 @@ from .conftest import DEADLINE, MiB, Model, Site, wait_for
 
 HOLD = (
     "import fcntl,os,struct,sys,time;fd=os.open(sys.argv[1],os.O_RDWR);"
-    "fcntl.fcntl(fd,37,struct.pack('hhqqi4x',fcntl.F_WRLCK,0,0,0,0));"  # F_OFD_SETLK
+    # F_OFD_SETLKW: waits out a lock of B's probe (with F_OFD_SETLK, a probe holding
+    # the lock at that moment made the holder fail and B's probes lock until timeout)
+    "fcntl.fcntl(fd,38,struct.pack('hhqqi4x',fcntl.F_WRLCK,0,0,0,0));"
     "print('locked',flush=True);time.sleep(600)"
 )
 TRY = (
