@@ -21,6 +21,7 @@ import os
 import shlex
 import sys
 import threading
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -65,9 +66,13 @@ class _Boot(threading.Thread):
         self.ready = threading.Event()
         self.over = threading.Event()
 
+        self.seconds = 0.0  # booted to both hosts holding a lock on the export
+
     def run(self) -> None:
+        t0 = time.monotonic()
         try:
             self.lab = _bring_up()
+            self.seconds = time.monotonic() - t0
         except BaseException as e:  # the fixture raises it, in the test that asks
             self.error = e
         self.ready.set()
@@ -118,9 +123,23 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     this one last: it boots while the others run)."""
     here = os.path.dirname(os.path.abspath(__file__))
     for item in session.items:
-        if str(item.path).startswith(here + os.sep) and not item.get_closest_marker("skip"):
+        if (
+            str(item.path).startswith(here + os.sep)
+            and "lab" in getattr(item, "fixturenames", ())
+            and not item.get_closest_marker("skip")
+        ):
             _boot()
             return
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Which accelerator the lab ran under, and its boot to first test."""
+    for boot in _BOOTS:
+        if boot.lab is not None:
+            terminalreporter.write_line(
+                f"the NFS lab ran under {boot.lab.describe()}: booted in "
+                f"{boot.lab.boot_seconds:.1f} s, first test ready after {boot.seconds:.1f} s"
+            )
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

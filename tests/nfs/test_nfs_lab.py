@@ -4,13 +4,19 @@ from the store on one host."""
 
 from __future__ import annotations
 
-from lab.lab import LEASE, Lab
+from pathlib import Path
+
+import pytest
+from lab import lab as lab_module
+from lab.lab import ACCEL_ENV, LEASE, Lab, LabError, accelerator, kvm_unusable
 
 from .conftest import DEADLINE, MiB, Model, Site, wait_for
 
 HOLD = (
     "import fcntl,os,struct,sys,time;fd=os.open(sys.argv[1],os.O_RDWR);"
-    "fcntl.fcntl(fd,37,struct.pack('hhqqi4x',fcntl.F_WRLCK,0,0,0,0));"  # F_OFD_SETLK
+    # F_OFD_SETLKW: waits out a lock of B's probe (with F_OFD_SETLK, a probe holding
+    # the lock at that moment made the holder fail and B's probes lock until timeout)
+    "fcntl.fcntl(fd,38,struct.pack('hhqqi4x',fcntl.F_WRLCK,0,0,0,0));"
     "print('locked',flush=True);time.sleep(600)"
 )
 TRY = (
@@ -77,6 +83,57 @@ def test_chainfs_serves_a_chain_from_the_store(site: Site) -> None:
     m.unmount()
     site.check_images(names)
     assert site.digest("vm.qcow2") == model.digest()
+
+
+def test_the_lab_says_which_accelerator_it_runs_under(lab: Lab) -> None:
+    assert (lab.accel, lab.accel_why) == accelerator()
+    assert lab.describe() in lab.console()
+    # the guest's kernel sees KVM's CPUID signature under KVM only
+    booted = lab.run(None, ["dmesg"]).out
+    assert ("Hypervisor detected: KVM" in booted) == (lab.accel == "kvm"), booted[:3000]
+
+
+def _modules(tmp: Path, *names: str) -> Path:
+    for n in names:
+        (tmp / n).mkdir(parents=True)
+    return tmp
+
+
+def test_the_accelerator_is_kvm_only_where_a_hardware_kvm_creates_a_vm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No lab booted: the choice alone. TCG, the baseline, wherever KVM is not usable;
+    ``CHAINFS_LAB_ACCEL`` forces one, and a forced KVM that is unusable is an error,
+    never TCG in its place."""
+    none = kvm_unusable(str(tmp_path / "no-kvm"), _modules(tmp_path / "m1", "kvm_intel"))
+    assert none is not None and "cannot open" in none
+    pvm = kvm_unusable("/dev/null", _modules(tmp_path / "m2", "kvm", "kvm_pvm"))
+    assert pvm is not None and "kvm_pvm" in pvm
+    plain = kvm_unusable("/dev/null", _modules(tmp_path / "m3", "kvm"))
+    assert plain is not None and "no hardware KVM" in plain
+    # /dev/null with a hardware module: the ioctl is refused
+    ioctl = kvm_unusable("/dev/null", _modules(tmp_path / "m4", "kvm_amd"))
+    assert ioctl is not None and "/dev/null" in ioctl
+
+    monkeypatch.setattr(lab_module, "kvm_unusable", lambda: "no KVM here")
+    monkeypatch.delenv(ACCEL_ENV, raising=False)
+    assert accelerator() == ("tcg", "no KVM here")
+    monkeypatch.setenv(ACCEL_ENV, "tcg")
+    assert accelerator()[0] == "tcg"
+    monkeypatch.setenv(ACCEL_ENV, "kvm")
+    with pytest.raises(LabError, match="CHAINFS_LAB_ACCEL=kvm, but KVM is unusable: no KVM"):
+        accelerator()
+    monkeypatch.setenv(ACCEL_ENV, "hvf")
+    with pytest.raises(LabError, match="kvm or tcg"):
+        accelerator()
+
+    monkeypatch.setattr(lab_module, "kvm_unusable", lambda: None)
+    monkeypatch.delenv(ACCEL_ENV)
+    assert accelerator()[0] == "kvm"
+    monkeypatch.setenv(ACCEL_ENV, "kvm")
+    assert accelerator()[0] == "kvm"
+    monkeypatch.setenv(ACCEL_ENV, "TCG")
+    assert accelerator()[0] == "tcg"
 
 
 def lab_python() -> str:
