@@ -304,13 +304,7 @@ def test_ids_and_events_survive(tmp_path: Path, seeds: Seeds, mounter: Mounter, 
     assert job != first
     wait_for(lambda: int(m.lines(NAME, "jobs")[0]["offset"]), f"{job} to make progress")
     history = m.events(NAME)
-    if how == "umount":
-        run(*conftest.CHAINFS, "umount", m.mountpoint)
-        m.wait_exit(0)
-    else:
-        m.kill(signal.SIGKILL)
-        m.wait_exit(None)
-        m.cleanup()
+    stop(m, how)
 
     again = mounter(src)
     events = again.events(NAME)

@@ -291,14 +291,7 @@ def test_status_renders_again_only_the_chains_that_changed(
     readers = Readers()
     disks = NoScan(served_disk(f"vm{i}", [f"/img/vm{i}.qcow2"], readers) for i in range(n))
     ops = operations(cast(list[FakeDisk], disks))
-    rendered: list[str] = []
-    owner_pairs = Disk.owner_pairs
-
-    def counted(self: Disk) -> list[tuple[str, object]]:
-        rendered.append(self.name)
-        return owner_pairs(self)
-
-    monkeypatch.setattr(Disk, "owner_pairs", counted)
+    rendered = counted_renders(monkeypatch)
     disks.armed = True  # no read of ``.status`` walks the disks
     first = ops.status_text()
     assert len(rendered) == n and first.count(b"status=served") == n
