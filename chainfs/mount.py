@@ -82,8 +82,9 @@ WRITE_BACK_INTERVAL = 5.0
 SWEEP_STEP = 64
 HEARTBEAT_INTERVAL = 5.0  # seconds between two writes of an owned chain's owner file
 # after a reply, with no request queued and nothing else to run, the server keeps asking
-# the kernel for the next request this long (seconds) before it sleeps (pyfuse3's
-# busy_poll; the README's "Queue depth"): a client with one request in flight sends
+# the kernel for the next request up to this long (seconds; pyfuse3 adapts the window
+# below it, to 0 for a client that pauses longer) before it sleeps (pyfuse3's busy_poll;
+# the README's "Queue depth", Busy polling): a client with one request in flight sends
 # its next one within microseconds, and waking a sleeping server costs more
 BUSY_POLL = 50e-6
 LEASE = 90.0  # the storage's lease (NFSv4 servers' default), unless -o lease= says
