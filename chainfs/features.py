@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 
 from . import __version__
 
@@ -43,6 +44,17 @@ def holes() -> bool:
     except ImportError:
         return False
     return has_handlers(module.Operations)
+
+
+@functools.cache
+def busy_poll() -> bool:
+    """True when the running pyfuse3's ``main`` takes ``busy_poll``
+    (``third_party/pyfuse3/busy-poll.patch``)."""
+    try:
+        module = importlib.import_module("pyfuse3")
+        return "busy_poll" in inspect.signature(module.main).parameters
+    except (ImportError, TypeError, ValueError):  # (no signature: not the patched one)
+        return False
 
 
 def describe(version: str | None, on: bool) -> str:

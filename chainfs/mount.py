@@ -81,6 +81,12 @@ WRITE_BACK_INTERVAL = 5.0
 # in after this many chains: with thousands of chains a sweep is no stall of its own
 SWEEP_STEP = 64
 HEARTBEAT_INTERVAL = 5.0  # seconds between two writes of an owned chain's owner file
+# after a reply, with no request queued and nothing else to run, the server keeps asking
+# the kernel for the next request up to this long (seconds; pyfuse3 adapts the window
+# below it, to 0 for a client that pauses longer) before it sleeps (pyfuse3's busy_poll;
+# the README's "Queue depth", Busy polling): a client with one request in flight sends
+# its next one within microseconds, and waking a sleeping server costs more
+BUSY_POLL = 50e-6
 LEASE = 90.0  # the storage's lease (NFSv4 servers' default), unless -o lease= says
 # fstab/mount(8) options that mean nothing to chainfs itself
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nofail", "_netdev", "rw"}
@@ -417,7 +423,8 @@ async def _serve(
         # synchronous under the chain's lock), so more workers would only add a lock
         # hand-off and a task switch to every request (a handler that comes to await
         # something slow must raise this again)
-        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        poll = {"busy_poll": BUSY_POLL} if features.busy_poll() else {}
+        await pyfuse3.main(min_tasks=1, max_tasks=1, **poll)
     if failed:
         raise failed[0]
 

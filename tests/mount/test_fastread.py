@@ -16,6 +16,7 @@ import mmap
 import os
 import re
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -157,5 +158,50 @@ def test_read_after_change(
     for off in offsets:  # whole clusters, past the first page
         got = read_direct(m.img("E"), off, CLUSTER)
         assert got == bytes(model[off : off + CLUSTER]), off
+    m.unmount()
+    assert _answered(m) >= len(offsets)
+
+
+def test_job_runs_while_reads_stream(mounter: Mounter, seeds: Seeds, tmp_path: Path) -> None:
+    """One O_DIRECT read in flight at a time, the next sent as soon as the last is
+    answered (the server keeps asking the kernel for it instead of sleeping: pyfuse3's
+    busy_poll): a stream job, the control files and the events still get their turns,
+    and every read has the right bytes."""
+    seed = seeds(tmp_path / "src")
+    offsets = _clusters(seed.content)
+    m = mounter(tmp_path / "src")
+    _warm(m, offsets, seed.content)
+    stop = threading.Event()
+    reads: list[int] = []
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        buf = mmap.mmap(-1, PAGE)
+        fd = os.open(m.img("E"), os.O_RDONLY | os.O_DIRECT)
+        try:
+            while not stop.is_set():
+                for off in offsets:
+                    assert os.preadv(fd, [buf], off) == PAGE
+                    assert bytes(buf) == seed.content[off : off + PAGE], off
+                    reads.append(off)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            os.close(fd)
+            buf.close()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        m.run_job("E", "stream", "base=B.qcow2 speed=0")
+        during = len(reads)
+        m.run_job("E", "stream", "speed=0")
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert 0 < during < len(reads)
+    assert m.layers("E") == ["E.qcow2"]
+    _check(m.img("E"), offsets, seed.content)
     m.unmount()
     assert _answered(m) >= len(offsets)

@@ -24,9 +24,11 @@ def _fresh_probe() -> Iterator[None]:
     for the tests that ask about the real one."""
     features.pyfuse3_version.cache_clear()
     features.holes.cache_clear()
+    features.busy_poll.cache_clear()
     yield
     features.pyfuse3_version.cache_clear()
     features.holes.cache_clear()
+    features.busy_poll.cache_clear()
 
 
 def fake_pyfuse3(monkeypatch: pytest.MonkeyPatch, version: str, operations: type) -> None:
@@ -148,3 +150,27 @@ def test_the_daemon_line_of_control_status(
         "pyfuse3": "3.5.0+x",
         "holes": holes,
     }
+
+
+async def plain_main(min_tasks: int = 1, max_tasks: int = 99) -> None:
+    return None
+
+
+async def polling_main(min_tasks: int = 1, max_tasks: int = 99, busy_poll: float = 0) -> None:
+    return None
+
+
+@pytest.mark.parametrize(("main", "expected"), [(plain_main, False), (polling_main, True)])
+def test_busy_poll_follows_the_main_loops_parameters(
+    monkeypatch: pytest.MonkeyPatch, main: object, expected: bool
+) -> None:
+    # the mount passes busy_poll to pyfuse3.main only where main takes it
+    # (third_party/pyfuse3/busy-poll.patch)
+    fake_pyfuse3(monkeypatch, "3.5.0", PatchedOperations)
+    sys.modules["pyfuse3"].main = main  # type: ignore[attr-defined]
+    assert features.busy_poll() is expected
+
+
+def test_busy_poll_off_without_pyfuse3(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pyfuse3", None)
+    assert features.busy_poll() is False

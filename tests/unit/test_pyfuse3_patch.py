@@ -83,6 +83,7 @@ def test_the_pinned_patches_are_ones_the_applier_reads(tmp_path: Path) -> None:
         "lseek-fallocate.patch",
         "nonblocking-receive.patch",
         "read-map.patch",
+        "busy-poll.patch",
     ]
     for patch in b.PATCHES:
         with pytest.raises(FileNotFoundError, match=r"Changes\.rst"):

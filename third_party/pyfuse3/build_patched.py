@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 UPSTREAM = "3.5.0"
-LOCAL = "chainfs.3"
+LOCAL = "chainfs.4"
 VERSION = f"{UPSTREAM}+{LOCAL}"
 SDIST = f"pyfuse3-{UPSTREAM}.tar.gz"
 SDIST_SHA256 = "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
@@ -43,6 +43,7 @@ PATCHES = [
     HERE / "lseek-fallocate.patch",
     HERE / "nonblocking-receive.patch",
     HERE / "read-map.patch",
+    HERE / "busy-poll.patch",
 ]
 CACHE = HERE / "downloads" / SDIST
 
