@@ -75,14 +75,14 @@ class Zygote:
     Forked before the agent starts a thread (``setns`` into a mount namespace needs a
     single-threaded process, and a fork of a threaded one inherits their locks)."""
 
-    def __init__(self, code: str) -> None:
+    def __init__(self, code: str, gate: str) -> None:
         self.code = code
         ours, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:
             ours.close()
             try:
-                _zygote(theirs, code)
+                _zygote(theirs, code, gate)
             finally:
                 os._exit(1)
         theirs.close()
@@ -108,7 +108,11 @@ class Zygote:
         return int(answer)
 
 
-def _zygote(sock: socket.socket, code: str) -> None:
+def _zygote(sock: socket.socket, code: str, gate: str) -> None:
+    # the imports once the lab is built: until then the boot has the guest's CPUs (the
+    # first tests need no chainfs; a chainfs command asked for earlier waits)
+    while not os.path.exists(gate):
+        threading.Event().wait(0.05)
     sys.path[:0] = [code]
     import site
 
@@ -212,11 +216,11 @@ class Forked:
 
 
 class Agent:
-    def __init__(self, port: str, code: str | None = None) -> None:
+    def __init__(self, port: str, gate: str, code: str | None = None) -> None:
         self.zygote: Zygote | None = None
         if code and os.environ.get("labfork", "1") != "0":  # noqa: SIM112 (the kernel command line's word)
             ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1)
-            self.zygote = Zygote(code)
+            self.zygote = Zygote(code, gate)
         self.fd = os.open(port, os.O_RDWR)  # a virtio port opens only once
         self.wlock = threading.Lock()
         self.procs: dict[int, tuple[Any, Any, Any]] = {}
@@ -369,4 +373,4 @@ def _text(data: bytes | str | None) -> str:
 
 
 if __name__ == "__main__":
-    Agent(sys.argv[1], sys.argv[3] if len(sys.argv) > 3 else None).serve(sys.argv[2])
+    Agent(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None).serve(sys.argv[2])

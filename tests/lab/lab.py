@@ -16,7 +16,10 @@ lease).  Lease and grace are 10 s.
 - QEMU boots the kernel through its PVH entry (``boot_image``: the ELF unpacked from
   the bzImage once, cached), skipping the guest's own decompression under TCG.
 - The tests drive it through ``agent.py`` on a virtio-serial port (QEMU's stdio):
-  ``Lab.run(host, argv)`` runs a command on a host (``None``: the server).
+  ``Lab.run(host, argv)`` runs a command on a host (``None``: the server);
+  ``Lab.chainfs`` and ``Lab.spawn_chainfs`` a chainfs command, forked from the
+  agent's zygote, which imported chainfs once (``CHAINFS_LAB_FORK=0``: a python each);
+  ``Lab.wait_until`` waits for a shell condition inside the guest, in one command.
 
 ``Lab.start()`` raises ``LabUnavailable`` with the reason when the lab cannot start
 (no qemu-system-x86_64, no kernel package to fetch), ``LabError`` when it was told to

@@ -39,10 +39,6 @@ PY = sys.executable
 REPO_CHAINFS = code_tree() / "chainfs"
 LOGS = "/run/chainfs-logs"  # the mounts' logs, in the guest
 _counter = itertools.count(1)
-WARM_UP = (
-    "import fcntl,os,struct,sys;fd=os.open(sys.argv[1],os.O_RDWR|os.O_CREAT);"
-    "fcntl.fcntl(fd,fcntl.F_OFD_SETLKW,struct.pack('hhqqi4x',fcntl.F_WRLCK,0,0,0,0))"
-)
 _MOUNTS: list[ChainfsMount] = []
 _LAB: list[Lab] = []
 
@@ -54,7 +50,7 @@ def wait_for(cond: Callable[[], T | None], what: str, timeout: float = DEADLINE)
 
 class _Boot(threading.Thread):
     """The lab coming up (booted, the export mounted on both hosts, the server's grace
-    period waited out: about 20 s under TCG) while the layers before this one run; the
+    period waited out: 12-18 s under TCG) while the layers before this one run; the
     ``lab`` fixture takes what it made."""
 
     def __init__(self) -> None:
@@ -81,26 +77,11 @@ class _Boot(threading.Thread):
 
 
 def _bring_up() -> Lab:
+    """The lab booted: its init has mounted the export on both hosts, each of which
+    took a first lock there (waiting out the server's grace periods)."""
     lab = Lab.start()
-    errors: list[BaseException] = []
-
-    def host_up(h: str) -> None:
-        try:
-            lab.mount_nfs(h)
-            # the first lock waits out the server's grace periods
-            lab.run(h, [PY, "-S", "-c", WARM_UP, f"/shared/.warm-up-{h}"])
-        except BaseException as e:
-            errors.append(e)
-
     try:
         lab.run(None, ["mkdir", "-p", LOGS])
-        both = [threading.Thread(target=host_up, args=(h,)) for h in ("a", "b")]
-        for t in both:  # the two hosts at once (the agent runs each request in a thread)
-            t.start()
-        for t in both:
-            t.join()
-        if errors:
-            raise errors[0]
     except BaseException:
         lab.close()
         raise
@@ -290,6 +271,11 @@ def writer_script(paths: str | Sequence[str], offset: int, length: int, pattern:
     )
 
 
+# what runs a shell line for each of the words before it (as $1), three at a time (the
+# guest has two CPUs; qemu-img's start, under TCG, is most of a check's time)
+PARALLEL = "| xargs -n 1 -P 3 sh -c"
+
+
 class Site:
     """A test's directory on the store, seen from both hosts at ``/shared/NAME`` (and
     from the server at ``/srv/NAME``), and the chainfs mounts the test started."""
@@ -339,9 +325,13 @@ class Site:
         what a daemon killed in the middle of a cluster's allocation leaves), no
         corruption."""
         names = list(names)
-        script = 'for n in "$@"; do r=0; qemu-img check -U "$n" >/tmp/check.out 2>&1 || r=$?; '
-        script += 'echo "rc=$r $n"; [ $r = 0 ] || cat /tmp/check.out; done'
-        out = self.sh(None, f"set -- {shlex.join(names)}; {script}").out
+        one = (
+            'r=0; qemu-img check -U "$1" >/tmp/check.$$ 2>&1 || r=$?; '
+            'echo "rc=$r $1"; [ $r = 0 ] || cat /tmp/check.$$; rm -f /tmp/check.$$'
+        )
+        out = self.sh(
+            None, f"printf '%s\\n' {shlex.join(names)} {PARALLEL} {shlex.quote(one)} _"
+        ).out
         rcs = {line.split()[1]: line.split()[0] for line in out.splitlines() if line[:3] == "rc="}
         assert set(rcs) == set(names), out
         bad = [n for n, rc in rcs.items() if not (rc == "rc=0" or (leaks and rc == "rc=3"))]
@@ -360,13 +350,16 @@ class Site:
         """The content of each chain (named by its active layer) from QEMU's reading
         (on the server), in one command."""
         actives = list(actives)
-        raw = f"/tmp/{self.name}.raw"
-        script = (
-            f'for n in "$@"; do qemu-img convert -U -O raw "$n" {raw} && '
-            f'echo "$n $(sha256sum < {raw})"; done; rm -f {raw}'
+        one = (
+            'raw=/tmp/digest.$$; qemu-img convert -U -O raw "$1" $raw; '
+            'echo "$1 $(sha256sum < $raw)"; rm -f $raw'
         )
-        out = self.sh(None, f"set -- {shlex.join(actives)}; {script}").out
-        return {line.split()[0]: line.split()[1] for line in out.splitlines()}
+        out = self.sh(
+            None, f"printf '%s\\n' {shlex.join(actives)} {PARALLEL} {shlex.quote(one)} _"
+        ).out
+        digests = {w[0]: w[1] for w in map(str.split, out.splitlines()) if len(w) > 1}
+        assert set(digests) == set(actives), out
+        return digests
 
     def close(self) -> None:
         for m in reversed(self.mounts):

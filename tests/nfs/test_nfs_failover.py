@@ -230,12 +230,14 @@ def events_of(m: ChainfsMount, chains: Iterable[str]) -> dict[str, list[dict[str
 
 
 def commands(m: ChainfsMount, verb: str, texts: dict[str, str]) -> float:
-    """Write ``texts[CHAIN]`` to each ``control/CHAIN/VERB``, in one command; the
-    guest's time when it started."""
-    script = "; ".join(
-        f"printf '%s\\n' {shlex.quote(t)} > {m.control(c, verb)}" for c, t in texts.items()
+    """Write ``texts[CHAIN]`` to each ``control/CHAIN/VERB``, side by side in one
+    command (a write waits while the daemon is busy: 1 s each, one after another, when
+    B had just begun adopting); the guest's time when it started."""
+    writes = "".join(
+        f"printf '%s\\n' {shlex.quote(t)} > {m.control(c, verb)} & " for c, t in texts.items()
     )
-    return float(m.sh(f"date +%s.%N; {script}").out.split()[0])
+    script = f"date +%s.%N; {writes}for p in $(jobs -p); do wait $p; done"
+    return float(m.sh(script).out.split()[0])
 
 
 def seconds(stamp: str) -> float:
