@@ -16,7 +16,10 @@ lease).  Lease and grace are 10 s.
 - QEMU boots the kernel through its PVH entry (``boot_image``: the ELF unpacked from
   the bzImage once, cached), skipping the guest's own decompression under TCG.
 - The tests drive it through ``agent.py`` on a virtio-serial port (QEMU's stdio):
-  ``Lab.run(host, argv)`` runs a command on a host (``None``: the server).
+  ``Lab.run(host, argv)`` runs a command on a host (``None``: the server);
+  ``Lab.chainfs`` and ``Lab.spawn_chainfs`` a chainfs command, forked from the
+  agent's zygote, which imported chainfs once (``CHAINFS_LAB_FORK=0``: a python each);
+  ``Lab.wait_until`` waits for a shell condition inside the guest, in one command.
 
 ``Lab.start()`` raises ``LabUnavailable`` with the reason when the lab cannot start
 (no qemu-system-x86_64, no kernel package to fetch), ``LabError`` when it was told to
@@ -32,6 +35,7 @@ import hashlib
 import io
 import json
 import lzma
+import math
 import os
 import shutil
 import signal
@@ -73,6 +77,7 @@ KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00)
 KVM_CREATE_VM = 0xAE01  # _IO(KVMIO, 0x01)
 KVM_API_VERSION = 12
 ACCEL_ENV = "CHAINFS_LAB_ACCEL"
+FORK_ENV = "CHAINFS_LAB_FORK"  # 0: every chainfs command a python of its own (agent.py)
 # what QEMU is given for each accelerator (TCG: the baseline that runs anywhere)
 ACCEL_ARGS = {
     "kvm": ["-accel", "kvm", "-cpu", "host"],
@@ -405,6 +410,7 @@ class Lab:
         kernel = prepare_kernel()
         initramfs = build_initramfs(kernel)
         image = boot_image(kernel)
+        precompile()
         workdir = Path(tempfile.mkdtemp(prefix="chainfs-lab-"))
         python = python or sys.executable
         cmdline = " ".join(
@@ -423,6 +429,8 @@ class Lab:
                 f"labagent={LAB_DIR / 'agent.py'}",
                 f"labport={PORT_NAME}",
                 f"lablease={LEASE}",
+                f"labcode={code_tree()}",
+                *(["labfork=0"] if os.environ.get(FORK_ENV) == "0" else []),
             ]
         )
         argv = [
@@ -553,6 +561,50 @@ class Lab:
     def sh(self, host: str | None, script: str, **kw: Any) -> Result:
         return self.run(host, ["bash", "-euo", "pipefail", "-c", script], **kw)
 
+    def chainfs(
+        self,
+        host: str | None,
+        args: Sequence[str],
+        *,
+        timeout: float = 120,
+        check: bool = True,
+    ) -> Result:
+        """``python -m chainfs ARGS`` on ``host``, with the code tree first on the module
+        path (``python_env``), and wait: forked from the agent's zygote, which imported
+        chainfs at boot (``agent.py``)."""
+        t0 = time.monotonic()
+        a = self.request(
+            "run", timeout, chainfs=list(args), host=host, timeout=timeout, env=python_env()
+        )
+        argv = ["chainfs", *args]
+        r = Result(argv, host, a.get("rc"), a.get("out", ""), a.get("err", ""))
+        if os.environ.get("CHAINFS_LAB_TRACE"):
+            print(f"lab: {time.monotonic() - t0:6.2f}s {host}: {' '.join(argv)[:150]} -> {r.rc}")
+        return r.check() if check else r
+
+    def spawn_chainfs(self, host: str | None, args: Sequence[str], log: str) -> int:
+        """Start ``python -m chainfs ARGS`` on ``host`` (as ``chainfs``), both its outputs
+        appended to ``log``; its pid."""
+        a = self.request("spawn", chainfs=list(args), host=host, env=python_env(), log=log)
+        if "pid" not in a:
+            raise LabError(f"spawn chainfs {args} failed: {a}")
+        return int(a["pid"])
+
+    def wait_until(
+        self, host: str | None, condition: str, timeout: float, interval: float = 0.1
+    ) -> Result:
+        """Run the shell ``condition`` on ``host`` every ``interval`` seconds until it
+        succeeds (rc 0), in one command: rc 124 when ``timeout`` passed first; a
+        condition may end the wait with an exit status of its own (``exit 3``)."""
+        script = (
+            f"end=$((SECONDS + {math.ceil(timeout)}))\n"
+            f"until {condition}\ndo\n"
+            f"    ((SECONDS < end)) || exit 124\n"
+            f"    sleep {interval}\n"
+            "done"
+        )
+        return self.sh(host, script, env=python_env(), timeout=timeout + 30, check=False)
+
     def spawn(
         self, host: str | None, argv: Sequence[str], env: dict[str, str] | None = None
     ) -> int:
@@ -611,5 +663,17 @@ def code_tree() -> Path:
 
 def python_env() -> dict[str, str]:
     """The environment a chainfs command in the guest needs: the code tree first on the
-    module path (the guest runs this machine's python over 9p)."""
+    module path (the guest runs this machine's python over 9p), its bytecode compiled
+    here before the boot (``precompile``), never written in the guest."""
     return {"PYTHONPATH": str(code_tree()), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def precompile(tree: Path | None = None) -> None:
+    """Compile the code tree's ``chainfs`` to ``__pycache__`` here (git-ignored), with
+    the python the guest runs: without it every chainfs command in the guest compiled
+    its 9,000 lines again under TCG (about 0.3 s here, seconds there), the tree being
+    read-only to the guest and ``PYTHONDONTWRITEBYTECODE`` set in this project's
+    environment."""
+    import compileall
+
+    compileall.compile_dir(str((tree or code_tree()) / "chainfs"), quiet=1, workers=1)

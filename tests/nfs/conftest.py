@@ -37,13 +37,8 @@ DEADLINE = 120.0  # anything may take this long in the lab (TCG on a loaded mach
 POLL = 0.2  # seconds between two looks (each one a command run in the guest)
 PY = sys.executable
 REPO_CHAINFS = code_tree() / "chainfs"
-CHAINFS = [PY, "-m", "chainfs"]
 LOGS = "/run/chainfs-logs"  # the mounts' logs, in the guest
 _counter = itertools.count(1)
-WARM_UP = (
-    "import fcntl,os,struct,sys;fd=os.open(sys.argv[1],os.O_RDWR|os.O_CREAT);"
-    "fcntl.fcntl(fd,fcntl.F_OFD_SETLKW,struct.pack('hhqqi4x',fcntl.F_WRLCK,0,0,0,0))"
-)
 _MOUNTS: list[ChainfsMount] = []
 _LAB: list[Lab] = []
 
@@ -55,7 +50,7 @@ def wait_for(cond: Callable[[], T | None], what: str, timeout: float = DEADLINE)
 
 class _Boot(threading.Thread):
     """The lab coming up (booted, the export mounted on both hosts, the server's grace
-    period waited out: about 20 s under TCG) while the layers before this one run; the
+    period waited out: 12-18 s under TCG) while the layers before this one run; the
     ``lab`` fixture takes what it made."""
 
     def __init__(self) -> None:
@@ -82,26 +77,11 @@ class _Boot(threading.Thread):
 
 
 def _bring_up() -> Lab:
+    """The lab booted: its init has mounted the export on both hosts, each of which
+    took a first lock there (waiting out the server's grace periods)."""
     lab = Lab.start()
-    errors: list[BaseException] = []
-
-    def host_up(h: str) -> None:
-        try:
-            lab.mount_nfs(h)
-            # the first lock waits out the server's grace periods
-            lab.run(h, [PY, "-S", "-c", WARM_UP, f"/shared/.warm-up-{h}"])
-        except BaseException as e:
-            errors.append(e)
-
     try:
         lab.run(None, ["mkdir", "-p", LOGS])
-        both = [threading.Thread(target=host_up, args=(h,)) for h in ("a", "b")]
-        for t in both:  # the two hosts at once (the agent runs each request in a thread)
-            t.start()
-        for t in both:
-            t.join()
-        if errors:
-            raise errors[0]
     except BaseException:
         lab.close()
         raise
@@ -198,23 +178,27 @@ class ChainfsMount(JobWaits):
         _MOUNTS.append(self)
 
     def start(self, wait: bool = True) -> ChainfsMount:
-        cmd = [*CHAINFS, "mount", "-f", self.source, self.mountpoint, *self.args]
-        script = f"mkdir -p {self.mountpoint} && exec {shlex.join(cmd)} >>{self.log} 2>&1"
-        self.pid = self.lab.spawn(self.host, ["sh", "-c", script], env=python_env())
+        self.lab.run(self.host, ["mkdir", "-p", self.mountpoint])
+        args = ["mount", "-f", self.source, self.mountpoint, *self.args]
+        self.pid = self.lab.spawn_chainfs(self.host, args, self.log)
         if wait:
             self.wait_mounted()
         return self
 
     def wait_mounted(self) -> None:
-        def up() -> bool:
-            r = self.sh(f"test -e {self.mountpoint}/control/.status", check=False)
-            if r.rc == 0:
-                return True
-            if not self.alive():
-                raise AssertionError(f"chainfs on {self.host} exited:\n{self.log_text()}")
-            return False
-
-        wait_for(up, f"chainfs to mount on {self.host}")
+        """Until the mount serves, in one command looking every 0.1 s in the guest (a
+        look from here is a command through the agent: 0.2-0.7 s under TCG, each one
+        taking the guest's CPU from the daemon starting); fails when the daemon exits."""
+        dead = "exit 3"  # (a zombie: the agent reaps it only when asked)
+        cond = (
+            f"test -e {self.mountpoint}/control/.status || {{ st=Z; "
+            f"read -r _ _ st _ </proc/{self.pid}/stat 2>/dev/null || true; "
+            f'[ "$st" != Z ] || {dead}; false; }}'
+        )
+        r = self.lab.wait_until(self.host, cond, DEADLINE)
+        if r.rc == 3:
+            raise AssertionError(f"chainfs on {self.host} exited:\n{self.log_text()}")
+        assert r.rc == 0, f"timed out waiting for chainfs to mount on {self.host}: {r}"
 
     def alive(self) -> bool:
         return self.pid is not None and self.lab.wait(self.pid, timeout=0).rc is None
@@ -231,9 +215,7 @@ class ChainfsMount(JobWaits):
         return self.lab.sh(self.host, script, env=python_env(), **kw)
 
     def chainfs(self, *args: str, check: bool = True, timeout: float = DEADLINE) -> Result:
-        return self.lab.run(
-            self.host, [*CHAINFS, *args], env=python_env(), check=check, timeout=timeout
-        )
+        return self.lab.chainfs(self.host, args, check=check, timeout=timeout)
 
     def log_text(self) -> str:
         return self.lab.run(None, ["cat", self.log], check=False).out
@@ -278,13 +260,20 @@ class ChainfsMount(JobWaits):
                 self.lab.wait(self.pid, timeout=10)
 
 
-def writer_script(path: str, offset: int, length: int, pattern: int) -> str:
-    """A shell line writing ``length`` bytes of ``pattern`` at ``offset`` of ``path``."""
+def writer_script(paths: str | Sequence[str], offset: int, length: int, pattern: int) -> str:
+    """A shell line writing ``length`` bytes of ``pattern`` at ``offset`` of each of
+    ``paths`` (one python for them all: each start costs most of a second under TCG)."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
     return (
-        f"{PY} -S -c 'import os,sys;fd=os.open(sys.argv[1],os.O_WRONLY);"
+        f"{PY} -S -c 'import os,sys\nfor p in sys.argv[1:]:\n fd=os.open(p,os.O_WRONLY);"
         f"os.pwrite(fd,bytes([{pattern}])*{length},{offset});os.fsync(fd);os.close(fd)' "
-        f"{shlex.quote(path)}"
+        f"{shlex.join(paths)}"
     )
+
+
+# what runs a shell line for each of the words before it (as $1), three at a time (the
+# guest has two CPUs; qemu-img's start, under TCG, is most of a check's time)
+PARALLEL = "| xargs -n 1 -P 3 sh -c"
 
 
 class Site:
@@ -336,9 +325,13 @@ class Site:
         what a daemon killed in the middle of a cluster's allocation leaves), no
         corruption."""
         names = list(names)
-        script = 'for n in "$@"; do r=0; qemu-img check -U "$n" >/tmp/check.out 2>&1 || r=$?; '
-        script += 'echo "rc=$r $n"; [ $r = 0 ] || cat /tmp/check.out; done'
-        out = self.sh(None, f"set -- {shlex.join(names)}; {script}").out
+        one = (
+            'r=0; qemu-img check -U "$1" >/tmp/check.$$ 2>&1 || r=$?; '
+            'echo "rc=$r $1"; [ $r = 0 ] || cat /tmp/check.$$; rm -f /tmp/check.$$'
+        )
+        out = self.sh(
+            None, f"printf '%s\\n' {shlex.join(names)} {PARALLEL} {shlex.quote(one)} _"
+        ).out
         rcs = {line.split()[1]: line.split()[0] for line in out.splitlines() if line[:3] == "rc="}
         assert set(rcs) == set(names), out
         bad = [n for n, rc in rcs.items() if not (rc == "rc=0" or (leaks and rc == "rc=3"))]
@@ -357,13 +350,16 @@ class Site:
         """The content of each chain (named by its active layer) from QEMU's reading
         (on the server), in one command."""
         actives = list(actives)
-        raw = f"/tmp/{self.name}.raw"
-        script = (
-            f'for n in "$@"; do qemu-img convert -U -O raw "$n" {raw} && '
-            f'echo "$n $(sha256sum < {raw})"; done; rm -f {raw}'
+        one = (
+            'raw=/tmp/digest.$$; qemu-img convert -U -O raw "$1" $raw; '
+            'echo "$1 $(sha256sum < $raw)"; rm -f $raw'
         )
-        out = self.sh(None, f"set -- {shlex.join(actives)}; {script}").out
-        return {line.split()[0]: line.split()[1] for line in out.splitlines()}
+        out = self.sh(
+            None, f"printf '%s\\n' {shlex.join(actives)} {PARALLEL} {shlex.quote(one)} _"
+        ).out
+        digests = {w[0]: w[1] for w in map(str.split, out.splitlines()) if len(w) > 1}
+        assert set(digests) == set(actives), out
+        return digests
 
     def close(self) -> None:
         for m in reversed(self.mounts):

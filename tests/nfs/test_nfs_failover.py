@@ -54,7 +54,7 @@ from lab.lab import LEASE, Lab
 
 from chainfs.control import parse_line
 
-from .conftest import PY, ChainfsMount, KiB, MiB, Model, Site, wait_for, writer_script
+from .conftest import DEADLINE, PY, ChainfsMount, KiB, MiB, Model, Site, wait_for, writer_script
 from .test_nfs_hosts import LEASED, SEED
 
 SIZE = 10 * MiB  # ten 1 MiB steps, each copying something
@@ -230,12 +230,14 @@ def events_of(m: ChainfsMount, chains: Iterable[str]) -> dict[str, list[dict[str
 
 
 def commands(m: ChainfsMount, verb: str, texts: dict[str, str]) -> float:
-    """Write ``texts[CHAIN]`` to each ``control/CHAIN/VERB``, in one command; the
-    guest's time when it started."""
-    script = "; ".join(
-        f"printf '%s\\n' {shlex.quote(t)} > {m.control(c, verb)}" for c, t in texts.items()
+    """Write ``texts[CHAIN]`` to each ``control/CHAIN/VERB``, side by side in one
+    command (a write waits while the daemon is busy: 1 s each, one after another, when
+    B had just begun adopting); the guest's time when it started."""
+    writes = "".join(
+        f"printf '%s\\n' {shlex.quote(t)} > {m.control(c, verb)} & " for c, t in texts.items()
     )
-    return float(m.sh(f"date +%s.%N; {script}").out.split()[0])
+    script = f"date +%s.%N; {writes}for p in $(jobs -p); do wait $p; done"
+    return float(m.sh(script).out.split()[0])
 
 
 def seconds(stamp: str) -> float:
@@ -375,7 +377,9 @@ def run_failover(lab: Lab, site: Site, tmp: Path, kind: str, how: str, n: int) -
     def said() -> str:
         return lab.run("a", ["cat", said_at], check=False).out
 
-    wait_for(lambda: said().count("ok ") > n, "the guest writer on A")
+    # (waits in the guest: each look from here is a command through the agent)
+    r = lab.wait_until("a", f'(( $(grep -c "^ok " {said_at}) > {n} ))', DEADLINE)
+    assert r.rc == 0, f"the guest writer on A did not write: {said()[-1000:]}"
     told = drive(how)
     phase(f"the instant ({how})")
     instant: float = told["instant"]
@@ -390,7 +394,7 @@ def run_failover(lab: Lab, site: Site, tmp: Path, kind: str, how: str, n: int) -
     try:
         if how == "kill":
             # the mount died under the writer
-            wait_for(lambda: "error" in said(), "the guest writer on A to fail")
+            writer_failed(lab, said_at)
             lab.signal(writer, "SIGKILL")
             adopt_all(b, chains, 2, instant)  # kill -9 frees the locks at once
             phase("adopted")
@@ -414,7 +418,7 @@ def run_failover(lab: Lab, site: Site, tmp: Path, kind: str, how: str, n: int) -
 
             wait_for(lost, "host A to report lost ownership of every chain")
             # the write in flight at the cut fails: A knows it lost the chain
-            wait_for(lambda: "error" in said(), "the guest writer on A to fail")
+            writer_failed(lab, said_at)
     finally:
         lab.heal("a")
         lab.signal(writer, "SIGKILL")
@@ -432,7 +436,7 @@ def run_failover(lab: Lab, site: Site, tmp: Path, kind: str, how: str, n: int) -
         candidates[c] = Writes.parse(text, c).apply(models[c])
         for m in candidates[c]:
             m.write(7 * MiB, 64 * KiB, 0xB7)
-    b.sh(" && ".join(writer_script(b.img(c), 7 * MiB, 64 * KiB, 0xB7) for c in chains))
+    b.sh(writer_script([b.img(c) for c in chains], 7 * MiB, 64 * KiB, 0xB7))
     b.unmount()
     a.cleanup()
     if how == "cut":
@@ -445,6 +449,12 @@ def run_failover(lab: Lab, site: Site, tmp: Path, kind: str, how: str, n: int) -
     for c in chains:
         digests = [m.digest() for m in candidates[c]]
         assert got[actives[c]] in digests, f"{c}: no candidate; the writer said:\n{text[-1500:]}"
+
+
+def writer_failed(lab: Lab, said_at: str) -> None:
+    """Until the guest writer on A says it failed (its mount died, or A lost the chain)."""
+    r = lab.wait_until("a", f"grep -q ^error {said_at}", DEADLINE)
+    assert r.rc == 0, "the guest writer on A did not fail"
 
 
 def no_marker(site: Site) -> None:

@@ -22,6 +22,8 @@ import time
 import pytest
 from lab.lab import LEASE, Lab
 
+from chainfs.control import parse_line
+
 from .conftest import REPO_CHAINFS, ChainfsMount, KiB, MiB, Model, Site, wait_for, writer_script
 
 SIZE = 8 * MiB
@@ -32,14 +34,29 @@ LEASED = ("-o", f"lease={LEASE}")  # chainfs told the lab's lease, for its heart
 
 def status_of(m: ChainfsMount, chain: str) -> dict[str, str]:
     """The chain's line of ``control/.status`` (owner=, holder=, ...)."""
-    from chainfs.control import parse_line
+    return status_in(m.sh(f"cat {m.mountpoint}/control/.status").out, chain)
 
-    text = m.sh(f"cat {m.mountpoint}/control/.status").out
+
+def status_in(text: str, chain: str) -> dict[str, str]:
+    """The chain's line of a ``control/.status`` read."""
     for line in text.splitlines():
         entry = parse_line(line)
         if entry.get("chain") == chain:
             return entry
     return {}
+
+
+def sections(out: str) -> dict[str, str]:
+    """What a command printed under each ``#NAME`` line it printed."""
+    found: dict[str, list[str]] = {"": []}
+    name = ""
+    for line in out.splitlines():
+        if line.startswith("#"):
+            name = line[1:]
+            found[name] = []
+        else:
+            found[name].append(line)
+    return {k: "\n".join(v) for k, v in found.items()}
 
 
 def event_after(m: ChainfsMount, chain: str, before: int, *names: str) -> dict[str, str] | None:
@@ -186,21 +203,43 @@ def test_inactivate_activate_round_trips_while_a_stream_runs(
     holder, other = a, b
     for i in range(2 * round_trips):
         off = rng.randrange(size // (64 * KiB)) * 64 * KiB
-        holder.write("x", model, off, 64 * KiB, 0x20 + i % 200)
-        holder.command("x", "inactivate", "x")  # returns once the chain is released
-        assert status_of(holder, "x").get("owner") != "self"
-        stopped = [e for e in holder.events("x") if e["event"] == "INACTIVATED"][-1]
+        # each host's part of a hand-over in one command (each one a command through
+        # the agent): the holder writes, inactivates (the write returns once the chain
+        # is released) and says what it shows then
+        said = sections(
+            holder.sh(
+                f"{writer_script(holder.img('x'), off, 64 * KiB, 0x20 + i % 200)}\n"
+                f"printf '%s\\n' x > {holder.control('x', 'inactivate')}\n"
+                f"echo '#status'; cat {holder.mountpoint}/control/.status\n"
+                f"echo '#events'; cat {holder.control('x', 'events')}"
+            ).out
+        )
+        model.write(off, 64 * KiB, 0x20 + i % 200)
+        assert status_in(said["status"], "x").get("owner") != "self"
+        seen = [parse_line(line) for line in said["events"].splitlines()]
+        stopped = [e for e in seen if e["event"] == "INACTIVATED"][-1]
         assert stopped.get("job") == job, f"the stream ended before hand-over {i + 1}"
-        other.command("x", "activate", "x")
-        seen = other.events("x")
+        # the other activates and reads: the whole disk now and then, else the block
+        # written before the hand-over
+        whole = round_trips <= 2 or (i + 1) % 5 == 0
+        read = f"dd if={other.img('x')} bs=64K skip={off // (64 * KiB)} count=1 2>/dev/null |"
+        if whole:
+            read = f"< {other.img('x')}"
+        said = sections(
+            other.sh(
+                f"printf '%s\\n' x > {other.control('x', 'activate')}\n"
+                f"echo '#events'; cat {other.control('x', 'events')}\n"
+                f"echo '#digest'; {read} sha256sum"
+            ).out
+        )
+        seen = [parse_line(line) for line in said["events"].splitlines()]
         taken = max(k for k, e in enumerate(seen) if e["event"] == "OWNERSHIP_TAKEN")
         resumed = [e for e in seen[taken:] if e["event"] == "JOB_RESUMED"]
         assert [e["job"] for e in resumed] == [job], seen[taken:]
-        if round_trips <= 2 or (i + 1) % 5 == 0:  # the whole disk, now and then
-            assert other.digest("x") == model.digest(), f"after hand-over {i + 1}"
-        else:  # the block written before it
-            block = f"dd if={other.img('x')} bs=64K skip={off // (64 * KiB)} count=1"
-            got = other.sh(f"{block} 2>/dev/null | sha256sum").out.split()[0]
+        got = said["digest"].split()[0]
+        if whole:
+            assert got == model.digest(), f"after hand-over {i + 1}"
+        else:
             want = hashlib.sha256(model.data[off : off + 64 * KiB]).hexdigest()
             assert got == want, f"the block written before hand-over {i + 1}"
         holder, other = other, holder

@@ -57,11 +57,8 @@ def test_unsafe_nfs_mount_option_is_refused(
         assert "-o ro" in r, r
         # read-only, anything goes
         lab.run("b", ["mkdir", "-p", f"/run/mnt/{site.name}-ro"])
-        ok = lab.run(
-            "b",
-            [*chainfs(), "mount", "-o", "ro", source, f"/run/mnt/{site.name}-ro"],
-            env=env(),
-            check=False,
+        ok = lab.chainfs(
+            "b", ["mount", "-o", "ro", source, f"/run/mnt/{site.name}-ro"], check=False
         )
         assert ok.rc == 0, ok.err
         lab.run("b", ["fusermount3", "-u", f"/run/mnt/{site.name}-ro"])
@@ -83,21 +80,9 @@ def test_recover_lost_locks_is_refused(lab: Lab, site: Site) -> None:
 def refused_mount(lab: Lab, source: str, mountpoint: str) -> str:
     """``chainfs mount`` of ``source`` on host b: it must fail; its message."""
     lab.run("b", ["mkdir", "-p", mountpoint])
-    r = lab.run("b", [*chainfs(), "mount", source, mountpoint], env=env(), check=False)
+    r = lab.chainfs("b", ["mount", source, mountpoint], check=False)
     if r.rc == 0:  # (the code before the check: the mount is up)
         lab.run("b", ["fusermount3", "-u", "-z", mountpoint], check=False)
     assert r.rc != 0, f"chainfs mounted {source} read-write"
     assert "cannot be served read-write safely" in r.err, r.err
     return str(r.err)
-
-
-def chainfs() -> list[str]:
-    from .conftest import CHAINFS
-
-    return CHAINFS
-
-
-def env() -> dict[str, str]:
-    from lab.lab import python_env
-
-    return python_env()
