@@ -627,13 +627,6 @@ class Lab:
     def heal(self, host: str) -> None:
         self.run(None, ["ip", "link", "set", f"lab-{host}", "up"])
 
-    def mount_nfs(self, host: str, where: str = "/shared", options: str = "vers=4.2") -> Result:
-        """Mount the server's export on ``host`` at ``where`` (made if missing)."""
-        return self.sh(
-            host,
-            f"mkdir -p {where} && mount -t nfs4 -o {options} {SERVER_IP[host]}:/ {where}",
-        )
-
     def umount(self, host: str, where: str = "/shared") -> Result:
         return self.run(host, ["umount", "-l", where], check=False)
 
