@@ -283,6 +283,9 @@ class HostFile:
         self._flush_error: HostIOError | None = None  # a flush failed: all later ones fail
         self._started: _Started | None = None  # the write on its way, if any
         self._writeback = 0  # then start the write-back of this much before its end
+        # the file's size as this object last saw or made it, -1 when unknown: a
+        # writable file changes only through this object while it is open (see ``size``)
+        self._size = -1
         if create and HostFile.observer is not None:
             HostFile.observer("create", self.path, 0, b"")
 
@@ -361,12 +364,16 @@ class HostFile:
                 HostFile.observer("write", self.path, offset, bytes(data))
         except OSError as e:
             raise self._fail("writing", e) from None
+        end = offset + len(data)
         try:
             n = os.pwrite(self.fd, data, offset)
         except OSError as e:
+            self._size = -1  # (part of it may have landed)
             raise self._fail("writing", e) from None
         if n < len(data):  # (short: the rest as ``_pwrite`` does it)
             self._pwrite(memoryview(data)[n:], offset + n)
+        if end > self._size >= 0:
+            self._size = end
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         try:
@@ -375,7 +382,10 @@ class HostFile:
                 view = view[n:]
                 offset += n
         except OSError as e:
+            self._size = -1  # (part of it may have landed)
             raise self._fail("writing", e) from None
+        if offset > self._size >= 0:
+            self._size = offset
 
     def pwrite_started(
         self, data: bytes | bytearray | memoryview, offset: int, writeback: int = 0
@@ -396,6 +406,7 @@ class HostFile:
             raise self._fail("writing", e) from None
         view = memoryview(data)
         self._writeback = writeback
+        self._size = -1  # it grows as the started write lands
         if _aio_calls is not None and not view.readonly and len(view):
             keep = (ctypes.c_char * len(view)).from_buffer(view)
             cb = _Aiocb(
@@ -560,6 +571,7 @@ class HostFile:
     def truncate(self, size: int) -> None:
         self.wait_written()
         self._unflushed = True
+        self._size = -1
         try:
             if HostFile.observer is not None:
                 HostFile.observer("truncate", self.path, size, b"")
@@ -568,10 +580,22 @@ class HostFile:
             raise self._fail("resizing", e) from None
 
     def size(self) -> int:
+        """The file's size.  A writable file's is asked of the kernel once and then kept
+        up to date by this object's own writes, without an ``fstat`` each time (a write
+        into a fresh cluster asks whether it lies past the end): while chainfs has an
+        image open for writing, nothing else changes it — QEMU's write lock keeps other
+        processes out, and the refcounts' allocation from the end (``next_free``, taken
+        once at open) already counts on it.  Unknown again after a failed or started
+        write and a truncation, which may have changed it by an amount not known here."""
+        if self._size >= 0:
+            return self._size
         try:
-            return os.fstat(self.fd).st_size
+            size = os.fstat(self.fd).st_size
         except OSError as e:
             raise self._fail("inspecting", e) from None
+        if self.writable:
+            self._size = size
+        return size
 
     def close(self) -> None:
         if self.fd >= 0:
