@@ -35,6 +35,8 @@ import re
 import secrets
 import stat
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -62,6 +64,64 @@ def _libc(name: str, *argtypes: str) -> Callable[[int, int, int, int], int] | No
 
 # start writing back a range of a file's dirty pages (fd, offset, length, flags)
 _start_writeback = _libc("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
+
+
+class _Writebacks:
+    """The thread that starts the kernel's write-back of ranges (``start_writeback``) for
+    every file of the process, so that the thread serving requests does not wait in
+    ``sync_file_range``: for a growing image's 8 MiB of new clusters the kernel allocates
+    the blocks and queues the I/O there, milliseconds of which only a few are CPU, the
+    rest waiting for the disk's queue.  ``ctypes`` lets go of the interpreter lock
+    meanwhile.  Started at the first range; a forked child starts its own
+    (``os.register_at_fork``: the parent's thread does not exist there)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.queue: deque[tuple[HostFile, int, int]] = deque()
+        self.thread: threading.Thread | None = None
+
+    def submit(self, file: HostFile, offset: int, length: int) -> None:
+        with self.cond:
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self._run, name="chainfs-writeback", daemon=True
+                )
+                self.thread.start()
+            file._writebacks += 1
+            self.queue.append((file, offset, length))
+            self.cond.notify_all()
+
+    def drain(self, file: HostFile) -> None:
+        """Wait until no range of ``file`` is queued or being started (before its
+        descriptor is closed, and its number possibly given to another file)."""
+        with self.cond:
+            while file._writebacks:
+                self.cond.wait()
+
+    def _run(self) -> None:
+        assert _start_writeback is not None
+        while True:
+            with self.cond:
+                while not self.queue:
+                    self.cond.wait()
+                file, offset, length = self.queue.popleft()
+            try:
+                _start_writeback(file.fd, offset, length, SYNC_FILE_RANGE_WRITE)
+            finally:
+                with self.cond:
+                    file._writebacks -= 1
+                    self.cond.notify_all()
+
+
+_writebacks = _Writebacks()
+
+
+def _after_fork() -> None:
+    global _writebacks
+    _writebacks = _Writebacks()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 FALLOC_FL_KEEP_SIZE = 1  # reserve blocks without changing the file's size
 FALLOC_FL_PUNCH_HOLE = 2  # give a range's blocks back (with KEEP_SIZE); it reads zeros
@@ -283,6 +343,7 @@ class HostFile:
         self._flush_error: HostIOError | None = None  # a flush failed: all later ones fail
         self._started: _Started | None = None  # the write on its way, if any
         self._writeback = 0  # then start the write-back of this much before its end
+        self._writebacks = 0  # ranges queued for ``start_writeback``'s thread, or in it
         # the file's size as this object last saw or made it, -1 when unknown: a
         # writable file changes only through this object while it is open (see ``size``)
         self._size = -1
@@ -500,10 +561,12 @@ class HostFile:
         without waiting for it, so that the next ``flush`` finds most of it written
         instead of writing it all then.  Best effort (Linux only): durability and the
         order of writes still come from ``flush`` alone, and an error of this write-back
-        is reported by the next ``flush`` (the kernel keeps it for ``fdatasync``).
+        is reported by the next ``flush`` (the kernel keeps it for ``fdatasync``).  Done
+        by a thread of its own (``_Writebacks``), not the caller's; ``close`` waits for
+        it.
         """
         if _start_writeback is not None and self.writable and length > 0:
-            _start_writeback(self.fd, offset, length, SYNC_FILE_RANGE_WRITE)
+            _writebacks.submit(self, offset, length)
 
     def reserve(self, end: int) -> None:
         """Have the file system reserve blocks up to at least ``end`` past the file's end
@@ -603,6 +666,8 @@ class HostFile:
                 self.wait_written()
             except HostIOError:
                 pass  # nothing points at what it wrote (the writer reports its failure)
+            if self._writebacks:
+                _writebacks.drain(self)
             self._release_reserve()
             os.close(self.fd)
             self.fd = -1
