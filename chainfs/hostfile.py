@@ -22,7 +22,8 @@ Locking contract: a ``HostFile`` holds no lock of its own; ``pread``/``pwrite`` 
 positional and safe to call from several threads at once.  ``pwrite_started`` hands one
 write to glibc's AIO threads, so that the caller reads its next piece while the kernel
 copies this one (the two cores work at once); ``flush``, ``truncate`` and ``close`` wait
-for it first.
+for it first.  ``start_writeback`` hands its ``sync_file_range`` to a thread of its own
+(``_Writebacks``); ``flush`` and ``close`` wait for that too.
 """
 
 from __future__ import annotations
@@ -562,8 +563,8 @@ class HostFile:
         instead of writing it all then.  Best effort (Linux only): durability and the
         order of writes still come from ``flush`` alone, and an error of this write-back
         is reported by the next ``flush`` (the kernel keeps it for ``fdatasync``).  Done
-        by a thread of its own (``_Writebacks``), not the caller's; ``close`` waits for
-        it.
+        by a thread of its own (``_Writebacks``), not the caller's; ``flush`` and ``close``
+        wait for it.
         """
         if _start_writeback is not None and self.writable and length > 0:
             _writebacks.submit(self, offset, length)
@@ -613,6 +614,8 @@ class HostFile:
         if not self.writable:
             return
         self.wait_written()
+        if self._writebacks:  # (what they started, the flush would write anyway)
+            _writebacks.drain(self)
         failed = self._flush_error
         if failed is not None:
             raise HostIOError(
