@@ -74,11 +74,13 @@ class _Writebacks:
     the blocks and queues the I/O there, milliseconds of which only a few are CPU, the
     rest waiting for the disk's queue.  ``ctypes`` lets go of the interpreter lock
     meanwhile.  Started at the first range; a forked child starts its own
-    (``os.register_at_fork``: the parent's thread does not exist there)."""
+    (``os.register_at_fork``: the parent's thread, and what it had queued, do not exist
+    there, so nothing waits for them)."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.queue: deque[tuple[HostFile, int, int]] = deque()
+        self.pending: dict[HostFile, int] = {}  # ranges queued or being started, by file
         self.thread: threading.Thread | None = None
 
     def submit(self, file: HostFile, offset: int, length: int) -> None:
@@ -88,7 +90,7 @@ class _Writebacks:
                     target=self._run, name="chainfs-writeback", daemon=True
                 )
                 self.thread.start()
-            file._writebacks += 1
+            self.pending[file] = self.pending.get(file, 0) + 1
             self.queue.append((file, offset, length))
             self.cond.notify_all()
 
@@ -96,7 +98,7 @@ class _Writebacks:
         """Wait until no range of ``file`` is queued or being started (before its
         descriptor is closed, and its number possibly given to another file)."""
         with self.cond:
-            while file._writebacks:
+            while file in self.pending:
                 self.cond.wait()
 
     def _run(self) -> None:
@@ -110,7 +112,9 @@ class _Writebacks:
                 _start_writeback(file.fd, offset, length, SYNC_FILE_RANGE_WRITE)
             finally:
                 with self.cond:
-                    file._writebacks -= 1
+                    left = self.pending.pop(file) - 1
+                    if left:
+                        self.pending[file] = left
                     self.cond.notify_all()
 
 
@@ -344,7 +348,6 @@ class HostFile:
         self._flush_error: HostIOError | None = None  # a flush failed: all later ones fail
         self._started: _Started | None = None  # the write on its way, if any
         self._writeback = 0  # then start the write-back of this much before its end
-        self._writebacks = 0  # ranges queued for ``start_writeback``'s thread, or in it
         # the file's size as this object last saw or made it, -1 when unknown: a
         # writable file changes only through this object while it is open (see ``size``)
         self._size = -1
@@ -614,8 +617,7 @@ class HostFile:
         if not self.writable:
             return
         self.wait_written()
-        if self._writebacks:  # (what they started, the flush would write anyway)
-            _writebacks.drain(self)
+        _writebacks.drain(self)  # (what it started, the flush would write anyway)
         failed = self._flush_error
         if failed is not None:
             raise HostIOError(
@@ -669,8 +671,7 @@ class HostFile:
                 self.wait_written()
             except HostIOError:
                 pass  # nothing points at what it wrote (the writer reports its failure)
-            if self._writebacks:
-                _writebacks.drain(self)
+            _writebacks.drain(self)
             self._release_reserve()
             os.close(self.fd)
             self.fd = -1
