@@ -427,13 +427,10 @@ class HostFile:
         try:
             if HostFile.observer is not None:
                 HostFile.observer("write", self.path, offset, bytes(data))
-        except OSError as e:
-            raise self._fail("writing", e) from None
-        end = offset + len(data)
-        try:
+            end = offset + len(data)
             n = os.pwrite(self.fd, data, offset)
         except OSError as e:
-            self._size = -1  # (part of it may have landed)
+            self._size = -1  # a failed write may have landed in part (a full disk)
             raise self._fail("writing", e) from None
         if n < len(data):  # (short: the rest as ``_pwrite`` does it)
             self._pwrite(memoryview(data)[n:], offset + n)
@@ -464,6 +461,7 @@ class HostFile:
             raise ChainfsError(f"{self.path!r} is open read-only")
         self.wait_written()
         self._unflushed = True
+        self._size = -1  # it grows as the started write lands (a failed one: in part)
         try:
             if HostFile.observer is not None:  # in order, and its failure raised here
                 HostFile.observer("write", self.path, offset, bytes(data))
@@ -471,7 +469,6 @@ class HostFile:
             raise self._fail("writing", e) from None
         view = memoryview(data)
         self._writeback = writeback
-        self._size = -1  # it grows as the started write lands
         if _aio_calls is not None and not view.readonly and len(view):
             keep = (ctypes.c_char * len(view)).from_buffer(view)
             cb = _Aiocb(
@@ -504,6 +501,7 @@ class HostFile:
             if HostFile.observer is not None:
                 HostFile.observer("write", self.path, offset, bytes(length))
         except OSError as e:
+            self._size = -1  # (as a failed write)
             raise self._fail("punching", e) from None
         self._unflushed = True
         mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE

@@ -92,3 +92,29 @@ def test_a_read_only_file_is_asked_every_time(tmp_path: Path, fstats: list[int])
         assert fstats.count(f.fd) == 2
     finally:
         f.close()
+
+
+def test_a_write_the_observer_fails_asks_again(tmp_path: Path, fstats: list[int]) -> None:
+    """The fault injector of the engine's I/O-error tests fails a write from the
+    observer after landing half of it through a descriptor of its own: the size is
+    unknown after it, as after any failed write (a cluster the failed write took, handed
+    out again, must not be taken for one past the end)."""
+    f = HostFile(str(tmp_path / "f"), True, create=True)
+
+    def half_then_fail(event: str, path: str, offset: int, data: bytes) -> None:
+        with open(path, "r+b") as other:
+            other.seek(offset)
+            other.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    try:
+        assert f.size() == 0
+        with mock.patch.object(HostFile, "observer", half_then_fail):
+            with pytest.raises(ChainfsError):
+                f.pwrite(b"x" * 8192, 0)
+            with pytest.raises(ChainfsError):
+                f.pwrite_started(bytearray(b"y" * 8192), 16384)
+        assert f.size() == 16384 + 4096 == os.stat(f.path).st_size
+        assert fstats.count(f.fd) == 2
+    finally:
+        f.close()
