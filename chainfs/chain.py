@@ -592,7 +592,19 @@ class Chain:
         answer (all a COW asks for), the disk shows what is below it, and the map names
         the one layer that holds it instead of a walk down every layer's tables.  A range
         no layer below shows data in gives b"" (``Fill``: zeros), with nothing allocated."""
-        plan = self._plan(offset, offset + length, below=True) if len(self.layers) > 1 else []
+        if len(self.layers) == 1:
+            return b""
+        g = self.granule
+        gi = offset // g
+        if gi == (offset + length - 1) // g:
+            # within one granule (the cluster of a guest's write): one holder answers
+            h = self._holders(gi >> REGION_BITS)[gi & ((1 << REGION_BITS) - 1)]
+            if not h:
+                return b""
+            plan: Plan = []
+            self._plan_from(1 if h == 1 else h - 1, offset, offset + length, plan)
+        else:
+            plan = self._plan(offset, offset + length, below=True)
         if not plan:
             return b""
         buf = bytearray(length)
@@ -615,17 +627,11 @@ class Chain:
         self._check_write(offset, n)
         if not n:
             return
-        active = self.active
-
-        def apply() -> bool:
-            # where the active layer holds the range already, one host write and done:
-            # the map of who holds what stays as it is
-            if active.write_in_place(offset, data):
-                return False
-            active.write(offset, data, self._fill)
-            return True
-
-        self._guest_write(offset, n, apply)
+        # where the active layer holds the range already, one host write and done: the
+        # map of who holds what stays as it is (``write_guest`` returns False)
+        self._guest_write(
+            offset, n, functools.partial(self.layers[0].write_guest, offset, data, self._fill)
+        )
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zeros, as zero clusters where the format allows."""

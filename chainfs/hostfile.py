@@ -22,7 +22,8 @@ Locking contract: a ``HostFile`` holds no lock of its own; ``pread``/``pwrite`` 
 positional and safe to call from several threads at once.  ``pwrite_started`` hands one
 write to glibc's AIO threads, so that the caller reads its next piece while the kernel
 copies this one (the two cores work at once); ``flush``, ``truncate`` and ``close`` wait
-for it first.
+for it first.  ``start_writeback`` hands its ``sync_file_range`` to a thread of its own
+(``_Writebacks``); ``flush`` and ``close`` wait for that too.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import re
 import secrets
 import stat
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -62,6 +65,68 @@ def _libc(name: str, *argtypes: str) -> Callable[[int, int, int, int], int] | No
 
 # start writing back a range of a file's dirty pages (fd, offset, length, flags)
 _start_writeback = _libc("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
+
+
+class _Writebacks:
+    """The thread that starts the kernel's write-back of ranges (``start_writeback``) for
+    every file of the process, so that the thread serving requests does not wait in
+    ``sync_file_range``: for a growing image's 8 MiB of new clusters the kernel allocates
+    the blocks and queues the I/O there, milliseconds of which only a few are CPU, the
+    rest waiting for the disk's queue.  ``ctypes`` lets go of the interpreter lock
+    meanwhile.  Started at the first range; a forked child starts its own
+    (``os.register_at_fork``: the parent's thread, and what it had queued, do not exist
+    there, so nothing waits for them)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.queue: deque[tuple[HostFile, int, int]] = deque()
+        self.pending: dict[HostFile, int] = {}  # ranges queued or being started, by file
+        self.thread: threading.Thread | None = None
+
+    def submit(self, file: HostFile, offset: int, length: int) -> None:
+        with self.cond:
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self._run, name="chainfs-writeback", daemon=True
+                )
+                self.thread.start()
+            self.pending[file] = self.pending.get(file, 0) + 1
+            self.queue.append((file, offset, length))
+            self.cond.notify_all()
+
+    def drain(self, file: HostFile) -> None:
+        """Wait until no range of ``file`` is queued or being started (before its
+        descriptor is closed, and its number possibly given to another file)."""
+        with self.cond:
+            while file in self.pending:
+                self.cond.wait()
+
+    def _run(self) -> None:
+        assert _start_writeback is not None
+        while True:
+            with self.cond:
+                while not self.queue:
+                    self.cond.wait()
+                file, offset, length = self.queue.popleft()
+            try:
+                _start_writeback(file.fd, offset, length, SYNC_FILE_RANGE_WRITE)
+            finally:
+                with self.cond:
+                    left = self.pending.pop(file) - 1
+                    if left:
+                        self.pending[file] = left
+                    self.cond.notify_all()
+
+
+_writebacks = _Writebacks()
+
+
+def _after_fork() -> None:
+    global _writebacks
+    _writebacks = _Writebacks()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 FALLOC_FL_KEEP_SIZE = 1  # reserve blocks without changing the file's size
 FALLOC_FL_PUNCH_HOLE = 2  # give a range's blocks back (with KEEP_SIZE); it reads zeros
@@ -283,6 +348,9 @@ class HostFile:
         self._flush_error: HostIOError | None = None  # a flush failed: all later ones fail
         self._started: _Started | None = None  # the write on its way, if any
         self._writeback = 0  # then start the write-back of this much before its end
+        # the file's size as this object last saw or made it, -1 when unknown: a
+        # writable file changes only through this object while it is open (see ``size``)
+        self._size = -1
         if create and HostFile.observer is not None:
             HostFile.observer("create", self.path, 0, b"")
 
@@ -359,14 +427,15 @@ class HostFile:
         try:
             if HostFile.observer is not None:
                 HostFile.observer("write", self.path, offset, bytes(data))
-        except OSError as e:
-            raise self._fail("writing", e) from None
-        try:
+            end = offset + len(data)
             n = os.pwrite(self.fd, data, offset)
         except OSError as e:
+            self._size = -1  # a failed write may have landed in part (a full disk)
             raise self._fail("writing", e) from None
         if n < len(data):  # (short: the rest as ``_pwrite`` does it)
             self._pwrite(memoryview(data)[n:], offset + n)
+        if end > self._size >= 0:
+            self._size = end
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         try:
@@ -375,7 +444,10 @@ class HostFile:
                 view = view[n:]
                 offset += n
         except OSError as e:
+            self._size = -1  # (part of it may have landed)
             raise self._fail("writing", e) from None
+        if offset > self._size >= 0:
+            self._size = offset
 
     def pwrite_started(
         self, data: bytes | bytearray | memoryview, offset: int, writeback: int = 0
@@ -389,6 +461,7 @@ class HostFile:
             raise ChainfsError(f"{self.path!r} is open read-only")
         self.wait_written()
         self._unflushed = True
+        self._size = -1  # it grows as the started write lands (a failed one: in part)
         try:
             if HostFile.observer is not None:  # in order, and its failure raised here
                 HostFile.observer("write", self.path, offset, bytes(data))
@@ -428,6 +501,7 @@ class HostFile:
             if HostFile.observer is not None:
                 HostFile.observer("write", self.path, offset, bytes(length))
         except OSError as e:
+            self._size = -1  # (as a failed write)
             raise self._fail("punching", e) from None
         self._unflushed = True
         mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -489,10 +563,12 @@ class HostFile:
         without waiting for it, so that the next ``flush`` finds most of it written
         instead of writing it all then.  Best effort (Linux only): durability and the
         order of writes still come from ``flush`` alone, and an error of this write-back
-        is reported by the next ``flush`` (the kernel keeps it for ``fdatasync``).
+        is reported by the next ``flush`` (the kernel keeps it for ``fdatasync``).  Done
+        by a thread of its own (``_Writebacks``), not the caller's; ``flush`` and ``close``
+        wait for it.
         """
         if _start_writeback is not None and self.writable and length > 0:
-            _start_writeback(self.fd, offset, length, SYNC_FILE_RANGE_WRITE)
+            _writebacks.submit(self, offset, length)
 
     def reserve(self, end: int) -> None:
         """Have the file system reserve blocks up to at least ``end`` past the file's end
@@ -539,6 +615,7 @@ class HostFile:
         if not self.writable:
             return
         self.wait_written()
+        _writebacks.drain(self)  # (what it started, the flush would write anyway)
         failed = self._flush_error
         if failed is not None:
             raise HostIOError(
@@ -560,6 +637,7 @@ class HostFile:
     def truncate(self, size: int) -> None:
         self.wait_written()
         self._unflushed = True
+        self._size = -1
         try:
             if HostFile.observer is not None:
                 HostFile.observer("truncate", self.path, size, b"")
@@ -568,10 +646,22 @@ class HostFile:
             raise self._fail("resizing", e) from None
 
     def size(self) -> int:
+        """The file's size.  A writable file's is asked of the kernel once and then kept
+        up to date by this object's own writes, without an ``fstat`` each time (a write
+        into a fresh cluster asks whether it lies past the end): while chainfs has an
+        image open for writing, nothing else changes it — QEMU's write lock keeps other
+        processes out, and the refcounts' allocation from the end (``next_free``, taken
+        once at open) already counts on it.  Unknown again after a failed or started
+        write and a truncation, which may have changed it by an amount not known here."""
+        if self._size >= 0:
+            return self._size
         try:
-            return os.fstat(self.fd).st_size
+            size = os.fstat(self.fd).st_size
         except OSError as e:
             raise self._fail("inspecting", e) from None
+        if self.writable:
+            self._size = size
+        return size
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -579,6 +669,7 @@ class HostFile:
                 self.wait_written()
             except HostIOError:
                 pass  # nothing points at what it wrote (the writer reports its failure)
+            _writebacks.drain(self)
             self._release_reserve()
             os.close(self.fd)
             self.fd = -1

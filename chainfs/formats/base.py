@@ -121,6 +121,17 @@ class Layer(ABC):
         else write nothing and return False (then ``write``).  By default, False."""
         return False
 
+    def write_guest(self, offset: int, data: Buffer, fill: Fill) -> bool:
+        """``write`` of a guest request: True if this layer may now answer for clusters
+        of the range it did not answer for before (the chain's map of who holds what
+        must claim them), False if it only overwrote, in place, what it held.  By
+        default ``write_in_place``, else ``write``; a driver answers the common request
+        (within one cluster: in place, or into one new cluster) with one lookup."""
+        if self.write_in_place(offset, data):
+            return False
+        self.write(offset, data, fill)
+        return True
+
     def write_started(self, offset: int, data: Buffer, fill: Fill) -> None:
         """``write``, allowed to return before the data landed; ``data`` must not change
         until ``settle`` (which the next write, flush or close does first).

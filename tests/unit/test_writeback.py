@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ def test_new_clusters_are_handed_to_write_back_in_order(
     with Chain.open(path, writable=True, lock=False) as chain:
         for i, piece in enumerate(data):
             chain.write(i * MiB, piece)
+        chain.flush()  # (waits for the write-back thread)
         assert len(kicks) == 20 // (driver.WRITEBACK_BYTES // MiB)
         assert all(n >= driver.WRITEBACK_BYTES for _, n in kicks)
         for (a, n), (b, _) in itertools.pairwise(kicks):
@@ -49,7 +51,6 @@ def test_new_clusters_are_handed_to_write_back_in_order(
         # the first range starts at the first data cluster, and nothing is kicked twice
         first_host = chain.active.extents(0, 1)[0].host
         assert kicks[0][0] == first_host
-        chain.flush()
     with Chain.open(path, lock=False) as chain:
         assert chain.read(0, 20 * MiB) == b"".join(data)
 
@@ -73,3 +74,43 @@ def test_a_read_only_file_is_left_alone(tmp_path: Path, kicks: list[tuple[int, i
     finally:
         f.close()
     assert kicks == []
+
+
+def test_the_kernel_is_asked_on_a_thread_of_its_own(
+    tmp_path: Path, kicks: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The serving thread does not wait in ``sync_file_range`` (for the disk's queue, ms
+    at a time): the call is made by the write-back thread, and ``close`` waits for it,
+    so the descriptor it names is never closed (and its number reused) under it."""
+    threads: list[int] = []
+    entered, release = threading.Event(), threading.Event()
+    fds_open: list[bool] = []
+
+    me = threading.get_ident()
+
+    def record(fd: int, offset: int, length: int, flags: int) -> int:
+        threads.append(threading.get_ident())
+        entered.set()
+        if threading.get_ident() != me:  # (on the caller's, it would wait for itself)
+            release.wait()
+        try:
+            os.fstat(fd)
+            fds_open.append(True)
+        except OSError:
+            fds_open.append(False)
+        return 0
+
+    monkeypatch.setattr(hostfile, "_start_writeback", record)
+    path = str(tmp_path / "f")
+    f = hostfile.HostFile(path, True, create=True)
+    f.pwrite(b"x" * MiB, 0)
+    f.start_writeback(0, MiB)  # returns with the call not done
+    assert entered.wait(timeout=60)
+    closer = threading.Thread(target=f.close)
+    closer.start()
+    closer.join(timeout=0.5)  # (a close that did not wait would have closed by now)
+    release.set()
+    closer.join()
+    assert threads and threading.get_ident() not in threads
+    assert fds_open == [True]
+    assert f.fd == -1

@@ -365,6 +365,48 @@ class Qcow2Layer(Tables):
         self.file.pwrite(data, (e & OFFSET_MASK) + (offset & (self.cluster_size - 1)))
         return True
 
+    def write_guest(self, offset: int, data: Buffer, fill: Fill) -> bool:
+        """``Layer.write_guest``: a write within one cluster looks its entry up once —
+        this layer holds the cluster unshared: written in place (``write_in_place``);
+        no entry at all: a new cluster (``_write_new``, as ``write`` does it, without
+        its loop and lists).  Anything else (other entries, writes over more than one
+        cluster, a started write to settle) is ``write``'s."""
+        cb = self.cluster_bits
+        c = offset >> cb
+        n = len(data)
+        i = c >> self.l2_bits
+        if (
+            not n
+            or (offset + n - 1) >> cb != c
+            or offset + n > self.virtual_size
+            or self._started is not None
+            or self._unsettled is not None
+            or self.refs is None  # (not writable)
+            or i >= self.h.l1_size
+        ):
+            return super().write_guest(offset, data, fill)
+        l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK
+        e = _U64.unpack_from(self._l2(l2_off), (c & self.l2_mask) * 8)[0] if l2_off else 0
+        if e & COPIED and e & OFFSET_MASK and not e & (COMPRESSED_BIT | ZERO_FLAG):
+            self.file.pwrite(data, (e & OFFSET_MASK) + (offset & (self.cluster_size - 1)))
+            return False
+        if e:
+            self._write(offset, data, fill, started=False)
+            return True
+        # a cluster this layer has nothing for: its content is what lies below
+        payload: Buffer = data
+        zero_cow = -1
+        if n < self.cluster_size:
+            content = self._old_content(c, 0, fill)
+            if content is None:
+                zero_cow = offset & (self.cluster_size - 1)
+            else:
+                in_off = offset & (self.cluster_size - 1)
+                content[in_off : in_off + n] = data
+                payload = content
+        self._write_new([(c, 0)], payload, zero_cow, started=False)
+        return True
+
     def write_started(self, offset: int, data: Buffer, fill: Fill) -> None:
         """``write``, with the data of new clusters written while this returns
         (``HostFile.pwrite_started``): the entries point at them only once it landed
@@ -463,8 +505,20 @@ class Qcow2Layer(Tables):
             pos += n
         if run_b >= 0:
             self.file.pwrite(view[run_a:run_b], run_host)
-        if not fresh:
-            return
+        if fresh:
+            payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            self._write_new(fresh, payload, zero_cow, started=started)
+
+    def _write_new(
+        self, fresh: list[tuple[int, int]], payload: Buffer, zero_cow: int, *, started: bool
+    ) -> None:
+        """Give the clusters ``fresh`` (cluster, old entry; consecutive) new host
+        clusters, allocated together at the end of the file, write ``payload`` (their
+        whole content) there and point their entries at it.  ``zero_cow`` >= 0: one
+        cluster that reads as zeros, ``payload`` being the data alone, at that offset in
+        it."""
+        assert self.refs is not None
+        cs = self.cluster_size
         # make sure the L2 tables exist before the data clusters are allocated, so data
         # clusters stay contiguous
         table_no = -1
@@ -484,7 +538,6 @@ class Qcow2Layer(Tables):
         if end_host - self._writeback_from >= WRITEBACK_BYTES:
             writeback = end_host - self._writeback_from
             self._writeback_from = end_host
-        payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         at = host
         if zero_cow >= 0:
             # One cluster that reads as zeros, partly written.  The zeros of a COW need not
