@@ -115,20 +115,13 @@ class Layer(ABC):
     def write(self, offset: int, data: Buffer, fill: Fill) -> None:
         """Write into this layer; ``fill`` supplies backing content for copy-on-write."""
 
-    def write_in_place(self, offset: int, data: Buffer) -> bool:
-        """Write ``data`` where this layer holds it already and return True, if that is
-        all the write takes (nothing allocated, no copy-on-write, no metadata changed);
-        else write nothing and return False (then ``write``).  By default, False."""
-        return False
-
     def write_guest(self, offset: int, data: Buffer, fill: Fill) -> bool:
         """``write`` of a guest request: True if this layer may now answer for clusters
         of the range it did not answer for before (the chain's map of who holds what
-        must claim them), False if it only overwrote, in place, what it held.  By
-        default ``write_in_place``, else ``write``; a driver answers the common request
-        (within one cluster: in place, or into one new cluster) with one lookup."""
-        if self.write_in_place(offset, data):
-            return False
+        must claim them), False if it only overwrote, in place, what it held (nothing
+        allocated, no copy-on-write, no metadata changed).  By default ``write``, and
+        True; a driver answers the common request (within one cluster: in place, or
+        into one new cluster) with one lookup."""
         self.write(offset, data, fill)
         return True
 

@@ -335,42 +335,14 @@ class Qcow2Layer(Tables):
         """
         self._write(offset, data, fill, started=False)
 
-    def write_in_place(self, offset: int, data: Buffer) -> bool:
-        """The common guest write on its own (``Layer.write_in_place``): within one
-        cluster this layer holds unshared (COPIED), one ``pwrite`` and nothing else —
-        no entry, refcount or map changes, so nothing to order.  False (nothing
-        written) for anything else, and while a started write or its failure waits to
-        be settled (``write`` settles first and raises it)."""
-        cb = self.cluster_bits
-        c = offset >> cb
-        n = len(data)
-        if (
-            not n
-            or (offset + n - 1) >> cb != c
-            or offset + n > self.virtual_size
-            or self._started is not None
-            or self._unsettled is not None
-            or self.refs is None  # (not writable)
-        ):
-            return False
-        i = c >> self.l2_bits
-        if i >= self.h.l1_size:
-            return False
-        l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK
-        if not l2_off:
-            return False
-        e = _U64.unpack_from(self._l2(l2_off), (c & self.l2_mask) * 8)[0]
-        if not e & COPIED or e & (COMPRESSED_BIT | ZERO_FLAG) or not e & OFFSET_MASK:
-            return False
-        self.file.pwrite(data, (e & OFFSET_MASK) + (offset & (self.cluster_size - 1)))
-        return True
-
     def write_guest(self, offset: int, data: Buffer, fill: Fill) -> bool:
         """``Layer.write_guest``: a write within one cluster looks its entry up once —
-        this layer holds the cluster unshared: written in place (``write_in_place``);
-        no entry at all: a new cluster (``_write_new``, as ``write`` does it, without
-        its loop and lists).  Anything else (other entries, writes over more than one
-        cluster, a started write to settle) is ``write``'s."""
+        this layer holds the cluster unshared (COPIED): one ``pwrite`` in place and
+        nothing else (no entry, refcount or map changes, so nothing to order); no entry
+        at all: a new cluster (``_write_new``, as ``write`` does it, without its loop
+        and lists).  Anything else (other entries, writes over more than one cluster,
+        a started write or its failure to settle: ``write`` settles first and raises
+        it) is ``write``'s."""
         cb = self.cluster_bits
         c = offset >> cb
         n = len(data)
