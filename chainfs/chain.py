@@ -592,19 +592,7 @@ class Chain:
         answer (all a COW asks for), the disk shows what is below it, and the map names
         the one layer that holds it instead of a walk down every layer's tables.  A range
         no layer below shows data in gives b"" (``Fill``: zeros), with nothing allocated."""
-        if len(self.layers) == 1:
-            return b""
-        g = self.granule
-        gi = offset // g
-        if gi == (offset + length - 1) // g:
-            # within one granule (the cluster of a guest's write): one holder answers
-            h = self._holders(gi >> REGION_BITS)[gi & ((1 << REGION_BITS) - 1)]
-            if not h:
-                return b""
-            plan: Plan = []
-            self._plan_from(1 if h == 1 else h - 1, offset, offset + length, plan)
-        else:
-            plan = self._plan(offset, offset + length, below=True)
+        plan = self._plan(offset, offset + length, below=True) if len(self.layers) > 1 else []
         if not plan:
             return b""
         buf = bytearray(length)
