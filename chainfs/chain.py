@@ -176,6 +176,13 @@ class ReadMap(Protocol):
     def clear(self, offset: int = 0, length: int | None = None) -> None: ...
     def release(self) -> None: ...
 
+    # overwrites pyfuse3 answers itself (``fastread.WRITES``): a granule marked with
+    # ``set_writable`` until it is set or cleared again, or ``revoke_writes``
+    def set_writable(self, offset: int, fd: int, host: int) -> None: ...
+    def revoke_writes(self) -> None: ...
+    def writes(self) -> int: ...
+    def written_ns(self) -> int: ...
+
 
 class Chain:
     """An open chain, active layer first."""
@@ -216,6 +223,10 @@ class Chain:
         self.on_writable: Callable[[Layer], None] | None = None
         # the flat file's reads pyfuse3 answers without chainfs (``attach_read_map``)
         self.read_map: ReadMap | None = None
+        # and its overwrites (``_mark_writable``), when the map can take them: set by a
+        # mount that has pyfuse3's write maps
+        self.write_map = False
+        self._written_ns = 0  # ``written_ns`` of the read map this chain last released
         self._reset_granule()
 
     @classmethod
@@ -329,14 +340,16 @@ class Chain:
         if self.read_map is not None:
             self.read_map.reset(self.size, self.granule)
 
-    def attach_read_map(self, read_map: ReadMap) -> None:
+    def attach_read_map(self, read_map: ReadMap, *, writes: bool = False) -> None:
         """Let pyfuse3 answer the flat file's reads of data clusters from ``read_map``,
-        which this chain fills (``read``) and clears (``unmap``) from now on."""
+        which this chain fills (``read``) and clears (``unmap``) from now on; with
+        ``writes`` (pyfuse3 has write maps), overwrites in place too (``write``)."""
         with self.lock:
             if self._closed:
                 return
             read_map.take(self)
             self.read_map = read_map
+            self.write_map = writes
             read_map.reset(self.size, self.granule)
 
     def release_read_map(self) -> None:
@@ -347,8 +360,29 @@ class Chain:
 
     def _release_read_map(self) -> None:
         if self.read_map is not None:
+            self._written_ns = max(self._written_ns, self.read_map.written_ns())
             self.read_map.release()
         self.read_map = None
+
+    def written_ns(self) -> int:
+        """When pyfuse3 last overwrote the flat file by itself (``_mark_writable``), in
+        ``Disk.touch``'s clock; 0 if never."""
+        rm = self.read_map
+        return max(self._written_ns, rm.written_ns()) if rm is not None else self._written_ns
+
+    def revoke_writes(self) -> None:
+        """From now on every overwrite through ``write`` again, until it marks granules
+        anew (a write hook, a change of the bitmaps: what the guest's writes must go
+        through from the next one on).  Holding the GIL is enough: pyfuse3 holds it
+        throughout a write it answers."""
+        if self.read_map is not None:
+            self.read_map.revoke_writes()
+
+    def add_write_hook(self, hook: WriteHook) -> None:
+        """``hook`` sees every guest write from the next one on (the caller holds the
+        lock): none is pyfuse3's any more."""
+        self.revoke_writes()
+        self.write_hooks.append(hook)
 
     def unmap(self, offset: int, length: int) -> None:
         """The granules of ``[offset, offset+length)`` may stop showing the host bytes
@@ -618,7 +652,10 @@ class Chain:
         # where the active layer holds the range already, one host write and done: the
         # map of who holds what stays as it is (``write_guest`` returns False)
         self._guest_write(
-            offset, n, functools.partial(self.layers[0].write_guest, offset, data, self._fill)
+            offset,
+            n,
+            functools.partial(self.layers[0].write_guest, offset, data, self._fill),
+            mark=self.write_map,
         )
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -630,14 +667,21 @@ class Chain:
             )
 
     def _guest_write(
-        self, offset: int, length: int, apply: Callable[[], bool | None], *, claim: bool = True
+        self,
+        offset: int,
+        length: int,
+        apply: Callable[[], bool | None],
+        *,
+        claim: bool = True,
+        mark: bool = False,
     ) -> None:
         """One guest request that changes ``[offset, offset+length)`` (``apply`` makes the
         change in the active layer), between the write hooks, all under the lock: every
         request that changes the disk (writes, zeroes, discards) goes through here.  With
         ``claim`` the active layer now answers for the range in the map of who holds
         what (a discard updates the map itself), unless ``apply`` returned False (it
-        answered for all of it already)."""
+        answered for all of it already); with ``mark`` (a write) and False, the granules
+        overwritten may then be pyfuse3's (``_mark_writable``)."""
         with self.lock:
             for hook in self.write_hooks:
                 hook.before_write(offset, length)
@@ -649,9 +693,38 @@ class Chain:
                 raise
             if changed is not False and claim:
                 self.claim(offset, length)
+            elif mark and not self.write_hooks:
+                self._mark_writable(offset, length)
             self.allocation_stale = True
             for hook in self.write_hooks:
                 hook.after_write(offset, length)
+
+    def _mark_writable(self, offset: int, length: int) -> None:
+        """After an overwrite in place of ``[offset, offset+length)`` with no write hook
+        (the caller holds the lock): pyfuse3 answers the next overwrites of its granules
+        itself (``fastread``), where such an overwrite would be what this one was — one
+        host write, nothing else.  So only granules the active layer holds unshared
+        (``in_place_host``), their bitmap bits set first for the whole granule (durable
+        before pyfuse3's first write, as ``mark_dirty`` does for ours); not while the
+        crash tests watch every host write (``HostFile.observer``).  What such a write
+        leaves undone: the file's times (``Disk.mtime_ns``) and its flush
+        (``HostFile.elsewhere``), both from the map's count."""
+        rm = self.read_map
+        if rm is None or HostFile.observer is not None:
+            return
+        active, g = self.active, self.granule
+        for gi in range(offset // g, (offset + length - 1) // g + 1):
+            start = gi * g
+            host = active.in_place_host(start)
+            if host is None:
+                continue
+            try:
+                active.mark_dirty(start, min(g, self.size - start))
+            except ChainfsError:
+                return  # (no mark: the next write through here meets it)
+            rm.set_writable(start, active.file.fd, host)
+            if active.file.elsewhere is None:
+                active.file.elsewhere = rm.writes
 
     def discard(self, offset: int, length: int) -> None:
         """Make a range read as zeros and give back the space the active layer held
@@ -1092,6 +1165,7 @@ class Chain:
     def dirty_bitmaps(self) -> Bitmaps:
         """The persistent dirty bitmaps of the active layer (the caller holds the lock
         for as long as it uses them)."""
+        self.revoke_writes()  # (the caller may change them: a new bitmap needs its bits)
         bitmaps: Bitmaps | None = getattr(self.active, "bitmaps", None)
         if bitmaps is None:
             layer = self.active

@@ -394,6 +394,24 @@ class Disk(Watched):
 
     # -- the flat disk ----------------------------------------------------------------------
 
+    @property
+    def mtime_ns(self) -> int:
+        """The flat file's mtime: the last write through chainfs (``touch``), or the
+        last pyfuse3 answered itself (``fastread``), whichever is later."""
+        return max(self._mtime_ns, self.chain.written_ns())
+
+    @mtime_ns.setter
+    def mtime_ns(self, value: int) -> None:
+        self._mtime_ns = value
+
+    @property
+    def ctime_ns(self) -> int:
+        return max(self._ctime_ns, self.chain.written_ns())
+
+    @ctime_ns.setter
+    def ctime_ns(self, value: int) -> None:
+        self._ctime_ns = value
+
     def touch(self) -> None:
         # The kernel stamps the image files from the coarse clock, which lags time_ns() by
         # up to a tick; the flat file's times come from the images' after a remount, so

@@ -649,7 +649,7 @@ class Operations(pyfuse3.Operations):
                 if h.flat is not disk.chain:
                     h.flat = disk.chain  # reopened by a hand-over
                 if h.flat.read_map is None and fastread.AVAILABLE and _unshared(disk):
-                    h.flat.attach_read_map(self._read_map(h.inode))
+                    h.flat.attach_read_map(self._read_map(h.inode), writes=fastread.WRITES)
             # pyfuse3 takes any contiguous buffer; a bytearray saves a copy
             return cast(bytes, h.flat.read(off, size))
         if h.status is not None:
@@ -685,8 +685,12 @@ class Operations(pyfuse3.Operations):
             n = min(len(buf), size - off)
             disk.check_writable()
             disk.touch()  # before the host write, so the images' mtimes are never older
+            chain = disk.chain
+            if chain.read_map is None and fastread.WRITES and _unshared(disk):
+                # (the overwrites it marks are pyfuse3's from then on: ``fastread``)
+                chain.attach_read_map(self._read_map(h.inode), writes=True)
             try:
-                disk.chain.write(off, memoryview(buf)[:n])
+                chain.write(off, memoryview(buf)[:n])
             except ChainfsError as e:
                 disk.check_owner(e)  # an EIO from a locked file may be a lost lock
                 raise

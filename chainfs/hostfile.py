@@ -344,6 +344,10 @@ class HostFile:
                 f"cannot open {self.path!r}: {e.strerror}", e.errno or errno.EIO
             ) from None
         self._unflushed = False  # a write was issued since the last flush
+        # writes made to this file elsewhere (pyfuse3's overwrites, ``fastread``): a count
+        # that grows with them, and its value at the last flush
+        self.elsewhere: Callable[[], int] | None = None
+        self._elsewhere_seen = 0
         self._reserved = -1  # space is reserved up to here (-1: nothing reserved)
         self._flush_error: HostIOError | None = None  # a flush failed: all later ones fail
         self._started: _Started | None = None  # the write on its way, if any
@@ -623,6 +627,12 @@ class HostFile:
                 "its last good flush may be lost",
                 failed.errno,
             )
+        if self.elsewhere is not None:
+            # counted before the sync: a write after the count is flushed next time
+            n = self.elsewhere()
+            if n != self._elsewhere_seen:
+                self._elsewhere_seen = n
+                self._unflushed = True
         if not self._unflushed:
             return
         self._unflushed = False

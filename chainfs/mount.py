@@ -493,10 +493,13 @@ class _Fuse:
         if self.mounted:
             notify("STOPPING=1")
             served, passed = fastread.stats()
+            written, sent = fastread.write_stats()
             pyfuse3.close(unmount=True)
             log.info("unmounted mountpoint=%s", self.mountpoint)
             if fastread.AVAILABLE:
                 log.info("read map: %d reads answered by pyfuse3, %d passed on", served, passed)
+            if fastread.WRITES:
+                log.info("write map: %d writes answered by pyfuse3, %d passed on", written, sent)
 
 
 async def _stop(disks: list[Disk], nursery: trio.Nursery) -> None:
@@ -760,6 +763,8 @@ class Hosts:
         disk.chain.flush()
         chain = Chain.open(disk.chain.active.path, writable=False, lock=False)
         chain.confine = disk.chain.confine
+        # the times of pyfuse3's overwrites (``Disk.mtime_ns``) outlive the old chain
+        disk.mtime_ns, disk.ctime_ns = disk.mtime_ns, disk.ctime_ns
         old, disk.chain = disk.chain, chain
         if travelling:
             assert job is not None

@@ -177,6 +177,13 @@ class Layer(ABC):
         except OSError:
             return 0
 
+    def in_place_host(self, offset: int) -> int | None:
+        """The host offset of the guest byte at ``offset`` if an overwrite of its cluster
+        is one ``pwrite`` there and nothing else (this layer holds the cluster, writable,
+        allocated unshared: no copy-on-write, no metadata to change), else None: then
+        pyfuse3 may do such overwrites itself (``fastread``).  By default None."""
+        return None
+
     def mark_dirty(self, offset: int, length: int) -> None:  # noqa: B027 (most keep none)
         """A guest write is about to change the range: the layer's persistent dirty
         bitmaps (if it keeps any) must say so, durably before the change can be."""

@@ -378,7 +378,7 @@ class BackupJob(Job):
                 marked = bitmaps.freeze(self.bitmap)
                 self._frozen = bitmaps
             self.pending = select(self.served, self.sync, unit, size, marked)
-            chain.write_hooks.append(self)
+            chain.add_write_hook(self)
         self.len = 0 if self.sync == NONE else self.pending.pending() * unit
         log.info("job=%s backup of %d units into %s", self.id, self.pending.pending(), self.dest)
 

@@ -348,7 +348,7 @@ class MirrorJob(Job):
         granule = max(GRANULE, self.target.cluster_size)
         step = max(STEP, granule)
         self.dirty = dirty = DirtyMap(granule, self._wake)
-        chain.write_hooks.append(self)
+        chain.add_write_hook(self)
         self.offset, self.len = 0, size  # both grow by what is copied again
         pos = copied = 0
         while pos < size:

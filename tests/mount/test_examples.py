@@ -67,7 +67,7 @@ EXCUSED: dict[str, str] = {
     "ln -s /opt/chainfs/bin/chainfs /usr/local/bin/chainfs": INSTALL,
     "mkdir -p /usr/local/share/man/man1": INSTALL,
     "ln -s /opt/chainfs/share/man/man1/chainfs.1 /usr/local/share/man/man1/chainfs.1": INSTALL,
-    "chainfs --version     # chainfs 0.2.0 (pyfuse3 3.5.0+chainfs.4: holes and discard on)": (
+    "chainfs --version     # chainfs 0.2.0 (pyfuse3 3.5.0+chainfs.5: holes and discard on)": (
         INSTALL
     ),
     "man -w chainfs": INSTALL,

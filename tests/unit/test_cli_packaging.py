@@ -95,7 +95,7 @@ def test_pip_install_without_dependencies(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_pip_install_with_dependencies(tmp_path: Path) -> None:
     venv = install(tmp_path, pyfuse3=True)
-    check_installed(venv, tmp_path, "pyfuse3 3.5.0+chainfs.4: holes and discard on")
+    check_installed(venv, tmp_path, "pyfuse3 3.5.0+chainfs.5: holes and discard on")
     run(venv / "bin" / "python", "-I", "-c", "import chainfs.mount, chainfs.fs", cwd=tmp_path)
 
 

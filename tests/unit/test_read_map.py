@@ -57,6 +57,19 @@ class ModelMap:
             self.owner.read_map = None
         self.owner = None
 
+    # overwrites (``test_write_map``): none here
+    def set_writable(self, offset: int, fd: int, host: int) -> None:
+        raise AssertionError("marked writable without a write map")
+
+    def revoke_writes(self) -> None:
+        pass
+
+    def writes(self) -> int:
+        return 0
+
+    def written_ns(self) -> int:
+        return 0
+
     def check(self, model: bytearray) -> None:
         """What pyfuse3 would answer for every mapped granule is the model's content."""
         g = self.granule

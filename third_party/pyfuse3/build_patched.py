@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 UPSTREAM = "3.5.0"
-LOCAL = "chainfs.4"
+LOCAL = "chainfs.5"
 VERSION = f"{UPSTREAM}+{LOCAL}"
 SDIST = f"pyfuse3-{UPSTREAM}.tar.gz"
 SDIST_SHA256 = "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24"
@@ -44,6 +44,7 @@ PATCHES = [
     HERE / "nonblocking-receive.patch",
     HERE / "read-map.patch",
     HERE / "busy-poll.patch",
+    HERE / "write-map.patch",
 ]
 CACHE = HERE / "downloads" / SDIST
 

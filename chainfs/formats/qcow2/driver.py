@@ -326,6 +326,27 @@ class Qcow2Layer(Tables):
                 self.file.flush()
                 return
 
+    def in_place_host(self, offset: int) -> int | None:
+        """``Layer.in_place_host``: the cluster's entry is COPIED, allocated, neither
+        compressed nor a zero cluster (``write_guest``'s in-place branch), and no started
+        write is on its way."""
+        cb = self.cluster_bits
+        c = offset >> cb
+        i = c >> self.l2_bits
+        if (
+            offset >= self.virtual_size
+            or self._started is not None
+            or self._unsettled is not None
+            or self.refs is None  # (not writable)
+            or i >= self.h.l1_size
+        ):
+            return None
+        l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK
+        e = _U64.unpack_from(self._l2(l2_off), (c & self.l2_mask) * 8)[0] if l2_off else 0
+        if e & COPIED and e & OFFSET_MASK and not e & (COMPRESSED_BIT | ZERO_FLAG):
+            return (e & OFFSET_MASK) + (offset & (self.cluster_size - 1))
+        return None
+
     def write(self, offset: int, data: Buffer, fill: Fill) -> None:
         """Overwrite allocated clusters in place; give the others new clusters, allocated
         together at the end of the file and written with one ``pwrite``.
