@@ -51,8 +51,11 @@ class FakeChain:
     def write(self, offset: int, data: memoryview) -> None:
         self.writes.append((offset, len(data)))
 
-    def attach_read_map(self, read_map: Any) -> None:
+    def attach_read_map(self, read_map: Any, *, writes: bool = False) -> None:
         self.read_map = read_map
+
+    def written_ns(self) -> int:
+        return 0  # (pyfuse3 never overwrites for it)
 
     def release_read_map(self) -> None:
         self.read_map = None

