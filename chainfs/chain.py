@@ -704,9 +704,10 @@ class Chain:
         (the caller holds the lock): pyfuse3 answers the next overwrites of its granules
         itself (``fastread``), where such an overwrite would be what this one was — one
         host write, nothing else.  So only granules the active layer holds unshared
-        (``in_place_host``), their bitmap bits set first for the whole granule (durable
-        before pyfuse3's first write, as ``mark_dirty`` does for ours); not while the
-        crash tests watch every host write (``HostFile.observer``).  What such a write
+        (``in_place_host``) whose bits in every enabled bitmap are set already (this
+        write's ``mark_dirty`` set them, durably; a bitmap finer than the granule keeps
+        its granules chainfs's until all its bits are set); not while the crash tests
+        watch every host write (``HostFile.observer``).  What such a write
         leaves undone: the file's times (``Disk.mtime_ns``) and its flush
         (``HostFile.elsewhere``), both from the map's count."""
         rm = self.read_map
@@ -718,10 +719,8 @@ class Chain:
             host = active.in_place_host(start)
             if host is None:
                 continue
-            try:
-                active.mark_dirty(start, min(g, self.size - start))
-            except ChainfsError:
-                return  # (no mark: the next write through here meets it)
+            if not active.dirty_covered(start, min(g, self.size - start)):
+                continue  # (a bitmap finer than the granule: bits are set as QEMU does)
             rm.set_writable(start, active.file.fd, host)
             if active.file.elsewhere is None:
                 active.file.elsewhere = rm.writes

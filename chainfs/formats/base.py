@@ -184,6 +184,11 @@ class Layer(ABC):
         pyfuse3 may do such overwrites itself (``fastread``).  By default None."""
         return None
 
+    def dirty_covered(self, offset: int, length: int) -> bool:
+        """Whether the layer's persistent dirty bitmaps say all of a range is dirty
+        already (``mark_dirty`` there would change nothing); True without bitmaps."""
+        return True
+
     def mark_dirty(self, offset: int, length: int) -> None:  # noqa: B027 (most keep none)
         """A guest write is about to change the range: the layer's persistent dirty
         bitmaps (if it keeps any) must say so, durably before the change can be."""

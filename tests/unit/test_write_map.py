@@ -250,3 +250,23 @@ def test_revoked_by_write_hooks_and_bitmaps() -> None:
             assert rm.writable() == [1]
             bm = chain.dirty_bitmaps().list[0]
             assert bm.bits is not None and bm.bits[0] & 2
+
+
+def test_a_finer_bitmap_keeps_its_granules_until_all_bits_are_set() -> None:
+    """A 4 KiB-granular bitmap in 64 KiB granules: an overwrite of one page sets one bit,
+    as QEMU's does (not the granule's sixteen), so the granule stays chainfs's until a
+    write has set them all."""
+    with tempfile.TemporaryDirectory(prefix="chainfs-writemap-") as d:
+        rm = ModelWriteMap()
+        with Chain.open(_qcow2_chain(d), writable=True, lock=False) as chain:
+            chain.attach_read_map(rm, writes=True)
+            with chain.lock:
+                chain.dirty_bitmaps().add("b4k", 4096)
+            for _ in range(2):
+                chain.write(65536, b"a" * 4096)
+            assert rm.writable() == []
+            bm = chain.dirty_bitmaps().list[0]
+            assert bm.count(chain.size) == 4096
+            chain.write(65536, b"b" * 65536)
+            assert rm.writable() == [1]
+            assert bm.count(chain.size) == 65536

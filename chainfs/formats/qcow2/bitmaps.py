@@ -287,6 +287,21 @@ class Bitmaps:
                 self._write_bits(bm, a >> 3, (b >> 3) + 1)
         return new
 
+    def covered(self, offset: int, length: int) -> bool:
+        """Whether every enabled bitmap has every bit of a range set already (a write
+        there would set none: ``mark`` returns False for any part of it)."""
+        end = min(offset + length, self.size)
+        for bm in self.list:
+            if bm.bits is None or not bm.flags & AUTO or end <= offset:
+                continue  # (as ``mark``: an inconsistent bitmap is not maintained)
+            g = bm.gran_bits
+            a, b = offset >> g, (end - 1) >> g
+            bits = bm.bits
+            for i in range(a, b + 1):
+                if not bits[i >> 3] >> (i & 7) & 1:
+                    return False
+        return True
+
     def _write_bits(self, bm: Bitmap, a: int, b: int) -> None:
         """Write bytes ``[a, b)`` of the bitmap data in place."""
         assert bm.bits is not None and bm.table is not None

@@ -347,6 +347,10 @@ class Qcow2Layer(Tables):
             return (e & OFFSET_MASK) + (offset & (self.cluster_size - 1))
         return None
 
+    def dirty_covered(self, offset: int, length: int) -> bool:
+        bm = self.bitmaps
+        return bm is None or not bm.list or bm.covered(offset, length)
+
     def write(self, offset: int, data: Buffer, fill: Fill) -> None:
         """Overwrite allocated clusters in place; give the others new clusters, allocated
         together at the end of the file and written with one ``pwrite``.
