@@ -16,15 +16,15 @@ its file descriptors is closed (their numbers get reused).  ``Disk`` drops the m
 ownership is suspended or lost; ``fs`` gives one only to a chain whose layers nobody
 else may write (owned here, or held under QEMU's locks).
 
-Overwrites too, with ``write-map.patch`` (``WRITES``): a granule the chain marks
-writable in its map (``set(..., writable=True)``) takes WRITEs lying entirely in marked
-granules as a ``pwrite`` to the host bytes, in pyfuse3's C callback.  The chain marks a
+Overwrites too, with ``write-map.patch`` (``WRITES``): pyfuse3 answers a WRITE lying
+entirely in granules the chain marked writable (``set_writable``) with a ``pwrite`` to
+their host bytes, in its C callback.  The chain marks a
 granule only right after its own write path overwrote it in place with nothing else
 to do (``Chain._mark_writable``), and revokes every mark at once (``revoke_writes``, a
 bump of the map's epoch) before anything that a later write would have to see: a write
 hook, a change of the bitmaps; a change of shape, a claim or a discard clear the map
-anyway.  What those writes skip is made good lazily: the flat file's times come from
-``writes()`` (``Disk.mtime_ns``), and a flush of a layer's file syncs when the count
+anyway.  What those writes skip is made good lazily: the flat file's times take
+``written_ns`` (``Disk.mtime_ns``), and a flush of a layer's file syncs when ``writes``
 moved since its last one (``HostFile.elsewhere``).
 """
 
