@@ -269,6 +269,9 @@ class Disk(Watched):
         checkpoint."""
         if self.suspended is not None or self.fenced is not None or not self.owned:
             return
+        # every guest write through chainfs from the very next one (``check_writable``),
+        # also while the map's release waits for the chain's lock (a job step holds it)
+        self.chain.revoke_writes()
         self.suspended = reason
         self.chain.release_read_map()  # until resumed, every read through chainfs
         self.shown_changed()
@@ -299,6 +302,7 @@ class Disk(Watched):
         job stops, no file is touched); chainfs never takes the chain again by itself."""
         if self.fenced is not None:
             return
+        self.chain.revoke_writes()  # (as in ``suspend``)
         self.fenced = reason
         self.suspended = None
         self.chain.release_read_map()  # another host may write the layers from now on

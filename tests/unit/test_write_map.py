@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -23,8 +25,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chainfs.chain import Chain
+from chainfs.disk import Disk
 from chainfs.formats.qcow2.bitmaps import Bitmaps
 from chainfs.formats.qcow2.create import create_overlay
+from chainfs.source import Source
 
 from .test_map import build_chain
 from .test_read_map import ModelMap, _step
@@ -270,3 +274,31 @@ def test_a_finer_bitmap_keeps_its_granules_until_all_bits_are_set() -> None:
             chain.write(65536, b"b" * 65536)
             assert rm.writable() == [1]
             assert bm.count(chain.size) == 65536
+
+
+@pytest.mark.expect_log(r"lost ownership of vm|ownership of vm suspended")
+@pytest.mark.parametrize("how", ["fence", "suspend"])
+def test_lost_ownership_ends_the_marks_before_it_waits_for_the_lock(how: str) -> None:
+    """A fence (or suspension) from the heartbeat's thread while a job step holds the
+    chain's lock: the marks end before ``fenced`` is set, not once the map's release gets
+    the lock, so no overwrite is pyfuse3's while the guest's own writes get EIO."""
+    with tempfile.TemporaryDirectory(prefix="chainfs-writemap-") as d:
+        rm = ModelWriteMap()
+        with Chain.open(_qcow2_chain(d), writable=True, lock=False) as chain:
+            chain.attach_read_map(rm, writes=True)
+            for _ in range(2):
+                chain.write(0, b"a" * 4096)
+            assert rm.writable() == [0]
+            disk = Disk(
+                "vm", chain, Source(d, d), allowed_dirs=[d], readonly=False, spawn=lambda fn: None
+            )
+            disk.owned = True
+            with chain.lock:  # a job step
+                t = threading.Thread(target=getattr(disk, how), args=("lease lost",))
+                t.start()
+                deadline = time.monotonic() + 10
+                while disk.fenced is None and disk.suspended is None:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+                assert rm.writable() == []  # (the release still waits for the lock)
+            t.join()
