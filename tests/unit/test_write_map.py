@@ -302,3 +302,50 @@ def test_lost_ownership_ends_the_marks_before_it_waits_for_the_lock(how: str) ->
                     time.sleep(0.001)
                 assert rm.writable() == []  # (the release still waits for the lock)
             t.join()
+
+
+def test_an_overwrite_during_a_snapshots_flush_is_synced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyfuse3 does not take the chain's lock: its overwrite may land in the old active
+    layer while ``push_overlay`` holds the lock with the GIL let go, right after that
+    layer's flush.  Forced there: the overwrite is in the old layer, the disk shows it,
+    and the old layer is synced after it (its close flushes: the map's count moved)."""
+    events: list[tuple[str, int]] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: Any) -> None:
+        events.append(("sync", fd))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with tempfile.TemporaryDirectory(prefix="chainfs-writemap-") as d:
+        rm = ModelWriteMap()
+        model = bytearray(1 << 20)
+        base = _qcow2_chain(d)
+        with Chain.open(base, writable=True, lock=False) as chain:
+            chain.attach_read_map(rm, writes=True)
+            for data in (b"a" * 4096, b"b" * 4096):
+                chain.write(0, data)
+            model[:4096] = b"b" * 4096
+            assert rm.writable() == [0]
+            old = chain.active
+            fd = old.file.fd
+            flush = old.file.flush
+            once: list[int] = []
+
+            def flush_then_overwrite() -> None:
+                flush()
+                if not once:  # the snapshot's flush, and pyfuse3's write right after
+                    once.append(1)
+                    rm.overwrite(0, random.Random(3), model)
+                    events.append(("pyfuse3", fd))
+
+            monkeypatch.setattr(old.file, "flush", flush_then_overwrite)
+            top = os.path.join(d, "snap.qcow2")
+            create_overlay(top, size=1 << 20, backing=base, backing_format="qcow2")
+            chain.push_overlay(top)
+            assert ("pyfuse3", fd) in events
+            assert ("sync", fd) in events[events.index(("pyfuse3", fd)) :]
+            assert rm.writable() == []  # (a new map: the new layer holds nothing)
+            assert chain.read(0, 1 << 20) == model
+        with Chain.open(base, writable=False, lock=False) as below:
+            assert below.read(0, 1 << 20) == model
