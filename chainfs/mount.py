@@ -68,6 +68,7 @@ from .ownership import (
     OwnedElsewhere,
     Ownership,
     chain_file,
+    describe_holder,
     is_locked,
     is_shared,
 )
@@ -579,21 +580,30 @@ async def wait_for_owner(
 ) -> Ownership:
     """Take ``chain``'s locks, waiting up to ``timeout`` seconds for their holder to die
     (``kill -9`` frees them at once, a cut-off host's go with its lease); the wait is
-    said every few seconds."""
+    said every few seconds.  Each try runs in a worker thread: on NFS it is a few round
+    trips to the server (open, lock, close: a server busy with other chains' take-overs
+    answers slowly), and the one that gets the locks writes and syncs the owner file (a
+    slow or stalled server holds it up) -- the guest's requests to the other chains,
+    their events and control files, do not wait behind it.  Who holds the lock is read
+    only when it is said."""
     deadline = time.monotonic() + seconds
     said = 0.0
+    try_once = functools.partial(Ownership.acquire, directory, chain, describe=False)
     while True:
         try:
-            return Ownership.acquire(directory, chain)
-        except OwnedElsewhere as e:
+            return await trio.to_thread.run_sync(try_once)
+        except OwnedElsewhere:
             left = deadline - time.monotonic()
+            holder = ""
+            if left <= 0 or time.monotonic() - said >= 5:
+                holder = await trio.to_thread.run_sync(describe_holder, directory, chain)
             if left <= 0:
                 raise ChainfsError(
-                    f"cannot adopt chain {chain!r}: still owned by {e.holder} after {seconds:.0f} s"
+                    f"cannot adopt chain {chain!r}: still owned by {holder} after {seconds:.0f} s"
                 ) from None
             if time.monotonic() - said >= 5:
                 said = time.monotonic()
-                message = f"waiting for the owner's lock, {left:.0f} s left ({e.holder})"
+                message = f"waiting for the owner's lock, {left:.0f} s left ({holder})"
                 log.info("chain=%s %s", chain, message)
                 if progress is not None:
                     progress(message)
