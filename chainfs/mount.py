@@ -68,6 +68,7 @@ from .ownership import (
     OwnedElsewhere,
     Ownership,
     chain_file,
+    describe_holder,
     is_locked,
     is_shared,
 )
@@ -582,27 +583,81 @@ async def wait_for_owner(
 ) -> Ownership:
     """Take ``chain``'s locks, waiting up to ``timeout`` seconds for their holder to die
     (``kill -9`` frees them at once, a cut-off host's go with its lease); the wait is
-    said every few seconds."""
+    said every few seconds.  Each try runs in a worker thread: on NFS it is a few round
+    trips to the server (open, lock, close: a server busy with other chains' take-overs
+    answers slowly), and the one that gets the locks writes and syncs the owner file (a
+    slow or stalled server holds it up) -- the guest's requests to the other chains,
+    their events and control files, do not wait behind it.  Who holds the lock is read
+    only when it is said."""
     deadline = time.monotonic() + seconds
     said = 0.0
+    try_once = functools.partial(Ownership.acquire, directory, chain, describe=False)
     while True:
         try:
-            return Ownership.acquire(directory, chain)
-        except OwnedElsewhere as e:
+            return await trio.to_thread.run_sync(try_once)
+        except OwnedElsewhere:
             left = deadline - time.monotonic()
+            holder = ""
+            if left <= 0 or time.monotonic() - said >= 5:
+                holder = await trio.to_thread.run_sync(describe_holder, directory, chain)
             if left <= 0:
                 raise ChainfsError(
-                    f"cannot adopt chain {chain!r}: still owned by {e.holder} after {seconds:.0f} s"
+                    f"cannot adopt chain {chain!r}: still owned by {holder} after {seconds:.0f} s"
                 ) from None
             if time.monotonic() - said >= 5:
                 said = time.monotonic()
-                message = f"waiting for the owner's lock, {left:.0f} s left ({e.holder})"
+                message = f"waiting for the owner's lock, {left:.0f} s left ({holder})"
                 log.info("chain=%s %s", chain, message)
                 if progress is not None:
                     progress(message)
         # every waiter tries again at the same instants: the locks a dead owner held
         # all go at once, and the chains it held are then taken over side by side
         await trio.sleep_until(math.floor(trio.current_time() / POLL + 1) * POLL)
+
+
+class SharedScan:
+    """The source as take-overs (``Hosts.take_async``) must see it, scanned once for all
+    the take-overs that wait together.  A scan begun after a chain's locks were taken
+    finds the chain as its take-over must (nobody else writes its files since), so a
+    take-over waits for a scan begun at or after its ``since``: the one running, or
+    the next one, which begins when the running one ends and serves every take-over
+    that came meanwhile.  A scan reads every chain's images and state record: ten
+    chains adopted side by side scanned the source ten times (seconds each on NFS under
+    TCG); now two or three times."""
+
+    def __init__(self, scan: Callable[[], sources.Source], nursery: trio.Nursery) -> None:
+        self.scan, self.nursery = scan, nursery
+        self.latest: _Scan | None = None
+
+    async def since(self, when: float) -> sources.Source:
+        while True:
+            scan = self.latest
+            if scan is None or (scan.done.is_set() and scan.began < when):
+                scan = self.latest = _Scan(trio.current_time())
+                self.nursery.start_soon(self._run, scan)
+            await scan.done.wait()
+            if scan.began < when:
+                continue  # begun before this chain was taken: the next one
+            if scan.error is not None:
+                raise scan.error  # (each take-over that waited for it fails with it)
+            assert scan.result is not None
+            return scan.result
+
+    async def _run(self, scan: _Scan) -> None:
+        try:
+            scan.result = await trio.to_thread.run_sync(self.scan)
+        except Exception as e:
+            scan.error = e
+        finally:
+            scan.done.set()
+
+
+@dataclass
+class _Scan:
+    began: float
+    done: trio.Event = field(default_factory=trio.Event)
+    result: sources.Source | None = None
+    error: Exception | None = None
 
 
 class Hosts:
@@ -629,6 +684,7 @@ class Hosts:
         self.src, self.opts, self.disks = src, opts, disks
         self.recovery, self.nursery = recovery, nursery
         self.forget_cache = forget_cache  # the kernel's pages of a flat file
+        self.scans = SharedScan(functools.partial(sources.load, src.path), nursery)
         self.adopting: set[str] = set()
         self.handing_over: set[str] = set()  # inactivated, waiting for the job to stop
 
@@ -698,11 +754,12 @@ class Hosts:
         read-only since the adopt began (kept in memory only) start: they are written
         to its history, which the events file shows from now on (``chainfs adopt``
         follows that file from where it was)."""
+        since = trio.current_time()  # (its locks are taken)
         taking = _Taking(self, disk, ownership, how, shown)
         try:
             scanned = None
             if taking.pending:
-                scanned = await trio.to_thread.run_sync(sources.load, self.src.path)
+                scanned = await self.scans.since(since)
             taking.recover(scanned)
             taking.open(await trio.to_thread.run_sync(taking.opener()))
             await trio.to_thread.run_sync(taking.repair)

@@ -227,15 +227,17 @@ class Ownership:
         self.unclean = False
 
     @classmethod
-    def acquire(cls, directory: str, chain: str) -> Ownership:
+    def acquire(cls, directory: str, chain: str, *, describe: bool = True) -> Ownership:
         """Lock the chain's owner file, then its state file and journal, without waiting;
-        ``OwnedElsewhere`` if any is held by someone else."""
+        ``OwnedElsewhere`` if any is held by someone else (naming the holder unless not
+        to ``describe`` it: a waiter's tries, which say who only now and then)."""
         own = cls(directory, chain)
         try:
             os.makedirs(own_dir(directory), exist_ok=True)
             own.owner_fd = _open_locked(own.owner_path)
             if own.owner_fd < 0:
-                raise OwnedElsewhere(chain, describe_holder(directory, chain))
+                holder = describe_holder(directory, chain) if describe else "another mount"
+                raise OwnedElsewhere(chain, holder)
             own.state_fd = _open_locked(own.state_path)
             own.journal_fd = _open_locked(own.journal_path)
             if own.state_fd < 0 or own.journal_fd < 0:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import gzip
 import hashlib
 import io
 import json
@@ -60,8 +59,19 @@ HOSTS = ("a", "b")
 SERVER_IP = {"a": "10.0.1.1", "b": "10.0.2.1"}
 LEASE = 10  # seconds: nfsv4leasetime and nfsv4gracetime in the guest
 BOOT_TIMEOUT = 180.0
-# what the initramfs loads (with their dependencies) to reach the 9p root
-INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
+# The kernel modules the lab loads (with their dependencies, each once), all carried by
+# the initramfs, in lanes that load side by side (``build_initramfs``):
+# what the initramfs loads to reach the 9p root and the control port
+ROOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_console", "veth")
+# the server's, loaded by the initramfs beside those: lockd's grace period (3 s, in which
+# the server refuses every lock), and so the lab's readiness, starts with nfsd
+NFSD_MODULES = ("nfsd",)
+# loaded by guest-init from /run/lab-modules, each lane beside the others
+GUEST_LANES = (("loop", "crc32c_generic", "ext4"), ("fuse", "nfsv4", "nfsv3", "nfs"))
+# what modprobe would load too (softdeps): crc32c_intel for ext4 (crc32c_generic serves
+# it, where the accelerated one's self-tests took 2 s under TCG)
+SKIP_MODULES = ("crc32c_intel",)
+MODULE_SIGNATURE = b"~Module signature appended~\n"
 
 
 class LabUnavailable(Exception):
@@ -228,8 +238,11 @@ def prepare_kernel() -> Kernel:
         return Kernel(root, version)
 
 
-def _modules_with_deps(kernel: Kernel, names: Sequence[str]) -> list[Path]:
-    """The module files for ``names`` and what they depend on, dependencies first."""
+def _modules_with_deps(
+    kernel: Kernel, names: Sequence[str], loaded: Sequence[Path] = ()
+) -> list[Path]:
+    """The module files for ``names`` and what they depend on, dependencies first,
+    leaving out the ``loaded`` ones."""
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
     for line in (kernel.modules / "modules.dep").read_text().splitlines():
@@ -240,21 +253,50 @@ def _modules_with_deps(kernel: Kernel, names: Sequence[str]) -> list[Path]:
         Path(line).name.split(".ko")[0].replace("-", "_")
         for line in (kernel.modules / "modules.builtin").read_text().split()
     }
+    # what modprobe loads first (ext4 and jbd2: crc32c, whose driver ext4 asks for)
+    aliases: dict[str, list[str]] = {}
+    for line in (kernel.modules / "modules.alias").read_text().splitlines():
+        _, alias, module = line.split(" ", 2)
+        aliases.setdefault(alias, []).append(module)
+    pre: dict[str, list[str]] = {}
+    for line in (kernel.modules / "modules.softdep").read_text().splitlines():
+        words = line.split()
+        if len(words) > 3 and words[0] == "softdep" and words[2] == "pre:":
+            pre[words[1].replace("-", "_")] = [
+                m.replace("-", "_") for w in words[3:] if w != "post:" for m in aliases.get(w, [w])
+            ]
     order: list[str] = []
+    skip = {str(p.relative_to(kernel.modules)) for p in loaded}
 
-    def add(path: str) -> None:
-        if path in order:
+    def add(name: str) -> None:
+        key = name.replace("-", "_")
+        if key in builtin or key not in by_name or key in SKIP_MODULES:
             return
+        path = by_name[key]
+        if path in order or path in skip:
+            return
+        for p in pre.get(key, []):
+            add(p)
         for d in reversed(deps[path]):
-            add(d)
+            add(Path(d).name.split(".ko")[0])
         order.append(path)
 
     for name in names:
-        key = name.replace("-", "_")
-        if key in builtin:
-            continue
-        add(by_name[key])
+        if name.replace("-", "_") not in by_name and name.replace("-", "_") not in builtin:
+            raise LabUnavailable(f"the kernel has no module {name}")
+        add(name)
     return [kernel.modules / p for p in order]
+
+
+def _unsigned(module: bytes) -> bytes:
+    """A module without its appended signature: the kernel (which does not enforce
+    signatures here) then skips checking it, a hash of the whole module under TCG."""
+    if not module.endswith(MODULE_SIGNATURE):
+        return module
+    end = len(module) - len(MODULE_SIGNATURE)
+    # struct module_signature (12 bytes) ends with the signature's length, big-endian
+    (sig_len,) = struct.unpack_from(">I", module, end - 4)
+    return module[: end - 12 - sig_len]
 
 
 def _cpio(entries: Sequence[tuple[str, int, bytes]]) -> bytes:
@@ -276,7 +318,11 @@ INITRAMFS_INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t devtmpfs dev /dev
-for m in $(cat /modules); do insmod "/lib/$m" || echo "initramfs: insmod $m failed"; done
+lane() { for m in $(cat "$1"); do insmod "/lib/$m" || echo "initramfs: insmod $m failed"; done; }
+# nfsd's modules beside the root's: the server starts first (guest-init)
+lane /nfsd.lane &
+nfsd=$!
+lane /root.lane
 mkdir -p /host /rw /newroot
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 root /host \
     || { echo "initramfs: no 9p root"; poweroff -f; }
@@ -291,6 +337,9 @@ mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
 # (/tmp stays the overlay's: the checkout under test may live in the host's /tmp)
 mount -t tmpfs tmpfs /newroot/run
+# the other modules go to guest-init, which loads them beside its own work
+mv /guest /newroot/run/lab-modules
+wait $nfsd
 umount /proc
 umount /dev
 exec switch_root /newroot "$labinit"
@@ -298,28 +347,45 @@ exec switch_root /newroot "$labinit"
 
 
 def build_initramfs(kernel: Kernel) -> Path:
-    """The initramfs (cached next to the kernel): busybox, the modules for the 9p root,
-    and an init that mounts it and switches to ``guest-init``."""
+    """The initramfs (cached next to the kernel): busybox, an init that mounts the 9p
+    root and switches to ``guest-init``, and every module the lab loads, without their
+    signatures (``_unsigned``), in lanes: the root's and nfsd's (loaded by the init side
+    by side), and ``GUEST_LANES`` (in ``/run/lab-modules`` for guest-init, each
+    ``N.lane`` listing its files in order).  Not compressed: the kernel unpacks it
+    under TCG before the init starts."""
+    root = _modules_with_deps(kernel, ROOT_MODULES)
+    nfsd = _modules_with_deps(kernel, NFSD_MODULES, root)
+    lanes: list[list[Path]] = []
+    for names in GUEST_LANES:
+        loaded = [*root, *nfsd, *(m for lane in lanes for m in lane)]
+        lanes.append(_modules_with_deps(kernel, names, loaded))
     # named by what goes in, so that a changed init is never served from the cache
-    digest = hashlib.sha256(INITRAMFS_INIT.encode()).hexdigest()[:12]
-    target = CACHE / f"initramfs-{kernel.version}-{digest}.gz"
+    what = [INITRAMFS_INIT, *(m.name for lane in (root, nfsd, *lanes) for m in lane)]
+    digest = hashlib.sha256(repr(what).encode()).hexdigest()[:12]
+    target = CACHE / f"initramfs-{kernel.version}-{digest}.cpio"
     busybox = shutil.which("busybox") or "/bin/busybox"
     if not Path(busybox).exists():
         raise LabUnavailable("busybox is not installed (install busybox-static)")
     with _cache_lock():
         if target.exists():
             return target
-        modules = _modules_with_deps(kernel, INITRAMFS_MODULES)
         entries: list[tuple[str, int, bytes]] = [
-            (d, 0o040755, b"") for d in ("bin", "dev", "proc", "sys", "lib", "mnt")
+            (d, 0o040755, b"") for d in ("bin", "dev", "proc", "sys", "lib", "mnt", "guest")
         ]
         entries.append(("bin/busybox", 0o100755, Path(busybox).read_bytes()))
         entries.append(("init", 0o100755, INITRAMFS_INIT.encode()))
-        entries.append(("modules", 0o100644, "\n".join(m.name for m in modules).encode()))
-        entries += [(f"lib/{m.name}", 0o100644, m.read_bytes()) for m in modules]
+        for name, mods in (("root", root), ("nfsd", nfsd)):
+            entries.append((f"{name}.lane", 0o100644, "\n".join(m.name for m in mods).encode()))
+            entries += [(f"lib/{m.name}", 0o100644, _unsigned(m.read_bytes())) for m in mods]
+        for i, mods in enumerate(lanes):
+            entries.append((f"guest/{i}.lane", 0o100644, "\n".join(m.name for m in mods).encode()))
+            entries += [(f"guest/{m.name}", 0o100644, _unsigned(m.read_bytes())) for m in mods]
         tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(gzip.compress(_cpio(entries), compresslevel=1))
+        tmp.write_bytes(_cpio(entries))
         tmp.rename(target)
+        for old in CACHE.glob(f"initramfs-{kernel.version}-*"):
+            if old != target:
+                old.unlink()  # (an older init or module list)
         return target
 
 

@@ -8,7 +8,8 @@ EIO as a failing ``fdatasync`` would, ``write ENOSPC`` every write fails with EN
 and so on (one ``EVENT ERRNO-NAME [FILE-SUFFIX]`` per line: with a suffix, only for
 files whose path ends with it); ``STALL`` for the errno name blocks the call for as
 long as the line stays (as a write to a cut-off NFS server blocks), then lets it go
-on; without the file nothing fails.  The
+on (``RULES_FILE.stalled`` appears when a call is blocked there, for a test to know
+it is); without the file nothing fails.  The
 failure is raised where the system call would fail, so chainfs handles it as it would a
 real one.  A test points the mount fixtures' ``CHAINFS`` at this script.
 """
@@ -47,6 +48,7 @@ def main() -> int:
         for kind, err, suffix in rules(path):
             if kind == event and file.endswith(suffix):
                 if err == STALL:
+                    path.with_name(path.name + ".stalled").touch()
                     while (kind, err, suffix) in rules(path):
                         time.sleep(0.05)
                     return

@@ -22,6 +22,7 @@ are (the lab of many hosts under qemu is ``tests/lab``):
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import random
 import sys
@@ -536,3 +537,50 @@ def test_a_heartbeat_blocked_or_failing_suspends_the_chain_until_it_is_written_a
     a.unmount()
     assert_clean([seed.active])
     assert_content(seed.active, model, tmp_path / "cmp")
+
+
+@read_only_refused
+def test_a_take_over_held_up_holds_up_no_other_chain(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adopting mount's take of one chain blocks in the storage (its first
+    heartbeat held, as a write to a slow or stalled NFS server is): the other chain it
+    serves answers meanwhile -- its flat file's stat, its events, its status, another
+    control write -- and the take ends once the storage answers."""
+    images = tmp_path / "images"
+    seeds(images, "x", size=SIZE)
+    seeds(images, "y", size=SIZE)
+    rules = tmp_path / "rules"
+    monkeypatch.setattr(conftest, "CHAINFS", (sys.executable, str(FAULTINJECT), str(rules)))
+    a = mounter(images)
+    b = mounter(images)
+    assert owner(b, "xE")["owner"] == "elsewhere" and owner(b, "yE")["owner"] == "elsewhere"
+    a.kill()
+    a.wait_exit(None)
+    run("fusermount3", "-u", "-z", a.mountpoint)
+    rules.write_text("heartbeat STALL /xE.owner\n")
+    b.command("xE", "adopt", "xE")
+    wait_for(lambda: rules.with_name("rules.stalled").exists() or None, "the take to block")
+    answered: list[object] = []
+
+    def other_chain() -> None:
+        answered.append(os.stat(b.img("yE")).st_size)
+        answered.append(len(b.events("yE")))
+        answered.append(owner(b, "yE")["owner"])
+        b.command("yE", "adopt", "yE")
+        answered.append("adopt written")
+
+    looker = threading.Thread(target=other_chain, daemon=True)
+    looker.start()
+    looker.join(conftest.DEADLINE)
+    stuck = looker.is_alive()
+    rules.unlink()  # the storage answers again
+    assert not stuck, f"the other chain did not answer while xE's take was held: {answered}"
+    assert answered[0] == SIZE and answered[2] == "elsewhere", answered
+
+    def adopted(chain: str) -> bool | None:
+        return owner(b, chain)["owner"] == "self" or None
+
+    for chain in ("xE", "yE"):
+        wait_for(functools.partial(adopted, chain), f"{chain} adopted")
+    b.unmount()

@@ -4,6 +4,7 @@ from the store on one host."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,21 @@ def test_the_lab_says_which_accelerator_it_runs_under(lab: Lab) -> None:
     # the guest's kernel sees KVM's CPUID signature under KVM only
     booted = lab.run(None, ["dmesg"]).out
     assert ("Hypervisor detected: KVM" in booted) == (lab.accel == "kvm"), booted[:3000]
+
+
+def test_the_lab_loaded_its_modules_from_the_initramfs_and_locked_after_lockd_grace(
+    lab: Lab,
+) -> None:
+    """Every module the lab needs is in (loaded by the initramfs and guest-init, none
+    failed), and guest-init saw lockd start (the hosts' first lock waited for the end
+    of its grace period, not the NFS client's retries)."""
+    loaded = {line.split()[0] for line in lab.run(None, ["cat", "/proc/modules"]).out.splitlines()}
+    wanted = {"nfsd", "lockd", "nfsv4", "nfsv3", "nfs", "ext4", "loop", "fuse", "veth"}
+    assert wanted <= loaded, wanted - loaded
+    assert re.search(r"insmod \S+ failed", lab.console()) is None, lab.console()
+    grace_end = lab.run(None, ["cat", "/run/lockd-grace-end"]).out.strip()
+    uptime = lab.run(None, ["cut", "-d.", "-f1", "/proc/uptime"]).out.strip()
+    assert 300 < int(grace_end) < int(uptime) * 100, (grace_end, uptime)
 
 
 def _modules(tmp: Path, *names: str) -> Path:
