@@ -122,6 +122,9 @@ class EventLog:
             else []
         )
         self._view = bytearray()  # what the ``events`` file shows
+        # the log that took this one's place (a take-over: ``carry_into``), where in this
+        # log's view it goes on, and from where in its own
+        self._next: tuple[EventLog, int, int] | None = None
         self._lines = 0  # lines in the current segment
         self._size = 0  # bytes of well-formed lines in the current segment
         self._repair = False  # the segment holds a torn or damaged line
@@ -201,10 +204,34 @@ class EventLog:
         return int(digits) if digits.isdigit() else 0
 
     def __len__(self) -> int:
-        return len(self._view)
+        nxt = self._next
+        if nxt is None:
+            return len(self._view)
+        log, here, there = nxt
+        return here + len(log) - there
 
     def read(self, offset: int, size: int) -> bytes:
-        return bytes(self._view[offset : offset + size])
+        """The bytes at ``offset`` of this log's view, and once another log took its place
+        (``carry_into``), from where this view goes on there: a reader that opened the
+        file before the change reads on without a torn line, the new log's lines that
+        follow what it read included."""
+        nxt = self._next
+        if nxt is None:
+            return bytes(self._view[offset : offset + size])
+        log, here, there = nxt
+        if offset < here:
+            return bytes(self._view[offset : min(here, offset + size)])  # (asked again)
+        return log.read(there + offset - here, size)
+
+    def carry_into(self, log: EventLog, shown: int) -> None:
+        """``log`` (the chain's history, at a take-over) shows the chain's events from
+        now on: the lines this log showed from ``shown`` on are added to it, and a
+        reader of this one reads on there (``read``)."""
+        since = bytes(self._view[shown:])
+        there = len(log)
+        for line in since.decode(errors="replace").splitlines():
+            log.append(line)
+        self._next = (log, shown, there)
 
     def __bytes__(self) -> bytes:
         return bytes(self._view)

@@ -47,6 +47,7 @@ from .chain import Chain
 from .control import COMMANDS, CommandError, format_line
 from .disk import Disk, Writer
 from .errors import ChainfsError
+from .eventlog import EventLog
 from .logs import Throttle, describe_call
 from .source import Source
 from .views import View
@@ -143,6 +144,7 @@ class Handle:
     view: View | None = None  # a layer view (``disk.views`` serves it)
     reader: bool = False  # a flat file of a chain another host owns (``Disk.open_reader``)
     status: StatusReader | None = None  # ``.status``: its text, rendered as reads reach it
+    events: EventLog | None = None  # ``events``: the log it was opened on (``EventLog.read``)
 
 
 class StatusReader:
@@ -614,8 +616,10 @@ class Operations(pyfuse3.Operations):
         if name in READ_FILES:
             if writing:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            data = None if name == "events" else self._read_file(disk, name)
-            self.handles[fh] = Handle(inode, disk, data)
+            if name == "events":
+                self.handles[fh] = Handle(inode, disk, events=disk.events)
+            else:
+                self.handles[fh] = Handle(inode, disk, self._read_file(disk, name))
         else:
             if not writing:
                 raise pyfuse3.FUSEError(errno.EACCES)
@@ -656,9 +660,10 @@ class Operations(pyfuse3.Operations):
             return self.status_piece(h.status, off, size)
         if h.data is not None:  # (a short read past TEXT_PIECE: see there)
             return h.data[off : off + min(size, TEXT_PIECE)]
-        assert h.disk is not None
-        # events: live, append-only, so ``tail -f`` follows it
-        return h.disk.events.read(off, size)
+        # events: live, append-only, so ``tail -f`` follows it (also across a take-over,
+        # which puts the chain's history in its place: ``EventLog.carry_into``)
+        assert h.events is not None
+        return h.events.read(off, size)
 
     def _read_map(self, inode: int) -> fastread.ReadMap:
         """The read map of a flat file's inode (``fastread``), one per inode."""
@@ -725,8 +730,8 @@ class Operations(pyfuse3.Operations):
             return found
         if h.data is not None:
             size = len(h.data)
-        elif h.disk is not None and h.inode == self._inode(h.disk, 2 + READ_FILES.index("events")):
-            size = len(h.disk.events)
+        elif h.events is not None:
+            size = len(h.events)
         else:
             size = 0  # a command file reads nothing
         if off < 0 or off >= size:

@@ -928,13 +928,11 @@ class _Taking:
         disk.chain = chain
         disk.readers.add(disk)  # (its layers as this host finds them now)
         old.close()
-        since = b""
-        if self.shown is not None:
-            since = disk.events.read(self.shown, len(disk.events) - self.shown)
         disk.events.close()
         history = EventLog.open(src.directory, name, writable=True)
-        for line in since.decode(errors="replace").splitlines():
-            history.append(line)
+        # what the chain showed since the take-over began goes on in its history, and so
+        # does an ``events`` file open across the change
+        disk.events.carry_into(history, len(disk.events) if self.shown is None else self.shown)
         disk.events, disk.emit, disk.next_id = history, history.emit, history.next_id
         disk.owned, disk.holder, disk.journal = True, None, self.journal
         if self.ownership.unclean:

@@ -59,3 +59,6 @@ class FakeChain:
 
     def release_read_map(self) -> None:
         self.read_map = None
+
+    def revoke_writes(self) -> None:
+        pass  # (no marks: see ``written_ns``)

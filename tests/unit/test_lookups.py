@@ -29,11 +29,13 @@ import chainfs.mount
 from chainfs.chain import Chain
 from chainfs.control import CommandError
 from chainfs.disk import SHOWN_IN_STATUS, Disk
+from chainfs.eventlog import EventLog
 from chainfs.formats.base import Layer
 from chainfs.fs import (
     CONTROL,
     CONTROL_FILES,
     LAYERS,
+    READ_FILES,
     ROOT,
     STATUS,
     STATUS_RENDERS,
@@ -551,3 +553,34 @@ def test_refuse_shared_looks_only_at_the_chains_reading_the_layer() -> None:
     b.chain.layers[1:] = []  # b streamed golden into its active layer: no longer shared
     chain_changed(b)
     refuse_shared(a, a.chain.layers[1])
+
+
+def test_an_events_file_open_across_a_take_over_reads_on_untorn() -> None:
+    """A take-over puts the chain's history in place of what the mount showed while
+    it waited (``EventLog.carry_into``): a reader that opened ``events`` before reads
+    on where it was, the lines since the take-over began and the new ones, never the
+    history's bytes at its old offset (a torn line)."""
+
+    def line(n: int) -> str:
+        return f"time=t{n} event=E{n} chain=vm1"
+
+    disk = served_disk("vm1", ["/img/vm1.qcow2"], Readers())
+    ops = operations(cast(list[FakeDisk], [disk]))
+    for n in range(3):  # shown before the take-over
+        disk.events.append(line(n))
+    fh = trio.run(ops.open, ops._inode(disk, 2 + READ_FILES.index("events")), os.O_RDONLY, None).fh
+    got = trio.run(ops.read, fh, 0, 40)
+    shown = len(disk.events)  # the take-over begins
+    disk.events.append(line(3))
+    history = EventLog(chain="vm1")
+    for n in range(100, 110):  # the chain's history: longer than what was shown
+        history.append(line(n))
+    old = disk.events
+    old.carry_into(history, shown)
+    disk.events = history
+    history.append(line(4))
+    while piece := trio.run(ops.read, fh, len(got), 40):
+        got += piece
+    assert got.decode().splitlines() == [line(n) for n in range(5)]
+    assert len(old) == len(got)
+    assert bytes(history).decode().splitlines()[-2:] == [line(3), line(4)]
