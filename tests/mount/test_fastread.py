@@ -63,9 +63,13 @@ def _check(img: Path, offsets: list[int], model: bytes | bytearray) -> None:
         assert got == want, f"at {off}: {first_difference(got, want)}"
 
 
-def _write_pages(img: Path, offsets: list[int], model: bytearray, fill: int) -> None:
+def _write_pages(
+    img: Path, offsets: list[int], model: bytearray, fill: int, flags: int = 0
+) -> None:
+    """One O_DIRECT write of a page at each offset (``flags``: or other flags, instead
+    of O_DIRECT if they have O_DSYNC): one WRITE request each."""
     buf = mmap.mmap(-1, PAGE)
-    fd = os.open(img, os.O_WRONLY | os.O_DIRECT)
+    fd = os.open(img, os.O_WRONLY | (flags if flags & os.O_DSYNC else os.O_DIRECT | flags))
     try:
         for i, off in enumerate(offsets):
             data = bytes([(fill + i) % 255 + 1]) * PAGE

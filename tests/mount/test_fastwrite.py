@@ -34,6 +34,7 @@ from .conftest import (
     read_direct,
     wait_for,
 )
+from .test_fastread import _write_pages
 
 KiB = 1024
 PAGE = 4 * KiB
@@ -45,24 +46,6 @@ def _offsets(size: int, count: int = 16) -> list[int]:
     pass, front to back, reaches them last)."""
     step = size // 2 // count // CLUSTER * CLUSTER
     return [size // 2 + i * step + (i % 4) * PAGE for i in range(count)]
-
-
-def _write_pages(
-    img: Path, offsets: list[int], model: bytearray, fill: int, flags: int = 0
-) -> None:
-    """One O_DIRECT write of a page at each offset (``flags``: or other flags, instead
-    of O_DIRECT if they have O_DSYNC): one WRITE request each."""
-    buf = mmap.mmap(-1, PAGE)
-    fd = os.open(img, os.O_WRONLY | (flags if flags & os.O_DSYNC else os.O_DIRECT | flags))
-    try:
-        for i, off in enumerate(offsets):
-            data = bytes([(fill + i) % 255 + 1]) * PAGE
-            buf[:] = data
-            assert os.pwritev(fd, [buf], off) == PAGE
-            model[off : off + PAGE] = data
-    finally:
-        os.close(fd)
-        buf.close()
 
 
 def _check(img: Path, offsets: list[int], model: bytes | bytearray) -> None:

@@ -13,11 +13,13 @@ overwrites alone sync the file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -231,29 +233,37 @@ def test_flush_after_pyfuse3_overwrites_syncs(monkeypatch: pytest.MonkeyPatch) -
             assert chain.read(0, 1 << 20) == model
 
 
-def test_revoked_by_write_hooks_and_bitmaps() -> None:
+@contextlib.contextmanager
+def _marked(offset: int) -> Iterator[tuple[str, Chain, ModelWriteMap]]:
+    """(its directory, a one-layer qcow2 chain, its write map) with the granule at
+    ``offset`` marked: written, then overwritten in place."""
     with tempfile.TemporaryDirectory(prefix="chainfs-writemap-") as d:
         rm = ModelWriteMap()
         with Chain.open(_qcow2_chain(d), writable=True, lock=False) as chain:
             chain.attach_read_map(rm, writes=True)
             for _ in range(2):
-                chain.write(65536, b"a" * 4096)
-            assert rm.writable() == [1]
-            with chain.lock:
-                chain.add_write_hook(Hook())
-            assert rm.writable() == []
-            chain.write(65536, b"b" * 4096)  # a hook: not marked again
-            assert rm.writable() == []
-            chain.write_hooks.clear()
-            chain.write(65536, b"c" * 4096)
-            assert rm.writable() == [1]
-            with chain.lock:
-                chain.dirty_bitmaps().add("b", 65536)
-            assert rm.writable() == []
-            chain.write(65536, b"d" * 4096)  # sets the bit, then marks
-            assert rm.writable() == [1]
-            bm = chain.dirty_bitmaps().list[0]
-            assert bm.bits is not None and bm.bits[0] & 2
+                chain.write(offset, b"a" * 4096)
+            assert rm.writable() == [offset // chain.granule]
+            yield d, chain, rm
+
+
+def test_revoked_by_write_hooks_and_bitmaps() -> None:
+    with _marked(65536) as (_, chain, rm):
+        with chain.lock:
+            chain.add_write_hook(Hook())
+        assert rm.writable() == []
+        chain.write(65536, b"b" * 4096)  # a hook: not marked again
+        assert rm.writable() == []
+        chain.write_hooks.clear()
+        chain.write(65536, b"c" * 4096)
+        assert rm.writable() == [1]
+        with chain.lock:
+            chain.dirty_bitmaps().add("b", 65536)
+        assert rm.writable() == []
+        chain.write(65536, b"d" * 4096)  # sets the bit, then marks
+        assert rm.writable() == [1]
+        bm = chain.dirty_bitmaps().list[0]
+        assert bm.bits is not None and bm.bits[0] & 2
 
 
 def test_a_finer_bitmap_keeps_its_granules_until_all_bits_are_set() -> None:
@@ -282,26 +292,20 @@ def test_lost_ownership_ends_the_marks_before_it_waits_for_the_lock(how: str) ->
     """A fence (or suspension) from the heartbeat's thread while a job step holds the
     chain's lock: the marks end before ``fenced`` is set, not once the map's release gets
     the lock, so no overwrite is pyfuse3's while the guest's own writes get EIO."""
-    with tempfile.TemporaryDirectory(prefix="chainfs-writemap-") as d:
-        rm = ModelWriteMap()
-        with Chain.open(_qcow2_chain(d), writable=True, lock=False) as chain:
-            chain.attach_read_map(rm, writes=True)
-            for _ in range(2):
-                chain.write(0, b"a" * 4096)
-            assert rm.writable() == [0]
-            disk = Disk(
-                "vm", chain, Source(d, d), allowed_dirs=[d], readonly=False, spawn=lambda fn: None
-            )
-            disk.owned = True
-            with chain.lock:  # a job step
-                t = threading.Thread(target=getattr(disk, how), args=("lease lost",))
-                t.start()
-                deadline = time.monotonic() + 10
-                while disk.fenced is None and disk.suspended is None:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.001)
-                assert rm.writable() == []  # (the release still waits for the lock)
-            t.join()
+    with _marked(0) as (d, chain, rm):
+        disk = Disk(
+            "vm", chain, Source(d, d), allowed_dirs=[d], readonly=False, spawn=lambda fn: None
+        )
+        disk.owned = True
+        with chain.lock:  # a job step
+            t = threading.Thread(target=getattr(disk, how), args=("lease lost",))
+            t.start()
+            deadline = time.monotonic() + 10
+            while disk.fenced is None and disk.suspended is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            assert rm.writable() == []  # (the release still waits for the lock)
+        t.join()
 
 
 def test_an_overwrite_during_a_snapshots_flush_is_synced(monkeypatch: pytest.MonkeyPatch) -> None:
