@@ -39,7 +39,7 @@ from ...hostfile import HostFile
 from ..base import COMPRESSED, DATA, UNALLOCATED, ZERO, Buffer, Extent, Fill, FormatInfo
 from . import header as hdr
 from .bitmaps import Bitmaps
-from .entries import COMPRESSED_BIT, COPIED, OFFSET_MASK, ZERO_FLAG
+from .entries import COMPRESSED_BIT, COPIED, OFFSET_MASK, ZERO_FLAG, in_place
 from .entries import U64 as _U64
 from .layout import Layout
 from .refcounts import Refcounts, set_entry
@@ -322,30 +322,33 @@ class Qcow2Layer(Tables):
             return
         for c in range(first, last + 1):
             e = self._entry(c)
-            if e & COPIED and e & OFFSET_MASK and not e & (COMPRESSED_BIT | ZERO_FLAG):
+            if in_place(e):
                 self.file.flush()
                 return
 
     def in_place_host(self, offset: int) -> int | None:
-        """``Layer.in_place_host``: the cluster's entry is COPIED, allocated, neither
-        compressed nor a zero cluster (``write_guest``'s in-place branch), and no started
-        write is on its way."""
-        cb = self.cluster_bits
-        c = offset >> cb
-        i = c >> self.l2_bits
+        """``Layer.in_place_host``: ``write_guest``'s in-place branch would take the
+        cluster (its one lookup finds an entry ``in_place``)."""
+        if offset >= self.virtual_size:
+            return None
+        e = self._guest_entry(offset >> self.cluster_bits)
+        if e is None or not in_place(e):
+            return None
+        return (e & OFFSET_MASK) + (offset & (self.cluster_size - 1))
+
+    def _guest_entry(self, c: int) -> int | None:
+        """The entry of cluster ``c`` for a guest write's one lookup (``write_guest``),
+        or None where such a write is ``write``'s: a started write or its failure to
+        settle (``write`` settles first and raises it), not writable, past the L1
+        table."""
         if (
-            offset >= self.virtual_size
-            or self._started is not None
+            self._started is not None
             or self._unsettled is not None
             or self.refs is None  # (not writable)
-            or i >= self.h.l1_size
+            or c >> self.l2_bits >= self.h.l1_size
         ):
             return None
-        l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK
-        e = _U64.unpack_from(self._l2(l2_off), (c & self.l2_mask) * 8)[0] if l2_off else 0
-        if e & COPIED and e & OFFSET_MASK and not e & (COMPRESSED_BIT | ZERO_FLAG):
-            return (e & OFFSET_MASK) + (offset & (self.cluster_size - 1))
-        return None
+        return self._entry(c)
 
     def dirty_covered(self, offset: int, length: int) -> bool:
         bm = self.bitmaps
@@ -371,20 +374,14 @@ class Qcow2Layer(Tables):
         cb = self.cluster_bits
         c = offset >> cb
         n = len(data)
-        i = c >> self.l2_bits
-        if (
-            not n
-            or (offset + n - 1) >> cb != c
-            or offset + n > self.virtual_size
-            or self._started is not None
-            or self._unsettled is not None
-            or self.refs is None  # (not writable)
-            or i >= self.h.l1_size
-        ):
+        e = (
+            self._guest_entry(c)
+            if n and (offset + n - 1) >> cb == c and offset + n <= self.virtual_size
+            else None
+        )
+        if e is None:
             return super().write_guest(offset, data, fill)
-        l2_off = _U64.unpack_from(self.l1, i * 8)[0] & OFFSET_MASK
-        e = _U64.unpack_from(self._l2(l2_off), (c & self.l2_mask) * 8)[0] if l2_off else 0
-        if e & COPIED and e & OFFSET_MASK and not e & (COMPRESSED_BIT | ZERO_FLAG):
+        if in_place(e):
             self.file.pwrite(data, (e & OFFSET_MASK) + (offset & (self.cluster_size - 1)))
             return False
         if e:
@@ -471,7 +468,7 @@ class Qcow2Layer(Tables):
             n = min(cs - in_off, end - pos)
             a = pos - offset
             e = self._entry(c)
-            if e & COPIED and e & OFFSET_MASK and not e & (COMPRESSED_BIT | ZERO_FLAG):
+            if in_place(e):
                 host = (e & OFFSET_MASK) + in_off
                 if run_b == a and run_host + (run_b - run_a) == host:
                     run_b = a + n

@@ -17,6 +17,15 @@ COPIED = 1 << 63  # refcount exactly 1: may be written in place
 COMPRESSED_BIT = 1 << 62  # an L2 entry that is a compressed cluster descriptor
 ZERO_FLAG = 1  # an L2 entry that reads as zeros (v3)
 L1E_RESERVED = 0x7F000000000001FF
+
+
+def in_place(e: int) -> bool:
+    """Whether an L2 entry is a data cluster the layer holds unshared (COPIED, an
+    offset, neither compressed nor a zero cluster): a guest write there overwrites it in
+    place, nothing else."""
+    return bool(e & COPIED and e & OFFSET_MASK and not e & (COMPRESSED_BIT | ZERO_FLAG))
+
+
 L2E_RESERVED = 0x3F000000000001FE
 
 # refcount-table entries
