@@ -79,8 +79,11 @@ class ModelWriteMap(ModelMap):
         """The granules pyfuse3 would overwrite itself now."""
         return sorted(gi for gi, e in self.marks.items() if e == self.epoch)
 
-    def overwrite(self, gi: int, rng: random.Random, model: bytearray) -> None:
-        """What pyfuse3 does for a WRITE within marked granule ``gi``."""
+    def overwrite(
+        self, gi: int, rng: random.Random, model: bytearray, *, zeros: bool = False
+    ) -> None:
+        """What pyfuse3 does for a WRITE within marked granule ``gi`` (``zeros``: a guest
+        write of zeros, e.g. ``dd if=/dev/zero``)."""
         g = self.granule
         ext = self.extents[gi]
         assert ext is not None
@@ -88,6 +91,8 @@ class ModelWriteMap(ModelMap):
         n = min(g, self.size - gi * g)
         a = rng.randrange(n)
         data = rng.randbytes(rng.randrange(1, n - a + 1))
+        if zeros:
+            data = bytes(len(data))
         assert os.pwrite(fd, data, host + a) == len(data)
         model[gi * g + a : gi * g + a + len(data)] = data
         self.count += 1
@@ -308,7 +313,10 @@ def test_lost_ownership_ends_the_marks_before_it_waits_for_the_lock(how: str) ->
         t.join()
 
 
-def test_an_overwrite_during_a_snapshots_flush_is_synced(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("zeros", [False, True], ids=["data", "zeros"])
+def test_an_overwrite_during_a_snapshots_flush_is_synced(
+    monkeypatch: pytest.MonkeyPatch, zeros: bool
+) -> None:
     """pyfuse3 does not take the chain's lock: its overwrite may land in the old active
     layer while ``push_overlay`` holds the lock with the GIL let go, right after that
     layer's flush.  Forced there: the overwrite is in the old layer, the disk shows it,
@@ -340,7 +348,7 @@ def test_an_overwrite_during_a_snapshots_flush_is_synced(monkeypatch: pytest.Mon
                 flush()
                 if not once:  # the snapshot's flush, and pyfuse3's write right after
                     once.append(1)
-                    rm.overwrite(0, random.Random(3), model)
+                    rm.overwrite(0, random.Random(3), model, zeros=zeros)
                     events.append(("pyfuse3", fd))
 
             monkeypatch.setattr(old.file, "flush", flush_then_overwrite)
