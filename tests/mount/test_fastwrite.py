@@ -102,6 +102,34 @@ def test_overwrites_answered_by_pyfuse3(mounter: Mounter, seeds: Seeds, tmp_path
     assert_content(seed.active, model, tmp_path / "cmp")
 
 
+def test_a_guest_write_of_zeros_answered_by_pyfuse3(
+    mounter: Mounter, seeds: Seeds, tmp_path: Path
+) -> None:
+    """Zeros over data the top holds in place (``dd if=/dev/zero``, a guest zeroing a
+    page): pyfuse3 writes them as any data; the flat file and the image read them."""
+    seed = seeds(tmp_path / "src")
+    model = bytearray(seed.content)
+    offsets = _offsets(len(model))
+    m = mounter(tmp_path / "src")
+    for fill in (11, 22):
+        _write_pages(m.img("E"), offsets, model, fill)
+    zeros = mmap.mmap(-1, PAGE)  # (anonymous memory: zeros, aligned for O_DIRECT)
+    fd = os.open(m.img("E"), os.O_WRONLY | os.O_DIRECT)
+    try:
+        for off in offsets:
+            assert os.pwritev(fd, [zeros], off) == PAGE
+            model[off : off + PAGE] = bytes(PAGE)
+    finally:
+        os.close(fd)
+        zeros.close()
+    _check(m.img("E"), offsets, model)
+    m.unmount()
+    answered, _ = _counts(m)
+    assert answered >= len(offsets)  # (the zeros round at least)
+    assert_clean(seed.layers)
+    assert_content(seed.active, model, tmp_path / "cmp")
+
+
 def _snapshot(m: Mount, offsets: list[int], model: bytearray, tmp: Path) -> None:
     before = bytes(model)
     m.command("E", "snapshot", "F.qcow2")
