@@ -597,14 +597,15 @@ async def wait_for_owner(
             return await trio.to_thread.run_sync(try_once)
         except OwnedElsewhere:
             left = deadline - time.monotonic()
+            say = time.monotonic() - said >= 5
             holder = ""
-            if left <= 0 or time.monotonic() - said >= 5:
+            if left <= 0 or say:
                 holder = await trio.to_thread.run_sync(describe_holder, directory, chain)
             if left <= 0:
                 raise ChainfsError(
                     f"cannot adopt chain {chain!r}: still owned by {holder} after {seconds:.0f} s"
                 ) from None
-            if time.monotonic() - said >= 5:
+            if say:
                 said = time.monotonic()
                 message = f"waiting for the owner's lock, {left:.0f} s left ({holder})"
                 log.info("chain=%s %s", chain, message)
