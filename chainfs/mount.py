@@ -765,6 +765,7 @@ class Hosts:
             with trio.CancelScope(shield=True):  # (an unmount waits for the undo)
                 await trio.to_thread.run_sync(taking.release)
             taking.restore()
+            log.info("chain=%s take-over undone: served read-only as before", disk.name)
             raise
         old = taking.serve()
         await trio.to_thread.run_sync(_close_unserved, old, disk.name)

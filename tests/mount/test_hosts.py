@@ -729,3 +729,36 @@ def test_an_adopt_failing_midway_leaves_the_chain_as_it_was(
     b.unmount()
     assert_clean([images / f"x{n}.qcow2" for n in "ABE"])
     assert_content(images / "xE.qcow2", xmodel, tmp_path / "cmp")
+
+
+@read_only_refused
+def test_an_unmount_in_the_middle_of_an_adopt_undoes_it(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mount is unmounted while an adopt is held up in the storage (its journal's
+    run blocked): once the storage answers, the take-over is undone (or, if it ended
+    first, the chain is given up as an unmount does), the daemon ends cleanly with
+    nothing of the chain held, the commit stays in the journal, and the next mount
+    resumes it and ends exact."""
+    images, rules, b, job, zmodel, xmodel = _dead_owner_mid_commit(
+        tmp_path, mounter, seeds, monkeypatch
+    )
+    rules.write_text("recover STALL /xE.journal\n")
+    b.command("xE", "adopt", "xE")
+    wait_for(lambda: rules.with_name("rules.stalled").exists() or None, "the take to block")
+    run("fusermount3", "-u", b.mountpoint)
+    rules.unlink()  # the storage answers again
+    assert b.wait_exit() == 0
+    taken = Ownership.acquire(str(images), "xE")  # nothing of it is held
+    taken.release()
+    monkeypatch.undo()
+    again = mounter(images)
+    wait_for(lambda: again.control("xE", "jobs").read_text() or None, f"{job} resumed")
+    again.command("xE", "speed", f"{job} 0")
+    again.wait_job("xE", job)
+    assert again.layers("xE") == ["xE.qcow2", "xB.qcow2", "xA.qcow2"]
+    assert read_direct(again.img("xE")) == xmodel
+    assert read_direct(again.img("zE")) == zmodel
+    again.unmount()
+    assert_clean([images / f"{p}{n}.qcow2" for p, n in ("xA", "xB", "xE", "zA", "zE")])
+    assert_content(images / "xE.qcow2", xmodel, tmp_path / "cmp")
