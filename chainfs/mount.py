@@ -865,13 +865,13 @@ class _Taking:
         self.checked: set[str] = set()
         self.relocked = False  # its reader locks taken again (``release``)
         log.info("chain=%s taking over (%s)", self.name, how)
+        # the source's state as the take-over's copy begins from it (``merge``)
+        self.recorded, self.retired = dict(self.src.recorded), set(self.src.retired)
+        self.staged = self.src.staged(self.name, ownership)
         # (its reader locks would refuse a commit's base: taken off by ``load``, and
         # meanwhile no flat-file open or close, nor a revalidation, changes them)
         self.readers = not disk.chain.locked
         disk.taking = True
-        # the source's state as the take-over's copy begins from it (``merge``)
-        self.recorded, self.retired = dict(self.src.recorded), set(self.src.retired)
-        self.staged = self.src.staged(self.name, ownership)
 
     def load(self) -> None:
         """In a thread: the chain's record as its last owner left it, and its journal."""
