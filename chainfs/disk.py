@@ -186,6 +186,9 @@ class Disk(Watched):
         # backing layers hold QEMU's reader locks), and the owner's unfinished job
         self.seen: Seen | None = None
         self.handles = 0
+        # a take-over of the chain is under way (``mount.Hosts.take``): its reader locks
+        # are the take-over's to change, and the chain is not revalidated meanwhile
+        self.taking = False
         self.unstable: str | None = None
         self.elsewhere: Pending | None = None  # that job, as the owner's journal says
         # the flat file's times start as those of the newest image file: they stay the
@@ -361,12 +364,12 @@ class Disk(Watched):
         """A flat-file handle opened while another host owns the chain: the first one
         takes QEMU's reader locks on the backing layers (``lock_readers``)."""
         self.handles += 1
-        if self.handles == 1 and not self.owned and not self.chain.locked:
+        if self.handles == 1 and not self.owned and not self.chain.locked and not self.taking:
             lock_readers(self.name, self.chain)
 
     def close_reader(self) -> None:
         self.handles -= 1
-        if self.handles == 0 and not self.owned and not self.chain.locked:
+        if self.handles == 0 and not self.owned and not self.chain.locked and not self.taking:
             unlock_readers(self.chain)
 
     def probe(self) -> Seen:
@@ -379,7 +382,7 @@ class Disk(Watched):
         one; True if the chain was replaced.  A chain taken over meanwhile is left
         alone."""
         self.unstable, self.elsewhere = seen.unstable, seen.job
-        if self.owned or self.chain.locked or fresh is None:
+        if self.owned or self.chain.locked or self.taking or fresh is None:
             if fresh is not None:
                 fresh.close()
             return False

@@ -308,7 +308,8 @@ def _repair_reopened(disk: Disk, done: set[str]) -> None:
 
 
 def _close_unserved(chain: Chain, name: str) -> None:
-    """Close a chain that will not be served after all (it wrote nothing)."""
+    """Close a chain that will not be served after all (it wrote nothing), or that is
+    served no longer (a take-over's read-only one)."""
     try:
         chain.close()
     except ChainfsError as e:
@@ -617,7 +618,7 @@ async def wait_for_owner(
 
 
 class SharedScan:
-    """The source as take-overs (``Hosts.take_async``) must see it, scanned once for all
+    """The source as take-overs (``Hosts.take``) must see it, scanned once for all
     the take-overs that wait together.  A scan begun after a chain's locks were taken
     finds the chain as its take-over must (nobody else writes its files since), so a
     take-over waits for a scan begun at or after its ``since``: the one running, or
@@ -701,73 +702,73 @@ class Hosts:
         if disk.owned:
             raise CommandError(errno.EEXIST, f"chain {disk.name!r} is already served read-write")
         if disk.name in self.adopting:
-            raise CommandError(errno.EBUSY, f"chain {disk.name!r} is being adopted already")
+            raise CommandError(errno.EBUSY, f"chain {disk.name!r} is being taken over already")
+        self.adopting.add(disk.name)  # (until the take-over ends: ``_activate``, ``_adopt``)
         if cmd.kind == "activate":
-            try:
-                ownership = Ownership.acquire(self.src.directory, disk.name)
-            except OwnedElsewhere as e:
-                disk.holder = e.holder
-                raise CommandError(
-                    errno.EBUSY, f"chain {disk.name!r} is owned by {e.holder}"
-                ) from None
-            self.take(disk, ownership, "activate")
-            return None
+            return self._activate(disk)
         timeout = cmd.timeout if cmd.timeout is not None else self.opts.adopt_timeout
-        self.adopting.add(disk.name)
         shown = len(disk.events)  # (what the chain's events show from here on is kept)
         disk.emit("ADOPT_STARTED", timeout=int(timeout))
         self.nursery.start_soon(self._adopt, disk, timeout, shown)
         return None
 
+    async def _activate(self, disk: Disk) -> None:
+        """The rest of ``activate``, which its control-file write awaits: the chain's
+        locks taken at once (``EBUSY`` if another mount holds them), then taken over."""
+        try:
+            acquire = functools.partial(Ownership.acquire, self.src.directory, disk.name)
+            try:
+                ownership = await trio.to_thread.run_sync(acquire)
+            except OwnedElsewhere as e:
+                disk.holder = e.holder
+                raise CommandError(
+                    errno.EBUSY, f"chain {disk.name!r} is owned by {e.holder}"
+                ) from None
+            await self.take(disk, ownership, "activate")
+        finally:
+            self.adopting.discard(disk.name)
+
     async def _adopt(self, disk: Disk, seconds: float, shown: int) -> None:
         try:
             ownership = await wait_for_owner(self.src.directory, disk.name, seconds)
-            await self.take_async(disk, ownership, "adopt", shown)
+            await self.take(disk, ownership, "adopt", shown)
         except ChainfsError as e:
             log.warning("chain=%s adopt failed: %s", disk.name, e)
             disk.emit("ADOPT_FAILED", reason=str(e))
         finally:
             self.adopting.discard(disk.name)
 
-    def take(self, disk: Disk, ownership: Ownership, how: str) -> None:
-        """Serve ``disk`` read-write under ``ownership`` (just taken): recover its
-        journal, reopen every layer (no stale cache), resume its jobs -- all of it on
-        the event loop (``activate``: its owner let it go cleanly, nothing to repair)."""
-        taking = _Taking(self, disk, ownership, how)
-        try:
-            taking.recover(sources.load(self.src.path) if taking.pending else None)
-            taking.open(taking.opener()())
-            taking.repair()
-        except BaseException:
-            taking.undo()
-            raise
-        taking.serve()
-
-    async def take_async(
+    async def take(
         self, disk: Disk, ownership: Ownership, how: str, shown: int | None = None
     ) -> None:
-        """``take`` for ``adopt``: what only reads or writes this chain's own files --
-        the scan of the source for the journal's bounds, the opening of its layers, the
-        leak repair after an unclean stop -- runs in worker threads, so that the guest's
-        requests to other chains and other chains' take-overs go on meanwhile.  The
-        chain stays served read-only, as it was, until its repair has ended: nothing
-        writes its layers before.  ``shown``: where the events the chain showed
-        read-only since the adopt began (kept in memory only) start: they are written
-        to its history, which the events file shows from now on (``chainfs adopt``
-        follows that file from where it was)."""
+        """Serve ``disk`` read-write under ``ownership`` (just taken): recover its
+        journal, reopen every layer (no stale cache), repair their leaks after an
+        unclean stop, resume its jobs (``adopt``, ``activate``).  What reads or writes
+        the storage -- the chain's state record and journal, the journal's recovery,
+        the scan of the source for its bounds, its layers, their leak repair, its
+        history -- runs in worker threads (``_Taking``): on NFS each of these is a
+        round trip to the server or more, and the guest's requests to the other chains,
+        and other take-overs, go on meanwhile.  The chain stays served read-only, as it
+        was, until it is served read-write: nothing writes its layers before its journal
+        ran and its repair ended.  A failure leaves it so, its locks released.
+        ``shown``: where the events the chain showed read-only since an adopt began
+        (kept in memory only) start: they are written to its history, which the events
+        file shows from now on (``chainfs adopt`` follows that file from where it was)."""
         since = trio.current_time()  # (its locks are taken)
         taking = _Taking(self, disk, ownership, how, shown)
         try:
-            scanned = None
-            if taking.pending:
-                scanned = await self.scans.since(since)
-            taking.recover(scanned)
-            taking.open(await trio.to_thread.run_sync(taking.opener()))
-            await trio.to_thread.run_sync(taking.repair)
+            await trio.to_thread.run_sync(taking.load)
+            scanned = await self.scans.since(since) if taking.pending else None
+            await trio.to_thread.run_sync(taking.recover, scanned)
+            await trio.to_thread.run_sync(taking.open)
         except BaseException:
-            taking.undo()
+            with trio.CancelScope(shield=True):  # (an unmount waits for the undo)
+                await trio.to_thread.run_sync(taking.release)
+            taking.restore()
+            log.info("chain=%s take-over undone: served read-only as before", disk.name)
             raise
-        taking.serve()
+        old = taking.serve()
+        await trio.to_thread.run_sync(_close_unserved, old, disk.name)
 
     def inactivate(self, disk: Disk) -> Waiting | None:
         """Give the chain up for another mount to ``activate``.  A running stream,
@@ -841,10 +842,16 @@ class Hosts:
 
 
 class _Taking:
-    """One chain's take-over (``Hosts.take``), step by step: ``recover`` its journal
-    (on the event loop: it changes the source's records), ``open`` its layers writable
-    and ``repair`` their leaks (neither touches anything but this chain's files: a
-    worker thread may run them), then ``serve`` it read-write -- or ``undo`` it all."""
+    """One chain's take-over (``Hosts.take``), step by step.  Every step that reads or
+    writes only this chain's own files runs in a worker thread, the chain still served
+    read-only as it was (as for another host's writes: nothing serves its layers
+    read-write before ``serve``): ``load`` its state record and journal,
+    ``recover`` (run the journal, save the record), ``open`` its layers writable,
+    ``repair`` their leaks and open its history.  These work on a copy of the source's
+    state (``staged``: the event loop goes on changing the source for the other
+    chains); on the event loop, ``serve`` merges what they changed into the source and
+    swaps the chain's fields -- or, after a failure, ``release`` (in a thread) and
+    ``restore`` (on the loop) undo it all."""
 
     def __init__(
         self, hosts: Hosts, disk: Disk, ownership: Ownership, how: str, shown: int | None = None
@@ -853,49 +860,58 @@ class _Taking:
         self.shown = shown
         self.src, self.name = hosts.src, disk.name
         self.fresh: Chain | None = None  # its layers opened writable
+        self.history: EventLog | None = None  # its events' history, opened writable
         self.repaired: list[tuple[str, int]] = []  # (layer, clusters): emitted at serve
         self.checked: set[str] = set()
+        self.relocked = False  # its reader locks taken again (``release``)
         log.info("chain=%s taking over (%s)", self.name, how)
-        # (its reader locks would refuse a commit's base)
+        # the source's state as the take-over's copy begins from it (``merge``)
+        self.recorded, self.retired = dict(self.src.recorded), set(self.src.retired)
+        self.staged = self.src.staged(self.name, ownership)
+        # (its reader locks would refuse a commit's base: taken off by ``load``, and
+        # meanwhile no flat-file open or close, nor a revalidation, changes them)
         self.readers = not disk.chain.locked
+        disk.taking = True
+
+    def load(self) -> None:
+        """In a thread: the chain's record as its last owner left it, and its journal."""
         if self.readers:
-            unlock_readers(disk.chain)
-        self.src.owned[self.name] = ownership
-        try:
-            self.src._reload(self.name)  # the record as its last owner left it
-            self.journal = Journal.load(self.src.directory, self.name, ownership=ownership)
-        except BaseException:
-            self.undo()
-            raise
+            unlock_readers(self.disk.chain)
+        self.staged._reload(self.name)
+        self.journal = Journal.load(self.src.directory, self.name, ownership=self.ownership)
         self.rec = Recovery(journals={self.name: self.journal})
         self.pending = bool(self.journal.pending())
 
     def recover(self, scanned: sources.Source | None) -> None:
-        """Run the journal (``scanned``: the source as it is now, what its records may
-        name), and record the chain as it then is."""
-        src, name, opts = self.src, self.name, self.hosts.opts
+        """In a thread: run the journal (``scanned``: the source as it is now, what its
+        records may name), and record the chain as it then is."""
+        state, name, opts = self.staged, self.name, self.hosts.opts
         if scanned is not None:
-            recorded = src.recorded.get(name)
+            recorded = state.recorded.get(name)
             bounds = Bounds.of(scanned, name, recorded, opts.allow_dirs, opts.allow_backing)
-            recover_chain(src, name, self.journal, self.rec, bounds)
-        spec = src.spec(name)
+            recover_chain(state, name, self.journal, self.rec, bounds)
+        spec = state.spec(name)
         if spec is None:  # no record to go by: the source as a mount finds it
-            fresh = sources.load(src.path, src.owned)
+            fresh = sources.load(state.path, state.owned)
             spec = next((c for c in fresh.chains if c.name == name), None)
         if spec is None:
-            raise ChainfsError(f"chain {name!r} is no longer found in {src.path!r}")
-        src.recorded[name] = spec.active
-        src.save([name])
+            raise ChainfsError(f"chain {name!r} is no longer found in {state.path!r}")
+        state.recorded[name] = spec.active
+        state.save([name])
         self.spec = spec
         self.confine = Confinement.of([*spec.homes, *opts.allow_dirs, *opts.allow_backing])
 
-    def opener(self) -> Callable[[], Chain]:
-        return functools.partial(
-            Chain.open, self.spec.active, writable=True, lock=True, confine=self.confine
+    def open(self) -> None:
+        """In a thread: open the chain's layers writable, repair their leaks, open its
+        history (everything ``serve`` needs from the storage)."""
+        self.fresh = Chain.open(self.spec.active, writable=True, lock=True, confine=self.confine)
+        self.repair()
+        self.fresh.confine = self.confine.widened(
+            [os.path.dirname(self.spec.active)]
+            + ([self.src.directory] if os.path.isdir(self.src.path) else [])
         )
-
-    def open(self, chain: Chain) -> None:
-        self.fresh = chain
+        self.layers = [os.path.realpath(layer.path) for layer in self.fresh.layers]
+        self.history = EventLog.open(self.src.directory, self.name, writable=True)
 
     def repair(self) -> None:
         """The previous owner stopped uncleanly: repair the leaks of every layer open
@@ -910,27 +926,43 @@ class _Taking:
 
         self.checked = leaks.repair_writable(self.name, self.fresh.layers, emit)
 
-    def undo(self) -> None:
+    def release(self) -> None:
+        """In a thread, after a failure: close what was opened, release the chain's
+        locks, and take its reader locks again if its flat file is open."""
         if self.fresh is not None:
             _close_unserved(self.fresh, self.name)
-        self.src.owned.pop(self.name, None)
+        if self.history is not None:
+            self.history.close()
         self.ownership.release()
         if self.readers and self.disk.handles:
             lock_readers(self.name, self.disk.chain)
+            self.relocked = True
 
-    def serve(self) -> None:
-        hosts, src, disk, name, chain = self.hosts, self.src, self.disk, self.name, self.fresh
-        assert chain is not None
-        chain.confine = self.confine.widened(
-            [os.path.dirname(self.spec.active)]
-            + ([src.directory] if os.path.isdir(src.path) else [])
-        )
+    def restore(self) -> None:
+        """On the event loop, after ``release``: the chain served read-only as before,
+        its reader locks as its flat-file handles want them now."""
+        disk = self.disk
+        disk.taking = False
+        if self.readers and not disk.owned and not disk.chain.locked:
+            if disk.handles and not self.relocked:
+                lock_readers(self.name, disk.chain)
+            elif self.relocked and not disk.handles:
+                unlock_readers(disk.chain)
+
+    def serve(self) -> Chain:
+        """On the event loop: serve the chain read-write; return the chain it was
+        served read-only through, for the caller to close (in a thread)."""
+        hosts, src, disk, name = self.hosts, self.src, self.disk, self.name
+        chain, history = self.fresh, self.history
+        assert chain is not None and history is not None
+        src.merge(self.staged, name, self.recorded, self.retired)
+        src.owned[name] = self.ownership
         old = disk.chain
+        old.release_read_map()  # (pyfuse3 answers nothing from it any more)
         disk.chain = chain
-        disk.readers.add(disk)  # (its layers as this host finds them now)
-        old.close()
+        disk.readers.add(disk, self.layers)  # (its layers as this host finds them now)
+        disk.taking = False
         disk.events.close()
-        history = EventLog.open(src.directory, name, writable=True)
         # what the chain showed since the take-over began goes on in its history, and so
         # does an ``events`` file open across the change
         disk.events.carry_into(history, len(disk.events) if self.shown is None else self.shown)
@@ -952,6 +984,7 @@ class _Taking:
         disk.emit("OWNERSHIP_TAKEN", how=self.how)
         serve_refused([disk], self.rec)
         resume_jobs([disk], self.rec)
+        return old
 
 
 # the jobs that travel with a hand-over, resumed by the next owner from the journal: a

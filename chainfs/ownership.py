@@ -13,7 +13,9 @@ machine are two holders, exactly as two hosts are; the locks go away when the pr
 dies (``kill -9``) or, on NFSv4, when the host's lease expires.
 
 Locking contract: an ``Ownership`` is used from the trio thread (``heartbeat`` may run
-in a worker thread while the trio thread waits for it, nothing else then touching it).
+in a worker thread while the trio thread waits for it, nothing else then touching it);
+one being taken (``mount.wait_for_owner``, ``mount.Hosts.take``) is used by the
+take-over's worker threads, one step at a time, until the chain is served.
 """
 
 from __future__ import annotations

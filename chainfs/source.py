@@ -375,6 +375,53 @@ class Source:
         self.legacy = set(state.legacy)
         self.on_disk = dict(state.on_disk)
 
+    def staged(self, chain: str, ownership: Ownership) -> Source:
+        """A copy of this source's state, owning ``chain`` alone, for a take-over of
+        ``chain`` to reload and recover in a worker thread (``mount.Hosts.take``) while
+        the event loop goes on changing this one for the other chains; what the
+        take-over changed is then applied here (``merge``), on the event loop."""
+        staged = Source(path=self.path, directory=self.directory, chains=list(self.chains))
+        staged.recorded = dict(self.recorded)
+        staged.retired = set(self.retired)
+        staged.retired_by = {name: set(paths) for name, paths in self.retired_by.items()}
+        staged.generations = dict(self.generations)
+        staged.legacy = set(self.legacy)
+        staged.on_disk = dict(self.on_disk)
+        staged.owned = {chain: ownership}
+        return staged
+
+    def merge(
+        self, staged: Source, chain: str, recorded: dict[str, str], retired: set[str]
+    ) -> None:
+        """Take over what a take-over of ``chain`` changed in its ``staged`` copy, which
+        began as this source's state when it held ``recorded`` and ``retired``: the
+        chain's record as read and saved there, and what its journal's recovery did to
+        the others (``journal.redo``: a layer made active here is no longer the active
+        layer a scan named after itself, nor retired by any chain).  Whatever else
+        changed here meanwhile (the other chains' jobs) stays."""
+        for name, path in recorded.items():
+            if name != chain and name not in staged.recorded and self.recorded.get(name) == path:
+                del self.recorded[name]
+        for path in retired - staged.retired:
+            self._unretire(path)
+        if chain in staged.recorded:
+            self.recorded[chain] = staged.recorded[chain]
+        else:
+            self.recorded.pop(chain, None)
+        mine = set(staged.retired_by.get(chain, set()))
+        before = self.retired_by.get(chain, set())
+        self.retired_by[chain] = mine
+        if before <= mine:
+            self.retired |= mine
+        else:
+            self.retired = set().union(*self.retired_by.values())
+        for fields in ("generations", "on_disk"):
+            theirs, ours = getattr(staged, fields), getattr(self, fields)
+            if chain in theirs:
+                ours[chain] = theirs[chain]
+            else:
+                ours.pop(chain, None)
+
     def _reload(self, chain: str) -> None:
         """Read ``chain``'s record again (another host may have written it)."""
         path = self.chain_state_path(chain)

@@ -19,8 +19,9 @@ another mount owns is left alone (its jobs are running there), though the files 
 jobs write are still no chains of their own here.  ``adopt`` runs the same recovery
 for one chain when it takes the chain over from a host that died (``recover_chain``).
 
-Locking contract: ``recover`` runs before the mount serves anything; ``resume_jobs``
-on the trio thread.
+Locking contract: ``recover`` runs before the mount serves anything; ``recover_chain``
+there, or in a take-over's worker thread on the take-over's own copy of the source's
+state (``Source.staged``); ``resume_jobs`` on the trio thread.
 """
 
 from __future__ import annotations

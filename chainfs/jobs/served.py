@@ -73,9 +73,13 @@ class Readers:
         # real path -> the chains by identity (a golden base of thousands: no scan to add)
         self._by_path: dict[str, dict[int, Served]] = {}
 
-    def add(self, served: Served) -> None:
-        for layer in served.chain.layers:
-            self._by_path.setdefault(os.path.realpath(layer.path), {})[id(served)] = served
+    def add(self, served: Served, reals: list[str] | None = None) -> None:
+        """``served`` reads its chain's layers (``reals``: their real paths, when the
+        caller resolved them already, in a worker thread)."""
+        if reals is None:
+            reals = [os.path.realpath(layer.path) for layer in served.chain.layers]
+        for real in reals:
+            self._by_path.setdefault(real, {})[id(served)] = served
 
     def of(self, path: str) -> list[Served]:
         """The chains that read, or once read, the layer at real path ``path``."""

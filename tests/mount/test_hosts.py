@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from chainfs.jobs.journal import Journal
+from chainfs.ownership import Ownership
 
 from . import conftest
 from .conftest import (
@@ -584,3 +585,180 @@ def test_a_take_over_held_up_holds_up_no_other_chain(
     for chain in ("xE", "yE"):
         wait_for(functools.partial(adopted, chain), f"{chain} adopted")
     b.unmount()
+
+
+def _dead_owner_mid_commit(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, Path, Mount, str, bytearray, bytes]:
+    """Chains xE and zE; mount a owns xE and runs a rate-limited commit on it, mount b
+    owns zE (a handed it over); then a dies (kill -9) in the middle of the commit.
+    Returns the images, the rules file of b's injected faults, b, the commit's id,
+    zE's content and xE's."""
+    images = tmp_path / "images"
+    x = seeds(images, "x", size=SIZE)
+    z = seeds(images, "z", size=SIZE)
+    rules = tmp_path / "rules"
+    monkeypatch.setattr(conftest, "CHAINFS", (sys.executable, str(FAULTINJECT), str(rules)))
+    a = mounter(images)
+    a.command("zE", "inactivate", "zE")
+    b = mounter(images)
+    assert owner(b, "zE")["owner"] == "self" and owner(b, "xE")["owner"] == "elsewhere"
+    job = a.start_job("xE", "commit", "top=xD.qcow2 base=xB.qcow2 speed=256K")
+
+    def checkpoint() -> int | None:
+        pending = Journal.load(str(images), "xE", writable=False).pending()
+        return pending[0].offset if pending and pending[0].offset else None
+
+    wait_for(checkpoint, "the commit to record a checkpoint")
+    a.kill()
+    a.wait_exit(None)
+    run("fusermount3", "-u", "-z", a.mountpoint)
+    return images, rules, b, job, bytearray(z.content), x.content
+
+
+def _ends_adopted(b: Mount, job: str) -> None:
+    """xE is served read-write by ``b`` and the commit it adopted ends there."""
+    wait_for(lambda: owner(b, "xE")["owner"] == "self" or None, "xE adopted")
+
+    def ended() -> dict[str, str] | None:
+        done = [
+            e
+            for e in b.events("xE")
+            if e.get("job") == job and e["event"] in ("JOB_COMPLETED", "JOB_ROLLED_BACK")
+        ]
+        return done[-1] if done else None
+
+    end = wait_for(ended, "the adopted commit to end")
+    assert end["event"] == "JOB_COMPLETED" and "error" not in end, end
+    assert b.layers("xE") == ["xE.qcow2", "xB.qcow2", "xA.qcow2"]
+
+
+@read_only_refused
+@pytest.mark.parametrize(
+    "step",
+    [
+        "journal-load /xE.journal",
+        "state-load /xE.state",
+        "recover /xE.journal",
+        "state-save /xE.state",
+    ],
+    ids=["journal", "state-record", "recovery", "state-save"],
+)
+def test_an_adopt_held_up_in_its_journal_or_state_holds_up_no_other_chain(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """A take-over blocks in the storage while it loads the chain's journal or state
+    record, runs the journal (the commit its dead owner left) or saves the record (a
+    stalled NFS server): the guest's reads and writes of another chain the mount serves
+    read-write are answered meanwhile, and so are its events and the status; once the
+    storage answers, the chain is adopted, its commit ends there, and both chains are
+    exact (content and ``qemu-img check``)."""
+    images, rules, b, job, zmodel, xmodel = _dead_owner_mid_commit(
+        tmp_path, mounter, seeds, monkeypatch
+    )
+    event, suffix = step.split()
+    rules.write_text(f"{event} STALL {suffix}\n")
+    b.command("xE", "adopt", "xE")
+    wait_for(lambda: rules.with_name("rules.stalled").exists() or None, "the take to block")
+    rng = random.Random(20)
+    answered: list[object] = []
+
+    def other_chain() -> None:
+        answered.append(read_direct(b.img("zE"), 0, MiB) == bytes(zmodel[:MiB]))
+        write(b, "zE", zmodel, rng)  # (fsync'ed)
+        answered.append(read_direct(b.img("zE")) == zmodel)
+        answered.append(len(b.events("zE")))
+        answered.append(owner(b, "zE")["owner"])
+
+    looker = threading.Thread(target=other_chain, daemon=True)
+    looker.start()
+    looker.join(conftest.DEADLINE)
+    stuck = looker.is_alive()
+    blocked = owner(b, "xE")["owner"] if not stuck else None
+    rules.unlink()  # the storage answers again
+    assert not stuck, f"zE did not answer while xE's take was held in {event}: {answered}"
+    assert answered[0] is True and answered[1] is True and answered[3] == "self", answered
+    assert blocked != "self"  # (xE was still being taken over meanwhile)
+    _ends_adopted(b, job)
+    assert read_direct(b.img("xE")) == xmodel
+    b.unmount()
+    layers = [images / f"{p}{n}.qcow2" for p in "xz" for n in "ABCDE"]
+    assert_clean([p for p in layers if p.exists()])
+    assert_content(images / "xE.qcow2", xmodel, tmp_path / "cmp")
+    assert_content(images / "zE.qcow2", zmodel, tmp_path / "cmp")
+
+
+@pytest.mark.expect_log(
+    r"WARNING chainfs\.fs: .*(served read-only: owned by|is owned by chainfs)",
+    r"WARNING chainfs\.mount: chain=xE adopt failed: .*failed: Input/output error",
+)
+@pytest.mark.parametrize(
+    "step", ["journal-load /xE.journal", "events-load /xE.events"], ids=["early", "late"]
+)
+def test_an_adopt_failing_midway_leaves_the_chain_as_it_was(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """A take-over fails in one of its steps in worker threads (the storage refuses the
+    chain's journal, or its history once every layer is open writable): ADOPT_FAILED,
+    and the chain is served read-only as before (its content readable, writes EROFS),
+    its locks and layers released -- nothing of the take-over is left held, and a
+    second adopt, the storage answering, takes it and finishes the commit exact."""
+    images, rules, b, job, _, xmodel = _dead_owner_mid_commit(tmp_path, mounter, seeds, monkeypatch)
+    event, suffix = step.split()
+    rules.write_text(f"{event} EIO {suffix}\n")
+    b.command("xE", "adopt", "xE")
+
+    def failed() -> dict[str, str] | None:
+        found = [e for e in b.events("xE") if e["event"] == "ADOPT_FAILED"]
+        return found[-1] if found else None
+
+    reason = wait_for(failed, "the adopt to fail")["reason"]
+    assert f"{event} of " in reason and "Input/output error" in reason, reason
+    rules.unlink()
+    assert owner(b, "xE")["owner"] != "self"
+    refused_write(b, "xE", errno.EROFS)
+    assert read_direct(b.img("xE")) == xmodel  # served read-only as before
+    # its locks released: another process takes them (and gives them back)
+    taken = Ownership.acquire(str(images), "xE")
+    taken.release()
+    for layer in ("xE", "xD", "xB"):  # nobody writes its layers: QEMU may open them
+        run("qemu-io", "-c", "read 0 512", str(images / f"{layer}.qcow2"))
+    b.command("xE", "adopt", "xE")
+    _ends_adopted(b, job)
+    assert read_direct(b.img("xE")) == xmodel
+    b.unmount()
+    assert_clean([images / f"x{n}.qcow2" for n in "ABE"])
+    assert_content(images / "xE.qcow2", xmodel, tmp_path / "cmp")
+
+
+@read_only_refused
+def test_an_unmount_in_the_middle_of_an_adopt_undoes_it(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mount is unmounted while an adopt is held up in the storage (its journal's
+    run blocked): once the storage answers, the take-over is undone (or, if it ended
+    first, the chain is given up as an unmount does), the daemon ends cleanly with
+    nothing of the chain held, the commit stays in the journal, and the next mount
+    resumes it and ends exact."""
+    images, rules, b, job, zmodel, xmodel = _dead_owner_mid_commit(
+        tmp_path, mounter, seeds, monkeypatch
+    )
+    rules.write_text("recover STALL /xE.journal\n")
+    b.command("xE", "adopt", "xE")
+    wait_for(lambda: rules.with_name("rules.stalled").exists() or None, "the take to block")
+    run("fusermount3", "-u", b.mountpoint)
+    rules.unlink()  # the storage answers again
+    assert b.wait_exit() == 0
+    taken = Ownership.acquire(str(images), "xE")  # nothing of it is held
+    taken.release()
+    monkeypatch.undo()
+    again = mounter(images)
+    wait_for(lambda: again.control("xE", "jobs").read_text() or None, f"{job} resumed")
+    again.command("xE", "speed", f"{job} 0")
+    again.wait_job("xE", job)
+    assert again.layers("xE") == ["xE.qcow2", "xB.qcow2", "xA.qcow2"]
+    assert read_direct(again.img("xE")) == xmodel
+    assert read_direct(again.img("zE")) == zmodel
+    again.unmount()
+    assert_clean([images / f"{p}{n}.qcow2" for p, n in ("xA", "xB", "xE", "zA", "zE")])
+    assert_content(images / "xE.qcow2", xmodel, tmp_path / "cmp")

@@ -423,7 +423,7 @@ async def test_activate_looks_at_its_chain_alone(
 
             monkeypatch.setattr(sources, "load", scan)
             monkeypatch.setattr(sources, "_scan_directory", scan)
-            hosts.take(vm2, Ownership.acquire(str(tmp_path), "vm2"), "activate")
+            await hosts.take(vm2, Ownership.acquire(str(tmp_path), "vm2"), "activate")
             assert vm2.owned and vm2.chain.writable
             assert [os.path.basename(x.path) for x in vm2.chain.layers] == [
                 "vm2.qcow2",
@@ -557,3 +557,37 @@ def test_an_unclean_stop_is_told_to_the_next_owner_until_its_leaks_are_checked(
     last = ownership.Ownership.acquire(d, "E")
     assert not last.unclean
     last.release()
+
+
+def test_a_take_overs_copy_of_the_state_merges_into_the_source(tmp_path: Path) -> None:
+    """A take-over recovers its chain on a copy of the source's state, in a worker
+    thread (``Source.staged``), while the event loop goes on changing the source for
+    the other chains; ``merge`` then brings in what the recovery did -- the chain's
+    record, the retired layers, a layer made active that a scan had named a chain of
+    its own and another chain had retired -- and keeps what changed meanwhile."""
+    d = str(tmp_path)
+    vm1, vm2, dest, old = (f"{d}/{n}.qcow2" for n in ("vm1", "vm2", "dest", "old"))
+    src = sources.Source(path=d, directory=d)
+    src.recorded = {"vm1": vm1, "vm2": vm2, "dest": dest}  # (the scan named dest itself)
+    src.retired_by = {"vm1": {old}, "vm2": {dest}}
+    src.retired = {old, dest}
+    owned = Ownership.acquire(d, "vm1")
+    try:
+        staged = src.staged("vm1", owned)
+        recorded, retired = dict(src.recorded), set(src.retired)
+        # vm1's journal: a copy's pivot to dest, vm1.qcow2 leaving the chain
+        jn.redo([jn.retire([vm1]), jn.record_active("vm1", dest)], staged, "vm1")
+        assert src.recorded["vm1"] == vm1 and src.retired == {old, dest}  # (not yet)
+        src.retired_by["vm2"].add(f"{d}/vm2-b.qcow2")  # meanwhile, vm2's own job
+        src.retired.add(f"{d}/vm2-b.qcow2")
+        src.recorded["vm3"] = f"{d}/vm3.qcow2"  # and another chain's take-over
+        src.merge(staged, "vm1", recorded, retired)
+        assert src.recorded == {"vm1": dest, "vm2": vm2, "vm3": f"{d}/vm3.qcow2"}
+        assert src.retired_by == {"vm1": {old, vm1}, "vm2": {f"{d}/vm2-b.qcow2"}}
+        assert src.retired == {old, vm1, f"{d}/vm2-b.qcow2"}
+        assert src.generations["vm1"] == staged.generations["vm1"] == 1
+        assert src.on_disk["vm1"] == staged.on_disk["vm1"]
+        again = sources.load_state(d)  # the record saved is the one merged
+        assert again.recorded["vm1"] == dest and again.retired_by["vm1"] == {old, vm1}
+    finally:
+        owned.release()
