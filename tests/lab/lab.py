@@ -57,17 +57,18 @@ KERNEL_META = "linux-image-amd64"
 PORT_NAME = "lab.ctl"
 HOSTS = ("a", "b")
 SERVER_IP = {"a": "10.0.1.1", "b": "10.0.2.1"}
+V3_SERVER_IP = "10.0.3.2"  # the NFSv3 server (tests/lab/v3-server), seen from host b
 LEASE = 10  # seconds: nfsv4leasetime and nfsv4gracetime in the guest
 BOOT_TIMEOUT = 180.0
 # The kernel modules the lab loads (with their dependencies, each once), all carried by
 # the initramfs, in lanes that load side by side (``build_initramfs``):
 # what the initramfs loads to reach the 9p root and the control port
 ROOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_console", "veth")
-# the server's, loaded by the initramfs beside those: lockd's grace period (3 s, in which
-# the server refuses every lock), and so the lab's readiness, starts with nfsd
+# the server's, loaded by the initramfs beside those: nfsd starts first in guest-init
 NFSD_MODULES = ("nfsd",)
-# loaded by guest-init from /run/lab-modules, each lane beside the others
-GUEST_LANES = (("loop", "crc32c_generic", "ext4"), ("fuse", "nfsv4", "nfsv3", "nfs"))
+# loaded by guest-init from /run/lab-modules, the first two lanes beside each other; the
+# last, NFSv3's client, by tests/lab/v3-server, for the tests that mount NFSv3
+GUEST_LANES = (("loop", "crc32c_generic", "ext4"), ("fuse", "nfsv4", "nfs"), ("nfsv3",))
 # what modprobe would load too (softdeps): crc32c_intel for ext4 (crc32c_generic serves
 # it, where the accelerated one's self-tests took 2 s under TCG)
 SKIP_MODULES = ("crc32c_intel",)
@@ -360,7 +361,7 @@ def build_initramfs(kernel: Kernel) -> Path:
         loaded = [*root, *nfsd, *(m for lane in lanes for m in lane)]
         lanes.append(_modules_with_deps(kernel, names, loaded))
     # named by what goes in, so that a changed init is never served from the cache
-    what = [INITRAMFS_INIT, *(m.name for lane in (root, nfsd, *lanes) for m in lane)]
+    what = [INITRAMFS_INIT, *([m.name for m in lane] for lane in (root, nfsd, *lanes))]
     digest = hashlib.sha256(repr(what).encode()).hexdigest()[:12]
     target = CACHE / f"initramfs-{kernel.version}-{digest}.cpio"
     busybox = shutil.which("busybox") or "/bin/busybox"
@@ -488,6 +489,16 @@ class Lab:
                 *(["labtrace=1"] if os.environ.get("CHAINFS_LAB_TRACE") else []),
                 "mitigations=off",
                 "tsc=reliable",
+                # what a test lab does without, each costly under TCG: the crypto
+                # self-tests (at boot and at each module's load), audit, AppArmor, the
+                # legacy serial ports and PS/2 probes, the timer check (0.35 s)
+                "cryptomgr.notests",
+                "audit=0",
+                "apparmor=0",
+                "8250.nr_uarts=1",
+                "i8042.noaux",
+                "i8042.nokbd",
+                "no_timer_check",
                 f"labinit={LAB_DIR / 'guest-init'}",
                 f"labkmod={kernel.root}",
                 f"labver={kernel.version}",
@@ -692,6 +703,12 @@ class Lab:
 
     def heal(self, host: str) -> None:
         self.run(None, ["ip", "link", "set", f"lab-{host}", "up"])
+
+    def nfs3(self) -> str:
+        """The address of the guest's NFSv3 server, started on first use (``v3-server``):
+        host b mounts its ``/srv`` (the lab's export) as NFSv3."""
+        self.run(None, ["bash", str(LAB_DIR / "v3-server")])
+        return V3_SERVER_IP
 
     def umount(self, host: str, where: str = "/shared") -> Result:
         return self.run(host, ["umount", "-l", where], check=False)

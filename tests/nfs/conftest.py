@@ -49,9 +49,9 @@ def wait_for(cond: Callable[[], T | None], what: str, timeout: float = DEADLINE)
 
 
 class _Boot(threading.Thread):
-    """The lab coming up (booted, the export mounted on both hosts, the server's grace
-    period waited out: 12-18 s under TCG) while the layers before this one run; the
-    ``lab`` fixture takes what it made."""
+    """The lab coming up (booted, the export mounted on both hosts, each holding a lock
+    there: 6-8 s under TCG on a quiet machine) while the layers before this one run;
+    the ``lab`` fixture takes what it made."""
 
     def __init__(self) -> None:
         super().__init__(name="nfs-lab-boot", daemon=True)
@@ -78,7 +78,7 @@ class _Boot(threading.Thread):
 
 def _bring_up() -> Lab:
     """The lab booted: its init has mounted the export on both hosts, each of which
-    took a first lock there (waiting out the server's grace periods)."""
+    took a first lock there."""
     lab = Lab.start()
     try:
         lab.run(None, ["mkdir", "-p", LOGS])

@@ -94,19 +94,43 @@ def test_the_lab_says_which_accelerator_it_runs_under(lab: Lab) -> None:
     assert ("Hypervisor detected: KVM" in booted) == (lab.accel == "kvm"), booted[:3000]
 
 
-def test_the_lab_loaded_its_modules_from_the_initramfs_and_locked_after_lockd_grace(
+def test_the_lab_loaded_its_modules_from_the_initramfs_and_its_server_runs_no_lockd(
     lab: Lab,
 ) -> None:
     """Every module the lab needs is in (loaded by the initramfs and guest-init, none
-    failed), and guest-init saw lockd start (the hosts' first lock waited for the end
-    of its grace period, not the NFS client's retries)."""
+    failed), and its server speaks NFSv4 only: no lockd, whose grace period would make
+    every first lock wait (3 s at least)."""
     loaded = {line.split()[0] for line in lab.run(None, ["cat", "/proc/modules"]).out.splitlines()}
-    wanted = {"nfsd", "lockd", "nfsv4", "nfsv3", "nfs", "ext4", "loop", "fuse", "veth"}
+    wanted = {"nfsd", "nfsv4", "nfs", "ext4", "loop", "fuse", "veth"}
     assert wanted <= loaded, wanted - loaded
     assert re.search(r"insmod \S+ failed", lab.console()) is None, lab.console()
-    grace_end = lab.run(None, ["cat", "/run/lockd-grace-end"]).out.strip()
-    uptime = lab.run(None, ["cut", "-d.", "-f1", "/proc/uptime"]).out.strip()
-    assert 300 < int(grace_end) < int(uptime) * 100, (grace_end, uptime)
+    assert lab.run(None, ["cat", "/proc/fs/nfsd/versions"]).out.split() == [
+        "-3",
+        "+4",
+        "+4.1",
+        "+4.2",
+    ]
+    threads = lab.sh(None, "cat /proc/[0-9]*/comm").out.split()
+    assert "nfsd" in threads
+    # (lockd's one thread serves every namespace: the NFSv3 server's, once it started)
+    if lab.run(None, ["test", "-e", "/run/lab/v3-up"], check=False).rc != 0:
+        assert "lockd" not in threads
+
+
+def test_the_nfsv3_server_has_a_lockd_of_its_own(lab: Lab) -> None:
+    """The NFSv3 server (``v3-server``), in a network namespace of its own: host b
+    mounts it as NFSv3; its lockd's grace period does not reach the lab's server,
+    which grants a lock at once."""
+    server = lab.nfs3()
+    assert server == lab.nfs3()  # (started once)
+    lab.sh("b", f"mkdir -p /run/v3 && mount -t nfs -o vers=3,nolock {server}:/srv /run/v3")
+    try:
+        assert "vers=3" in lab.sh("b", "grep ' /run/v3 ' /proc/mounts").out
+        assert "lockd" in lab.sh(None, "cat /proc/[0-9]*/comm").out.split()
+        # (the lab's server is not in grace: a lock within a second, without retries)
+        lab.sh("a", "flock -w 1 /shared/.v3-grace true")
+    finally:
+        lab.run("b", ["umount", "-l", "/run/v3"], check=False)
 
 
 def _modules(tmp: Path, *names: str) -> Path:

@@ -17,7 +17,7 @@ from .test_nfs_hosts import LEASED, SIZE, completed, event_after, status_of
 
 # the guest's server, as its init starts it (tests/lab/guest-init): stopping every nfsd
 # thread ends the server and forgets its NFSv4 state; started again, it is in grace
-RESTART = "rpc.nfsd 0 && sleep 1 && rpc.nfsd -V 3 -V 4.1 -V 4.2 4"
+RESTART = "rpc.nfsd 0 && sleep 1 && rpc.nfsd -N 3 -V 4.1 -V 4.2 4"
 
 
 @pytest.mark.slow
