@@ -376,6 +376,15 @@ class Disk(Watched):
         """What the chain looks like now on the storage (blocking: call from a thread)."""
         return Seen.of(self.source.directory, self.name, self.chain.active.path)
 
+    def replace_chain(self, chain: Chain) -> None:
+        """Serve ``chain`` instead of the chain served (the same disk, its layers opened
+        again: a take-over, a hand-over, a revalidation); the caller closes the old one.
+        The layer views read through it from now on, and follow what its layers are."""
+        self.chain = chain
+        self.views.chain = chain
+        self.views.refresh()
+        self.shown_changed()
+
     def revalidate(self, seen: Seen, fresh: Chain | None) -> bool:
         """After ``probe`` (and, when it changed, ``fresh``: the chain reopened from the
         owner's record): serve the fresh chain, dropping every cached byte of the old
@@ -389,11 +398,9 @@ class Disk(Watched):
         if self.handles:
             lock_readers(self.name, fresh)
         fresh.confine = self.chain.confine
-        old, self.chain = self.chain, fresh
-        self.shown_changed()
+        old = self.chain
+        self.replace_chain(fresh)
         self.seen = seen
-        self.views.chain = fresh
-        self.views.refresh()
         self.mtime_ns = self.ctime_ns = max(self.mtime_ns, seen.mtime_ns)
         old.close()  # (read-only: nothing to write)
         log.debug("chain=%s revalidated: generation=%d", self.name, seen.generation)

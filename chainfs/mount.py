@@ -824,7 +824,8 @@ class Hosts:
         chain.confine = disk.chain.confine
         # the times of pyfuse3's overwrites (``Disk.mtime_ns``) outlive the old chain
         disk.mtime_ns, disk.ctime_ns = disk.mtime_ns, disk.ctime_ns
-        old, disk.chain = disk.chain, chain
+        old = disk.chain
+        disk.replace_chain(chain)
         if travelling:
             assert job is not None
             more = {"paused": True} if paused else {}
@@ -959,7 +960,7 @@ class _Taking:
         src.owned[name] = self.ownership
         old = disk.chain
         old.release_read_map()  # (pyfuse3 answers nothing from it any more)
-        disk.chain = chain
+        disk.replace_chain(chain)
         disk.readers.add(disk, self.layers)  # (its layers as this host finds them now)
         disk.taking = False
         disk.events.close()

@@ -762,3 +762,43 @@ def test_an_unmount_in_the_middle_of_an_adopt_undoes_it(
     again.unmount()
     assert_clean([images / f"{p}{n}.qcow2" for p, n in ("xA", "xB", "xE", "zA", "zE")])
     assert_content(images / "xE.qcow2", xmodel, tmp_path / "cmp")
+
+
+def _views_read_the_layers(m: Mount, seed_layers: list[Path], tmp: Path) -> None:
+    """Every layer view of chain E on ``m`` reads its layer's disk as ``qemu-img`` shows it."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    for layer in seed_layers:
+        out = tmp / f"{layer.name}.raw"
+        run("qemu-img", "convert", "-U", "-O", "raw", layer, out)
+        got = read_direct(m.mountpoint / "layers" / "E" / f"{layer.name}.img")
+        assert got == out.read_bytes(), layer.name
+
+
+@read_only_refused
+def test_the_layer_views_follow_the_chain_through_hand_overs_and_an_adopt(
+    tmp_path: Path, mounter: Mounter, seeds: Seeds
+) -> None:
+    """``layers/E/`` reads through the chain each mount serves: after ``inactivate``
+    (reopened read-only), ``activate`` on the other mount (reopened writable) and an
+    ``adopt`` after the owner was killed, every view still reads its layer (not the
+    chain closed under it)."""
+    images = tmp_path / "images"
+    seed = seeds(images, size=SIZE)
+    a, b = mounter(images), mounter(images)
+    model = bytearray(seed.content)
+    rng = random.Random(11)
+    write(a, "E", model, rng)
+    _views_read_the_layers(a, seed.layers, tmp_path / "a0")
+    a.command("E", "inactivate", "E")
+    _views_read_the_layers(a, seed.layers, tmp_path / "a1")
+    _views_read_the_layers(b, seed.layers, tmp_path / "b0")
+    b.command("E", "activate", "E")
+    write(b, "E", model, rng)
+    _views_read_the_layers(b, seed.layers, tmp_path / "b1")
+    assert read_direct(b.mountpoint / "layers" / "E" / "E.qcow2.img") == model
+    b.kill()
+    out = run(*CHAINFS, "adopt", a.mountpoint, "E", "timeout=30")
+    assert "E: adopted, served read-write" in out.stderr, out
+    _views_read_the_layers(a, seed.layers, tmp_path / "a2")
+    assert read_direct(a.mountpoint / "layers" / "E" / "E.qcow2.img") == model
+    a.unmount()
