@@ -376,14 +376,18 @@ class Disk(Watched):
         """What the chain looks like now on the storage (blocking: call from a thread)."""
         return Seen.of(self.source.directory, self.name, self.chain.active.path)
 
-    def replace_chain(self, chain: Chain) -> None:
+    def replace_chain(self, chain: Chain) -> Chain:
         """Serve ``chain`` instead of the chain served (the same disk, its layers opened
-        again: a take-over, a hand-over, a revalidation); the caller closes the old one.
-        The layer views read through it from now on, and follow what its layers are."""
+        again: a take-over, a hand-over, a revalidation), which is returned for the
+        caller to close: pyfuse3 answers nothing from it any more.  The layer views read
+        through ``chain`` from now on, and follow what its layers are."""
+        old = self.chain
+        old.release_read_map()
         self.chain = chain
         self.views.chain = chain
         self.views.refresh()
         self.shown_changed()
+        return old
 
     def revalidate(self, seen: Seen, fresh: Chain | None) -> bool:
         """After ``probe`` (and, when it changed, ``fresh``: the chain reopened from the
@@ -398,8 +402,7 @@ class Disk(Watched):
         if self.handles:
             lock_readers(self.name, fresh)
         fresh.confine = self.chain.confine
-        old = self.chain
-        self.replace_chain(fresh)
+        old = self.replace_chain(fresh)
         self.seen = seen
         self.mtime_ns = self.ctime_ns = max(self.mtime_ns, seen.mtime_ns)
         old.close()  # (read-only: nothing to write)

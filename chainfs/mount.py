@@ -824,8 +824,7 @@ class Hosts:
         chain.confine = disk.chain.confine
         # the times of pyfuse3's overwrites (``Disk.mtime_ns``) outlive the old chain
         disk.mtime_ns, disk.ctime_ns = disk.mtime_ns, disk.ctime_ns
-        old = disk.chain
-        disk.replace_chain(chain)
+        old = disk.replace_chain(chain)
         if travelling:
             assert job is not None
             more = {"paused": True} if paused else {}
@@ -958,9 +957,7 @@ class _Taking:
         assert chain is not None and history is not None
         src.merge(self.staged, name, self.recorded, self.retired)
         src.owned[name] = self.ownership
-        old = disk.chain
-        old.release_read_map()  # (pyfuse3 answers nothing from it any more)
-        disk.replace_chain(chain)
+        old = disk.replace_chain(chain)  # (closed by the caller, in a thread)
         disk.readers.add(disk, self.layers)  # (its layers as this host finds them now)
         disk.taking = False
         disk.events.close()
