@@ -802,3 +802,5 @@ def test_the_layer_views_follow_the_chain_through_hand_overs_and_an_adopt(
     _views_read_the_layers(a, seed.layers, tmp_path / "a2")
     assert read_direct(a.mountpoint / "layers" / "E" / "E.qcow2.img") == model
     a.unmount()
+    assert_clean(seed.layers)
+    assert_content(seed.active, model, tmp_path / "cmp")
